@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: env demo test test-all lint clean
+
+env: $(STAMP)
+
+# Re-runs only when the dependency list changes; pip is idempotent anyway.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: env
+	$(BIN)/diffin demo
+
+test: env
+	$(BIN)/python -m pytest -q
+
+test-all: env
+	$(BIN)/python -m pytest -q -m ''
+
+lint: env
+	$(BIN)/ruff check pipeline tests jobs benchmarks
+	$(BIN)/ruff format --check pipeline tests jobs benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,478 @@
+"""Safe reading of WebDataset tar shards.
+
+Two promises from DESIGN.md shape this module:
+
+* Security: a shard is untrusted input. Only images (a short list of PIL
+  formats), text and json are ever decoded; pickles (``.pyd``, ``.pickle``,
+  ``.pth``, ...) are carried as raw bytes and never loaded. Decoded pixels are
+  capped against decompression bombs. Members are read into memory, never
+  extracted to disk, so member names cannot escape anywhere.
+* Nothing is lost: every sample becomes a row, with ``error`` set when it
+  cannot be used, and a shard that cannot be read (missing, not a tar,
+  truncated, corrupt) yields the samples before the damage plus one
+  ``__shard__`` row saying why.
+
+Grouping follows WebDataset: member ``dir/abc.def.jpg`` has key ``dir/abc``
+and extension ``def.jpg``; members of one sample are contiguous.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+import fsspec
+from PIL import Image
+
+from pipeline.data.sample import Sample
+
+__all__ = [
+    "SHARD_KEY",
+    "ShardReadError",
+    "count_samples",
+    "iter_raw",
+    "iter_shard",
+    "sample_uid",
+]
+
+SHARD_KEY = "__shard__"
+
+# PIL formats we are willing to parse, whatever a member's extension says.
+# Deliberately short: e.g. EPS would run Ghostscript, and rarely used
+# formats are where decoder bugs live.
+SAFE_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+_UID = re.compile(r"[0-9a-fA-F]{32}")
+# PIL puts the BytesIO repr (with a memory address) in some messages; drop it
+# so error strings are deterministic and groupable in the report.
+_OBJ_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# Read what follows the end-of-archive marker in chunks of this size.
+_CHUNK = 1 << 20
+
+
+def sample_uid(meta: dict[str, Any], shard_url: str, key: str) -> str:
+    """The stable uid of a sample (DESIGN.md, score table).
+
+    The img2dataset/DataComp ``uid`` from the sample's json when it is a string
+    of exactly 32 hex digits (lowercased), else the md5 of ``"{url}\\0{key}"``,
+    so a pool without uids still gets uids that are stable across runs.
+    """
+    uid = meta.get("uid") if isinstance(meta, dict) else None
+    if isinstance(uid, str) and _UID.fullmatch(uid):
+        return uid.lower()
+    return _md5(f"{shard_url}\0{key}")
+
+
+def _md5(text: str) -> str:
+    # surrogateescape: tar member names that are not valid UTF-8 arrive as
+    # lone surrogates and must still hash (identically to .encode() otherwise).
+    return hashlib.md5(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class ShardReadError(Exception):
+    """A shard could not be read to its end.
+
+    ``kind`` is a short category ("cannot open", "not a tar file", "truncated
+    tar", "corrupt tar", "read error"), ``detail`` the underlying reason and
+    ``groups`` how many complete sample groups were delivered before it.
+    """
+
+    def __init__(self, kind: str, detail: str, groups: int = 0) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.groups = groups
+        # The group being read when the damage hit, if any (see _read_groups).
+        self.incomplete: _Group | None = None
+        self.incomplete_reason = ""
+        super().__init__(f"{kind}: {detail}")
+
+
+@dataclass
+class _Group:
+    """The members of one sample as read from the tar, raw."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)  # extension -> bytes
+    names: list[str] = field(default_factory=list)  # member names, in tar order
+    duplicate_members: list[str] = field(default_factory=list)
+    duplicate_key: bool = False
+    # Yielded complete, but the shard broke right after its last member, so
+    # members that would have followed may be missing.
+    before_damage: bool = False
+
+
+class _WatchedTarInfo(tarfile.TarInfo):
+    """Remembers why tarfile stopped reading headers.
+
+    In stream mode tarfile ends iteration *silently* on a missing
+    end-of-archive marker (a tar cut at a member boundary), on a truncated
+    header and on an invalid header after the first: it returns None as if
+    the archive were complete. Recording the header error lets us tell a clean
+    end from damage.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            tarfile_.last_header_error = exc
+            raise
+
+
+class _WatchedTarFile(tarfile.TarFile):
+    tarinfo = _WatchedTarInfo
+    last_header_error: Exception | None = None
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """WebDataset key/extension split, or None for members that are not sample data."""
+    dirname, _, base = name.rpartition("/")
+    if not base or base.startswith((".", "_")):
+        return None
+    stem, _, ext = base.partition(".")
+    key = f"{dirname}/{stem}" if dirname else stem
+    return key, ext.lower()
+
+
+def _describe(exc: BaseException) -> str:
+    msg = _OBJ_REPR.sub("", str(exc)).strip()
+    return msg or type(exc).__name__
+
+
+def _end_state(tar: _WatchedTarFile) -> None:
+    """Raise ShardReadError unless the archive ended with a proper end marker."""
+    err = tar.last_header_error
+    if isinstance(err, tarfile.EOFHeaderError):
+        # A zero block. Make sure it is the real end and not a zeroed-out
+        # region in the middle of the file with samples after it.
+        while True:
+            chunk = tar.fileobj.read(_CHUNK)
+            if not chunk:
+                return
+            if chunk.count(0) != len(chunk):
+                raise ShardReadError("corrupt tar", "non-zero data after the end-of-archive marker")
+    if isinstance(err, tarfile.EmptyHeaderError) or err is None:
+        raise ShardReadError("truncated tar", "no end-of-archive marker")
+    if isinstance(err, tarfile.TruncatedHeaderError):
+        raise ShardReadError("truncated tar", f"truncated header ({_describe(err)})")
+    raise ShardReadError("corrupt tar", f"bad member header ({_describe(err)})")
+
+
+def _as_shard_error(exc: Exception) -> ShardReadError:
+    if isinstance(exc, ShardReadError):
+        return exc
+    if isinstance(exc, EOFError) or (
+        isinstance(exc, tarfile.ReadError) and "end of data" in str(exc)
+    ):
+        return ShardReadError("truncated tar", _describe(exc))
+    if isinstance(exc, tarfile.TarError):
+        return ShardReadError("corrupt tar", _describe(exc))
+    return ShardReadError("read error", f"{type(exc).__name__}: {_describe(exc)}")
+
+
+def _read_groups(url: str) -> Iterator[_Group]:
+    """Stream the sample groups of a shard, raw.
+
+    On damage, complete groups before it are yielded, then ShardReadError is
+    raised, with the group that was cut short attached as ``incomplete`` (it
+    is never yielded). Cut short means: the damage hit one of its members'
+    data, or it hit the next header and the group lacks an extension the
+    previous group had (img2dataset's json comes last; losing it would
+    silently change the uid). Otherwise the pending group is yielded: it is
+    as complete as anything can tell, and a completely read sample is never
+    lost.
+    """
+    delivered = 0
+    current: _Group | None = None
+    prev_exts: set[str] | None = None  # extensions of the last complete group
+    seen: set[str] = set()
+    try:
+        opener = fsspec.open(url, "rb")
+        f = opener.open()
+    except Exception as exc:
+        raise ShardReadError("cannot open", f"{type(exc).__name__}: {_describe(exc)}") from exc
+    try:
+        try:
+            tar = _WatchedTarFile.open(fileobj=f, mode="r|*")
+        except (tarfile.TarError, EOFError) as exc:
+            raise ShardReadError("not a tar file", _describe(exc)) from exc
+        except Exception as exc:
+            raise ShardReadError("read error", f"{type(exc).__name__}: {_describe(exc)}") from exc
+
+        with tar:
+            while True:
+                member_name: str | None = None
+                try:
+                    member = tar.next()
+                    if member is None:
+                        _end_state(tar)
+                        break
+                    # Stream mode keeps every TarInfo; shards can hold
+                    # tens of thousands and we never look back.
+                    tar.members.clear()
+                    if not member.isreg():
+                        continue
+                    split = _split_name(member.name)
+                    if split is None:
+                        continue
+                    key, ext = split
+                    if current is None or key != current.key:
+                        if current is not None:
+                            prev_exts = set(current.members)
+                            yield current
+                            delivered += 1
+                        current = _Group(key=key, duplicate_key=key in seen)
+                        seen.add(key)
+                    member_name = member.name
+                    handle = tar.extractfile(member)
+                    data = handle.read() if handle is not None else b""
+                    if len(data) != member.size:
+                        raise tarfile.ReadError("unexpected end of data")
+                except Exception as exc:
+                    err = _as_shard_error(exc)
+                    err.groups = delivered
+                    if member_name is not None:
+                        # The damage hit this member's data: its group is incomplete.
+                        err.incomplete = current
+                        err.incomplete_reason = f"shard damaged while reading {member_name}"
+                    elif current is not None:
+                        # The damage hit a header: the pending group's members
+                        # were all read, but more of them may have followed.
+                        # The previous sample's members are the evidence.
+                        missing = (prev_exts or set()) - set(current.members)
+                        if missing:
+                            err.incomplete = current
+                            err.incomplete_reason = (
+                                f"shard damaged after its {', '.join(sorted(current.members))} "
+                                f"member(s), before {', '.join(sorted(missing))}"
+                            )
+                        else:
+                            current.before_damage = True
+                            yield current
+                            err.groups += 1
+                    if err is exc:
+                        raise
+                    raise err from exc
+                if ext in current.members:
+                    current.duplicate_members.append(member_name)
+                else:
+                    current.members[ext] = data
+                current.names.append(member_name)
+            if current is not None:
+                yield current
+    finally:
+        f.close()
+
+
+def iter_raw(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {extension: bytes})`` for every sample group, decoding nothing.
+
+    For resharding: every member of a sample is kept byte for byte (pickles
+    included, unopened). Groups are the ones :func:`iter_shard` makes rows of,
+    including error ones (a duplicated key is yielded again; a member without
+    extension appears under ``""``). Raises :class:`ShardReadError` on shard
+    damage, after yielding the complete groups before it.
+    """
+    for group in _read_groups(url):
+        yield group.key, group.members
+
+
+def count_samples(url: str) -> int:
+    """Number of sample groups (rows) in an undamaged shard; raises ShardReadError otherwise."""
+    return sum(1 for _ in iter_raw(url))
+
+
+def _decode_image(data: bytes, max_image_pixels: int) -> tuple[Image.Image | None, str | None]:
+    """Decode to RGB with the pixel count checked from the header before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # PIL's own bomb warning fires at its global limit; our cap
+            # (checked below, before load) is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # e.g. "Palette images with Transparency expressed in bytes ..."
+            warnings.simplefilter("ignore", UserWarning)
+            with Image.open(BytesIO(data), formats=SAFE_IMAGE_FORMATS) as im:
+                width, height = im.size
+                if width * height > max_image_pixels:
+                    return None, (
+                        f"image too large: {width}x{height} pixels (cap {max_image_pixels})"
+                    )
+                im.load()
+                if im.mode == "P":
+                    # Palette transparency is only handled correctly via RGBA.
+                    rgb = im.convert("RGBA").convert("RGB")
+                else:
+                    rgb = im.convert("RGB")
+        return rgb, None
+    except Image.DecompressionBombError as exc:
+        # PIL refused in open(), before we could see the size.
+        match = _BOMB_PIXELS.search(str(exc))
+        size = f"{match.group(1)} pixels" if match else _describe(exc)
+        return None, f"image too large: {size} (cap {max_image_pixels})"
+    except Exception as exc:  # any decoder failure is the sample's problem, not ours
+        return None, f"undecodable image: {_describe(exc)}"
+
+
+def _decode_group(
+    group: _Group,
+    url: str,
+    index: int,
+    *,
+    image_keys: tuple[str, ...],
+    text_keys: tuple[str, ...],
+    max_image_pixels: int,
+    decode_images: bool,
+) -> Sample:
+    errors: list[str] = []
+    members = group.members
+    if group.duplicate_key:
+        errors.append(f"duplicate key {group.key} in shard")
+    for name in group.duplicate_members:
+        errors.append(f"duplicate member {name} in sample")
+
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            parsed = json.loads(members["json"])
+        except (ValueError, RecursionError) as exc:
+            errors.append(f"invalid json: {_describe(exc)}")
+        else:
+            if isinstance(parsed, dict):
+                meta = parsed
+            else:
+                errors.append(f"invalid json: expected an object, got {type(parsed).__name__}")
+    uid = sample_uid(meta, url, group.key)
+
+    if set(members) == {""}:
+        # e.g. a stray "README" member: WebDataset would skip it silently.
+        errors.append(f"member {group.names[0]} has no extension (not part of a sample)")
+        return Sample(
+            uid=uid, key=group.key, shard=url, index=index, meta=meta, error="; ".join(errors)
+        )
+
+    image = None
+    image_ext = next((k for k in image_keys if k in members), None)
+    if image_ext is None:
+        errors.append(f"missing image (expected one of {', '.join(image_keys)})")
+    elif decode_images:
+        image, problem = _decode_image(members[image_ext], max_image_pixels)
+        if problem:
+            errors.append(problem)
+
+    caption = None
+    text_ext = next((k for k in text_keys if k in members), None)
+    if text_ext is None:
+        errors.append(f"missing caption ({', '.join(text_keys)})")
+    else:
+        try:
+            # utf-8-sig: strict UTF-8 that also drops a leading byte-order mark.
+            caption = members[text_ext].decode("utf-8-sig").strip()
+        except UnicodeDecodeError as exc:
+            errors.append(f"caption is not UTF-8: {_describe(exc)}")
+        else:
+            if not caption:
+                errors.append("empty caption")
+
+    if errors and group.before_damage:
+        errors.append("the shard is damaged right after this sample")
+    return Sample(
+        uid=uid,
+        key=group.key,
+        shard=url,
+        index=index,
+        image=image,
+        caption=caption,
+        meta=meta,
+        error="; ".join(errors) or None,
+    )
+
+
+def _shard_row(url: str, index: int, exc: ShardReadError, samples: int) -> Sample:
+    if exc.kind in ("cannot open", "not a tar file"):
+        reason = f"unreadable shard: {exc.kind}: {exc.detail}"
+    else:
+        reason = f"unreadable shard: {exc.kind} after {samples} samples: {exc.detail}"
+    return Sample(
+        uid=_md5(f"{url}\0{SHARD_KEY}"), key=SHARD_KEY, shard=url, index=index, error=reason
+    )
+
+
+def iter_shard(
+    url: str,
+    *,
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
+    text_keys: tuple[str, ...] = ("txt",),
+    max_image_pixels: int = 64_000_000,
+    decode_images: bool = True,
+) -> Iterator[Sample]:
+    """Yield one :class:`Sample` per sample of a shard, error rows included.
+
+    Never raises for bad data or a bad shard. A sample that cannot be used has ``error`` set (image/caption ``None``
+    where not decodable). If the shard itself is damaged, the samples read
+    before the damage come first, then the interrupted sample (if any) as an
+    error row, then one row with key ``"__shard__"`` (index: the next
+    position) and error ``"unreadable shard: ..."``. ``decode_images=False`` only checks that an
+    image member is present (for counting).
+    """
+    index = 0
+    groups = _read_groups(url)
+    opts = dict(
+        image_keys=tuple(image_keys),
+        text_keys=tuple(text_keys),
+        max_image_pixels=max_image_pixels,
+        decode_images=decode_images,
+    )
+    while True:
+        try:
+            group = next(groups)
+        except StopIteration:
+            return
+        except ShardReadError as exc:
+            complete = index
+            if exc.incomplete is not None:
+                yield _incomplete_row(exc, url, index, opts)
+                index += 1
+            yield _shard_row(url, index, exc, complete)
+            return
+        except Exception as exc:  # defensive: a reader bug must not kill a run
+            err = ShardReadError("read error", f"{type(exc).__name__}: {_describe(exc)}")
+            yield _shard_row(url, index, err, index)
+            return
+        try:
+            sample = _decode_group(group, url, index, **opts)
+        except Exception as exc:  # defensive: never crash on one sample
+            sample = Sample(
+                uid=_md5(f"{url}\0{group.key}"),
+                key=group.key,
+                shard=url,
+                index=index,
+                error=f"undecodable sample: {type(exc).__name__}: {_describe(exc)}",
+            )
+        yield sample
+        index += 1
+
+
+def _incomplete_row(exc: ShardReadError, url: str, index: int, opts: dict[str, Any]) -> Sample:
+    group = exc.incomplete
+    assert group is not None
+    reason = f"incomplete sample: {exc.incomplete_reason}"
+    try:
+        # Members read in full (e.g. its json, for the uid) are still used,
+        # but no pixels are decoded for a sample that is an error anyway.
+        sample = _decode_group(group, url, index, **{**opts, "decode_images": False})
+        sample.image = None
+        sample.error = reason
+    except Exception:  # pragma: no cover - defensive
+        sample = Sample(
+            uid=_md5(f"{url}\0{group.key}"), key=group.key, shard=url, index=index, error=reason
+        )
+    return sample

@@ -1,0 +1,30 @@
+"""The unit every stage passes around: one image-text pair read from a shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass
+class Sample:
+    """One sample of a WebDataset shard, decoded safely.
+
+    A sample that could not be decoded still exists: ``error`` holds the
+    reason and ``image``/``caption`` may be ``None``. Rows in = rows out.
+    """
+
+    uid: str  # 32 lowercase hex digits (DataComp/img2dataset uid, else a hash)
+    key: str  # the WebDataset key (member name up to the first dot)
+    shard: str  # the shard URL as the user gave it (after pattern expansion)
+    index: int  # position of the sample within its shard, from 0
+    image: Image.Image | None = None  # RGB, pixel count capped
+    caption: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # the decoded KEY.json
+    error: str | None = None  # None when ok
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

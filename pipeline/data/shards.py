@@ -1,0 +1,355 @@
+"""Turning a user's shard specification into a list of shard URLs.
+
+Users already know the open_clip / WebDataset spelling of a shard list:
+``"/data/{00000..00099}.tar::/more/{00000..00009}.tar"``. We accept exactly
+that, plus a directory (all ``*.tar`` in it) and ``*``/``?`` globs, on any
+fsspec filesystem. Every problem is a :class:`ConfigError` raised before any
+work starts, because a typo in a pattern should never turn into a run that
+silently scores half of the pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import posixpath
+import re
+from collections import Counter, defaultdict
+from urllib.parse import urlsplit
+
+import fsspec
+import fsspec.core
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import known_implementations
+
+from pipeline.errors import ConfigError
+
+__all__ = ["expand_pattern", "resolve_shards", "shard_name", "shard_names"]
+
+# A pattern like "{0..999999999}" would exhaust memory before anything else
+# could complain; no real pool has anywhere near this many shards.
+MAX_EXPANDED = 1_000_000
+
+# How many offending entries an error message names before summarising.
+_SHOW = 5
+
+_RANGE = re.compile(r"(\d+)\.\.(\d+)")
+_GLOB_CHARS = ("*", "?")
+# Suffixes that make an entry a shard file without asking the filesystem
+# whether it is a directory (one request per shard is slow on object stores).
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _split_list(pattern: str) -> list[str]:
+    """Split on "::" (the WebDataset list separator).
+
+    fsspec uses "::" too, to chain filesystems ("simplecache::s3://b/x.tar").
+    A part that is exactly a known fsspec protocol name cannot be a shard, so
+    it is re-joined with what follows instead of being treated as a list item.
+    """
+    parts = pattern.split("::")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        while part in known_implementations and i + 1 < len(parts):
+            i += 1
+            part = f"{part}::{parts[i]}"
+        out.append(part)
+        i += 1
+    return out
+
+
+def _expand_braces(part: str, pattern: str) -> list[str]:
+    """Expand every brace group of one list item (cartesian product, leftmost slowest)."""
+    pieces: list[list[str]] = []  # alternating literal / alternatives
+    pos = 0
+    while pos < len(part):
+        open_at = part.find("{", pos)
+        close_at = part.find("}", pos)
+        if open_at == -1:
+            if close_at != -1:
+                raise ConfigError(
+                    f"shard pattern {pattern!r}: unbalanced '}}' at position {close_at} in {part!r}"
+                )
+            pieces.append([part[pos:]])
+            break
+        if close_at != -1 and close_at < open_at:
+            raise ConfigError(
+                f"shard pattern {pattern!r}: unbalanced '}}' at position {close_at} in {part!r}"
+            )
+        if close_at == -1:
+            raise ConfigError(
+                f"shard pattern {pattern!r}: unbalanced '{{' at position {open_at} in {part!r}"
+            )
+        nested = part.find("{", open_at + 1)
+        if nested != -1 and nested < close_at:
+            raise ConfigError(f"shard pattern {pattern!r}: nested braces are not supported")
+        pieces.append([part[pos:open_at]])
+        pieces.append(_alternatives(part[open_at + 1 : close_at], pattern))
+        pos = close_at + 1
+
+    total = 1
+    for alts in pieces:
+        total *= len(alts)
+    if total > MAX_EXPANDED:
+        raise ConfigError(
+            f"shard pattern {pattern!r} expands to {total} names (more than {MAX_EXPANDED})"
+        )
+    return ["".join(combo) for combo in itertools.product(*pieces)]
+
+
+def _alternatives(body: str, pattern: str) -> list[str]:
+    """The alternatives of one brace group body: a numeric range or a comma list."""
+    if body == "":
+        raise ConfigError(f"shard pattern {pattern!r}: empty braces '{{}}'")
+    if ".." in body:
+        match = _RANGE.fullmatch(body)
+        if match is None:
+            raise ConfigError(
+                f"shard pattern {pattern!r}: brace range {{{body}}} must be two "
+                "non-negative integers like {00000..00099}"
+            )
+        first, last = match.group(1), match.group(2)
+        lo, hi = int(first), int(last)
+        if lo > hi:
+            raise ConfigError(
+                f"shard pattern {pattern!r}: reversed brace range {{{body}}} ({lo} > {hi})"
+            )
+        if hi - lo + 1 > MAX_EXPANDED:
+            raise ConfigError(
+                f"shard pattern {pattern!r}: brace range {{{body}}} has more than "
+                f"{MAX_EXPANDED} values"
+            )
+        # The first bound's width is the zero padding ("00000" -> 5 digits),
+        # which is how img2dataset names shards.
+        width = len(first)
+        return [f"{i:0{width}d}" for i in range(lo, hi + 1)]
+    if "," in body:
+        return body.split(",")
+    raise ConfigError(
+        f"shard pattern {pattern!r}: brace group {{{body}}} is neither a range "
+        "{a..b} nor a list {a,b}"
+    )
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Expand a WebDataset-style shard pattern into names, in order, without any I/O.
+
+    "::" separates list items; each item may hold several brace groups,
+    ``{00000..00099}`` (zero padding of the first bound kept) or ``{a,b,c}``.
+    Malformed patterns raise :class:`ConfigError` naming the pattern.
+    """
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ConfigError(f"shard pattern is empty: {pattern!r}")
+    out: list[str] = []
+    for part in _split_list(pattern):
+        if not part.strip():
+            raise ConfigError(f"shard pattern {pattern!r}: empty item between '::' separators")
+        out.extend(_expand_braces(part, pattern))
+        if len(out) > MAX_EXPANDED:
+            raise ConfigError(
+                f"shard pattern {pattern!r} expands to more than {MAX_EXPANDED} names"
+            )
+    return out
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The canonical string for a file: a plain absolute path locally, else a URL.
+
+    The same file must always get the same string however it was named
+    (explicitly, by glob, by directory), because the fallback uid hashes it.
+    """
+    if _is_local(fs):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in _GLOB_CHARS)
+
+
+def _glob_root(path: str) -> str:
+    """The directory part of a glob before its first wildcard."""
+    first = min(i for i in (path.find(c) for c in _GLOB_CHARS) if i >= 0)
+    return posixpath.dirname(path[:first])
+
+
+def _summarise(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOW])
+    if len(items) > _SHOW:
+        shown += f", ... ({len(items) - _SHOW} more)"
+    return shown
+
+
+def _list_tars(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    entries = fs.ls(path, detail=True)
+    names = [
+        e["name"]
+        for e in entries
+        if e.get("type") == "file" and posixpath.basename(e["name"]).endswith(".tar")
+    ]
+    return sorted(names)
+
+
+def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
+    """Resolve a shard specification to a list of shard URLs.
+
+    Accepts everything :func:`expand_pattern` does, and also, per item, a
+    directory (all ``*.tar`` directly in it, sorted) or a ``*``/``?`` glob
+    (matching files, sorted), on local paths or any fsspec URL. Local shards
+    come back as absolute paths, others as URLs with their protocol.
+
+    Raises :class:`ConfigError` when nothing matches, when a shard is listed
+    twice, and (with ``check_exists``) when shards are missing.
+    """
+    resolved: list[str] = []
+    missing: list[str] = []
+    # Explicit files to check, grouped by parent so that one listing per
+    # directory replaces one request per shard.
+    to_check: dict[tuple[int, str], list[tuple[fsspec.AbstractFileSystem, str, str]]] = defaultdict(
+        list
+    )
+
+    for item in expand_pattern(pattern):
+        if "::" in item:
+            # A chained fsspec URL: passed through untouched (it cannot be
+            # globbed or listed reliably, and opening it is what tells).
+            resolved.append(item)
+            continue
+        try:
+            fs, path = fsspec.core.url_to_fs(item)
+        except Exception as exc:  # unknown protocol, missing driver, bad URL
+            raise ConfigError(f"shard {item!r} (from {pattern!r}): {exc}") from exc
+
+        if _has_glob(path):
+            try:
+                fs.invalidate_cache(_glob_root(path))
+                found = fs.glob(path, detail=True)
+            except Exception as exc:
+                raise ConfigError(f"shard glob {item!r} cannot be listed: {exc}") from exc
+            matches = sorted(name for name, info in found.items() if info.get("type") == "file")
+            if not matches and check_exists:
+                missing.append(f"{item} (glob matches no file)")
+            resolved.extend(_to_url(fs, p) for p in matches)
+            continue
+
+        base = posixpath.basename(path.rstrip("/"))
+        looks_like_file = not item.endswith("/") and base.endswith(_SHARD_SUFFIXES)
+        is_dir = False
+        if not looks_like_file:
+            try:
+                is_dir = fs.isdir(path)
+            except Exception as exc:
+                if check_exists:
+                    raise ConfigError(f"shard {item!r} cannot be inspected: {exc}") from exc
+        if is_dir:
+            try:
+                fs.invalidate_cache(path)
+                tars = _list_tars(fs, path)
+            except Exception as exc:
+                raise ConfigError(f"shard directory {item!r} cannot be listed: {exc}") from exc
+            if not tars and check_exists:
+                missing.append(f"{item} (directory without *.tar files)")
+            resolved.extend(_to_url(fs, p) for p in tars)
+            continue
+
+        url = _to_url(fs, path)
+        resolved.append(url)
+        if check_exists:
+            to_check[(id(fs), posixpath.dirname(path))].append((fs, path, url))
+
+    for (_, parent), entries in to_check.items():
+        fs = entries[0][0]
+        try:
+            # Object-store filesystems cache listings; shards written by
+            # another process since the last listing must not look missing.
+            fs.invalidate_cache(parent)
+            present = {p.rstrip("/") for p in fs.ls(parent, detail=False)}
+        except FileNotFoundError:
+            present = set()
+        except Exception:
+            # Listing refused (e.g. no ListBucket permission): ask per file.
+            present = {p for _, p, _ in entries if fs.exists(p)}
+        missing.extend(url for _, path, url in entries if path not in present)
+
+    if not resolved:
+        detail = f": {_summarise(missing)}" if missing else ""
+        raise ConfigError(f"no shards match {pattern!r}{detail}")
+    if missing:
+        raise ConfigError(f"{len(missing)} shard(s) of {pattern!r} missing: {_summarise(missing)}")
+    counts = Counter(resolved)
+    dups = [u for u, n in counts.items() if n > 1]
+    if dups:
+        raise ConfigError(
+            f"{len(dups)} shard(s) listed more than once in {pattern!r}: {_summarise(dups)}"
+        )
+    return resolved
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _url_path(url: str) -> str:
+    """The path part of a shard URL (last link of a chain, without query)."""
+    last = url.rsplit("::", 1)[-1]
+    if "://" in last:
+        return urlsplit(last).path
+    return last
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def shard_name(url: str) -> str:
+    """A short, file-name-safe, deterministic name for a shard ("00012" for .../00012.tar).
+
+    Used to name per-shard part files. Two shards of a list may get the same
+    name (same basename in different directories): use :func:`shard_names`.
+    """
+    base = posixpath.basename(_url_path(url).rstrip("/"))
+    for suffix in _SHARD_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    name = _UNSAFE.sub("_", base).strip("._")
+    # Never an empty or hidden name; fall back to a hash of the whole URL.
+    return name or f"shard-{_short_hash(url)}"
+
+
+def _parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0] if "/" in url else ""
+
+
+def shard_names(urls: list[str]) -> list[str]:
+    """Unique names for a list of shards, in order.
+
+    Names are :func:`shard_name`'s, except where two shards would collide:
+    those get a short hash of their parent directory as a prefix
+    ("3f2a9c1b-00012"), and if they still collide (same directory, e.g.
+    ``x.tar`` and ``x.tar.gz``) a hash of the whole URL. The result depends
+    only on the list, so reruns name part files identically.
+    """
+    counts = Counter(urls)
+    dups = [u for u, n in counts.items() if n > 1]
+    if dups:
+        raise ConfigError(f"shard listed more than once: {_summarise(dups)}")
+    names = [shard_name(u) for u in urls]
+    clashing = {n for n, c in Counter(names).items() if c > 1}
+    names = [
+        f"{_short_hash(_parent(u))}-{n}" if n in clashing else n
+        for u, n in zip(urls, names, strict=True)
+    ]
+    clashing = {n for n, c in Counter(names).items() if c > 1}
+    names = [
+        f"{_short_hash(u)}-{shard_name(u)}" if n in clashing else n
+        for u, n in zip(urls, names, strict=True)
+    ]
+    if len(set(names)) != len(names):  # pragma: no cover - needs a hash collision
+        raise ConfigError("shard names collide even after disambiguation")
+    return names

@@ -1,0 +1,122 @@
+"""Per-checkpoint direction vectors of METHOD.md section 5: g_B, g_V and w = H_B g_V.
+
+They do not depend on the scored sample, so they are computed once per
+checkpoint, stored in ``RUN/directions/STEP.safetensors`` with what produced
+them, and broadcast to every scoring worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
+from pipeline.influence.vectors import dot
+from pipeline.tensors import load_tensors, save_tensors
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (images, tokens)
+KINDS = ("g_B", "g_V", "w")
+
+
+@dataclass
+class Directions:
+    g_B: Params  # mean gradient of the in-batch training loss over k batches
+    g_V: Params  # gradient of the target loss L_V (reference-negative per-sample loss, mean over V)
+    w: Params  # H_B g_V, with H_B the Hessian of the same batch losses
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def as_flat(self) -> dict[str, torch.Tensor]:
+        return {f"{kind}/{k}": v.contiguous() for kind in KINDS for k, v in getattr(self, kind).items()}
+
+    def ordered(self, names: list[str]) -> Directions:
+        """Same vectors with keys in ``names`` order (torch.func matches dicts by structure)."""
+        return Directions(*({k: getattr(self, kind)[k] for k in names} for kind in KINDS), self.meta)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, torch.Tensor], meta: dict[str, Any]) -> Directions:
+        parts: dict[str, Params] = {kind: {} for kind in KINDS}
+        for name, t in flat.items():
+            kind, _, key = name.partition("/")
+            parts[kind][key] = t
+        return cls(parts["g_B"], parts["g_V"], parts["w"], meta)
+
+
+def _leaves(params: Params) -> Params:
+    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+
+def batch_gradient_and_hvp(
+    fns: ClipFunctions, params: Params, batches: Sequence[Batch], vector: Params | None
+) -> tuple[Params, Params | None]:
+    """Mean over batches of grad L(B) and, if ``vector`` is given, of H_B @ vector (double backward)."""
+    g_sum = {k: torch.zeros_like(v) for k, v in params.items()}
+    h_sum = {k: torch.zeros_like(v) for k, v in params.items()} if vector is not None else None
+    for images, tokens in batches:
+        p = _leaves(params)
+        with derivative_mode():
+            loss = fns.batch_loss(p, images, tokens)
+            grads = torch.autograd.grad(loss, list(p.values()), create_graph=vector is not None)
+            if vector is not None:
+                gv = sum((g * vector[k]).sum() for g, k in zip(grads, p, strict=True))
+                hv = torch.autograd.grad(gv, list(p.values()), allow_unused=True)
+        for g, k in zip(grads, p, strict=True):
+            g_sum[k] += g.detach()
+        if h_sum is not None:
+            for h, k in zip(hv, p, strict=True):
+                if h is not None:
+                    h_sum[k] += h.detach()
+    n = len(batches)
+    g = {k: v / n for k, v in g_sum.items()}
+    h = {k: v / n for k, v in h_sum.items()} if h_sum is not None else None
+    return g, h
+
+
+def target_gradient(
+    fns: ClipFunctions, params: Params, images: torch.Tensor, tokens: torch.Tensor, chunk: int = 256
+) -> Params:
+    """grad of L_V = mean_v l_v, accumulated in chunks to bound memory."""
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    n = images.shape[0]
+    for start in range(0, n, chunk):
+        p = _leaves(params)
+        with derivative_mode():
+            losses = fns.sample_losses(p, images[start : start + chunk], tokens[start : start + chunk])
+            grads = torch.autograd.grad(losses.sum() / n, list(p.values()), allow_unused=True)
+        for g, k in zip(grads, p, strict=True):
+            if g is not None:
+                total[k] += g.detach()
+    return total
+
+
+def compute_directions(
+    fns: ClipFunctions,
+    params: Params,
+    grad_batches: Sequence[Batch],
+    target: Batch,
+    meta: dict[str, Any] | None = None,
+) -> Directions:
+    g_V = target_gradient(fns, params, *target)
+    g_B, w = batch_gradient_and_hvp(fns, params, grad_batches, g_V)
+    assert w is not None
+    info = dict(meta or {})
+    info.update(
+        k_batches=len(grad_batches),
+        batch_size=int(grad_batches[0][0].shape[0]) if grad_batches else 0,
+        target_size=int(target[0].shape[0]),
+        norm_g_B=float(dot(g_B, g_B).sqrt()),
+        norm_g_V=float(dot(g_V, g_V).sqrt()),
+        norm_w=float(dot(w, w).sqrt()),
+    )
+    return Directions(g_B, g_V, w, info)
+
+
+def save_directions(directions: Directions, path: str) -> None:
+    save_tensors(path, directions.as_flat(), directions.meta)
+
+
+def load_directions(path: str, device: str | torch.device = "cpu") -> Directions:
+    flat, meta = load_tensors(path)
+    return Directions.from_flat({k: v.to(device) for k, v in flat.items()}, meta)

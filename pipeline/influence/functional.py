@@ -1,0 +1,102 @@
+"""The CLIP losses as pure functions of the parameters, ready for torch.func.
+
+Forward-mode differentiation needs three things open_clip does not give by
+default (METHOD.md section 5, and one found here):
+
+- the fused ``nn.MultiheadAttention`` fast path and the flash/efficient SDPA
+  kernels have no forward-mode derivative: use the math backend;
+- ``native_layer_norm``'s forward-over-forward derivative is wrong in torch
+  2.14 (7% relative error against double backward in float64, see
+  ``tests/influence/test_functional.py``), so LayerNorm is evaluated as its
+  composite formula, which nests correctly;
+- dropout off, eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pipeline.model.loss import batch_clip_loss, per_sample_loss
+
+Params = dict[str, torch.Tensor]
+
+
+def _composite_layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(-len(self.normalized_shape), 0))
+    orig = x.dtype
+    x = x.to(self.weight.dtype) if self.weight is not None else x
+    mean = x.mean(dims, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(dims, keepdim=True)
+    y = xc * torch.rsqrt(var + self.eps)
+    if self.weight is not None:
+        y = y * self.weight
+    if self.bias is not None:
+        y = y + self.bias
+    return y.to(orig)
+
+
+def prepare_for_derivatives(model: nn.Module) -> nn.Module:
+    """Put ``model`` in the state every derivative in diffin is computed in (in place)."""
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.forward = _composite_layer_norm.__get__(module)  # type: ignore[method-assign]
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@contextlib.contextmanager
+def derivative_mode() -> Iterator[None]:
+    """The math SDPA kernel: the only one with forward-mode and double-backward derivatives."""
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+class ClipFunctions:
+    """theta -> losses, for a fixed model architecture and fixed reference negatives R."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ref_images: torch.Tensor | None = None,
+        ref_tokens: torch.Tensor | None = None,
+    ) -> None:
+        self.model = prepare_for_derivatives(model)
+        self.ref_images = ref_images
+        self.ref_tokens = ref_tokens
+
+    def embed(
+        self, params: Params, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = functional_call(self.model, params, (images, tokens))
+        return out["image_features"], out["text_features"]
+
+    def sample_losses(self, params: Params, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The vector (l_z) of METHOD.md section 2 for a batch, against R.
+
+        R is embedded in the same forward pass as the batch: derivatives flow
+        through R's embeddings as well, as the definition requires.
+        """
+        if self.ref_images is None or self.ref_tokens is None:
+            raise ValueError("sample_losses needs reference negatives")
+        n = images.shape[0]
+        img, txt = self.embed(
+            params,
+            torch.cat([images, self.ref_images.to(images)]),
+            torch.cat([tokens, self.ref_tokens.to(tokens.device)]),
+        )
+        return per_sample_loss(img[:n], txt[:n], img[n:], txt[n:], params["logit_scale"])
+
+    def batch_loss(self, params: Params, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """L(B; theta): the in-batch contrastive loss, exactly as proxy training computes it."""
+        img, txt = self.embed(params, images, tokens)
+        return batch_clip_loss(img, txt, params["logit_scale"])

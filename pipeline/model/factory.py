@@ -1,0 +1,111 @@
+"""One factory for every model: any open_clip name, plus diffin's small configs.
+
+The small configs (``diffin-tiny``, ``diffin-small``) train on 2 CPU cores in
+minutes; they live as JSON beside this file and are registered with open_clip
+so that every open_clip code path (including ``open_clip_train.main`` through
+``local-dir:``) sees the same architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_registered = False
+
+
+def register_small_configs() -> None:
+    """Make diffin's JSON configs known to open_clip (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def small_config_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The architecture config of an open_clip model name, as a plain dict."""
+    register_small_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ConfigError(
+            f"model: unknown open_clip model {name!r}; small configs: {small_config_names()}"
+        )
+    return cfg
+
+
+@dataclass
+class ClipBundle:
+    """A model with the transforms and tokenizer that belong to it."""
+
+    name: str
+    model: nn.Module
+    preprocess: Any  # PIL image -> float tensor (C, H, W); deterministic (eval transform)
+    tokenizer: Any  # list[str] -> LongTensor (B, context_length)
+
+
+def create(
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ClipBundle:
+    """Build an open_clip model, randomly initialised unless ``pretrained`` is given.
+
+    ``pretrained`` is a checkpoint file (loaded by open_clip with
+    ``weights_only=True``) or an open_clip pretrained tag (downloaded by
+    open_clip, so only where the network allows it).
+    """
+    model_config(name)  # refuses unknown names before anything is built
+    if pretrained is not None and not Path(pretrained).is_file():
+        tags = {t for n, t in open_clip.list_pretrained() if n == name}
+        if pretrained not in tags:
+            raise ConfigError(
+                f"pretrained: {pretrained!r} is neither a file nor an open_clip tag for {name!r}"
+            )
+    # open_clip logs every creation step on the root logger, and warns about
+    # random initialisation, which is what diffin asks for when no weights are given.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=pretrained,
+            device=device,
+            output_dict=True,
+            weights_only=True,
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+    finally:
+        root.setLevel(level)
+    model = model.to(dtype=dtype)
+    model.eval()
+    return ClipBundle(name, model, preprocess, tokenizer)
+
+
+def param_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name: the coordinates of theta in METHOD.md."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_config_dir(name: str, out_dir: str | Path) -> Path:
+    """Write ``open_clip_config.json`` so ``--model local-dir:DIR`` finds the architecture."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_cfg": model_config(name), "preprocess_cfg": {}}
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    return out

@@ -1,0 +1,44 @@
+"""Scoring configuration: serialised into run.json and the score table's metadata."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class ScoreConfig:
+    data: str  # shard pattern of the pool to score
+    run: str  # run directory holding the trajectory
+    methods: list[str] = field(default_factory=lambda: ["diffin", "tracin", "random"])
+    target: str | None = None  # shard pattern of a curated target set; default: held-out sample
+    target_max: int = 1024  # at most this many target pairs (the first ones, in shard order)
+    address: str | None = None  # Ray address; None starts an embedded local Ray
+    workers: int = 2  # scoring actors
+    threads: int = 1  # torch threads (and Ray CPUs) per actor
+    batch_size: int = 128
+    first_order: bool = True  # diffin = sum of first- and second-order terms
+    max_attempts: int = 3  # tries per shard before it is recorded as failed
+    seed: int = 0  # for the random scorer
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        from pipeline.scorers import get_scorers
+
+        get_scorers(self.methods)
+        checks = [
+            ("workers", self.workers >= 1, "must be >= 1"),
+            ("threads", self.threads >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("target_max", self.target_max >= 1, "must be >= 1"),
+            ("max_attempts", self.max_attempts >= 1, "must be >= 1"),
+            ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,67 @@
+"""The score table: one row per input sample (errors included), written per shard, then merged."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.sample import Sample
+from pipeline.rundir import read_bytes, write_bytes_atomic
+
+BASE_FIELDS = [
+    pa.field("uid", pa.string()),
+    pa.field("key", pa.string()),
+    pa.field("shard", pa.string()),
+    pa.field("index", pa.int32()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("caption", pa.string()),
+]
+
+
+def schema(score_columns: Sequence[str]) -> pa.Schema:
+    return pa.schema(BASE_FIELDS + [pa.field(c, pa.float64()) for c in score_columns])
+
+
+def build_part(samples: Sequence[Sample], scores: dict[str, np.ndarray], score_columns: Sequence[str]) -> pa.Table:
+    """Rows for every sample; score arrays cover the ok samples in order, errors get nulls."""
+    ok_mask = np.array([s.ok for s in samples], dtype=bool)
+    cols: dict[str, Any] = {
+        "uid": [s.uid for s in samples],
+        "key": [s.key for s in samples],
+        "shard": [s.shard for s in samples],
+        "index": [s.index for s in samples],
+        "status": ["ok" if s.ok else "error" for s in samples],
+        "error": [s.error for s in samples],
+        "caption": [s.caption for s in samples],
+    }
+    for c in score_columns:
+        full = np.full(len(samples), np.nan)
+        if ok_mask.any():
+            full[ok_mask] = scores[c]
+        cols[c] = pa.array(full, mask=~ok_mask)
+    return pa.table(cols, schema=schema(score_columns))
+
+
+def write_table(table: pa.Table, url: str, metadata: dict[str, Any] | None = None) -> None:
+    if metadata:
+        meta = {**(table.schema.metadata or {}), b"diffin": json.dumps(metadata, default=str).encode()}
+        table = table.replace_schema_metadata(meta)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes_atomic(url, buf.getvalue())
+
+
+def read_table(url: str, columns: Sequence[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(url)), columns=columns)
+
+
+def table_metadata(url: str) -> dict[str, Any]:
+    raw = pq.read_schema(io.BytesIO(read_bytes(url))).metadata or {}
+    return json.loads(raw.get(b"diffin", b"{}"))

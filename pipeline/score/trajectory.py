@@ -1,0 +1,50 @@
+"""Reading a trained trajectory back: checkpoints verified by sha256, loaded without pickle."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.influence.estimator import Checkpoint
+from pipeline.rundir import RunDir, exists, read_bytes, read_json
+
+
+@dataclass
+class Trajectory:
+    record: dict[str, Any]
+    checkpoints: list[Checkpoint]
+
+    @property
+    def model(self) -> str:
+        return self.record["model"]
+
+    @property
+    def n_train(self) -> int:
+        return int(self.record["n_train"])
+
+
+def load_trajectory(run: RunDir) -> Trajectory:
+    if not exists(run.trajectory_json):
+        raise ConfigError(f"run: no trajectory in {run.url} (run `diffin train` first)")
+    record = read_json(run.trajectory_json)
+    ckpts = [Checkpoint(int(c["step"]), float(c["lr"])) for c in record["checkpoints"]]
+    return Trajectory(record, ckpts)
+
+
+def load_state_dict(run: RunDir, traj: Trajectory, step: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, after checking its sha256 against trajectory.json."""
+    import hashlib
+
+    entry = next(c for c in traj.record["checkpoints"] if int(c["step"]) == step)
+    raw = read_bytes(run.checkpoint(step))
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != entry["sha256"]:
+        raise ConfigError(
+            f"checkpoint {run.checkpoint(step)}: sha256 {digest[:12]} does not match the "
+            f"recorded {entry['sha256'][:12]}; the file changed since training"
+        )
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)

@@ -1,0 +1,101 @@
+"""Score one shard: a pure function of (run, config, shard), free of Ray.
+
+The Ray actor in ``driver.py`` only holds one ``ShardScorer`` so that the
+model, the checkpoints and the direction vectors are loaded once per worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.reader import iter_shard
+from pipeline.data.sample import Sample
+from pipeline.influence.directions import load_directions
+from pipeline.influence.fast import fast_terms
+from pipeline.influence.functional import ClipFunctions
+from pipeline.model import factory
+from pipeline.model.batches import encode
+from pipeline.rundir import RunDir
+from pipeline.score.config import ScoreConfig
+from pipeline.score.directions import DTYPES, load_set
+from pipeline.score.table import build_part, write_table
+from pipeline.score.trajectory import load_state_dict, load_trajectory
+from pipeline.scorers import ScoreContext, Terms, get_scorers, needed_terms
+
+
+def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    batch: list[Sample] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class ShardScorer:
+    def __init__(self, run_url: str, cfg: ScoreConfig) -> None:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.run = RunDir(run_url)
+        self.traj = load_trajectory(self.run)
+        self.dtype = DTYPES[cfg.dtype]
+        self.bundle = factory.create(self.traj.model, dtype=self.dtype)
+        ref_images, ref_tokens, _ = load_set(self.run, "reference", self.dtype)
+        self.fns = ClipFunctions(self.bundle.model, ref_images, ref_tokens)
+        self.scorers = get_scorers(cfg.methods)
+        self.ctx = ScoreContext(self.traj.checkpoints, self.traj.n_train, cfg.seed,
+                                {"first_order": cfg.first_order})
+        names = [n for n, _ in self.bundle.model.named_parameters()]
+        self.params, self.directions, self.need = {}, {}, {}
+        for c in self.traj.checkpoints:
+            need = needed_terms(self.scorers, c, self.ctx)
+            if not need:
+                continue
+            state = load_state_dict(self.run, self.traj, c.step)
+            self.params[c.step] = {k: state[k].to(self.dtype) for k in names}
+            self.need[c.step] = need
+            if need & {"first", "hb", "hz"}:
+                self.directions[c.step] = load_directions(self.run.directions(c.step)).ordered(names)
+        self.columns = [col for s in self.scorers for col in s.columns(self.ctx)]
+
+    def score_samples(self, samples: list[Sample]) -> dict[str, np.ndarray]:
+        """Score columns for the ok samples of ``samples``, in order."""
+        ok = [s for s in samples if s.ok]
+        if not ok:
+            return {c: np.zeros(0) for c in self.columns}
+        images, tokens = encode(ok, self.bundle)
+        images = images.to(self.dtype)
+        terms: Terms = {}
+        for step, need in self.need.items():
+            t = fast_terms(self.fns, self.params[step], self.directions.get(step), images, tokens, need)
+            terms[step] = {k: v.double().numpy() for k, v in t.items()}
+        uids = [s.uid for s in ok]
+        out: dict[str, np.ndarray] = {}
+        for scorer in self.scorers:
+            out.update(scorer.score(terms, uids, self.ctx))
+        return out
+
+    def score_shard(self, url: str, name: str) -> dict[str, Any]:
+        """Score every sample of one shard and write its part atomically; returns counts."""
+        t0 = time.time()
+        samples: list[Sample] = []
+        chunks: list[dict[str, np.ndarray]] = []
+        for batch in _batches(iter_shard(url), self.cfg.batch_size):
+            chunks.append(self.score_samples(batch))
+            for s in batch:  # keep rows, not decoded pixels
+                s.image = None
+            samples.extend(batch)
+        scores = {c: np.concatenate([ch[c] for ch in chunks]) if chunks else np.zeros(0) for c in self.columns}
+        table = build_part(samples, scores, self.columns)
+        write_table(table, self.run.part(name))
+        errors = sum(not s.ok for s in samples)
+        return {"shard": url, "name": name, "rows": len(samples), "ok": len(samples) - errors,
+                "errors": errors, "seconds": round(time.time() - t0, 3)}

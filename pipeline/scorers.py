@@ -1,0 +1,151 @@
+"""The scorer registry: one interface, one output convention for every method.
+
+A scorer names the per-checkpoint terms it needs (computed once per batch by
+the fast engine and shared between scorers) and turns them into columns. The
+column named after the scorer is its final score, higher = more useful
+(keep first); per-checkpoint components are stored beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+from pipeline.influence.estimator import Checkpoint, assemble_diffin, diffin_components, first_order_weight
+
+Terms = dict[int, dict[str, np.ndarray]]  # step -> term -> (batch,)
+
+
+@dataclass
+class ScoreContext:
+    checkpoints: list[Checkpoint]
+    n_train: int
+    seed: int = 0
+    options: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def last(self) -> Checkpoint:
+        return self.checkpoints[-1]
+
+
+class Scorer(ABC):
+    name: ClassVar[str]
+    terms: ClassVar[frozenset[str]] = frozenset()  # needed at every checkpoint
+    last_terms: ClassVar[frozenset[str]] = frozenset()  # needed at the last checkpoint only
+    description: ClassVar[str] = ""
+
+    def columns(self, ctx: ScoreContext) -> list[str]:
+        return [self.name]
+
+    @abstractmethod
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]: ...
+
+
+REGISTRY: dict[str, type[Scorer]] = {}
+
+
+def register(cls: type[Scorer]) -> type[Scorer]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_scorers(names: list[str]) -> list[Scorer]:
+    """Instantiate scorers by name; unknown names are refused before work starts."""
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown or not names:
+        raise ConfigError(f"methods: unknown {unknown or names}; available: {sorted(REGISTRY)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"methods: listed twice in {names}")
+    return [REGISTRY[n]() for n in names]
+
+
+def needed_terms(scorers: list[Scorer], ckpt: Checkpoint, ctx: ScoreContext) -> set[str]:
+    need: set[str] = set()
+    for s in scorers:
+        need |= s.terms
+        if ckpt == ctx.last:
+            need |= s.last_terms
+    return need
+
+
+@register
+class DiffIn(Scorer):
+    name = "diffin"
+    terms = frozenset({"first", "hb", "hz"})
+    description = "Diff-In influence on the target loss (second order, trajectory)"
+
+    def columns(self, ctx: ScoreContext) -> list[str]:
+        cols = [self.name]
+        for c in ctx.checkpoints:
+            cols += [f"diffin_first_t{c.step}", f"diffin_second_t{c.step}"]
+        return cols
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        m, out, firsts, seconds = len(ctx.checkpoints), {}, [], []
+        for c in ctx.checkpoints:
+            t = terms[c.step]
+            f, s = diffin_components(t["first"], t["hb"], t["hz"], c, ctx.n_train, m)
+            out[f"diffin_first_t{c.step}"], out[f"diffin_second_t{c.step}"] = f, s
+            firsts.append(f)
+            seconds.append(s)
+        out[self.name] = assemble_diffin(firsts, seconds, bool(ctx.options.get("first_order", True)))
+        return out
+
+
+@register
+class TracIn(Scorer):
+    name = "tracin"
+    terms = frozenset({"first"})
+    description = "TracIn: first-order trajectory influence on the target loss"
+
+    def columns(self, ctx: ScoreContext) -> list[str]:
+        return [self.name] + [f"tracin_t{c.step}" for c in ctx.checkpoints]
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        m = len(ctx.checkpoints)
+        out = {f"tracin_t{c.step}": first_order_weight(c, ctx.n_train, m) * terms[c.step]["first"]
+               for c in ctx.checkpoints}
+        out[self.name] = np.sum(list(out.values()), axis=0)
+        return out
+
+
+@register
+class Loss(Scorer):
+    name = "loss"
+    last_terms = frozenset({"loss"})
+    description = "minus the per-sample loss at the last checkpoint (high loss: prune first)"
+
+    def columns(self, ctx: ScoreContext) -> list[str]:
+        return [self.name, "loss_raw"]
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        raw = terms[ctx.last.step]["loss"]
+        return {self.name: -raw, "loss_raw": raw}
+
+
+@register
+class ClipScore(Scorer):
+    name = "clip_score"
+    last_terms = frozenset({"cosine"})
+    description = "image-text cosine similarity under the last checkpoint (DataComp baseline)"
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        return {self.name: terms[ctx.last.step]["cosine"]}
+
+
+@register
+class Random(Scorer):
+    name = "random"
+    description = "seeded uniform scores, a function of the uid alone"
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        vals = [
+            int.from_bytes(hashlib.sha256(f"{ctx.seed}:{u}".encode()).digest()[:8], "big") / 2**64
+            for u in uids
+        ]
+        return {self.name: np.asarray(vals, dtype=np.float64)}

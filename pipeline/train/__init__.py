@@ -1,0 +1,1 @@
+"""Proxy training: the trajectory whose checkpoints Diff-In differentiates."""

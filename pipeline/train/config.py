@@ -1,0 +1,55 @@
+"""Proxy-training configuration: serialised into RUN/run.json and trajectory.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    data: str  # shard pattern of the pool
+    run: str  # run directory
+    model: str = "diffin-small"
+    pretrained: str | None = None  # checkpoint file or open_clip tag
+    steps: int = 400
+    checkpoints: int = 5  # m in METHOD.md
+    spacing: str = "even"  # "even" (the reference implementation) or "random"
+    batch_size: int = 64
+    optimizer: str = "sgd"  # "sgd" (the method's assumption) or "adamw"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup: int = 40
+    schedule: str = "constant"  # "constant" or "cosine" after warm-up
+    seed: int = 0
+    target_size: int = 128  # |V|, held out of training when no --target is given
+    reference_size: int = 255  # K reference negatives (METHOD.md section 2)
+    grad_batches: int = 4  # k batches averaged into g_B and H_B
+    max_samples: int = 100_000  # the proxy trains in memory on at most this many pairs
+    threads: int = 0  # torch threads; 0: torch's default
+
+    def validate(self) -> None:
+        checks = [
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("checkpoints", 1 <= self.checkpoints <= self.steps, "must be in [1, steps]"),
+            ("spacing", self.spacing in ("even", "random"), "must be 'even' or 'random'"),
+            ("batch_size", self.batch_size >= 2, "must be >= 2 (the loss is contrastive)"),
+            ("optimizer", self.optimizer in ("sgd", "adamw"), "must be 'sgd' or 'adamw'"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("warmup", 0 <= self.warmup < self.steps, "must be in [0, steps)"),
+            ("schedule", self.schedule in ("constant", "cosine"), "must be 'constant' or 'cosine'"),
+            ("target_size", self.target_size >= 1, "must be >= 1"),
+            ("reference_size", self.reference_size >= 1, "must be >= 1"),
+            ("grad_batches", self.grad_batches >= 1, "must be >= 1"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,223 @@
+"""Shard patterns: the open_clip/WebDataset spelling, directories, globs, any fsspec URL."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from pipeline.data.shards import expand_pattern, resolve_shards, shard_name, shard_names
+from pipeline.errors import ConfigError
+
+# --- expand_pattern: pure string work --------------------------------------------------
+
+
+def test_brace_range_keeps_zero_padding():
+    assert expand_pattern("/d/{00008..00011}.tar") == [
+        "/d/00008.tar",
+        "/d/00009.tar",
+        "/d/00010.tar",
+        "/d/00011.tar",
+    ]
+    # Width comes from the first bound; an unpadded first bound does not pad.
+    assert expand_pattern("{8..11}") == ["8", "9", "10", "11"]
+    assert expand_pattern("{3..3}.tar") == ["3.tar"]
+
+
+def test_several_braces_are_a_cartesian_product_leftmost_slowest():
+    assert expand_pattern("s3://b/{a,b}/{000..001}-{x,y}.tar") == [
+        "s3://b/a/000-x.tar",
+        "s3://b/a/000-y.tar",
+        "s3://b/a/001-x.tar",
+        "s3://b/a/001-y.tar",
+        "s3://b/b/000-x.tar",
+        "s3://b/b/000-y.tar",
+        "s3://b/b/001-x.tar",
+        "s3://b/b/001-y.tar",
+    ]
+
+
+def test_brace_lists_and_double_colon_join_keep_order():
+    assert expand_pattern("/a/{c,a,b}.tar::/z/{1..2}.tar::/plain.tar") == [
+        "/a/c.tar",
+        "/a/a.tar",
+        "/a/b.tar",
+        "/z/1.tar",
+        "/z/2.tar",
+        "/plain.tar",
+    ]
+    # "::" is not confused with the "://" of a URL.
+    assert expand_pattern("s3://b/0.tar::memory://m/1.tar") == ["s3://b/0.tar", "memory://m/1.tar"]
+
+
+def test_fsspec_chained_url_is_not_split():
+    assert expand_pattern("simplecache::s3://b/{0..1}.tar") == [
+        "simplecache::s3://b/0.tar",
+        "simplecache::s3://b/1.tar",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("/d/{5..1}.tar", "reversed brace range"),
+        ("/d/{00000..00009.tar", "unbalanced '{'"),
+        ("/d/00000..00009}.tar", "unbalanced '}'"),
+        ("/d/}{0..1}.tar", "unbalanced '}'"),
+        ("/d/{}.tar", "empty braces"),
+        ("/d/{a..z}.tar", "must be two non-negative integers"),
+        ("/d/{1..2..3}.tar", "must be two non-negative integers"),
+        ("/d/{abc}.tar", "neither a range"),
+        ("/d/{{0..1}}.tar", "nested braces"),
+        ("/a.tar::::/b.tar", "empty item"),
+        ("", "empty"),
+        ("{0..99999999999}", "more than"),
+    ],
+)
+def test_malformed_patterns_raise_config_error_naming_pattern_and_problem(pattern, problem):
+    with pytest.raises(ConfigError) as info:
+        expand_pattern(pattern)
+    assert problem in str(info.value)
+    if pattern:
+        assert repr(pattern) in str(info.value)
+
+
+# --- resolve_shards: local ------------------------------------------------------------
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_resolve_explicit_pattern_local(tmp_path):
+    paths = [_touch(tmp_path / f"{i:05d}.tar") for i in range(3)]
+    assert resolve_shards(f"{tmp_path}/{{00000..00002}}.tar") == paths
+
+
+def test_resolve_file_url_gives_plain_local_paths(tmp_path):
+    paths = [_touch(tmp_path / f"{i:05d}.tar") for i in range(2)]
+    assert resolve_shards(f"file://{tmp_path}/{{00000..00001}}.tar") == paths
+
+
+def test_resolve_relative_path_is_made_absolute(tmp_path, monkeypatch):
+    path = _touch(tmp_path / "sub" / "00000.tar")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_shards("sub/00000.tar") == [path]
+
+
+def test_resolve_directory_lists_tar_files_sorted(tmp_path):
+    d = tmp_path / "pool"
+    expected = [_touch(d / n) for n in ("00000.tar", "00001.tar", "00010.tar")]
+    _touch(d / "00000.parquet")
+    _touch(d / "_stats.json")
+    _touch(d / "nested" / "00002.tar")  # not recursive
+    assert resolve_shards(str(d)) == expected
+    assert resolve_shards(str(d) + "/") == expected
+
+
+def test_resolve_glob_sorted(tmp_path):
+    for n in ("b-1.tar", "a-2.tar", "a-1.tar", "a-x.parquet"):
+        _touch(tmp_path / n)
+    assert resolve_shards(f"{tmp_path}/a-?.tar") == [
+        str(tmp_path / "a-1.tar"),
+        str(tmp_path / "a-2.tar"),
+    ]
+    assert resolve_shards(f"{tmp_path}/*.tar::{tmp_path}/a-x.parquet")[-1] == str(
+        tmp_path / "a-x.parquet"
+    )
+
+
+def test_missing_shard_named_in_error(tmp_path):
+    _touch(tmp_path / "00000.tar")
+    _touch(tmp_path / "00002.tar")
+    with pytest.raises(ConfigError) as info:
+        resolve_shards(f"{tmp_path}/{{00000..00002}}.tar")
+    msg = str(info.value)
+    assert "1 shard(s)" in msg and "missing" in msg
+    assert str(tmp_path / "00001.tar") in msg
+    # check_exists=False skips the existence check.
+    assert len(resolve_shards(f"{tmp_path}/{{00000..00002}}.tar", check_exists=False)) == 3
+
+
+def test_missing_shards_listed_up_to_five_with_count(tmp_path):
+    _touch(tmp_path / "00000.tar")
+    with pytest.raises(ConfigError) as info:
+        resolve_shards(f"{tmp_path}/{{00000..00009}}.tar")
+    msg = str(info.value)
+    assert msg.startswith("9 shard(s)")
+    assert len(re.findall(r"\d{5}\.tar", msg)) == 5
+    assert "(4 more)" in msg
+
+
+def test_missing_parent_directory(tmp_path):
+    with pytest.raises(ConfigError, match="no shards match|missing"):
+        resolve_shards(f"{tmp_path}/nope/{{0..1}}.tar")
+
+
+def test_nothing_matches(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no shards match"):
+        resolve_shards(f"{tmp_path}/*.tar")
+    with pytest.raises(ConfigError, match="no shards match"):
+        resolve_shards(str(tmp_path / "empty"))
+    assert os.listdir(tmp_path / "empty") == []
+
+
+def test_duplicate_shards_refused(tmp_path):
+    _touch(tmp_path / "00000.tar")
+    _touch(tmp_path / "00001.tar")
+    with pytest.raises(ConfigError, match="more than once") as info:
+        resolve_shards(f"{tmp_path}/{{00000..00001}}.tar::{tmp_path}/00000.tar")
+    assert str(tmp_path / "00000.tar") in str(info.value)
+    # The same file named two ways is still a duplicate.
+    with pytest.raises(ConfigError, match="more than once"):
+        resolve_shards(f"{tmp_path}::{tmp_path}/00001.tar")
+
+
+# --- resolve_shards: fsspec memory filesystem ------------------------------------------
+
+
+def test_memory_urls_keep_protocol(memfs):
+    for i in range(3):
+        memfs.pipe(f"/pool/{i:05d}.tar", b"x")
+    memfs.pipe("/pool/readme.txt", b"x")
+    expected = [f"memory:///pool/{i:05d}.tar" for i in range(3)]
+    assert resolve_shards("memory://pool/{00000..00002}.tar") == expected
+    assert resolve_shards("memory://pool") == expected
+    assert resolve_shards("memory://pool/*.tar") == expected
+    with pytest.raises(ConfigError, match=r"memory:///pool/00003\.tar"):
+        resolve_shards("memory://pool/{00000..00003}.tar")
+
+
+def test_unknown_protocol_is_a_config_error():
+    with pytest.raises(ConfigError, match="nosuchproto"):
+        resolve_shards("nosuchproto://x/0.tar")
+
+
+# --- shard names -----------------------------------------------------------------------
+
+
+def test_shard_name_is_basename_without_tar():
+    assert shard_name("/data/pool/00012.tar") == "00012"
+    assert shard_name("s3://bucket/pool/00012.tar") == "00012"
+    assert shard_name("https://host/p/00012.tar?sig=abc") == "00012"
+    assert shard_name("memory:///p/odd name!.tar") == "odd_name"
+    assert shard_name("/p/.tar").startswith("shard-")
+
+
+def test_shard_names_disambiguate_only_collisions_deterministically():
+    urls = ["s3://a/pool/00000.tar", "s3://b/pool/00000.tar", "s3://a/pool/00001.tar"]
+    names = shard_names(urls)
+    assert names == shard_names(list(urls))
+    assert names[2] == "00001"
+    assert names[0] != names[1]
+    assert all(re.fullmatch(r"[0-9a-f]{8}-00000", n) for n in names[:2])
+    assert len(set(names)) == 3
+    # Same directory, same stem: the parent hash is not enough, the URL hash is.
+    same_dir = shard_names(["/p/x.tar", "/p/x.tar.gz"])
+    assert len(set(same_dir)) == 2
+    with pytest.raises(ConfigError):
+        shard_names(["/p/x.tar", "/p/x.tar"])
