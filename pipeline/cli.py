@@ -15,7 +15,9 @@ def _methods(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffin", description="Diff-In data pruning for CLIP pretraining")
+    p = argparse.ArgumentParser(
+        prog="diffin", description="Diff-In data pruning for CLIP pretraining"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -51,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True)
     s.add_argument("--methods", type=_methods, default=["diffin", "tracin", "random"])
     s.add_argument("--target", default=None, help="shard pattern of a curated target set")
-    s.add_argument("--address", default=None, help="Ray cluster address; default: embedded local Ray")
+    s.add_argument(
+        "--address", default=None, help="Ray cluster address; default: embedded local Ray"
+    )
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--batch-size", type=int, default=128)
@@ -80,39 +84,82 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "make-data":
         from pipeline.data.synth import SynthConfig, make_pool
 
-        cfg = SynthConfig(samples=args.samples, shard_size=args.shard_size, noise=args.noise,
-                          duplicates=args.duplicates, junk=args.junk, eval_samples=args.eval_samples,
-                          seed=args.seed)
+        cfg = SynthConfig(
+            samples=args.samples,
+            shard_size=args.shard_size,
+            noise=args.noise,
+            duplicates=args.duplicates,
+            junk=args.junk,
+            eval_samples=args.eval_samples,
+            seed=args.seed,
+        )
         return make_pool(args.out, cfg, overwrite=args.overwrite)
     if args.command == "train":
         from pipeline.train.config import TrainConfig
         from pipeline.train.trajectory import train
 
-        cfg = TrainConfig(data=args.data, run=args.run, model=args.model, pretrained=args.pretrained,
-                          steps=args.steps, checkpoints=args.checkpoints, spacing=args.spacing,
-                          batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                          momentum=args.momentum, warmup=args.warmup, seed=args.seed, threads=args.threads)
+        cfg = TrainConfig(
+            data=args.data,
+            run=args.run,
+            model=args.model,
+            pretrained=args.pretrained,
+            steps=args.steps,
+            checkpoints=args.checkpoints,
+            spacing=args.spacing,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            warmup=args.warmup,
+            seed=args.seed,
+            threads=args.threads,
+        )
         record = train(cfg)
         return {k: record[k] for k in ("model", "n_train", "steps", "checkpoints", "seconds")}
     if args.command == "score":
         from pipeline.score.config import ScoreConfig
         from pipeline.score.driver import run_scoring
 
-        return run_scoring(ScoreConfig(data=args.data, run=args.run, methods=args.methods, target=args.target,
-                                       address=args.address, workers=args.workers, threads=args.threads,
-                                       batch_size=args.batch_size, first_order=args.first_order,
-                                       seed=args.seed))
+        return run_scoring(
+            ScoreConfig(
+                data=args.data,
+                run=args.run,
+                methods=args.methods,
+                target=args.target,
+                address=args.address,
+                workers=args.workers,
+                threads=args.threads,
+                batch_size=args.batch_size,
+                first_order=args.first_order,
+                seed=args.seed,
+            )
+        )
     if args.command == "prune":
         from pipeline.prune.config import PruneConfig
         from pipeline.prune.manifest import write_manifest
 
-        return write_manifest(PruneConfig(run=args.run, keep=args.keep, method=args.method, name=args.name,
-                                          shard_size=args.shard_size))
+        return write_manifest(
+            PruneConfig(
+                run=args.run,
+                keep=args.keep,
+                method=args.method,
+                name=args.name,
+                shard_size=args.shard_size,
+            )
+        )
     if args.command == "demo":
         from pipeline.demo import DemoConfig, format_summary, run_demo
 
-        summary = run_demo(DemoConfig(run=args.run, samples=args.samples, steps=args.steps,
-                                      workers=args.workers, keep=args.keep, method=args.method))
+        summary = run_demo(
+            DemoConfig(
+                run=args.run,
+                samples=args.samples,
+                steps=args.steps,
+                workers=args.workers,
+                keep=args.keep,
+                method=args.method,
+            )
+        )
         print(format_summary(summary))
         return None
     raise AssertionError(args.command)

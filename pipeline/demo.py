@@ -35,12 +35,16 @@ class DemoConfig:
     workers: int = 2
     keep: float = 0.7
     method: str = "diffin"
-    methods: list[str] = field(default_factory=lambda: ["diffin", "tracin", "loss", "clip_score", "random"])
+    methods: list[str] = field(
+        default_factory=lambda: ["diffin", "tracin", "loss", "clip_score", "random"]
+    )
     model: str = "diffin-small"
     seed: int = 0
 
 
-def mismatch_kept(run: RunDir, truth_url: str, methods: list[str], keep: float) -> dict[str, dict[str, int]]:
+def mismatch_kept(
+    run: RunDir, truth_url: str, methods: list[str], keep: float
+) -> dict[str, dict[str, int]]:
     """For each scorer: how many injected defects its kept set would still hold."""
     table = read_table(run.scores)
     truth = read_table(truth_url, columns=["uid", "defect"]).to_pandas()
@@ -59,22 +63,42 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.time()
-    pool = make_pool(data, SynthConfig(samples=cfg.samples, shard_size=cfg.shard_size, noise=cfg.noise,
-                                       seed=cfg.seed), overwrite=True)
+    pool = make_pool(
+        data,
+        SynthConfig(samples=cfg.samples, shard_size=cfg.shard_size, noise=cfg.noise, seed=cfg.seed),
+        overwrite=True,
+    )
     timings["make-data"] = time.time() - t
 
     t = time.time()
-    train(TrainConfig(data=pool["train_data"], run=cfg.run, model=cfg.model, steps=cfg.steps,
-                      checkpoints=cfg.checkpoints, seed=cfg.seed))
+    train(
+        TrainConfig(
+            data=pool["train_data"],
+            run=cfg.run,
+            model=cfg.model,
+            steps=cfg.steps,
+            checkpoints=cfg.checkpoints,
+            seed=cfg.seed,
+        )
+    )
     timings["train"] = time.time() - t
 
     t = time.time()
-    score = run_scoring(ScoreConfig(data=pool["train_data"], run=cfg.run, methods=cfg.methods,
-                                    workers=cfg.workers, seed=cfg.seed))
+    score = run_scoring(
+        ScoreConfig(
+            data=pool["train_data"],
+            run=cfg.run,
+            methods=cfg.methods,
+            workers=cfg.workers,
+            seed=cfg.seed,
+        )
+    )
     timings["score"] = time.time() - t
 
     t = time.time()
-    manifest = write_manifest(PruneConfig(run=cfg.run, keep=cfg.keep, method=cfg.method, shard_size=cfg.shard_size))
+    manifest = write_manifest(
+        PruneConfig(run=cfg.run, keep=cfg.keep, method=cfg.method, shard_size=cfg.shard_size)
+    )
     timings["prune"] = time.time() - t
 
     defects = mismatch_kept(run, join(data, "truth.parquet"), cfg.methods, cfg.keep)
@@ -103,7 +127,9 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         "",
         "diffin demo: done in {:.0f}s ({})".format(
-            s["seconds"]["total"], ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items() if k != "total")),
+            s["seconds"]["total"],
+            ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items() if k != "total"),
+        ),
         f"  samples scored : {s['samples']} ({s['errors']} errors)",
         f"  kept           : {s['kept']} by {s['config']['method']} at keep={s['config']['keep']}",
         f"  mismatched     : {s['mismatched_kept']} of {s['mismatched_in_pool']} injected mismatched "

@@ -1,12 +1,12 @@
 """The run directory: every stage reads and writes here (a local path or an fsspec URL).
 
-    RUN/run.json                      config, versions, seeds, timing of each stage
-    RUN/trajectory/ckpt-STEP.pt       checkpoints (+ trajectory.json: step, lr, sha256)
-    RUN/sets/*.safetensors            reference negatives R, target V, gradient batches
-    RUN/directions/STEP.safetensors   g_B, g_V, w per checkpoint
-    RUN/scores/parts/SHARD.parquet    one part per input shard
-    RUN/scores.parquet                the merged table
-    RUN/prune/NAME/                   one manifest per keep rule
+RUN/run.json                      config, versions, seeds, timing of each stage
+RUN/trajectory/ckpt-STEP.pt       checkpoints (+ trajectory.json: step, lr, sha256)
+RUN/sets/*.safetensors            reference negatives R, target V, gradient batches
+RUN/directions/STEP.safetensors   g_B, g_V, w per checkpoint
+RUN/scores/parts/SHARD.parquet    one part per input shard
+RUN/scores.parquet                the merged table
+RUN/prune/NAME/                   one manifest per keep rule
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def read_bytes(url: str) -> bytes:
 
 
 def write_json(url: str, obj: Any) -> None:
-    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    write_bytes_atomic(
+        url, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    )
 
 
 def read_json(url: str) -> Any:

@@ -16,7 +16,12 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.influence.estimator import Checkpoint, assemble_diffin, diffin_components, first_order_weight
+from pipeline.influence.estimator import (
+    Checkpoint,
+    assemble_diffin,
+    diffin_components,
+    first_order_weight,
+)
 
 Terms = dict[int, dict[str, np.ndarray]]  # step -> term -> (batch,)
 
@@ -93,7 +98,9 @@ class DiffIn(Scorer):
             out[f"diffin_first_t{c.step}"], out[f"diffin_second_t{c.step}"] = f, s
             firsts.append(f)
             seconds.append(s)
-        out[self.name] = assemble_diffin(firsts, seconds, bool(ctx.options.get("first_order", True)))
+        out[self.name] = assemble_diffin(
+            firsts, seconds, bool(ctx.options.get("first_order", True))
+        )
         return out
 
 
@@ -108,8 +115,10 @@ class TracIn(Scorer):
 
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
         m = len(ctx.checkpoints)
-        out = {f"tracin_t{c.step}": first_order_weight(c, ctx.n_train, m) * terms[c.step]["first"]
-               for c in ctx.checkpoints}
+        out = {
+            f"tracin_t{c.step}": first_order_weight(c, ctx.n_train, m) * terms[c.step]["first"]
+            for c in ctx.checkpoints
+        }
         out[self.name] = np.sum(list(out.values()), axis=0)
         return out
 

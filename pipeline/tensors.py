@@ -11,7 +11,9 @@ from safetensors.torch import load, save
 from pipeline.rundir import read_bytes, write_bytes_atomic
 
 
-def save_tensors(url: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+def save_tensors(
+    url: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
+) -> None:
     data = save(
         {k: v.contiguous() for k, v in tensors.items()},
         metadata={"meta": json.dumps(meta or {}, sort_keys=True, default=str)},

@@ -29,11 +29,15 @@ class Directions:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def as_flat(self) -> dict[str, torch.Tensor]:
-        return {f"{kind}/{k}": v.contiguous() for kind in KINDS for k, v in getattr(self, kind).items()}
+        return {
+            f"{kind}/{k}": v.contiguous() for kind in KINDS for k, v in getattr(self, kind).items()
+        }
 
     def ordered(self, names: list[str]) -> Directions:
         """Same vectors with keys in ``names`` order (torch.func matches dicts by structure)."""
-        return Directions(*({k: getattr(self, kind)[k] for k in names} for kind in KINDS), self.meta)
+        return Directions(
+            *({k: getattr(self, kind)[k] for k in names} for kind in KINDS), self.meta
+        )
 
     @classmethod
     def from_flat(cls, flat: dict[str, torch.Tensor], meta: dict[str, Any]) -> Directions:
@@ -83,7 +87,9 @@ def target_gradient(
     for start in range(0, n, chunk):
         p = _leaves(params)
         with derivative_mode():
-            losses = fns.sample_losses(p, images[start : start + chunk], tokens[start : start + chunk])
+            losses = fns.sample_losses(
+                p, images[start : start + chunk], tokens[start : start + chunk]
+            )
             grads = torch.autograd.grad(losses.sum() / n, list(p.values()), allow_unused=True)
         for g, k in zip(grads, p, strict=True):
             if g is not None:

@@ -80,7 +80,9 @@ class ClipFunctions:
         out = functional_call(self.model, params, (images, tokens))
         return out["image_features"], out["text_features"]
 
-    def sample_losses(self, params: Params, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def sample_losses(
+        self, params: Params, images: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
         """The vector (l_z) of METHOD.md section 2 for a batch, against R.
 
         R is embedded in the same forward pass as the batch: derivatives flow
@@ -96,7 +98,9 @@ class ClipFunctions:
         )
         return per_sample_loss(img[:n], txt[:n], img[n:], txt[n:], params["logit_scale"])
 
-    def batch_loss(self, params: Params, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def batch_loss(
+        self, params: Params, images: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
         """L(B; theta): the in-batch contrastive loss, exactly as proxy training computes it."""
         img, txt = self.embed(params, images, tokens)
         return batch_clip_loss(img, txt, params["logit_scale"])

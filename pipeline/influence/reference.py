@@ -23,8 +23,13 @@ def _grad(fn: Callable[[Params], torch.Tensor], params: Params, create_graph: bo
     p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     with derivative_mode():
         out = fn(p)
-        grads = torch.autograd.grad(out, list(p.values()), create_graph=create_graph, allow_unused=True)
-    g = {k: (gi if gi is not None else torch.zeros_like(p[k])) for k, gi in zip(p, grads, strict=True)}
+        grads = torch.autograd.grad(
+            out, list(p.values()), create_graph=create_graph, allow_unused=True
+        )
+    g = {
+        k: (gi if gi is not None else torch.zeros_like(p[k]))
+        for k, gi in zip(p, grads, strict=True)
+    }
     return p, out, g
 
 
@@ -33,7 +38,10 @@ def _hvp(fn: Callable[[Params], torch.Tensor], params: Params, v: Params) -> Par
     with derivative_mode():
         gv = sum((g[k] * v[k]).sum() for k in p if g[k].requires_grad)
         hv = torch.autograd.grad(gv, list(p.values()), allow_unused=True)
-    return {k: (h.detach() if h is not None else torch.zeros_like(p[k])) for k, h in zip(p, hv, strict=True)}
+    return {
+        k: (h.detach() if h is not None else torch.zeros_like(p[k]))
+        for k, h in zip(p, hv, strict=True)
+    }
 
 
 def _sample_fn(fns: ClipFunctions, images: torch.Tensor, tokens: torch.Tensor, i: int):
@@ -82,7 +90,9 @@ def finite_difference_terms(
         fz = _sample_fn(fns, images, tokens, i)
         g_z = per_sample_gradient(fns, params, images, tokens, i)
         s = eps / float(norm(g_z))
-        g_b_shift, _ = batch_gradient_and_hvp(fns, params=axpy(s, g_z, params), batches=grad_batches, vector=None)
+        g_b_shift, _ = batch_gradient_and_hvp(
+            fns, params=axpy(s, g_z, params), batches=grad_batches, vector=None
+        )
         h_b_gz = {k: (g_b_shift[k] - directions.g_B[k]) / s for k in params}
         s2 = eps / float(norm(directions.g_B))
         _, _, g_z_shift = _grad(fz, axpy(s2, directions.g_B, params))

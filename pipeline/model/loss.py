@@ -19,7 +19,9 @@ def scale_of(logit_scale: torch.Tensor) -> torch.Tensor:
     return logit_scale.clamp(0.0, MAX_LOGIT_SCALE).exp()
 
 
-def batch_clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def batch_clip_loss(
+    img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric in-batch contrastive loss, as the proxy training computes it."""
     s = scale_of(logit_scale)
     logits = s * img @ txt.T

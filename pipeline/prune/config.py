@@ -21,7 +21,9 @@ class PruneConfig:
             raise ConfigError(f"keep: must be in (0, 1] (got {self.keep!r})")
         if self.shard_size < 1:
             raise ConfigError(f"shard_size: must be >= 1 (got {self.shard_size!r})")
-        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+        if self.name is not None and (
+            not self.name or "/" in self.name or self.name.startswith(".")
+        ):
             raise ConfigError(f"name: must be a plain directory name (got {self.name!r})")
 
     @property

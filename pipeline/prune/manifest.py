@@ -1,9 +1,9 @@
 """Select the kept rows and write the manifest of DESIGN.md.
 
-    RUN/prune/NAME/shards/{00000..0NNNN}.tar + sizes.json   resharded kept samples, all members
-    RUN/prune/NAME/uids.npy                                  DataComp subset format
-    RUN/prune/NAME/keep.parquet                              kept uids, keys, scores
-    RUN/prune/NAME/manifest.json                             rule, counts, --train-data
+RUN/prune/NAME/shards/{00000..0NNNN}.tar + sizes.json   resharded kept samples, all members
+RUN/prune/NAME/uids.npy                                  DataComp subset format
+RUN/prune/NAME/keep.parquet                              kept uids, keys, scores
+RUN/prune/NAME/manifest.json                             rule, counts, --train-data
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ from pipeline.score.table import read_table, write_table
 def select(table: pa.Table, method: str, keep: float) -> pa.Table:
     """The top ``keep`` fraction of ok rows by score (ties broken by uid: deterministic)."""
     if method not in table.column_names:
-        scored = [c for c in table.column_names if c not in
-                  ("uid", "key", "shard", "index", "status", "error", "caption")]
+        scored = [
+            c
+            for c in table.column_names
+            if c not in ("uid", "key", "shard", "index", "status", "error", "caption")
+        ]
         raise ConfigError(f"method: no column {method!r} in the score table; columns: {scored}")
     ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
     scores = ok.column(method).to_numpy(zero_copy_only=False)
@@ -57,7 +60,9 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     fs.makedirs(path, exist_ok=True)
 
     wanted: OrderedDict[str, set[str]] = OrderedDict()
-    for shard, key in zip(kept.column("shard").to_pylist(), kept.column("key").to_pylist(), strict=True):
+    for shard, key in zip(
+        kept.column("shard").to_pylist(), kept.column("key").to_pylist(), strict=True
+    ):
         wanted.setdefault(shard, set()).add(key)
     shards_dir = join(out, "shards")
     written: list[str] = []
@@ -79,7 +84,9 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     n_shards, sizes = len(writer.shards), writer.sizes
 
     n_uids = save_uids(join(out, "uids.npy"), kept.column("uid").to_pylist())
-    write_table(kept.select(["uid", "key", "shard", "index", cfg.method]), join(out, "keep.parquet"))
+    write_table(
+        kept.select(["uid", "key", "shard", "index", cfg.method]), join(out, "keep.parquet")
+    )
     scores = kept.column(cfg.method).to_numpy(zero_copy_only=False)
     statuses = table.column("status").to_pylist()
     pattern = brace_pattern(shards_dir, 0, n_shards - 1) if n_shards else ""
@@ -96,12 +103,14 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
         "train_data": pattern,
         "train_num_samples": sum(sizes.values()),
         "open_clip_args": f"--dataset-type webdataset --train-data '{pattern}' "
-                          f"--train-num-samples {sum(sizes.values())}",
+        f"--train-num-samples {sum(sizes.values())}",
         "note": "open_clip needs at least workers x world_size shards; set --shard-size accordingly",
         "seconds": round(time.time() - t0, 2),
     }
     write_json(join(out, "manifest.json"), manifest)
-    run.update_run_json(f"prune/{cfg.manifest_name}", {"config": cfg.to_dict(), "kept": kept.num_rows})
+    run.update_run_json(
+        f"prune/{cfg.manifest_name}", {"config": cfg.to_dict(), "kept": kept.num_rows}
+    )
     return {**manifest, "dir": out}
 
 

@@ -58,7 +58,11 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
         uids = [s.uid for s in samples]
         source = cfg.target
     fp = hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
-    return images, tokens, {"target_fingerprint": fp, "target_source": source, "target_size": len(uids)}
+    return (
+        images,
+        tokens,
+        {"target_fingerprint": fp, "target_source": source, "target_size": len(uids)},
+    )
 
 
 def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
@@ -69,11 +73,15 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
     fns = ClipFunctions(bundle.model, ref_images, ref_tokens)
     t_images, t_tokens, target_info = target_set(cfg, run, bundle, dtype)
     gb, gb_meta = load_tensors(run.set_file("grad_batches"))
-    grad_batches = [(gb["images"][i].to(dtype), gb["tokens"][i]) for i in range(gb["images"].shape[0])]
+    grad_batches = [
+        (gb["images"][i].to(dtype), gb["tokens"][i]) for i in range(gb["images"].shape[0])
+    ]
     by_step = {int(c["step"]): c["sha256"] for c in traj.record["checkpoints"]}
     for ckpt in tqdm(traj.checkpoints, desc="directions", unit="ckpt", leave=False):
         fingerprint = hashlib.sha256(
-            json.dumps([by_step[ckpt.step], target_info["target_fingerprint"], gb_meta, cfg.dtype]).encode()
+            json.dumps(
+                [by_step[ckpt.step], target_info["target_fingerprint"], gb_meta, cfg.dtype]
+            ).encode()
         ).hexdigest()[:16]
         url = run.directions(ckpt.step)
         if exists(url) and load_directions(url).meta.get("fingerprint") == fingerprint:
@@ -81,11 +89,25 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
         state = load_state_dict(run, traj, ckpt.step)
         params = {k: state[k].to(dtype) for k, _ in bundle.model.named_parameters()}
         d = compute_directions(
-            fns, params, grad_batches, (t_images, t_tokens),
-            meta={"fingerprint": fingerprint, "step": ckpt.step, "lr": ckpt.lr, "dtype": cfg.dtype,
-                  "checkpoint_sha256": by_step[ckpt.step], **target_info},
+            fns,
+            params,
+            grad_batches,
+            (t_images, t_tokens),
+            meta={
+                "fingerprint": fingerprint,
+                "step": ckpt.step,
+                "lr": ckpt.lr,
+                "dtype": cfg.dtype,
+                "checkpoint_sha256": by_step[ckpt.step],
+                **target_info,
+            },
         )
         save_directions(d, url)
-        log.info("directions for step %d: |g_B|=%.3g |g_V|=%.3g |w|=%.3g", ckpt.step,
-                 d.meta["norm_g_B"], d.meta["norm_g_V"], d.meta["norm_w"])
+        log.info(
+            "directions for step %d: |g_B|=%.3g |g_V|=%.3g |w|=%.3g",
+            ckpt.step,
+            d.meta["norm_g_B"],
+            d.meta["norm_g_V"],
+            d.meta["norm_w"],
+        )
     return target_info

@@ -90,8 +90,9 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     fp = _fingerprint(cfg, traj.record, target)
     fp_url = run.path("scores", "fingerprint.json")
     reuse = exists(fp_url) and read_json(fp_url) == fp
-    todo = deque((u, n) for u, n in zip(shards, names, strict=True)
-                 if not (reuse and exists(run.part(n))))
+    todo = deque(
+        (u, n) for u, n in zip(shards, names, strict=True) if not (reuse and exists(run.part(n)))
+    )
     resumed = len(shards) - len(todo)
     write_json(fp_url, fp)
 
@@ -102,7 +103,9 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     attempts: dict[str, int] = {}
     retries = 0
     try:
-        actors = [actor_cls.remote(cfg.run, cfg) for _ in range(min(cfg.workers, max(1, len(todo))))]
+        actors = [
+            actor_cls.remote(cfg.run, cfg) for _ in range(min(cfg.workers, max(1, len(todo))))
+        ]
         idle = deque(actors)
         running: dict[ray.ObjectRef, tuple[Any, str, str]] = {}
         bar = tqdm(total=len(shards), initial=resumed, desc="score", unit="shard")
@@ -143,9 +146,16 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             ray.shutdown()
 
     merged = merge_parts(
-        [run.part(n) for n in names if n not in failed], run.scores,
-        metadata={"score": cfg.to_dict(), "fingerprint": fp, "target": target,
-                  "checkpoints": traj.record["checkpoints"], "model": traj.model, **provenance()},
+        [run.part(n) for n in names if n not in failed],
+        run.scores,
+        metadata={
+            "score": cfg.to_dict(),
+            "fingerprint": fp,
+            "target": target,
+            "checkpoints": traj.record["checkpoints"],
+            "model": traj.model,
+            **provenance(),
+        },
     )
     summary = {
         "shards": len(shards),
@@ -155,8 +165,9 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         "retries": retries,
         **merged,
         "seconds": round(time.time() - t0, 2),
-        "samples_per_second": round(sum(r["rows"] for r in results.values())
-                                    / max(time.time() - t0, 1e-9), 2),
+        "samples_per_second": round(
+            sum(r["rows"] for r in results.values()) / max(time.time() - t0, 1e-9), 2
+        ),
         "target": target,
     }
     run.update_run_json("score", {"config": cfg.to_dict(), "summary": summary})

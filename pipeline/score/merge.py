@@ -32,8 +32,9 @@ def merge_parts(parts: Sequence[str], out_url: str, metadata: dict[str, Any]) ->
     writer = None
     for url in parts:
         table = read_table(url)
-        for shard, index in zip(table.column("shard").to_pylist(), table.column("index").to_pylist(),
-                                strict=True):
+        for shard, index in zip(
+            table.column("shard").to_pylist(), table.column("index").to_pylist(), strict=True
+        ):
             if (shard, index) in seen:
                 raise MergeError(f"row {shard}#{index} appears twice (part {url})")
             seen.add((shard, index))
@@ -45,7 +46,9 @@ def merge_parts(parts: Sequence[str], out_url: str, metadata: dict[str, Any]) ->
         ok += status.count("ok")
         errors += status.count("error")
         if writer is None:
-            schema = table.schema.with_metadata({b"diffin": json.dumps(metadata, default=str).encode()})
+            schema = table.schema.with_metadata(
+                {b"diffin": json.dumps(metadata, default=str).encode()}
+            )
             writer = pq.ParquetWriter(buf, schema)
         writer.write_table(table.cast(writer.schema))
     if writer is None:
@@ -54,5 +57,10 @@ def merge_parts(parts: Sequence[str], out_url: str, metadata: dict[str, Any]) ->
     if ok + errors != rows or len(seen) != rows:
         raise MergeError(f"rows do not add up: {rows} rows, {ok} ok, {errors} errors")
     write_bytes_atomic(out_url, buf.getvalue())
-    return {"rows": rows, "rows_ok": ok, "rows_error": errors, "duplicate_uids": dup_uids,
-            "table": out_url}
+    return {
+        "rows": rows,
+        "rows_ok": ok,
+        "rows_error": errors,
+        "duplicate_uids": dup_uids,
+        "table": out_url,
+    }

@@ -29,7 +29,9 @@ def schema(score_columns: Sequence[str]) -> pa.Schema:
     return pa.schema(BASE_FIELDS + [pa.field(c, pa.float64()) for c in score_columns])
 
 
-def build_part(samples: Sequence[Sample], scores: dict[str, np.ndarray], score_columns: Sequence[str]) -> pa.Table:
+def build_part(
+    samples: Sequence[Sample], scores: dict[str, np.ndarray], score_columns: Sequence[str]
+) -> pa.Table:
     """Rows for every sample; score arrays cover the ok samples in order, errors get nulls."""
     ok_mask = np.array([s.ok for s in samples], dtype=bool)
     cols: dict[str, Any] = {
@@ -51,7 +53,10 @@ def build_part(samples: Sequence[Sample], scores: dict[str, np.ndarray], score_c
 
 def write_table(table: pa.Table, url: str, metadata: dict[str, Any] | None = None) -> None:
     if metadata:
-        meta = {**(table.schema.metadata or {}), b"diffin": json.dumps(metadata, default=str).encode()}
+        meta = {
+            **(table.schema.metadata or {}),
+            b"diffin": json.dumps(metadata, default=str).encode(),
+        }
         table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(table, buf)

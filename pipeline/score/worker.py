@@ -51,8 +51,9 @@ class ShardScorer:
         ref_images, ref_tokens, _ = load_set(self.run, "reference", self.dtype)
         self.fns = ClipFunctions(self.bundle.model, ref_images, ref_tokens)
         self.scorers = get_scorers(cfg.methods)
-        self.ctx = ScoreContext(self.traj.checkpoints, self.traj.n_train, cfg.seed,
-                                {"first_order": cfg.first_order})
+        self.ctx = ScoreContext(
+            self.traj.checkpoints, self.traj.n_train, cfg.seed, {"first_order": cfg.first_order}
+        )
         names = [n for n, _ in self.bundle.model.named_parameters()]
         self.params, self.directions, self.need = {}, {}, {}
         for c in self.traj.checkpoints:
@@ -63,7 +64,9 @@ class ShardScorer:
             self.params[c.step] = {k: state[k].to(self.dtype) for k in names}
             self.need[c.step] = need
             if need & {"first", "hb", "hz"}:
-                self.directions[c.step] = load_directions(self.run.directions(c.step)).ordered(names)
+                self.directions[c.step] = load_directions(self.run.directions(c.step)).ordered(
+                    names
+                )
         self.columns = [col for s in self.scorers for col in s.columns(self.ctx)]
 
     def score_samples(self, samples: list[Sample]) -> dict[str, np.ndarray]:
@@ -75,7 +78,9 @@ class ShardScorer:
         images = images.to(self.dtype)
         terms: Terms = {}
         for step, need in self.need.items():
-            t = fast_terms(self.fns, self.params[step], self.directions.get(step), images, tokens, need)
+            t = fast_terms(
+                self.fns, self.params[step], self.directions.get(step), images, tokens, need
+            )
             terms[step] = {k: v.double().numpy() for k, v in t.items()}
         uids = [s.uid for s in ok]
         out: dict[str, np.ndarray] = {}
@@ -93,9 +98,18 @@ class ShardScorer:
             for s in batch:  # keep rows, not decoded pixels
                 s.image = None
             samples.extend(batch)
-        scores = {c: np.concatenate([ch[c] for ch in chunks]) if chunks else np.zeros(0) for c in self.columns}
+        scores = {
+            c: np.concatenate([ch[c] for ch in chunks]) if chunks else np.zeros(0)
+            for c in self.columns
+        }
         table = build_part(samples, scores, self.columns)
         write_table(table, self.run.part(name))
         errors = sum(not s.ok for s in samples)
-        return {"shard": url, "name": name, "rows": len(samples), "ok": len(samples) - errors,
-                "errors": errors, "seconds": round(time.time() - t0, 3)}
+        return {
+            "shard": url,
+            "name": name,
+            "rows": len(samples),
+            "ok": len(samples) - errors,
+            "errors": errors,
+            "seconds": round(time.time() - t0, 3),
+        }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards
 from pipeline.model import factory
 from pipeline.model.batches import encode
-from pipeline.model.loss import MAX_LOGIT_SCALE, batch_clip_loss
 from pipeline.provenance import provenance
 from pipeline.rundir import RunDir, sha256, write_bytes_atomic, write_json
 from pipeline.tensors import save_tensors
 from pipeline.train.config import TrainConfig
-from pipeline.train.schedule import checkpoint_steps, lr_at
+from pipeline.train.loop import batch_order, train_loop
+from pipeline.train.schedule import checkpoint_steps
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +86,6 @@ def _save_checkpoint(run: RunDir, model: torch.nn.Module, step: int) -> str:
     return url
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD is the method's assumption; AdamW is offered because SGD can stall (METHOD.md 9).
-
-    With AdamW the Diff-In weights use the base learning rate of the step,
-    not Adam's per-coordinate effective rate: recorded in trajectory.json.
-    """
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run proxy training; returns the trajectory record (also RUN/trajectory/trajectory.json)."""
     cfg.validate()
@@ -115,8 +103,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     for name, subset in (("reference", pool.reference), ("target", pool.target)):
         _save_set(run, name, subset, bundle)
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    grad_idx = torch.stack([torch.randperm(n, generator=gen)[: cfg.batch_size] for _ in range(cfg.grad_batches)])
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # independent of the data order
+    grad_idx = torch.stack(
+        [torch.randperm(n, generator=gen)[: cfg.batch_size] for _ in range(cfg.grad_batches)]
+    )
     save_tensors(
         run.set_file("grad_batches"),
         {"images": images[grad_idx], "tokens": tokens[grad_idx]},
@@ -124,46 +114,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
 
     ckpt_steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.spacing, cfg.seed)
-    opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    per_epoch = max(1, n // cfg.batch_size)
-    perm = torch.randperm(n, generator=gen)
     saved: list[dict[str, Any]] = []
-    losses: list[tuple[int, float]] = []
-    model.train()
-    bar = tqdm(range(cfg.steps + 1), desc="train", unit="step")
-    for step in bar:
-        if step in ckpt_steps:
-            url = _save_checkpoint(run, model, step)
-            saved.append({"step": step, "lr": lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.schedule),
-                          "path": url.rsplit("/", 1)[-1], "sha256": sha256(url)})
-        if step == cfg.steps:
-            break
-        slot = step % per_epoch
-        if slot == 0 and step > 0:
-            perm = torch.randperm(n, generator=gen)
-        idx = perm[slot * cfg.batch_size : (slot + 1) * cfg.batch_size]
-        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.schedule)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        out = model(images[idx], tokens[idx])
-        loss = batch_clip_loss(out["image_features"], out["text_features"], model.logit_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
-        if step % 10 == 0 or step == cfg.steps - 1:
-            losses.append((step, round(loss.item(), 5)))
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-    bar.close()
+
+    def keep(step: int, lr: float, m: torch.nn.Module) -> None:
+        url = _save_checkpoint(run, m, step)
+        saved.append(
+            {"step": step, "lr": lr, "path": url.rsplit("/", 1)[-1], "sha256": sha256(url)}
+        )
+
+    order = batch_order(n, cfg.batch_size, cfg.steps, cfg.seed)
+    losses = train_loop(model, images, tokens, cfg, order, ckpt_steps, keep)
 
     record = {
         "model": cfg.model,
         "model_config": factory.model_config(cfg.model),
         "pretrained": cfg.pretrained,
-        "optimizer": {"name": cfg.optimizer, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay},
+        "optimizer": {
+            "name": cfg.optimizer,
+            "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay,
+        },
         "lr_note": "lr is the rate applied to the update theta_t -> theta_{t+1}",
         "spacing": cfg.spacing,
         "n_train": n,
@@ -171,8 +141,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "steps": cfg.steps,
         "checkpoints": saved,
         "loss_curve": losses,
-        "pool": {"rows_read": pool.read, "errors": pool.errors, "target": len(pool.target),
-                 "reference": len(pool.reference)},
+        "pool": {
+            "rows_read": pool.read,
+            "errors": pool.errors,
+            "target": len(pool.target),
+            "reference": len(pool.reference),
+        },
         "config": cfg.to_dict(),
         "seconds": round(time.time() - t0, 2),
         **provenance(),
