@@ -61,13 +61,69 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--no-first-order", dest="first_order", action="store_false")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="tries per shard before it is recorded as failed (an error row)",
+    )
+    s.add_argument(
+        "--prefetch-batches",
+        type=int,
+        default=2,
+        help="batches each actor decodes ahead in a background thread (0: no next-shard hint)",
+    )
+    s.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per scoring actor; default: 1 when the cluster has GPUs, else 0",
+    )
 
     r = sub.add_parser("prune", help="keep the best fraction and write the manifest")
     r.add_argument("--run", required=True)
-    r.add_argument("--keep", type=float, required=True)
+    r.add_argument(
+        "--keep", type=float, default=None, help="fraction to keep (not used by --rule threshold)"
+    )
     r.add_argument("--method", default="diffin")
     r.add_argument("--name", default=None)
     r.add_argument("--shard-size", type=int, default=1000)
+    r.add_argument(
+        "--rule",
+        choices=["fraction", "threshold", "balanced"],
+        default="fraction",
+        help="fraction: top --keep; threshold: score >= --threshold; balanced: top --keep per group",
+    )
+    r.add_argument("--threshold", type=float, default=None, help="rule threshold: minimum score")
+    r.add_argument(
+        "--balance-by",
+        default=None,
+        help="rule balanced: 'cluster' (k-means on proxy image embeddings) or a score-table column",
+    )
+    r.add_argument("--balance", choices=["proportional", "equal"], default="proportional")
+    r.add_argument("--clusters", type=int, default=8, help="k for --balance-by cluster")
+    r.add_argument("--cluster-seed", type=int, default=0)
+
+    def _weights(text: str) -> dict[str, float]:
+        """'diffin=1,clip_score=0.5' -> {"diffin": 1.0, "clip_score": 0.5}."""
+        out: dict[str, float] = {}
+        for item in text.split(","):
+            name, sep, weight = item.partition("=")
+            try:
+                out[name.strip()] = float(weight) if sep else 1.0
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"bad weight in {item!r} (want NAME=NUMBER)"
+                ) from None
+        return out
+
+    r.add_argument(
+        "--fuse",
+        type=_weights,
+        default=None,
+        help="rank by a weighted fusion of scorers instead of --method, e.g. 'diffin=1,clip_score=0.5'",
+    )
+    r.add_argument("--fusion-norm", choices=["zscore", "rank"], default="zscore")
 
     m = sub.add_parser("demo", help="the whole pipeline on a generated pool")
     m.add_argument("--run", default="runs/demo")
@@ -132,19 +188,32 @@ def run(args: argparse.Namespace) -> object:
                 batch_size=args.batch_size,
                 first_order=args.first_order,
                 seed=args.seed,
+                max_attempts=args.max_attempts,
+                prefetch_batches=args.prefetch_batches,
+                gpus_per_worker=args.gpus_per_worker,
             )
         )
     if args.command == "prune":
         from pipeline.prune.config import PruneConfig
         from pipeline.prune.manifest import write_manifest
 
+        if args.keep is None and args.rule != "threshold":
+            raise ConfigError(f"keep: --keep is required for --rule {args.rule}")
         return write_manifest(
             PruneConfig(
                 run=args.run,
-                keep=args.keep,
+                keep=1.0 if args.keep is None else args.keep,
                 method=args.method,
                 name=args.name,
                 shard_size=args.shard_size,
+                rule=args.rule,
+                threshold=args.threshold,
+                balance_by=args.balance_by,
+                balance=args.balance,
+                clusters=args.clusters,
+                cluster_seed=args.cluster_seed,
+                fusion=args.fuse,
+                fusion_norm=args.fusion_norm,
             )
         )
     if args.command == "demo":
@@ -165,12 +234,27 @@ def run(args: argparse.Namespace) -> object:
     raise AssertionError(args.command)
 
 
+def check_patterns(args: argparse.Namespace) -> None:
+    """Refuse a shard pattern that resolves to nothing before any stage runs, naming the option."""
+    from pipeline.data.shards import resolve_shards
+
+    for name in ("data", "target"):
+        pattern = getattr(args, name, None)
+        if pattern is None:
+            continue
+        try:
+            resolve_shards(pattern)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline import logs
 
     logs.setup(args.verbose)
     try:
+        check_patterns(args)
         result = run(args)
     except ConfigError as exc:
         print(f"diffin {args.command}: configuration error: {exc}", file=sys.stderr)

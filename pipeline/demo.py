@@ -8,12 +8,14 @@ how many injected mismatched pairs each scorer's kept set still holds.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
 
 from pipeline.data.synth import SynthConfig, make_pool
+from pipeline.errors import ConfigError
+from pipeline.model import factory
 from pipeline.prune.config import PruneConfig
 from pipeline.prune.manifest import select, write_manifest
 from pipeline.rundir import RunDir, join, write_json
@@ -40,6 +42,47 @@ class DemoConfig:
     )
     model: str = "diffin-small"
     seed: int = 0
+    # TrainConfig's defaults unless set; small pools and short runs need smaller values
+    batch_size: int = 64
+    warmup: int = 40
+    target_size: int = 128
+    reference_size: int = 255
+    eval_samples: int = 500
+
+
+def stage_configs(cfg: DemoConfig) -> tuple[SynthConfig, TrainConfig, ScoreConfig, PruneConfig]:
+    """Every stage's config, validated before any work (``data`` is filled in once it exists)."""
+    synth = SynthConfig(
+        samples=cfg.samples,
+        shard_size=cfg.shard_size,
+        noise=cfg.noise,
+        eval_samples=cfg.eval_samples,
+        seed=cfg.seed,
+    )
+    trainc = TrainConfig(
+        data="",
+        run=cfg.run,
+        model=cfg.model,
+        steps=cfg.steps,
+        checkpoints=cfg.checkpoints,
+        batch_size=cfg.batch_size,
+        warmup=cfg.warmup,
+        target_size=cfg.target_size,
+        reference_size=cfg.reference_size,
+        seed=cfg.seed,
+    )
+    score = ScoreConfig(
+        data="", run=cfg.run, methods=cfg.methods, workers=cfg.workers, seed=cfg.seed
+    )
+    prune = PruneConfig(run=cfg.run, keep=cfg.keep, method=cfg.method, shard_size=cfg.shard_size)
+    synth.validate()
+    trainc.validate()
+    factory.model_config(cfg.model)
+    score.validate()
+    prune.validate()
+    if cfg.method not in cfg.methods:
+        raise ConfigError(f"method: {cfg.method!r} is not one of the scored methods {cfg.methods}")
+    return synth, trainc, score, prune
 
 
 def mismatch_kept(
@@ -57,48 +100,26 @@ def mismatch_kept(
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    synth_cfg, train_cfg, score_cfg, prune_cfg = stage_configs(cfg)  # refuse bad configs first
     t0 = time.time()
     run = RunDir(cfg.run)
     data = join(cfg.run, "data")
     timings: dict[str, float] = {}
 
     t = time.time()
-    pool = make_pool(
-        data,
-        SynthConfig(samples=cfg.samples, shard_size=cfg.shard_size, noise=cfg.noise, seed=cfg.seed),
-        overwrite=True,
-    )
+    pool = make_pool(data, synth_cfg, overwrite=True)
     timings["make-data"] = time.time() - t
 
     t = time.time()
-    train(
-        TrainConfig(
-            data=pool["train_data"],
-            run=cfg.run,
-            model=cfg.model,
-            steps=cfg.steps,
-            checkpoints=cfg.checkpoints,
-            seed=cfg.seed,
-        )
-    )
+    train(replace(train_cfg, data=pool["train_data"]))
     timings["train"] = time.time() - t
 
     t = time.time()
-    score = run_scoring(
-        ScoreConfig(
-            data=pool["train_data"],
-            run=cfg.run,
-            methods=cfg.methods,
-            workers=cfg.workers,
-            seed=cfg.seed,
-        )
-    )
+    score = run_scoring(replace(score_cfg, data=pool["train_data"]))
     timings["score"] = time.time() - t
 
     t = time.time()
-    manifest = write_manifest(
-        PruneConfig(run=cfg.run, keep=cfg.keep, method=cfg.method, shard_size=cfg.shard_size)
-    )
+    manifest = write_manifest(prune_cfg)
     timings["prune"] = time.time() - t
 
     defects = mismatch_kept(run, join(data, "truth.parquet"), cfg.methods, cfg.keep)

@@ -11,11 +11,13 @@ RUN/prune/NAME/                   one manifest per keep rule
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -32,6 +34,9 @@ def is_local(url: str) -> bool:
 
 def exists(url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(url)
+    # Object-store filesystems answer from cached listings; another process
+    # (a Ray worker) may have written the object since.
+    fs.invalidate_cache(path.rsplit("/", 1)[0] if "/" in path else path)
     return fs.exists(path)
 
 
@@ -40,26 +45,67 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Readers never see a half-written file.
+@contextlib.contextmanager
+def open_atomic(url: str) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``url`` whole, or not at all, when the block ends.
 
-    Local: temporary name then rename. Object stores have no rename, but an
-    object becomes visible only when its upload completes, so a direct write
-    is already all-or-nothing.
+    Local: written to a temporary name beside it, fsynced, renamed. Object
+    stores have no rename, but an object becomes visible only when its upload
+    completes, so the final name is written directly; on an exception the
+    upload is abandoned (s3fs ``discard``) instead of completed. Use this for
+    outputs too large to build in memory first.
     """
     fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    f = fs.open(path, "wb")
+    try:
+        yield f
+    except BaseException:
+        discard = getattr(f, "discard", None)
+        if callable(discard):
+            discard()
+            with contextlib.suppress(AttributeError):
+                f.closed = True  # s3fs leaves it "open"; its __del__ would upload
+        else:
+            f.close()
+        raise
     else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        f.close()
+    # A listing cached before the write would hide the new object.
+    fs.invalidate_cache(parent or path)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Readers never see a half-written file (see :func:`open_atomic`)."""
+    with open_atomic(url) as f:
+        f.write(data)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete a file or (``recursive``) a directory tree; missing is fine.
+
+    On object stores a "directory" is a prefix: every object under it goes,
+    and the cached listings are dropped so later ``exists`` calls are fresh.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+    fs.invalidate_cache(path)
 
 
 def read_bytes(url: str) -> bytes:

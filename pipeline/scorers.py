@@ -42,6 +42,7 @@ class Scorer(ABC):
     name: ClassVar[str]
     terms: ClassVar[frozenset[str]] = frozenset()  # needed at every checkpoint
     last_terms: ClassVar[frozenset[str]] = frozenset()  # needed at the last checkpoint only
+    first_terms: ClassVar[frozenset[str]] = frozenset()  # needed at the first checkpoint only
     description: ClassVar[str] = ""
 
     def columns(self, ctx: ScoreContext) -> list[str]:
@@ -75,6 +76,8 @@ def needed_terms(scorers: list[Scorer], ckpt: Checkpoint, ctx: ScoreContext) -> 
         need |= s.terms
         if ckpt == ctx.last:
             need |= s.last_terms
+        if ckpt == ctx.checkpoints[0]:
+            need |= s.first_terms
     return need
 
 
@@ -158,3 +161,75 @@ class Random(Scorer):
             for u in uids
         ]
         return {self.name: np.asarray(vals, dtype=np.float64)}
+
+
+@register
+class DiffInSelf(Scorer):
+    """Diff-In self-influence sum_t (F_t + I_t)(z, z) (the authors' Eq. 12 data-cleaning form).
+
+    Stored as computed (the estimated change of z's own loss if z were removed)
+    and, like every column, pruned from the bottom: the second-order term is
+    negative and dominates (|I| ~ 40 F on the demo pool), most of all for pairs
+    with high curvature along their own gradient (mismatched captions, junk).
+    docs/accuracy.md has the measurement behind this choice.
+    Scalable form and its approximations: pipeline/influence/selfinf.py.
+    """
+
+    name = "diffin_self"
+    terms = frozenset({"self_first", "self_hb", "self_hz"})
+    description = "Diff-In self-influence (F + I)(z, z), for data cleaning; lowest pruned first"
+
+    def columns(self, ctx: ScoreContext) -> list[str]:
+        cols = [self.name]
+        for c in ctx.checkpoints:
+            cols += [f"diffin_self_first_t{c.step}", f"diffin_self_second_t{c.step}"]
+        return cols
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        m, out, firsts, seconds = len(ctx.checkpoints), {}, [], []
+        for c in ctx.checkpoints:
+            t = terms[c.step]
+            f, s = diffin_components(t["self_first"], t["self_hb"], t["self_hz"], c, ctx.n_train, m)
+            out[f"diffin_self_first_t{c.step}"], out[f"diffin_self_second_t{c.step}"] = f, s
+            firsts.append(f)
+            seconds.append(s)
+        first_order = bool(ctx.options.get("first_order", True))
+        out[self.name] = assemble_diffin(firsts, seconds, first_order)
+        return out
+
+
+@register
+class TracInSelf(Scorer):
+    name = "tracin_self"
+    terms = frozenset({"self_first"})
+    description = "minus TracIn self-influence sum_t eta_t/(N m) ||g_z||^2"
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        m = len(ctx.checkpoints)
+        total = sum(
+            first_order_weight(c, ctx.n_train, m) * terms[c.step]["self_first"]
+            for c in ctx.checkpoints
+        )
+        return {self.name: -np.asarray(total)}
+
+
+@register
+class GraNd(Scorer):
+    name = "grand"
+    last_terms = frozenset({"self_first"})
+    description = (
+        "minus the per-sample gradient norm at the last checkpoint (large norm: prune first)"
+    )
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        return {self.name: -np.sqrt(terms[ctx.last.step]["self_first"])}
+
+
+@register
+class EL2N(Scorer):
+    name = "el2n"
+    first_terms = frozenset({"el2n"})
+    description = "minus the error-vector norm at the first checkpoint (early in training)"
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        return {self.name: -terms[ctx.checkpoints[0].step]["el2n"]}

@@ -24,7 +24,14 @@ from fsspec.registry import known_implementations
 
 from pipeline.errors import ConfigError
 
-__all__ = ["expand_pattern", "resolve_shards", "shard_name", "shard_names"]
+__all__ = [
+    "expand_pattern",
+    "expected_samples",
+    "resolve_shards",
+    "shard_name",
+    "shard_names",
+    "sidecars",
+]
 
 # A pattern like "{0..999999999}" would exhaust memory before anything else
 # could complain; no real pool has anywhere near this many shards.
@@ -353,3 +360,32 @@ def shard_names(urls: list[str]) -> list[str]:
     if len(set(names)) != len(names):  # pragma: no cover - needs a hash collision
         raise ConfigError("shard names collide even after disambiguation")
     return names
+
+
+def sidecars(url: str) -> dict[str, str]:
+    """The URLs img2dataset writes beside a shard: ``parquet`` and ``stats`` (``_stats.json``).
+
+    ``.../00012.tar`` -> ``.../00012.parquet`` and ``.../00012_stats.json``.
+    Whether they exist is not checked (they are optional metadata: the tar
+    alone defines the samples).
+    """
+    stem = url
+    for suffix in _SHARD_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return {"parquet": f"{stem}.parquet", "stats": f"{stem}_stats.json"}
+
+
+def expected_samples(url: str) -> int | None:
+    """Samples img2dataset says it wrote to a shard (``successes`` in ``_stats.json``), else None."""
+    import json
+
+    path = sidecars(url)["stats"]
+    try:
+        with fsspec.open(path, "rb") as f:
+            stats = json.loads(f.read())
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    value = stats.get("successes") if isinstance(stats, dict) else None
+    return value if isinstance(value, int) and value >= 0 else None

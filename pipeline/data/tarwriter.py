@@ -176,6 +176,12 @@ class ShardWriter:
                 discard = getattr(f, "discard", None)
                 if callable(discard) and not self._local:
                     discard()  # e.g. s3fs: abandon the multipart upload
+                    # s3fs' discard drops the buffer but leaves the file
+                    # "open", so its __del__ would try to upload and fail.
+                    try:
+                        f.closed = True
+                    except AttributeError:  # pragma: no cover - other backends
+                        pass
                 else:
                     f.close()
         finally:

@@ -16,8 +16,9 @@ from torch.func import jvp
 
 from pipeline.influence.directions import Directions
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
+from pipeline.model.loss import MAX_LOGIT_SCALE
 
-TERMS = ("loss", "first", "hb", "hz", "cosine")
+TERMS = ("loss", "first", "hb", "hz", "cosine", "el2n")
 
 
 def fast_terms(
@@ -52,7 +53,24 @@ def fast_terms(
             out["loss"], out["hb"] = jvp(f, (params,), (directions.w,))
         if "loss" in need and "loss" not in out:
             out["loss"] = f(params)
-        if "cosine" in need:
+        if need & {"cosine", "el2n"}:
             img, txt = fns.embed(params, images, tokens)
             out["cosine"] = (img * txt).sum(-1)
+            if "el2n" in need:
+                out["el2n"] = _el2n(fns, params, img, txt)
     return {k: v for k, v in out.items() if k in need}
+
+
+def _el2n(fns: ClipFunctions, params: Params, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """Error-vector L2 norm: || softmax(logits) - onehot(positive) ||, mean of both directions,
+    over the same candidates as the per-sample loss (the pair and the K references)."""
+    assert fns.ref_images is not None and fns.ref_tokens is not None
+    ref_img, ref_txt = fns.embed(params, fns.ref_images.to(img), fns.ref_tokens)
+    s = params["logit_scale"].clamp(0, MAX_LOGIT_SCALE).exp()
+    pos = s * (img * txt).sum(-1, keepdim=True)
+    norms = []
+    for negs in (s * img @ ref_txt.T, s * txt @ ref_img.T):
+        p = torch.cat([pos, negs], 1).softmax(1)
+        p[:, 0] -= 1
+        norms.append(p.norm(dim=1))
+    return 0.5 * (norms[0] + norms[1])

@@ -101,3 +101,30 @@ def finite_difference_terms(
         hb.append(dot(directions.g_V, h_b_gz))
         hz.append(dot(directions.g_V, h_z_gb))
     return {"first": torch.stack(first), "hb": torch.stack(hb), "hz": torch.stack(hz)}
+
+
+def exact_self_terms(
+    fns: ClipFunctions,
+    params: Params,
+    directions: Directions,
+    grad_batches: Sequence[Batch],
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Self-influence terms with nothing approximated: full g_z (through the references too),
+    self_first = ||g_z||^2, self_hb = g_z' H_B g_z, self_hz = g_z' H_z g_B (double backward)."""
+    first, hb, hz = [], [], []
+    for i in range(images.shape[0]):
+        fz = _sample_fn(fns, images, tokens, i)
+        g_z = per_sample_gradient(fns, params, images, tokens, i)
+        _, h_b_gz = batch_gradient_and_hvp(fns, params, grad_batches, g_z)
+        assert h_b_gz is not None
+        h_z_gb = _hvp(fz, params, directions.g_B)
+        first.append(dot(g_z, g_z))
+        hb.append(dot(g_z, h_b_gz))
+        hz.append(dot(g_z, h_z_gb))
+    return {
+        "self_first": torch.stack(first),
+        "self_hb": torch.stack(hb),
+        "self_hz": torch.stack(hz),
+    }

@@ -1,22 +1,60 @@
-"""Prune configuration: serialised into the manifest it produces."""
+"""Prune configuration: serialised into the manifest it produces.
+
+A keep rule has two parts:
+
+* the score each ok row is ranked by: one scorer's column (``method``), or a
+  weighted ``fusion`` of several scorers, each normalised first (``zscore``:
+  (x - mean) / std over the ok rows; ``rank``: the row's rank among the ok
+  rows scaled to [0, 1]);
+* the rule (``rule``):
+  - ``fraction``: the top ``keep`` fraction of the ok rows;
+  - ``threshold``: every ok row whose score is >= ``threshold``;
+  - ``balanced``: the top ``keep`` fraction within each group, the groups
+    being k-means clusters of the proxy model's image embeddings
+    (``balance_by="cluster"``, ``clusters`` = k) or the values of a column of
+    the score table (``balance_by=COLUMN``). ``balance="proportional"`` keeps
+    ``keep`` of every group; ``"equal"`` gives every group the same quota
+    (groups smaller than it are kept whole and the rest is shared out).
+
+Ties are broken by uid, so every rule is deterministic.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.errors import ConfigError
 
+RULES = ("fraction", "threshold", "balanced")
+NORMS = ("zscore", "rank")
+BALANCES = ("proportional", "equal")
+# Columns of the score table that are not scores.
+NON_SCORE_COLUMNS = ("uid", "key", "shard", "index", "status", "error", "caption")
+
 
 @dataclass
 class PruneConfig:
     run: str
-    keep: float  # fraction of the scorable (status == ok) rows to keep, in (0, 1]
+    keep: float = 1.0  # fraction of the scorable (status == ok) rows to keep, in (0, 1]
     method: str = "diffin"  # score column; higher = keep first
-    name: str | None = None  # manifest name; default "{method}-keep{keep}"
+    name: str | None = None  # manifest name; default "{method}-keep{keep}" (see manifest_name)
     shard_size: int = 1000  # samples per output tar
+    rule: str = "fraction"  # "fraction", "threshold" or "balanced"
+    threshold: float | None = None  # rule "threshold": keep ok rows with score >= this
+    balance_by: str | None = None  # rule "balanced": "cluster" or a column of the score table
+    balance: str = "proportional"  # rule "balanced": "proportional" or "equal" quotas
+    clusters: int = 8  # balance_by="cluster": k of k-means
+    cluster_seed: int = 0
+    fusion: dict[str, float] | None = None  # scorer column -> weight; replaces `method`
+    fusion_norm: str = "zscore"  # "zscore" or "rank"
 
     def validate(self) -> None:
+        if self.rule not in RULES:
+            raise ConfigError(f"rule: must be one of {', '.join(RULES)} (got {self.rule!r})")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int | float):
+            raise ConfigError(f"keep: must be a number in (0, 1] (got {self.keep!r})")
         if not 0 < self.keep <= 1:
             raise ConfigError(f"keep: must be in (0, 1] (got {self.keep!r})")
         if self.shard_size < 1:
@@ -25,10 +63,66 @@ class PruneConfig:
             not self.name or "/" in self.name or self.name.startswith(".")
         ):
             raise ConfigError(f"name: must be a plain directory name (got {self.name!r})")
+        if self.rule == "threshold":
+            if self.threshold is None or not math.isfinite(self.threshold):
+                raise ConfigError(
+                    f"threshold: rule 'threshold' needs a finite threshold (got {self.threshold!r})"
+                )
+        elif self.threshold is not None:
+            raise ConfigError(f"threshold: only used by rule 'threshold' (rule is {self.rule!r})")
+        if self.rule == "balanced":
+            if not self.balance_by:
+                raise ConfigError(
+                    "balance_by: rule 'balanced' needs 'cluster' or a column of the score table"
+                )
+            if self.balance not in BALANCES:
+                raise ConfigError(
+                    f"balance: must be one of {', '.join(BALANCES)} (got {self.balance!r})"
+                )
+            if self.balance_by == "cluster" and self.clusters < 1:
+                raise ConfigError(f"clusters: must be >= 1 (got {self.clusters!r})")
+        elif self.balance_by is not None:
+            raise ConfigError(f"balance_by: only used by rule 'balanced' (rule is {self.rule!r})")
+        if self.fusion is not None:
+            if not isinstance(self.fusion, dict) or not self.fusion:
+                raise ConfigError(
+                    f"fusion: must map scorer columns to weights (got {self.fusion!r})"
+                )
+            for col, w in self.fusion.items():
+                if col in NON_SCORE_COLUMNS:
+                    raise ConfigError(f"fusion: {col!r} is not a score column")
+                if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                    raise ConfigError(
+                        f"fusion: weight of {col!r} must be a finite number (got {w!r})"
+                    )
+            if all(w == 0 for w in self.fusion.values()):
+                raise ConfigError("fusion: at least one weight must be non-zero")
+            if self.fusion_norm not in NORMS:
+                raise ConfigError(
+                    f"fusion_norm: must be one of {', '.join(NORMS)} (got {self.fusion_norm!r})"
+                )
+
+    @property
+    def score_name(self) -> str:
+        """What rows are ranked by: the method, or "fusion" for a fused score."""
+        return "fusion" if self.fusion else self.method
 
     @property
     def manifest_name(self) -> str:
-        return self.name or f"{self.method}-keep{self.keep:g}"
+        if self.name:
+            return self.name
+        if self.rule == "fraction" and not self.fusion:
+            return f"{self.method}-keep{self.keep:g}"  # the original spelling
+        base = self.score_name
+        if self.fusion:
+            parts = "+".join(f"{c}{w:g}" for c, w in sorted(self.fusion.items()))
+            base = f"fusion-{self.fusion_norm}-{parts}"
+        if self.rule == "threshold":
+            return f"{base}-ge{self.threshold:g}"
+        if self.rule == "balanced":
+            by = f"cluster{self.clusters}" if self.balance_by == "cluster" else self.balance_by
+            return f"{base}-keep{self.keep:g}-{self.balance}-{by}"
+        return f"{base}-keep{self.keep:g}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

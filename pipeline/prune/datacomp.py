@@ -31,3 +31,16 @@ def save_uids(url: str, uids: Iterable[str]) -> int:
 
 def load_uids(url: str) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(url)), allow_pickle=False)
+
+
+def save_uid_halves(url: str, hi: list[np.ndarray], lo: list[np.ndarray]) -> int:
+    """Like :func:`save_uids`, from uids already split into their two 64-bit halves."""
+    arr = np.empty(sum(len(h) for h in hi), dtype=UID_DTYPE)
+    if len(arr):
+        arr["f0"] = np.concatenate(hi)
+        arr["f1"] = np.concatenate(lo)
+    arr = np.unique(arr)  # sorted by (f0, f1), duplicates dropped
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    write_bytes_atomic(url, buf.getvalue())
+    return len(arr)

@@ -21,8 +21,12 @@ class ScoreConfig:
     batch_size: int = 128
     first_order: bool = True  # diffin = sum of first- and second-order terms
     max_attempts: int = 3  # tries per shard before it is recorded as failed
-    seed: int = 0  # for the random scorer
+    seed: int = 0  # for the random scorer and the self-influence sketch
+    self_dim: int = 2048  # count-sketch dimension for diffin_self (pipeline/influence/selfinf.py)
+    memory_mb: int = 1024  # per-actor budget for per-sample gradients in flight (diffin_self)
     dtype: str = "float32"
+    prefetch_batches: int = 2  # decoded batches an actor reads ahead (0: no prefetch thread hint)
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
     def validate(self) -> None:
         from pipeline.scorers import get_scorers
@@ -34,6 +38,14 @@ class ScoreConfig:
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("target_max", self.target_max >= 1, "must be >= 1"),
             ("max_attempts", self.max_attempts >= 1, "must be >= 1"),
+            ("self_dim", self.self_dim >= 16, "must be >= 16"),
+            ("memory_mb", self.memory_mb >= 16, "must be >= 16"),
+            ("prefetch_batches", self.prefetch_batches >= 0, "must be >= 0"),
+            (
+                "gpus_per_worker",
+                self.gpus_per_worker is None or self.gpus_per_worker >= 0,
+                "must be >= 0",
+            ),
             ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
         ]
         for name, ok, why in checks:

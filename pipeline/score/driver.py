@@ -1,32 +1,51 @@
 """The Ray driver: a pool of scoring actors streams whole shards, then the parts are merged.
 
-Work unit = one input shard. Parts have deterministic names and are written
-atomically, so a rerun scores only the shards whose part is missing. An actor
-that dies is replaced and its shard retried elsewhere, up to ``max_attempts``;
-a shard that keeps failing is recorded as failed with its reason, and the run
-still finishes (its rows are then missing from the table, and the summary
-says so).
+Work unit = one input shard. Each actor loads the model, the checkpoints and
+the direction vectors once, and decodes the next shard in a background thread
+while it scores the current one.
+
+Exactly once: parts have deterministic names and are written atomically, then
+a completion record ``RUN/scores/done/NAME.json`` (rows, sha256, fingerprint)
+commits them; a part without its record is not trusted. A rerun with the same
+inputs scores only the shards without a valid record (resume after a killed
+driver). The merge checks every part against its record and refuses a table
+whose rows do not add up.
+
+Faults: an actor that dies (killed, its node lost) is replaced and its shard
+retried on another actor; a task that raises is retried too. After
+``max_attempts`` tries a shard is recorded as failed: its part is a single
+error row (key ``__shard__``, the reason in ``error``), so the run finishes and
+rows in = rows out still holds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import queue
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import ray
-from tqdm import tqdm
 
+from pipeline.data.reader import SHARD_KEY, iter_shard
+from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards, shard_names
 from pipeline.provenance import provenance
-from pipeline.rundir import RunDir, exists, read_json, write_json
+from pipeline.rundir import RunDir, exists, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import ensure_directions
-from pipeline.score.merge import merge_parts
+from pipeline.score.merge import merge_parts, read_record, write_part
+from pipeline.score.progress import Progress
+from pipeline.score.table import build_part
 from pipeline.score.trajectory import load_trajectory
-from pipeline.score.worker import ShardScorer
+from pipeline.scorers import ScoreContext, get_scorers
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +53,157 @@ log = logging.getLogger(__name__)
 # address keeps the embedded cluster's advertised address on loopback.
 LOCAL_NODE_IP = "127.0.0.2"
 
+_END = object()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass
+class _Stream:
+    """Decoded batches of one shard, produced by the prefetch thread."""
+
+    url: str
+    batches: queue.Queue
+    cancel: threading.Event
+
+
+class Prefetcher:
+    """One background thread that decodes shards, in request order, a few batches ahead.
+
+    At most ``depth`` decoded batches wait per shard, so memory stays bounded
+    whatever the shard size; the thread starts on the next shard as soon as
+    the current one is decoded, while its last batches are still being scored.
+    """
+
+    def __init__(self, batch_size: int, depth: int = 2) -> None:
+        self.batch_size = batch_size
+        self.depth = max(1, depth)
+        self.jobs: queue.Queue[_Stream] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="diffin-prefetch", daemon=True)
+        self.thread.start()
+
+    def request(self, url: str) -> _Stream:
+        stream = _Stream(url, queue.Queue(maxsize=self.depth), threading.Event())
+        self.jobs.put(stream)
+        return stream
+
+    def _put(self, stream: _Stream, item: Any) -> None:
+        while True:
+            if stream.cancel.is_set():
+                raise _Cancelled
+            try:
+                stream.batches.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        while True:
+            stream = self.jobs.get()
+            try:
+                batch: list[Sample] = []
+                for sample in iter_shard(stream.url):
+                    batch.append(sample)
+                    if len(batch) == self.batch_size:
+                        self._put(stream, batch)
+                        batch = []
+                if batch:
+                    self._put(stream, batch)
+                self._put(stream, _END)
+            except _Cancelled:
+                continue
+            except BaseException as exc:  # handed to the consumer, which raises it
+                try:
+                    self._put(stream, exc)
+                except _Cancelled:
+                    continue
+
+    @staticmethod
+    def batches(stream: _Stream) -> Iterator[list[Sample]]:
+        while True:
+            item = stream.batches.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
 
 class ScoreActor:
-    """Holds one ShardScorer: model, checkpoints and directions loaded once."""
+    """Holds one ShardScorer (model, checkpoints, directions loaded once) and a prefetch thread."""
 
-    def __init__(self, run_url: str, cfg: ScoreConfig) -> None:
+    def __init__(self, run_url: str, cfg: ScoreConfig, fingerprint: str) -> None:
+        from pipeline.score.worker import ShardScorer
+
         self.scorer = ShardScorer(run_url, cfg)
+        self.run = RunDir(run_url)
+        self.fingerprint = fingerprint
+        self.prefetcher = Prefetcher(cfg.batch_size, cfg.prefetch_batches)
+        self.pending: _Stream | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, url: str, name: str) -> dict[str, Any]:
-        return self.scorer.score_shard(url, name)
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+
+    def score(self, url: str, name: str, next_url: str | None = None) -> dict[str, Any]:
+        """Score one shard, write its part and completion record; start decoding ``next_url``."""
+        t0 = time.time()
+        stream = self.pending if self.pending is not None and self.pending.url == url else None
+        if self.pending is not None and stream is None:
+            self.pending.cancel.set()
+        self.pending = None
+        prefetched = stream is not None
+        if stream is None:
+            stream = self.prefetcher.request(url)
+        if next_url is not None:
+            self.pending = self.prefetcher.request(next_url)
+        samples: list[Sample] = []
+        chunks = []
+        try:
+            for batch in Prefetcher.batches(stream):
+                chunks.append(self.scorer.score_samples(batch))
+                for s in batch:  # keep rows, not decoded pixels
+                    s.image = None
+                samples.extend(batch)
+        finally:
+            stream.cancel.set()
+        import numpy as np
+
+        columns = self.scorer.columns
+        scores = {
+            c: np.concatenate([ch[c] for ch in chunks]) if chunks else np.zeros(0) for c in columns
+        }
+        table = build_part(samples, scores, columns)
+        errors = sum(not s.ok for s in samples)
+        record = write_part(
+            table,
+            self.run.part(name),
+            {
+                "status": "ok",
+                "shard": url,
+                "name": name,
+                "ok": len(samples) - errors,
+                "errors": errors,
+                "fingerprint": self.fingerprint,
+                "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address(),
+                "prefetched": prefetched,
+                "seconds": round(time.time() - t0, 3),
+            },
+        )
+        return record
 
 
 def start_ray(cfg: ScoreConfig) -> bool:
-    """Connect to ``cfg.address`` or start an embedded Ray; returns True if we started it."""
+    """Connect to ``cfg.address`` (or the job's cluster) or start an embedded Ray; True if we started it."""
     if ray.is_initialized():
         return False
-    if cfg.address:
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit`, RAY_ADDRESS names the cluster.
         ray.init(address=cfg.address, log_to_driver=True)
         return False
     ray.init(
@@ -67,7 +218,7 @@ def start_ray(cfg: ScoreConfig) -> bool:
 
 def _fingerprint(cfg: ScoreConfig, traj_record: dict, target: dict) -> dict[str, Any]:
     """What the parts depend on: a rerun with different inputs must not reuse them."""
-    return {
+    fp: dict[str, Any] = {
         "methods": cfg.methods,
         "first_order": cfg.first_order,
         "seed": cfg.seed,
@@ -75,10 +226,202 @@ def _fingerprint(cfg: ScoreConfig, traj_record: dict, target: dict) -> dict[str,
         "checkpoints": [c["sha256"] for c in traj_record["checkpoints"]],
         "target": target["target_fingerprint"],
     }
+    if any("self" in m for m in cfg.methods) and hasattr(cfg, "self_dim"):
+        fp["self_dim"] = cfg.self_dim  # the sketch behind diffin_self
+    return fp
 
 
-def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every shard of ``cfg.data`` into RUN/scores.parquet; returns the run summary."""
+def fingerprint_hash(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_done(run: RunDir, name: str, fp_hash: str) -> dict[str, Any] | None:
+    """The completion record of a shard scored for this fingerprint, else None."""
+    part = run.part(name)
+    rec = read_record(part)
+    if rec is None or rec.get("status") != "ok" or rec.get("fingerprint") != fp_hash:
+        return None
+    return rec if exists(part) else None
+
+
+def failed_part(
+    run: RunDir, url: str, name: str, reason: str, columns: list[str], fp_hash: str, tries: int
+) -> dict[str, Any]:
+    """Record a shard that could not be scored: one ``__shard__`` error row, then its record."""
+    row = Sample(
+        uid=hashlib.md5(f"{url}\0{SHARD_KEY}".encode("utf-8", "surrogateescape")).hexdigest(),
+        key=SHARD_KEY,
+        shard=url,
+        index=0,
+        error=f"shard failed after {tries} attempt(s): {reason}",
+    )
+    table = build_part([row], {}, columns)
+    return write_part(
+        table,
+        run.part(name),
+        {
+            "status": "failed",
+            "shard": url,
+            "name": name,
+            "ok": 0,
+            "errors": 1,
+            "reason": reason,
+            "attempts": tries,
+            "fingerprint": fp_hash,
+        },
+    )
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    ready: bool = False
+    job: tuple[str, str] | None = None  # the shard it is scoring
+    reserved: tuple[str, str] | None = None  # the shard it is prefetching (its next job)
+    info: dict[str, Any] | None = None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = next((t for t in text if t.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def schedule(
+    todo: list[tuple[str, str]],
+    make_actor,
+    workers: int,
+    max_attempts: int,
+    on_done,
+    on_failed,
+    progress: Progress,
+    prefetch: bool = True,
+    max_actor_starts: int | None = None,
+) -> dict[str, Any]:
+    """Stream ``todo`` (url, name) through a pool of ``workers`` actors; returns retry counts.
+
+    ``make_actor()`` returns a fresh actor handle with ``ready()`` and
+    ``score(url, name, next_url)``. ``on_done(url, name, record)`` and
+    ``on_failed(url, name, reason, tries)`` are called as shards finish.
+    """
+    queue_: deque[tuple[str, str]] = deque(todo)
+    attempts: dict[str, int] = {}
+    refs: dict[Any, tuple[str, _Slot]] = {}
+    slots: list[_Slot] = []
+    starts = 0
+    start_failures = 0
+    max_starts = max_actor_starts or workers * (max_attempts + 2) + len(todo)
+    stats = {"retries": 0, "actors_replaced": 0, "actor_start_failures": 0, "actors": []}
+
+    def start() -> None:
+        nonlocal starts
+        if starts >= max_starts:
+            raise RuntimeError(f"gave up after starting {starts} scoring actors")
+        starts += 1
+        slot = _Slot(make_actor())
+        slots.append(slot)
+        refs[slot.actor.ready.remote()] = ("ready", slot)
+
+    def retire(slot: _Slot) -> None:
+        slots.remove(slot)
+        for ref in [r for r, (_, s) in refs.items() if s is slot]:
+            del refs[ref]
+        if slot.reserved is not None:
+            queue_.appendleft(slot.reserved)
+            slot.reserved = None
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+
+    for _ in range(min(workers, max(1, len(queue_)))):
+        start()
+    try:
+        while queue_ or any(s.job or s.reserved for s in slots):
+            for slot in slots:
+                if not slot.ready or slot.job is not None:
+                    continue
+                job = slot.reserved
+                slot.reserved = None
+                if job is None:
+                    if not queue_:
+                        continue
+                    job = queue_.popleft()
+                if prefetch and queue_:
+                    slot.reserved = queue_.popleft()
+                url, name = job
+                attempts[name] = attempts.get(name, 0) + 1
+                slot.job = job
+                nxt = slot.reserved[0] if slot.reserved else None
+                refs[slot.actor.score.remote(url, name, nxt)] = ("score", slot)
+            if not refs:  # pragma: no cover - every slot holds a ready or score ref
+                raise RuntimeError("no scoring actor left")
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+            progress.tick()
+            for ref in ready:
+                if ref not in refs:
+                    continue
+                kind, slot = refs.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    reason = _reason(exc)
+                    actor_died = isinstance(exc, ray.exceptions.RayActorError) or kind == "ready"
+                    if kind == "ready":
+                        start_failures += 1
+                        stats["actor_start_failures"] += 1
+                        log.warning("scoring actor failed to start: %s", reason)
+                        retire(slot)
+                        start()
+                        continue
+                    url, name = slot.job
+                    slot.job = None
+                    log.warning(
+                        "shard %s failed (attempt %d/%d): %s",
+                        name,
+                        attempts[name],
+                        max_attempts,
+                        reason,
+                    )
+                    if actor_died:
+                        stats["actors_replaced"] += 1
+                        retire(slot)
+                        start()
+                    if attempts[name] < max_attempts:
+                        stats["retries"] += 1
+                        progress.retry(actor_died)
+                        # Actor death: retry at once (on the next free actor). A task
+                        # error: behind the queue, so another actor likely takes it.
+                        if actor_died:
+                            queue_.appendleft((url, name))
+                        else:
+                            queue_.append((url, name))
+                    else:
+                        on_failed(url, name, reason, attempts[name])
+                    continue
+                if kind == "ready":
+                    slot.ready = True
+                    slot.info = value
+                    stats["actors"].append(value)
+                    continue
+                url, name = slot.job
+                slot.job = None
+                on_done(url, name, value)
+    finally:
+        for slot in list(slots):
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:
+                pass
+    stats["attempts"] = sum(attempts.values())
+    return stats
+
+
+def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, Any]:
+    """Score every shard of ``cfg.data`` into RUN/scores.parquet; returns the run summary.
+
+    ``actor_cls`` replaces :class:`ScoreActor` (tests inject faults with it).
+    """
     cfg.validate()
     t0 = time.time()
     shards = resolve_shards(cfg.data)
@@ -88,65 +431,84 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     target = ensure_directions(cfg, run, traj)
 
     fp = _fingerprint(cfg, traj.record, target)
-    fp_url = run.path("scores", "fingerprint.json")
-    reuse = exists(fp_url) and read_json(fp_url) == fp
-    todo = deque(
-        (u, n) for u, n in zip(shards, names, strict=True) if not (reuse and exists(run.part(n)))
-    )
-    resumed = len(shards) - len(todo)
-    write_json(fp_url, fp)
+    fp_hash = fingerprint_hash(fp)
+    write_json(run.path("scores", "fingerprint.json"), {**fp, "hash": fp_hash})
+    ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, {"first_order": cfg.first_order})
+    columns = [c for s in get_scorers(cfg.methods) for c in s.columns(ctx)]
 
-    started = start_ray(cfg)
-    actor_cls = ray.remote(num_cpus=cfg.threads, max_restarts=0)(ScoreActor)
-    results: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[str, str]] = []
+    resumed_rows = 0
+    for url, name in zip(shards, names, strict=True):
+        rec = is_done(run, name, fp_hash)
+        if rec is None:
+            todo.append((url, name))
+        else:
+            resumed_rows += rec["rows"]
+    resumed = len(shards) - len(todo)
+    if resumed:
+        log.info("resuming: %d of %d shards already scored", resumed, len(shards))
+
+    progress = Progress(
+        len(shards), resumed, resumed_rows, json_url=run.path("scores", "progress.json")
+    )
+    scored: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
-    attempts: dict[str, int] = {}
-    retries = 0
-    try:
-        actors = [
-            actor_cls.remote(cfg.run, cfg) for _ in range(min(cfg.workers, max(1, len(todo))))
-        ]
-        idle = deque(actors)
-        running: dict[ray.ObjectRef, tuple[Any, str, str]] = {}
-        bar = tqdm(total=len(shards), initial=resumed, desc="score", unit="shard")
-        samples = 0
-        while todo or running:
-            while todo and idle:
-                url, name = todo.popleft()
-                actor = idle.popleft()
-                attempts[name] = attempts.get(name, 0) + 1
-                running[actor.score.remote(url, name)] = (actor, url, name)
-            done, _ = ray.wait(list(running), num_returns=1)
-            actor, url, name = running.pop(done[0])
-            try:
-                res = ray.get(done[0])
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                log.warning("shard %s failed (attempt %d): %s", name, attempts[name], reason)
-                if isinstance(exc, ray.exceptions.RayActorError):
-                    ray.kill(actor, no_restart=True)
-                    actor = actor_cls.remote(cfg.run, cfg)
-                if attempts[name] < cfg.max_attempts:
-                    retries += 1
-                    todo.append((url, name))
-                else:
-                    failed[name] = reason
-                    bar.update(1)
-                idle.append(actor)
-                continue
-            idle.append(actor)
-            results[name] = res
-            samples += res["rows"]
-            bar.update(1)
-            elapsed = max(time.time() - t0, 1e-9)
-            bar.set_postfix(samples=samples, rate=f"{samples / elapsed:.0f}/s")
-        bar.close()
-    finally:
-        if started:
-            ray.shutdown()
+
+    steady = {"first": None, "last": None, "rows": 0}
+
+    def on_done(url: str, name: str, record: dict[str, Any]) -> None:
+        scored[name] = record
+        now = time.monotonic()
+        if steady["first"] is None:
+            steady["first"] = now
+        else:
+            steady["rows"] += record["rows"]
+        steady["last"] = now
+        progress.shard_done(record["rows"], record.get("errors", 0))
+
+    def on_failed(url: str, name: str, reason: str, tries: int) -> None:
+        log.error("shard %s recorded as failed after %d attempts: %s", name, tries, reason)
+        failed_part(run, url, name, reason, columns, fp_hash, tries)
+        failed[name] = reason
+        progress.shard_failed()
+
+    stats: dict[str, Any] = {"retries": 0, "actors_replaced": 0, "actors": []}
+    if todo:
+        started = start_ray(cfg)
+        try:
+            gpus = cfg.gpus_per_worker
+            if gpus is None:
+                gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            options: dict[str, Any] = {
+                "num_cpus": cfg.threads,
+                "max_restarts": 0,
+                "max_task_retries": 0,
+                "scheduling_strategy": "SPREAD",
+            }
+            if gpus:
+                options["num_gpus"] = gpus
+            remote_cls = ray.remote(**options)(actor_cls or ScoreActor)
+
+            def make_actor():
+                return remote_cls.remote(cfg.run, cfg, fp_hash)
+
+            stats = schedule(
+                todo,
+                make_actor,
+                cfg.workers,
+                cfg.max_attempts,
+                on_done,
+                on_failed,
+                progress,
+                prefetch=cfg.prefetch_batches > 0,
+            )
+        finally:
+            if started:
+                ray.shutdown()
+    snap = progress.close()
 
     merged = merge_parts(
-        [run.part(n) for n in names if n not in failed],
+        [run.part(n) for n in names],
         run.scores,
         metadata={
             "score": cfg.to_dict(),
@@ -156,17 +518,29 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             "model": traj.model,
             **provenance(),
         },
+        require_records=True,
+        fingerprint=fp_hash,
     )
+    elapsed = time.time() - t0
+    rows_now = sum(r["rows"] for r in scored.values())
     summary = {
         "shards": len(shards),
-        "shards_scored_now": len(results),
+        "shards_scored_now": len(scored),
         "shards_resumed": resumed,
         "shards_failed": failed,
-        "retries": retries,
+        "retries": stats["retries"],
+        "actors_replaced": stats["actors_replaced"],
+        "actors": stats["actors"],
         **merged,
-        "seconds": round(time.time() - t0, 2),
-        "samples_per_second": round(
-            sum(r["rows"] for r in results.values()) / max(time.time() - t0, 1e-9), 2
+        "seconds": round(elapsed, 2),
+        "scoring_seconds": snap["elapsed_s"],
+        "samples_scored_now": rows_now,
+        "samples_per_second": round(rows_now / max(snap["elapsed_s"], 1e-9), 2),
+        # After the first shard is back: actor start-up (model loading) excluded.
+        "steady_samples_per_second": (
+            round(steady["rows"] / (steady["last"] - steady["first"]), 2)
+            if steady["first"] is not None and steady["last"] > steady["first"]
+            else None
         ),
         "target": target,
     }

@@ -1,66 +1,218 @@
-"""Merge per-shard parts into RUN/scores.parquet, streaming, refusing tables that do not add up."""
+"""Merge per-shard parts into RUN/scores.parquet, streaming, refusing tables that do not add up.
+
+Exactly once, from the reader's side:
+
+* a part is trusted only with its completion record (``RUN/scores/done/NAME.json``,
+  written after the part): the part's sha256 and row count must match it;
+* within a part the rows of its shard are positions ``0..rows-1``, each once;
+  an exact repeat of a row (same shard, position and uid) is dropped and
+  counted, a conflicting one is an error;
+* no shard appears in two parts;
+* rows in (the completion records) = rows out (the table), or nothing is
+  published.
+
+Memory holds one part at a time plus 8 bytes per row (a uid hash, to count
+duplicate uids); the table is streamed to a temporary file and only then
+published (renamed into place locally, uploaded in one piece elsewhere).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import fsspec
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.rundir import write_bytes_atomic
-from pipeline.score.table import read_table
+from pipeline.rundir import exists, read_bytes, read_json, write_bytes_atomic, write_json
 
 
 class MergeError(RuntimeError):
     pass
 
 
-def merge_parts(parts: Sequence[str], out_url: str, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Concatenate parts in shard order (one part per shard: exactly once by construction).
+def done_url(part_url: str) -> str:
+    """RUN/scores/parts/NAME.parquet -> RUN/scores/done/NAME.json (the part's completion record)."""
+    parent, _, fname = part_url.rpartition("/")
+    base = parent.rpartition("/")[0]
+    name = fname[: -len(".parquet")] if fname.endswith(".parquet") else fname
+    return f"{base}/done/{name}.json"
 
-    Memory holds one part at a time plus the output buffer; the counts are
-    checked before the table is published.
-    """
-    import json
 
-    rows = ok = errors = 0
-    seen: set[tuple[str, int]] = set()
-    uids: set[str] = set()
-    dup_uids = 0
+def write_part(table: pa.Table, part_url: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Write a part atomically, then its completion record (the commit marker); returns the record."""
     buf = io.BytesIO()
-    writer = None
-    for url in parts:
-        table = read_table(url)
-        for shard, index in zip(
-            table.column("shard").to_pylist(), table.column("index").to_pylist(), strict=True
-        ):
-            if (shard, index) in seen:
-                raise MergeError(f"row {shard}#{index} appears twice (part {url})")
-            seen.add((shard, index))
-        for u in table.column("uid").to_pylist():
-            dup_uids += u in uids
-            uids.add(u)
-        status = table.column("status").to_pylist()
-        rows += len(status)
-        ok += status.count("ok")
-        errors += status.count("error")
-        if writer is None:
-            schema = table.schema.with_metadata(
-                {b"diffin": json.dumps(metadata, default=str).encode()}
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    record = {**record, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
+    write_bytes_atomic(part_url, data)
+    write_json(done_url(part_url), record)
+    return record
+
+
+def read_record(part_url: str) -> dict[str, Any] | None:
+    """The completion record of a part, or None when there is none (or it is unreadable)."""
+    url = done_url(part_url)
+    try:
+        if not exists(url):
+            return None
+        rec = read_json(url)
+    except Exception:  # a torn or foreign file is the same as no record
+        return None
+    return rec if isinstance(rec, dict) and "rows" in rec and "sha256" in rec else None
+
+
+def _check_part(url: str, data: bytes, table: pa.Table, rec: dict[str, Any] | None) -> int:
+    """Validate one part; returns how many exact duplicate rows it holds (to drop)."""
+    if rec is not None:
+        sha = hashlib.sha256(data).hexdigest()
+        if sha != rec["sha256"]:
+            raise MergeError(
+                f"part {url}: sha256 {sha[:12]} != completion record {rec['sha256'][:12]}"
             )
-            writer = pq.ParquetWriter(buf, schema)
-        writer.write_table(table.cast(writer.schema))
-    if writer is None:
-        raise MergeError("no parts to merge")
-    writer.close()
-    if ok + errors != rows or len(seen) != rows:
-        raise MergeError(f"rows do not add up: {rows} rows, {ok} ok, {errors} errors")
-    write_bytes_atomic(out_url, buf.getvalue())
+        if table.num_rows != rec["rows"]:
+            raise MergeError(
+                f"part {url}: {table.num_rows} rows != completion record {rec['rows']}"
+            )
+    return 0
+
+
+def merge_parts(
+    parts: Sequence[str],
+    out_url: str,
+    metadata: dict[str, Any],
+    *,
+    require_records: bool = False,
+    fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """Concatenate parts (one per shard, in shard order) into ``out_url``; returns the counts.
+
+    With ``require_records`` every part needs a completion record (and, with
+    ``fingerprint``, one written for that fingerprint); without it, records
+    are checked where present.
+    """
+    rows_in = rows_out = ok = errors = dropped = 0
+    shards_seen: set[str] = set()
+    uid_hashes: list[np.ndarray] = []
+    tmp_dir = tempfile.mkdtemp(prefix="diffin-merge-")
+    tmp = os.path.join(tmp_dir, "scores.parquet")
+    writer: pq.ParquetWriter | None = None
+    try:
+        for url in parts:
+            rec = read_record(url)
+            if rec is None and require_records:
+                raise MergeError(f"part {url} has no completion record: not trusted")
+            if (
+                rec is not None
+                and fingerprint is not None
+                and rec.get("fingerprint") != fingerprint
+            ):
+                raise MergeError(f"part {url} was written for another configuration")
+            data = read_bytes(url)
+            table = pq.read_table(io.BytesIO(data))
+            _check_part(url, data, table, rec)
+            rows_in += rec["rows"] if rec is not None else table.num_rows
+            table, n_dropped = _dedupe(url, table, shards_seen)
+            dropped += n_dropped
+            status = table.column("status").to_numpy(zero_copy_only=False)
+            rows_out += table.num_rows
+            ok += int((status == "ok").sum())
+            errors += int((status == "error").sum())
+            uid_hashes.append(_uid_hash(table.column("uid").to_pylist()))
+            if writer is None:
+                schema = table.schema.with_metadata(
+                    {b"diffin": json.dumps(metadata, default=str).encode()}
+                )
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_table(table.cast(writer.schema))
+            del table, data
+        if writer is None:
+            raise MergeError("no parts to merge")
+        writer.close()
+        writer = None
+        if ok + errors != rows_out:
+            raise MergeError(f"rows do not add up: {rows_out} rows, {ok} ok, {errors} errors")
+        if rows_out + dropped != rows_in:
+            raise MergeError(
+                f"rows do not add up: {rows_in} rows in, {rows_out} out, {dropped} duplicates dropped"
+            )
+        _publish(tmp, out_url)
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        os.rmdir(tmp_dir)
+    hashes = np.sort(np.concatenate(uid_hashes)) if uid_hashes else np.zeros(0, np.uint64)
+    dup_uids = int((hashes[1:] == hashes[:-1]).sum()) if len(hashes) else 0
     return {
-        "rows": rows,
+        "rows": rows_out,
+        "rows_in": rows_in,
         "rows_ok": ok,
         "rows_error": errors,
+        "duplicate_rows_dropped": dropped,
         "duplicate_uids": dup_uids,
         "table": out_url,
     }
+
+
+def _dedupe(url: str, table: pa.Table, shards_seen: set[str]) -> tuple[pa.Table, int]:
+    """Check a part covers positions 0..n-1 of one shard each once; drop exact repeats."""
+    if table.num_rows == 0:
+        return table, 0
+    shards = set(table.column("shard").to_pylist())
+    again = shards & shards_seen
+    if again:
+        raise MergeError(f"part {url}: shard {sorted(again)[0]} already merged from another part")
+    shards_seen |= shards
+    shard = table.column("shard").to_pylist()
+    index = table.column("index").to_pylist()
+    uid = table.column("uid").to_pylist()
+    first: dict[tuple[str, int], str] = {}
+    keep = np.ones(table.num_rows, dtype=bool)
+    for i, (s, j, u) in enumerate(zip(shard, index, uid, strict=True)):
+        prev = first.get((s, j))
+        if prev is None:
+            first[(s, j)] = u
+        elif prev == u:
+            keep[i] = False
+        else:
+            raise MergeError(f"part {url}: row {s}#{j} appears twice with different uids")
+    for s in shards:
+        idx = sorted(j for (t, j) in first if t == s)
+        if idx != list(range(len(idx))):
+            raise MergeError(f"part {url}: rows of {s} are not positions 0..{len(idx) - 1}")
+    n_dropped = int((~keep).sum())
+    if n_dropped:
+        table = table.filter(pa.array(keep))
+    return table, n_dropped
+
+
+def _uid_hash(uids: list[str]) -> np.ndarray:
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little")
+            for u in uids
+        ],
+        dtype=np.uint64,
+    )
+
+
+def _publish(tmp: str, out_url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(out_url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        staged = f"{path}.tmp-{os.getpid()}"
+        fs.put_file(tmp, staged)
+        os.replace(staged, path)
+    else:  # an object becomes visible only when its upload completes
+        fs.put_file(tmp, path)

@@ -46,7 +46,13 @@ def build_part(
     for c in score_columns:
         full = np.full(len(samples), np.nan)
         if ok_mask.any():
-            full[ok_mask] = scores[c]
+            values = np.asarray(scores[c], dtype=np.float64)
+            if values.shape != (int(ok_mask.sum()),):
+                # numpy would broadcast a length-1 array over every ok row
+                raise ValueError(
+                    f"score column {c!r}: {values.shape} values for {int(ok_mask.sum())} ok rows"
+                )
+            full[ok_mask] = values
         cols[c] = pa.array(full, mask=~ok_mask)
     return pa.table(cols, schema=schema(score_columns))
 

@@ -6,6 +6,7 @@ model, the checkpoints and the direction vectors are loaded once per worker.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from pipeline.data.sample import Sample
 from pipeline.influence.directions import load_directions
 from pipeline.influence.fast import fast_terms
 from pipeline.influence.functional import ClipFunctions
+from pipeline.influence.selfinf import SELF_TERMS, SelfConfig, SelfInfluenceEngine
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir
@@ -26,6 +28,9 @@ from pipeline.score.directions import DTYPES, load_set
 from pipeline.score.table import build_part, write_table
 from pipeline.score.trajectory import load_state_dict, load_trajectory
 from pipeline.scorers import ScoreContext, Terms, get_scorers, needed_terms
+from pipeline.tensors import load_tensors
+
+log = logging.getLogger(__name__)
 
 
 def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
@@ -63,10 +68,34 @@ class ShardScorer:
             state = load_state_dict(self.run, self.traj, c.step)
             self.params[c.step] = {k: state[k].to(self.dtype) for k in names}
             self.need[c.step] = need
-            if need & {"first", "hb", "hz"}:
+            if need & ({"first", "hb", "hz"} | SELF_TERMS):
                 self.directions[c.step] = load_directions(self.run.directions(c.step)).ordered(
                     names
                 )
+        self.self_engines: dict[int, SelfInfluenceEngine] = {}
+        if any(need & SELF_TERMS for need in self.need.values()):
+            gb, _ = load_tensors(self.run.set_file("grad_batches"))
+            grad_images = gb["images"].flatten(0, 1).to(self.dtype)
+            grad_tokens = gb["tokens"].flatten(0, 1)
+            self_cfg = SelfConfig(dim=cfg.self_dim, memory_mb=cfg.memory_mb)
+            for step, need in self.need.items():
+                if need & SELF_TERMS:
+                    self.self_engines[step] = SelfInfluenceEngine(
+                        self.fns,
+                        self.params[step],
+                        self.directions[step].g_B,
+                        grad_images,
+                        grad_tokens,
+                        self_cfg,
+                    )
+            plan = next(iter(self.self_engines.values())).config
+            log.info(
+                "self-influence: chunk %d samples, sketch dim %d, %d parameters (%.1f MB per sample)",
+                plan["chunk"],
+                plan["dim"],
+                plan["params"],
+                plan["mb_per_sample"],
+            )
         self.columns = [col for s in self.scorers for col in s.columns(self.ctx)]
 
     def score_samples(self, samples: list[Sample]) -> dict[str, np.ndarray]:
@@ -79,8 +108,15 @@ class ShardScorer:
         terms: Terms = {}
         for step, need in self.need.items():
             t = fast_terms(
-                self.fns, self.params[step], self.directions.get(step), images, tokens, need
+                self.fns,
+                self.params[step],
+                self.directions.get(step),
+                images,
+                tokens,
+                need - SELF_TERMS,
             )
+            if need & SELF_TERMS:
+                t.update(self.self_engines[step].terms(images, tokens))
             terms[step] = {k: v.double().numpy() for k, v in t.items()}
         uids = [s.uid for s in ok]
         out: dict[str, np.ndarray] = {}

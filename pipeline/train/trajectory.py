@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards
+from pipeline.errors import ConfigError
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.provenance import provenance
@@ -43,7 +44,10 @@ class Pool:
 
 def load_pool(cfg: TrainConfig) -> Pool:
     """Read the pool's decodable pairs and split off the held-out target set, seeded."""
-    shards = resolve_shards(cfg.data)
+    try:
+        shards = resolve_shards(cfg.data)
+    except ConfigError as exc:
+        raise ConfigError(f"data: {exc}") from exc
     ok: list[Sample] = []
     read = errors = 0
     for url in tqdm(shards, desc="read pool", unit="shard", leave=False):
@@ -58,7 +62,7 @@ def load_pool(cfg: TrainConfig) -> Pool:
         ok = rng.sample(ok, cfg.max_samples)
     need = cfg.target_size + cfg.batch_size
     if len(ok) < need:
-        raise ValueError(
+        raise ConfigError(
             f"data: {len(ok)} decodable pairs; need at least target_size + batch_size = {need}"
         )
     order = list(range(len(ok)))

@@ -1,0 +1,1 @@
+"""Benchmarks of diffin: ground truth (loo), noise detection (noise_auroc), throughput."""

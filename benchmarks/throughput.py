@@ -1,0 +1,236 @@
+"""Throughput of every scorer's per-sample work, in forward-pass equivalents (METHOD.md 8).
+
+    python -m benchmarks.throughput --out docs/figures/throughput.json --figures docs/figures
+
+One process, one model ("diffin-small" by default), one batch (128 pairs of a
+generated pool), one set of direction vectors. Timed, per sample and per
+checkpoint (median of --repeats):
+
+- forward:   a plain forward pass of the batch (embeddings only): the unit;
+- loss:      the per-sample loss vector (batch + K reference negatives embedded together);
+- tracin:    fast_terms(need={"first"}): one JVP;
+- diffin:    fast_terms(need={"first","hb","hz"}): nested JVP + JVP;
+- diffin_cd: the same terms with hz by a central difference of JVPs
+             (2 JVPs at theta +- h g_B) instead of the nested JVP;
+- reference forms, per sample on --ref-samples samples: the authors'
+  finite-difference form and the exact double-backward form.
+
+The loss, tracin and diffin rows are measured twice: with the K=255
+reference negatives embedded in the same forward pass (what the engine does
+today; reported), and with K=1 (an estimate of the cost if the reference
+embeddings and their tangents were computed once per checkpoint and reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.common import environment, md_table, one_thread, pyplot, write_json
+
+
+def _timeit(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _data(n: int, seed: int):
+    import tempfile
+
+    from pipeline.data.reader import iter_shard
+    from pipeline.data.shards import resolve_shards
+    from pipeline.data.synth import SynthConfig, make_pool
+
+    with tempfile.TemporaryDirectory(prefix="diffin-tp-") as d:
+        s = make_pool(d, SynthConfig(samples=n, shard_size=n, eval_samples=0, seed=seed))
+        return [x for u in resolve_shards(s["train_data"]) for x in iter_shard(u) if x.ok]
+
+
+def cd_terms(fns, params, d, images, tokens, h: float):
+    """first and hz by a central difference of JVPs along g_B (fallback to the nested JVP)."""
+    import torch
+    from torch.func import jvp
+
+    from pipeline.influence.functional import derivative_mode
+    from pipeline.influence.vectors import axpy, norm
+
+    def f(p):
+        return fns.sample_losses(p, images, tokens)
+
+    s = h / float(norm(d.g_B))
+    with torch.no_grad(), derivative_mode():
+        _, jp = jvp(f, (axpy(s, d.g_B, params),), (d.g_V,))
+        _, jm = jvp(f, (axpy(-s, d.g_B, params),), (d.g_V,))
+        loss, hb = jvp(f, (params,), (d.w,))
+    return {"first": 0.5 * (jp + jm), "hz": (jp - jm) / (2 * s), "hb": hb, "loss": loss}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__)
+    p.add_argument("--model", default="diffin-small")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--references", type=int, default=255)
+    p.add_argument("--grad-batches", type=int, default=4)
+    p.add_argument("--grad-batch-size", type=int, default=64)
+    p.add_argument("--ref-samples", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cd-h", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/figures/throughput.json")
+    p.add_argument("--figures", default="docs/figures")
+    a = p.parse_args(argv)
+    one_thread(a.threads)
+    import torch
+
+    from pipeline.influence.directions import compute_directions
+    from pipeline.influence.fast import fast_terms
+    from pipeline.influence.functional import ClipFunctions, derivative_mode
+    from pipeline.influence.reference import exact_terms, finite_difference_terms
+    from pipeline.model import factory
+    from pipeline.model.batches import encode
+
+    t_start = time.perf_counter()
+    B, K = a.batch_size, a.references
+    n_gb = a.grad_batches * a.grad_batch_size
+    samples = _data(B + K + n_gb + B, a.seed)
+    torch.manual_seed(a.seed)
+    bundle = factory.create(a.model)
+    images, tokens = encode(samples, bundle)
+    batch = (images[:B], tokens[:B])
+    ref = (images[B : B + K], tokens[B : B + K])
+    gb = [
+        (
+            images[B + K + i * a.grad_batch_size : B + K + (i + 1) * a.grad_batch_size],
+            tokens[B + K + i * a.grad_batch_size : B + K + (i + 1) * a.grad_batch_size],
+        )
+        for i in range(a.grad_batches)
+    ]
+    target = (images[B + K + n_gb :], tokens[B + K + n_gb :])
+    model = bundle.model
+    fns = ClipFunctions(model, *ref)
+    fns1 = ClipFunctions(model, ref[0][:1], ref[1][:1])
+    params = factory.param_dict(model)
+    names = list(params)
+    t = time.perf_counter()
+    d = compute_directions(fns, params, gb, target).ordered(names)
+    directions_s = time.perf_counter() - t
+
+    r = a.repeats
+    sec: dict[str, float] = {}
+    with torch.no_grad(), derivative_mode():
+        sec["forward"] = _timeit(lambda: fns.embed(params, *batch), r)
+        sec["forward_refs_only"] = _timeit(lambda: fns.embed(params, *ref), r)
+    for tag, f in (("", fns), ("_K1", fns1)):
+        sec["loss" + tag] = _timeit(lambda f=f: fast_terms(f, params, d, *batch, {"loss"}), r)
+        sec["tracin" + tag] = _timeit(lambda f=f: fast_terms(f, params, d, *batch, {"first"}), r)
+        sec["diffin" + tag] = _timeit(
+            lambda f=f: fast_terms(f, params, d, *batch, {"first", "hb", "hz"}), r
+        )
+    sec["diffin_hz_nested_only"] = _timeit(lambda: fast_terms(fns, params, d, *batch, {"hz"}), r)
+    sec["diffin_cd"] = _timeit(lambda: cd_terms(fns, params, d, *batch, a.cd_h), r)
+    per_sample = {k: v / B for k, v in sec.items() if not k.startswith("forward_refs")}
+    per_sample["forward"] = sec["forward"] / B
+
+    # accuracy of the central difference against the nested JVP (same fp32 run)
+    nested = fast_terms(fns, params, d, *batch, {"first", "hb", "hz"})
+    cd = cd_terms(fns, params, d, *batch, a.cd_h)
+    cd_err = {
+        k: float((cd[k] - nested[k]).abs().max() / nested[k].abs().max()) for k in ("first", "hz")
+    }
+
+    # reference forms: per sample, on a few samples
+    m = a.ref_samples
+    sub = (batch[0][:m], batch[1][:m])
+    t = time.perf_counter()
+    fd = finite_difference_terms(fns, params, d, gb, *sub)
+    per_sample["reference_fd"] = (time.perf_counter() - t) / m
+    t = time.perf_counter()
+    ex = exact_terms(fns, params, d, gb, *sub)
+    per_sample["reference_exact"] = (time.perf_counter() - t) / m
+    ref_err = {
+        k: float((fd[k] - nested[k][:m]).abs().max() / nested[k][:m].abs().max())
+        for k in ("first", "hb", "hz")
+    }
+    ex_err = {
+        k: float((ex[k] - nested[k][:m]).abs().max() / nested[k][:m].abs().max())
+        for k in ("first", "hb", "hz")
+    }
+
+    unit = per_sample["forward"]
+    fpe = {k: v / unit for k, v in per_sample.items()}
+    speedup = {
+        "fd_over_diffin": per_sample["reference_fd"] / per_sample["diffin"],
+        "exact_over_diffin": per_sample["reference_exact"] / per_sample["diffin"],
+    }
+    targets = {
+        "diffin_fpe<=12": fpe["diffin"] <= 12,
+        "diffin_speedup_vs_reference>=30": speedup["fd_over_diffin"] >= 30,
+        "tracin_fpe<=4": fpe["tracin"] <= 4,
+    }
+    record = {
+        "command": "python -m benchmarks.throughput " + " ".join(argv or []),
+        "settings": vars(a),
+        "n_params": sum(v.numel() for v in params.values()),
+        "directions_seconds_per_checkpoint": directions_s,
+        "seconds_per_batch": sec,
+        "seconds_per_sample": per_sample,
+        "samples_per_second": {k: 1 / v for k, v in per_sample.items()},
+        "forward_pass_equivalents": fpe,
+        "speedups": speedup,
+        "targets_met": targets,
+        "cd_vs_nested_rel_err": cd_err,
+        "fd_reference_vs_fast_rel_err": ref_err,
+        "exact_reference_vs_fast_rel_err": ex_err,
+        "total_seconds": time.perf_counter() - t_start,
+        "environment": environment(),
+    }
+    if a.figures:
+        plt = pyplot()
+        Path(a.figures).mkdir(parents=True, exist_ok=True)
+        keys = [
+            "forward",
+            "loss",
+            "tracin",
+            "diffin",
+            "diffin_cd",
+            "loss_K1",
+            "tracin_K1",
+            "diffin_K1",
+            "reference_fd",
+            "reference_exact",
+        ]
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        ax.bar(
+            keys,
+            [fpe[k] for k in keys],
+            color=["gray"] + ["tab:blue"] * 4 + ["tab:cyan"] * 3 + ["tab:red"] * 2,
+        )
+        ax.set_yscale("log")
+        ax.set_ylabel("forward-pass equivalents / sample / ckpt")
+        ax.axhline(12, ls="--", c="k", lw=0.7)
+        ax.axhline(4, ls=":", c="k", lw=0.7)
+        ax.set_title(f"{a.model}, batch {B}, K={K}, {a.threads} CPU thread(s)")
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
+        fig.tight_layout()
+        fig.savefig(Path(a.figures) / "throughput.png", dpi=110)
+        plt.close(fig)
+        record["figures"] = [str(Path(a.figures) / "throughput.png")]
+    if a.out:
+        write_json(a.out, record)
+    rows = [[k, per_sample[k] * 1e3, 1 / per_sample[k], fpe[k]] for k in per_sample]
+    print(md_table(["form", "ms/sample/ckpt", "samples/s", "fwd-pass equiv."], rows))
+    print("speedups", speedup, "\ntargets", targets, "\ncd err", cd_err, "\nfd err", ref_err)
+    print(f"total {record['total_seconds']:.0f}s")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Trajectory-specific leave-one-out ground truth for the scorers (METHOD.md section 7.2).
+
+A small CLIP is trained on a few hundred generated pairs with a fixed seed and
+data order (``pipeline.train.loop.train_loop``); each retraining starts from
+the same initial weights, follows the same batch order and only drops the
+removed samples from the batches they would have been in. The real effect of
+removing a set S is
+
+    delta(S) = L_V(theta'_T) - L_V(theta_T)
+
+with L_V the mean reference-negative per-sample loss over a held-out target V
+(``ClipFunctions.sample_losses``). The scorers are computed at checkpoints of
+the full run exactly as the scoring engine computes them (direction vectors by
+``compute_directions``, per-sample terms by ``fast_terms``, columns by the
+scorer registry), so the comparison validates the production code path.
+
+Sign convention: a score estimates delta({z}); positive = z helps.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.reader import iter_shard
+from pipeline.data.shards import resolve_shards
+from pipeline.data.synth import SynthConfig, make_pool
+from pipeline.influence.directions import compute_directions
+from pipeline.influence.estimator import Checkpoint, first_order_weight, second_order_weight
+from pipeline.influence.fast import fast_terms
+from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
+from pipeline.model import factory
+from pipeline.model.batches import encode
+from pipeline.scorers import ScoreContext, get_scorers
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import batch_order, train_loop
+from pipeline.train.schedule import checkpoint_steps
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+REGISTRY_SCORERS = ("diffin", "tracin", "loss", "clip_score", "random")
+
+
+@dataclass
+class LOOSetting:
+    """Everything that determines a ground-truth experiment."""
+
+    model: str = "diffin-tiny"
+    samples: int = 360  # generated pairs: training set + held-out target V
+    target_size: int = 60
+    reference_size: int = 63  # K reference negatives, drawn from the training set
+    noise: float = 0.2  # rate of mismatched captions in the generated pool
+    batch_size: int = 32
+    steps: int = 300
+    checkpoints: int = 5
+    spacing: str = "even"
+    grad_batches: int = 4
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    warmup: int = 0
+    schedule: str = "constant"
+    dtype: str = "float64"
+    seed: int = 0
+    data_dir: str | None = None  # where the pool is generated; default: a temporary directory
+
+    def train_config(self) -> TrainConfig:
+        cfg = TrainConfig(
+            data="",
+            run="",
+            model=self.model,
+            steps=self.steps,
+            checkpoints=self.checkpoints,
+            spacing=self.spacing,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            warmup=self.warmup,
+            schedule=self.schedule,
+            seed=self.seed,
+            target_size=self.target_size,
+            reference_size=self.reference_size,
+            grad_batches=self.grad_batches,
+        )
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class TrainResult:
+    final: Params
+    checkpoints: list[tuple[Checkpoint, Params]]
+    loss_curve: list[tuple[int, float]]
+    seconds: float
+
+
+@dataclass
+class LOOResult:
+    setting: dict[str, Any]
+    n_train: int
+    removed: list[int]  # training indices removed one at a time
+    actual: np.ndarray  # delta L_V per removed index
+    scores: dict[str, np.ndarray]  # scorer -> score per training sample
+    defects: list[str]  # per training sample
+    base_target_loss: float
+    noise_floor: dict[str, float]
+    subsets: np.ndarray | None = None  # bool (n_subsets, n_train)
+    subset_actual: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    checkpoints: list[dict[str, float]] = field(default_factory=list)
+
+
+def _clone(params: Params) -> Params:
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+class GroundTruth:
+    """Data, initial weights and data order fixed once; ``train(removed)`` retrains."""
+
+    def __init__(self, setting: LOOSetting) -> None:
+        self.setting = setting
+        self.cfg = setting.train_config()
+        self.dtype = DTYPES[setting.dtype]
+        self._load_data()
+        torch.manual_seed(setting.seed)
+        bundle = factory.create(setting.model, dtype=self.dtype)
+        self.init_model = bundle.model
+        self.init_model.train()
+        self.names = [n for n, p in self.init_model.named_parameters() if p.requires_grad]
+        self.fns = ClipFunctions(copy.deepcopy(self.init_model), self.ref_images, self.ref_tokens)
+        n = self.images.shape[0]
+        self.n_train = n
+        self.order = batch_order(n, setting.batch_size, setting.steps, setting.seed)
+        self.ckpt_steps = checkpoint_steps(
+            setting.steps, setting.checkpoints, setting.spacing, setting.seed
+        )
+        gen = torch.Generator().manual_seed(setting.seed + 1)  # as pipeline.train.trajectory
+        self.grad_idx = [
+            torch.randperm(n, generator=gen)[: setting.batch_size]
+            for _ in range(setting.grad_batches)
+        ]
+
+    # -- data ----------------------------------------------------------------
+    def _load_data(self) -> None:
+        s = self.setting
+        tmp = None
+        out = s.data_dir
+        if out is None:
+            tmp = tempfile.TemporaryDirectory(prefix="diffin-loo-")
+            out = tmp.name
+        try:
+            summary = make_pool(
+                out,
+                SynthConfig(
+                    samples=s.samples,
+                    shard_size=max(s.samples, 1),
+                    noise=s.noise,
+                    eval_samples=0,
+                    seed=s.seed,
+                ),
+                overwrite=True,
+            )
+            samples = [x for url in resolve_shards(summary["train_data"]) for x in iter_shard(url)]
+            import pyarrow.parquet as pq
+
+            truth = pq.read_table(f"{out.rstrip('/')}/truth.parquet", columns=["uid", "defect"])
+            defect = dict(zip(truth["uid"].to_pylist(), truth["defect"].to_pylist(), strict=True))
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+        samples = [x for x in samples if x.ok]
+        if len(samples) < s.target_size + s.batch_size:
+            raise ValueError(f"only {len(samples)} decodable pairs")
+        rng = random.Random(s.seed)
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        target = [samples[i] for i in sorted(order[: s.target_size])]
+        train = [samples[i] for i in sorted(order[s.target_size :])]
+        bundle = factory.create(s.model, dtype=self.dtype)
+        images, tokens = encode(train, bundle)
+        self.images, self.tokens = images.to(self.dtype), tokens
+        t_images, self.target_tokens = encode(target, bundle)
+        self.target_images = t_images.to(self.dtype)
+        ref_idx = sorted(rng.sample(range(len(train)), min(s.reference_size, len(train))))
+        self.ref_images = self.images[ref_idx]
+        self.ref_tokens = self.tokens[ref_idx]
+        self.uids = [x.uid for x in train]
+        self.defects = [defect.get(x.uid, "unknown") for x in train]
+
+    # -- training ------------------------------------------------------------
+    def train(self, removed: torch.Tensor | None = None, keep_checkpoints: bool = False) -> TrainResult:
+        model = copy.deepcopy(self.init_model)
+        model.train()
+        saved: list[tuple[Checkpoint, Params]] = []
+
+        def keep(step: int, lr: float, m: torch.nn.Module) -> None:
+            saved.append((Checkpoint(step, lr), _clone(dict(m.named_parameters()))))
+
+        t0 = time.perf_counter()
+        curve = train_loop(
+            model,
+            self.images,
+            self.tokens,
+            self.cfg,
+            self.order,
+            self.ckpt_steps if keep_checkpoints else None,
+            keep if keep_checkpoints else None,
+            removed=removed,
+            progress=False,
+        )
+        final = _clone({k: v for k, v in model.named_parameters() if k in self.names})
+        saved = [(c, {k: p[k] for k in self.names}) for c, p in saved]
+        return TrainResult(final, saved, curve, time.perf_counter() - t0)
+
+    def target_loss(self, params: Params) -> float:
+        with torch.no_grad(), derivative_mode():
+            return float(
+                self.fns.sample_losses(params, self.target_images, self.target_tokens)
+                .double()
+                .mean()
+            )
+
+    def mask(self, removed: Sequence[int]) -> torch.Tensor:
+        m = torch.zeros(self.n_train, dtype=torch.bool)
+        m[list(removed)] = True
+        return m
+
+    # -- scores --------------------------------------------------------------
+    def terms(self, checkpoints: list[tuple[Checkpoint, Params]], chunk: int = 64):
+        """Per-checkpoint fast-form terms of every training sample, as the engine computes them."""
+        grad_batches = [(self.images[i], self.tokens[i]) for i in self.grad_idx]
+        target = (self.target_images, self.target_tokens)
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for ckpt, params in checkpoints:
+            d = compute_directions(self.fns, params, grad_batches, target).ordered(self.names)
+            parts: dict[str, list[np.ndarray]] = {}
+            for start in range(0, self.n_train, chunk):
+                t = fast_terms(
+                    self.fns,
+                    params,
+                    d,
+                    self.images[start : start + chunk],
+                    self.tokens[start : start + chunk],
+                    {"loss", "first", "hb", "hz", "cosine"},
+                )
+                for k, v in t.items():
+                    parts.setdefault(k, []).append(v.double().numpy())
+            out[ckpt.step] = {k: np.concatenate(v) for k, v in parts.items()}
+        return out
+
+    def scores(
+        self, terms: dict[int, dict[str, np.ndarray]], checkpoints: list[Checkpoint]
+    ) -> dict[str, np.ndarray]:
+        """Registry scorers plus the Diff-In parts (second order only, hb, hz) as extra columns."""
+        ctx = ScoreContext(checkpoints, self.n_train, self.setting.seed, {"first_order": True})
+        out: dict[str, np.ndarray] = {}
+        for scorer in get_scorers(list(REGISTRY_SCORERS)):
+            out[scorer.name] = scorer.score(terms, self.uids, ctx)[scorer.name]
+        ctx2 = ScoreContext(checkpoints, self.n_train, self.setting.seed, {"first_order": False})
+        out["diffin_second"] = get_scorers(["diffin"])[0].score(terms, self.uids, ctx2)["diffin"]
+        m = len(checkpoints)
+        out["diffin_hb"] = sum(
+            second_order_weight(c, self.n_train, m) * terms[c.step]["hb"] for c in checkpoints
+        )
+        out["diffin_hz"] = sum(
+            second_order_weight(c, self.n_train, m) * terms[c.step]["hz"] for c in checkpoints
+        )
+        out["tracin_last"] = first_order_weight(checkpoints[-1], self.n_train, m) * terms[
+            checkpoints[-1].step
+        ]["first"]
+        return out
+
+
+def run_groundtruth(
+    setting: LOOSetting,
+    n_removed: int = 48,
+    n_subsets: int = 0,
+    subset_fraction: float = 0.5,
+    log=print,
+) -> LOOResult:
+    """Full run + scores, noise floor, leave-one-out for ``n_removed`` samples, optional LDS subsets."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    gt = GroundTruth(setting)
+    timings["data_and_model"] = time.perf_counter() - t
+
+    full = gt.train(keep_checkpoints=True)
+    timings["train_full"] = full.seconds
+    base = gt.target_loss(full.final)
+    log(f"full run: {full.seconds:.1f}s, L_V(theta_T) = {base:.6f}, curve {full.loss_curve[:1]}..{full.loss_curve[-1:]}")
+
+    t = time.perf_counter()
+    terms = gt.terms(full.checkpoints)
+    ckpts = [c for c, _ in full.checkpoints]
+    scores = gt.scores(terms, ckpts)
+    timings["scores"] = time.perf_counter() - t
+
+    # noise floor: the same run twice, and with an all-false removed mask
+    again = gt.train()
+    empty = gt.train(removed=torch.zeros(gt.n_train, dtype=torch.bool))
+    diffs = [
+        max(float((a.final[k] - full.final[k]).abs().max()) for k in gt.names)
+        for a in (again, empty)
+    ]
+    noise = {
+        "repeat_max_abs_param_diff": diffs[0],
+        "empty_mask_max_abs_param_diff": diffs[1],
+        "repeat_target_loss_diff": gt.target_loss(again.final) - base,
+        "empty_mask_target_loss_diff": gt.target_loss(empty.final) - base,
+    }
+    log(f"noise floor: {noise}")
+
+    rng = np.random.default_rng(setting.seed + 2)
+    removed = sorted(rng.choice(gt.n_train, size=min(n_removed, gt.n_train), replace=False).tolist())
+    t = time.perf_counter()
+    actual = []
+    for i, z in enumerate(removed):
+        r = gt.train(removed=gt.mask([z]))
+        actual.append(gt.target_loss(r.final) - base)
+        if (i + 1) % 10 == 0:
+            log(f"  LOO {i + 1}/{len(removed)} ({time.perf_counter() - t:.0f}s)")
+    timings["loo"] = time.perf_counter() - t
+
+    subsets = subset_actual = None
+    if n_subsets:
+        t = time.perf_counter()
+        k = int(round(subset_fraction * gt.n_train))
+        subsets = np.zeros((n_subsets, gt.n_train), dtype=bool)
+        subset_actual = np.zeros(n_subsets)
+        for j in range(n_subsets):
+            idx = rng.choice(gt.n_train, size=k, replace=False)
+            subsets[j, idx] = True
+            r = gt.train(removed=torch.from_numpy(subsets[j]))
+            subset_actual[j] = gt.target_loss(r.final) - base
+        timings["subsets"] = time.perf_counter() - t
+        log(f"  subsets {n_subsets} ({timings['subsets']:.0f}s)")
+
+    return LOOResult(
+        setting=asdict(setting),
+        n_train=gt.n_train,
+        removed=removed,
+        actual=np.asarray(actual),
+        scores=scores,
+        defects=gt.defects,
+        base_target_loss=base,
+        noise_floor=noise,
+        subsets=subsets,
+        subset_actual=subset_actual,
+        timings=timings,
+        loss_curve=full.loss_curve,
+        checkpoints=[{"step": c.step, "lr": c.lr} for c in ckpts],
+    )

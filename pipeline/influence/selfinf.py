@@ -1,0 +1,235 @@
+"""Self-influence I(z, z) at scale (METHOD.md section 3, the authors' data-cleaning form).
+
+    I(z, z) = sum_t a_t ( g_z' H_B g_z  +  g_z' H_z g_B ),   F(z, z) = sum_t (eta_t / N m) ||g_z||^2
+
+Both terms need the per-sample gradient g_z itself, so, unlike I(z, V), no
+fixed direction can be precomputed. The scalable form makes three named
+approximations, each measured against the exact form
+(``reference.exact_self_terms``) in ``benchmarks/self_influence.py``:
+
+1. Frozen references. g_z is the gradient of l_z with the reference
+   negatives' embeddings held constant at the checkpoint, so a per-sample
+   gradient costs one single-sample forward and backward (``vmap(grad)``)
+   instead of a backward pass through all K references per sample.
+2. H_B ~= empirical Fisher of the gradient batches:
+   H_B ~= (1/M) sum_b g_b g_b'  over the M samples of the k batches that
+   define g_B, so g_z' H_B g_z ~= (1/M) sum_b <g_z, g_b>^2.
+3. Those inner products are taken in a seeded count-sketch projection to k
+   dimensions (unbiased for inner products; memory k per sample instead of
+   the model size).
+
+g_z' H_z g_B is exact under (1): forward-over-reverse (a JVP of the batched
+per-sample gradient along g_B), with no projection. ||g_z||^2 is exact under (1).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
+from pipeline.model.loss import per_sample_loss
+
+log = logging.getLogger(__name__)
+
+# The token-embedding table is most of a small CLIP's parameters, and its
+# per-sample gradient is dense in vmap though only ~20 rows are non-zero:
+# excluding it made per-sample gradients 5x cheaper on diffin-small
+# (approximation 0, measured with the others).
+DEFAULT_EXCLUDE = ("token_embedding.weight",)
+SELF_TERMS = frozenset({"self_first", "self_hb", "self_hz"})
+
+
+@dataclass
+class SelfConfig:
+    dim: int = 2048  # count-sketch dimension k
+    memory_mb: int = 1024  # per-actor budget for per-sample gradients in flight
+    exclude: tuple[str, ...] = field(default_factory=lambda: DEFAULT_EXCLUDE)
+    seed: int = 0
+
+    def plan(self, n_params: int, bytes_per_value: int = 4) -> dict[str, int]:
+        """Chunk size from the memory budget: g_z, H_z g_B and two work copies per sample in flight."""
+        per_sample = 4 * n_params * bytes_per_value
+        chunk = max(1, min(256, (self.memory_mb << 20) // per_sample))
+        return {
+            "chunk": int(chunk),
+            "dim": self.dim,
+            "params": n_params,
+            "mb_per_sample": round(per_sample / 2**20, 2),
+        }
+
+
+class CountSketch:
+    """Seeded count-sketch of model-sized vectors: coordinate i -> bucket h(i), sign s(i)."""
+
+    def __init__(self, shapes: dict[str, torch.Size], dim: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.dim = dim
+        self.buckets: dict[str, torch.Tensor] = {}
+        self.signs: dict[str, torch.Tensor] = {}
+        for name, shape in shapes.items():
+            n = int(torch.Size(shape).numel())
+            self.buckets[name] = torch.randint(0, dim, (n,), generator=gen)
+            self.signs[name] = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+
+    def __call__(self, grads: Params) -> torch.Tensor:
+        """(chunk, *shape) per-sample tensors -> (chunk, dim) sketches."""
+        first = next(iter(grads.values()))
+        out = torch.zeros(first.shape[0], self.dim, dtype=first.dtype)
+        for name, g in grads.items():
+            flat = g.reshape(g.shape[0], -1) * self.signs[name].to(g.dtype)
+            out.index_add_(1, self.buckets[name], flat)
+        return out
+
+
+@dataclass
+class FrozenReferences:
+    """Reference-negative embeddings at one checkpoint, held constant (approximation 1),
+    and the checkpoint's values of the parameters left out of differentiation."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    fixed: Params = field(default_factory=dict)
+
+    @classmethod
+    def at(cls, fns: ClipFunctions, params: Params, exclude: tuple[str, ...] = ()) -> FrozenReferences:
+        assert fns.ref_images is not None and fns.ref_tokens is not None
+        with torch.no_grad(), derivative_mode():
+            img, txt = fns.embed(params, fns.ref_images, fns.ref_tokens)
+        fixed = {k: v for k, v in params.items() if k in exclude}
+        return cls(img.detach(), txt.detach(), fixed)
+
+
+def _loss_one(fns: ClipFunctions, refs: FrozenReferences):
+    def f(p: Params, image: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        # functional_call falls back to the module's own tensors for missing names:
+        # pass the checkpoint's values of the excluded parameters explicitly.
+        out = functional_call(fns.model, {**refs.fixed, **p}, (image[None], token[None]))
+        return per_sample_loss(
+            out["image_features"], out["text_features"], refs.images, refs.texts, p["logit_scale"]
+        )[0]
+
+    return f
+
+
+def per_sample_grads(
+    fns: ClipFunctions,
+    params: Params,
+    refs: FrozenReferences,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+) -> Params:
+    """g_z for a chunk of samples (frozen references), batched with vmap."""
+    with derivative_mode():
+        return vmap(grad(_loss_one(fns, refs)), in_dims=(None, 0, 0))(params, images, tokens)
+
+
+def grads_and_hz_gb(
+    fns: ClipFunctions,
+    params: Params,
+    refs: FrozenReferences,
+    g_B: Params,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+) -> tuple[Params, Params]:
+    """(g_z, H_z g_B) for a chunk, by one forward-over-reverse pass."""
+    g = vmap(grad(_loss_one(fns, refs)), in_dims=(None, 0, 0))
+    with derivative_mode():
+        return jvp(lambda p: g(p, images, tokens), (params,), (g_B,))
+
+
+def self_terms(
+    fns: ClipFunctions,
+    params: Params,
+    refs: FrozenReferences,
+    g_B: Params,
+    sketch: CountSketch,
+    fisher: torch.Tensor,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk: int,
+) -> dict[str, torch.Tensor]:
+    """Per-sample self terms: self_first = ||g_z||^2, self_hb ~= g_z' H_B g_z, self_hz = g_z' H_z g_B.
+
+    ``fisher`` is the (M, k) sketch of the gradient batches' per-sample gradients.
+    """
+    firsts, hbs, hzs = [], [], []
+    for start in range(0, images.shape[0], chunk):
+        gz, hz = grads_and_hz_gb(
+            fns, params, refs, g_B, images[start : start + chunk], tokens[start : start + chunk]
+        )
+        firsts.append(sum(v.reshape(v.shape[0], -1).double().pow(2).sum(1) for v in gz.values()))
+        hzs.append(
+            sum(
+                (v.reshape(v.shape[0], -1).double() * hz[k].reshape(v.shape[0], -1).double()).sum(1)
+                for k, v in gz.items()
+            )
+        )
+        s = sketch(gz).double()
+        hbs.append((s @ fisher.double().T).pow(2).mean(1))
+        del gz, hz
+    return {
+        "self_first": torch.cat(firsts).detach(),
+        "self_hb": torch.cat(hbs).detach(),
+        "self_hz": torch.cat(hzs).detach(),
+    }
+
+
+def fisher_sketch(
+    fns: ClipFunctions,
+    params: Params,
+    refs: FrozenReferences,
+    sketch: CountSketch,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """(M, k): sketched per-sample gradients of the gradient-batch samples (approximations 2, 3)."""
+    out = []
+    for start in range(0, images.shape[0], chunk):
+        g = per_sample_grads(
+            fns, params, refs, images[start : start + chunk], tokens[start : start + chunk]
+        )
+        out.append(sketch(g).detach())
+    return torch.cat(out)
+
+
+class SelfInfluenceEngine:
+    """Everything self-influence needs at one checkpoint, prepared once per worker."""
+
+    def __init__(
+        self,
+        fns: ClipFunctions,
+        params: Params,
+        g_B: Params,
+        grad_images: torch.Tensor,
+        grad_tokens: torch.Tensor,
+        cfg: SelfConfig,
+    ) -> None:
+        self.fns = fns
+        self.params = {k: v for k, v in params.items() if k not in cfg.exclude}
+        self.g_B = {k: g_B[k] for k in self.params}
+        n = sum(v.numel() for v in self.params.values())
+        self.plan = cfg.plan(n, params[next(iter(params))].element_size())
+        self.refs = FrozenReferences.at(fns, params, cfg.exclude)
+        self.sketch = CountSketch({k: v.shape for k, v in self.params.items()}, cfg.dim, cfg.seed)
+        self.fisher = fisher_sketch(
+            fns, self.params, self.refs, self.sketch, grad_images, grad_tokens, self.plan["chunk"]
+        )
+        self.config = {**asdict(cfg), **self.plan}
+
+    def terms(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self_terms(
+            self.fns,
+            self.params,
+            self.refs,
+            self.g_B,
+            self.sketch,
+            self.fisher,
+            images,
+            tokens,
+            self.plan["chunk"],
+        )

@@ -1,0 +1,320 @@
+"""Keep rules over a score table that need not fit in memory.
+
+The table is read as a stream of record batches (Parquet row groups), only
+the columns a pass needs. ``fraction`` and ``threshold`` rules, on one
+scorer's column or a z-score fusion, never hold more than a batch plus a
+65,536-bin histogram: the exact cut of a top fraction is found by radix
+selection on an order-preserving 64-bit key of the score (16 bits per pass;
+it stops as soon as the boundary bucket holds few rows, which are then
+sorted exactly), so the result is the same as a full sort with ties broken
+by uid. Rank fusion and the balanced rules need global ranks or groups and
+hold O(rows) numbers (not strings) in memory; they say so in the manifest.
+
+:func:`plan` returns a :class:`Selection`; :meth:`Selection.kept_batches`
+streams the kept rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError
+from pipeline.prune.config import NON_SCORE_COLUMNS, PruneConfig
+
+BATCH_ROWS = 1 << 18
+_DIGIT_BITS = 16
+_BINS = 1 << _DIGIT_BITS
+# Stop refining when the boundary bucket holds at most this many rows.
+_CANDIDATE_CAP = 1 << 16
+_SIGN = np.uint64(1 << 63)
+
+
+@contextlib.contextmanager
+def _parquet(url: str) -> Iterator[pq.ParquetFile]:
+    with fsspec.open(url, "rb") as f:
+        # pre_buffer would coalesce the reads of many row groups ahead (all of
+        # the selected columns, for a local file): memory grows with the table.
+        yield pq.ParquetFile(f, pre_buffer=False)
+
+
+class Table:
+    """A Parquet score table read in batches, a pass at a time."""
+
+    def __init__(self, url: str, batch_rows: int = BATCH_ROWS) -> None:
+        self.url = url
+        self.batch_rows = batch_rows
+        with _parquet(url) as pf:
+            self.schema = pf.schema_arrow
+            self.num_rows = pf.metadata.num_rows
+        self.columns = self.schema.names
+
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        with _parquet(self.url) as pf:
+            yield from pf.iter_batches(batch_size=self.batch_rows, columns=columns)
+
+
+def score_keys(scores: np.ndarray) -> np.ndarray:
+    """Order-preserving uint64 keys of float64 scores (higher score -> higher key)."""
+    bits = np.ascontiguousarray(scores, dtype=np.float64).view(np.uint64)
+    neg = (bits & _SIGN) != 0
+    return np.where(neg, ~bits, bits | _SIGN)
+
+
+def key_to_score(key: int) -> float:
+    k = np.uint64(key)
+    bits = k & ~_SIGN if k & _SIGN else ~k
+    return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
+
+
+def _floats(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(
+        pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    )
+
+
+def _ok(batch: pa.RecordBatch) -> np.ndarray:
+    return np.asarray(
+        pc.fill_null(pc.equal(batch.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
+    )
+
+
+@dataclass
+class Selection:
+    """What a rule keeps, and the counts that go in the manifest."""
+
+    cfg: PruneConfig
+    table: Table
+    rows: int
+    rows_ok: int
+    rows_error: int
+    scorable: int  # ok rows with a finite score
+    score_columns: list[str]  # the table columns the ranking score is made of
+    _score: Callable[[pa.RecordBatch, int], np.ndarray] = field(repr=False)
+    _mask: Callable[[pa.RecordBatch, int, np.ndarray], np.ndarray] = field(repr=False)
+    extra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # per-row columns
+    info: dict[str, Any] = field(default_factory=dict)
+    in_memory: bool = False
+
+    def kept_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """Kept rows in table order with ``columns``, the ranking score and extra columns."""
+        columns = [c for c in columns if c in self.table.columns]
+        need = list(dict.fromkeys([*columns, "status", "uid", *self.score_columns]))
+        offset = 0
+        for batch in self.table.batches(need):
+            n = batch.num_rows
+            score = self._score(batch, offset)
+            mask = self._mask(batch, offset, score)
+            if mask.any():
+                idx = np.flatnonzero(mask)
+                out = batch.select(columns).take(pa.array(idx))
+                if self.cfg.score_name not in columns:
+                    out = out.append_column(self.cfg.score_name, pa.array(score[idx]))
+                for name, values in self.extra.items():
+                    out = out.append_column(name, pa.array(values[offset : offset + n][idx]))
+                yield out
+            offset += n
+
+
+def _score_fn(cfg: PruneConfig, table: Table) -> tuple[list[str], Callable, dict[str, Any], bool]:
+    """The ranking score of a batch (NaN where not scorable), its columns, info, in-memory flag."""
+    scored = [c for c in table.columns if c not in NON_SCORE_COLUMNS]
+    cols = list(cfg.fusion) if cfg.fusion else [cfg.method]
+    for c in cols:
+        if c not in table.columns:
+            field_name = "fusion" if cfg.fusion else "method"
+            raise ConfigError(
+                f"{field_name}: no column {c!r} in the score table; columns: {scored}"
+            )
+    if not cfg.fusion:
+        (col,) = cols
+        return cols, lambda b, _o: _floats(b.column(col)), {}, False
+
+    weights = {c: float(w) for c, w in cfg.fusion.items()}
+    if cfg.fusion_norm == "zscore":
+        # One pass: mean and std of each column over rows where all are usable.
+        s = dict.fromkeys(cols, 0.0)
+        s2 = dict.fromkeys(cols, 0.0)
+        n = 0
+        for b in table.batches(["status", *cols]):
+            vals = {c: _floats(b.column(c)) for c in cols}
+            use = _ok(b) & np.logical_and.reduce([np.isfinite(v) for v in vals.values()])
+            n += int(use.sum())
+            for c in cols:
+                v = vals[c][use]
+                s[c] += float(v.sum())
+                s2[c] += float((v * v).sum())
+        stats = {}
+        for c in cols:
+            mean = s[c] / n if n else 0.0
+            var = max(s2[c] / n - mean * mean, 0.0) if n else 0.0
+            stats[c] = (mean, float(np.sqrt(var)) or 1.0)
+
+        def zfused(b: pa.RecordBatch, _o: int) -> np.ndarray:
+            out = np.zeros(b.num_rows)
+            for c in cols:
+                mean, std = stats[c]
+                out += weights[c] * (_floats(b.column(c)) - mean) / std
+            return out
+
+        info = {"fusion_stats": {c: {"mean": m, "std": sd} for c, (m, sd) in stats.items()}}
+        return cols, zfused, info, False
+
+    # rank: each column's rank among the usable rows, scaled to [0, 1]; needs them all.
+    values = {c: [] for c in cols}
+    oks = []
+    for b in table.batches(["status", *cols]):
+        oks.append(_ok(b))
+        for c in cols:
+            values[c].append(_floats(b.column(c)))
+    ok = np.concatenate(oks) if oks else np.zeros(0, bool)
+    arrs = {c: np.concatenate(v) if v else np.zeros(0) for c, v in values.items()}
+    use = ok & np.logical_and.reduce([np.isfinite(a) for a in arrs.values()])
+    fused = np.full(len(ok), np.nan)
+    m = int(use.sum())
+    acc = np.zeros(m)
+    for c in cols:
+        v = arrs[c][use]
+        ranks = _average_ranks(v)
+        acc += weights[c] * (ranks / (m - 1) if m > 1 else np.zeros(m))
+    fused[use] = acc
+    return cols, lambda b, o: fused[o : o + b.num_rows], {}, True
+
+
+def _average_ranks(v: np.ndarray) -> np.ndarray:
+    """0-based ranks, ties sharing their average rank (so tied scores fuse equally)."""
+    order = np.argsort(v, kind="stable")
+    sv = v[order]
+    ranks = np.empty(len(v))
+    starts = np.flatnonzero(np.r_[True, sv[1:] != sv[:-1]])
+    ends = np.r_[starts[1:], len(v)]
+    avg = (starts + ends - 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def plan(cfg: PruneConfig, table_url: str, batch_rows: int = BATCH_ROWS) -> Selection:
+    """Decide what ``cfg`` keeps from the table at ``table_url`` (validated first)."""
+    cfg.validate()
+    table = Table(table_url, batch_rows)
+    for need in ("uid", "status"):
+        if need not in table.columns:
+            raise ConfigError(f"run: the score table has no {need!r} column")
+    cols, score, info, in_memory = _score_fn(cfg, table)
+    if cfg.rule == "balanced":
+        from pipeline.prune.balanced import plan_balanced
+
+        return plan_balanced(cfg, table, cols, score, info)
+
+    # Pass: counts and the first histogram digit.
+    rows = ok_rows = 0
+    hist = np.zeros(_BINS, np.int64)
+    offset = 0
+    for b in table.batches(["status", *cols]):
+        ok = _ok(b)
+        rows += b.num_rows
+        ok_rows += int(ok.sum())
+        s = score(b, offset)
+        offset += b.num_rows
+        use = ok & np.isfinite(s)
+        hist += np.bincount(
+            (score_keys(s[use]) >> np.uint64(64 - _DIGIT_BITS)).astype(np.int64), minlength=_BINS
+        )
+    scorable = int(hist.sum())
+    sel = dict(
+        cfg=cfg,
+        table=table,
+        rows=rows,
+        rows_ok=ok_rows,
+        rows_error=rows - ok_rows,
+        scorable=scorable,
+        score_columns=cols,
+        _score=score,
+        info=info,
+        in_memory=in_memory,
+    )
+
+    if cfg.rule == "threshold":
+        t = float(cfg.threshold)
+
+        def above(b: pa.RecordBatch, _o: int, s: np.ndarray) -> np.ndarray:
+            return _ok(b) & np.isfinite(s) & (s >= t)
+
+        return Selection(**sel, _mask=above)
+
+    k = max(1, int(round(cfg.keep * scorable))) if scorable else 0
+    if k == 0:
+        return Selection(**sel, _mask=lambda b, _o, _s: np.zeros(b.num_rows, bool))
+    cut_key, cut_uid, passes = _radix_cut(table, cols, score, hist, k)
+    info = {**info, "selection_passes": passes}
+    sel["info"] = info
+    cut_key_u = np.uint64(cut_key)
+
+    def top(b: pa.RecordBatch, _o: int, s: np.ndarray) -> np.ndarray:
+        use = _ok(b) & np.isfinite(s)
+        keys = score_keys(np.where(use, s, 0.0))
+        mask = use & (keys > cut_key_u)
+        tie = use & (keys == cut_key_u)
+        if tie.any():
+            uids = b.column("uid").to_numpy(zero_copy_only=False)
+            tie_idx = np.flatnonzero(tie)
+            mask[tie_idx] = [u <= cut_uid for u in uids[tie_idx]]
+        return mask
+
+    return Selection(**sel, _mask=top)
+
+
+def _radix_cut(
+    table: Table, cols: list[str], score: Callable, hist: np.ndarray, k: int
+) -> tuple[int, str, int]:
+    """The (key, uid) of the k-th kept row in the order (score desc, uid asc)."""
+    prefix, shift, above, passes = 0, 64 - _DIGIT_BITS, 0, 1
+    while True:
+        cum = np.cumsum(hist[::-1])
+        idx = int(np.searchsorted(cum, k - above))  # first top-down bucket reaching k
+        digit = _BINS - 1 - idx
+        above += int(cum[idx] - hist[digit])
+        prefix = (prefix << _DIGIT_BITS) | digit
+        if hist[digit] <= _CANDIDATE_CAP or shift == 0:
+            break
+        shift -= _DIGIT_BITS
+        hist = np.zeros(_BINS, np.int64)
+        passes += 1
+        offset = 0
+        for b in table.batches(["status", *cols]):
+            s = score(b, offset)
+            offset += b.num_rows
+            use = _ok(b) & np.isfinite(s)
+            keys = score_keys(s[use])
+            keys = keys[(keys >> np.uint64(shift + _DIGIT_BITS)) == np.uint64(prefix)]
+            hist += np.bincount(
+                ((keys >> np.uint64(shift)) & np.uint64(_BINS - 1)).astype(np.int64),
+                minlength=_BINS,
+            )
+    # Candidate pass: the rows of the boundary bucket, sorted exactly.
+    passes += 1
+    cand_keys, cand_uids = [], []
+    offset = 0
+    for b in table.batches(["status", "uid", *cols]):
+        s = score(b, offset)
+        offset += b.num_rows
+        use = _ok(b) & np.isfinite(s)
+        keys = score_keys(np.where(use, s, 0.0))
+        hit = use & ((keys >> np.uint64(shift)) == np.uint64(prefix))
+        if hit.any():
+            idx = np.flatnonzero(hit)
+            cand_keys.append(keys[idx])
+            cand_uids.append(b.column("uid").to_numpy(zero_copy_only=False)[idx])
+    keys = np.concatenate(cand_keys)
+    uids = np.concatenate(cand_uids).astype(str)
+    order = np.lexsort((uids, ~keys))  # key descending, then uid ascending
+    j = order[k - above - 1]
+    return int(keys[j]), str(uids[j]), passes

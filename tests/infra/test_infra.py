@@ -1,0 +1,113 @@
+"""infra/: the cluster launcher config, KubeRay manifests and the Dockerfile parse and agree with the CLI."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001}
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((INFRA / name).read_text())
+
+
+def _score_flags() -> set[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return {o for a in sub.choices["score"]._actions for o in a.option_strings}
+
+
+def _check_score_command(cmd: str) -> None:
+    """`python jobs/score.py ARGS` must parse as `diffin score ARGS`."""
+    words = shlex.split(cmd.replace("{", "'{").replace("}", "}'"))
+    assert words[:2] == ["python", "jobs/score.py"], words
+    flags = {w.split("=")[0] for w in words[2:] if w.startswith("--")}
+    assert flags <= _score_flags(), flags - _score_flags()
+    build_parser().parse_args(["score", *words[2:]])
+    assert (REPO / "jobs" / "score.py").exists()
+
+
+def test_all_yaml_parses():
+    files = sorted(INFRA.rglob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        assert isinstance(yaml.safe_load(f.read_text()), dict), f
+
+
+def test_cluster_launcher_config():
+    c = _load("cluster.yaml")
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type"):
+        assert key in c
+    types = c["available_node_types"]
+    assert c["head_node_type"] in types
+    gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
+    assert gpu and all(t["max_workers"] >= t["min_workers"] for t in types.values())
+    head = " ".join(c["head_start_ray_commands"])
+    assert f"--port={PORTS['gcs']}" in head and f"--dashboard-port={PORTS['dashboard']}" in head
+    assert f"--ray-client-server-port={PORTS['client']}" in head
+    assert "--dashboard-host=127.0.0.1" in head  # nothing listens beyond loopback by default
+    worker = " ".join(c["worker_start_ray_commands"])
+    assert f":{PORTS['gcs']}" in worker
+
+
+def _pod_ports(template: dict) -> dict[str, int]:
+    (container,) = template["spec"]["containers"]
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_manifests(name):
+    doc = _load(name)
+    assert doc["apiVersion"] == "ray.io/v1"
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    assert doc["kind"] in ("RayCluster", "RayJob")
+    head = spec["headGroupSpec"]
+    ports = _pod_ports(head["template"])
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+    assert head["rayStartParams"]["dashboard-port"] == str(PORTS["dashboard"])
+    for group in spec["workerGroupSpecs"]:
+        (c,) = group["template"]["spec"]["containers"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == group["rayStartParams"]["num-gpus"]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    if doc["kind"] == "RayJob":
+        _check_score_command(doc["spec"]["entrypoint"])
+        env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+        assert env["working_dir"] == "/opt/diffin"  # the image's WORKDIR
+    import ray
+
+    major_minor = ".".join(ray.__version__.split(".")[:2])
+    assert spec.get("rayVersion", doc["spec"].get("rayVersion", "")).startswith(major_minor)
+
+
+def test_dockerfile_installs_the_package_with_pinned_torch():
+    text = (INFRA / "Dockerfile").read_text()
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [d for d in deps if d.startswith(("torch==", "torchvision=="))]
+    assert len(pins) == 2
+    for pin in pins:
+        assert pin in text, pin
+    assert re.search(r"^RUN pip install \.", text, re.M)
+    assert re.search(r"^WORKDIR /opt/diffin$", text, re.M)
+    assert re.search(r"^FROM ", text, re.M)
+    exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
+    assert exposed == set(PORTS.values())
+    for src in re.findall(r"^COPY (\S+) ", text, re.M):
+        for s in src.split():
+            assert (REPO / s).exists(), s
+
+
+def test_operations_guide_documents_the_ports():
+    text = (REPO / "docs" / "operations.md").read_text()
+    for port in PORTS.values():
+        assert str(port) in text
+    for flag in ("--max-attempts", "--address"):
+        assert flag in text and flag in _score_flags()

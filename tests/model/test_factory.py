@@ -1,0 +1,115 @@
+"""The model factory: small configs registered with open_clip, weights loaded, configs exported."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import open_clip
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.model import factory
+
+
+def test_small_configs_are_registered_with_open_clip():
+    names = factory.small_config_names()
+    assert {"diffin-tiny", "diffin-small"} <= set(names)
+    factory.register_small_configs()
+    for name in names:
+        cfg = open_clip.get_model_config(name)
+        assert cfg is not None, name
+        assert cfg == factory.model_config(name)
+        on_disk = json.loads((factory.CONFIG_DIR / f"{name}.json").read_text())
+        assert cfg["embed_dim"] == on_disk["embed_dim"]
+
+
+@pytest.mark.parametrize("name", ["diffin-tiny", "diffin-small"])
+def test_small_configs_build_and_encode(name):
+    torch.manual_seed(0)
+    bundle = factory.create(name)
+    cfg = factory.model_config(name)
+    size = cfg["vision_cfg"]["image_size"]
+    assert bundle.name == name
+    assert not bundle.model.training  # eval mode: deterministic features
+    images = torch.randn(2, 3, size, size)
+    tokens = bundle.tokenizer(["a red circle", "a blue square"])
+    assert tokens.shape == (2, cfg["text_cfg"]["context_length"])
+    with torch.no_grad():
+        out = bundle.model(images, tokens)
+    assert out["image_features"].shape == (2, cfg["embed_dim"])
+    assert out["text_features"].shape == (2, cfg["embed_dim"])
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2), atol=1e-5)
+    params = factory.param_dict(bundle.model)
+    assert "logit_scale" in params
+    assert all(not p.requires_grad for p in params.values())  # detached copies
+
+
+def test_create_does_not_leave_root_logger_changed():
+    root = logging.getLogger()
+    before = root.level
+    factory.create("diffin-tiny")
+    assert root.level == before
+
+
+def test_create_honours_dtype():
+    bundle = factory.create("diffin-tiny", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in bundle.model.parameters())
+
+
+def test_unknown_model_is_a_config_error():
+    with pytest.raises(ConfigError, match="model"):
+        factory.create("no-such-model-xyz")
+    with pytest.raises(ConfigError, match="model"):
+        factory.model_config("no-such-model-xyz")
+
+
+def test_pretrained_checkpoint_file_loads_those_weights(tmp_path):
+    torch.manual_seed(123)
+    src = factory.create("diffin-tiny").model
+    with torch.no_grad():
+        src.logit_scale.fill_(1.2345)  # something random init would never produce
+    path = tmp_path / "weights.pt"
+    torch.save(src.state_dict(), path)
+
+    torch.manual_seed(999)  # a different random init before loading
+    loaded = factory.create("diffin-tiny", pretrained=str(path)).model
+    want, got = src.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
+def test_random_init_differs_without_pretrained():
+    """Guards the test above: two seeds do give different weights."""
+    torch.manual_seed(123)
+    a = factory.create("diffin-tiny").model.state_dict()
+    torch.manual_seed(999)
+    b = factory.create("diffin-tiny").model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bogus", ["definitely-not-a-tag", "/nonexistent/weights.pt"])
+def test_bogus_pretrained_is_a_config_error(bogus):
+    with pytest.raises(ConfigError, match="pretrained"):
+        factory.create("diffin-tiny", pretrained=bogus)
+
+
+def test_save_config_dir_is_usable_by_open_clip_local_dir(tmp_path):
+    out = factory.save_config_dir("diffin-tiny", tmp_path / "cfg")
+    data = json.loads((out / "open_clip_config.json").read_text())
+    assert data["model_cfg"] == factory.model_config("diffin-tiny")
+
+    model = open_clip.create_model(f"local-dir:{out}")
+    ref = factory.create("diffin-tiny").model
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    assert tok(["x"]).shape[-1] == data["model_cfg"]["text_cfg"]["context_length"]
+
+
+def test_save_config_dir_refuses_unknown_model(tmp_path):
+    with pytest.raises(ConfigError, match="model"):
+        factory.save_config_dir("no-such-model-xyz", tmp_path / "cfg")
+    assert not (tmp_path / "cfg" / "open_clip_config.json").exists()

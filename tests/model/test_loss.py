@@ -1,0 +1,104 @@
+"""CLIP losses against direct computations and open_clip's own ClipLoss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from pipeline.model.loss import MAX_LOGIT_SCALE, batch_clip_loss, per_sample_loss, scale_of
+
+
+def _unit(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=-1)
+
+
+@pytest.fixture
+def feats():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "img": _unit(6, 8, g),
+        "txt": _unit(6, 8, g),
+        "ref_img": _unit(5, 8, g),
+        "ref_txt": _unit(5, 8, g),
+        "logit_scale": torch.tensor(math.log(1 / 0.07), dtype=torch.float64),
+    }
+
+
+def _direct(img, txt, ref_img, ref_txt, s):
+    """Cross-entropy with label 0 over [positive, reference negatives], both directions."""
+    out = []
+    for z in range(img.shape[0]):
+        i2t = s * torch.cat([(img[z] * txt[z]).sum()[None], ref_txt @ img[z]])
+        t2i = s * torch.cat([(img[z] * txt[z]).sum()[None], ref_img @ txt[z]])
+        label = torch.zeros(1, dtype=torch.long)
+        out.append(
+            0.5 * (F.cross_entropy(i2t[None], label) + F.cross_entropy(t2i[None], label))
+        )
+    return torch.stack(out)
+
+
+def test_scale_is_clamped_like_open_clip():
+    assert scale_of(torch.tensor(-1.0)).item() == pytest.approx(1.0)
+    assert scale_of(torch.tensor(10.0)).item() == pytest.approx(100.0)
+    assert scale_of(torch.tensor(2.0)).item() == pytest.approx(math.exp(2.0))
+    assert MAX_LOGIT_SCALE == pytest.approx(math.log(100.0))
+
+
+@pytest.mark.parametrize("log_s", [0.0, math.log(1 / 0.07), 6.0])
+def test_per_sample_loss_equals_direct_cross_entropy(feats, log_s):
+    ls = torch.tensor(log_s, dtype=torch.float64)
+    got = per_sample_loss(feats["img"], feats["txt"], feats["ref_img"], feats["ref_txt"], ls)
+    want = _direct(feats["img"], feats["txt"], feats["ref_img"], feats["ref_txt"], scale_of(ls))
+    assert got.shape == (6,)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_loss_is_independent_of_other_rows(feats):
+    args = (feats["ref_img"], feats["ref_txt"], feats["logit_scale"])
+    whole = per_sample_loss(feats["img"], feats["txt"], *args)
+    g = torch.Generator().manual_seed(7)
+    for z in range(feats["img"].shape[0]):
+        alone = per_sample_loss(feats["img"][z : z + 1], feats["txt"][z : z + 1], *args)
+        torch.testing.assert_close(alone[0], whole[z], rtol=1e-12, atol=1e-12)
+        # the same row in a batch of entirely different companions
+        others_img, others_txt = _unit(3, 8, g), _unit(3, 8, g)
+        mixed = per_sample_loss(
+            torch.cat([others_img, feats["img"][z : z + 1]]),
+            torch.cat([others_txt, feats["txt"][z : z + 1]]),
+            *args,
+        )
+        torch.testing.assert_close(mixed[-1], whole[z], rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_loss_depends_on_the_reference_set(feats):
+    """Guards the independence test: the loss does see its inputs."""
+    a = per_sample_loss(
+        feats["img"], feats["txt"], feats["ref_img"], feats["ref_txt"], feats["logit_scale"]
+    )
+    b = per_sample_loss(
+        feats["img"], feats["txt"], feats["ref_img"][:2], feats["ref_txt"][:2], feats["logit_scale"]
+    )
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("log_s", [0.0, math.log(1 / 0.07), 5.0, 7.0])
+def test_batch_clip_loss_equals_open_clip_clip_loss(feats, log_s):
+    ls = torch.tensor(log_s, dtype=torch.float64)
+    got = batch_clip_loss(feats["img"], feats["txt"], ls)
+    want = ClipLoss()(feats["img"], feats["txt"], scale_of(ls))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_clip_loss_gradient_matches_open_clip(feats):
+    img = feats["img"].clone().requires_grad_(True)
+    ls = feats["logit_scale"].clone().requires_grad_(True)
+    batch_clip_loss(img, feats["txt"], ls).backward()
+    img2 = feats["img"].clone().requires_grad_(True)
+    ls2 = feats["logit_scale"].clone().requires_grad_(True)
+    ClipLoss()(img2, feats["txt"], ls2.exp()).backward()
+    torch.testing.assert_close(img.grad, img2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ls.grad, ls2.grad, rtol=1e-10, atol=1e-12)

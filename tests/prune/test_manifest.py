@@ -1,0 +1,228 @@
+"""The prune stage: the kept fraction, resharded byte for byte, with the manifest open_clip reads."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.data.sample import Sample
+from pipeline.data.shards import expand_pattern
+from pipeline.errors import ConfigError
+from pipeline.prune.config import PruneConfig
+from pipeline.prune.datacomp import UID_DTYPE, array_to_uids
+from pipeline.prune.manifest import select, write_manifest
+from pipeline.score.table import build_part, read_table
+
+KEEP = 0.7
+SHARD_SIZE = 64
+
+
+def _tar_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    out: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            if not out or out[-1][0] != key:
+                out.append((key, {}))
+            out[-1][1][ext] = tf.extractfile(m).read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_scored, tmp_path_factory):
+    run = tmp_path_factory.mktemp("prune") / "run"
+    shutil.copytree(tiny_scored["run"], run)
+    result = write_manifest(PruneConfig(run=str(run), keep=KEEP, shard_size=SHARD_SIZE))
+    out = Path(result["dir"])
+    return {
+        "run": str(run),
+        "result": result,
+        "out": out,
+        "table": read_table(str(run / "scores.parquet")),
+        "manifest": json.loads((out / "manifest.json").read_text()),
+        "sizes": json.loads((out / "shards" / "sizes.json").read_text()),
+    }
+
+
+def test_kept_count_is_the_fraction_of_ok_rows(pruned):
+    statuses = pruned["table"].column("status").to_pylist()
+    ok = statuses.count("ok")
+    m = pruned["manifest"]
+    assert m["kept"] == round(KEEP * ok)
+    assert m["rows_ok"] == ok and m["rows_in_table"] == len(statuses)
+    assert m["rows_error"] == statuses.count("error")
+    assert m["unique_uids"] == m["kept"]
+    assert pruned["out"].name == "diffin-keep0.7"
+
+
+def test_kept_rows_are_the_top_scores(pruned):
+    table = pruned["table"]
+    keep = read_table(str(pruned["out"] / "keep.parquet"))
+    kept = set(keep.column("uid").to_pylist())
+    scores = dict(zip(table.column("uid").to_pylist(), table.column("diffin").to_pylist()))
+    kept_scores = [scores[u] for u in kept]
+    dropped = [s for u, s in scores.items() if u not in kept and s is not None]
+    assert min(kept_scores) >= max(dropped)
+    assert pruned["manifest"]["threshold"] == pytest.approx(min(kept_scores))
+
+
+def test_sizes_match_tars_and_manifest(pruned):
+    shards_dir = pruned["out"] / "shards"
+    tars = sorted(p.name for p in shards_dir.glob("*.tar"))
+    sizes = pruned["sizes"]
+    assert sorted(sizes) == tars
+    counted = {name: len(_tar_samples(shards_dir / name)) for name in tars}
+    assert counted == sizes
+    m = pruned["manifest"]
+    assert m["sizes"] == sizes
+    assert sum(sizes.values()) == m["train_num_samples"] == m["kept"]
+    assert m["shards"] == len(tars)
+    assert all(n <= SHARD_SIZE for n in sizes.values())
+    assert f"--train-num-samples {m['kept']}" in m["open_clip_args"]
+    assert m["train_data"] in m["open_clip_args"]
+    assert m["rule"]["keep"] == KEEP and m["rule"]["method"] == "diffin"
+
+
+def test_shard_names_contiguous_and_covered_by_the_pattern(pruned):
+    shards_dir = pruned["out"] / "shards"
+    tars = sorted(p.name for p in shards_dir.glob("*.tar"))
+    assert len(tars) > 1  # the test needs a brace range
+    assert tars == [f"{i:05d}.tar" for i in range(len(tars))]
+    expanded = expand_pattern(pruned["manifest"]["train_data"])
+    assert expanded == [str(shards_dir / t) for t in tars]
+    assert not [p for p in shards_dir.iterdir() if p.suffix not in (".tar", ".json")]
+
+
+def test_every_member_of_each_kept_sample_is_copied_byte_for_byte(pruned):
+    keep = read_table(str(pruned["out"] / "keep.parquet")).to_pylist()
+    originals: dict[tuple[str, str], dict[str, bytes]] = {}
+    for shard in {r["shard"] for r in keep}:
+        for key, members in _tar_samples(Path(shard)):
+            originals[(shard, key)] = members
+    written: dict[str, dict[str, bytes]] = {}
+    for tar in sorted((pruned["out"] / "shards").glob("*.tar")):
+        for key, members in _tar_samples(tar):
+            assert key not in written
+            written[key] = members
+    assert len(written) == len(keep)
+    for r in keep:
+        want = originals[(r["shard"], r["key"])]
+        assert set(want) == {"jpg", "txt", "json"}
+        assert written[r["key"]] == want, r["key"]
+
+
+def test_keep_parquet_uids_equal_the_uids_in_the_tars(pruned):
+    keep = read_table(str(pruned["out"] / "keep.parquet"))
+    assert set(keep.column_names) >= {"uid", "key", "shard", "diffin"}
+    in_tars = []
+    for tar in sorted((pruned["out"] / "shards").glob("*.tar")):
+        for _, members in _tar_samples(tar):
+            in_tars.append(json.loads(members["json"])["uid"])
+    assert sorted(in_tars) == sorted(keep.column("uid").to_pylist())
+    assert len(set(in_tars)) == len(in_tars)
+
+
+def test_uids_npy_is_datacomp_format(pruned):
+    arr = np.load(pruned["out"] / "uids.npy", allow_pickle=False)
+    assert arr.dtype == UID_DTYPE == np.dtype("u8,u8")
+    pairs = arr.tolist()
+    assert pairs == sorted(set(pairs))  # sorted, unique
+    keep = read_table(str(pruned["out"] / "keep.parquet"))
+    assert array_to_uids(arr) == sorted(keep.column("uid").to_pylist())
+
+
+def test_run_json_records_the_prune(pruned):
+    run_json = json.loads((Path(pruned["run"]) / "run.json").read_text())
+    assert run_json["prune/diffin-keep0.7"]["kept"] == pruned["manifest"]["kept"]
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.1, 1.01, 2.0])
+def test_keep_outside_unit_interval_is_refused(pruned, keep):
+    before = sorted(p.name for p in (Path(pruned["run"]) / "prune").iterdir())
+    with pytest.raises(ConfigError, match="keep"):
+        write_manifest(PruneConfig(run=pruned["run"], keep=keep))
+    assert sorted(p.name for p in (Path(pruned["run"]) / "prune").iterdir()) == before
+
+
+def test_unknown_method_column_is_refused(pruned):
+    with pytest.raises(ConfigError, match="method"):
+        write_manifest(PruneConfig(run=pruned["run"], keep=0.5, method="nope"))
+    assert not (Path(pruned["run"]) / "prune" / "nope-keep0.5").exists()
+
+
+def test_missing_score_table_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="run"):
+        write_manifest(PruneConfig(run=str(tmp_path / "empty"), keep=0.5))
+
+
+def test_rerun_replaces_the_manifest(pruned):
+    name = "rerun"
+    first = write_manifest(
+        PruneConfig(run=pruned["run"], keep=0.5, method="random", name=name, shard_size=20)
+    )
+    out = Path(first["dir"])
+    assert first["shards"] > 3
+    (out / "stray.txt").write_text("left over")
+    second = write_manifest(
+        PruneConfig(run=pruned["run"], keep=0.3, method="random", name=name, shard_size=100)
+    )
+    assert second["dir"] == first["dir"]
+    tars = sorted(p.name for p in (out / "shards").glob("*.tar"))
+    assert tars == [f"{i:05d}.tar" for i in range(second["shards"])]
+    assert second["shards"] < first["shards"]
+    assert not (out / "stray.txt").exists()
+    sizes = json.loads((out / "shards" / "sizes.json").read_text())
+    assert sum(sizes.values()) == second["kept"] < first["kept"]
+    assert len(np.load(out / "uids.npy")) == second["kept"]
+    assert json.loads((out / "manifest.json").read_text())["rule"]["keep"] == 0.3
+
+
+@pytest.mark.parametrize("shard_size", [0, -1])
+def test_bad_shard_size_is_refused(pruned, shard_size):
+    with pytest.raises(ConfigError, match="shard_size"):
+        write_manifest(PruneConfig(run=pruned["run"], keep=0.5, shard_size=shard_size))
+
+
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
+def test_bad_manifest_name_is_refused(pruned, name):
+    with pytest.raises(ConfigError, match="name"):
+        write_manifest(PruneConfig(run=pruned["run"], keep=0.5, name=name))
+
+
+def test_select_skips_error_rows_and_non_finite_scores_and_breaks_ties_by_uid():
+    samples = [
+        Sample(uid=f"{i:032x}", key=f"k{i}", shard="s.tar", index=i, caption="c")
+        for i in range(6)
+    ]
+    samples[1].error = "undecodable image"
+    # scores of the ok rows 0, 2, 3, 4, 5 in order; row 3 has no finite score
+    scores = np.array([0.5, 0.9, np.nan, 0.5, 0.1])
+    table = build_part(samples, {"m": scores}, ["m"])
+    kept = select(table, "m", 0.5)  # 4 finite ok rows -> 2 kept: row 2, then row 0 or 4 (tie)
+    assert kept.column("uid").to_pylist() == [f"{0:032x}", f"{2:032x}"]
+    assert set(kept.column("status").to_pylist()) == {"ok"}
+    assert select(table, "m", 1.0).num_rows == 4
+    assert select(table, "m", 0.01).num_rows == 1  # never rounds down to nothing
+    assert select(table, "m", 0.25).column("uid").to_pylist() == [f"{2:032x}"]
+    assert select(table, "m", 0.75).column("uid").to_pylist() == [f"{i:032x}" for i in (0, 2, 4)]
+
+
+def test_select_on_a_table_without_ok_rows_keeps_nothing():
+    s = [Sample(uid="a" * 32, key="k", shard="s", index=0, error="bad")]
+    table = build_part(s, {"m": np.zeros(0)}, ["m"])
+    assert select(table, "m", 0.5).num_rows == 0
+    assert isinstance(table, pa.Table)
+
+
+def test_keep_one_keeps_all_ok_rows(pruned):
+    result = write_manifest(PruneConfig(run=pruned["run"], keep=1.0, method="loss", name="all"))
+    assert result["kept"] == result["rows_ok"]
+    buf = io.BytesIO((Path(result["dir"]) / "shards" / "00000.tar").read_bytes())
+    assert tarfile.open(fileobj=buf).getmembers()

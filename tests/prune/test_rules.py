@@ -1,0 +1,217 @@
+"""Keep rules: streaming fraction/threshold, fusion, balanced by column or by k-means cluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline.prune.select as selmod
+from pipeline.errors import ConfigError
+from pipeline.prune.balanced import quotas
+from pipeline.prune.clusters import kmeans
+from pipeline.prune.config import PruneConfig
+from pipeline.prune.manifest import select, write_manifest
+from pipeline.prune.select import key_to_score, plan, score_keys
+from pipeline.score.table import read_table
+
+
+def _table(n: int, seed: int = 0, ties: bool = False) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    uids = [f"{i:032x}" for i in rng.permutation(n)]
+    # Scores sharing their high bits force several radix passes; ties test the uid order.
+    diffin = 1.0 + rng.integers(0, 50 if ties else 1 << 40, n) * 2.0**-45
+    status = np.where(rng.random(n) < 0.1, "error", "ok")
+    diffin = np.where(status == "ok", diffin, np.nan)
+    diffin[rng.random(n) < 0.02] = np.nan  # ok rows without a finite score are not ranked
+    tracin = rng.normal(size=n)
+    return pa.table(
+        {
+            "uid": uids,
+            "key": [f"{i:09d}" for i in range(n)],
+            "shard": [f"s{i // 100}.tar" for i in range(n)],
+            "index": pa.array(np.arange(n) % 100, pa.int32()),
+            "status": status.tolist(),
+            "error": [None if s == "ok" else "bad" for s in status],
+            "caption": ["c"] * n,
+            "diffin": pa.array(diffin, mask=np.isnan(diffin)),
+            "tracin": pa.array(np.where(status == "ok", tracin, np.nan), mask=status != "ok"),
+            "source": [f"src{i % 3}" for i in range(n)],
+        }
+    )
+
+
+def _write(table: pa.Table, tmp_path: Path, row_group: int = 1000) -> str:
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    pq.write_table(table, run / "scores.parquet", row_group_size=row_group)
+    return str(run)
+
+
+def _kept(sel, cols=("uid",)) -> pa.Table:
+    return pa.Table.from_batches(list(sel.kept_batches(list(cols))))
+
+
+def test_score_keys_preserve_order():
+    x = np.array([-np.inf, -3.5, -1e-300, -0.0, 0.0, 1e-300, 2.0, np.inf])
+    k = score_keys(x)
+    assert (np.diff(k.astype(object)) >= 0).all()
+    assert [key_to_score(int(v)) for v in k] == x.tolist()
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("keep", [0.01, 0.37, 1.0])
+def test_streaming_fraction_equals_in_memory_sort(tmp_path, monkeypatch, ties, keep):
+    monkeypatch.setattr(selmod, "_CANDIDATE_CAP", 16)  # force refinement passes
+    table = _table(5000, ties=ties)
+    run = _write(table, tmp_path)
+    sel = plan(PruneConfig(run, keep, "diffin"), f"{run}/scores.parquet", batch_rows=333)
+    got = _kept(sel).column("uid").to_pylist()
+    want = select(table, "diffin", keep).column("uid").to_pylist()
+    assert got == want
+    assert sel.rows == 5000 and sel.rows_ok + sel.rows_error == 5000
+    assert sel.scorable == int(
+        np.isfinite(table.column("diffin").to_numpy(zero_copy_only=False)).sum()
+    )
+    assert sel.info["selection_passes"] >= 2
+
+
+def test_threshold_rule(tmp_path):
+    table = _table(3000, seed=1)
+    run = _write(table, tmp_path)
+    scores = table.column("tracin").to_numpy(zero_copy_only=False)
+    sel = plan(
+        PruneConfig(run, method="tracin", rule="threshold", threshold=0.5), f"{run}/scores.parquet"
+    )
+    kept = _kept(sel, ["uid", "tracin"])
+    assert kept.num_rows == int((np.nan_to_num(scores, nan=-9) >= 0.5).sum()) > 0
+    assert min(kept.column("tracin").to_pylist()) >= 0.5
+
+
+@pytest.mark.parametrize("norm", ["zscore", "rank"])
+def test_fusion(tmp_path, norm):
+    table = _table(2000, seed=2)
+    run = _write(table, tmp_path, row_group=300)
+    weights = {"diffin": 2.0, "tracin": -0.5}
+    cfg = PruneConfig(run, 0.3, fusion=weights, fusion_norm=norm)
+    sel = plan(cfg, f"{run}/scores.parquet", batch_rows=256)
+    kept = _kept(sel, ["uid", "fusion"])
+    d = table.column("diffin").to_numpy(zero_copy_only=False)
+    t = table.column("tracin").to_numpy(zero_copy_only=False)
+    use = np.isfinite(d) & np.isfinite(t)
+    if norm == "zscore":
+        fused = 2 * (d - d[use].mean()) / d[use].std() - 0.5 * (t - t[use].mean()) / t[use].std()
+    else:
+        from scipy.stats import rankdata
+
+        m = use.sum()
+        fused = np.full(len(d), np.nan)
+        fused[use] = (2 * (rankdata(d[use]) - 1) - 0.5 * (rankdata(t[use]) - 1)) / (m - 1)
+    ref = table.append_column("fused", pa.array(fused))
+    want = select(ref, "fused", 0.3)
+    assert kept.column("uid").to_pylist() == want.column("uid").to_pylist()
+    np.testing.assert_allclose(kept.column("fusion").to_numpy(), want.column("fused").to_numpy())
+    assert cfg.manifest_name == f"fusion-{norm}-diffin2+tracin-0.5-keep0.3"
+
+
+def test_quotas():
+    sizes = np.array([100, 10, 50, 0])
+    assert quotas(sizes, 0.5, "proportional").tolist() == [50, 5, 25, 0]
+    q = quotas(sizes, 0.5, "equal")  # 80 rows: 10 kept whole, the rest split equally
+    assert q.sum() == 80 and q.tolist() == [35, 10, 35, 0]
+    assert quotas(np.array([3, 3, 3]), 1.0, "equal").tolist() == [3, 3, 3]
+
+
+@pytest.mark.parametrize("how", ["proportional", "equal"])
+def test_balanced_by_column(tmp_path, how):
+    table = _table(3000, seed=3)
+    run = _write(table, tmp_path)
+    cfg = PruneConfig(run, 0.2, "tracin", rule="balanced", balance_by="source", balance=how)
+    sel = plan(cfg, f"{run}/scores.parquet", batch_rows=500)
+    kept = _kept(sel, ["uid", "source", "tracin"]).to_pandas()
+    frame = table.to_pandas()
+    frame = frame[(frame.status == "ok") & frame.tracin.notna()]
+    sizes = frame.groupby("source").size()
+    q = dict(zip(sizes.index, quotas(sizes.to_numpy(), 0.2, how), strict=True))
+    assert kept.groupby("source").size().to_dict() == q
+    for src, group in frame.groupby("source"):
+        best = group.sort_values(["tracin", "uid"], ascending=[False, True]).uid[: q[src]]
+        assert set(best) == set(kept[kept.source == src].uid)
+    assert sel.info["groups"]["src0"]["kept"] == q["src0"]
+
+
+def test_kmeans_is_seeded_and_separates_blobs():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(c, 0.05, size=(40, 2)) for c in (0, 3, 6)])
+    a, _ = kmeans(x, 3, seed=1)
+    b, _ = kmeans(x, 3, seed=1)
+    assert (a == b).all()
+    assert all(len(set(a[i * 40 : (i + 1) * 40])) == 1 for i in range(3))
+    assert len(set(a)) == 3
+
+
+def test_config_errors_refused_before_anything_changes(tmp_path):
+    run = _write(_table(200), tmp_path)
+    bad = [
+        (dict(keep=0.0), "keep"),
+        (dict(keep=1.5), "keep"),
+        (dict(keep=0.5, rule="bogus"), "rule"),
+        (dict(rule="threshold"), "threshold"),
+        (dict(keep=0.5, threshold=1.0), "threshold"),
+        (dict(keep=0.5, rule="balanced"), "balance_by"),
+        (dict(keep=0.5, rule="balanced", balance_by="nope"), "balance_by"),
+        (dict(keep=0.5, method="nope"), "method"),
+        (dict(keep=0.5, fusion={"diffin": 1, "nope": 1}), "fusion"),
+        (dict(keep=0.5, fusion={"diffin": 0}), "fusion"),
+        (dict(keep=0.5, fusion={"diffin": 1}, fusion_norm="minmax"), "fusion_norm"),
+    ]
+    for kwargs, field_name in bad:
+        with pytest.raises(ConfigError, match=field_name):
+            write_manifest(PruneConfig(run, **kwargs))
+    assert not (Path(run) / "prune").exists()
+
+
+def test_manifest_balanced_by_cluster_on_a_scored_run(tiny_scored, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_scored["run"], run)
+    cfg = PruneConfig(
+        run, 0.5, "diffin", rule="balanced", balance_by="cluster", clusters=3, shard_size=40
+    )
+    m = write_manifest(cfg)
+    assert m["dir"].endswith("/prune/diffin-keep0.5-proportional-cluster3")
+    groups = m["selection"]["groups"]
+    assert set(groups) == {"0", "1", "2"}
+    assert sum(g["rows"] for g in groups.values()) == m["rows_scorable"]
+    assert sum(g["kept"] for g in groups.values()) == m["kept"] == m["train_num_samples"]
+    keep = read_table(f"{m['dir']}/keep.parquet").to_pandas()
+    assert keep.cluster.value_counts().to_dict() == {int(g): v["kept"] for g, v in groups.items()}
+    ok = read_table(f"{run}/scores.parquet").to_pandas().query("status == 'ok'")
+    assert set(keep.uid) <= set(ok.uid)
+    # deterministic: a rerun gives the same clusters and the same kept set
+    again = write_manifest(cfg)
+    keep2 = read_table(f"{again['dir']}/keep.parquet").to_pandas()
+    assert (
+        keep2.uid.tolist() == keep.uid.tolist() and keep2.cluster.tolist() == keep.cluster.tolist()
+    )
+    assert (
+        json.loads(Path(m["dir"], "manifest.json").read_text())["selection"]["clusters"]["k"] == 3
+    )
+
+
+def test_legacy_fraction_manifest_on_a_scored_run(tiny_scored, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_scored["run"], run)
+    m = write_manifest(PruneConfig(run, 0.4, "tracin", None, 25))
+    table = read_table(f"{run}/scores.parquet")
+    want = select(table, "tracin", 0.4)
+    keep = read_table(f"{m['dir']}/keep.parquet")
+    assert keep.column_names == ["uid", "key", "shard", "index", "tracin"]
+    assert keep.column("uid").to_pylist() == want.column("uid").to_pylist()
+    assert m["kept"] == m["train_num_samples"] == want.num_rows
+    assert m["rule"]["kind"] == "fraction" and m["rows_in_table"] == table.num_rows
+    assert m["rows_ok"] + m["rows_error"] == table.num_rows

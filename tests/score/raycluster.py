@@ -1,0 +1,193 @@
+"""A real Ray cluster on loopback for tests, started and stopped without `ray stop`.
+
+The cluster is started with ``ray start --block`` (head on 127.0.0.2, more
+nodes on 127.0.0.3), every port chosen free, under its own ``--temp-dir``.
+``ray stop`` would stop every Ray on the machine (other people's too), so
+teardown kills exactly the process trees started here, plus any process whose
+command line names the temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+HEAD_IP = "127.0.0.2"
+NODE_IP = "127.0.0.3"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        out.setdefault(ppid, []).append(int(d))
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    kids = _children()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def procs_naming(text: str) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    out.append(int(d))
+        except OSError:
+            continue
+    return out
+
+
+def kill_all(pids: list[int]) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class RayNode:
+    """One `ray start --block` process and everything it spawned."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [RAY, "start", "--block", "--disable-usage-stats", *args],
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
+
+    def kill(self) -> None:
+        kill_all(tree(self.proc.pid))
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            pass
+
+
+def node_ports(ip: str) -> list[str]:
+    low = free_port(ip)
+    return [
+        f"--node-ip-address={ip}",
+        f"--node-manager-port={free_port(ip)}",
+        f"--object-manager-port={free_port(ip)}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--min-worker-port={max(low, 20000)}",
+        f"--max-worker-port={max(low, 20000) + 60}",
+    ]
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.temp = tempfile.mkdtemp(prefix="diffin-ray-")
+        self.port = free_port(HEAD_IP)
+        self.dashboard_port = free_port()
+        self.address = f"{HEAD_IP}:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.nodes: list[RayNode] = []
+
+    def start_head(self, num_cpus: int) -> RayNode:
+        node = RayNode(
+            [
+                "--head",
+                f"--port={self.port}",
+                f"--temp-dir={self.temp}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port(HEAD_IP)}",
+                f"--num-cpus={num_cpus}",
+                "--object-store-memory=100000000",
+                *node_ports(HEAD_IP),
+            ],
+            Path(self.temp).parent / f"{Path(self.temp).name}-head.log",
+        )
+        self.nodes.append(node)
+        self.wait_nodes(1)
+        return node
+
+    def add_node(self, num_cpus: int) -> RayNode:
+        n = self.alive_nodes()
+        node = RayNode(
+            [
+                f"--address={self.address}",
+                f"--num-cpus={num_cpus}",
+                "--object-store-memory=100000000",
+                *node_ports(NODE_IP),
+            ],
+            Path(self.temp).parent / f"{Path(self.temp).name}-node{len(self.nodes)}.log",
+        )
+        self.nodes.append(node)
+        self.wait_nodes(n + 1)
+        return node
+
+    def alive_nodes(self) -> int:
+        from ray.util.state import list_nodes
+
+        try:
+            nodes = list_nodes(address=self.dashboard, timeout=10, raise_on_missing_output=False)
+        except Exception:
+            return 0
+        return sum(n.state == "ALIVE" for n in nodes)
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.alive_nodes() >= n:
+                return
+            for node in self.nodes:
+                if node.proc.poll() is not None:
+                    raise RuntimeError(f"ray start exited: {node.log.read_text()[-2000:]}")
+            time.sleep(1)
+        raise TimeoutError(f"{n} Ray node(s) not up after {timeout}s")
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.kill()
+        kill_all(procs_naming(self.temp))
+        shutil.rmtree(self.temp, ignore_errors=True)
+        for node in self.nodes:
+            node.log.unlink(missing_ok=True)
+
+
+def fresh_run(score_run: dict[str, Any], dst: Path) -> str:
+    """A copy of the scored-ready run without any scores (directions included)."""
+    shutil.copytree(score_run["run"], dst, ignore=shutil.ignore_patterns("scores*"))
+    return str(dst)

@@ -1,0 +1,137 @@
+"""Driver pieces that need no Ray: prefetching, completion records, progress, the CLI flags."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from pipeline.cli import build_parser
+from pipeline.data.tarwriter import ShardWriter
+from pipeline.rundir import RunDir
+from pipeline.score.driver import Prefetcher, failed_part, is_done
+from pipeline.score.merge import merge_parts, read_record
+from pipeline.score.progress import Progress
+
+
+def _shard(path, n: int) -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, "PNG")
+    with ShardWriter(str(path), n) as w:
+        for i in range(n):
+            w.write(f"s{i:03d}", {"png": buf.getvalue(), "txt": f"red {i}".encode()})
+    return str(path / "00000.tar")
+
+
+def test_prefetcher_streams_in_order_and_reads_ahead(tmp_path):
+    a = _shard(tmp_path / "a", 7)
+    b = _shard(tmp_path / "b", 3)
+    p = Prefetcher(batch_size=3, depth=2)
+    sa = p.request(a)
+    sb = p.request(b)
+    # b is decoded while nobody has consumed a's last batch yet.
+    got = [len(batch) for batch in Prefetcher.batches(sa)]
+    assert got == [3, 3, 1]
+    deadline = time.time() + 10
+    while sb.batches.qsize() < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert sb.batches.qsize() == 2  # one batch + the end marker, ready before asked for
+    keys = [s.key for batch in Prefetcher.batches(sb) for s in batch]
+    assert keys == ["s000", "s001", "s002"]
+
+
+def test_prefetcher_cancel_and_unreadable_shard(tmp_path):
+    a = _shard(tmp_path / "a", 9)
+    p = Prefetcher(batch_size=1, depth=1)
+    sa = p.request(a)
+    missing = p.request(str(tmp_path / "nope.tar"))
+    time.sleep(0.2)
+    sa.cancel.set()  # an abandoned stream must not block the thread
+    rows = [s for batch in Prefetcher.batches(missing) for s in batch]
+    assert [r.key for r in rows] == ["__shard__"] and "unreadable shard" in rows[0].error
+    assert p.thread.is_alive() and isinstance(p.thread, threading.Thread)
+
+
+def test_failed_part_is_an_error_row_with_a_record(tmp_path):
+    run = RunDir(str(tmp_path))
+    rec = failed_part(run, "/pool/00007.tar", "00007", "ActorDiedError: boom", ["diffin"], "fp", 3)
+    assert rec["status"] == "failed" and rec["rows"] == 1
+    assert is_done(run, "00007", "fp") is None  # failed shards are retried by a rerun
+    res = merge_parts([run.part("00007")], run.scores, {}, require_records=True, fingerprint="fp")
+    assert (res["rows"], res["rows_error"]) == (1, 1)
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(run.scores).to_pylist()[0]
+    assert t["key"] == "__shard__" and t["status"] == "error" and t["diffin"] is None
+    assert t["error"] == "shard failed after 3 attempt(s): ActorDiedError: boom"
+    assert read_record(run.part("00007"))["reason"] == "ActorDiedError: boom"
+
+
+def test_is_done_needs_part_record_and_fingerprint(tmp_path):
+    from pipeline.score.merge import write_part
+    from pipeline.score.table import build_part
+
+    run = RunDir(str(tmp_path))
+    assert is_done(run, "00000", "fp") is None
+    write_part(build_part([], {}, []), run.part("00000"), {"status": "ok", "fingerprint": "fp"})
+    assert is_done(run, "00000", "fp")["rows"] == 0
+    assert is_done(run, "00000", "other") is None
+    (tmp_path / "scores" / "parts" / "00000.parquet").unlink()
+    assert is_done(run, "00000", "fp") is None
+
+
+def test_progress_rate_eta_and_snapshot_file(tmp_path):
+    now = [100.0]
+    url = str(tmp_path / "progress.json")
+    p = Progress(10, resumed_shards=2, resumed_samples=20, json_url=url, clock=lambda: now[0])
+    now[0] += 4
+    p.shard_done(rows=10, errors=1)
+    p.retry(actor_replaced=True)
+    now[0] += 4
+    p.shard_done(rows=10, errors=0)
+    p.shard_failed()
+    snap = p.close()
+    assert snap["shards_done"] == 5 and snap["shards_failed"] == 1
+    assert snap["samples_total"] == 40 and snap["samples_scored_now"] == 20
+    assert snap["samples_per_second"] == 2.5  # 20 samples in 8 s
+    assert snap["eta_s"] == pytest.approx(5 / (3 / 8), abs=0.1)
+    assert (snap["retries"], snap["actors_replaced"], snap["error_rows_now"]) == (1, 1, 1)
+    assert json.load(open(url))["shards_done"] == 5
+    assert "5/10 shards (1 failed, 1 retries)" in Progress.line(snap)
+
+
+def test_score_flags_reach_the_config(monkeypatch):
+    args = build_parser().parse_args(
+        [
+            "score",
+            "--data",
+            "p/{0..1}.tar",
+            "--run",
+            "r",
+            "--max-attempts",
+            "5",
+            "--prefetch-batches",
+            "0",
+            "--gpus-per-worker",
+            "0.5",
+        ]
+    )
+    seen = {}
+
+    def fake(cfg):
+        seen["cfg"] = cfg
+        return None
+
+    monkeypatch.setattr("pipeline.score.driver.run_scoring", fake)
+    from pipeline.cli import run
+
+    run(args)
+    cfg = seen["cfg"]
+    assert (cfg.max_attempts, cfg.prefetch_batches, cfg.gpus_per_worker) == (5, 0, 0.5)
+    cfg.validate()

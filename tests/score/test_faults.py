@@ -1,0 +1,211 @@
+"""Faults on a real two-node Ray cluster: actor killed, node lost, driver killed, poison shards.
+
+Each run scores a pool of many tiny shards so that there is time to break
+things mid-run; each test then checks the finished table: every sample once,
+no duplicates, rows in = rows out.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from raycluster import NODE_IP, REPO, fresh_run, kill_all, tree
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _done(run: str) -> int:
+    return len(glob.glob(f"{run}/scores/done/*.json"))
+
+
+def _wait(pred, timeout: float, what: str, poll: float = 0.3) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(poll)
+    raise TimeoutError(what)
+
+
+def _check_table(run: str, data: str, n_samples: int, allow_errors: int = 0) -> dict:
+    from pipeline.data.shards import resolve_shards
+
+    t = pq.read_table(f"{run}/scores.parquet").to_pydict()
+    rows = list(zip(t["shard"], t["index"], strict=True))
+    assert len(rows) == len(set(rows)), "a row appears twice"
+    assert set(t["shard"]) == set(resolve_shards(data))
+    ok = t["status"].count("ok")
+    assert ok + t["status"].count("error") == len(rows)
+    assert len(rows) == n_samples + allow_errors
+    summary = json.load(open(f"{run}/run.json"))["score"]["summary"]
+    assert summary["rows"] == summary["rows_in"] == len(rows)
+    return summary
+
+
+def _score_args(data: str, run: str, workers: int = 2) -> list[str]:
+    return [
+        "--data",
+        data,
+        "--run",
+        run,
+        "--methods",
+        "diffin,random",
+        "--workers",
+        str(workers),
+        "--threads",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-attempts",
+        "3",
+    ]
+
+
+def _alive_score_actors(cluster) -> list:
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=cluster.dashboard,
+        filters=[("class_name", "=", "ScoreActor"), ("state", "=", "ALIVE")],
+        timeout=10,
+        raise_on_missing_output=False,
+    )
+    return [a for a in actors if a.pid]
+
+
+def test_job_survives_killed_actor_and_lost_node(ray_cluster, score_run, tmp_path):
+    """Submitted through the Jobs API; an actor is SIGKILLed, then the second node disappears."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    node2 = ray_cluster.add_node(num_cpus=1)
+    run = fresh_run(score_run, tmp_path / "run")
+    client = JobSubmissionClient(ray_cluster.dashboard)
+    entry = shlex.join(
+        [sys.executable, str(REPO / "jobs" / "score.py"), *_score_args(score_run["data"], run)]
+    )
+    job = client.submit_job(entrypoint=entry, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        # Both actors up and working: one on each node (SPREAD).
+        def spread() -> bool:
+            actors = _alive_score_actors(ray_cluster)
+            return len({a.node_id for a in actors}) == 2 and _done(run) >= 2
+
+        _wait(spread, 240, "two ScoreActors on two nodes scoring")
+        actors = _alive_score_actors(ray_cluster)
+        ips = {a.node_id: None for a in actors}
+        from ray.util.state import list_nodes
+
+        for n in list_nodes(address=ray_cluster.dashboard, timeout=10):
+            if n.node_id in ips:
+                ips[n.node_id] = n.node_ip
+        on_head = next(a for a in actors if ips[a.node_id] != NODE_IP)
+        os.kill(on_head.pid, signal.SIGKILL)
+        killed_at = _done(run)
+
+        # The run goes on (a replacement actor starts), then node 2 vanishes.
+        _wait(lambda: _done(run) >= killed_at + 3, 240, "progress after the actor kill")
+        assert client.get_job_status(job) == JobStatus.RUNNING, "run ended before the node loss"
+        node2.kill()
+        _wait(lambda: client.get_job_status(job).is_terminal(), 300, "job end", poll=1)
+        logs = client.get_job_logs(job)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    finally:
+        if not client.get_job_status(job).is_terminal():
+            client.stop_job(job)
+    summary = _check_table(run, score_run["data"], score_run["samples"])
+    assert summary["rows_error"] == 0 and not summary["shards_failed"]
+    assert summary["actors_replaced"] >= 2 and summary["retries"] >= 1
+    assert "ETA" in logs or "score:" in logs  # progress a person can follow
+    progress = json.load(open(f"{run}/scores/progress.json"))
+    assert progress["shards_done"] == progress["shards_total"]
+
+
+@pytest.mark.slow  # about 4 minutes on 2 busy cores (two driver and actor start-ups)
+def test_driver_killed_then_rerun_resumes(ray_cluster, score_run, tmp_path):
+    run = fresh_run(score_run, tmp_path / "run")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "score",
+        *_score_args(score_run["data"], run, workers=2),
+        "--address",
+        ray_cluster.address,
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    first = subprocess.Popen(
+        cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait(lambda: _done(run) >= 6, 240, "some shards scored")
+    finally:
+        kill_all(tree(first.pid))
+        first.wait(timeout=30)
+    assert not os.path.exists(f"{run}/scores.parquet")
+    before = _done(run)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["shards_resumed"] >= before - 2  # a record written after the kill is fine
+    assert summary["shards_scored_now"] + summary["shards_resumed"] == summary["shards"]
+    _check_table(run, score_run["data"], score_run["samples"])
+
+
+@pytest.mark.slow  # about 3 minutes on 2 busy cores (five actor start-ups)
+def test_poison_shards_are_recorded_as_failed(ray_cluster, score_run, tmp_path):
+    """One shard kills its actor every time, another raises: both end as error rows."""
+    import ray
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import ScoreActor, run_scoring
+
+    class PoisonActor(ScoreActor):
+        def score(self, url, name, next_url=None):
+            if name == "00001":
+                os._exit(1)
+            if name == "00003":
+                raise ValueError("cannot score this one")
+            return super().score(url, name, next_url)
+
+    run = fresh_run(score_run, tmp_path / "run")
+    data = score_run["data"].split("{")[0] + "{00000..00005}.tar"
+    cfg = ScoreConfig(
+        data=data,
+        run=run,
+        methods=["diffin", "random"],
+        address=ray_cluster.address,
+        workers=1,
+        batch_size=8,
+        max_attempts=2,
+    )
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        summary = run_scoring(cfg, actor_cls=PoisonActor)
+    finally:
+        ray.shutdown()
+    assert set(summary["shards_failed"]) == {"00001", "00003"}
+    assert "ValueError" in summary["shards_failed"]["00003"]
+    assert summary["actors_replaced"] == 2 and summary["retries"] == 2
+    t = pq.read_table(f"{run}/scores.parquet").to_pydict()
+    errors = [
+        (k, e) for k, e, s in zip(t["key"], t["error"], t["status"], strict=True) if s == "error"
+    ]
+    assert len(errors) == 2 and all(k == "__shard__" for k, _ in errors)
+    assert all("failed after 2 attempt(s)" in e for _, e in errors)
+    assert len(t["uid"]) == 4 * 8 + 2
+    # A rerun retries the failed shards only (they may be transient), and they fail again.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        again = run_scoring(cfg, actor_cls=PoisonActor)
+    finally:
+        ray.shutdown()
+    assert again["shards_resumed"] == 4 and set(again["shards_failed"]) == {"00001", "00003"}

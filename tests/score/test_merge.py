@@ -1,0 +1,129 @@
+"""The merge publishes only tables that add up: parts checked against their completion records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data.sample import Sample
+from pipeline.score.merge import MergeError, done_url, merge_parts, read_record, write_part
+from pipeline.score.table import build_part
+
+COLS = ["diffin", "random"]
+
+
+def _samples(shard: str, n: int, errors: int = 0) -> list[Sample]:
+    return [
+        Sample(
+            uid=f"{abs(hash((shard, i))):032x}"[:32],
+            key=f"k{i:04d}",
+            shard=shard,
+            index=i,
+            caption=f"caption {i}",
+            error="bad image" if i < errors else None,
+        )
+        for i in range(n)
+    ]
+
+
+def _part(run: str, name: str, n: int, errors: int = 0, fp: str = "fp") -> str:
+    samples = _samples(f"/pool/{name}.tar", n, errors)
+    ok = n - errors
+    scores = {c: [float(i) for i in range(ok)] for c in COLS}
+    import numpy as np
+
+    table = build_part(samples, {c: np.array(v) for c, v in scores.items()}, COLS)
+    url = f"{run}/scores/parts/{name}.parquet"
+    write_part(table, url, {"status": "ok", "name": name, "fingerprint": fp})
+    return url
+
+
+def test_merge_counts_and_records(tmp_path):
+    run = str(tmp_path)
+    parts = [_part(run, "00000", 5, errors=2), _part(run, "00001", 3)]
+    rec = read_record(parts[0])
+    assert rec["rows"] == 5 and len(rec["sha256"]) == 64
+    assert done_url(parts[0]) == f"{run}/scores/done/00000.json"
+    out = f"{run}/scores.parquet"
+    res = merge_parts(parts, out, {"m": 1}, require_records=True, fingerprint="fp")
+    assert res["rows"] == res["rows_in"] == 8
+    assert (res["rows_ok"], res["rows_error"], res["duplicate_rows_dropped"]) == (6, 2, 0)
+    t = pq.read_table(out)
+    assert t.num_rows == 8
+    assert json.loads(t.schema.metadata[b"diffin"]) == {"m": 1}
+    assert not [f for f in os.listdir(run) if ".tmp-" in f]
+
+
+def test_part_without_record_is_not_trusted(tmp_path):
+    run = str(tmp_path)
+    parts = [_part(run, "00000", 4)]
+    os.remove(done_url(parts[0]))
+    out = f"{run}/scores.parquet"
+    with pytest.raises(MergeError, match="no completion record"):
+        merge_parts(parts, out, {}, require_records=True)
+    assert not os.path.exists(out)
+    # Without require_records (hand-made parts), a part without a record is read as is.
+    assert merge_parts(parts, out, {})["rows"] == 4
+
+
+def test_refuses_a_part_that_does_not_match_its_record(tmp_path):
+    run = str(tmp_path)
+    good = _part(run, "00000", 4)
+    bad = _part(run, "00001", 4)
+    # Replace the part behind the record's back (e.g. a stale writer): sha256 differs.
+    t = pq.read_table(bad).slice(0, 3)
+    pq.write_table(t, bad)
+    out = f"{run}/scores.parquet"
+    with pytest.raises(MergeError, match="sha256"):
+        merge_parts([good, bad], out, {}, require_records=True)
+    assert not os.path.exists(out)
+    rec = json.load(open(done_url(bad)))
+    with open(bad, "rb") as f:
+        import hashlib
+
+        rec["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    json.dump(rec, open(done_url(bad), "w"))
+    with pytest.raises(MergeError, match="3 rows != completion record 4"):
+        merge_parts([good, bad], out, {}, require_records=True)
+
+
+def test_refuses_other_fingerprint_and_repeated_shard(tmp_path):
+    run = str(tmp_path)
+    a = _part(run, "00000", 2, fp="old")
+    out = f"{run}/scores.parquet"
+    with pytest.raises(MergeError, match="another configuration"):
+        merge_parts([a], out, {}, require_records=True, fingerprint="new")
+    b = _part(run, "00001", 2)
+    with pytest.raises(MergeError, match="already merged"):
+        merge_parts([b, b], out, {})
+
+
+def test_exact_repeats_dropped_gaps_refused(tmp_path):
+    run = str(tmp_path)
+    samples = _samples("/pool/x.tar", 3)
+    table = build_part(samples, {}, [])
+    doubled = pa.concat_tables([table, table.slice(1, 1)])
+    url = f"{run}/scores/parts/x.parquet"
+    write_part(doubled, url, {"status": "ok"})
+    res = merge_parts([url], f"{run}/scores.parquet", {}, require_records=True)
+    assert (res["rows"], res["rows_in"], res["duplicate_rows_dropped"]) == (3, 4, 1)
+
+    gap = table.filter(pa.array([True, False, True]))
+    write_part(gap, url, {"status": "ok"})
+    with pytest.raises(MergeError, match="not positions"):
+        merge_parts([url], f"{run}/other.parquet", {}, require_records=True)
+
+    clash = pa.concat_tables([table, build_part(_samples("/pool/x.tar", 1)[:1], {}, [])])
+    clash = clash.set_column(0, "uid", pa.array(["a" * 32, "b" * 32, "c" * 32, "d" * 32]))
+    write_part(clash, url, {"status": "ok"})
+    with pytest.raises(MergeError, match="different uids"):
+        merge_parts([url], f"{run}/other.parquet", {}, require_records=True)
+
+
+def test_no_parts_is_an_error(tmp_path):
+    with pytest.raises(MergeError, match="no parts"):
+        merge_parts([], str(tmp_path / "scores.parquet"), {})

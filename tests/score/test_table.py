@@ -1,0 +1,108 @@
+"""The score table: one row per sample, null scores for error rows, Parquet with metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.data.sample import Sample
+from pipeline.score.table import (
+    BASE_FIELDS,
+    build_part,
+    read_table,
+    schema,
+    table_metadata,
+    write_table,
+)
+
+COLS = ["diffin", "random"]
+
+
+def _samples() -> list[Sample]:
+    return [
+        Sample(uid="a" * 32, key="k0", shard="s.tar", index=0, caption="one"),
+        Sample(uid="b" * 32, key="k1", shard="s.tar", index=1, error="undecodable image: x"),
+        Sample(uid="c" * 32, key="k2", shard="s.tar", index=2, caption="three"),
+        Sample(uid="d" * 32, key="__shard__", shard="s.tar", index=3, error="unreadable shard"),
+    ]
+
+
+def test_schema_has_base_fields_then_float_score_columns():
+    s = schema(COLS)
+    assert s.names == [f.name for f in BASE_FIELDS] + COLS
+    assert s.field("diffin").type == pa.float64()
+    assert s.field("index").type == pa.int32()
+    assert s.field("status").type == pa.string()
+
+
+def test_build_part_places_scores_on_ok_rows_and_nulls_on_errors():
+    scores = {"diffin": np.array([1.5, -2.0]), "random": np.array([0.25, 0.75])}
+    t = build_part(_samples(), scores, COLS)
+    assert t.schema == schema(COLS)
+    assert t.num_rows == 4
+    rows = t.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error", "ok", "error"]
+    assert [r["diffin"] for r in rows] == [1.5, None, -2.0, None]
+    assert [r["random"] for r in rows] == [0.25, None, 0.75, None]
+    assert rows[1]["error"] == "undecodable image: x"
+    assert rows[0]["error"] is None
+    assert [r["key"] for r in rows] == ["k0", "k1", "k2", "__shard__"]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert rows[2]["caption"] == "three" and rows[1]["caption"] is None
+    assert t.column("diffin").null_count == 2
+
+
+def test_build_part_all_errors_and_empty():
+    samples = [s for s in _samples() if not s.ok]
+    t = build_part(samples, {c: np.zeros(0) for c in COLS}, COLS)
+    assert t.num_rows == 2
+    assert t.column("diffin").null_count == 2
+    empty = build_part([], {c: np.zeros(0) for c in COLS}, COLS)
+    assert empty.num_rows == 0 and empty.schema == schema(COLS)
+
+
+def test_build_part_refuses_scores_that_do_not_cover_the_ok_rows():
+    with pytest.raises(ValueError):
+        build_part(_samples(), {"diffin": np.array([1.0]), "random": np.array([1.0, 2.0])}, COLS)
+
+
+def test_write_read_roundtrip_with_metadata(tmp_path):
+    scores = {"diffin": np.array([1.5, -2.0]), "random": np.array([0.25, 0.75])}
+    t = build_part(_samples(), scores, COLS)
+    url = str(tmp_path / "sub" / "part.parquet")
+    write_table(t, url, metadata={"method": "diffin", "checkpoints": [1, 2]})
+    back = read_table(url)
+    assert back.to_pylist() == t.to_pylist()
+    assert table_metadata(url) == {"method": "diffin", "checkpoints": [1, 2]}
+    assert read_table(url, columns=["uid", "diffin"]).column_names == ["uid", "diffin"]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["part.parquet"]  # no temp left
+
+
+def test_write_without_metadata_reads_empty_metadata(tmp_path):
+    t = build_part(_samples()[:1], {"diffin": np.ones(1), "random": np.ones(1)}, COLS)
+    url = str(tmp_path / "p.parquet")
+    write_table(t, url)
+    assert table_metadata(url) == {}
+
+
+def test_rewrite_replaces_the_part(tmp_path):
+    url = str(tmp_path / "p.parquet")
+    write_table(build_part(_samples(), {c: np.ones(2) for c in COLS}, COLS), url)
+    write_table(build_part(_samples()[:1], {c: np.ones(1) for c in COLS}, COLS), url)
+    assert read_table(url).num_rows == 1
+
+
+def test_merged_pool_table_has_one_row_per_generated_sample(tiny_scored, tiny_pool):
+    table = read_table(str(Path(tiny_scored["run"]) / "scores.parquet"))
+    assert table.num_rows == sum(tiny_pool["sizes"].values()) == tiny_pool["samples"]
+    uids = table.column("uid").to_pylist()
+    assert len(set(uids)) == len(uids)
+    assert set(table.column("status").to_pylist()) <= {"ok", "error"}
+    assert table.schema.names[: len(BASE_FIELDS)] == [f.name for f in BASE_FIELDS]
+    # parts are in shard order, rows in shard position order
+    shards = table.column("shard").to_pylist()
+    assert shards == sorted(shards)
+    assert table_metadata(str(Path(tiny_scored["run"]) / "scores.parquet"))["score"]["methods"]

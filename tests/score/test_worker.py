@@ -1,0 +1,222 @@
+"""The per-shard worker: rows in = rows out, error rows, independence of batching and order."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.data.reader import SHARD_KEY, iter_shard
+from pipeline.errors import ConfigError
+from pipeline.score.table import BASE_FIELDS, read_table
+from pipeline.score.worker import ShardScorer
+
+METHODS = ["diffin", "tracin", "loss", "random"]
+BAD_KEY = "000000bad"
+BAD_UID = "deadbeef" * 4
+
+
+def _members(shard: str, n: int) -> list[tuple[str, bytes]]:
+    """The first n samples (all their members) of a shard, raw."""
+    out: list[tuple[str, bytes]] = []
+    keys: list[str] = []
+    with tarfile.open(shard) as tf:
+        for m in tf.getmembers():
+            key = m.name.split(".", 1)[0]
+            if key not in keys:
+                if len(keys) == n:
+                    break
+                keys.append(key)
+            out.append((m.name, tf.extractfile(m).read()))
+    return out
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_pool, tmp_path_factory) -> dict[str, str]:
+    """Small shards cut from the pool: clean, with an undecodable image, truncated."""
+    root = tmp_path_factory.mktemp("worker_shards")
+    pool = Path(tiny_pool["out"])
+    first = _members(str(pool / "00000.tar"), 20)
+    second = _members(str(pool / "00001.tar"), 12)
+    bad = [
+        (f"{BAD_KEY}.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg"),
+        (f"{BAD_KEY}.txt", b"a broken image"),
+        (f"{BAD_KEY}.json", json.dumps({"uid": BAD_UID}).encode()),
+    ]
+    damaged = first[:30] + bad + first[30:]  # the bad sample sits in the middle (index 10)
+    out = {
+        "clean": root / "clean.tar",
+        "second": root / "second.tar",
+        "damaged": root / "damaged.tar",
+        "truncated": root / "truncated.tar",
+    }
+    out["clean"].write_bytes(_tar(first))
+    out["second"].write_bytes(_tar(second))
+    out["damaged"].write_bytes(_tar(damaged))
+    whole = _tar(first)
+    # cut inside the data of the 15th sample's image (member 42)
+    with tarfile.open(out["clean"]) as tf:
+        cut = tf.getmembers()[42].offset_data + 100
+    out["truncated"].write_bytes(whole[:cut])
+    return {k: str(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def run_copy(tiny_scored, tmp_path_factory) -> str:
+    dst = tmp_path_factory.mktemp("worker") / "run"
+    shutil.copytree(tiny_scored["run"], dst)
+    return str(dst)
+
+
+def _scorer(run_copy, tiny_scored, batch_size: int, **kw) -> ShardScorer:
+    cfg = dataclasses.replace(
+        tiny_scored["config"], run=run_copy, methods=METHODS, batch_size=batch_size, **kw
+    )
+    return ShardScorer(run_copy, cfg)
+
+
+@pytest.fixture(scope="module")
+def scorer64(run_copy, tiny_scored):
+    return _scorer(run_copy, tiny_scored, 64)
+
+
+@pytest.fixture(scope="module")
+def scorer7(run_copy, tiny_scored):
+    return _scorer(run_copy, tiny_scored, 7)
+
+
+def _score(scorer: ShardScorer, url: str, name: str):
+    counts = scorer.score_shard(url, name)
+    return counts, read_table(scorer.run.part(name))
+
+
+def _by_uid(table, col: str) -> dict[str, float]:
+    return dict(zip(table.column("uid").to_pylist(), table.column(col).to_pylist(), strict=True))
+
+
+def test_damaged_shard_rows_in_equal_rows_out(scorer64, shards):
+    counts, table = _score(scorer64, shards["damaged"], "damaged-64")
+    rows_in = list(iter_shard(shards["damaged"]))
+    assert len(rows_in) == 21
+    assert table.num_rows == counts["rows"] == 21
+    assert counts["ok"] == 20 and counts["errors"] == 1
+    assert table.column("key").to_pylist() == [s.key for s in rows_in]
+    assert table.column("index").to_pylist() == list(range(21))
+    assert table.column("uid").to_pylist() == [s.uid for s in rows_in]
+    assert set(table.column("shard").to_pylist()) == {shards["damaged"]}
+
+    status = table.column("status").to_pylist()
+    assert status.count("error") == 1 and status.index("error") == 10
+    bad = table.slice(10, 1).to_pylist()[0]
+    assert bad["key"] == BAD_KEY and bad["uid"] == BAD_UID
+    assert "undecodable image" in bad["error"]
+    score_cols = [c for c in table.column_names if c not in {f.name for f in BASE_FIELDS}]
+    assert set(score_cols) == set(scorer64.columns)
+    for c in score_cols:
+        assert bad[c] is None, c
+        ok_vals = table.filter(pc.equal(table.column("status"), "ok")).column(c)
+        assert ok_vals.null_count == 0
+        assert np.isfinite(ok_vals.to_numpy()).all(), c
+    ok_errors = table.filter(pc.equal(table.column("status"), "ok")).column("error")
+    assert ok_errors.null_count == ok_errors.length()
+
+
+def test_truncated_shard_keeps_the_samples_before_the_damage(scorer64, shards):
+    counts, table = _score(scorer64, shards["truncated"], "truncated")
+    rows_in = list(iter_shard(shards["truncated"]))
+    assert table.num_rows == counts["rows"] == len(rows_in)
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows[:14]] == ["ok"] * 14
+    assert all(r["status"] == "error" and r["error"] for r in rows[14:])
+    assert rows[-1]["key"] == SHARD_KEY
+    assert rows[-1]["error"].startswith("unreadable shard")
+    assert all(r["diffin"] is None and r["random"] is None for r in rows[14:])
+    # the complete samples score exactly as in the undamaged copy
+    _, clean = _score(scorer64, shards["clean"], "clean-64")
+    want = _by_uid(clean, "diffin")
+    for r in rows[:14]:
+        assert r["diffin"] == pytest.approx(want[r["uid"]], rel=1e-6)
+
+
+def test_scores_do_not_depend_on_batch_size(scorer64, scorer7, shards):
+    _, a = _score(scorer64, shards["damaged"], "dmg-b64")
+    _, b = _score(scorer7, shards["damaged"], "dmg-b7")
+    assert a.column("uid").to_pylist() == b.column("uid").to_pylist()
+    assert a.column("status").to_pylist() == b.column("status").to_pylist()
+    for c in scorer64.columns:
+        x = a.column(c).to_numpy(zero_copy_only=False).astype(float)
+        y = b.column(c).to_numpy(zero_copy_only=False).astype(float)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=0, equal_nan=True, err_msg=c)
+
+
+def test_scores_do_not_depend_on_shard_order_or_shard(scorer64, run_copy, tiny_scored, shards):
+    _, clean1 = _score(scorer64, shards["clean"], "order-clean-1")
+    _, second1 = _score(scorer64, shards["second"], "order-second-1")
+    fresh = _scorer(run_copy, tiny_scored, 64)
+    _, second2 = _score(fresh, shards["second"], "order-second-2")
+    _, clean2 = _score(fresh, shards["clean"], "order-clean-2")
+    for first, again in ((clean1, clean2), (second1, second2)):
+        for c in scorer64.columns:
+            np.testing.assert_allclose(
+                first.column(c).to_numpy(), again.column(c).to_numpy(), rtol=1e-6, err_msg=c
+            )
+    # the same samples scored inside the full pool shards (other companions, other shard)
+    merged = read_table(str(Path(tiny_scored["run"]) / "scores.parquet"))
+    for c in ("diffin", "tracin", "loss", "random"):
+        pool_scores = _by_uid(merged, c)
+        for uid, v in _by_uid(clean1, c).items():
+            assert v == pytest.approx(pool_scores[uid], rel=1e-4, abs=1e-12), (c, uid)
+
+
+def test_random_scorer_is_a_function_of_uid_only(scorer64, shards, tiny_scored):
+    _, table = _score(scorer64, shards["damaged"], "random-check")
+    for row in table.filter(pc.equal(table.column("status"), "ok")).to_pylist():
+        seed = tiny_scored["config"].seed
+        h = hashlib.sha256(f"{seed}:{row['uid']}".encode()).digest()[:8]
+        assert row["random"] == int.from_bytes(h, "big") / 2**64
+    values = [r for r in table.column("random").to_pylist() if r is not None]
+    assert len(set(values)) == len(values)
+    assert all(0 <= v < 1 for v in values)
+
+
+def test_random_scorer_depends_on_seed(run_copy, tiny_scored, shards):
+    a = _scorer(run_copy, tiny_scored, 64, seed=0)
+    b = _scorer(run_copy, tiny_scored, 64, seed=1)
+    _, ta = _score(a, shards["second"], "seed-0")
+    _, tb = _score(b, shards["second"], "seed-1")
+    assert ta.column("random").to_pylist() != tb.column("random").to_pylist()
+    np.testing.assert_allclose(ta.column("diffin").to_numpy(), tb.column("diffin").to_numpy())
+
+
+def test_all_error_shard_gives_rows_with_null_scores(scorer64, tmp_path):
+    bad = tmp_path / "not-a-tar.tar"
+    bad.write_bytes(b"garbage" * 100)
+    counts, table = _score(scorer64, str(bad), "garbage")
+    assert counts["rows"] == table.num_rows == 1
+    assert counts["errors"] == 1 and counts["ok"] == 0
+    row = table.to_pylist()[0]
+    assert row["status"] == "error" and row["error"].startswith("unreadable shard")
+    assert all(row[c] is None for c in scorer64.columns)
+
+
+def test_scorer_refuses_unknown_method(run_copy, tiny_scored):
+    with pytest.raises(ConfigError, match="methods"):
+        ShardScorer(run_copy, dataclasses.replace(tiny_scored["config"], methods=["nope"]))

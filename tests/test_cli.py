@@ -1,0 +1,164 @@
+"""The `diffin` command: help, and configuration errors refused before any work, naming the field."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser, main
+
+SUBCOMMANDS = ["make-data", "train", "score", "prune", "demo"]
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for sub in SUBCOMMANDS:
+        assert sub in out
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_subcommand_help(sub, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([sub, "--help"])
+    assert info.value.code == 0
+    assert f"diffin {sub}" in capsys.readouterr().out
+
+
+def test_missing_subcommand_and_bad_choice_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data", "x.tar", "--run", "r", "--spacing", "log"])
+    assert info.value.code == 2
+    assert "spacing" in capsys.readouterr().err
+
+
+def _refused(argv: list[str], capsys, *words: str) -> str:
+    t0 = time.time()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "configuration error" in err
+    for w in words:
+        assert w in err, (w, err)
+    assert time.time() - t0 < 30  # refused up front, not after a stage ran
+    return err
+
+
+def _empty(path: Path) -> bool:
+    return not path.exists() or not any(path.iterdir())
+
+
+@pytest.mark.parametrize("keep", ["0", "1.5", "-0.2"])
+def test_prune_bad_keep(tmp_path, capsys, keep):
+    run = tmp_path / "run"
+    _refused(["prune", "--run", str(run), "--keep", keep], capsys, "keep")
+    assert _empty(run)
+
+
+def test_prune_unknown_method(tiny_scored, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_scored["run"], run)
+    _refused(["prune", "--run", str(run), "--keep", "0.5", "--method", "nope"], capsys, "method")
+    assert not (run / "prune").exists()
+
+
+def test_score_unknown_method(tiny_pool, tmp_path, capsys):
+    run = tmp_path / "run"
+    data = tiny_pool["train_data"]
+    _refused(
+        ["score", "--data", data, "--run", str(run), "--methods", "diffin,nope"],
+        capsys,
+        "methods",
+        "nope",
+    )
+    assert _empty(run)
+
+
+def test_score_duplicate_method(tiny_pool, tmp_path, capsys):
+    run = tmp_path / "run"
+    data = tiny_pool["train_data"]
+    _refused(
+        ["score", "--data", data, "--run", str(run), "--methods", "loss,loss"],
+        capsys,
+        "methods",
+    )
+    assert _empty(run)
+
+
+@pytest.mark.parametrize("command", ["train", "score"])
+def test_shard_pattern_without_matches(tiny_run, tmp_path, capsys, command):
+    run = tmp_path / "run"
+    pattern = str(tmp_path / "pool" / "{00000..00003}.tar")
+    _refused([command, "--data", pattern, "--run", str(run)], capsys, "data", pattern)
+    assert _empty(run)
+
+
+@pytest.mark.parametrize("command", ["train", "score"])
+def test_reversed_brace_range(tiny_pool, tmp_path, capsys, command):
+    run = tmp_path / "run"
+    pattern = str(Path(tiny_pool["out"]) / "{00002..00000}.tar")
+    _refused([command, "--data", pattern, "--run", str(run)], capsys, "data", "00002..00000")
+    assert _empty(run)
+
+
+def test_train_unknown_model(tiny_pool, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--data", tiny_pool["train_data"], "--run", str(run), "--model", "nope"]
+    _refused(argv, capsys, "model", "nope")
+    assert _empty(run)
+
+
+@pytest.mark.parametrize(
+    "flag,value,field",
+    [("--steps", "0", "steps"), ("--lr", "-1", "lr"), ("--checkpoints", "0", "checkpoints")],
+)
+def test_train_bad_numbers(tiny_pool, tmp_path, capsys, flag, value, field):
+    run = tmp_path / "run"
+    argv = ["train", "--data", tiny_pool["train_data"], "--run", str(run), flag, value]
+    _refused(argv, capsys, field)
+    assert _empty(run)
+
+
+def test_score_without_trajectory(tiny_pool, tmp_path, capsys):
+    run = tmp_path / "run"
+    _refused(["score", "--data", tiny_pool["train_data"], "--run", str(run)], capsys, "run")
+
+
+def test_make_data_bad_noise(tmp_path, capsys):
+    out = tmp_path / "pool"
+    _refused(["make-data", str(out), "--noise", "1.5"], capsys, "noise")
+    assert _empty(out)
+
+
+@pytest.mark.parametrize(
+    "flag,value,field",
+    [("--keep", "2", "keep"), ("--method", "nope", "method"), ("--steps", "0", "steps")],
+)
+def test_demo_refuses_bad_config_before_generating_data(tmp_path, capsys, flag, value, field):
+    run = tmp_path / "demo"
+    _refused(["demo", "--run", str(run), flag, value], capsys, field)
+    assert _empty(run)
+
+
+def test_train_pool_too_small_is_a_config_error(tiny_pool, tmp_path, capsys):
+    # target_size (128) + batch_size (400) > 300 pairs: refused after reading, without a traceback
+    run = tmp_path / "run"
+    argv = ["train", "--data", tiny_pool["train_data"], "--run", str(run)]
+    _refused([*argv, "--model", "diffin-tiny", "--batch-size", "400", "--steps", "50"], capsys, "data")
+    assert not (run / "trajectory").exists()
+
+
+def test_parser_defaults_match_the_readme():
+    args = build_parser().parse_args(["score", "--data", "d", "--run", "r"])
+    assert args.methods == ["diffin", "tracin", "random"]
+    args = build_parser().parse_args(["score", "--data", "d", "--run", "r", "--methods", "a, b,"])
+    assert args.methods == ["a", "b"]

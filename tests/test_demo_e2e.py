@@ -1,0 +1,122 @@
+"""The whole pipeline through `run_demo` on an embedded Ray: rows in = rows out, a usable manifest."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data.shards import expand_pattern
+from pipeline.demo import DemoConfig, format_summary, run_demo
+from pipeline.errors import ConfigError
+from pipeline.prune.datacomp import array_to_uids
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import ray
+
+    run = tmp_path_factory.mktemp("demo") / "run"
+    cfg = DemoConfig(
+        run=str(run),
+        samples=300,
+        shard_size=100,
+        steps=30,
+        checkpoints=2,
+        workers=2,
+        model="diffin-tiny",
+        keep=0.7,
+        batch_size=32,
+        warmup=5,
+        target_size=32,
+        reference_size=31,
+        eval_samples=20,
+    )
+    try:
+        summary = run_demo(cfg)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    assert not ray.is_initialized()
+    return {"cfg": cfg, "summary": summary, "run": run}
+
+
+def _tar_uids(path: Path) -> list[str]:
+    with tarfile.open(path) as tf:
+        return [
+            json.loads(tf.extractfile(m).read())["uid"]
+            for m in tf.getmembers()
+            if m.name.endswith(".json")
+        ]
+
+
+def test_score_table_has_one_row_per_generated_sample(demo):
+    run = demo["run"]
+    sizes = json.loads((run / "data" / "sizes.json").read_text())
+    assert sum(sizes.values()) == 300
+    table = pq.read_table(run / "scores.parquet")
+    assert table.num_rows == sum(sizes.values()) == demo["summary"]["samples"]
+    uids = table.column("uid").to_pylist()
+    assert len(set(uids)) == len(uids)
+    status = table.column("status").to_pylist()
+    assert set(status) <= {"ok", "error"}
+    assert status.count("error") == demo["summary"]["errors"]
+    for m in demo["cfg"].methods:
+        assert m in table.column_names
+
+
+def test_manifest_matches_tars_and_sizes(demo):
+    out = Path(demo["summary"]["outputs"]["manifest"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = json.loads((out / "shards" / "sizes.json").read_text())
+    tars = expand_pattern(manifest["train_data"])
+    assert [Path(t).name for t in tars] == sorted(sizes)
+    counts = {Path(t).name: len(_tar_uids(Path(t))) for t in tars}
+    assert counts == sizes
+    assert manifest["train_num_samples"] == sum(sizes.values()) == manifest["kept"]
+    assert manifest["kept"] == round(0.7 * manifest["rows_ok"]) == demo["summary"]["kept"]
+    assert manifest["train_data"] == demo["summary"]["outputs"]["train_data"]
+
+    arr = np.load(out / "uids.npy", allow_pickle=False)
+    assert arr.dtype == np.dtype("u8,u8")
+    pairs = arr.tolist()
+    assert pairs == sorted(set(pairs))
+    tar_uids = [u for t in tars for u in _tar_uids(Path(t))]
+    assert array_to_uids(arr) == sorted(tar_uids)
+
+
+def test_demo_json_and_summary(demo):
+    written = json.loads((demo["run"] / "demo.json").read_text())
+    s = demo["summary"]
+    assert written["kept"] == s["kept"] and written["samples"] == s["samples"]
+    assert s["mismatched_in_pool"] == 60  # 20% of 300
+    assert 0 <= s["mismatched_kept"] <= s["mismatched_in_pool"]
+    assert set(s["defects_kept_by_method"]) == set(demo["cfg"].methods)
+    text = format_summary(s)
+    assert f"{s['mismatched_kept']} of {s['mismatched_in_pool']} injected mismatched" in text
+    for m in demo["cfg"].methods:
+        assert m in text
+    run_json = json.loads((demo["run"] / "run.json").read_text())
+    assert {"train", "score"} <= set(run_json)
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"keep": 1.5}, "keep"),
+        ({"method": "nope"}, "method"),
+        ({"methods": ["diffin", "nope"]}, "methods"),
+        ({"steps": 30}, "warmup"),  # the default warm-up (40) does not fit in 30 steps
+        ({"model": "nope"}, "model"),
+        ({"noise": 1.0}, "noise"),
+    ],
+)
+def test_bad_demo_config_is_refused_before_any_work(tmp_path, change, field):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=field):
+        run_demo(DemoConfig(run=str(run), **change))
+    assert not run.exists()

@@ -1,0 +1,142 @@
+"""The scorer registry: declared columns, finite floats, refusal of bad method lists."""
+
+from __future__ import annotations
+
+import dataclasses
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data.reader import iter_shard
+from pipeline.errors import ConfigError
+from pipeline.influence.estimator import Checkpoint, first_order_weight, second_order_weight
+from pipeline.score.worker import ShardScorer
+from pipeline.scorers import REGISTRY, ScoreContext, Scorer, Terms, get_scorers, needed_terms
+
+
+@pytest.fixture(scope="module")
+def all_scorer(tiny_scored) -> ShardScorer:
+    cfg = dataclasses.replace(tiny_scored["config"], methods=sorted(REGISTRY))
+    return ShardScorer(tiny_scored["run"], cfg)  # score_samples writes nothing
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_pool):
+    return list(islice(iter_shard(str(Path(tiny_pool["out"]) / "00002.tar")), 9))
+
+
+@pytest.fixture(scope="module")
+def worker_out(all_scorer, samples):
+    """The worker's output for ``samples`` and the terms it handed to the scorers."""
+    seen: dict[str, Terms] = {}
+    for scorer in all_scorer.scorers:
+        original = scorer.score
+
+        def recording(terms, uids, ctx, _original=original):
+            seen["terms"] = terms
+            return _original(terms, uids, ctx)
+
+        scorer.score = recording
+    try:
+        out = all_scorer.score_samples(samples)
+    finally:
+        for scorer in all_scorer.scorers:
+            del scorer.score
+    return out, seen["terms"]
+
+
+def test_registry_has_the_documented_scorers():
+    assert {"diffin", "tracin", "loss", "clip_score", "random"} <= set(REGISTRY)
+    for name, cls in REGISTRY.items():
+        assert issubclass(cls, Scorer) and cls.name == name
+        assert cls.description
+        for declared in (cls.terms, cls.last_terms, getattr(cls, "first_terms", frozenset())):
+            assert isinstance(declared, frozenset)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_each_scorer_produces_exactly_its_declared_columns(name, all_scorer, samples, worker_out):
+    _, terms = worker_out
+    scorer = REGISTRY[name]()
+    ctx = all_scorer.ctx
+    cols = scorer.columns(ctx)
+    assert cols[0] == name  # the final score is named after the scorer
+    assert len(set(cols)) == len(cols)
+    out = scorer.score(terms, [s.uid for s in samples], ctx)
+    assert set(out) == set(cols)
+    for c, v in out.items():
+        v = np.asarray(v)
+        assert v.shape == (len(samples),), c
+        assert v.dtype == np.float64, c
+        assert np.isfinite(v).all(), c
+
+
+def test_all_scorers_together_through_the_worker(all_scorer, samples, worker_out):
+    out, _ = worker_out
+    assert len(set(all_scorer.columns)) == len(all_scorer.columns)  # no clashes
+    assert set(out) == set(all_scorer.columns)
+    for c, v in out.items():
+        assert v.shape == (len(samples),) and np.isfinite(v).all(), c
+
+
+def test_scorer_formulas_on_given_terms():
+    ctx = ScoreContext([Checkpoint(10, 0.1), Checkpoint(20, 0.05)], n_train=100, seed=0)
+    rng = np.random.default_rng(0)
+    terms = {
+        c.step: {k: rng.normal(size=4) for k in ("first", "hb", "hz", "loss", "cosine")}
+        for c in ctx.checkpoints
+    }
+    uids = [f"{i:032x}" for i in range(4)]
+    tr = REGISTRY["tracin"]().score(terms, uids, ctx)
+    want = sum(first_order_weight(c, 100, 2) * terms[c.step]["first"] for c in ctx.checkpoints)
+    np.testing.assert_allclose(tr["tracin"], want)
+    di = REGISTRY["diffin"]().score(terms, uids, ctx)
+    second = sum(
+        second_order_weight(c, 100, 2) * (terms[c.step]["hb"] + terms[c.step]["hz"])
+        for c in ctx.checkpoints
+    )
+    np.testing.assert_allclose(di["diffin"], want + second)
+    no_first = ScoreContext(ctx.checkpoints, 100, 0, {"first_order": False})
+    np.testing.assert_allclose(REGISTRY["diffin"]().score(terms, uids, no_first)["diffin"], second)
+    lo = REGISTRY["loss"]().score(terms, uids, ctx)
+    np.testing.assert_array_equal(lo["loss"], -terms[20]["loss"])
+    np.testing.assert_array_equal(lo["loss_raw"], terms[20]["loss"])
+    cs = REGISTRY["clip_score"]().score(terms, uids, ctx)
+    np.testing.assert_array_equal(cs["clip_score"], terms[20]["cosine"])
+    r1 = REGISTRY["random"]().score(terms, uids, ctx)["random"]
+    r2 = REGISTRY["random"]().score(terms, uids[::-1], ctx)["random"]
+    np.testing.assert_array_equal(r1, r2[::-1])  # a function of the uid, not the position
+
+
+def test_needed_terms_last_only_at_the_last_checkpoint():
+    ctx = ScoreContext([Checkpoint(1, 0.1), Checkpoint(2, 0.1)], n_train=10)
+    scorers = get_scorers(["loss", "tracin"])
+    assert needed_terms(scorers, ctx.checkpoints[0], ctx) == {"first"}
+    assert needed_terms(scorers, ctx.checkpoints[1], ctx) == {"first", "loss"}
+    assert needed_terms(get_scorers(["random"]), ctx.checkpoints[1], ctx) == set()
+
+
+@pytest.mark.parametrize(
+    "names,match",
+    [
+        (["nope"], "nope"),
+        (["diffin", "nope"], "nope"),
+        ([], "methods"),
+        (["diffin", "diffin"], "twice"),
+        (["random", "loss", "random"], "twice"),
+    ],
+)
+def test_get_scorers_refuses_bad_lists(names, match):
+    with pytest.raises(ConfigError, match="methods") as info:
+        get_scorers(names)
+    assert match in str(info.value)
+
+
+def test_get_scorers_keeps_the_order():
+    assert [s.name for s in get_scorers(["random", "diffin", "loss"])] == [
+        "random",
+        "diffin",
+        "loss",
+    ]

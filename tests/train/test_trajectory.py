@@ -1,0 +1,216 @@
+"""Proxy training: the recorded trajectory, determinism, held-out sets, the training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.model import factory
+from pipeline.rundir import RunDir
+from pipeline.tensors import load_tensors
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import batch_order, train_loop
+from pipeline.train.schedule import checkpoint_steps, lr_at
+from pipeline.train.trajectory import load_pool, train
+
+
+def _traj(run: str) -> dict:
+    return json.loads((Path(run) / "trajectory" / "trajectory.json").read_text())
+
+
+def test_records_m_checkpoints_with_schedule_steps_and_lrs(tiny_run):
+    cfg: TrainConfig = tiny_run["config"]
+    rec = _traj(tiny_run["run"])
+    want_steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.spacing, cfg.seed)
+    assert [c["step"] for c in rec["checkpoints"]] == want_steps
+    assert len(rec["checkpoints"]) == cfg.checkpoints
+    for c in rec["checkpoints"]:
+        assert c["lr"] == pytest.approx(lr_at(c["step"], cfg.lr, cfg.warmup, cfg.steps, cfg.schedule))
+    assert rec == json.loads(json.dumps(tiny_run["record"], default=str))
+    assert rec["model"] == "diffin-tiny"
+    assert rec["steps"] == cfg.steps
+    assert rec["config"] == cfg.to_dict()
+
+
+def test_checkpoint_sha256_matches_files_and_loads_without_pickle(tiny_run):
+    run = RunDir(tiny_run["run"])
+    rec = _traj(tiny_run["run"])
+    names = {n for n, _ in factory.create("diffin-tiny").model.named_parameters()}
+    for c in rec["checkpoints"]:
+        path = Path(run.checkpoint(c["step"]))
+        assert path.name == c["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == c["sha256"]
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert names <= set(state)
+    # the checkpoints differ: training moved theta between them
+    a, b = (torch.load(run.checkpoint(c["step"]), weights_only=True) for c in rec["checkpoints"])
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pool_counts_and_target_held_out(tiny_run, tiny_pool):
+    cfg: TrainConfig = tiny_run["config"]
+    rec = _traj(tiny_run["run"])
+    assert rec["pool"]["rows_read"] == tiny_pool["samples"]
+    assert rec["pool"]["target"] == cfg.target_size
+    assert rec["pool"]["reference"] == cfg.reference_size
+    ok = rec["pool"]["rows_read"] - rec["pool"]["errors"]
+    assert rec["n_train"] == ok - cfg.target_size
+
+    run = RunDir(tiny_run["run"])
+    target_t, target_meta = load_tensors(run.set_file("target"))
+    ref_t, ref_meta = load_tensors(run.set_file("reference"))
+    assert target_t["images"].shape[0] == len(target_meta["uids"]) == cfg.target_size
+    assert ref_t["images"].shape[0] == len(ref_meta["uids"]) == cfg.reference_size
+
+    pool = load_pool(cfg)  # the same seeded split the run used
+    train_uids = {s.uid for s in pool.train}
+    assert len(pool.train) == rec["n_train"]
+    assert target_meta["uids"] == [s.uid for s in pool.target]
+    assert not set(target_meta["uids"]) & train_uids
+    assert set(ref_meta["uids"]) <= train_uids
+    gb, gb_meta = load_tensors(run.set_file("grad_batches"))
+    assert gb["images"].shape[:2] == (cfg.grad_batches, cfg.batch_size)
+    assert gb_meta["k"] == cfg.grad_batches
+
+
+def test_same_seed_gives_byte_identical_checkpoints(tiny_run, tmp_path):
+    cfg = dataclasses.replace(tiny_run["config"], run=str(tmp_path / "again"))
+    rec = train(cfg)
+    first = _traj(tiny_run["run"])["checkpoints"]
+    assert [c["sha256"] for c in rec["checkpoints"]] == [c["sha256"] for c in first]
+    for c in first:
+        a = Path(RunDir(tiny_run["run"]).checkpoint(c["step"])).read_bytes()
+        b = Path(RunDir(cfg.run).checkpoint(c["step"])).read_bytes()
+        assert a == b
+    for name in ("reference", "target", "grad_batches"):
+        a = Path(RunDir(tiny_run["run"]).set_file(name)).read_bytes()
+        b = Path(RunDir(cfg.run).set_file(name)).read_bytes()
+        assert a == b, name
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("steps", 0),
+        ("checkpoints", 0),
+        ("checkpoints", 11),
+        ("spacing", "log"),
+        ("batch_size", 1),
+        ("optimizer", "lion"),
+        ("lr", 0.0),
+        ("momentum", 1.0),
+        ("weight_decay", -0.1),
+        ("warmup", 10),
+        ("schedule", "linear"),
+        ("target_size", 0),
+        ("reference_size", 0),
+        ("grad_batches", 0),
+    ],
+)
+def test_validate_names_the_field(field, value, tmp_path):
+    cfg = TrainConfig(data="x", run=str(tmp_path / "r"), steps=10, warmup=2, checkpoints=2)
+    cfg.validate()
+    bad = dataclasses.replace(cfg, **{field: value})
+    with pytest.raises(ConfigError, match=rf"^{field}:"):
+        bad.validate()
+
+
+def test_train_refuses_bad_config_before_any_work(tmp_path):
+    run = tmp_path / "r"
+    with pytest.raises(ConfigError, match="lr"):
+        train(TrainConfig(data=str(tmp_path / "none.tar"), run=str(run), lr=-1))
+    with pytest.raises(ConfigError, match="model"):
+        train(TrainConfig(data=str(tmp_path / "none.tar"), run=str(run), model="nope"))
+    assert not run.exists()
+
+
+# -- the loop on in-memory tensors ----------------------------------------------
+
+
+N, BS, STEPS = 24, 6, 8
+
+
+@pytest.fixture
+def loop_data():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(N, 3, 32, 32, generator=g)
+    tokens = torch.randint(1, 1000, (N, 24), generator=g)
+    tokens[:, 0] = torch.arange(N) + 5000  # first token identifies the sample
+    return images, tokens
+
+
+def _run_loop(images, tokens, removed=None, ckpts=None):
+    torch.manual_seed(0)
+    model = factory.create("diffin-tiny").model
+    seen: list[list[int]] = []
+    forward = model.forward
+
+    def recording(img, tok):
+        seen.append((tok[:, 0] - 5000).tolist())
+        return forward(img, tok)
+
+    model.forward = recording
+    cfg = TrainConfig(data="x", run="x", steps=STEPS, warmup=2, batch_size=BS, lr=0.05)
+    order = batch_order(N, BS, STEPS, seed=0)
+    states: dict[int, dict] = {}
+
+    def keep(step, lr, m):
+        states[step] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    train_loop(model, images, tokens, cfg, order, ckpts, keep, removed=removed, progress=False)
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return order, seen, states, initial, final
+
+
+def test_batch_order_is_seeded_epochs_of_permutations():
+    order = batch_order(N, BS, STEPS, seed=0)
+    assert len(order) == STEPS and all(len(b) == BS for b in order)
+    per_epoch = N // BS
+    first_epoch = torch.cat(order[:per_epoch])
+    assert sorted(first_epoch.tolist()) == list(range(N))  # each sample once per epoch
+    assert all(torch.equal(a, b) for a, b in zip(order, batch_order(N, BS, STEPS, 0), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(order, batch_order(N, BS, STEPS, 1), strict=True))
+
+
+def test_removed_drops_exactly_those_samples_and_keeps_other_batches(loop_data):
+    images, tokens = loop_data
+    removed = torch.zeros(N, dtype=torch.bool)
+    removed[[3, 11, 17]] = True
+    order, seen_full, *_ = _run_loop(images, tokens)
+    _, seen_pruned, *_ = _run_loop(images, tokens, removed=removed)
+    assert seen_full == [b.tolist() for b in order]
+    assert len(seen_pruned) == STEPS
+    gone = set(removed.nonzero().flatten().tolist())
+    touched = 0
+    for full, pruned in zip(seen_full, seen_pruned, strict=True):
+        assert pruned == [i for i in full if i not in gone]  # same order, minus removed
+        touched += pruned != full
+    assert touched > 0  # the removal did hit some batch
+    assert not gone & {i for b in seen_pruned for i in b}
+
+
+def test_removing_nothing_reproduces_the_full_run_and_removing_something_changes_it(loop_data):
+    images, tokens = loop_data
+    *_, full = _run_loop(images, tokens)
+    *_, none_removed = _run_loop(images, tokens, removed=torch.zeros(N, dtype=torch.bool))
+    removed = torch.zeros(N, dtype=torch.bool)
+    removed[0] = True
+    *_, one_removed = _run_loop(images, tokens, removed=removed)
+    assert all(torch.equal(full[k], none_removed[k]) for k in full)
+    assert any(not torch.equal(full[k], one_removed[k]) for k in full)
+
+
+def test_checkpoint_callback_sees_theta_before_the_update(loop_data):
+    images, tokens = loop_data
+    _, _, states, initial, final = _run_loop(images, tokens, ckpts=[0, 3, STEPS])
+    assert sorted(states) == [0, 3, STEPS]
+    assert all(torch.equal(states[0][k], initial[k]) for k in initial)
+    assert all(torch.equal(states[STEPS][k], final[k]) for k in final)
+    assert any(not torch.equal(states[3][k], initial[k]) for k in initial)
