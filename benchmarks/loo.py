@@ -13,6 +13,7 @@ of the target loss) and the LDS per scorer.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def analyse(res) -> dict:
     return out
 
 
-def plots(res, summary: dict, fig_dir: Path) -> list[str]:
+def plots(res, summary: dict, fig_dir: Path, tag: str = "") -> list[str]:
     plt = pyplot()
     fig_dir.mkdir(parents=True, exist_ok=True)
     idx = np.asarray(res.removed)
@@ -86,7 +87,7 @@ def plots(res, summary: dict, fig_dir: Path) -> list[str]:
     axes[0].set_ylabel("actual delta L_V (LOO)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    files = [str(fig_dir / "loo_scatter.png")]
+    files = [str(fig_dir / f"loo_scatter{tag}.png")]
     fig.savefig(files[0], dpi=110)
     plt.close(fig)
     if res.subsets is not None:
@@ -98,7 +99,7 @@ def plots(res, summary: dict, fig_dir: Path) -> list[str]:
             ax.set_xlabel("sum of removed scores")
         axes[0].set_ylabel("actual delta L_V (half removed)")
         fig.tight_layout()
-        files.append(str(fig_dir / "lds_scatter.png"))
+        files.append(str(fig_dir / f"lds_scatter{tag}.png"))
         fig.savefig(files[1], dpi=110)
         plt.close(fig)
     return files
@@ -120,9 +121,12 @@ def main(argv=None) -> dict:
     p.add_argument("--subsets", type=int, default=16)
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pre-steps", type=int, default=0, help="warm start: steps before the segment")
+    p.add_argument("--pre-lr", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs/figures/loo.json")
     p.add_argument("--figures", default="docs/figures")
+    p.add_argument("--tag", default="", help="suffix of the figure file names")
     a = p.parse_args(argv)
     one_thread(a.threads)
     from pipeline.evaluation.groundtruth import LOOSetting, run_groundtruth
@@ -140,13 +144,16 @@ def main(argv=None) -> dict:
         checkpoints=a.checkpoints,
         dtype=a.dtype,
         seed=a.seed,
+        pre_steps=a.pre_steps,
+        pre_lr=a.pre_lr,
     )
     res = run_groundtruth(setting, a.removed, a.subsets, a.fraction)
     summary = analyse(res)
     total = time.perf_counter() - t0
-    figs = plots(res, summary, Path(a.figures)) if a.figures else []
+    figs = plots(res, summary, Path(a.figures), a.tag) if a.figures else []
     record = {
-        "command": "python -m benchmarks.loo " + " ".join(argv or []),
+        "command": "python -m benchmarks.loo "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "setting": res.setting,
         "n_train": res.n_train,
         "base_target_loss": res.base_target_loss,

@@ -21,6 +21,7 @@ Note: training holds out the target set V, but every pool sample is scored.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def main(argv=None) -> dict:
     timings["score"] = time.perf_counter() - t
     res = auroc_table(run.scores, f"{pool_dir}/truth.parquet")
     record = {
-        "command": "python -m benchmarks.noise_auroc " + " ".join(argv or []),
+        "command": "python -m benchmarks.noise_auroc "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "data": data,
         "timings_s": {**timings, "total": time.perf_counter() - t0},
         "score_summary": {

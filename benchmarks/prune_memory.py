@@ -194,9 +194,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = args.table or os.path.join(tmp, "scores.parquet")
         t0 = time.perf_counter()
-        if not os.path.exists(path):
+        reused = os.path.exists(path)
+        if not reused:
             generate(path, args.rows)
         gen = {
+            "reused_table": reused,
             "rows": args.rows,
             "row_group": ROW_GROUP,
             "file_mb": round(os.path.getsize(path) / 2**20, 1),

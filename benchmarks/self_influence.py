@@ -29,7 +29,7 @@ from pipeline.influence.selfinf import SelfConfig, SelfInfluenceEngine
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir, join
-from pipeline.score.directions import load_set
+from pipeline.score.directions import load_eigenpairs, load_set
 from pipeline.score.table import read_table
 from pipeline.score.trajectory import load_state_dict, load_trajectory
 from pipeline.tensors import load_tensors
@@ -49,13 +49,28 @@ def noise_table(run: RunDir, truth_url: str) -> dict[str, dict[str, float]]:
     truth = read_table(truth_url, columns=["uid", "defect"]).to_pandas()
     d = scores[scores.status == "ok"].merge(truth, on="uid")
     out = {}
-    cols = [c for c in ("diffin_self", "tracin_self", "grand", "el2n", "loss", "clip_score", "tracin", "diffin",
-                        "random") if c in d.columns]
+    cols = [
+        c
+        for c in (
+            "diffin_self",
+            "tracin_self",
+            "grand",
+            "el2n",
+            "loss",
+            "clip_score",
+            "tracin",
+            "diffin",
+            "random",
+        )
+        if c in d.columns
+    ]
     second = [c for c in d.columns if c.startswith("diffin_self_second_t")]
     d["diffin_self_second_only"] = d[second].sum(axis=1)
     for c in cols + ["diffin_self_second_only"]:
-        out[c] = {defect: round(auroc(d[c].to_numpy(), (d.defect == defect).to_numpy()), 3)
-                  for defect in ("mismatch", "noise", "duplicate")}
+        out[c] = {
+            defect: round(auroc(d[c].to_numpy(), (d.defect == defect).to_numpy()), 3)
+            for defect in ("mismatch", "noise", "duplicate")
+        }
     return out
 
 
@@ -65,6 +80,8 @@ def main() -> None:
     ap.add_argument("--exact", type=int, default=48, help="samples for the exact comparison")
     ap.add_argument("--out", default="docs/self_influence.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=8, help="H_B eigenpairs (as scored in --run)")
+    ap.add_argument("--last", type=int, default=2, help="compare at the last N checkpoints")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = RunDir(args.run)
@@ -75,7 +92,6 @@ def main() -> None:
     names = [n for n, _ in bundle.model.named_parameters()]
     gb, _ = load_tensors(run.set_file("grad_batches"))
     grad_batches = [(gb["images"][i], gb["tokens"][i]) for i in range(gb["images"].shape[0])]
-    gi, gt = gb["images"].flatten(0, 1), gb["tokens"].flatten(0, 1)
 
     data = join(args.run, "data")
     shards = resolve_shards(data)
@@ -83,28 +99,43 @@ def main() -> None:
     images, tokens = encode(samples, bundle)
     m = len(traj.checkpoints)
 
-    variants = {"default (k=2048, no token embedding)": SelfConfig(),
-                "k=512": SelfConfig(dim=512), "k=8192": SelfConfig(dim=8192),
-                "with token embedding": SelfConfig(exclude=())}
+    variants = {
+        "default (k=2048, no token embedding)": SelfConfig(),
+        "k=512": SelfConfig(dim=512),
+        "k=8192": SelfConfig(dim=8192),
+        "with token embedding": SelfConfig(exclude=()),
+    }
     totals = {"exact": np.zeros(len(samples)), **{v: np.zeros(len(samples)) for v in variants}}
     first = {"exact": np.zeros(len(samples)), **{v: np.zeros(len(samples)) for v in variants}}
     timing: dict[str, float] = {}
-    for ckpt in traj.checkpoints:
+    for ckpt in traj.checkpoints[-args.last :]:
         state = load_state_dict(run, traj, ckpt.step)
         params = {k: state[k] for k in names}
         d = load_directions(run.directions(ckpt.step)).ordered(names)
         t = time.perf_counter()
-        ex = {k: v.numpy() for k, v in exact_self_terms(fns, params, d, grad_batches, images, tokens).items()}
+        ex = {
+            k: v.numpy()
+            for k, v in exact_self_terms(fns, params, d, grad_batches, images, tokens).items()
+        }
         timing["exact"] = timing.get("exact", 0) + time.perf_counter() - t
-        f, s = diffin_components(ex["self_first"], ex["self_hb"], ex["self_hz"], ckpt, traj.n_train, m)
+        f, s = diffin_components(
+            ex["self_first"], ex["self_hb"], ex["self_hz"], ckpt, traj.n_train, m
+        )
         totals["exact"] += f + s
         first["exact"] += f
         for name, cfg in variants.items():
-            engine = SelfInfluenceEngine(fns, params, d.g_B, gi, gt, cfg)
+            eigen = (
+                load_eigenpairs(run, ckpt.step)
+                if cfg.hb == "lanczos" and cfg.rank == args.rank
+                else None
+            )
+            engine = SelfInfluenceEngine(fns, params, d.g_B, grad_batches, cfg, eigen)
             t = time.perf_counter()
             ap_ = {k: v.numpy() for k, v in engine.terms(images, tokens).items()}
             timing[name] = timing.get(name, 0) + time.perf_counter() - t
-            f, s = diffin_components(ap_["self_first"], ap_["self_hb"], ap_["self_hz"], ckpt, traj.n_train, m)
+            f, s = diffin_components(
+                ap_["self_first"], ap_["self_hb"], ap_["self_hz"], ckpt, traj.n_train, m
+            )
             totals[name] += f + s
             first[name] += f
         # a forward pass of the same samples (with the K references), for cost ratios
@@ -114,11 +145,19 @@ def main() -> None:
         timing["forward"] = timing.get("forward", 0) + time.perf_counter() - t
         t = time.perf_counter()
         fast_terms(fns, params, d, images, tokens, {"first", "hb", "hz"})
-        timing["diffin (target, fast form)"] = timing.get("diffin (target, fast form)", 0) + time.perf_counter() - t
+        timing["diffin (target, fast form)"] = (
+            timing.get("diffin (target, fast form)", 0) + time.perf_counter() - t
+        )
 
-    agreement = {name: {"spearman_total": round(float(spearmanr(totals["exact"], totals[name]).statistic), 3),
-                        "spearman_first_order": round(float(spearmanr(first["exact"], first[name]).statistic), 3)}
-                 for name in variants}
+    agreement = {
+        name: {
+            "spearman_total": round(float(spearmanr(totals["exact"], totals[name]).statistic), 3),
+            "spearman_first_order": round(
+                float(spearmanr(first["exact"], first[name]).statistic), 3
+            ),
+        }
+        for name in variants
+    }
     cost = {k: round(v / timing["forward"], 2) for k, v in timing.items()}
     result = {
         "run": args.run,
@@ -127,8 +166,9 @@ def main() -> None:
         "agreement_with_exact": agreement,
         "cost_forward_equivalents": cost,
         "noise_auroc": noise_table(run, join(data, "truth.parquet")),
-        "ratio_second_to_first_median": round(float(np.median(np.abs(totals["exact"] - first["exact"])
-                                                              / np.abs(first["exact"]))), 2),
+        "ratio_second_to_first_median": round(
+            float(np.median(np.abs(totals["exact"] - first["exact"]) / np.abs(first["exact"]))), 2
+        ),
     }
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)

@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=40)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument(
+        "--image-key",
+        type=_methods,
+        default=["jpg", "jpeg", "png", "webp"],
+        help="comma list of image extensions, first present wins",
+    )
+    t.add_argument(
+        "--text-key", type=_methods, default=["txt"], help="comma list of caption extensions"
+    )
 
     s = sub.add_parser("score", help="score every sample on a pool of Ray actors")
     s.add_argument("--data", required=True)
@@ -78,6 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="GPUs per scoring actor; default: 1 when the cluster has GPUs, else 0",
+    )
+    s.add_argument(
+        "--image-key",
+        type=_methods,
+        default=["jpg", "jpeg", "png", "webp"],
+        help="comma list of image extensions, first present wins",
+    )
+    s.add_argument(
+        "--text-key", type=_methods, default=["txt"], help="comma list of caption extensions"
+    )
+    s.add_argument(
+        "--self-hb",
+        choices=["lanczos", "fisher"],
+        default="lanczos",
+        help="diffin_self: how g_z' H_B g_z is approximated (docs/method.md)",
+    )
+    s.add_argument("--self-rank", type=int, default=16, help="diffin_self: eigenpairs of H_B")
+    s.add_argument("--self-dim", type=int, default=2048, help="diffin_self: sketch dim (fisher)")
+    s.add_argument(
+        "--memory-mb",
+        type=int,
+        default=1024,
+        help="diffin_self: per-actor budget for per-sample gradients in flight",
     )
 
     r = sub.add_parser("prune", help="keep the best fraction and write the manifest")
@@ -169,6 +201,8 @@ def run(args: argparse.Namespace) -> object:
             warmup=args.warmup,
             seed=args.seed,
             threads=args.threads,
+            image_keys=args.image_key,
+            text_keys=args.text_key,
         )
         record = train(cfg)
         return {k: record[k] for k in ("model", "n_train", "steps", "checkpoints", "seconds")}
@@ -191,6 +225,12 @@ def run(args: argparse.Namespace) -> object:
                 max_attempts=args.max_attempts,
                 prefetch_batches=args.prefetch_batches,
                 gpus_per_worker=args.gpus_per_worker,
+                self_hb=args.self_hb,
+                self_rank=args.self_rank,
+                self_dim=args.self_dim,
+                memory_mb=args.memory_mb,
+                image_keys=args.image_key,
+                text_keys=args.text_key,
             )
         )
     if args.command == "prune":

@@ -153,7 +153,9 @@ def test_train_pool_too_small_is_a_config_error(tiny_pool, tmp_path, capsys):
     # target_size (128) + batch_size (400) > 300 pairs: refused after reading, without a traceback
     run = tmp_path / "run"
     argv = ["train", "--data", tiny_pool["train_data"], "--run", str(run)]
-    _refused([*argv, "--model", "diffin-tiny", "--batch-size", "400", "--steps", "50"], capsys, "data")
+    _refused(
+        [*argv, "--model", "diffin-tiny", "--batch-size", "400", "--steps", "50"], capsys, "data"
+    )
     assert not (run / "trajectory").exists()
 
 

@@ -71,6 +71,10 @@ class LOOSetting:
     dtype: str = "float64"
     seed: int = 0
     data_dir: str | None = None  # where the pool is generated; default: a temporary directory
+    # Optional warm start: train this many steps on the full training set (own seeded order,
+    # rate pre_lr) before the studied segment; LOO then covers only the segment that follows.
+    pre_steps: int = 0
+    pre_lr: float = 1.0
 
     def train_config(self) -> TrainConfig:
         cfg = TrainConfig(
@@ -138,6 +142,14 @@ class GroundTruth:
         self.init_model = bundle.model
         self.init_model.train()
         self.names = [n for n, p in self.init_model.named_parameters() if p.requires_grad]
+        if setting.pre_steps:
+            pre = copy.deepcopy(self.cfg)
+            pre.steps, pre.lr, pre.warmup, pre.momentum = setting.pre_steps, setting.pre_lr, 0, 0.0
+            pre_order = batch_order(
+                self.images.shape[0], setting.batch_size, setting.pre_steps, setting.seed + 3
+            )
+            train_loop(self.init_model, self.images, self.tokens, pre, pre_order, progress=False)
+            self.init_model.train()
         self.fns = ClipFunctions(copy.deepcopy(self.init_model), self.ref_images, self.ref_tokens)
         n = self.images.shape[0]
         self.n_train = n
@@ -199,7 +211,9 @@ class GroundTruth:
         self.defects = [defect.get(x.uid, "unknown") for x in train]
 
     # -- training ------------------------------------------------------------
-    def train(self, removed: torch.Tensor | None = None, keep_checkpoints: bool = False) -> TrainResult:
+    def train(
+        self, removed: torch.Tensor | None = None, keep_checkpoints: bool = False
+    ) -> TrainResult:
         model = copy.deepcopy(self.init_model)
         model.train()
         saved: list[tuple[Checkpoint, Params]] = []
@@ -230,6 +244,21 @@ class GroundTruth:
                 .double()
                 .mean()
             )
+
+    def perturbed_init_run(self, rel: float = 1e-10, seed: int = 5) -> TrainResult:
+        """Retrain from initial weights perturbed by ``rel`` (relative): the chaos floor."""
+        saved = self.init_model
+        model = copy.deepcopy(saved)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+                p.add_(rel * p.abs().max() * noise)
+        self.init_model = model
+        try:
+            return self.train()
+        finally:
+            self.init_model = saved
 
     def mask(self, removed: Sequence[int]) -> torch.Tensor:
         m = torch.zeros(self.n_train, dtype=torch.bool)
@@ -276,9 +305,10 @@ class GroundTruth:
         out["diffin_hz"] = sum(
             second_order_weight(c, self.n_train, m) * terms[c.step]["hz"] for c in checkpoints
         )
-        out["tracin_last"] = first_order_weight(checkpoints[-1], self.n_train, m) * terms[
-            checkpoints[-1].step
-        ]["first"]
+        out["tracin_last"] = (
+            first_order_weight(checkpoints[-1], self.n_train, m)
+            * terms[checkpoints[-1].step]["first"]
+        )
         return out
 
 
@@ -298,7 +328,9 @@ def run_groundtruth(
     full = gt.train(keep_checkpoints=True)
     timings["train_full"] = full.seconds
     base = gt.target_loss(full.final)
-    log(f"full run: {full.seconds:.1f}s, L_V(theta_T) = {base:.6f}, curve {full.loss_curve[:1]}..{full.loss_curve[-1:]}")
+    log(
+        f"full run: {full.seconds:.1f}s, L_V(theta_T) = {base:.6f}, curve {full.loss_curve[:1]}..{full.loss_curve[-1:]}"
+    )
 
     t = time.perf_counter()
     terms = gt.terms(full.checkpoints)
@@ -318,11 +350,15 @@ def run_groundtruth(
         "empty_mask_max_abs_param_diff": diffs[1],
         "repeat_target_loss_diff": gt.target_loss(again.final) - base,
         "empty_mask_target_loss_diff": gt.target_loss(empty.final) - base,
+        "init_perturbed_1e-10_target_loss_diff": gt.target_loss(gt.perturbed_init_run().final)
+        - base,
     }
     log(f"noise floor: {noise}")
 
     rng = np.random.default_rng(setting.seed + 2)
-    removed = sorted(rng.choice(gt.n_train, size=min(n_removed, gt.n_train), replace=False).tolist())
+    removed = sorted(
+        rng.choice(gt.n_train, size=min(n_removed, gt.n_train), replace=False).tolist()
+    )
     t = time.perf_counter()
     actual = []
     for i, z in enumerate(removed):

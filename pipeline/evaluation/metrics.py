@@ -47,7 +47,9 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
     a = np.asarray(x, dtype=np.float64)
     b = np.asarray(y, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"spearman needs two 1-d arrays of one length, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"spearman needs two 1-d arrays of one length, got {a.shape} and {b.shape}"
+        )
     return pearson(rankdata(a), rankdata(b))
 
 

@@ -7,18 +7,65 @@ For the vector of per-sample losses f(theta) = (l_z(theta))_z of a batch:
     hb    = D f [w]             = <w, g_z> = <g_V, H_B g_z>   (one JVP; w = H_B g_V)
 
 No per-sample backward pass and no per-sample gradient is ever formed.
+
+The K reference negatives enter every l_z through their embeddings R(theta).
+Their value and derivatives along the fixed directions (R, D R[g_V],
+D R[g_B], D^2 R[g_V, g_B], D R[w]) do not depend on the batch, so they are
+computed once per checkpoint (``ReferenceJets``) and fed to the JVPs as
+inputs with tangents: a batch then embeds only its own samples. The result is
+the same function, derivatives included (the float64 tests check it).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.func import jvp
 
 from pipeline.influence.directions import Directions
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
-from pipeline.model.loss import MAX_LOGIT_SCALE
+from pipeline.model.loss import MAX_LOGIT_SCALE, per_sample_loss
 
 TERMS = ("loss", "first", "hb", "hz", "cosine", "el2n")
+Emb = tuple[torch.Tensor, torch.Tensor]  # (image, text) embeddings of the references
+
+
+@dataclass
+class ReferenceJets:
+    """R and its directional derivatives at one checkpoint (``None`` where not needed)."""
+
+    value: Emb
+    d_gV: Emb | None = None
+    d_gB: Emb | None = None
+    d2_gV_gB: Emb | None = None
+    d_w: Emb | None = None
+
+
+def reference_jets(
+    fns: ClipFunctions, params: Params, directions: Directions | None, need: set[str]
+) -> ReferenceJets:
+    assert fns.ref_images is not None and fns.ref_tokens is not None
+    ref_images, ref_tokens = fns.ref_images, fns.ref_tokens
+
+    def emb(p: Params) -> Emb:
+        return fns.embed(p, ref_images, ref_tokens)
+
+    with torch.no_grad(), derivative_mode():
+        jets = ReferenceJets(emb(params))
+        if need & {"first", "hz", "hb"}:
+            assert directions is not None
+            g_V, g_B = directions.g_V, directions.g_B
+            if "hz" in need:
+                jets.d_gV, jets.d2_gV_gB = jvp(
+                    lambda q: jvp(emb, (q,), (g_V,))[1], (params,), (g_B,)
+                )
+                jets.d_gB = jvp(emb, (params,), (g_B,))[1]
+            else:
+                jets.d_gV = jvp(emb, (params,), (g_V,))[1]
+            if "hb" in need:
+                jets.d_w = jvp(emb, (params,), (directions.w,))[1]
+    return jets
 
 
 def fast_terms(
@@ -28,44 +75,57 @@ def fast_terms(
     images: torch.Tensor,
     tokens: torch.Tensor,
     need: set[str],
+    jets: ReferenceJets | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The requested per-sample terms (each a tensor of shape (batch,))."""
+    """The requested per-sample terms (each a tensor of shape (batch,)).
+
+    Pass ``jets`` (from ``reference_jets`` with at least the same ``need``) to
+    reuse the references' derivatives across batches of one checkpoint.
+    """
     unknown = need - set(TERMS)
     if unknown:
         raise ValueError(f"unknown terms {sorted(unknown)}")
+    if need & {"first", "hz", "hb"} and directions is None:
+        raise ValueError("first/hb/hz need the direction vectors")
+    if jets is None:
+        jets = reference_jets(fns, params, directions, need)
     out: dict[str, torch.Tensor] = {}
 
-    def f(p: Params) -> torch.Tensor:
-        return fns.sample_losses(p, images, tokens)
+    def f(p: Params, ref: Emb) -> torch.Tensor:
+        img, txt = fns.embed(p, images, tokens)
+        return per_sample_loss(img, txt, ref[0], ref[1], p["logit_scale"])
 
     with torch.no_grad(), derivative_mode():
-        if need & {"first", "hz", "hb"} and directions is None:
-            raise ValueError("first/hb/hz need the direction vectors")
         if "hz" in need:
-            assert directions is not None
+            assert directions is not None and jets.d_gV is not None
             g_V, g_B = directions.g_V, directions.g_B
-            out["first"], out["hz"] = jvp(lambda q: jvp(f, (q,), (g_V,))[1], (params,), (g_B,))
+
+            def first_along_gv(q: Params, ref: Emb, d_ref: Emb) -> torch.Tensor:
+                return jvp(f, (q, ref), (g_V, d_ref))[1]
+
+            out["first"], out["hz"] = jvp(
+                first_along_gv, (params, jets.value, jets.d_gV), (g_B, jets.d_gB, jets.d2_gV_gB)
+            )
         elif "first" in need:
             assert directions is not None
-            out["loss"], out["first"] = jvp(f, (params,), (directions.g_V,))
+            out["loss"], out["first"] = jvp(f, (params, jets.value), (directions.g_V, jets.d_gV))
         if "hb" in need:
             assert directions is not None
-            out["loss"], out["hb"] = jvp(f, (params,), (directions.w,))
+            out["loss"], out["hb"] = jvp(f, (params, jets.value), (directions.w, jets.d_w))
         if "loss" in need and "loss" not in out:
-            out["loss"] = f(params)
+            out["loss"] = f(params, jets.value)
         if need & {"cosine", "el2n"}:
             img, txt = fns.embed(params, images, tokens)
             out["cosine"] = (img * txt).sum(-1)
             if "el2n" in need:
-                out["el2n"] = _el2n(fns, params, img, txt)
+                out["el2n"] = _el2n(params, img, txt, jets.value)
     return {k: v for k, v in out.items() if k in need}
 
 
-def _el2n(fns: ClipFunctions, params: Params, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+def _el2n(params: Params, img: torch.Tensor, txt: torch.Tensor, ref: Emb) -> torch.Tensor:
     """Error-vector L2 norm: || softmax(logits) - onehot(positive) ||, mean of both directions,
     over the same candidates as the per-sample loss (the pair and the K references)."""
-    assert fns.ref_images is not None and fns.ref_tokens is not None
-    ref_img, ref_txt = fns.embed(params, fns.ref_images.to(img), fns.ref_tokens)
+    ref_img, ref_txt = ref
     s = params["logit_scale"].clamp(0, MAX_LOGIT_SCALE).exp()
     pos = s * (img * txt).sum(-1, keepdim=True)
     norms = []

@@ -25,6 +25,7 @@ per-sample gradient along g_B), with no projection. ||g_z||^2 is exact under (1)
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -45,7 +46,11 @@ SELF_TERMS = frozenset({"self_first", "self_hb", "self_hz"})
 
 @dataclass
 class SelfConfig:
-    dim: int = 2048  # count-sketch dimension k
+    hb: str = (
+        "lanczos"  # how g_z' H_B g_z is approximated: "lanczos" (top-r eigenpairs) or "fisher"
+    )
+    rank: int = 16  # r eigenpairs of H_B (hb="lanczos")
+    dim: int = 2048  # count-sketch dimension k (hb="fisher")
     memory_mb: int = 1024  # per-actor budget for per-sample gradients in flight
     exclude: tuple[str, ...] = field(default_factory=lambda: DEFAULT_EXCLUDE)
     seed: int = 0
@@ -78,10 +83,10 @@ class CountSketch:
     def __call__(self, grads: Params) -> torch.Tensor:
         """(chunk, *shape) per-sample tensors -> (chunk, dim) sketches."""
         first = next(iter(grads.values()))
-        out = torch.zeros(first.shape[0], self.dim, dtype=first.dtype)
+        out = torch.zeros(first.shape[0], self.dim, dtype=first.dtype, device=first.device)
         for name, g in grads.items():
-            flat = g.reshape(g.shape[0], -1) * self.signs[name].to(g.dtype)
-            out.index_add_(1, self.buckets[name], flat)
+            flat = g.reshape(g.shape[0], -1) * self.signs[name].to(g.device, g.dtype)
+            out.index_add_(1, self.buckets[name].to(g.device), flat)
         return out
 
 
@@ -95,7 +100,9 @@ class FrozenReferences:
     fixed: Params = field(default_factory=dict)
 
     @classmethod
-    def at(cls, fns: ClipFunctions, params: Params, exclude: tuple[str, ...] = ()) -> FrozenReferences:
+    def at(
+        cls, fns: ClipFunctions, params: Params, exclude: tuple[str, ...] = ()
+    ) -> FrozenReferences:
         assert fns.ref_images is not None and fns.ref_tokens is not None
         with torch.no_grad(), derivative_mode():
             img, txt = fns.embed(params, fns.ref_images, fns.ref_tokens)
@@ -146,15 +153,14 @@ def self_terms(
     params: Params,
     refs: FrozenReferences,
     g_B: Params,
-    sketch: CountSketch,
-    fisher: torch.Tensor,
+    hb_form: Callable[[Params], torch.Tensor],
     images: torch.Tensor,
     tokens: torch.Tensor,
     chunk: int,
 ) -> dict[str, torch.Tensor]:
     """Per-sample self terms: self_first = ||g_z||^2, self_hb ~= g_z' H_B g_z, self_hz = g_z' H_z g_B.
 
-    ``fisher`` is the (M, k) sketch of the gradient batches' per-sample gradients.
+    ``hb_form(g_z) -> (chunk,)`` is the chosen approximation of the quadratic form g_z' H_B g_z.
     """
     firsts, hbs, hzs = [], [], []
     for start in range(0, images.shape[0], chunk):
@@ -168,13 +174,64 @@ def self_terms(
                 for k, v in gz.items()
             )
         )
-        s = sketch(gz).double()
-        hbs.append((s @ fisher.double().T).pow(2).mean(1))
+        hbs.append(hb_form(gz))
         del gz, hz
     return {
         "self_first": torch.cat(firsts).detach(),
         "self_hb": torch.cat(hbs).detach(),
         "self_hz": torch.cat(hzs).detach(),
+    }
+
+
+def hessian_eigenpairs(
+    fns: ClipFunctions,
+    params: Params,
+    fixed: Params,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    rank: int,
+    seed: int = 0,
+) -> tuple[torch.Tensor, Params]:
+    """Top-``rank`` eigenpairs (by magnitude) of H_B restricted to ``params``, by Lanczos
+    (scipy's eigsh) on exact double-backward Hessian-vector products of the batch loss."""
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    from pipeline.influence.directions import batch_gradient_and_hvp
+
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+    n = sum(sizes)
+
+    class _Fns:  # batch loss as a function of the differentiated subset only
+        def batch_loss(self, p: Params, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            return fns.batch_loss({**fixed, **p}, images, tokens)
+
+    def unflat(v: torch.Tensor) -> Params:
+        return {k: t.reshape(sh) for k, t, sh in zip(names, v.split(sizes), shapes, strict=True)}
+
+    dtype, device = params[names[0]].dtype, params[names[0]].device
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        v = unflat(torch.as_tensor(np.asarray(x).reshape(-1), dtype=dtype, device=device))
+        _, hv = batch_gradient_and_hvp(_Fns(), params, batches, v)  # type: ignore[arg-type]
+        assert hv is not None
+        return torch.cat([hv[k].reshape(-1) for k in names]).double().cpu().numpy()
+
+    rank = min(rank, n - 1)
+    v0 = np.random.default_rng(seed).standard_normal(n)
+    vals, vecs = eigsh(
+        LinearOperator((n, n), matvec=matvec, dtype=np.float64),
+        k=rank,
+        which="LM",
+        v0=v0,
+        tol=1e-2,
+        maxiter=20 * rank,
+    )
+    basis = torch.as_tensor(vecs.T, dtype=dtype, device=device)  # (rank, n)
+    return torch.as_tensor(vals, dtype=torch.float64, device=device), {
+        k: t.reshape(rank, *sh)
+        for k, t, sh in zip(names, basis.split(sizes, dim=1), shapes, strict=True)
     }
 
 
@@ -205,20 +262,54 @@ class SelfInfluenceEngine:
         fns: ClipFunctions,
         params: Params,
         g_B: Params,
-        grad_images: torch.Tensor,
-        grad_tokens: torch.Tensor,
+        grad_batches: list[tuple[torch.Tensor, torch.Tensor]],
         cfg: SelfConfig,
+        eigenpairs: tuple[torch.Tensor, Params] | None = None,
     ) -> None:
+        """``eigenpairs`` (hb="lanczos") may come precomputed from the directions stage."""
         self.fns = fns
         self.params = {k: v for k, v in params.items() if k not in cfg.exclude}
         self.g_B = {k: g_B[k] for k in self.params}
         n = sum(v.numel() for v in self.params.values())
         self.plan = cfg.plan(n, params[next(iter(params))].element_size())
         self.refs = FrozenReferences.at(fns, params, cfg.exclude)
-        self.sketch = CountSketch({k: v.shape for k, v in self.params.items()}, cfg.dim, cfg.seed)
-        self.fisher = fisher_sketch(
-            fns, self.params, self.refs, self.sketch, grad_images, grad_tokens, self.plan["chunk"]
-        )
+        if cfg.hb == "fisher":
+            self.sketch = CountSketch(
+                {k: v.shape for k, v in self.params.items()}, cfg.dim, cfg.seed
+            )
+            grad_images = torch.cat([b[0] for b in grad_batches])
+            grad_tokens = torch.cat([b[1] for b in grad_batches])
+            fisher = fisher_sketch(
+                fns,
+                self.params,
+                self.refs,
+                self.sketch,
+                grad_images,
+                grad_tokens,
+                self.plan["chunk"],
+            ).double()
+            self.hb_form = lambda gz: (self.sketch(gz).double() @ fisher.T).pow(2).mean(1)
+        elif cfg.hb == "lanczos":
+            vals, vecs = eigenpairs or hessian_eigenpairs(
+                fns, self.params, self.refs.fixed, grad_batches, cfg.rank, cfg.seed
+            )
+            self.eigenvalues, self.eigenvectors = vals, vecs
+
+            def form(gz: Params) -> torch.Tensor:
+                proj = sum(
+                    torch.einsum("c...,r...->cr", gz[k].double(), vecs[k].double()) for k in gz
+                )
+                return (proj.pow(2) * vals).sum(1)
+
+            self.hb_form = form
+        elif cfg.hb == "none":  # only ||g_z||^2 and g_z' H_z g_B are asked for
+            self.hb_form = lambda gz: torch.zeros(
+                next(iter(gz.values())).shape[0],
+                dtype=torch.float64,
+                device=next(iter(gz.values())).device,
+            )
+        else:
+            raise ValueError(f"hb: unknown approximation {cfg.hb!r}")
         self.config = {**asdict(cfg), **self.plan}
 
     def terms(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -227,8 +318,7 @@ class SelfInfluenceEngine:
             self.params,
             self.refs,
             self.g_B,
-            self.sketch,
-            self.fisher,
+            self.hb_form,
             images,
             tokens,
             self.plan["chunk"],

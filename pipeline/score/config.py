@@ -22,9 +22,13 @@ class ScoreConfig:
     first_order: bool = True  # diffin = sum of first- and second-order terms
     max_attempts: int = 3  # tries per shard before it is recorded as failed
     seed: int = 0  # for the random scorer and the self-influence sketch
-    self_dim: int = 2048  # count-sketch dimension for diffin_self (pipeline/influence/selfinf.py)
+    self_hb: str = "lanczos"  # diffin_self's g_z' H_B g_z: "lanczos" (top eigenpairs) or "fisher"
+    self_rank: int = 16  # eigenpairs of H_B per checkpoint (self_hb="lanczos")
+    self_dim: int = 2048  # count-sketch dimension for diffin_self (self_hb="fisher")
     memory_mb: int = 1024  # per-actor budget for per-sample gradients in flight (diffin_self)
     dtype: str = "float32"
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    text_keys: list[str] = field(default_factory=lambda: ["txt"])
     prefetch_batches: int = 2  # decoded batches an actor reads ahead (0: no prefetch thread hint)
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
@@ -39,6 +43,8 @@ class ScoreConfig:
             ("target_max", self.target_max >= 1, "must be >= 1"),
             ("max_attempts", self.max_attempts >= 1, "must be >= 1"),
             ("self_dim", self.self_dim >= 16, "must be >= 16"),
+            ("self_hb", self.self_hb in ("lanczos", "fisher"), "must be 'lanczos' or 'fisher'"),
+            ("self_rank", self.self_rank >= 1, "must be >= 1"),
             ("memory_mb", self.memory_mb >= 16, "must be >= 16"),
             ("prefetch_batches", self.prefetch_batches >= 0, "must be >= 0"),
             (
@@ -46,11 +52,21 @@ class ScoreConfig:
                 self.gpus_per_worker is None or self.gpus_per_worker >= 0,
                 "must be >= 0",
             ),
+            ("image_keys", _valid_keys(self.image_keys), "must be non-empty extensions"),
+            ("text_keys", _valid_keys(self.text_keys), "must be non-empty extensions"),
             ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
 
+    def reader_options(self) -> dict[str, tuple[str, ...]]:
+        """Options for pipeline.data.reader.iter_shard: which members hold the image and text."""
+        return {"image_keys": tuple(self.image_keys), "text_keys": tuple(self.text_keys)}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _valid_keys(keys: list[str]) -> bool:
+    return bool(keys) and all(k and "/" not in k and not k.startswith(".") for k in keys)

@@ -23,7 +23,7 @@ from pipeline.model.batches import encode
 from pipeline.rundir import RunDir, exists
 from pipeline.score.config import ScoreConfig
 from pipeline.score.trajectory import Trajectory, load_state_dict
-from pipeline.tensors import load_tensors
+from pipeline.tensors import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
     else:
         samples = []
         for url in resolve_shards(cfg.target):
-            for s in iter_shard(url):
+            for s in iter_shard(url, **cfg.reader_options()):
                 if s.ok:
                     samples.append(s)
                 if len(samples) >= cfg.target_max:
@@ -110,4 +110,58 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
             d.meta["norm_g_V"],
             d.meta["norm_w"],
         )
+    if "diffin_self" in cfg.methods and cfg.self_hb == "lanczos":
+        ensure_eigenpairs(cfg, run, traj, fns, grad_batches, by_step)
     return target_info
+
+
+def eigen_url(run: RunDir, step: int) -> str:
+    return run.path("directions", f"{step:06d}-eigs.safetensors")
+
+
+def ensure_eigenpairs(
+    cfg: ScoreConfig,
+    run: RunDir,
+    traj: Trajectory,
+    fns: ClipFunctions,
+    grad_batches: list,
+    by_step: dict[int, str],
+) -> None:
+    """Top eigenpairs of H_B per checkpoint for diffin_self: a cost per checkpoint, not per
+    sample, paid once on the driver and stored beside the directions."""
+    from pipeline.influence.selfinf import DEFAULT_EXCLUDE, hessian_eigenpairs
+
+    names = [k for k, _ in fns.model.named_parameters()]
+    for ckpt in tqdm(traj.checkpoints, desc="H_B eigenpairs", unit="ckpt", leave=False):
+        fingerprint = hashlib.sha256(
+            json.dumps(
+                [by_step[ckpt.step], cfg.self_rank, cfg.seed, cfg.dtype, len(grad_batches)]
+            ).encode()
+        ).hexdigest()[:16]
+        url = eigen_url(run, ckpt.step)
+        if exists(url) and load_tensors(url)[1].get("fingerprint") == fingerprint:
+            continue
+        state = load_state_dict(run, traj, ckpt.step)
+        dtype = DTYPES[cfg.dtype]
+        params = {k: state[k].to(dtype) for k in names if k not in DEFAULT_EXCLUDE}
+        fixed = {k: state[k].to(dtype) for k in names if k in DEFAULT_EXCLUDE}
+        vals, vecs = hessian_eigenpairs(fns, params, fixed, grad_batches, cfg.self_rank, cfg.seed)
+        save_tensors(
+            url,
+            {"eigenvalues": vals, **{f"v/{k}": v for k, v in vecs.items()}},
+            {"fingerprint": fingerprint, "rank": cfg.self_rank, "step": ckpt.step},
+        )
+        log.info(
+            "H_B eigenpairs at step %d: eigenvalues %.3g .. %.3g",
+            ckpt.step,
+            float(vals.min()),
+            float(vals.max()),
+        )
+
+
+def load_eigenpairs(run: RunDir, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    url = eigen_url(run, step)
+    if not exists(url):
+        return None
+    flat, _ = load_tensors(url)
+    return flat["eigenvalues"], {k[2:]: v for k, v in flat.items() if k.startswith("v/")}

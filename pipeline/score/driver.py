@@ -77,8 +77,9 @@ class Prefetcher:
     the current one is decoded, while its last batches are still being scored.
     """
 
-    def __init__(self, batch_size: int, depth: int = 2) -> None:
+    def __init__(self, batch_size: int, depth: int = 2, reader: dict | None = None) -> None:
         self.batch_size = batch_size
+        self.reader = reader or {}  # iter_shard options (image and text keys)
         self.depth = max(1, depth)
         self.jobs: queue.Queue[_Stream] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="diffin-prefetch", daemon=True)
@@ -104,7 +105,7 @@ class Prefetcher:
             stream = self.jobs.get()
             try:
                 batch: list[Sample] = []
-                for sample in iter_shard(stream.url):
+                for sample in iter_shard(stream.url, **self.reader):
                     batch.append(sample)
                     if len(batch) == self.batch_size:
                         self._put(stream, batch)
@@ -140,7 +141,7 @@ class ScoreActor:
         self.scorer = ShardScorer(run_url, cfg)
         self.run = RunDir(run_url)
         self.fingerprint = fingerprint
-        self.prefetcher = Prefetcher(cfg.batch_size, cfg.prefetch_batches)
+        self.prefetcher = Prefetcher(cfg.batch_size, cfg.prefetch_batches, cfg.reader_options())
         self.pending: _Stream | None = None
 
     def pid(self) -> int:
@@ -225,6 +226,7 @@ def _fingerprint(cfg: ScoreConfig, traj_record: dict, target: dict) -> dict[str,
         "dtype": cfg.dtype,
         "checkpoints": [c["sha256"] for c in traj_record["checkpoints"]],
         "target": target["target_fingerprint"],
+        "reader": {k: list(v) for k, v in cfg.reader_options().items()},  # which rows are ok
     }
     if any("self" in m for m in cfg.methods) and hasattr(cfg, "self_dim"):
         fp["self_dim"] = cfg.self_dim  # the sketch behind diffin_self

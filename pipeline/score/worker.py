@@ -17,14 +17,14 @@ import torch
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
 from pipeline.influence.directions import load_directions
-from pipeline.influence.fast import fast_terms
+from pipeline.influence.fast import fast_terms, reference_jets
 from pipeline.influence.functional import ClipFunctions
 from pipeline.influence.selfinf import SELF_TERMS, SelfConfig, SelfInfluenceEngine
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir
 from pipeline.score.config import ScoreConfig
-from pipeline.score.directions import DTYPES, load_set
+from pipeline.score.directions import DTYPES, load_eigenpairs, load_set
 from pipeline.score.table import build_part, write_table
 from pipeline.score.trajectory import load_state_dict, load_trajectory
 from pipeline.scorers import ScoreContext, Terms, get_scorers, needed_terms
@@ -52,9 +52,13 @@ class ShardScorer:
         self.run = RunDir(run_url)
         self.traj = load_trajectory(self.run)
         self.dtype = DTYPES[cfg.dtype]
-        self.bundle = factory.create(self.traj.model, dtype=self.dtype)
+        # One GPU per actor where the cluster has them (the driver declares it), else CPU.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.bundle = factory.create(self.traj.model, device=self.device, dtype=self.dtype)
         ref_images, ref_tokens, _ = load_set(self.run, "reference", self.dtype)
-        self.fns = ClipFunctions(self.bundle.model, ref_images, ref_tokens)
+        self.fns = ClipFunctions(
+            self.bundle.model, ref_images.to(self.device), ref_tokens.to(self.device)
+        )
         self.scorers = get_scorers(cfg.methods)
         self.ctx = ScoreContext(
             self.traj.checkpoints, self.traj.n_train, cfg.seed, {"first_order": cfg.first_order}
@@ -66,33 +70,55 @@ class ShardScorer:
             if not need:
                 continue
             state = load_state_dict(self.run, self.traj, c.step)
-            self.params[c.step] = {k: state[k].to(self.dtype) for k in names}
+            self.params[c.step] = {k: state[k].to(self.device, self.dtype) for k in names}
             self.need[c.step] = need
             if need & ({"first", "hb", "hz"} | SELF_TERMS):
-                self.directions[c.step] = load_directions(self.run.directions(c.step)).ordered(
-                    names
-                )
+                self.directions[c.step] = load_directions(
+                    self.run.directions(c.step), self.device
+                ).ordered(names)
+        # The references' embeddings and their derivatives, once per checkpoint (fast.py).
+        self.jets = {
+            step: reference_jets(
+                self.fns, self.params[step], self.directions.get(step), need - SELF_TERMS
+            )
+            for step, need in self.need.items()
+        }
         self.self_engines: dict[int, SelfInfluenceEngine] = {}
         if any(need & SELF_TERMS for need in self.need.values()):
             gb, _ = load_tensors(self.run.set_file("grad_batches"))
-            grad_images = gb["images"].flatten(0, 1).to(self.dtype)
-            grad_tokens = gb["tokens"].flatten(0, 1)
-            self_cfg = SelfConfig(dim=cfg.self_dim, memory_mb=cfg.memory_mb)
+            grad_batches = [
+                (gb["images"][i].to(self.device, self.dtype), gb["tokens"][i].to(self.device))
+                for i in range(gb["images"].shape[0])
+            ]
+            self_cfg = SelfConfig(
+                hb=cfg.self_hb if "self_hb" in set().union(*self.need.values()) else "none",
+                rank=cfg.self_rank,
+                dim=cfg.self_dim,
+                memory_mb=cfg.memory_mb,
+                seed=cfg.seed,
+            )
             for step, need in self.need.items():
                 if need & SELF_TERMS:
+                    eigen = load_eigenpairs(self.run, step) if self_cfg.hb == "lanczos" else None
+                    if eigen is not None:
+                        vals, vecs = eigen
+                        eigen = (
+                            vals.to(self.device),
+                            {k: v.to(self.device) for k, v in vecs.items()},
+                        )
                     self.self_engines[step] = SelfInfluenceEngine(
                         self.fns,
                         self.params[step],
                         self.directions[step].g_B,
-                        grad_images,
-                        grad_tokens,
+                        grad_batches,
                         self_cfg,
+                        eigen,
                     )
             plan = next(iter(self.self_engines.values())).config
             log.info(
-                "self-influence: chunk %d samples, sketch dim %d, %d parameters (%.1f MB per sample)",
+                "self-influence (H_B form %s): chunk %d samples, %d parameters (%.1f MB per sample)",
+                plan["hb"],
                 plan["chunk"],
-                plan["dim"],
                 plan["params"],
                 plan["mb_per_sample"],
             )
@@ -104,7 +130,7 @@ class ShardScorer:
         if not ok:
             return {c: np.zeros(0) for c in self.columns}
         images, tokens = encode(ok, self.bundle)
-        images = images.to(self.dtype)
+        images, tokens = images.to(self.device, self.dtype), tokens.to(self.device)
         terms: Terms = {}
         for step, need in self.need.items():
             t = fast_terms(
@@ -114,10 +140,11 @@ class ShardScorer:
                 images,
                 tokens,
                 need - SELF_TERMS,
+                self.jets[step],
             )
             if need & SELF_TERMS:
                 t.update(self.self_engines[step].terms(images, tokens))
-            terms[step] = {k: v.double().numpy() for k, v in t.items()}
+            terms[step] = {k: v.double().cpu().numpy() for k, v in t.items()}
         uids = [s.uid for s in ok]
         out: dict[str, np.ndarray] = {}
         for scorer in self.scorers:
@@ -129,7 +156,7 @@ class ShardScorer:
         t0 = time.time()
         samples: list[Sample] = []
         chunks: list[dict[str, np.ndarray]] = []
-        for batch in _batches(iter_shard(url), self.cfg.batch_size):
+        for batch in _batches(iter_shard(url, **self.cfg.reader_options()), self.cfg.batch_size):
             chunks.append(self.score_samples(batch))
             for s in batch:  # keep rows, not decoded pixels
                 s.image = None

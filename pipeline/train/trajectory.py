@@ -51,7 +51,7 @@ def load_pool(cfg: TrainConfig) -> Pool:
     ok: list[Sample] = []
     read = errors = 0
     for url in tqdm(shards, desc="read pool", unit="shard", leave=False):
-        for s in iter_shard(url):
+        for s in iter_shard(url, **cfg.reader_options()):
             read += 1
             if s.ok:
                 ok.append(s)

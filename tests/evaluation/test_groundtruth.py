@@ -7,8 +7,15 @@ import torch
 from pipeline.evaluation.groundtruth import GroundTruth, LOOSetting, run_groundtruth
 
 TINY = dict(
-    samples=56, target_size=16, reference_size=7, batch_size=8, steps=10, warmup=2,
-    checkpoints=2, grad_batches=1, lr=1.0,
+    samples=56,
+    target_size=16,
+    reference_size=7,
+    batch_size=8,
+    steps=10,
+    warmup=2,
+    checkpoints=2,
+    grad_batches=1,
+    lr=1.0,
 )
 
 
@@ -28,7 +35,9 @@ def test_structure(result):
         assert np.isfinite(result.scores[name]).all(), name
     # diffin = tracin + second-order part (the estimator's default, first_order=True)
     np.testing.assert_allclose(
-        result.scores["diffin"], result.scores["tracin"] + result.scores["diffin_second"], rtol=1e-12
+        result.scores["diffin"],
+        result.scores["tracin"] + result.scores["diffin_second"],
+        rtol=1e-12,
     )
     assert result.subsets.shape == (2, 40) and result.subsets.sum(1).tolist() == [20, 20]
     assert result.subset_actual.shape == (2,)

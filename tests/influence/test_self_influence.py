@@ -118,8 +118,7 @@ def _frozen_loss(fns, refs, params, image, token):
 def test_scalable_terms_are_exact_under_frozen_references(micro):
     """Approximation 1 alone: ||g_z||^2 and g_z' H_z g_B equal the frozen-reference Hessian forms."""
     fns, params, directions, grad_batches, (images, tokens) = micro
-    engine = SelfInfluenceEngine(fns, params, directions.g_B, torch.cat([b[0] for b in grad_batches]),
-                                 torch.cat([b[1] for b in grad_batches]), SelfConfig(dim=64, exclude=()))
+    engine = SelfInfluenceEngine(fns, params, directions.g_B, grad_batches, SelfConfig(exclude=()))
     terms = engine.terms(images, tokens)
     vec, unflat = _flat(params)
     g_b = torch.cat([directions.g_B[k].reshape(-1) for k in params])
@@ -153,35 +152,34 @@ def test_count_sketch_preserves_the_fisher_form(micro):
 
 
 def test_scalable_form_ranks_like_the_exact_form(micro):
-    """All approximations together. Stated bounds on this random-initialised micro model:
-    Spearman with the exact form above 0.8 for the first-order term (frozen references
-    only) and above 0.5 for the assembled first + second order score, where the
-    empirical Fisher stands in for H_B (0.64 measured at the first writing). The small
-    trained CLIP's figures are in docs/accuracy.md (benchmarks/self_influence.py)."""
+    """All approximations together, at the default configuration (Lanczos, rank 32):
+    Spearman with the exact form above 0.8 for ||g_z||^2 and above 0.9 for the assembled
+    first + second order score (0.998 measured; the empirical-Fisher alternative measured
+    0.38 here, which is why it is not the default). The small trained CLIP's figures are
+    in docs/accuracy.md (benchmarks/self_influence.py)."""
     fns, params, directions, grad_batches, _ = micro
     g = torch.Generator().manual_seed(11)
     images = torch.randn(32, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
     tokens = torch.randint(1, VOCAB, (32, CTX), generator=g)
     exact = exact_self_terms(fns, params, directions, grad_batches, images, tokens)
-    engine = SelfInfluenceEngine(fns, params, directions.g_B, torch.cat([b[0] for b in grad_batches]),
-                                 torch.cat([b[1] for b in grad_batches]), SelfConfig(dim=2048, exclude=()))
+    engine = SelfInfluenceEngine(fns, params, directions.g_B, grad_batches, SelfConfig(exclude=()))
     approx = engine.terms(images, tokens)
     lr, step = 0.1, 10
 
     def total(t):
         return lr * t["self_first"] - step * lr**2 * (t["self_hb"] + t["self_hz"])
 
-    rho = spearmanr(total(exact).numpy(), total(approx).numpy()).statistic
-    rho_first = spearmanr(exact["self_first"].numpy(), approx["self_first"].numpy()).statistic
-    assert rho_first > 0.8, rho_first
-    assert rho > 0.5, rho
+    rho = {k: spearmanr(exact[k].numpy(), approx[k].numpy()).statistic for k in exact}
+    rho["total"] = spearmanr(total(exact).numpy(), total(approx).numpy()).statistic
+    assert rho["self_first"] > 0.8, rho
+    assert rho["total"] > 0.9, rho
 
 
 def test_self_terms_do_not_depend_on_chunk_or_batch(micro):
     fns, params, directions, grad_batches, (images, tokens) = micro
-    gi, gt = torch.cat([b[0] for b in grad_batches]), torch.cat([b[1] for b in grad_batches])
-    big = SelfInfluenceEngine(fns, params, directions.g_B, gi, gt, SelfConfig(dim=128, exclude=()))
-    small = SelfInfluenceEngine(fns, params, directions.g_B, gi, gt, SelfConfig(dim=128, exclude=(), memory_mb=0))
+    big = SelfInfluenceEngine(fns, params, directions.g_B, grad_batches, SelfConfig(exclude=()))
+    small = SelfInfluenceEngine(fns, params, directions.g_B, grad_batches,
+                                SelfConfig(exclude=(), memory_mb=0), (big.eigenvalues, big.eigenvectors))
     assert small.plan["chunk"] == 1
     whole = big.terms(images, tokens)
     parts = [small.terms(images[i : i + 1], tokens[i : i + 1]) for i in range(images.shape[0])]

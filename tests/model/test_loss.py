@@ -35,9 +35,7 @@ def _direct(img, txt, ref_img, ref_txt, s):
         i2t = s * torch.cat([(img[z] * txt[z]).sum()[None], ref_txt @ img[z]])
         t2i = s * torch.cat([(img[z] * txt[z]).sum()[None], ref_img @ txt[z]])
         label = torch.zeros(1, dtype=torch.long)
-        out.append(
-            0.5 * (F.cross_entropy(i2t[None], label) + F.cross_entropy(t2i[None], label))
-        )
+        out.append(0.5 * (F.cross_entropy(i2t[None], label) + F.cross_entropy(t2i[None], label)))
     return torch.stack(out)
 
 

@@ -66,7 +66,8 @@ def test_kept_rows_are_the_top_scores(pruned):
     table = pruned["table"]
     keep = read_table(str(pruned["out"] / "keep.parquet"))
     kept = set(keep.column("uid").to_pylist())
-    scores = dict(zip(table.column("uid").to_pylist(), table.column("diffin").to_pylist()))
+    uids, values = table.column("uid").to_pylist(), table.column("diffin").to_pylist()
+    scores = dict(zip(uids, values, strict=True))
     kept_scores = [scores[u] for u in kept]
     dropped = [s for u, s in scores.items() if u not in kept and s is not None]
     assert min(kept_scores) >= max(dropped)
@@ -198,8 +199,7 @@ def test_bad_manifest_name_is_refused(pruned, name):
 
 def test_select_skips_error_rows_and_non_finite_scores_and_breaks_ties_by_uid():
     samples = [
-        Sample(uid=f"{i:032x}", key=f"k{i}", shard="s.tar", index=i, caption="c")
-        for i in range(6)
+        Sample(uid=f"{i:032x}", key=f"k{i}", shard="s.tar", index=i, caption="c") for i in range(6)
     ]
     samples[1].error = "undecodable image"
     # scores of the ok rows 0, 2, 3, 4, 5 in order; row 3 has no finite score

@@ -215,3 +215,23 @@ def test_legacy_fraction_manifest_on_a_scored_run(tiny_scored, tmp_path):
     assert m["kept"] == m["train_num_samples"] == want.num_rows
     assert m["rule"]["kind"] == "fraction" and m["rows_in_table"] == table.num_rows
     assert m["rows_ok"] + m["rows_error"] == table.num_rows
+
+
+def test_cli_prune_rules(tiny_scored, tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_scored["run"], run)
+    assert main(["prune", "--run", run, "--rule", "fraction"]) == 2  # --keep is required
+    assert "keep" in capsys.readouterr().err
+    base = ["prune", "--run", run, "--shard-size", "50"]
+    assert main([*base, "--rule", "threshold", "--threshold", "0", "--method", "tracin"]) == 0
+    m = json.loads(Path(run, "prune", "tracin-ge0", "manifest.json").read_text())
+    tracin = read_table(f"{run}/scores.parquet").column("tracin").to_numpy(zero_copy_only=False)
+    assert m["kept"] == int((np.nan_to_num(tracin, nan=-1) >= 0).sum())
+    capsys.readouterr()
+    args = [*base, "--keep", "0.5", "--fuse", "diffin=1,loss=-0.5", "--fusion-norm", "rank"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["score"] == "fusion" and out["rule"]["fusion"] == {"diffin": 1.0, "loss": -0.5}
+    assert out["kept"] == round(0.5 * out["rows_scorable"])

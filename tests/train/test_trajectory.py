@@ -31,7 +31,9 @@ def test_records_m_checkpoints_with_schedule_steps_and_lrs(tiny_run):
     assert [c["step"] for c in rec["checkpoints"]] == want_steps
     assert len(rec["checkpoints"]) == cfg.checkpoints
     for c in rec["checkpoints"]:
-        assert c["lr"] == pytest.approx(lr_at(c["step"], cfg.lr, cfg.warmup, cfg.steps, cfg.schedule))
+        assert c["lr"] == pytest.approx(
+            lr_at(c["step"], cfg.lr, cfg.warmup, cfg.steps, cfg.schedule)
+        )
     assert rec == json.loads(json.dumps(tiny_run["record"], default=str))
     assert rec["model"] == "diffin-tiny"
     assert rec["steps"] == cfg.steps
@@ -176,7 +178,9 @@ def test_batch_order_is_seeded_epochs_of_permutations():
     first_epoch = torch.cat(order[:per_epoch])
     assert sorted(first_epoch.tolist()) == list(range(N))  # each sample once per epoch
     assert all(torch.equal(a, b) for a, b in zip(order, batch_order(N, BS, STEPS, 0), strict=True))
-    assert any(not torch.equal(a, b) for a, b in zip(order, batch_order(N, BS, STEPS, 1), strict=True))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(order, batch_order(N, BS, STEPS, 1), strict=True)
+    )
 
 
 def test_removed_drops_exactly_those_samples_and_keeps_other_batches(loop_data):
