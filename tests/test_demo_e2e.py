@@ -54,7 +54,6 @@ def _tar_uids(path: Path) -> list[str]:
         ]
 
 
-@pytest.mark.slow  # embedded Ray + actors: ~1.5 min on 2 busy cores
 def test_score_table_has_one_row_per_generated_sample(demo):
     run = demo["run"]
     sizes = json.loads((run / "data" / "sizes.json").read_text())
@@ -70,7 +69,6 @@ def test_score_table_has_one_row_per_generated_sample(demo):
         assert m in table.column_names
 
 
-@pytest.mark.slow  # embedded Ray + actors: ~1.5 min on 2 busy cores
 def test_manifest_matches_tars_and_sizes(demo):
     out = Path(demo["summary"]["outputs"]["manifest"])
     manifest = json.loads((out / "manifest.json").read_text())
@@ -91,7 +89,6 @@ def test_manifest_matches_tars_and_sizes(demo):
     assert array_to_uids(arr) == sorted(tar_uids)
 
 
-@pytest.mark.slow  # embedded Ray + actors: ~1.5 min on 2 busy cores
 def test_demo_json_and_summary(demo):
     written = json.loads((demo["run"] / "demo.json").read_text())
     s = demo["summary"]

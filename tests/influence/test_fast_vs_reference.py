@@ -65,6 +65,13 @@ def test_sample_terms_do_not_depend_on_the_batch(setup):
     fns, params, directions, _, (images, tokens) = setup
     whole = fast_terms(fns, params, directions, images, tokens, {"loss", "first", "hb", "hz"})
     for i in range(images.shape[0]):
-        one = fast_terms(fns, params, directions, images[i : i + 1], tokens[i : i + 1], {"loss", "first", "hb", "hz"})
+        one = fast_terms(
+            fns,
+            params,
+            directions,
+            images[i : i + 1],
+            tokens[i : i + 1],
+            {"loss", "first", "hb", "hz"},
+        )
         for term, v in one.items():
             assert torch.allclose(v[0], whole[term][i], rtol=1e-9, atol=1e-12), term

@@ -49,7 +49,9 @@ def micro(tmp_path_factory):
     g = torch.Generator().manual_seed(3)
 
     def batch(n):
-        return torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64), torch.randint(1, VOCAB, (n, CTX), generator=g)
+        return torch.randn(n, 3, SIZE, SIZE, generator=g, dtype=torch.float64), torch.randint(
+            1, VOCAB, (n, CTX), generator=g
+        )
 
     fns = ClipFunctions(model, *batch(5))
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -82,6 +84,7 @@ def test_exact_self_terms_match_the_formed_hessian(micro):
     g_b = torch.cat([directions.g_B[k].reshape(-1) for k in params])
     exact = exact_self_terms(fns, params, directions, grad_batches, images, tokens)
     for i in range(images.shape[0]):
+
         def lz(v, i=i):
             return fns.sample_losses(unflat(v), images[i : i + 1], tokens[i : i + 1])[0]
 
@@ -96,11 +99,14 @@ def test_fast_target_terms_match_the_formed_hessian(micro):
     """The fast form of I(z, V) against explicit Hessians too (not only double backward)."""
     fns, params, directions, grad_batches, (images, tokens) = micro
     vec, unflat = _flat(params)
-    h_b = hessian(lambda v: sum(fns.batch_loss(unflat(v), *b) for b in grad_batches) / len(grad_batches))(vec)
+    h_b = hessian(
+        lambda v: sum(fns.batch_loss(unflat(v), *b) for b in grad_batches) / len(grad_batches)
+    )(vec)
     g_v = torch.cat([directions.g_V[k].reshape(-1) for k in params])
     g_b = torch.cat([directions.g_B[k].reshape(-1) for k in params])
     fast = fast_terms(fns, params, directions, images, tokens, {"first", "hb", "hz"})
     for i in range(images.shape[0]):
+
         def lz(v, i=i):
             return fns.sample_losses(unflat(v), images[i : i + 1], tokens[i : i + 1])[0]
 
@@ -112,7 +118,9 @@ def test_fast_target_terms_match_the_formed_hessian(micro):
 
 def _frozen_loss(fns, refs, params, image, token):
     out = functional_call(fns.model, params, (image[None], token[None]))
-    return per_sample_loss(out["image_features"], out["text_features"], refs.images, refs.texts, params["logit_scale"])[0]
+    return per_sample_loss(
+        out["image_features"], out["text_features"], refs.images, refs.texts, params["logit_scale"]
+    )[0]
 
 
 def test_scalable_terms_are_exact_under_frozen_references(micro):
@@ -123,6 +131,7 @@ def test_scalable_terms_are_exact_under_frozen_references(micro):
     vec, unflat = _flat(params)
     g_b = torch.cat([directions.g_B[k].reshape(-1) for k in params])
     for i in range(images.shape[0]):
+
         def lz(v, i=i):
             return _frozen_loss(fns, engine.refs, unflat(v), images[i], tokens[i])
 
@@ -178,8 +187,14 @@ def test_scalable_form_ranks_like_the_exact_form(micro):
 def test_self_terms_do_not_depend_on_chunk_or_batch(micro):
     fns, params, directions, grad_batches, (images, tokens) = micro
     big = SelfInfluenceEngine(fns, params, directions.g_B, grad_batches, SelfConfig(exclude=()))
-    small = SelfInfluenceEngine(fns, params, directions.g_B, grad_batches,
-                                SelfConfig(exclude=(), memory_mb=0), (big.eigenvalues, big.eigenvectors))
+    small = SelfInfluenceEngine(
+        fns,
+        params,
+        directions.g_B,
+        grad_batches,
+        SelfConfig(exclude=(), memory_mb=0),
+        (big.eigenvalues, big.eigenvectors),
+    )
     assert small.plan["chunk"] == 1
     whole = big.terms(images, tokens)
     parts = [small.terms(images[i : i + 1], tokens[i : i + 1]) for i in range(images.shape[0])]

@@ -129,7 +129,6 @@ def test_job_survives_killed_actor_and_lost_node(ray_cluster, score_run, tmp_pat
     assert progress["shards_done"] == progress["shards_total"]
 
 
-@pytest.mark.slow  # about 4 minutes on 2 busy cores (two driver and actor start-ups)
 def test_driver_killed_then_rerun_resumes(ray_cluster, score_run, tmp_path):
     run = fresh_run(score_run, tmp_path / "run")
     cmd = [
