@@ -84,21 +84,23 @@ def needed_terms(scorers: list[Scorer], ckpt: Checkpoint, ctx: ScoreContext) -> 
 @register
 class DiffIn(Scorer):
     name = "diffin"
-    terms = frozenset({"first", "hb", "hz"})
+    keys = ("first", "hb", "hz")  # the per-checkpoint terms: <a, g_z>, <a, H_B g_z>, <a, H_z g_B>
+    terms = frozenset(keys)
     description = "Diff-In influence on the target loss (second order, trajectory)"
 
     def columns(self, ctx: ScoreContext) -> list[str]:
         cols = [self.name]
         for c in ctx.checkpoints:
-            cols += [f"diffin_first_t{c.step}", f"diffin_second_t{c.step}"]
+            cols += [f"{self.name}_first_t{c.step}", f"{self.name}_second_t{c.step}"]
         return cols
 
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
         m, out, firsts, seconds = len(ctx.checkpoints), {}, [], []
+        first_key, hb_key, hz_key = self.keys
         for c in ctx.checkpoints:
             t = terms[c.step]
-            f, s = diffin_components(t["first"], t["hb"], t["hz"], c, ctx.n_train, m)
-            out[f"diffin_first_t{c.step}"], out[f"diffin_second_t{c.step}"] = f, s
+            f, s = diffin_components(t[first_key], t[hb_key], t[hz_key], c, ctx.n_train, m)
+            out[f"{self.name}_first_t{c.step}"], out[f"{self.name}_second_t{c.step}"] = f, s
             firsts.append(f)
             seconds.append(s)
         out[self.name] = assemble_diffin(
@@ -164,7 +166,7 @@ class Random(Scorer):
 
 
 @register
-class DiffInSelf(Scorer):
+class DiffInSelf(DiffIn):
     """Diff-In self-influence sum_t (F_t + I_t)(z, z) (the authors' Eq. 12 data-cleaning form).
 
     Stored as computed (the estimated change of z's own loss if z were removed)
@@ -176,26 +178,9 @@ class DiffInSelf(Scorer):
     """
 
     name = "diffin_self"
-    terms = frozenset({"self_first", "self_hb", "self_hz"})
+    keys = ("self_first", "self_hb", "self_hz")
+    terms = frozenset(keys)
     description = "Diff-In self-influence (F + I)(z, z), for data cleaning; lowest pruned first"
-
-    def columns(self, ctx: ScoreContext) -> list[str]:
-        cols = [self.name]
-        for c in ctx.checkpoints:
-            cols += [f"diffin_self_first_t{c.step}", f"diffin_self_second_t{c.step}"]
-        return cols
-
-    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
-        m, out, firsts, seconds = len(ctx.checkpoints), {}, [], []
-        for c in ctx.checkpoints:
-            t = terms[c.step]
-            f, s = diffin_components(t["self_first"], t["self_hb"], t["self_hz"], c, ctx.n_train, m)
-            out[f"diffin_self_first_t{c.step}"], out[f"diffin_self_second_t{c.step}"] = f, s
-            firsts.append(f)
-            seconds.append(s)
-        first_order = bool(ctx.options.get("first_order", True))
-        out[self.name] = assemble_diffin(firsts, seconds, first_order)
-        return out
 
 
 @register

@@ -62,6 +62,11 @@ def exact_terms(
     tokens: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """first = <g_V, g_z>, hb = <g_V, H_B g_z>, hz = <g_V, H_z g_B>, by double backward."""
+    return _exact(fns, params, directions, grad_batches, images, tokens, self_influence=False)
+
+
+def _exact(fns, params, directions, grad_batches, images, tokens, self_influence: bool):
+    """<a, g_z>, <a, H_B g_z>, <a, H_z g_B> per sample, with a = g_V, or a = g_z itself."""
     first, hb, hz = [], [], []
     for i in range(images.shape[0]):
         fz = _sample_fn(fns, images, tokens, i)
@@ -69,10 +74,16 @@ def exact_terms(
         _, h_b_gz = batch_gradient_and_hvp(fns, params, grad_batches, g_z)
         assert h_b_gz is not None
         h_z_gb = _hvp(fz, params, directions.g_B)
-        first.append(dot(directions.g_V, g_z))
-        hb.append(dot(directions.g_V, h_b_gz))
-        hz.append(dot(directions.g_V, h_z_gb))
-    return {"first": torch.stack(first), "hb": torch.stack(hb), "hz": torch.stack(hz)}
+        a = g_z if self_influence else directions.g_V
+        first.append(dot(a, g_z))
+        hb.append(dot(a, h_b_gz))
+        hz.append(dot(a, h_z_gb))
+    prefix = "self_" if self_influence else ""
+    return {
+        f"{prefix}first": torch.stack(first),
+        f"{prefix}hb": torch.stack(hb),
+        f"{prefix}hz": torch.stack(hz),
+    }
 
 
 def finite_difference_terms(
@@ -113,18 +124,4 @@ def exact_self_terms(
 ) -> dict[str, torch.Tensor]:
     """Self-influence terms with nothing approximated: full g_z (through the references too),
     self_first = ||g_z||^2, self_hb = g_z' H_B g_z, self_hz = g_z' H_z g_B (double backward)."""
-    first, hb, hz = [], [], []
-    for i in range(images.shape[0]):
-        fz = _sample_fn(fns, images, tokens, i)
-        g_z = per_sample_gradient(fns, params, images, tokens, i)
-        _, h_b_gz = batch_gradient_and_hvp(fns, params, grad_batches, g_z)
-        assert h_b_gz is not None
-        h_z_gb = _hvp(fz, params, directions.g_B)
-        first.append(dot(g_z, g_z))
-        hb.append(dot(g_z, h_b_gz))
-        hz.append(dot(g_z, h_z_gb))
-    return {
-        "self_first": torch.stack(first),
-        "self_hb": torch.stack(hb),
-        "self_hz": torch.stack(hz),
-    }
+    return _exact(fns, params, directions, grad_batches, images, tokens, self_influence=True)

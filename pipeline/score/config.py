@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.data.keys import reader_options, valid_keys
 from pipeline.errors import ConfigError
 
 
@@ -52,8 +53,8 @@ class ScoreConfig:
                 self.gpus_per_worker is None or self.gpus_per_worker >= 0,
                 "must be >= 0",
             ),
-            ("image_keys", _valid_keys(self.image_keys), "must be non-empty extensions"),
-            ("text_keys", _valid_keys(self.text_keys), "must be non-empty extensions"),
+            ("image_keys", valid_keys(self.image_keys), "must be non-empty extensions"),
+            ("text_keys", valid_keys(self.text_keys), "must be non-empty extensions"),
             ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
         ]
         for name, ok, why in checks:
@@ -61,12 +62,7 @@ class ScoreConfig:
                 raise ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
 
     def reader_options(self) -> dict[str, tuple[str, ...]]:
-        """Options for pipeline.data.reader.iter_shard: which members hold the image and text."""
-        return {"image_keys": tuple(self.image_keys), "text_keys": tuple(self.text_keys)}
+        return reader_options(self.image_keys, self.text_keys)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _valid_keys(keys: list[str]) -> bool:
-    return bool(keys) and all(k and "/" not in k and not k.startswith(".") for k in keys)

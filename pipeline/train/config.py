@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.data.keys import reader_options, valid_keys
 from pipeline.errors import ConfigError
 
 
@@ -47,8 +48,8 @@ class TrainConfig:
             ("schedule", self.schedule in ("constant", "cosine"), "must be 'constant' or 'cosine'"),
             ("target_size", self.target_size >= 1, "must be >= 1"),
             ("reference_size", self.reference_size >= 1, "must be >= 1"),
-            ("image_keys", _valid_keys(self.image_keys), "must be non-empty extensions"),
-            ("text_keys", _valid_keys(self.text_keys), "must be non-empty extensions"),
+            ("image_keys", valid_keys(self.image_keys), "must be non-empty extensions"),
+            ("text_keys", valid_keys(self.text_keys), "must be non-empty extensions"),
             ("grad_batches", self.grad_batches >= 1, "must be >= 1"),
         ]
         for name, ok, why in checks:
@@ -56,12 +57,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
 
     def reader_options(self) -> dict[str, tuple[str, ...]]:
-        """Options for pipeline.data.reader.iter_shard: which members hold the image and text."""
-        return {"image_keys": tuple(self.image_keys), "text_keys": tuple(self.text_keys)}
+        return reader_options(self.image_keys, self.text_keys)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _valid_keys(keys: list[str]) -> bool:
-    return bool(keys) and all(k and "/" not in k and not k.startswith(".") for k in keys)
