@@ -100,10 +100,9 @@ def main() -> None:
     m = len(traj.checkpoints)
 
     variants = {
-        "default (k=2048, no token embedding)": SelfConfig(),
-        "k=512": SelfConfig(dim=512),
-        "k=8192": SelfConfig(dim=8192),
+        "default (Lanczos r=16, no token embedding)": SelfConfig(),
         "with token embedding": SelfConfig(exclude=()),
+        "empirical Fisher, sketch k=2048": SelfConfig(hb="fisher", dim=2048),
     }
     totals = {"exact": np.zeros(len(samples)), **{v: np.zeros(len(samples)) for v in variants}}
     first = {"exact": np.zeros(len(samples)), **{v: np.zeros(len(samples)) for v in variants}}
