@@ -7,11 +7,28 @@ import json
 import sys
 from collections.abc import Sequence
 
+from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.errors import ConfigError
 
 
 def _methods(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _add_reader_keys(parser: argparse.ArgumentParser) -> None:
+    """Which members hold a sample's image and caption (img2dataset pools may differ)."""
+    parser.add_argument(
+        "--image-key",
+        type=_methods,
+        default=list(IMAGE_KEYS),
+        help="comma list of image extensions, first present wins",
+    )
+    parser.add_argument(
+        "--text-key",
+        type=_methods,
+        default=list(TEXT_KEYS),
+        help="comma list of caption extensions",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,15 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=40)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0)
-    t.add_argument(
-        "--image-key",
-        type=_methods,
-        default=["jpg", "jpeg", "png", "webp"],
-        help="comma list of image extensions, first present wins",
-    )
-    t.add_argument(
-        "--text-key", type=_methods, default=["txt"], help="comma list of caption extensions"
-    )
+    _add_reader_keys(t)
 
     s = sub.add_parser("score", help="score every sample on a pool of Ray actors")
     s.add_argument("--data", required=True)
@@ -88,15 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GPUs per scoring actor; default: 1 when the cluster has GPUs, else 0",
     )
-    s.add_argument(
-        "--image-key",
-        type=_methods,
-        default=["jpg", "jpeg", "png", "webp"],
-        help="comma list of image extensions, first present wins",
-    )
-    s.add_argument(
-        "--text-key", type=_methods, default=["txt"], help="comma list of caption extensions"
-    )
+    _add_reader_keys(s)
     s.add_argument(
         "--self-hb",
         choices=["lanczos", "fisher"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.data.keys import reader_options, valid_keys
+from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options, valid_keys
 from pipeline.errors import ConfigError
 
 
@@ -28,8 +28,8 @@ class ScoreConfig:
     self_dim: int = 2048  # count-sketch dimension for diffin_self (self_hb="fisher")
     memory_mb: int = 1024  # per-actor budget for per-sample gradients in flight (diffin_self)
     dtype: str = "float32"
-    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
-    text_keys: list[str] = field(default_factory=lambda: ["txt"])
+    image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
+    text_keys: list[str] = field(default_factory=lambda: list(TEXT_KEYS))
     prefetch_batches: int = 2  # decoded batches an actor reads ahead (0: no prefetch thread hint)
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
 

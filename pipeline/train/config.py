@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.data.keys import reader_options, valid_keys
+from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options, valid_keys
 from pipeline.errors import ConfigError
 
 
@@ -31,8 +31,8 @@ class TrainConfig:
     grad_batches: int = 4  # k batches averaged into g_B and H_B
     max_samples: int = 100_000  # the proxy trains in memory on at most this many pairs
     threads: int = 0  # torch threads; 0: torch's default
-    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
-    text_keys: list[str] = field(default_factory=lambda: ["txt"])
+    image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
+    text_keys: list[str] = field(default_factory=lambda: list(TEXT_KEYS))
 
     def validate(self) -> None:
         checks = [
