@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: env demo test test-all lint clean
+.PHONY: env browser demo test test-all lint clean
 
 env: $(STAMP)
 
@@ -16,13 +16,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The HTML report's test renders it in headless Chromium (Debian packages).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver'
+
 demo: env
 	$(BIN)/diffin demo
 
-test: env
+test: env browser
 	$(BIN)/python -m pytest -q
 
-test-all: env
+test-all: env browser
 	$(BIN)/python -m pytest -q -m ''
 
 lint: env

@@ -158,6 +158,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--fusion-norm", choices=["zscore", "rank"], default="zscore")
 
+    e = sub.add_parser(
+        "evaluate", help="retrain on each scorer's kept subset and measure the held-out split"
+    )
+    e.add_argument("--run", required=True)
+    e.add_argument(
+        "--keep", type=float, nargs="+", default=[0.5, 0.7], help="keep fractions to compare"
+    )
+    e.add_argument(
+        "--methods", type=_methods, default=["diffin", "tracin", "clip_score", "loss", "random"]
+    )
+    e.add_argument("--no-full", dest="full", action="store_false", help="skip the full pool")
+    e.add_argument("--data", default=None, help="the scored pool; default: as scored")
+    e.add_argument("--eval-data", default=None, help="held-out shards; default: the pool's eval/")
+    e.add_argument("--eval-labels", default=None, help="parquet (uid, label) for zero-shot")
+    e.add_argument("--classes", default=None, help='json {"classnames": [...], "templates": [...]}')
+    e.add_argument("--truth", default=None, help="parquet (uid, defect) of known defects")
+    e.add_argument("--steps", type=int, default=None, help="default: the proxy's")
+    e.add_argument("--batch-size", type=int, default=None, help="default: the proxy's")
+    e.add_argument(
+        "--optimizer", choices=["sgd", "adamw"], default=None, help="default: the proxy's"
+    )
+    e.add_argument("--lr", type=float, default=None, help="default: the proxy's")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=0)
+
+    rp = sub.add_parser("report", help="write RUN/report/index.html")
+    rp.add_argument("--run", required=True)
+    rp.add_argument("--method", default=None, help="scorer of the galleries; default: diffin")
+    rp.add_argument("--top", type=int, default=12, help="pairs in each gallery")
+
     m = sub.add_parser("demo", help="the whole pipeline on a generated pool")
     m.add_argument("--run", default="runs/demo")
     m.add_argument("--samples", type=int, default=2000)
@@ -165,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=2)
     m.add_argument("--keep", type=float, default=0.7)
     m.add_argument("--method", default="diffin")
+    m.add_argument(
+        "--no-evaluate",
+        dest="evaluate",
+        action="store_false",
+        help="skip the retraining comparison (the report then has no evaluation table)",
+    )
     return p
 
 
@@ -257,6 +293,37 @@ def run(args: argparse.Namespace) -> object:
                 fusion_norm=args.fusion_norm,
             )
         )
+    if args.command == "evaluate":
+        from pipeline.evaluation.config import EvaluateConfig
+        from pipeline.evaluation.retrain import run_evaluation
+
+        summary = run_evaluation(
+            EvaluateConfig(
+                run=args.run,
+                keeps=args.keep,
+                methods=args.methods,
+                full=args.full,
+                data=args.data,
+                eval_data=args.eval_data,
+                eval_labels=args.eval_labels,
+                classes=args.classes,
+                truth=args.truth,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                optimizer=args.optimizer,
+                lr=args.lr,
+                seed=args.seed,
+                threads=args.threads,
+            )
+        )
+        from pipeline.rundir import join, read_bytes
+
+        print(read_bytes(join(args.run, "evaluate", "results.md")).decode())
+        return {"results": join(args.run, "evaluate"), "seconds": summary["seconds"]}
+    if args.command == "report":
+        from pipeline.report.build import build_report
+
+        return {"report": build_report(args.run, method=args.method, top=args.top)}
     if args.command == "demo":
         from pipeline.demo import DemoConfig, format_summary, run_demo
 
@@ -268,6 +335,7 @@ def run(args: argparse.Namespace) -> object:
                 workers=args.workers,
                 keep=args.keep,
                 method=args.method,
+                evaluate=args.evaluate,
             )
         )
         print(format_summary(summary))

@@ -1,8 +1,9 @@
 """`diffin demo`: the whole pipeline on the embedded default, with a short summary.
 
 make-data (about 2,000 pairs, 20% mismatched captions) -> train -> score
-(local Ray) -> prune, then: samples, errors, kept, where each output is, and
-how many injected mismatched pairs each scorer's kept set still holds.
+(local Ray) -> prune -> evaluate -> report, then: samples, errors, kept, where
+each output is, how many injected mismatched pairs each scorer's kept set
+still holds, and the path of the HTML report.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import pandas as pd
 
 from pipeline.data.synth import SynthConfig, make_pool
 from pipeline.errors import ConfigError
+from pipeline.evaluation.config import EvaluateConfig
+from pipeline.evaluation.retrain import run_evaluation
 from pipeline.model import factory
 from pipeline.prune.config import PruneConfig
 from pipeline.prune.manifest import select, write_manifest
+from pipeline.report.build import build_report
 from pipeline.rundir import RunDir, join, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.driver import run_scoring
@@ -48,9 +52,13 @@ class DemoConfig:
     target_size: int = 128
     reference_size: int = 255
     eval_samples: int = 500
+    evaluate: bool = True  # retrain on each scorer's kept subset (diffin evaluate)
+    eval_keeps: list[float] = field(default_factory=lambda: [0.5, 0.7])
 
 
-def stage_configs(cfg: DemoConfig) -> tuple[SynthConfig, TrainConfig, ScoreConfig, PruneConfig]:
+def stage_configs(
+    cfg: DemoConfig,
+) -> tuple[SynthConfig, TrainConfig, ScoreConfig, PruneConfig, EvaluateConfig]:
     """Every stage's config, validated before any work (``data`` is filled in once it exists)."""
     synth = SynthConfig(
         samples=cfg.samples,
@@ -75,14 +83,24 @@ def stage_configs(cfg: DemoConfig) -> tuple[SynthConfig, TrainConfig, ScoreConfi
         data="", run=cfg.run, methods=cfg.methods, workers=cfg.workers, seed=cfg.seed
     )
     prune = PruneConfig(run=cfg.run, keep=cfg.keep, method=cfg.method, shard_size=cfg.shard_size)
+    evaluate = EvaluateConfig(
+        run=cfg.run,
+        keeps=cfg.eval_keeps,
+        methods=[
+            m for m in cfg.methods if m in ("diffin", "tracin", "clip_score", "loss", "random")
+        ],
+        seed=cfg.seed,
+    )
     synth.validate()
     trainc.validate()
     factory.model_config(cfg.model)
     score.validate()
     prune.validate()
+    if cfg.evaluate:
+        evaluate.validate()
     if cfg.method not in cfg.methods:
         raise ConfigError(f"method: {cfg.method!r} is not one of the scored methods {cfg.methods}")
-    return synth, trainc, score, prune
+    return synth, trainc, score, prune, evaluate
 
 
 def mismatch_kept(
@@ -100,7 +118,9 @@ def mismatch_kept(
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    synth_cfg, train_cfg, score_cfg, prune_cfg = stage_configs(cfg)  # refuse bad configs first
+    synth_cfg, train_cfg, score_cfg, prune_cfg, eval_cfg = stage_configs(
+        cfg
+    )  # refuse bad configs first
     t0 = time.time()
     run = RunDir(cfg.run)
     data = join(cfg.run, "data")
@@ -122,6 +142,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     manifest = write_manifest(prune_cfg)
     timings["prune"] = time.time() - t
 
+    evaluation = None
+    if cfg.evaluate:
+        t = time.time()
+        evaluation = run_evaluation(eval_cfg)
+        timings["evaluate"] = time.time() - t
+
+    t = time.time()
+    report = build_report(cfg.run, method=cfg.method)
+    timings["report"] = time.time() - t
+
     defects = mismatch_kept(run, join(data, "truth.parquet"), cfg.methods, cfg.keep)
     summary = {
         "config": asdict(cfg),
@@ -137,7 +167,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "scores": run.scores,
             "manifest": manifest["dir"],
             "train_data": manifest["train_data"],
+            "evaluation": run.path("evaluate", "results.md") if evaluation else None,
+            "report": report,
         },
+        "evaluation": [
+            {k: r[k] for k in ("subset", "n_train", "zeroshot_top1", "i2t_r5", "t2i_r5")}
+            for r in (evaluation["results"] if evaluation else [])
+        ],
         "seconds": {k: round(v, 1) for k, v in {**timings, "total": time.time() - t0}.items()},
     }
     write_json(run.path("demo.json"), summary)
@@ -159,5 +195,9 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     frame = pd.DataFrame(s["defects_kept_by_method"]).T[["kept", "mismatch", "duplicate", "noise"]]
     lines += ["    " + line for line in frame.to_string().splitlines()]
-    lines += [f"  {k:<15}: {v}" for k, v in s["outputs"].items()]
+    if s.get("evaluation"):
+        lines.append("  retrained on each kept subset (held-out zero-shot top-1, recall@5):")
+        ev = pd.DataFrame(s["evaluation"]).set_index("subset")
+        lines += ["    " + line for line in ev.to_string(float_format="%.3f").splitlines()]
+    lines += [f"  {k:<15}: {v}" for k, v in s["outputs"].items() if v is not None]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.cli import build_parser, main
 
-SUBCOMMANDS = ["make-data", "train", "score", "prune", "demo"]
+SUBCOMMANDS = ["make-data", "train", "score", "prune", "evaluate", "report", "demo"]
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -147,6 +147,33 @@ def test_demo_refuses_bad_config_before_generating_data(tmp_path, capsys, flag, 
     run = tmp_path / "demo"
     _refused(["demo", "--run", str(run), flag, value], capsys, field)
     assert _empty(run)
+
+
+@pytest.mark.parametrize(
+    "flag,value,field",
+    [("--keep", "1.5", "keeps"), ("--methods", "nope", "methods"), ("--steps", "0", "steps")],
+)
+def test_evaluate_refuses_bad_config_before_training(
+    tiny_scored, tmp_path, capsys, flag, value, field
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_scored["run"], run)
+    _refused(["evaluate", "--run", str(run), flag, value], capsys, field)
+    assert not (run / "evaluate").exists()
+
+
+def test_report_prints_the_page_path(tiny_scored, tmp_path, capsys):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_scored["run"], run)
+    assert main(["report", "--run", str(run), "--top", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["report"] == str(run / "report" / "index.html")
+    assert (run / "report" / "index.html").stat().st_size > 1000
 
 
 def test_train_pool_too_small_is_a_config_error(tiny_pool, tmp_path, capsys):

@@ -101,7 +101,19 @@ def test_demo_json_and_summary(demo):
     for m in demo["cfg"].methods:
         assert m in text
     run_json = json.loads((demo["run"] / "run.json").read_text())
-    assert {"train", "score"} <= set(run_json)
+    assert {"train", "score", "evaluate"} <= set(run_json)
+
+
+def test_demo_evaluates_every_scorer_and_ends_with_the_report(demo):
+    s = demo["summary"]
+    subsets = [r["subset"] for r in s["evaluation"]]
+    methods = ["diffin", "tracin", "loss", "clip_score", "random"]
+    assert subsets == ["full"] + [f"{m}@{k:g}" for k in (0.5, 0.7) for m in methods]
+    report = Path(s["outputs"]["report"])
+    assert report == demo["run"] / "report" / "index.html" and report.stat().st_size > 10_000
+    html = report.read_text()
+    assert "Evaluation: retraining on each kept subset" in html and "diffin@0.7" in html
+    assert format_summary(s).rstrip().endswith(str(report))
 
 
 @pytest.mark.parametrize(

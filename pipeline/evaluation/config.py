@@ -1,0 +1,51 @@
+"""Configuration of ``diffin evaluate``: serialised beside its results."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+DEFAULT_METHODS = ("diffin", "tracin", "clip_score", "loss", "random")
+
+
+@dataclass
+class EvaluateConfig:
+    run: str
+    keeps: list[float] = field(default_factory=lambda: [0.5, 0.7])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    full: bool = True  # also train on every ok pair (the "no pruning" row)
+    data: str | None = None  # the scored pool; default: the pattern `diffin score` recorded
+    eval_data: str | None = None  # held-out shards; default: the generated pool's eval/ split
+    eval_labels: str | None = None  # parquet (uid, label) for zero-shot; default: beside eval
+    classes: str | None = None  # json {"classnames", "templates"}; default: beside eval
+    truth: str | None = None  # parquet (uid, defect); default: the generated pool's truth
+    steps: int | None = None  # training budget; default: the proxy's
+    batch_size: int | None = None  # default: the proxy's
+    optimizer: str | None = None  # "sgd" or "adamw"; default: the proxy's
+    lr: float | None = None  # default: the proxy's
+    seed: int = 0
+    threads: int = 0  # torch threads; 0: torch's default
+
+    def validate(self) -> None:
+        if not self.keeps:
+            raise ConfigError("keeps: give at least one keep fraction")
+        for k in self.keeps:
+            if isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= 1:
+                raise ConfigError(f"keeps: every fraction must be in (0, 1] (got {k!r})")
+        if not self.methods:
+            raise ConfigError("methods: give at least one scorer column")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods: duplicates in {self.methods}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps: must be >= 1 (got {self.steps!r})")
+        if self.optimizer is not None and self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer: must be 'sgd' or 'adamw' (got {self.optimizer!r})")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0 (got {self.lr!r})")
+        if self.batch_size is not None and self.batch_size < 2:
+            raise ConfigError(f"batch_size: must be >= 2 (got {self.batch_size!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

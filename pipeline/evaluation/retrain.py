@@ -1,0 +1,334 @@
+"""``diffin evaluate``: retrain a proxy-sized CLIP on each scorer's kept subset and measure it.
+
+Every subset is trained from the same random initialisation, with the same
+optimiser, schedule, number of steps and batch size (the proxy's, unless
+overridden) and the same seed for the batch order, so the only difference
+between rows is which pairs were kept. Equal size: at one keep fraction every
+scorer keeps the same number of pairs (``select`` rounds the same way).
+
+Writes RUN/evaluate/results.parquet, results.md and evaluate.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from pipeline.data.keys import reader_options
+from pipeline.data.reader import iter_shard
+from pipeline.data.sample import Sample
+from pipeline.data.shards import resolve_shards
+from pipeline.errors import ConfigError
+from pipeline.evaluation.config import EvaluateConfig
+from pipeline.evaluation.zeroshot import recall_at_k, zero_shot_accuracy
+from pipeline.model import factory
+from pipeline.model.batches import encode
+from pipeline.provenance import provenance
+from pipeline.prune.manifest import select
+from pipeline.rundir import (
+    RunDir,
+    exists,
+    join,
+    open_atomic,
+    read_json,
+    write_bytes_atomic,
+    write_json,
+)
+from pipeline.score.table import read_table, table_metadata
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import batch_order, train_loop
+
+log = logging.getLogger(__name__)
+
+METRICS = ("zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
+DEFECTS = ("mismatch", "duplicate", "noise")
+
+
+@dataclass
+class EvalSet:
+    images: torch.Tensor
+    tokens: torch.Tensor
+    captions: list[str]
+    labels: torch.Tensor | None  # class index per image, None without labels
+    class_tokens: list[torch.Tensor] | None  # per class: tokens of every template
+
+
+@dataclass
+class Sources:
+    data: str
+    eval_data: str
+    eval_labels: str | None
+    classes: str | None
+    truth: str | None
+
+
+def _pool_dir(pattern: str) -> str:
+    return pattern.rsplit("/", 1)[0]
+
+
+def scored_config(run: RunDir) -> dict[str, Any]:
+    """The score stage's config: from run.json, else from the score table's own metadata."""
+    if exists(run.run_json):
+        recorded = read_json(run.run_json).get("score", {}).get("config")
+        if recorded:
+            return recorded
+    return table_metadata(run.scores).get("score", {}) if exists(run.scores) else {}
+
+
+def locate_sources(cfg: EvaluateConfig, run: RunDir) -> Sources:
+    """Fill in what the user left out from the run and, for a generated pool, its summary."""
+    data = cfg.data or scored_config(run).get("data")
+    if not data:
+        raise ConfigError("data: not given and not recorded by `diffin score`")
+    root = _pool_dir(data)
+    summary = read_json(join(root, "synth.json")) if exists(join(root, "synth.json")) else None
+    eval_data = cfg.eval_data
+    if eval_data is None:
+        if summary is None or not summary["eval"].get("val_data"):
+            raise ConfigError(
+                "eval_data: give --eval-data (held-out shards); defaults only exist for generated pools"
+            )
+        eval_data = summary["eval"]["val_data"]
+    for name, pattern in (("data", data), ("eval_data", eval_data)):
+        try:
+            resolve_shards(pattern)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
+    eval_root = _pool_dir(eval_data)
+
+    def beside(given: str | None, url: str) -> str | None:
+        if given is not None:
+            if not exists(given):
+                raise ConfigError(f"{url.rsplit('/', 1)[-1]}: {given} does not exist")
+            return given
+        return url if exists(url) else None
+
+    return Sources(
+        data=data,
+        eval_data=eval_data,
+        eval_labels=beside(cfg.eval_labels, join(eval_root, "labels.parquet")),
+        classes=beside(cfg.classes, join(eval_root, "classes.json")),
+        truth=beside(cfg.truth, join(root, "truth.parquet")),
+    )
+
+
+def _read_ok(pattern: str, options: dict[str, Any], keep: set[str] | None = None) -> list[Sample]:
+    out = []
+    for url in tqdm(resolve_shards(pattern), desc="read", unit="shard", leave=False):
+        for s in iter_shard(url, **options):
+            if s.ok and (keep is None or s.uid in keep):
+                out.append(s)
+    return out
+
+
+def load_eval_set(src: Sources, bundle: factory.ClipBundle, options: dict[str, Any]) -> EvalSet:
+    samples = _read_ok(src.eval_data, options)
+    if len(samples) < 2:
+        raise ConfigError(f"eval_data: {len(samples)} decodable pairs in {src.eval_data}")
+    images, tokens = encode(samples, bundle)
+    captions = [s.caption or "" for s in samples]
+    labels = class_tokens = None
+    if src.eval_labels and src.classes:
+        classes = read_json(src.classes)
+        names = list(classes["classnames"])
+        templates = list(classes.get("templates") or ["{}"])
+        by_uid = dict(
+            zip(
+                *read_table(src.eval_labels, columns=["uid", "label"]).to_pydict().values(),
+                strict=True,
+            )
+        )
+        missing = [s.uid for s in samples if by_uid.get(s.uid) not in names]
+        if missing:
+            raise ConfigError(
+                f"eval_labels: {len(missing)} eval pairs have no label among the classnames "
+                f"(first uid {missing[0]})"
+            )
+        labels = torch.tensor([names.index(by_uid[s.uid]) for s in samples])
+        class_tokens = [bundle.tokenizer([t.format(n) for t in templates]) for n in names]
+    return EvalSet(images, tokens, captions, labels, class_tokens)
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, ev: EvalSet, batch: int = 256) -> dict[str, float]:
+    """Zero-shot top-1 (NaN without labels) and retrieval recall@1/5 on the eval set."""
+    model.eval()
+    img = torch.cat(
+        [model.encode_image(ev.images[i : i + batch]) for i in range(0, len(ev.images), batch)]
+    )
+    txt = torch.cat(
+        [model.encode_text(ev.tokens[i : i + batch]) for i in range(0, len(ev.tokens), batch)]
+    )
+    out = recall_at_k(img, txt, ev.captions)
+    if ev.labels is not None and ev.class_tokens is not None:
+        cls = torch.stack(
+            [
+                torch.nn.functional.normalize(model.encode_text(t), dim=-1).mean(0)
+                for t in ev.class_tokens
+            ]
+        )
+        out["zeroshot_top1"] = zero_shot_accuracy(img, cls, ev.labels)
+    else:
+        out["zeroshot_top1"] = float("nan")
+    return {m: out[m] for m in METRICS}
+
+
+def plan_subsets(cfg: EvaluateConfig, table: pa.Table) -> list[dict[str, Any]]:
+    """(name, method, keep, uids) of every subset to train on; refuses unknown columns first."""
+    missing = [m for m in cfg.methods if m not in table.column_names]
+    if missing:
+        raise ConfigError(f"methods: no column {missing} in the score table")
+    subsets = []
+    if cfg.full:
+        ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
+        subsets.append(
+            {"name": "full", "method": "full", "keep": 1.0, "uids": ok.column("uid").to_pylist()}
+        )
+    for keep in cfg.keeps:
+        for m in cfg.methods:
+            kept = select(table, m, keep).column("uid").to_pylist()
+            subsets.append(
+                {"name": f"{m}@{keep:g}", "method": m, "keep": float(keep), "uids": kept}
+            )
+    return subsets
+
+
+def _defects(uids: list[str], truth: pd.DataFrame | None) -> dict[str, int]:
+    if truth is None:
+        return {d: -1 for d in DEFECTS}
+    got = truth.loc[truth.index.intersection(uids), "defect"].value_counts()
+    return {d: int(got.get(d, 0)) for d in DEFECTS}
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table (pandas' to_markdown needs an extra package)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if np.isnan(v) else f"{v:.3f}"
+        return str(v)
+
+    head = "| " + " | ".join(frame.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *rows]) + "\n"
+
+
+def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Train on every planned subset and write the results; returns the summary."""
+    cfg.validate()
+    run = RunDir(cfg.run)
+    if not exists(run.scores):
+        raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
+    if not exists(run.trajectory_json):
+        raise ConfigError(f"run: no trajectory at {run.trajectory_json} (run `diffin train` first)")
+    traj = read_json(run.trajectory_json)
+    proxy = TrainConfig(**traj["config"])
+    steps = cfg.steps or proxy.steps
+    train_cfg = replace(
+        proxy,
+        steps=steps,
+        batch_size=cfg.batch_size or proxy.batch_size,
+        warmup=min(proxy.warmup, steps - 1),
+        seed=cfg.seed,
+        optimizer=cfg.optimizer or proxy.optimizer,
+        lr=cfg.lr or proxy.lr,
+    )
+    src = locate_sources(cfg, run)
+    table = read_table(run.scores)
+    subsets = plan_subsets(cfg, table)  # refuses bad methods before any training
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    recorded = scored_config(run)
+    options = reader_options(
+        recorded.get("image_keys", proxy.image_keys), recorded.get("text_keys", proxy.text_keys)
+    )
+    wanted = set().union(*(s["uids"] for s in subsets))
+    pool = _read_ok(src.data, options, wanted)
+    if len(pool) != len(wanted):
+        raise ConfigError(
+            f"data: {len(wanted)} scored ok pairs but {len(pool)} of them found in {src.data}"
+        )
+    bundle = factory.create(traj["model"])
+    images, tokens = encode(pool, bundle)
+    position = {s.uid: i for i, s in enumerate(pool)}
+    ev = load_eval_set(src, bundle, options)
+    truth = (
+        read_table(src.truth, columns=["uid", "defect"]).to_pandas().set_index("uid")
+        if src.truth
+        else None
+    )
+    log.info(
+        "evaluate: %d subsets, %d pool pairs, %d eval pairs, %d steps of batch %d each",
+        len(subsets),
+        len(pool),
+        len(ev.captions),
+        steps,
+        train_cfg.batch_size,
+    )
+    rows = []
+    bar = tqdm(subsets, desc="evaluate", unit="model")
+    for sub in bar:
+        bar.set_postfix_str(sub["name"])
+        t = time.time()
+        idx = torch.tensor(sorted(position[u] for u in sub["uids"]))
+        if len(idx) < 2:
+            raise ConfigError(f"keeps: subset {sub['name']} has {len(idx)} pairs; need >= 2")
+        torch.manual_seed(cfg.seed)  # one initialisation for every subset
+        model = factory.create(traj["model"]).model
+        order = batch_order(len(idx), train_cfg.batch_size, steps, cfg.seed)
+        curve = train_loop(model, images[idx], tokens[idx], train_cfg, order, progress=False)
+        metrics = measure(model, ev)
+        rows.append(
+            {
+                "subset": sub["name"],
+                "method": sub["method"],
+                "keep": sub["keep"],
+                "n_train": len(idx),
+                **metrics,
+                **{f"{d}_kept": n for d, n in _defects(sub["uids"], truth).items()},
+                "final_train_loss": curve[-1][1],
+                "seconds": round(time.time() - t, 1),
+            }
+        )
+        log.info("evaluate %s: %s", sub["name"], {k: round(v, 3) for k, v in metrics.items()})
+    frame = pd.DataFrame(rows)
+    out = run.path("evaluate")
+    with open_atomic(join(out, "results.parquet")) as f:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), f)
+    shown = frame.drop(columns=["method", "seconds"])
+    note = (
+        f"Each row: a {traj['model']} trained from the same initialisation for {steps} steps "
+        f"of batch {train_cfg.batch_size} ({train_cfg.optimizer}, lr {train_cfg.lr}), seed "
+        f"{cfg.seed}; zero-shot and recall on {len(ev.captions)} held-out pairs "
+        "(retrieval counts identical captions as matches)."
+    )
+    if truth is None:
+        note += " Defect counts are -1: the pool has no truth table."
+    write_bytes_atomic(join(out, "results.md"), (note + "\n\n" + markdown_table(shown)).encode())
+    summary = {
+        "config": cfg.to_dict(),
+        "sources": src.__dict__,
+        "train": {
+            k: getattr(train_cfg, k)
+            for k in ("model", "steps", "batch_size", "optimizer", "lr", "warmup", "schedule")
+        },
+        "eval_pairs": len(ev.captions),
+        "pool_pairs": len(pool),
+        "results": rows,
+        "seconds": round(time.time() - t0, 1),
+        **provenance(),
+    }
+    write_json(join(out, "evaluate.json"), summary)
+    run.update_run_json("evaluate", {"config": cfg.to_dict(), "seconds": summary["seconds"]})
+    return summary

@@ -1,0 +1,1 @@
+"""``diffin report``: one self-contained HTML page per run (figures and thumbnails inlined)."""

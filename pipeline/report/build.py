@@ -1,0 +1,167 @@
+"""Gather a run's tables and records into the report page: RUN/report/index.html."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options
+from pipeline.errors import ConfigError
+from pipeline.report import page as P
+from pipeline.report.plots import metric_vs_keep, score_histograms
+from pipeline.report.thumbnails import thumbnails
+from pipeline.rundir import RunDir, exists, join, read_json, write_bytes_atomic
+from pipeline.score.table import read_table, table_metadata
+
+_PER_CHECKPOINT = re.compile(r"_t\d+$")
+BASE = ("uid", "key", "shard", "index", "status", "error", "caption")
+
+
+def scorer_columns(columns: list[str], meta: dict[str, Any]) -> list[str]:
+    """The scorers' own columns, not their per-checkpoint components, in the scored order."""
+    methods = meta.get("score", {}).get("methods") or []
+    cols = [m for m in methods if m in columns]
+    return cols or [c for c in columns if c not in BASE and not _PER_CHECKPOINT.search(c)]
+
+
+def _truth(run: RunDir, data: str | None) -> pd.DataFrame | None:
+    if not data:
+        return None
+    url = join(data.rsplit("/", 1)[0], "truth.parquet")
+    if not exists(url):
+        return None
+    return read_table(url, columns=["uid", "defect"]).to_pandas().set_index("uid")
+
+
+def _errors_per_shard(frame: pd.DataFrame) -> list[list[Any]]:
+    rows = []
+    for shard, g in frame.groupby("shard", sort=True):
+        bad = g[g.status != "ok"]
+        reason = bad.error.value_counts().index[0] if len(bad) else ""
+        rows.append([shard.rsplit("/", 1)[-1], len(g), len(bad), str(reason)[:160]])
+    return rows
+
+
+def _pairs(
+    frame: pd.DataFrame, method: str, n: int, lowest: bool, truth: pd.DataFrame | None, options
+) -> list[dict[str, Any]]:
+    ok = frame[(frame.status == "ok") & np.isfinite(frame[method])]
+    # ties by uid, as the prune stage breaks them
+    chosen = ok.sort_values([method, "uid"], ascending=[lowest, True]).head(n)
+    thumbs = thumbnails(list(zip(chosen.shard, chosen["index"], strict=True)), options)
+    items = []
+    for r in chosen.itertuples(index=False):
+        defect = truth.defect.get(r.uid) if truth is not None else None
+        items.append(
+            {
+                "jpeg": thumbs.get((r.shard, int(r.index))),
+                "caption": r.caption or "",
+                "score": float(getattr(r, method)),
+                "defect": defect if defect and defect != "clean" else None,
+            }
+        )
+    return items
+
+
+def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
+    """Write RUN/report/index.html; returns its path."""
+    run = RunDir(run_url)
+    if not exists(run.scores):
+        raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
+    meta = table_metadata(run.scores)
+    frame = read_table(run.scores).to_pandas()
+    methods = scorer_columns(list(frame.columns), meta)
+    method = method or ("diffin" if "diffin" in methods else methods[0])
+    if method not in frame.columns:
+        raise ConfigError(f"method: no column {method!r} in the score table; scorers: {methods}")
+    record = read_json(run.run_json) if exists(run.run_json) else {}
+    score_cfg = meta.get("score") or record.get("score", {}).get("config", {})
+    options = reader_options(
+        score_cfg.get("image_keys", list(IMAGE_KEYS)), score_cfg.get("text_keys", list(TEXT_KEYS))
+    )
+    truth = _truth(run, score_cfg.get("data"))
+    ok = frame[frame.status == "ok"]
+    marked = (
+        ok.uid.map(truth.defect).fillna("clean").ne("clean").to_numpy()
+        if truth is not None
+        else None
+    )
+    sections: list[tuple[str, str]] = []
+
+    hist = score_histograms({m: ok[m].to_numpy(np.float64) for m in methods}, marked)
+    note = (
+        "Injected defects (from the generated pool's truth table) are drawn apart."
+        if marked is not None
+        else ""
+    )
+    sections.append(("Score distributions", f"<p>{note}</p>{P.img(hist, 'score histograms')}"))
+
+    ev_url = run.path("evaluate", "results.parquet")
+    if exists(ev_url):
+        res = read_table(ev_url).to_pandas()
+        cols = [c for c in res.columns if c not in ("method", "seconds")]
+        ev_json = read_json(run.path("evaluate", "evaluate.json"))
+        train = ev_json.get("train", {})
+        inner = (
+            f"<p>Each row: a {P.esc(train.get('model'))} trained from scratch on the subset kept "
+            f"by a scorer ({P.esc(train.get('steps'))} steps of batch "
+            f"{P.esc(train.get('batch_size'))}, same initialisation and seed), evaluated on "
+            f"{P.esc(ev_json.get('eval_pairs'))} held-out pairs.</p>"
+            + P.table(cols, res[cols].itertuples(index=False))
+            + P.img(metric_vs_keep(res, "zeroshot_top1"), "zero-shot accuracy versus keep")
+            + P.img(metric_vs_keep(res, "i2t_r5"), "image-to-text recall@5 versus keep")
+        )
+    else:
+        inner = (
+            "<p>Not evaluated yet: <code>diffin evaluate --run RUN</code> retrains on each "
+            "scorer's kept subset and fills this section.</p>"
+        )
+    sections.append(("Evaluation: retraining on each kept subset", inner))
+
+    for heading, lowest in (("Most harmful pairs", True), ("Most helpful pairs", False)):
+        items = _pairs(frame, method, top, lowest, truth, options)
+        side = "lowest" if lowest else "highest"
+        sections.append(
+            (
+                f"{heading} (by {method})",
+                f"<p>The {len(items)} {side} {P.esc(method)} scores.</p>" + P.gallery(items),
+            )
+        )
+
+    err_rows = _errors_per_shard(frame)
+    sections.append(
+        (
+            "Errors per shard",
+            P.table(["shard", "rows", "errors", "most frequent reason"], err_rows, text_cols=1),
+        )
+    )
+
+    prov_rows = []
+    for stage, value in sorted(record.items()):
+        seconds = value.get("seconds") if isinstance(value, dict) else None
+        prov_rows.append([stage, "" if seconds is None else seconds])
+    traj = read_json(run.trajectory_json) if exists(run.trajectory_json) else {}
+    ckpts = [[c["step"], c["lr"], c["sha256"]] for c in traj.get("checkpoints", [])]
+    versions = traj.get("versions") or meta.get("versions") or {}
+    prov = (
+        P.table(["stage", "seconds"], prov_rows)
+        + P.table(["checkpoint step", "lr", "sha256"], ckpts, text_cols=0)
+        + P.table(["package", "version"], sorted(versions.items()))
+        + f"<pre>{P.esc(json.dumps(record, indent=1, sort_keys=True, default=str))}</pre>"
+    )
+    sections.append(("Provenance", prov))
+
+    n_err = int((frame.status != "ok").sum())
+    intro = (
+        f"<p>{len(frame)} rows ({len(frame) - n_err} scored, {n_err} errors), scorers: "
+        f"{P.esc(', '.join(methods))}; model {P.esc(meta.get('model', traj.get('model')))}; "
+        f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.</p>"
+    )
+    out = run.path("report", "index.html")
+    write_bytes_atomic(out, P.page(f"diffin report: {run.url}", sections, intro).encode())
+    return out

@@ -1,0 +1,94 @@
+"""`diffin evaluate` on the tiny scored run: one row per subset, equal sizes, known defects."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.evaluation.config import EvaluateConfig
+from pipeline.evaluation.retrain import run_evaluation
+from pipeline.prune.manifest import select
+from tests.conftest import copy_run
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_scored, tmp_path_factory):
+    run = copy_run(tiny_scored["run"], tmp_path_factory.mktemp("evaluate") / "run")
+    cfg = EvaluateConfig(
+        run=run, keeps=[0.5, 0.8], methods=["diffin", "loss", "random"], steps=8, threads=1
+    )
+    summary = run_evaluation(cfg)
+    return {"run": run, "summary": summary, "cfg": cfg}
+
+
+def test_one_row_per_subset_with_equal_sizes_at_each_keep(evaluated, tiny_scored):
+    res = pq.read_table(f"{evaluated['run']}/evaluate/results.parquet").to_pandas()
+    assert list(res.subset) == [
+        "full", "diffin@0.5", "loss@0.5", "random@0.5", "diffin@0.8", "loss@0.8", "random@0.8"
+    ]  # fmt: skip
+    scores = pq.read_table(tiny_scored["run"] + "/scores.parquet").to_pandas()
+    n_ok = int((scores.status == "ok").sum())
+    assert res.loc[res.subset == "full", "n_train"].item() == n_ok
+    for keep in (0.5, 0.8):
+        sizes = set(res.loc[res.keep == keep, "n_train"])
+        assert sizes == {round(keep * n_ok)}
+    for col in ("zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
+        assert res[col].between(0, 1).all(), col
+    assert (res.i2t_r5 >= res.i2t_r1).all() and (res.t2i_r5 >= res.t2i_r1).all()
+
+
+def test_defect_counts_match_the_truth_table(evaluated, tiny_scored):
+    res = pq.read_table(f"{evaluated['run']}/evaluate/results.parquet").to_pandas()
+    pool_dir = tiny_scored["data"].rsplit("/", 1)[0]
+    truth = pq.read_table(f"{pool_dir}/truth.parquet").to_pandas()
+    full = res[res.subset == "full"].iloc[0]
+    assert full.mismatch_kept == (truth.defect == "mismatch").sum()
+    assert (res.mismatch_kept <= full.mismatch_kept).all()
+    table = pq.read_table(tiny_scored["run"] + "/scores.parquet")
+    defect = dict(zip(truth.uid, truth.defect, strict=True))
+    for row in res[res.method != "full"].itertuples():
+        kept = select(table, row.method, row.keep).column("uid").to_pylist()
+        for d in ("mismatch", "duplicate", "noise"):
+            assert getattr(row, f"{d}_kept") == sum(defect[u] == d for u in kept), (row.subset, d)
+
+
+def test_results_markdown_and_record(evaluated):
+    run = evaluated["run"]
+    md = open(f"{run}/evaluate/results.md").read()
+    assert "| subset |" in md and "| diffin@0.5 |" in md
+    record = json.load(open(f"{run}/evaluate/evaluate.json"))
+    assert record["train"]["steps"] == 8
+    assert record["config"]["methods"] == ["diffin", "loss", "random"]
+    assert "evaluate" in json.load(open(f"{run}/run.json"))
+
+
+def test_same_config_gives_the_same_figures(evaluated, tmp_path):
+    run = copy_run(evaluated["run"], tmp_path / "again")
+    cfg = EvaluateConfig(run=run, keeps=[0.5], methods=["diffin"], steps=8, threads=1)
+    again = {r["subset"]: r for r in run_evaluation(cfg)["results"]}
+    first = {r["subset"]: r for r in evaluated["summary"]["results"]}
+    for name in ("full", "diffin@0.5"):
+        for col in ("zeroshot_top1", "i2t_r1", "t2i_r5", "final_train_loss"):
+            assert again[name][col] == first[name][col], (name, col)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(methods=["nope"]), "no column"),
+        (dict(keeps=[1.5]), "keeps"),
+        (dict(keeps=[]), "keeps"),
+        (dict(optimizer="lbfgs"), "optimizer"),
+        (dict(eval_data="/nonexistent/{0..1}.tar"), "eval_data"),
+    ],
+)
+def test_config_errors_are_refused_before_training(tiny_scored, tmp_path, change, match):
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=match):
+        run_evaluation(EvaluateConfig(run=run, steps=2, **change))
+    import os
+
+    assert not os.path.exists(f"{run}/evaluate")

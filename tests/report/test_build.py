@@ -1,0 +1,89 @@
+"""The report page: every section present, figures and thumbnails inlined, nothing fetched."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.errors import ConfigError
+from pipeline.report.build import build_report, scorer_columns
+from tests.conftest import copy_run
+
+SECTIONS = [
+    "Score distributions",
+    "Evaluation: retraining on each kept subset",
+    "Most harmful pairs (by diffin)",
+    "Most helpful pairs (by diffin)",
+    "Errors per shard",
+    "Provenance",
+]
+
+
+def _images(html: str) -> list[Image.Image]:
+    out = []
+    for mime, data in re.findall(r'src="data:image/(png|jpeg);base64,([^"]+)"', html):
+        img = Image.open(io.BytesIO(base64.b64decode(data)))
+        img.load()
+        assert img.format.lower() == mime
+        out.append(img)
+    return out
+
+
+def test_report_has_every_section_and_inlines_its_images(reported):
+    html = open(reported["html"]).read()
+    assert re.findall(r"<h2>(.*?)</h2>", html) == SECTIONS
+    assert "http://" not in html and "https://" not in html  # self-contained
+    assert "<script" not in html
+    images = _images(html)
+    # histograms + 2 evaluation curves + 6 harmful + 6 helpful thumbnails
+    assert len(images) == 3 + 12
+    assert html.count("<table>") >= 5  # evaluation, errors, stages, checkpoints, versions
+    assert "diffin@0.5" in html and "random@0.5" in html
+
+
+def test_injected_defects_are_tagged_in_the_galleries(reported):
+    html = open(reported["html"]).read()
+    assert re.search(r'<span class="tag">(mismatch|duplicate|noise)</span>', html)
+
+
+def test_report_without_evaluation_says_how_to_get_it(tiny_scored, tmp_path):
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    html = open(build_report(run, method="loss", top=3)).read()
+    assert "Not evaluated yet" in html
+    assert "Most harmful pairs (by loss)" in html
+    assert len(_images(html)) == 1 + 6
+
+
+def test_error_rows_are_counted_per_shard(tiny_scored, tmp_path):
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    table = pq.read_table(f"{run}/scores.parquet")
+    frame = table.to_pandas()
+    frame.loc[[0, 1], "status"] = "error"
+    frame.loc[[0, 1], "error"] = "decode: image file is truncated"
+    frame.loc[[0, 1], "diffin"] = float("nan")
+    pq.write_table(
+        table.from_pandas(frame, schema=table.schema, preserve_index=False), f"{run}/scores.parquet"
+    )
+    html = open(build_report(run, top=2)).read()
+    shard = frame.shard[0].rsplit("/", 1)[-1]
+    row = re.search(rf"<tr><td class=\"text\">{re.escape(shard)}</td>(.*?)</tr>", html).group(1)
+    assert "<td>2</td>" in row and "decode: image file is truncated" in row
+
+
+def test_unknown_method_is_refused(tiny_scored):
+    with pytest.raises(ConfigError, match="no column"):
+        build_report(tiny_scored["run"], method="nope")
+
+
+def test_scorer_columns_leave_out_per_checkpoint_components():
+    cols = ["uid", "status", "diffin", "diffin_first_t10", "tracin", "tracin_t10", "loss_raw"]
+    assert scorer_columns(cols, {}) == ["diffin", "tracin", "loss_raw"]
+    assert scorer_columns(cols, {"score": {"methods": ["tracin", "diffin"]}}) == [
+        "tracin",
+        "diffin",
+    ]
