@@ -7,6 +7,8 @@ RUN/directions/STEP.safetensors   g_B, g_V, w per checkpoint
 RUN/scores/parts/SHARD.parquet    one part per input shard
 RUN/scores.parquet                the merged table
 RUN/prune/NAME/                   one manifest per keep rule
+RUN/evaluate/                     retraining comparison (diffin evaluate)
+RUN/report/index.html             the HTML report (diffin report)
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ import re
 import time
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options
 from pipeline.errors import ConfigError
@@ -20,6 +22,11 @@ from pipeline.score.table import read_table, table_metadata
 
 _PER_CHECKPOINT = re.compile(r"_t\d+$")
 BASE = ("uid", "key", "shard", "index", "status", "error", "caption")
+
+
+def _columns(url: str) -> list[str]:
+    with fsspec.open(url, "rb") as f:
+        return pq.read_schema(f).names
 
 
 def scorer_columns(columns: list[str], meta: dict[str, Any]) -> list[str]:
@@ -38,13 +45,21 @@ def _truth(run: RunDir, data: str | None) -> pd.DataFrame | None:
     return read_table(url, columns=["uid", "defect"]).to_pandas().set_index("uid")
 
 
-def _errors_per_shard(frame: pd.DataFrame) -> list[list[Any]]:
+MAX_SHARD_ROWS = 100
+
+
+def _errors_per_shard(frame: pd.DataFrame) -> tuple[list[list[Any]], str]:
+    """Shards with errors first (most errors first), then the rest, at most MAX_SHARD_ROWS."""
     rows = []
     for shard, g in frame.groupby("shard", sort=True):
         bad = g[g.status != "ok"]
         reason = bad.error.value_counts().index[0] if len(bad) else ""
         rows.append([shard.rsplit("/", 1)[-1], len(g), len(bad), str(reason)[:160]])
-    return rows
+    rows.sort(key=lambda r: -r[2])
+    note = f"{len(rows)} shards, {sum(r[2] for r in rows)} error rows in all."
+    if len(rows) > MAX_SHARD_ROWS:
+        note += f" The {MAX_SHARD_ROWS} shards with the most errors are listed."
+    return rows[:MAX_SHARD_ROWS], note
 
 
 def _pairs(
@@ -56,11 +71,12 @@ def _pairs(
     thumbs = thumbnails(list(zip(chosen.shard, chosen["index"], strict=True)), options)
     items = []
     for r in chosen.itertuples(index=False):
+        jpeg, caption = thumbs.get((r.shard, int(r.index)), (None, ""))
         defect = truth.defect.get(r.uid) if truth is not None else None
         items.append(
             {
-                "jpeg": thumbs.get((r.shard, int(r.index))),
-                "caption": r.caption or "",
+                "jpeg": jpeg,
+                "caption": caption,
                 "score": float(getattr(r, method)),
                 "defect": defect if defect and defect != "clean" else None,
             }
@@ -74,11 +90,14 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     if not exists(run.scores):
         raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
     meta = table_metadata(run.scores)
-    frame = read_table(run.scores).to_pandas()
-    methods = scorer_columns(list(frame.columns), meta)
+    columns = _columns(run.scores)
+    methods = scorer_columns(columns, meta)
     method = method or ("diffin" if "diffin" in methods else methods[0])
-    if method not in frame.columns:
+    if method not in columns or method in BASE:
         raise ConfigError(f"method: no column {method!r} in the score table; scorers: {methods}")
+    # captions come from the shards for the few rows shown, not from the whole table
+    wanted = ["uid", "shard", "index", "status", "error", *dict.fromkeys([*methods, method])]
+    frame = read_table(run.scores, columns=wanted).to_pandas()
     record = read_json(run.run_json) if exists(run.run_json) else {}
     score_cfg = meta.get("score") or record.get("score", {}).get("config", {})
     options = reader_options(
@@ -133,11 +152,12 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
             )
         )
 
-    err_rows = _errors_per_shard(frame)
+    err_rows, err_note = _errors_per_shard(frame)
     sections.append(
         (
             "Errors per shard",
-            P.table(["shard", "rows", "errors", "most frequent reason"], err_rows, text_cols=1),
+            f"<p>{P.esc(err_note)}</p>"
+            + P.table(["shard", "rows", "errors", "most frequent reason"], err_rows, text_cols=1),
         )
     )
 
