@@ -27,6 +27,9 @@ SCORERS = (
     "diffin_second",
     "diffin_hb",
     "diffin_hz",
+    "diffin_hv",
+    "diffin_method",
+    "diffin_method_second",
     "tracin_last",
     "loss",
     "clip_score",
@@ -123,6 +126,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pre-steps", type=int, default=0, help="warm start: steps before the segment")
     p.add_argument("--pre-lr", type=float, default=1.0)
+    p.add_argument(
+        "--radius-iters",
+        type=int,
+        default=12,
+        help="power iterations for the top eigenvalue of H_B per checkpoint (0: skip)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs/figures/loo.json")
     p.add_argument("--figures", default="docs/figures")
@@ -147,7 +156,7 @@ def main(argv=None) -> dict:
         pre_steps=a.pre_steps,
         pre_lr=a.pre_lr,
     )
-    res = run_groundtruth(setting, a.removed, a.subsets, a.fraction)
+    res = run_groundtruth(setting, a.removed, a.subsets, a.fraction, radius_iters=a.radius_iters)
     summary = analyse(res)
     total = time.perf_counter() - t0
     figs = plots(res, summary, Path(a.figures), a.tag) if a.figures else []
@@ -159,6 +168,7 @@ def main(argv=None) -> dict:
         "base_target_loss": res.base_target_loss,
         "loss_curve": res.loss_curve,
         "checkpoints": res.checkpoints,
+        "expansion_radius": res.radius,
         "noise_floor": res.noise_floor,
         "timings_s": {**res.timings, "total": total},
         "summary": summary,

@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 from pipeline.data.reader import iter_shard
 from pipeline.data.shards import resolve_shards
 from pipeline.influence.directions import load_directions
-from pipeline.influence.estimator import diffin_components
+from pipeline.influence.estimator import checkpoint_weights, diffin_components
 from pipeline.influence.fast import fast_terms
 from pipeline.influence.functional import ClipFunctions, derivative_mode
 from pipeline.influence.reference import exact_self_terms
@@ -97,7 +97,13 @@ def main() -> None:
     shards = resolve_shards(data)
     samples = [s for s in iter_shard(shards[0]) if s.ok][: args.exact]
     images, tokens = encode(samples, bundle)
-    m = len(traj.checkpoints)
+    weights = dict(
+        zip(
+            [c.step for c in traj.checkpoints],
+            checkpoint_weights(traj.checkpoints, traj.n_train),
+            strict=True,
+        )
+    )
 
     variants = {
         "default (Lanczos r=16, no token embedding)": SelfConfig(),
@@ -117,8 +123,9 @@ def main() -> None:
             for k, v in exact_self_terms(fns, params, d, grad_batches, images, tokens).items()
         }
         timing["exact"] = timing.get("exact", 0) + time.perf_counter() - t
+        # target V = {z}: the hv term <g_z, H_V g_B> is self_hz (as in the diffin_self scorer)
         f, s = diffin_components(
-            ex["self_first"], ex["self_hb"], ex["self_hz"], ckpt, traj.n_train, m
+            ex["self_first"], ex["self_hb"], ex["self_hz"], ex["self_hz"], weights[ckpt.step]
         )
         totals["exact"] += f + s
         first["exact"] += f
@@ -133,7 +140,11 @@ def main() -> None:
             ap_ = {k: v.numpy() for k, v in engine.terms(images, tokens).items()}
             timing[name] = timing.get(name, 0) + time.perf_counter() - t
             f, s = diffin_components(
-                ap_["self_first"], ap_["self_hb"], ap_["self_hz"], ckpt, traj.n_train, m
+                ap_["self_first"],
+                ap_["self_hb"],
+                ap_["self_hz"],
+                ap_["self_hz"],
+                weights[ckpt.step],
             )
             totals[name] += f + s
             first[name] += f

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.errors import ConfigError
+from pipeline.influence.estimator import DEFAULT_FORM, FORMS
 
 
 def _methods(text: str) -> list[str]:
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--no-first-order", dest="first_order", action="store_false")
+    s.add_argument(
+        "--second-order",
+        choices=FORMS,
+        default=DEFAULT_FORM,
+        help="weights of the Diff-In terms: 'derived' (default, docs/method.md) or "
+        "'method' (METHOD.md section 3 / the authors' code, literally)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--max-attempts",
@@ -258,6 +266,7 @@ def run(args: argparse.Namespace) -> object:
                 threads=args.threads,
                 batch_size=args.batch_size,
                 first_order=args.first_order,
+                second_order=args.second_order,
                 seed=args.seed,
                 max_attempts=args.max_attempts,
                 prefetch_batches=args.prefetch_batches,

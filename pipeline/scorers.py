@@ -17,10 +17,12 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import (
+    DEFAULT_FORM,
     Checkpoint,
+    Weights,
     assemble_diffin,
+    checkpoint_weights,
     diffin_components,
-    first_order_weight,
 )
 
 Terms = dict[int, dict[str, np.ndarray]]  # step -> term -> (batch,)
@@ -36,6 +38,15 @@ class ScoreContext:
     @property
     def last(self) -> Checkpoint:
         return self.checkpoints[-1]
+
+    @property
+    def second_order(self) -> str:
+        """Which form of the weights (``estimator.FORMS``): option ``second_order``."""
+        return str(self.options.get("second_order", DEFAULT_FORM))
+
+    def weights(self) -> list[Weights]:
+        """The estimator's weights of every checkpoint, in ``checkpoints`` order."""
+        return checkpoint_weights(self.checkpoints, self.n_train, self.second_order)
 
 
 class Scorer(ABC):
@@ -84,7 +95,8 @@ def needed_terms(scorers: list[Scorer], ckpt: Checkpoint, ctx: ScoreContext) -> 
 @register
 class DiffIn(Scorer):
     name = "diffin"
-    keys = ("first", "hb", "hz")  # the per-checkpoint terms: <a, g_z>, <a, H_B g_z>, <a, H_z g_B>
+    # the per-checkpoint terms: <a, g_z>, <a, H_B g_z>, <a, H_z g_B>, <g_z, H_a g_B> with a = g_V
+    keys = ("first", "hb", "hz", "hv")
     terms = frozenset(keys)
     description = "Diff-In influence on the target loss (second order, trajectory)"
 
@@ -95,11 +107,11 @@ class DiffIn(Scorer):
         return cols
 
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
-        m, out, firsts, seconds = len(ctx.checkpoints), {}, [], []
-        first_key, hb_key, hz_key = self.keys
-        for c in ctx.checkpoints:
+        out, firsts, seconds = {}, [], []
+        first_key, hb_key, hz_key, hv_key = self.keys
+        for c, w in zip(ctx.checkpoints, ctx.weights(), strict=True):
             t = terms[c.step]
-            f, s = diffin_components(t[first_key], t[hb_key], t[hz_key], c, ctx.n_train, m)
+            f, s = diffin_components(t[first_key], t[hb_key], t[hz_key], t.get(hv_key), w)
             out[f"{self.name}_first_t{c.step}"], out[f"{self.name}_second_t{c.step}"] = f, s
             firsts.append(f)
             seconds.append(s)
@@ -119,10 +131,9 @@ class TracIn(Scorer):
         return [self.name] + [f"tracin_t{c.step}" for c in ctx.checkpoints]
 
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
-        m = len(ctx.checkpoints)
         out = {
-            f"tracin_t{c.step}": first_order_weight(c, ctx.n_train, m) * terms[c.step]["first"]
-            for c in ctx.checkpoints
+            f"tracin_t{c.step}": w.first * terms[c.step]["first"]
+            for c, w in zip(ctx.checkpoints, ctx.weights(), strict=True)
         }
         out[self.name] = np.sum(list(out.values()), axis=0)
         return out
@@ -175,10 +186,12 @@ class DiffInSelf(DiffIn):
     with high curvature along their own gradient (mismatched captions, junk).
     docs/accuracy.md has the measurement behind this choice.
     Scalable form and its approximations: pipeline/influence/selfinf.py.
+    With the target V = {z}, H_V = H_z, so the derived form's hv term
+    <g_z, H_V g_B> is self_hz itself: the key is given twice.
     """
 
     name = "diffin_self"
-    keys = ("self_first", "self_hb", "self_hz")
+    keys = ("self_first", "self_hb", "self_hz", "self_hz")
     terms = frozenset(keys)
     description = "Diff-In self-influence (F + I)(z, z), for data cleaning; lowest pruned first"
 
@@ -187,13 +200,12 @@ class DiffInSelf(DiffIn):
 class TracInSelf(Scorer):
     name = "tracin_self"
     terms = frozenset({"self_first"})
-    description = "minus TracIn self-influence sum_t eta_t/(N m) ||g_z||^2"
+    description = "minus TracIn self-influence sum_t W_first ||g_z||^2 (estimator weights)"
 
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
-        m = len(ctx.checkpoints)
         total = sum(
-            first_order_weight(c, ctx.n_train, m) * terms[c.step]["self_first"]
-            for c in ctx.checkpoints
+            w.first * terms[c.step]["self_first"]
+            for c, w in zip(ctx.checkpoints, ctx.weights(), strict=True)
         )
         return {self.name: -np.asarray(total)}
 

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.data.reader import iter_shard
 from pipeline.errors import ConfigError
-from pipeline.influence.estimator import Checkpoint, first_order_weight, second_order_weight
+from pipeline.influence.estimator import Checkpoint, checkpoint_weights
 from pipeline.score.worker import ShardScorer
 from pipeline.scorers import REGISTRY, ScoreContext, Scorer, Terms, get_scorers, needed_terms
 
@@ -85,21 +85,42 @@ def test_scorer_formulas_on_given_terms():
     ctx = ScoreContext([Checkpoint(10, 0.1), Checkpoint(20, 0.05)], n_train=100, seed=0)
     rng = np.random.default_rng(0)
     terms = {
-        c.step: {k: rng.normal(size=4) for k in ("first", "hb", "hz", "loss", "cosine")}
+        c.step: {k: rng.normal(size=4) for k in ("first", "hb", "hz", "hv", "loss", "cosine")}
         for c in ctx.checkpoints
     }
     uids = [f"{i:032x}" for i in range(4)]
     tr = REGISTRY["tracin"]().score(terms, uids, ctx)
-    want = sum(first_order_weight(c, 100, 2) * terms[c.step]["first"] for c in ctx.checkpoints)
+    # derived weights (default), by hand: checkpoint 10 stands for steps 0-9 at rate 0.1,
+    # checkpoint 20 for steps 10-19 at 0.05 after an elapsed rate-sum of 1.0 (docs/method.md)
+    t10, t20 = terms[10], terms[20]
+    want = 0.01 * t10["first"] + 0.005 * t20["first"]
     np.testing.assert_allclose(tr["tracin"], want)
     di = REGISTRY["diffin"]().score(terms, uids, ctx)
-    second = sum(
-        second_order_weight(c, 100, 2) * (terms[c.step]["hb"] + terms[c.step]["hz"])
-        for c in ctx.checkpoints
+    second = (
+        -0.0045 * t10["hb"]
+        + 0.0055 * t10["hz"]
+        - 0.006125 * t20["hb"]
+        + 0.001375 * t20["hz"]
+        - 0.005 * t20["hv"]
     )
     np.testing.assert_allclose(di["diffin"], want + second)
+    np.testing.assert_allclose(di["diffin_first_t20"], 0.005 * t20["first"])
     no_first = ScoreContext(ctx.checkpoints, 100, 0, {"first_order": False})
     np.testing.assert_allclose(REGISTRY["diffin"]().score(terms, uids, no_first)["diffin"], second)
+    # METHOD.md's form, literally: eta/(N m) and -t eta^2/(N m) (hb + hz), no hv
+    method = ScoreContext(ctx.checkpoints, 100, 0, {"second_order": "method"})
+    w = checkpoint_weights(ctx.checkpoints, 100, "method")
+    assert [w[0].first, w[0].hb, w[1].first, w[1].hz] == pytest.approx(
+        [0.1 / 200, -10 * 0.01 / 200, 0.05 / 200, -20 * 0.0025 / 200]
+    )
+    np.testing.assert_allclose(
+        REGISTRY["diffin"]().score(terms, uids, method)["diffin"],
+        sum(
+            w[i].first * terms[c.step]["first"]
+            + w[i].hb * (terms[c.step]["hb"] + terms[c.step]["hz"])
+            for i, c in enumerate(ctx.checkpoints)
+        ),
+    )
     lo = REGISTRY["loss"]().score(terms, uids, ctx)
     np.testing.assert_array_equal(lo["loss"], -terms[20]["loss"])
     np.testing.assert_array_equal(lo["loss_raw"], terms[20]["loss"])

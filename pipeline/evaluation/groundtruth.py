@@ -33,10 +33,15 @@ import torch
 from pipeline.data.reader import iter_shard
 from pipeline.data.shards import resolve_shards
 from pipeline.data.synth import SynthConfig, make_pool
-from pipeline.influence.directions import compute_directions
-from pipeline.influence.estimator import Checkpoint, first_order_weight, second_order_weight
+from pipeline.influence.directions import (
+    batch_gradient_and_hvp,
+    compute_directions,
+    target_gradient,
+)
+from pipeline.influence.estimator import Checkpoint, checkpoint_weights
 from pipeline.influence.fast import fast_terms
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
+from pipeline.influence.vectors import dot, norm
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.scorers import ScoreContext, get_scorers
@@ -123,6 +128,7 @@ class LOOResult:
     timings: dict[str, float] = field(default_factory=dict)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     checkpoints: list[dict[str, float]] = field(default_factory=list)
+    radius: list[dict[str, float]] = field(default_factory=list)  # GroundTruth.expansion_radius
 
 
 def _clone(params: Params) -> Params:
@@ -281,7 +287,7 @@ class GroundTruth:
                     d,
                     self.images[start : start + chunk],
                     self.tokens[start : start + chunk],
-                    {"loss", "first", "hb", "hz", "cosine"},
+                    {"loss", "first", "hb", "hz", "hv", "cosine"},
                 )
                 for k, v in t.items():
                     parts.setdefault(k, []).append(v.double().numpy())
@@ -291,24 +297,68 @@ class GroundTruth:
     def scores(
         self, terms: dict[int, dict[str, np.ndarray]], checkpoints: list[Checkpoint]
     ) -> dict[str, np.ndarray]:
-        """Registry scorers plus the Diff-In parts (second order only, hb, hz) as extra columns."""
-        ctx = ScoreContext(checkpoints, self.n_train, self.setting.seed, {"first_order": True})
+        """Registry scorers (default options: the derived weights, first order in) plus extra
+        columns: ``diffin_second`` (second order only), its parts ``diffin_hb``, ``diffin_hz``,
+        ``diffin_hv`` (derived weights), ``diffin_method`` / ``diffin_method_second`` (the
+        METHOD.md form of the weights) and ``tracin_last`` (last checkpoint only)."""
+        seed, n = self.setting.seed, self.n_train
+        ctx = ScoreContext(checkpoints, n, seed, {"first_order": True})
         out: dict[str, np.ndarray] = {}
         for scorer in get_scorers(list(REGISTRY_SCORERS)):
             out[scorer.name] = scorer.score(terms, self.uids, ctx)[scorer.name]
-        ctx2 = ScoreContext(checkpoints, self.n_train, self.setting.seed, {"first_order": False})
-        out["diffin_second"] = get_scorers(["diffin"])[0].score(terms, self.uids, ctx2)["diffin"]
-        m = len(checkpoints)
-        out["diffin_hb"] = sum(
-            second_order_weight(c, self.n_train, m) * terms[c.step]["hb"] for c in checkpoints
-        )
-        out["diffin_hz"] = sum(
-            second_order_weight(c, self.n_train, m) * terms[c.step]["hz"] for c in checkpoints
-        )
-        out["tracin_last"] = (
-            first_order_weight(checkpoints[-1], self.n_train, m)
-            * terms[checkpoints[-1].step]["first"]
-        )
+        diffin = get_scorers(["diffin"])[0]
+        for name, options in (
+            ("diffin_second", {"first_order": False}),
+            ("diffin_method", {"second_order": "method"}),
+            ("diffin_method_second", {"second_order": "method", "first_order": False}),
+        ):
+            c2 = ScoreContext(checkpoints, n, seed, options)
+            out[name] = diffin.score(terms, self.uids, c2)["diffin"]
+        weights = checkpoint_weights(checkpoints, n)
+        for key in ("hb", "hz", "hv"):
+            out[f"diffin_{key}"] = sum(
+                getattr(w, key) * terms[c.step][key]
+                for c, w in zip(checkpoints, weights, strict=True)
+            )
+        out["tracin_last"] = weights[-1].first * terms[checkpoints[-1].step]["first"]
+        return out
+
+    def expansion_radius(
+        self, checkpoints: list[tuple[Checkpoint, Params]], iters: int = 12
+    ) -> list[dict[str, float]]:
+        """Per checkpoint: the top |eigenvalue| of H_B (power iteration), its Rayleigh quotient
+        along g_V, and E * lambda with E the learning-rate sum elapsed at the checkpoint. The
+        second-order expansion is only accurate where E * lambda << 1 on the directions
+        that matter."""
+        grad_batches = [(self.images[i], self.tokens[i]) for i in self.grad_idx]
+        gen = torch.Generator().manual_seed(self.setting.seed + 4)
+        out, elapsed, prev = [], 0.0, 0
+        for ckpt, params in checkpoints:
+            elapsed += ckpt.lr * (ckpt.step - prev)
+            prev = ckpt.step
+            g_V = target_gradient(self.fns, params, self.target_images, self.target_tokens)
+            _, w = batch_gradient_and_hvp(self.fns, params, grad_batches, g_V)
+            assert w is not None
+            v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+            lam = 0.0
+            for _ in range(iters):
+                nv = float(norm(v))
+                v = {k: x / nv for k, x in v.items()}
+                _, hv = batch_gradient_and_hvp(self.fns, params, grad_batches, v)
+                assert hv is not None
+                lam = float(dot(v, hv))
+                v = hv
+            rq = float(dot(g_V, w) / dot(g_V, g_V))
+            out.append(
+                {
+                    "step": ckpt.step,
+                    "elapsed_lr_sum": elapsed,
+                    "lambda_max_H_B": lam,
+                    "rayleigh_H_B_g_V": rq,
+                    "elapsed_x_lambda_max": elapsed * abs(lam),
+                    "elapsed_x_rayleigh_g_V": elapsed * rq,
+                }
+            )
         return out
 
 
@@ -318,6 +368,7 @@ def run_groundtruth(
     n_subsets: int = 0,
     subset_fraction: float = 0.5,
     log=print,
+    radius_iters: int = 0,
 ) -> LOOResult:
     """Full run + scores, noise floor, leave-one-out for ``n_removed`` samples, optional LDS subsets."""
     timings: dict[str, float] = {}
@@ -337,6 +388,12 @@ def run_groundtruth(
     ckpts = [c for c, _ in full.checkpoints]
     scores = gt.scores(terms, ckpts)
     timings["scores"] = time.perf_counter() - t
+    radius: list[dict[str, float]] = []
+    if radius_iters:
+        t = time.perf_counter()
+        radius = gt.expansion_radius(full.checkpoints, radius_iters)
+        timings["radius"] = time.perf_counter() - t
+        log(f"expansion radius: {radius}")
 
     # noise floor: the same run twice, and with an all-false removed mask
     again = gt.train()
@@ -396,4 +453,5 @@ def run_groundtruth(
         timings=timings,
         loss_curve=full.loss_curve,
         checkpoints=[{"step": c.step, "lr": c.lr} for c in ckpts],
+        radius=radius,
     )

@@ -1,4 +1,7 @@
-"""Per-checkpoint direction vectors of METHOD.md section 5: g_B, g_V and w = H_B g_V.
+"""Per-checkpoint direction vectors of METHOD.md section 5: g_B, g_V, w = H_B g_V and u = H_V g_B.
+
+u feeds the target-Hessian term <g_z, H_V g_B> = <u, g_z> of the derived
+second-order weights (``pipeline.influence.estimator``).
 
 They do not depend on the scored sample, so they are computed once per
 checkpoint, stored in ``RUN/directions/STEP.safetensors`` with what produced
@@ -18,7 +21,7 @@ from pipeline.influence.vectors import dot
 from pipeline.tensors import load_tensors, save_tensors
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images, tokens)
-KINDS = ("g_B", "g_V", "w")
+KINDS = ("g_B", "g_V", "w", "u")
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Directions:
     g_B: Params  # mean gradient of the in-batch training loss over k batches
     g_V: Params  # gradient of the target loss L_V (reference-negative per-sample loss, mean over V)
     w: Params  # H_B g_V, with H_B the Hessian of the same batch losses
+    u: Params  # H_V g_B, with H_V the Hessian of the target loss L_V
     meta: dict[str, Any] = field(default_factory=dict)
 
     def as_flat(self) -> dict[str, torch.Tensor]:
@@ -45,7 +49,9 @@ class Directions:
         for name, t in flat.items():
             kind, _, key = name.partition("/")
             parts[kind][key] = t
-        return cls(parts["g_B"], parts["g_V"], parts["w"], meta)
+        if not parts["u"]:
+            raise ValueError("direction file without u = H_V g_B (written before it existed)")
+        return cls(parts["g_B"], parts["g_V"], parts["w"], parts["u"], meta)
 
 
 def _leaves(params: Params) -> Params:
@@ -82,7 +88,20 @@ def target_gradient(
     fns: ClipFunctions, params: Params, images: torch.Tensor, tokens: torch.Tensor, chunk: int = 256
 ) -> Params:
     """grad of L_V = mean_v l_v, accumulated in chunks to bound memory."""
+    return target_gradient_and_hvp(fns, params, images, tokens, None, chunk)[0]
+
+
+def target_gradient_and_hvp(
+    fns: ClipFunctions,
+    params: Params,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    vector: Params | None,
+    chunk: int = 256,
+) -> tuple[Params, Params | None]:
+    """grad L_V and, if ``vector`` is given, H_V @ vector (double backward), in chunks."""
     total = {k: torch.zeros_like(v) for k, v in params.items()}
+    h_total = {k: torch.zeros_like(v) for k, v in params.items()} if vector is not None else None
     n = images.shape[0]
     for start in range(0, n, chunk):
         p = _leaves(params)
@@ -90,11 +109,25 @@ def target_gradient(
             losses = fns.sample_losses(
                 p, images[start : start + chunk], tokens[start : start + chunk]
             )
-            grads = torch.autograd.grad(losses.sum() / n, list(p.values()), allow_unused=True)
+            grads = torch.autograd.grad(
+                losses.sum() / n,
+                list(p.values()),
+                allow_unused=True,
+                create_graph=vector is not None,
+            )
+            if vector is not None:
+                gv = sum(
+                    (g * vector[k]).sum() for g, k in zip(grads, p, strict=True) if g is not None
+                )
+                hv = torch.autograd.grad(gv, list(p.values()), allow_unused=True)
         for g, k in zip(grads, p, strict=True):
             if g is not None:
                 total[k] += g.detach()
-    return total
+        if h_total is not None:
+            for h, k in zip(hv, p, strict=True):
+                if h is not None:
+                    h_total[k] += h.detach()
+    return total, h_total
 
 
 def compute_directions(
@@ -107,6 +140,8 @@ def compute_directions(
     g_V = target_gradient(fns, params, *target)
     g_B, w = batch_gradient_and_hvp(fns, params, grad_batches, g_V)
     assert w is not None
+    _, u = target_gradient_and_hvp(fns, params, *target, g_B)
+    assert u is not None
     info = dict(meta or {})
     info.update(
         k_batches=len(grad_batches),
@@ -115,8 +150,9 @@ def compute_directions(
         norm_g_B=float(dot(g_B, g_B).sqrt()),
         norm_g_V=float(dot(g_V, g_V).sqrt()),
         norm_w=float(dot(w, w).sqrt()),
+        norm_u=float(dot(u, u).sqrt()),
     )
-    return Directions(g_B, g_V, w, info)
+    return Directions(g_B, g_V, w, u, info)
 
 
 def save_directions(directions: Directions, path: str) -> None:

@@ -1,20 +1,42 @@
 """Where the per-checkpoint terms become scores: the one place the weights live.
 
-With checkpoints t in T_m (absolute step t, learning rate eta_t of the update
-leaving theta_t), N training pairs and m checkpoints (METHOD.md section 3):
+Per checkpoint t the engine computes four numbers per sample z (all at theta_t):
 
-    first-order  F_t(z) =  eta_t / (N m)        * <g_V, g_z>
-    second-order I_t(z) = -t eta_t^2 / (N m)    * (<g_V, H_B g_z> + <g_V, H_z g_B>)
+    first = <g_V, g_z>      hb = <g_V, H_B g_z>      hz = <g_V, H_z g_B>      hv = <g_z, H_V g_B>
 
-Both estimate the *increase* of the target loss if z were removed from
-training (the user-facing sign convention): removing z undoes the descent
-step -eta g_z / N each time z is used, which moves the target loss by
-+eta/N <g_V, g_z> to first order; the second-order term is the change of
-that first-order step along the displaced trajectory. So positive = z helps
-(keep), negative = z hurts (prune first).
+and a score is sum_t (W_first first + W_hb hb + W_hz hz + W_hv hv): the estimated
+*increase* of the target loss L_V(theta_T) if z were removed from training
+(positive = z helps, keep; negative = z hurts, prune first). Two forms of the
+weights exist (``FORMS``); docs/method.md ("Derivation of the weights") has the
+full derivation and docs/accuracy.md the measurements.
 
-The ``diffin`` score is sum_t (F_t + I_t) when ``first_order`` is true (the
-default: the full second-order estimate), else sum_t I_t alone.
+``derived`` (the default), from a second-order expansion of plain SGD with
+removal weight 1/N. Checkpoint t_i stands for the steps s in [t_{i-1}, t_i)
+(t_0 = 0): Delta_i = t_i - t_{i-1} steps at rate eta_i (the checkpoint's rate),
+with E_i = sum_{j<i} eta_j Delta_j the learning-rate sum already elapsed
+before the block. Removing z adds +eta_s g_z/N to update s; the displacement
+accumulated by step s, delta_s ~= E_s g_z / N, changes that step's descent of
+L_V (d/d theta of -eta <g_V, g_B>: the H_B and the H_V terms); the quantities
+of step s are evaluated at the block's checkpoint, at the end of the block,
+hence the drift terms. Summed over the block:
+
+    W_first =  eta Delta / N
+    W_hb    = -eta Delta / N * (E + eta (Delta - 1) / 2)   (mean elapsed rate-sum over the block)
+    W_hv    = -eta Delta / N *  E
+    W_hz    = +eta Delta / N *  eta (Delta + 1) / 2         (drift of g_z within the block)
+
+``method``: METHOD.md section 3 and the authors' code, literally:
+
+    W_first = eta_t / (N m),   W_hb = W_hz = -t eta_t^2 / (N m),   W_hv = 0.
+
+The two agree on the sign of the H_B term and on its growth with the elapsed
+steps; they differ in the scale (a checkpoint stands for Delta steps, not 1/m
+of one), in the target-Hessian term <g_z, H_V g_B> that the method form lacks,
+and in <g_V, H_z g_B>, which the derivation only has as a small positive drift
+correction.
+
+``assemble_diffin`` sums sum_t (F_t + I_t) when ``first_order`` is true (the
+default), else sum_t I_t alone.
 """
 
 from __future__ import annotations
@@ -24,6 +46,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FORMS = ("derived", "method")
+DEFAULT_FORM = "derived"
+SECOND_ORDER_KEYS = ("hb", "hz", "hv")
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -31,22 +57,73 @@ class Checkpoint:
     lr: float
 
 
-def first_order_weight(ckpt: Checkpoint, n_train: int, m: int) -> float:
-    return ckpt.lr / (n_train * m)
+@dataclass(frozen=True)
+class Weights:
+    """Coefficients of (first, hb, hz, hv) at one checkpoint."""
+
+    first: float
+    hb: float
+    hz: float
+    hv: float
 
 
-def second_order_weight(ckpt: Checkpoint, n_train: int, m: int) -> float:
-    return -ckpt.step * ckpt.lr**2 / (n_train * m)
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"second-order form {form!r}: expected one of {FORMS}")
+
+
+def checkpoint_weights(
+    ckpts: Sequence[Checkpoint], n_train: int, form: str = DEFAULT_FORM
+) -> list[Weights]:
+    """The weights of every checkpoint (in the given order, which must be by step)."""
+    _check_form(form)
+    steps = [c.step for c in ckpts]
+    if steps != sorted(steps) or len(set(steps)) != len(steps):
+        raise ValueError(f"checkpoints must be distinct and sorted by step: {steps}")
+    m, n = len(ckpts), float(n_train)
+    out: list[Weights] = []
+    if form == "method":
+        for c in ckpts:
+            a = -c.step * c.lr**2 / (n * m)
+            out.append(Weights(c.lr / (n * m), a, a, 0.0))
+        return out
+    elapsed, prev = 0.0, 0
+    for c in ckpts:
+        delta, eta = c.step - prev, c.lr
+        base = eta * delta / n
+        out.append(
+            Weights(
+                first=base,
+                hb=-base * (elapsed + eta * (delta - 1) / 2),
+                hz=base * eta * (delta + 1) / 2,
+                hv=-base * elapsed,
+            )
+        )
+        elapsed += eta * delta
+        prev = c.step
+    return out
+
+
+def first_order_weights(
+    ckpts: Sequence[Checkpoint], n_train: int, form: str = DEFAULT_FORM
+) -> list[float]:
+    return [w.first for w in checkpoint_weights(ckpts, n_train, form)]
 
 
 def diffin_components(
-    first: np.ndarray, hb: np.ndarray, hz: np.ndarray, ckpt: Checkpoint, n_train: int, m: int
+    first: np.ndarray,
+    hb: np.ndarray,
+    hz: np.ndarray,
+    hv: np.ndarray | None,
+    weights: Weights,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(F_t, I_t) for one checkpoint."""
-    return (
-        first_order_weight(ckpt, n_train, m) * first,
-        second_order_weight(ckpt, n_train, m) * (hb + hz),
-    )
+    """(F_t, I_t) for one checkpoint. ``hv`` may be None only where its weight is 0."""
+    second = weights.hb * hb + weights.hz * hz
+    if weights.hv != 0.0:
+        if hv is None:
+            raise ValueError("the derived form needs the hv term <g_z, H_V g_B>")
+        second = second + weights.hv * hv
+    return weights.first * first, second
 
 
 def assemble_diffin(

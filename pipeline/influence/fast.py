@@ -5,12 +5,13 @@ For the vector of per-sample losses f(theta) = (l_z(theta))_z of a batch:
     first = D f [g_V]           = <g_V, g_z>           (one JVP)
     hz    = D^2 f [g_V, g_B]    = <g_V, H_z g_B>       (the same JVP, nested along g_B)
     hb    = D f [w]             = <w, g_z> = <g_V, H_B g_z>   (one JVP; w = H_B g_V)
+    hv    = D f [u]             = <u, g_z> = <g_z, H_V g_B>   (one JVP; u = H_V g_B)
 
 No per-sample backward pass and no per-sample gradient is ever formed.
 
 The K reference negatives enter every l_z through their embeddings R(theta).
 Their value and derivatives along the fixed directions (R, D R[g_V],
-D R[g_B], D^2 R[g_V, g_B], D R[w]) do not depend on the batch, so they are
+D R[g_B], D^2 R[g_V, g_B], D R[w], D R[u]) do not depend on the batch, so they are
 computed once per checkpoint (``ReferenceJets``) and fed to the JVPs as
 inputs with tangents: a batch then embeds only its own samples. The result is
 the same function, derivatives included (the float64 tests check it).
@@ -27,7 +28,8 @@ from pipeline.influence.directions import Directions
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.model.loss import MAX_LOGIT_SCALE, per_sample_loss
 
-TERMS = ("loss", "first", "hb", "hz", "cosine", "el2n")
+TERMS = ("loss", "first", "hb", "hz", "hv", "cosine", "el2n")
+DIRECTIONAL = frozenset({"first", "hb", "hz", "hv"})  # the terms that need direction vectors
 Emb = tuple[torch.Tensor, torch.Tensor]  # (image, text) embeddings of the references
 
 
@@ -40,6 +42,7 @@ class ReferenceJets:
     d_gB: Emb | None = None
     d2_gV_gB: Emb | None = None
     d_w: Emb | None = None
+    d_u: Emb | None = None
 
 
 def reference_jets(
@@ -53,7 +56,7 @@ def reference_jets(
 
     with torch.no_grad(), derivative_mode():
         jets = ReferenceJets(emb(params))
-        if need & {"first", "hz", "hb"}:
+        if need & DIRECTIONAL:
             assert directions is not None
             g_V, g_B = directions.g_V, directions.g_B
             if "hz" in need:
@@ -65,6 +68,8 @@ def reference_jets(
                 jets.d_gV = jvp(emb, (params,), (g_V,))[1]
             if "hb" in need:
                 jets.d_w = jvp(emb, (params,), (directions.w,))[1]
+            if "hv" in need:
+                jets.d_u = jvp(emb, (params,), (directions.u,))[1]
     return jets
 
 
@@ -85,8 +90,8 @@ def fast_terms(
     unknown = need - set(TERMS)
     if unknown:
         raise ValueError(f"unknown terms {sorted(unknown)}")
-    if need & {"first", "hz", "hb"} and directions is None:
-        raise ValueError("first/hb/hz need the direction vectors")
+    if need & DIRECTIONAL and directions is None:
+        raise ValueError("first/hb/hz/hv need the direction vectors")
     if jets is None:
         jets = reference_jets(fns, params, directions, need)
     out: dict[str, torch.Tensor] = {}
@@ -112,6 +117,9 @@ def fast_terms(
         if "hb" in need:
             assert directions is not None
             out["loss"], out["hb"] = jvp(f, (params, jets.value), (directions.w, jets.d_w))
+        if "hv" in need:
+            assert directions is not None
+            out["loss"], out["hv"] = jvp(f, (params, jets.value), (directions.u, jets.d_u))
         if "loss" in need and "loss" not in out:
             out["loss"] = f(params, jets.value)
         if need & {"cosine", "el2n"}:

@@ -14,7 +14,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pipeline.influence.directions import Batch, Directions, batch_gradient_and_hvp
+from pipeline.influence.directions import (
+    Batch,
+    Directions,
+    batch_gradient_and_hvp,
+    target_gradient,
+)
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.influence.vectors import axpy, dot, norm
 
@@ -61,16 +66,21 @@ def exact_terms(
     images: torch.Tensor,
     tokens: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """first = <g_V, g_z>, hb = <g_V, H_B g_z>, hz = <g_V, H_z g_B>, by double backward."""
+    """first = <g_V, g_z>, hb = <g_V, H_B g_z>, hz = <g_V, H_z g_B>, by double backward;
+    hv = <g_z, H_V g_B> = <g_z, u> with the u of ``directions`` (which
+    ``directions.target_gradient_and_hvp`` computes by double backward; the
+    tests check u against a difference of target gradients)."""
     return _exact(fns, params, directions, grad_batches, images, tokens, self_influence=False)
 
 
 def _exact(fns, params, directions, grad_batches, images, tokens, self_influence: bool):
     """<a, g_z>, <a, H_B g_z>, <a, H_z g_B> per sample, with a = g_V, or a = g_z itself."""
-    first, hb, hz = [], [], []
+    first, hb, hz, hv = [], [], [], []
     for i in range(images.shape[0]):
         fz = _sample_fn(fns, images, tokens, i)
         g_z = per_sample_gradient(fns, params, images, tokens, i)
+        if not self_influence:
+            hv.append(dot(g_z, directions.u))
         _, h_b_gz = batch_gradient_and_hvp(fns, params, grad_batches, g_z)
         assert h_b_gz is not None
         h_z_gb = _hvp(fz, params, directions.g_B)
@@ -79,11 +89,14 @@ def _exact(fns, params, directions, grad_batches, images, tokens, self_influence
         hb.append(dot(a, h_b_gz))
         hz.append(dot(a, h_z_gb))
     prefix = "self_" if self_influence else ""
-    return {
+    out = {
         f"{prefix}first": torch.stack(first),
         f"{prefix}hb": torch.stack(hb),
         f"{prefix}hz": torch.stack(hz),
     }
+    if hv:
+        out["hv"] = torch.stack(hv)
+    return out
 
 
 def finite_difference_terms(
@@ -94,9 +107,19 @@ def finite_difference_terms(
     images: torch.Tensor,
     tokens: torch.Tensor,
     eps: float = 1e-3,
+    target: Batch | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The authors' reference form: 2 per-sample and 2 batch gradients per sample."""
-    first, hb, hz = [], [], []
+    """The authors' reference form: 2 per-sample and 2 batch gradients per sample.
+
+    With ``target`` (the images and tokens of V) also hv = <g_z, H_V g_B>, with
+    H_V g_B ~= (grad L_V(theta + s g_B) - grad L_V(theta)) / s (once, not per sample).
+    """
+    first, hb, hz, hv = [], [], [], []
+    h_v_gb = None
+    if target is not None:
+        s3 = eps / float(norm(directions.g_B))
+        shifted = target_gradient(fns, axpy(s3, directions.g_B, params), *target)
+        h_v_gb = {k: (shifted[k] - directions.g_V[k]) / s3 for k in params}
     for i in range(images.shape[0]):
         fz = _sample_fn(fns, images, tokens, i)
         g_z = per_sample_gradient(fns, params, images, tokens, i)
@@ -111,7 +134,12 @@ def finite_difference_terms(
         first.append(dot(directions.g_V, g_z))
         hb.append(dot(directions.g_V, h_b_gz))
         hz.append(dot(directions.g_V, h_z_gb))
-    return {"first": torch.stack(first), "hb": torch.stack(hb), "hz": torch.stack(hz)}
+        if h_v_gb is not None:
+            hv.append(dot(g_z, h_v_gb))
+    out = {"first": torch.stack(first), "hb": torch.stack(hb), "hz": torch.stack(hz)}
+    if hv:
+        out["hv"] = torch.stack(hv)
+    return out
 
 
 def exact_self_terms(

@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options, valid_keys
 from pipeline.errors import ConfigError
+from pipeline.influence.estimator import FORMS
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ScoreConfig:
     threads: int = 1  # torch threads (and Ray CPUs) per actor
     batch_size: int = 128
     first_order: bool = True  # diffin = sum of first- and second-order terms
+    second_order: str = "derived"  # weights: "derived" or "method" (pipeline.influence.estimator)
     max_attempts: int = 3  # tries per shard before it is recorded as failed
     seed: int = 0  # for the random scorer and the self-influence sketch
     self_hb: str = "lanczos"  # diffin_self's g_z' H_B g_z: "lanczos" (top eigenpairs) or "fisher"
@@ -56,10 +58,15 @@ class ScoreConfig:
             ("image_keys", valid_keys(self.image_keys), "must be non-empty extensions"),
             ("text_keys", valid_keys(self.text_keys), "must be non-empty extensions"),
             ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
+            ("second_order", self.second_order in FORMS, f"must be one of {FORMS}"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
+
+    def score_options(self) -> dict[str, Any]:
+        """The ``ScoreContext`` options: how the scorers assemble the terms."""
+        return {"first_order": self.first_order, "second_order": self.second_order}
 
     def reader_options(self) -> dict[str, tuple[str, ...]]:
         return reader_options(self.image_keys, self.text_keys)

@@ -1,7 +1,8 @@
 """Prepare the per-checkpoint direction vectors, once, before any shard is scored.
 
 Work that exists is skipped: a directions file is reused when its recorded
-fingerprint (checkpoint hash, target set, gradient batches, dtype) matches.
+fingerprint (checkpoint hash, target set, gradient batches, dtype, format
+version) matches.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from pipeline.data.reader import iter_shard
 from pipeline.data.shards import resolve_shards
 from pipeline.errors import ConfigError
-from pipeline.influence.directions import compute_directions, load_directions, save_directions
+from pipeline.influence.directions import compute_directions, save_directions
 from pipeline.influence.functional import ClipFunctions
 from pipeline.model import factory
 from pipeline.model.batches import encode
@@ -28,6 +29,8 @@ from pipeline.tensors import load_tensors, save_tensors
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Bumped when the file's content changes: v2 added u = H_V g_B (older files are recomputed).
+DIRECTIONS_VERSION = "directions-v2"
 
 
 def load_set(run: RunDir, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -80,11 +83,17 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
     for ckpt in tqdm(traj.checkpoints, desc="directions", unit="ckpt", leave=False):
         fingerprint = hashlib.sha256(
             json.dumps(
-                [by_step[ckpt.step], target_info["target_fingerprint"], gb_meta, cfg.dtype]
+                [
+                    by_step[ckpt.step],
+                    target_info["target_fingerprint"],
+                    gb_meta,
+                    cfg.dtype,
+                    DIRECTIONS_VERSION,
+                ]
             ).encode()
         ).hexdigest()[:16]
         url = run.directions(ckpt.step)
-        if exists(url) and load_directions(url).meta.get("fingerprint") == fingerprint:
+        if exists(url) and load_tensors(url)[1].get("fingerprint") == fingerprint:
             continue
         state = load_state_dict(run, traj, ckpt.step)
         params = {k: state[k].to(dtype) for k, _ in bundle.model.named_parameters()}
@@ -104,11 +113,12 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
         )
         save_directions(d, url)
         log.info(
-            "directions for step %d: |g_B|=%.3g |g_V|=%.3g |w|=%.3g",
+            "directions for step %d: |g_B|=%.3g |g_V|=%.3g |w|=%.3g |u|=%.3g",
             ckpt.step,
             d.meta["norm_g_B"],
             d.meta["norm_g_V"],
             d.meta["norm_w"],
+            d.meta["norm_u"],
         )
     if "diffin_self" in cfg.methods and cfg.self_hb == "lanczos":
         ensure_eigenpairs(cfg, run, traj, fns, grad_batches, by_step)

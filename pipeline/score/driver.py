@@ -222,6 +222,7 @@ def _fingerprint(cfg: ScoreConfig, traj_record: dict, target: dict) -> dict[str,
     fp: dict[str, Any] = {
         "methods": cfg.methods,
         "first_order": cfg.first_order,
+        "second_order": cfg.second_order,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
         "checkpoints": [c["sha256"] for c in traj_record["checkpoints"]],
@@ -435,7 +436,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     fp = _fingerprint(cfg, traj.record, target)
     fp_hash = fingerprint_hash(fp)
     write_json(run.path("scores", "fingerprint.json"), {**fp, "hash": fp_hash})
-    ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, {"first_order": cfg.first_order})
+    ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, cfg.score_options())
     columns = [c for s in get_scorers(cfg.methods) for c in s.columns(ctx)]
 
     todo: list[tuple[str, str]] = []

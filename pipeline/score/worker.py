@@ -61,7 +61,7 @@ class ShardScorer:
         )
         self.scorers = get_scorers(cfg.methods)
         self.ctx = ScoreContext(
-            self.traj.checkpoints, self.traj.n_train, cfg.seed, {"first_order": cfg.first_order}
+            self.traj.checkpoints, self.traj.n_train, cfg.seed, cfg.score_options()
         )
         names = [n for n, _ in self.bundle.model.named_parameters()]
         self.params, self.directions, self.need = {}, {}, {}

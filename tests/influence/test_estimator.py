@@ -1,0 +1,181 @@
+"""The estimator's weights against the actual effect of down-weighting a sample (float64).
+
+A tiny tanh network, full-batch gradient descent on L = 1/N sum_z l_z: the
+setting of the derivation in docs/method.md. The actual effect of removing z
+to first order in 1/N is the derivative of L_V(theta_T) with respect to the
+removal weight (central difference over retrainings with z's loss scaled by
+1 -+ eps). With eta * T * lambda_max(H) about 0.3 the second-order expansion
+is inside its range, so first plus second order must beat first order alone,
+and a wrong sign of any term must show.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, hessian
+
+from pipeline.influence.estimator import Checkpoint, checkpoint_weights
+from pipeline.scorers import REGISTRY, ScoreContext
+
+N, N_V, STEPS, LR = 12, 8, 40, 0.005
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(3, 5)
+        self.out = torch.nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x))).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    net = Net().double()
+    shapes = {k: v.shape for k, v in net.named_parameters()}
+    sizes = {k: v.numel() for k, v in net.named_parameters()}
+    theta0 = torch.cat([v.detach().flatten() for v in net.parameters()])
+
+    def unflat(theta):
+        out, i = {}, 0
+        for k, n in sizes.items():
+            out[k] = theta[i : i + n].view(shapes[k])
+            i += n
+        return out
+
+    x = torch.randn(N + N_V, 3, dtype=torch.float64)
+    y = torch.sin(2 * x[:, 0]) + 0.5 * x[:, 1] * x[:, 2] + 0.1 * torch.randn(N + N_V).double()
+    xt, yt, xv, yv = x[:N], y[:N], x[N:], y[N:]
+
+    def losses(theta, xs, ys):
+        return 0.5 * (functional_call(net, unflat(theta), (xs,)) - ys) ** 2
+
+    def train_loss(theta, weights):
+        return (weights * losses(theta, xt, yt)).sum() / N
+
+    def target_loss(theta):
+        return losses(theta, xv, yv).mean()
+
+    def run(weights):
+        theta, seen = theta0.clone(), {0: theta0.clone()}
+        for step in range(STEPS):
+            theta = theta - LR * grad(train_loss)(theta, weights)
+            seen[step + 1] = theta
+        return seen
+
+    return dict(losses=losses, train_loss=train_loss, target_loss=target_loss, run=run, x=(xt, yt))
+
+
+def _terms(toy, theta):
+    xt, yt = toy["x"]
+    ones = torch.ones(N, dtype=torch.float64)
+    g_B = grad(toy["train_loss"])(theta, ones)
+    H_B = hessian(toy["train_loss"])(theta, ones)
+    g_V = grad(toy["target_loss"])(theta)
+    H_V = hessian(toy["target_loss"])(theta)
+    out = {k: np.zeros(N) for k in ("first", "hb", "hz", "hv")}
+    for z in range(N):
+
+        def lz(th, z=z):
+            return toy["losses"](th, xt[z : z + 1], yt[z : z + 1])[0]
+
+        g_z, H_z = grad(lz)(theta), hessian(lz)(theta)
+        out["first"][z] = float(g_V @ g_z)
+        out["hb"][z] = float(g_V @ H_B @ g_z)
+        out["hz"][z] = float(g_V @ H_z @ g_B)
+        out["hv"][z] = float(g_z @ H_V @ g_B)
+    return out
+
+
+@pytest.fixture(scope="module")
+def actual(toy):
+    """d L_V(theta_T) / d(removal weight of z), by a central difference (exact to ~1e-9)."""
+    eps = 1e-4
+    out = np.zeros(N)
+    for z in range(N):
+        w = torch.ones(N, dtype=torch.float64)
+        w_minus, w_plus = w.clone(), w.clone()
+        w_minus[z] -= eps
+        w_plus[z] += eps
+        lo = toy["target_loss"](toy["run"](w_minus)[STEPS])
+        hi = toy["target_loss"](toy["run"](w_plus)[STEPS])
+        out[z] = float(lo - hi) / (2 * eps)
+    return out
+
+
+def _predict(toy, steps, flip=(), form="derived"):
+    """tracin and diffin columns of the registry scorers on checkpoints at ``steps``."""
+    seen = toy["run"](torch.ones(N, dtype=torch.float64))
+    terms = {s: _terms(toy, seen[s]) for s in steps}
+    for s in steps:
+        for key in flip:
+            terms[s][key] = -terms[s][key]
+    ctx = ScoreContext([Checkpoint(s, LR) for s in steps], N, 0, {"second_order": form})
+    uids = [str(i) for i in range(N)]
+    return (
+        REGISTRY["tracin"]().score(terms, uids, ctx)["tracin"],
+        REGISTRY["diffin"]().score(terms, uids, ctx)["diffin"],
+    )
+
+
+def _err(pred, actual):
+    return float(np.abs(pred - actual).max() / np.abs(actual).max())
+
+
+def test_the_expansion_is_in_range(toy):
+    """The premise of the accuracy tests: eta T lambda_max(H_B) well below 1."""
+    theta = toy["run"](torch.ones(N, dtype=torch.float64))[0]
+    lam = torch.linalg.eigvalsh(hessian(toy["train_loss"])(theta, torch.ones(N).double()))
+    assert 0.1 < LR * STEPS * float(lam.abs().max()) < 0.6
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [list(range(1, STEPS + 1)), [10, 20, 30, 40], [5, 25, 40]],
+    ids=["every-step", "4-even", "3-uneven"],
+)
+def test_second_order_beats_first_order_and_every_sign_matters(toy, actual, steps):
+    first, full = _predict(toy, steps)
+    e_first, e_full = _err(first, actual), _err(full, actual)
+    assert e_first > 0.05  # the second-order effect is visible at this step size ...
+    assert e_full < 0.25 * e_first, (e_full, e_first)  # ... and the derived weights capture it
+    # <g_V, H_B g_z> with the wrong sign is worse than no second-order term at all
+    _, wrong = _predict(toy, steps, flip=("hb",))
+    assert _err(wrong, actual) > e_first
+    _, wrong = _predict(toy, steps, flip=("hv",))  # the target-Hessian term
+    assert _err(wrong, actual) > 5 * e_full
+    if len(steps) < STEPS:  # the drift correction matters where a checkpoint stands for many steps
+        _, wrong = _predict(toy, steps, flip=("hz",))
+        assert _err(wrong, actual) > 1.5 * e_full
+
+
+def test_the_method_form_is_off_scale_and_less_accurate(toy, actual):
+    """METHOD.md's weights: the first-order part is T times too small (1/(N m) per
+    checkpoint instead of Delta/N), and the second-order part lacks <g_z, H_V g_B>."""
+    steps = [10, 20, 30, 40]
+    first, full = _predict(toy, steps, form="method")
+    slope = float((first * actual).sum() / (first * first).sum())
+    assert slope == pytest.approx(STEPS, rel=0.3)
+    _, derived = _predict(toy, steps)
+    rescaled = full * STEPS  # even at the right scale the method form is further off
+    assert _err(rescaled, actual) > 2 * _err(derived, actual)
+
+
+def test_weights_by_hand():
+    ckpts = [Checkpoint(10, 0.1), Checkpoint(20, 0.05)]
+    d = checkpoint_weights(ckpts, 100)
+    assert [d[0].first, d[0].hb, d[0].hz, d[0].hv] == pytest.approx([0.01, -0.0045, 0.0055, 0])
+    assert [d[1].first, d[1].hb, d[1].hz, d[1].hv] == pytest.approx(
+        [0.005, -0.006125, 0.001375, -0.005]
+    )
+    m = checkpoint_weights(ckpts, 100, "method")
+    assert [m[0].first, m[0].hb, m[0].hz, m[0].hv] == pytest.approx([5e-4, -5e-4, -5e-4, 0])
+    assert [m[1].first, m[1].hb, m[1].hz, m[1].hv] == pytest.approx([2.5e-4, -2.5e-4, -2.5e-4, 0])
+    # the first-order weights add up to sum over all steps of eta_s / N
+    assert sum(w.first for w in d) == pytest.approx((10 * 0.1 + 10 * 0.05) / 100)
+    with pytest.raises(ValueError, match="form"):
+        checkpoint_weights(ckpts, 100, "nope")
+    with pytest.raises(ValueError, match="sorted"):
+        checkpoint_weights(ckpts[::-1], 100)
