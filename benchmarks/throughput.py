@@ -9,7 +9,9 @@ checkpoint (median of --repeats):
 - forward:   a plain forward pass of the batch (embeddings only): the unit;
 - loss:      the per-sample loss vector against the K reference negatives;
 - tracin:    fast_terms(need={"first"}): one JVP;
-- diffin:    fast_terms(need={"first","hb","hz"}): nested JVP + JVP;
+- diffin:    fast_terms(need={"first","hz","hlin"}): nested JVP + one JVP along
+             W_hb w + W_hv u (what the engine runs for the derived weights);
+- diffin_separate: the same terms with hb and hv as two JVPs;
 - diffin_cd: the same terms with hz by a central difference of JVPs
              (2 JVPs at theta +- h g_B) instead of the nested JVP;
 - reference forms, per sample on --ref-samples samples: the authors'
@@ -124,12 +126,18 @@ def main(argv=None) -> dict:
     }
     # What the scoring engine does: the references' jets once per checkpoint (reused),
     # against recomputing them in every batch ("_jets_per_batch") and K = 1 ("_K1").
-    needs = {"loss": {"loss"}, "tracin": {"first"}, "diffin": {"first", "hb", "hz"}}
-    jets = {k: reference_jets(fns, params, d, n) for k, n in needs.items()}
+    needs = {
+        "loss": {"loss"},
+        "tracin": {"first"},
+        "diffin": {"first", "hz", "hlin"},
+        "diffin_separate": {"first", "hb", "hz", "hv"},
+    }
+    lin = d.combined(-1.0, -0.5)  # the cost does not depend on the weights
+    jets = {k: reference_jets(fns, params, d, n, lin) for k, n in needs.items()}
     for k, n in needs.items():
-        forms[k] = lambda k=k, n=n: fast_terms(fns, params, d, *batch, n, jets[k])
-        forms[k + "_jets_per_batch"] = lambda n=n: fast_terms(fns, params, d, *batch, n)
-        forms[k + "_K1"] = lambda n=n: fast_terms(fns1, params, d, *batch, n)
+        forms[k] = lambda k=k, n=n: fast_terms(fns, params, d, *batch, n, jets[k], lin)
+        forms[k + "_jets_per_batch"] = lambda n=n: fast_terms(fns, params, d, *batch, n, None, lin)
+        forms[k + "_K1"] = lambda n=n: fast_terms(fns1, params, d, *batch, n, None, lin)
     forms["diffin_first_hz_nested_only"] = lambda: fast_terms(fns, params, d, *batch, {"hz"})
     forms["diffin_hb_jvp_only"] = lambda: fast_terms(fns, params, d, *batch, {"hb"})
     forms["diffin_cd"] = lambda: cd_terms(fns, params, d, *batch, a.cd_h)

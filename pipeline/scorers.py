@@ -97,7 +97,8 @@ class DiffIn(Scorer):
     name = "diffin"
     # the per-checkpoint terms: <a, g_z>, <a, H_B g_z>, <a, H_z g_B>, <g_z, H_a g_B> with a = g_V
     keys = ("first", "hb", "hz", "hv")
-    terms = frozenset(keys)
+    # what the engine computes: hb and hv come combined as hlin = W_hb hb + W_hv hv (fast.py)
+    terms = frozenset({"first", "hz", "hlin"})
     description = "Diff-In influence on the target loss (second order, trajectory)"
 
     def columns(self, ctx: ScoreContext) -> list[str]:
@@ -111,7 +112,9 @@ class DiffIn(Scorer):
         first_key, hb_key, hz_key, hv_key = self.keys
         for c, w in zip(ctx.checkpoints, ctx.weights(), strict=True):
             t = terms[c.step]
-            f, s = diffin_components(t[first_key], t[hb_key], t[hz_key], t.get(hv_key), w)
+            f, s = diffin_components(
+                t[first_key], t.get(hb_key), t[hz_key], t.get(hv_key), w, t.get("hlin")
+            )
             out[f"{self.name}_first_t{c.step}"], out[f"{self.name}_second_t{c.step}"] = f, s
             firsts.append(f)
             seconds.append(s)
@@ -192,7 +195,7 @@ class DiffInSelf(DiffIn):
 
     name = "diffin_self"
     keys = ("self_first", "self_hb", "self_hz", "self_hz")
-    terms = frozenset(keys)
+    terms = frozenset(keys)  # no hlin: the self terms come from the self-influence engine
     description = "Diff-In self-influence (F + I)(z, z), for data cleaning; lowest pruned first"
 
 

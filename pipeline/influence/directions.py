@@ -37,6 +37,10 @@ class Directions:
             f"{kind}/{k}": v.contiguous() for kind in KINDS for k, v in getattr(self, kind).items()
         }
 
+    def combined(self, a: float, b: float) -> Params:
+        """a w + b u: one direction whose JVP gives a <w, g_z> + b <u, g_z> in one pass."""
+        return {k: a * self.w[k] + b * self.u[k] for k in self.w}
+
     def ordered(self, names: list[str]) -> Directions:
         """Same vectors with keys in ``names`` order (torch.func matches dicts by structure)."""
         return Directions(

@@ -112,12 +112,20 @@ def first_order_weights(
 
 def diffin_components(
     first: np.ndarray,
-    hb: np.ndarray,
+    hb: np.ndarray | None,
     hz: np.ndarray,
     hv: np.ndarray | None,
     weights: Weights,
+    hlin: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(F_t, I_t) for one checkpoint. ``hv`` may be None only where its weight is 0."""
+    """(F_t, I_t) for one checkpoint. ``hv`` may be None only where its weight is 0.
+
+    ``hlin`` = W_hb hb + W_hv hv already combined (one JVP, ``fast.py``) replaces both.
+    """
+    if hlin is not None:
+        return weights.first * first, hlin + weights.hz * hz
+    if hb is None:
+        raise ValueError("diffin_components needs hb (or hlin)")
     second = weights.hb * hb + weights.hz * hz
     if weights.hv != 0.0:
         if hv is None:

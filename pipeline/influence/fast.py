@@ -6,6 +6,12 @@ For the vector of per-sample losses f(theta) = (l_z(theta))_z of a batch:
     hz    = D^2 f [g_V, g_B]    = <g_V, H_z g_B>       (the same JVP, nested along g_B)
     hb    = D f [w]             = <w, g_z> = <g_V, H_B g_z>   (one JVP; w = H_B g_V)
     hv    = D f [u]             = <u, g_z> = <g_z, H_V g_B>   (one JVP; u = H_V g_B)
+    hlin  = D f [a w + b u]     = a hb + b hv                 (one JVP for both)
+
+``hlin`` is what the scoring engine asks for: the estimator needs hb and hv
+only in the fixed combination W_hb hb + W_hv hv of each checkpoint, and a
+JVP is linear in its tangent, so one JVP along W_hb w + W_hv u replaces two.
+The separate terms stay for validation and the leave-one-out harness.
 
 No per-sample backward pass and no per-sample gradient is ever formed.
 
@@ -28,8 +34,10 @@ from pipeline.influence.directions import Directions
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.model.loss import MAX_LOGIT_SCALE, per_sample_loss
 
-TERMS = ("loss", "first", "hb", "hz", "hv", "cosine", "el2n")
-DIRECTIONAL = frozenset({"first", "hb", "hz", "hv"})  # the terms that need direction vectors
+TERMS = ("loss", "first", "hb", "hz", "hv", "hlin", "cosine", "el2n")
+DIRECTIONAL = frozenset(
+    {"first", "hb", "hz", "hv", "hlin"}
+)  # the terms that need direction vectors
 Emb = tuple[torch.Tensor, torch.Tensor]  # (image, text) embeddings of the references
 
 
@@ -43,10 +51,15 @@ class ReferenceJets:
     d2_gV_gB: Emb | None = None
     d_w: Emb | None = None
     d_u: Emb | None = None
+    d_lin: Emb | None = None
 
 
 def reference_jets(
-    fns: ClipFunctions, params: Params, directions: Directions | None, need: set[str]
+    fns: ClipFunctions,
+    params: Params,
+    directions: Directions | None,
+    need: set[str],
+    lin: Params | None = None,
 ) -> ReferenceJets:
     assert fns.ref_images is not None and fns.ref_tokens is not None
     ref_images, ref_tokens = fns.ref_images, fns.ref_tokens
@@ -70,6 +83,10 @@ def reference_jets(
                 jets.d_w = jvp(emb, (params,), (directions.w,))[1]
             if "hv" in need:
                 jets.d_u = jvp(emb, (params,), (directions.u,))[1]
+            if "hlin" in need:
+                if lin is None:
+                    raise ValueError("hlin needs its direction (lin = a w + b u)")
+                jets.d_lin = jvp(emb, (params,), (lin,))[1]
     return jets
 
 
@@ -81,19 +98,23 @@ def fast_terms(
     tokens: torch.Tensor,
     need: set[str],
     jets: ReferenceJets | None = None,
+    lin: Params | None = None,
 ) -> dict[str, torch.Tensor]:
     """The requested per-sample terms (each a tensor of shape (batch,)).
 
     Pass ``jets`` (from ``reference_jets`` with at least the same ``need``) to
     reuse the references' derivatives across batches of one checkpoint.
+    ``lin`` (``Directions.combined``) is the direction of ``hlin``.
     """
     unknown = need - set(TERMS)
     if unknown:
         raise ValueError(f"unknown terms {sorted(unknown)}")
     if need & DIRECTIONAL and directions is None:
         raise ValueError("first/hb/hz/hv need the direction vectors")
+    if "hlin" in need and lin is None:
+        raise ValueError("hlin needs its direction (lin = a w + b u)")
     if jets is None:
-        jets = reference_jets(fns, params, directions, need)
+        jets = reference_jets(fns, params, directions, need, lin)
     out: dict[str, torch.Tensor] = {}
 
     def f(p: Params, ref: Emb) -> torch.Tensor:
@@ -120,6 +141,9 @@ def fast_terms(
         if "hv" in need:
             assert directions is not None
             out["loss"], out["hv"] = jvp(f, (params, jets.value), (directions.u, jets.d_u))
+        if "hlin" in need:
+            assert lin is not None and jets.d_lin is not None
+            out["loss"], out["hlin"] = jvp(f, (params, jets.value), (lin, jets.d_lin))
         if "loss" in need and "loss" not in out:
             out["loss"] = f(params, jets.value)
         if need & {"cosine", "el2n"}:

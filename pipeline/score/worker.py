@@ -17,7 +17,7 @@ import torch
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
 from pipeline.influence.directions import load_directions
-from pipeline.influence.fast import fast_terms, reference_jets
+from pipeline.influence.fast import DIRECTIONAL, fast_terms, reference_jets
 from pipeline.influence.functional import ClipFunctions
 from pipeline.influence.selfinf import SELF_TERMS, SelfConfig, SelfInfluenceEngine
 from pipeline.model import factory
@@ -72,14 +72,27 @@ class ShardScorer:
             state = load_state_dict(self.run, self.traj, c.step)
             self.params[c.step] = {k: state[k].to(self.device, self.dtype) for k in names}
             self.need[c.step] = need
-            if need & ({"first", "hb", "hz"} | SELF_TERMS):
+            if need & (DIRECTIONAL | SELF_TERMS):
                 self.directions[c.step] = load_directions(
                     self.run.directions(c.step), self.device
                 ).ordered(names)
+        # hb and hv only enter as W_hb hb + W_hv hv: one JVP along W_hb w + W_hv u (fast.py).
+        weights = dict(
+            zip([c.step for c in self.traj.checkpoints], self.ctx.weights(), strict=True)
+        )
+        self.lin = {
+            step: self.directions[step].combined(weights[step].hb, weights[step].hv)
+            for step, need in self.need.items()
+            if "hlin" in need
+        }
         # The references' embeddings and their derivatives, once per checkpoint (fast.py).
         self.jets = {
             step: reference_jets(
-                self.fns, self.params[step], self.directions.get(step), need - SELF_TERMS
+                self.fns,
+                self.params[step],
+                self.directions.get(step),
+                need - SELF_TERMS,
+                self.lin.get(step),
             )
             for step, need in self.need.items()
         }
@@ -141,6 +154,7 @@ class ShardScorer:
                 tokens,
                 need - SELF_TERMS,
                 self.jets[step],
+                self.lin.get(step),
             )
             if need & SELF_TERMS:
                 t.update(self.self_engines[step].terms(images, tokens))

@@ -92,3 +92,15 @@ def test_sample_terms_do_not_depend_on_the_batch(setup):
         )
         for term, v in one.items():
             assert torch.allclose(v[0], whole[term][i], rtol=1e-9, atol=1e-12), term
+
+
+def test_combined_term_is_the_weighted_sum_of_hb_and_hv(setup):
+    """hlin (one JVP along a w + b u, what the engine computes) == a hb + b hv."""
+    fns, params, directions, _, (images, tokens), _ = setup
+    a, b = -0.37, 1.9
+    lin = directions.combined(a, b)
+    sep = fast_terms(fns, params, directions, images, tokens, {"hb", "hv"})
+    got = fast_terms(fns, params, directions, images, tokens, {"hlin"}, lin=lin)
+    assert _rel(got["hlin"], a * sep["hb"] + b * sep["hv"]) < 1e-10
+    with pytest.raises(ValueError, match="hlin"):
+        fast_terms(fns, params, directions, images, tokens, {"hlin"})

@@ -220,3 +220,28 @@ def test_all_error_shard_gives_rows_with_null_scores(scorer64, tmp_path):
 def test_scorer_refuses_unknown_method(run_copy, tiny_scored):
     with pytest.raises(ConfigError, match="methods"):
         ShardScorer(run_copy, dataclasses.replace(tiny_scored["config"], methods=["nope"]))
+
+
+def test_engine_diffin_equals_the_separate_term_assembly(scorer64, shards):
+    """The worker's one-JVP hlin gives the same diffin as hb and hv computed apart (float32)."""
+    from pipeline.influence.estimator import diffin_components
+    from pipeline.influence.fast import fast_terms
+    from pipeline.model.batches import encode
+
+    samples = [s for s in iter_shard(shards["clean"]) if s.ok][:16]
+    got = scorer64.score_samples(samples)
+    images, tokens = encode(samples, scorer64.bundle)
+    weights = scorer64.ctx.weights()
+    for c, w in zip(scorer64.ctx.checkpoints, weights, strict=True):
+        t = fast_terms(
+            scorer64.fns,
+            scorer64.params[c.step],
+            scorer64.directions[c.step],
+            images,
+            tokens,
+            {"first", "hb", "hz", "hv"},
+        )
+        t = {k: v.double().numpy() for k, v in t.items()}
+        _, second = diffin_components(t["first"], t["hb"], t["hz"], t["hv"], w)
+        scale = np.abs(second).max()
+        assert np.abs(got[f"diffin_second_t{c.step}"] - second).max() <= 1e-4 * scale, c.step
