@@ -56,14 +56,34 @@ class SelfConfig:
     seed: int = 0
 
     def plan(self, n_params: int, bytes_per_value: int = 4) -> dict[str, int]:
-        """Chunk size from the memory budget: g_z, H_z g_B and two work copies per sample in flight."""
-        per_sample = 4 * n_params * bytes_per_value
-        chunk = max(1, min(256, (self.memory_mb << 20) // per_sample))
+        """What the per-actor memory budget allows, and what was chosen.
+
+        Resident: the r eigenvectors of H_B (hb="lanczos", r x P values) or the
+        count-sketch's bucket and sign tables (hb="fisher", 9 bytes per
+        parameter, plus k x (grad samples) for the sketched Fisher). At most
+        half the budget goes there: ``rank`` (or ``dim``) is lowered until it
+        fits, never below 1. The rest bounds the chunk of samples in flight
+        (g_z, H_z g_B and two work copies each).
+        """
+        budget = self.memory_mb << 20
+        vec = n_params * bytes_per_value
+        rank, dim, resident = self.rank, self.dim, 0
+        if self.hb == "lanczos":
+            rank = max(1, min(self.rank, (budget // 2) // vec))
+            resident = rank * vec
+        elif self.hb == "fisher":
+            tables = 9 * n_params
+            dim = max(1, min(self.dim, max(0, budget // 2 - tables) // (1024 * 8)))
+            resident = tables + dim * 1024 * 8
+        per_sample = 4 * vec
+        chunk = max(1, min(256, max(0, budget - resident) // per_sample))
         return {
             "chunk": int(chunk),
-            "dim": self.dim,
+            "rank": int(rank),
+            "dim": int(dim),
             "params": n_params,
             "mb_per_sample": round(per_sample / 2**20, 2),
+            "resident_mb": round(resident / 2**20, 1),
         }
 
 
@@ -275,7 +295,7 @@ class SelfInfluenceEngine:
         self.refs = FrozenReferences.at(fns, params, cfg.exclude)
         if cfg.hb == "fisher":
             self.sketch = CountSketch(
-                {k: v.shape for k, v in self.params.items()}, cfg.dim, cfg.seed
+                {k: v.shape for k, v in self.params.items()}, self.plan["dim"], cfg.seed
             )
             grad_images = torch.cat([b[0] for b in grad_batches])
             grad_tokens = torch.cat([b[1] for b in grad_batches])
@@ -291,8 +311,12 @@ class SelfInfluenceEngine:
             self.hb_form = lambda gz: (self.sketch(gz).double() @ fisher.T).pow(2).mean(1)
         elif cfg.hb == "lanczos":
             vals, vecs = eigenpairs or hessian_eigenpairs(
-                fns, self.params, self.refs.fixed, grad_batches, cfg.rank, cfg.seed
+                fns, self.params, self.refs.fixed, grad_batches, self.plan["rank"], cfg.seed
             )
+            if len(vals) > self.plan["rank"]:  # precomputed at a rank the budget does not allow
+                top = vals.abs().argsort(descending=True)[: self.plan["rank"]].to(vals.device)
+                vals = vals[top]
+                vecs = {k: v[top.to(v.device)] for k, v in vecs.items()}
             self.eigenvalues, self.eigenvectors = vals, vecs
 
             def form(gz: Params) -> torch.Tensor:

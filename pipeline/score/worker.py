@@ -129,11 +129,16 @@ class ShardScorer:
                     )
             plan = next(iter(self.self_engines.values())).config
             log.info(
-                "self-influence (H_B form %s): chunk %d samples, %d parameters (%.1f MB per sample)",
+                "self-influence within %d MB: H_B form %s (rank %d, sketch dim %d, %.1f MB "
+                "resident), chunk %d samples of %.1f MB, %d parameters",
+                plan["memory_mb"],
                 plan["hb"],
+                plan["rank"],
+                plan["dim"],
+                plan["resident_mb"],
                 plan["chunk"],
-                plan["params"],
                 plan["mb_per_sample"],
+                plan["params"],
             )
         self.columns = [col for s in self.scorers for col in s.columns(self.ctx)]
 

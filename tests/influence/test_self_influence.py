@@ -186,18 +186,54 @@ def test_scalable_form_ranks_like_the_exact_form(micro):
 
 def test_self_terms_do_not_depend_on_chunk_or_batch(micro):
     fns, params, directions, grad_batches, (images, tokens) = micro
-    big = SelfInfluenceEngine(fns, params, directions.g_B, grad_batches, SelfConfig(exclude=()))
+    # rank 1: a zero budget also lowers the rank to 1 (test_budget_picks_rank_and_chunk)
+    big = SelfInfluenceEngine(
+        fns, params, directions.g_B, grad_batches, SelfConfig(exclude=(), rank=1)
+    )
     small = SelfInfluenceEngine(
         fns,
         params,
         directions.g_B,
         grad_batches,
-        SelfConfig(exclude=(), memory_mb=0),
+        SelfConfig(exclude=(), rank=1, memory_mb=0),
         (big.eigenvalues, big.eigenvectors),
     )
-    assert small.plan["chunk"] == 1
+    assert small.plan["chunk"] == 1 and big.plan["chunk"] > 1
     whole = big.terms(images, tokens)
     parts = [small.terms(images[i : i + 1], tokens[i : i + 1]) for i in range(images.shape[0])]
     for k, v in whole.items():
         assert torch.allclose(v, torch.cat([p[k] for p in parts]), rtol=1e-10), k
     _ = batch_clip_loss  # the batch loss defines H_B in the exact form
+
+
+def test_budget_picks_rank_and_chunk():
+    """Half the budget for the resident eigenvectors (rank lowered to fit), the rest for chunks."""
+    n = 1 << 20  # parameters, fp32: 4 MiB per vector
+    roomy = SelfConfig(rank=16, memory_mb=1024).plan(n)
+    assert roomy["rank"] == 16 and roomy["resident_mb"] == 64.0
+    assert roomy["chunk"] == (1024 - 64) // 16  # 4 copies of 4 MiB per sample in flight
+    tight = SelfConfig(rank=16, memory_mb=40).plan(n)
+    assert tight["rank"] == 5  # 20 MiB // 4 MiB
+    assert tight["chunk"] == 1  # (40 - 20) // 16
+    assert SelfConfig(rank=16, memory_mb=0).plan(n)["rank"] == 1
+    # fisher: 9 bytes per parameter of hash tables (9 MiB), then k rows of 1024 doubles
+    sketch = SelfConfig(hb="fisher", dim=2048, memory_mb=20).plan(n)
+    assert sketch["dim"] == (10 - 9) * 1024 * 1024 // (1024 * 8) == 128
+    assert SelfConfig(hb="fisher", dim=2048, memory_mb=64).plan(n)["dim"] == 2048
+
+
+def test_precomputed_eigenpairs_are_cut_to_the_budget_rank(micro):
+    fns, params, directions, grad_batches, (images, tokens) = micro
+    full = SelfInfluenceEngine(
+        fns, params, directions.g_B, grad_batches, SelfConfig(exclude=(), rank=3)
+    )
+    cut = SelfInfluenceEngine(
+        fns,
+        params,
+        directions.g_B,
+        grad_batches,
+        SelfConfig(exclude=(), rank=3, memory_mb=0),
+        (full.eigenvalues, full.eigenvectors),
+    )
+    assert cut.plan["rank"] == 1 and len(cut.eigenvalues) == 1
+    assert cut.eigenvalues[0].abs() == full.eigenvalues.abs().max()
