@@ -214,9 +214,9 @@ def import_open_clip_run(
     torch.manual_seed(cfg.seed)
     bundle = factory.create(name)
     pool = load_pool(cfg)
-    save_sets(cfg, run, pool, bundle)
     clear_resume(run)
 
+    # Checkpoints first: a wrong step count is refused before the (slower) sets are built.
     saved, sources = [], []
     for epoch, url in oc.checkpoints.items():
         ckpt, digest = _load_epoch(url)
@@ -236,6 +236,8 @@ def import_open_clip_run(
             raise ConfigError(f"import: {url} does not fit model {name!r}: {exc}") from exc
         saved.append(save_checkpoint(run, bundle.model, step, oc.lr(step, total)))
         sources.append({"epoch": epoch, "url": url, "sha256": digest, "saved_lr": last})
+
+    save_sets(cfg, run, pool, bundle)
 
     opt = str(oc.params.get("opt", "adamw"))
     settings = {"weight_decay": oc.params.get("wd")}

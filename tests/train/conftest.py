@@ -60,19 +60,19 @@ def interrupted(tiny_run, tmp_path_factory) -> dict[str, Any]:
     run = tmp_path_factory.mktemp("interrupted") / "run"
     argv = [sys.executable, "-m", "pipeline.cli", *train_argv(tiny_run["data"], str(run), cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    log = run.parent / "train.log"  # a file, not a pipe: nothing can block the child
     state = run / "trajectory" / "resume.pt"
     first = tiny_run["record"]["checkpoints"][0]["step"]
-    deadline = time.time() + 120
-    try:
-        while _saved_step(state) <= first and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        _, err = proc.communicate(timeout=60)
-    assert state.exists(), err.decode()[-2000:]
+    with log.open("wb") as err:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        try:
+            while _saved_step(state) <= first and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    assert state.exists(), log.read_text(errors="replace")[-2000:]
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert not (run / "trajectory" / "trajectory.json").exists()
     return {"run": str(run), "config": cfg, "data": tiny_run["data"]}
