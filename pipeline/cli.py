@@ -50,21 +50,82 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--overwrite", action="store_true")
 
-    t = sub.add_parser("train", help="train the proxy CLIP and keep m checkpoints")
+    t = sub.add_parser(
+        "train",
+        help="train the proxy CLIP and keep m checkpoints (or --import an open_clip_train run)",
+    )
     t.add_argument("--data", required=True, help="shard pattern, e.g. 'pool/{00000..00007}.tar'")
     t.add_argument("--run", required=True)
-    t.add_argument("--model", default="diffin-small")
+    t.add_argument(
+        "--model",
+        default=None,
+        help="open_clip model name (default diffin-small; with --import: the run's model)",
+    )
     t.add_argument("--pretrained", default=None, help="checkpoint file or open_clip tag")
     t.add_argument("--steps", type=int, default=400)
-    t.add_argument("--checkpoints", type=int, default=5)
+    t.add_argument("--checkpoints", type=int, default=5, help="m: checkpoints kept")
     t.add_argument("--spacing", choices=["even", "random"], default="even")
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="global batch (default 64; with --import: the run's global batch, for g_B)",
+    )
     t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--warmup", type=int, default=40)
+    t.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--target-size", type=int, default=128, help="|V| held out of training")
+    t.add_argument("--reference-size", type=int, default=255, help="K reference negatives")
+    t.add_argument("--grad-batches", type=int, default=4, help="k batches for g_B and H_B")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (per worker)")
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data-parallel Ray Train workers (0: train in this process)",
+    )
+    t.add_argument(
+        "--address", default=None, help="Ray cluster for --workers; default: embedded local Ray"
+    )
+    t.add_argument(
+        "--precision",
+        choices=["fp32", "amp", "fp64"],
+        default="fp32",
+        help="amp: bf16 autocast on CUDA workers (fp32 elsewhere)",
+    )
+    t.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue an interrupted run of the same config from RUN/trajectory/resume.pt",
+    )
+    t.add_argument(
+        "--resume-every",
+        type=int,
+        default=0,
+        help="also save the resume state every N steps (default: at checkpoints only)",
+    )
+    t.add_argument(
+        "--max-failures", type=int, default=0, help="Ray Train restarts of a failed worker group"
+    )
+    t.add_argument(
+        "--import",
+        dest="import_dir",
+        default=None,
+        metavar="DIR",
+        help="import an open_clip_train run (DIR/params.txt, DIR/checkpoints/epoch_K.pt) "
+        "instead of training; --data gives the pool for the sets",
+    )
+    t.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="--import: optimizer steps per epoch, where params.txt does not determine them",
+    )
     _add_reader_keys(t)
 
     s = sub.add_parser("score", help="score every sample on a pool of Ray actors")
@@ -229,27 +290,49 @@ def run(args: argparse.Namespace) -> object:
         return make_pool(args.out, cfg, overwrite=args.overwrite)
     if args.command == "train":
         from pipeline.train.config import TrainConfig
-        from pipeline.train.trajectory import train
 
         cfg = TrainConfig(
             data=args.data,
             run=args.run,
-            model=args.model,
+            model=args.model or "diffin-small",
             pretrained=args.pretrained,
             steps=args.steps,
             checkpoints=args.checkpoints,
             spacing=args.spacing,
-            batch_size=args.batch_size,
+            batch_size=64 if args.batch_size is None else args.batch_size,
             optimizer=args.optimizer,
             lr=args.lr,
             momentum=args.momentum,
+            weight_decay=args.weight_decay,
             warmup=args.warmup,
+            schedule=args.schedule,
             seed=args.seed,
+            target_size=args.target_size,
+            reference_size=args.reference_size,
+            grad_batches=args.grad_batches,
             threads=args.threads,
+            workers=args.workers,
+            address=args.address,
+            precision=args.precision,
+            resume=args.resume,
+            resume_every=args.resume_every,
+            max_failures=args.max_failures,
             image_keys=args.image_key,
             text_keys=args.text_key,
         )
-        record = train(cfg)
+        if args.import_dir is not None:
+            import dataclasses
+
+            from pipeline.train.importer import import_open_clip_run, read_open_clip_run
+
+            oc = read_open_clip_run(args.import_dir)
+            batch = oc.global_batch if args.batch_size is None else args.batch_size
+            cfg = dataclasses.replace(cfg, batch_size=batch)
+            record = import_open_clip_run(oc, cfg, args.model, args.steps_per_epoch)
+        else:
+            from pipeline.train.trajectory import train
+
+            record = train(cfg)
         return {k: record[k] for k in ("model", "n_train", "steps", "checkpoints", "seconds")}
     if args.command == "score":
         from pipeline.score.config import ScoreConfig

@@ -2,6 +2,7 @@
 
 RUN/run.json                      config, versions, seeds, timing of each stage
 RUN/trajectory/ckpt-STEP.pt       checkpoints (+ trajectory.json: step, lr, sha256)
+RUN/trajectory/resume.pt          an unfinished training's state (gone when it completes)
 RUN/sets/*.safetensors            reference negatives R, target V, gradient batches
 RUN/directions/STEP.safetensors   g_B, g_V, w per checkpoint
 RUN/scores/parts/SHARD.parquet    one part per input shard
@@ -149,6 +150,10 @@ class RunDir:
     @property
     def trajectory_json(self) -> str:
         return self.path("trajectory", "trajectory.json")
+
+    @property
+    def resume_state(self) -> str:
+        return self.path("trajectory", "resume.pt")
 
     def checkpoint(self, step: int) -> str:
         return self.path("trajectory", f"ckpt-{step:06d}.pt")

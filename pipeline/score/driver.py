@@ -38,6 +38,7 @@ from pipeline.data.reader import SHARD_KEY, iter_shard
 from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards, shard_names
 from pipeline.provenance import provenance
+from pipeline.raylocal import connect
 from pipeline.rundir import RunDir, exists, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import ensure_directions
@@ -48,10 +49,6 @@ from pipeline.score.trajectory import load_trajectory
 from pipeline.scorers import ScoreContext, get_scorers
 
 log = logging.getLogger(__name__)
-
-# Ray advertises 127.0.0.1 as the machine's network address; another loopback
-# address keeps the embedded cluster's advertised address on loopback.
-LOCAL_NODE_IP = "127.0.0.2"
 
 _END = object()
 
@@ -201,20 +198,7 @@ class ScoreActor:
 
 def start_ray(cfg: ScoreConfig) -> bool:
     """Connect to ``cfg.address`` (or the job's cluster) or start an embedded Ray; True if we started it."""
-    if ray.is_initialized():
-        return False
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        # Inside `ray job submit`, RAY_ADDRESS names the cluster.
-        ray.init(address=cfg.address, log_to_driver=True)
-        return False
-    ray.init(
-        num_cpus=cfg.workers * cfg.threads,
-        include_dashboard=False,
-        _node_ip_address=LOCAL_NODE_IP,
-        log_to_driver=True,
-        configure_logging=False,
-    )
-    return True
+    return connect(cfg.address, cfg.workers * cfg.threads)
 
 
 def _fingerprint(cfg: ScoreConfig, traj_record: dict, target: dict) -> dict[str, Any]:

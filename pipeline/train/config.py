@@ -8,6 +8,14 @@ from typing import Any
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options, valid_keys
 from pipeline.errors import ConfigError
 
+PRECISIONS = ("fp32", "amp", "fp64")
+
+# Fields that change how training runs, not the trajectory it computes: a run
+# may resume under different values of these (another worker count included).
+RUN_ONLY_FIELDS = frozenset(
+    {"run", "threads", "workers", "address", "resume", "resume_every", "max_failures"}
+)
+
 
 @dataclass
 class TrainConfig:
@@ -30,7 +38,13 @@ class TrainConfig:
     reference_size: int = 255  # K reference negatives (METHOD.md section 2)
     grad_batches: int = 4  # k batches averaged into g_B and H_B
     max_samples: int = 100_000  # the proxy trains in memory on at most this many pairs
-    threads: int = 0  # torch threads; 0: torch's default
+    threads: int = 0  # torch threads (per Ray Train worker with --workers); 0: torch's default
+    workers: int = 0  # Ray Train data-parallel workers; 0: train in this process
+    address: str | None = None  # Ray cluster for --workers; default: the job's, else embedded
+    precision: str = "fp32"  # "fp32", "amp" (bf16 autocast on CUDA workers), "fp64"
+    resume: bool = True  # continue from RUN/trajectory/resume.pt when a partial run is there
+    resume_every: int = 0  # also save the resume state every this many steps; 0: at checkpoints
+    max_failures: int = 0  # Ray Train restarts of a failed worker group (each resumes)
     image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
     text_keys: list[str] = field(default_factory=lambda: list(TEXT_KEYS))
 
@@ -51,6 +65,15 @@ class TrainConfig:
             ("image_keys", valid_keys(self.image_keys), "must be non-empty extensions"),
             ("text_keys", valid_keys(self.text_keys), "must be non-empty extensions"),
             ("grad_batches", self.grad_batches >= 1, "must be >= 1"),
+            ("workers", self.workers >= 0, "must be >= 0"),
+            (
+                "batch_size",
+                self.workers == 0 or self.batch_size % self.workers == 0,
+                f"must be a multiple of --workers {self.workers} (equal slices per worker)",
+            ),
+            ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
+            ("resume_every", self.resume_every >= 0, "must be >= 0"),
+            ("max_failures", self.max_failures >= 0, "must be >= 0"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -61,3 +84,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def trajectory_fields(self) -> dict[str, Any]:
+        """What the checkpoints depend on (the resume state must match these)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_FIELDS}

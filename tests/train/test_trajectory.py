@@ -113,6 +113,10 @@ def test_same_seed_gives_byte_identical_checkpoints(tiny_run, tmp_path):
         ("target_size", 0),
         ("reference_size", 0),
         ("grad_batches", 0),
+        ("workers", -1),
+        ("precision", "fp16"),
+        ("resume_every", -1),
+        ("max_failures", -1),
     ],
 )
 def test_validate_names_the_field(field, value, tmp_path):
@@ -121,6 +125,26 @@ def test_validate_names_the_field(field, value, tmp_path):
     bad = dataclasses.replace(cfg, **{field: value})
     with pytest.raises(ConfigError, match=rf"^{field}:"):
         bad.validate()
+
+
+def test_batch_size_must_split_evenly_across_workers(tmp_path):
+    cfg = TrainConfig(data="x", run=str(tmp_path / "r"), steps=10, warmup=2, batch_size=32)
+    dataclasses.replace(cfg, workers=4).validate()
+    with pytest.raises(ConfigError, match=r"^batch_size: must be a multiple of --workers 3"):
+        dataclasses.replace(cfg, workers=3).validate()
+
+
+def test_adamw_records_which_lr_enters_the_weights(tiny_run, tmp_path):
+    cfg = dataclasses.replace(
+        tiny_run["config"], run=str(tmp_path / "adamw"), optimizer="adamw", lr=2e-3, steps=6,
+        warmup=2, checkpoints=2,
+    )  # fmt: skip
+    rec = train(cfg)
+    assert rec["optimizer"]["name"] == "adamw"
+    assert "scheduled base rate" in rec["optimizer"]["lr_in_weights"]
+    for c in rec["checkpoints"]:  # the schedule's rate, not Adam's per-coordinate step
+        assert c["lr"] == lr_at(c["step"], cfg.lr, cfg.warmup, cfg.steps, cfg.schedule)
+    assert tiny_run["record"]["optimizer"]["lr_in_weights"] == "the SGD rate of the step"
 
 
 def test_train_refuses_bad_config_before_any_work(tmp_path):

@@ -1,0 +1,189 @@
+"""Data-parallel proxy training on Ray Train: N workers compute the single-process trajectory.
+
+Every worker holds the same initial theta and the same global batch order;
+worker r takes the r-th contiguous slice of each global batch. The CLIP loss
+couples all pairs of a batch (each image is contrasted with every caption),
+so a per-worker loss on its slice would be a different objective. Instead
+each worker gathers every worker's features (:class:`GatherRows`) and
+computes the loss of the whole global batch, as the single process does.
+
+Gradient scale: every worker computes the same global loss L. GatherRows'
+backward sums, over workers, the gradient each worker's copy of L sends to
+a worker's rows, so worker r's parameter gradient is N times its rows'
+share of dL/dtheta; logit_scale, used directly by every copy, gets dL/ds
+once per worker. DistributedDataParallel averages over the N workers, which
+gives exactly dL/dtheta for both. The remaining difference to one process is
+the order of floating-point sums (measured in tests/train/test_distributed.py).
+
+Rank 0 writes the checkpoints and the resume state into the run directory
+(storage all nodes see, for a multi-node cluster); a restarted worker group
+(``max_failures``) or a rerun resumes from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.model import factory
+from pipeline.model.loss import batch_clip_loss
+from pipeline.raylocal import connect
+from pipeline.rundir import RunDir
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import batch_order, core
+from pipeline.train.runner import run_resumable
+from pipeline.train.state import ResumeState, load_resume
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "amp": torch.float32, "fp64": torch.float64}
+
+
+class GatherRows(torch.autograd.Function):
+    """All workers' rows, in rank order; the backward sums the workers' gradients for ours.
+
+    (What ``torch.distributed.nn.all_gather`` does, with an all-reduce for the
+    reduce-scatter so that gloo runs it too.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gathered_clip_loss(
+    model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """The global batch's CLIP loss from this worker's rows (see the module docstring)."""
+    out = model(images, tokens)
+    scale = core(model).logit_scale
+    img = GatherRows.apply(out["image_features"]).to(scale.dtype)
+    txt = GatherRows.apply(out["text_features"]).to(scale.dtype)
+    with torch.autocast(device_type=img.device.type, enabled=False):  # the loss in full precision
+        return batch_clip_loss(img, txt, scale)
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the global batches' slice of this rank, hooks in lockstep."""
+    import ray.train
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = TrainConfig(**config["cfg"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    images, tokens = ray.get(config["images"]), ray.get(config["tokens"])
+    torch.manual_seed(cfg.seed)
+    model = factory.create(cfg.model, dtype=DTYPES[cfg.precision]).model
+    model.load_state_dict(ray.get(config["initial"]))  # the driver's theta_0, bit for bit
+    model.to(device)
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    per = cfg.batch_size // world
+
+    def rows(idx: torch.Tensor) -> torch.Tensor:
+        return idx[rank * per : (rank + 1) * per]
+
+    order = batch_order(images.shape[0], cfg.batch_size, cfg.steps, cfg.seed)
+    run_resumable(
+        ddp,
+        images,
+        tokens,
+        cfg,
+        order,
+        config["ckpt_steps"],
+        RunDir(cfg.run),
+        config["fingerprint"],
+        writer=rank == 0,
+        rows=rows,
+        batch_loss=gathered_clip_loss,
+        device=device,
+        progress=False,
+    )
+
+
+def _reraise(exc: Exception) -> None:
+    """A worker's configuration or divergence error reaches the user as itself."""
+    failures = getattr(exc, "worker_failures", {}) or {}
+    for rank in sorted(failures):
+        err = failures[rank]
+        cause = getattr(err, "cause", None) or err
+        if isinstance(cause, ConfigError | FloatingPointError):
+            raise cause from exc
+    raise exc
+
+
+def train_distributed(
+    cfg: TrainConfig,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    initial: dict[str, torch.Tensor],
+    ckpt_steps: list[int],
+    fingerprint: str,
+) -> ResumeState:
+    """Run ``cfg.workers`` Ray Train workers to the last step; returns rank 0's final state."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    threads = max(1, cfg.threads)
+    started = connect(cfg.address, cfg.workers * threads)
+    storage = tempfile.mkdtemp(prefix="diffin-train-")  # Ray Train's own bookkeeping only
+    try:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        if cfg.precision == "amp" and not use_gpu:
+            log.warning("precision amp needs CUDA workers; this cluster has none: training in fp32")
+        resources = {"CPU": threads, **({"GPU": 1} if use_gpu else {})}
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "images": ray.put(images),
+                "tokens": ray.put(tokens),
+                "initial": ray.put(initial),
+                "ckpt_steps": ckpt_steps,
+                "fingerprint": fingerprint,
+            },
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name="diffin-train",
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+            ),
+        )
+        log.info("training on %d Ray Train workers (%s)", cfg.workers, "GPU" if use_gpu else "CPU")
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            _reraise(exc)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+        if started:
+            ray.shutdown()
+    state = load_resume(RunDir(cfg.run), fingerprint)
+    if state is None or state.step != cfg.steps:
+        raise RuntimeError(f"Ray Train finished without the final state in {cfg.run}")
+    return state

@@ -1,0 +1,282 @@
+"""Import an open_clip_train run as the trajectory Diff-In scores with.
+
+An open_clip_train run directory holds ``params.txt`` (one ``name: value``
+line per argument) and ``checkpoints/epoch_K.pt`` (``state_dict`` of the
+model after K epochs, and the optimizer). Diff-In needs, for each kept
+checkpoint, its global step t and the learning rate of the update
+theta_t -> theta_{t+1}; neither is stored, so both are recomputed here the way
+open_clip_train computes them:
+
+- steps per epoch: ``ceil(ceil(num_samples / global_batch) / workers) * workers``
+  batches (open_clip_train.data.get_wds_dataset), divided by ``accum_freq``;
+- the rate of step t: open_clip_train.scheduler's cosine / const /
+  const-cooldown schedule (linear warm-up over ``warmup`` steps), or the
+  base rate with ``skip_scheduler``.
+
+The rate recorded in each epoch checkpoint's optimizer (the last one the
+scheduler set, that of step t - 1) is checked against this reconstruction, so
+a wrong step count is refused rather than silently mis-weighting the scores.
+Checkpoints are read with ``weights_only=True``, rewritten in the project
+format and recorded with their sha256, and the sets are drawn from ``--data``
+exactly as ``diffin train`` draws them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import io
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.model import factory
+from pipeline.provenance import provenance
+from pipeline.rundir import RunDir, join, read_bytes, write_json
+from pipeline.train.config import TrainConfig
+from pipeline.train.schedule import lr_at
+from pipeline.train.sets import load_pool, save_sets
+from pipeline.train.state import clear_resume, save_checkpoint
+from pipeline.train.trajectory import LR_NOTE, optimizer_record
+
+log = logging.getLogger(__name__)
+
+_EPOCH = re.compile(r"epoch_(\d+)\.pt$")
+
+
+def parse_params(text: str) -> dict[str, Any]:
+    """params.txt as a dict: Python literals where a value is one (numbers, None, bools)."""
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(": ")
+        if not sep:
+            name, sep, value = line.partition(":")  # "name:" with an empty value
+        if not sep or not name.strip():
+            continue
+        try:
+            out[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[name.strip()] = value.strip()
+    return out
+
+
+@dataclass
+class OpenClipRun:
+    url: str
+    params: dict[str, Any]
+    checkpoints: dict[int, str]  # epoch -> checkpoint URL
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.params["batch_size"]) * int(self.params.get("world_size") or 1)
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, as open_clip_train's webdataset loader counts them."""
+        p = self.params
+        num = p.get("train_num_samples")
+        if p.get("dataset_type") not in ("webdataset", "auto") or not num:
+            raise ConfigError(
+                f"import: {self.url}: steps per epoch are only known for webdataset runs with "
+                "--train-num-samples; pass --steps-per-epoch"
+            )
+        batches = math.ceil(int(num) / self.global_batch)
+        workers = max(1, int(p.get("workers") or 0))
+        batches = math.ceil(batches / workers) * workers
+        return batches // int(p.get("accum_freq") or 1)
+
+    def lr(self, step: int, total: int) -> float:
+        """The rate open_clip_train's scheduler sets for ``step`` (that of theta_step -> theta_step+1)."""
+        p = self.params
+        base, warmup = float(p["lr"]), int(p.get("warmup") or 0)
+        if p.get("skip_scheduler"):
+            return base
+        kind = p.get("lr_scheduler", "cosine")
+        if kind == "cosine":
+            return lr_at(step, base, warmup, total, "cosine")
+        if kind == "const":
+            return lr_at(step, base, warmup, total, "constant")
+        if kind == "const-cooldown":
+            if step < warmup:
+                return base * (step + 1) / warmup
+            cooldown = (total // int(p["epochs"])) * int(p["epochs_cooldown"])
+            start = total - cooldown
+            if step < start:
+                return base
+            end = float(p.get("lr_cooldown_end") or 0.0)
+            decay = (1 - (step - start) / cooldown) ** float(p.get("lr_cooldown_power") or 1.0)
+            return decay * (base - end) + end
+        raise ConfigError(f"import: unknown lr_scheduler {kind!r} in {self.url}/params.txt")
+
+
+def read_open_clip_run(url: str) -> OpenClipRun:
+    url = url.rstrip("/")
+    try:
+        params = parse_params(read_bytes(join(url, "params.txt")).decode())
+    except FileNotFoundError:
+        raise ConfigError(f"import: no params.txt in {url} (an open_clip_train run?)") from None
+    for key in ("lr", "batch_size", "epochs"):
+        if key not in params:
+            raise ConfigError(f"import: {url}/params.txt has no {key!r}")
+    fs, path = fsspec.core.url_to_fs(join(url, "checkpoints"))
+    found = {}
+    for name in fs.glob(f"{path}/epoch_*.pt"):
+        m = _EPOCH.search(name)
+        if m:
+            found[int(m.group(1))] = join(url, "checkpoints", m.group(0))
+    if not found:
+        raise ConfigError(f"import: no checkpoints/epoch_K.pt in {url}")
+    return OpenClipRun(url, params, dict(sorted(found.items())))
+
+
+def resolve_model(oc: OpenClipRun, model: str | None) -> str:
+    """A model name every scoring node can build: ``model``, or one with the run's architecture."""
+    if model is not None:
+        factory.model_config(model)
+        return model
+    name = str(oc.params.get("model", ""))
+    if not name.startswith("local-dir:"):
+        factory.model_config(name)
+        return name
+    want = factory.model_config(name)  # reads DIR/open_clip_config.json
+    import open_clip
+
+    for candidate in factory.small_config_names() + open_clip.list_models():
+        if factory.model_config(candidate) == want:
+            return candidate
+    raise ConfigError(
+        f"import: the run's model {name!r} matches no registered architecture; pass --model"
+    )
+
+
+def _load_epoch(url: str) -> tuple[dict[str, Any], str]:
+    raw = read_bytes(url)
+    try:
+        ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickler refusal names the offending global
+        raise ConfigError(f"import: {url} does not load with weights_only=True: {exc}") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"import: {url} is not an open_clip_train checkpoint (no state_dict)")
+    return ckpt, hashlib.sha256(raw).hexdigest()
+
+
+def _last_lr(ckpt: dict[str, Any]) -> float | None:
+    groups = (ckpt.get("optimizer") or {}).get("param_groups") or []
+    return float(groups[0]["lr"]) if groups and "lr" in groups[0] else None
+
+
+# The TrainConfig fields an import uses: the pool, the run directory, the sets.
+SET_FIELDS = (
+    "data",
+    "run",
+    "model",
+    "seed",
+    "batch_size",
+    "target_size",
+    "reference_size",
+    "grad_batches",
+    "max_samples",
+    "image_keys",
+    "text_keys",
+)
+
+
+def import_open_clip_run(
+    source: str | OpenClipRun,
+    cfg: TrainConfig,
+    model: str | None = None,
+    steps_per_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Write RUN's trajectory (checkpoints, steps, rates, sha256) and sets from an open_clip_train run.
+
+    ``cfg`` supplies the pool (``data``), the run directory and the sets'
+    sizes and seed (``SET_FIELDS``; its training fields are not used); its
+    ``batch_size`` is the size of the gradient batches. ``model`` overrides
+    the run's model name (needed when the run used ``local-dir:`` with an
+    architecture no registered name has).
+    """
+    t0 = time.time()
+    oc = source if isinstance(source, OpenClipRun) else read_open_clip_run(source)
+    name = resolve_model(oc, model)
+    cfg = dataclasses.replace(cfg, model=name)
+    cfg.validate()
+    spe = steps_per_epoch or oc.steps_per_epoch()
+    total = spe * int(oc.params["epochs"])
+    run = RunDir(cfg.run)
+
+    torch.manual_seed(cfg.seed)
+    bundle = factory.create(name)
+    pool = load_pool(cfg)
+    clear_resume(run)
+
+    # Checkpoints first: a wrong step count is refused before the (slower) sets are built.
+    saved, sources = [], []
+    for epoch, url in oc.checkpoints.items():
+        ckpt, digest = _load_epoch(url)
+        step = epoch * spe
+        last = _last_lr(ckpt)
+        want = oc.lr(step - 1, total)
+        if last is not None and not math.isclose(last, want, rel_tol=1e-6, abs_tol=1e-12):
+            raise ConfigError(
+                f"import: {url} was saved with lr {last:.6g}, but step {step - 1} of the "
+                f"reconstructed schedule has {want:.6g}: {spe} steps per epoch is wrong; "
+                "pass --steps-per-epoch"
+            )
+        state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+        try:
+            bundle.model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"import: {url} does not fit model {name!r}: {exc}") from exc
+        saved.append(save_checkpoint(run, bundle.model, step, oc.lr(step, total)))
+        sources.append({"epoch": epoch, "url": url, "sha256": digest, "saved_lr": last})
+
+    save_sets(cfg, run, pool, bundle)
+
+    opt = str(oc.params.get("opt", "adamw"))
+    settings = {"weight_decay": oc.params.get("wd")}
+    if opt == "adamw":
+        settings.update(
+            betas=[oc.params.get("beta1"), oc.params.get("beta2")], eps=oc.params.get("eps")
+        )
+    record = {
+        "model": name,
+        "model_config": factory.model_config(name),
+        "pretrained": oc.params.get("pretrained") or None,
+        "optimizer": optimizer_record(opt, **settings),
+        "lr_note": LR_NOTE,
+        "spacing": "epochs",
+        "n_train": int(oc.params.get("train_num_samples") or spe * oc.global_batch),
+        "batch_size": oc.global_batch,
+        "steps": total,
+        "checkpoints": saved,
+        "loss_curve": [],
+        "pool": pool.counts(),
+        "workers": int(oc.params.get("world_size") or 1),
+        "precision": oc.params.get("precision"),
+        "resumed_at": [],
+        "imported": {
+            "from": oc.url,
+            "steps_per_epoch": spe,
+            "lr_scheduler": oc.params.get("lr_scheduler"),
+            "checkpoints": sources,
+            "params": {k: v for k, v in oc.params.items() if _jsonable(v)},
+        },
+        "config": {k: v for k, v in cfg.to_dict().items() if k in SET_FIELDS},
+        "seconds": round(time.time() - t0, 2),
+        **provenance(),
+    }
+    write_json(run.trajectory_json, record)
+    run.update_run_json("train", {"imported_from": oc.url, "config": record["config"]})
+    log.info("imported %d checkpoints (%d steps) from %s", len(saved), total, oc.url)
+    return record
+
+
+def _jsonable(v: Any) -> bool:
+    return v is None or isinstance(v, bool | int | float | str | list | dict)

@@ -1,0 +1,101 @@
+"""The pool and the fixed sets every later stage needs, drawn with the run's seed.
+
+The reference negatives R, the target set V (held out of training) and the k
+batches that define g_B and H_B are stored in RUN/sets/. Training and
+importing an external run (importer.py) build them the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from pipeline.data.reader import iter_shard
+from pipeline.data.sample import Sample
+from pipeline.data.shards import resolve_shards
+from pipeline.errors import ConfigError
+from pipeline.model import factory
+from pipeline.model.batches import encode
+from pipeline.rundir import RunDir
+from pipeline.tensors import save_tensors
+from pipeline.train.config import TrainConfig
+
+
+@dataclass
+class Pool:
+    train: list[Sample]
+    target: list[Sample]
+    reference: list[Sample]
+    read: int  # rows read, errors included
+    errors: int
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "rows_read": self.read,
+            "errors": self.errors,
+            "target": len(self.target),
+            "reference": len(self.reference),
+        }
+
+
+def load_pool(cfg: TrainConfig) -> Pool:
+    """Read the pool's decodable pairs and split off the held-out target set, seeded."""
+    try:
+        shards = resolve_shards(cfg.data)
+    except ConfigError as exc:
+        raise ConfigError(f"data: {exc}") from exc
+    ok: list[Sample] = []
+    read = errors = 0
+    for url in tqdm(shards, desc="read pool", unit="shard", leave=False):
+        for s in iter_shard(url, **cfg.reader_options()):
+            read += 1
+            if s.ok:
+                ok.append(s)
+            else:
+                errors += 1
+    rng = random.Random(cfg.seed)
+    if len(ok) > cfg.max_samples:
+        ok = rng.sample(ok, cfg.max_samples)
+    need = cfg.target_size + cfg.batch_size
+    if len(ok) < need:
+        raise ConfigError(
+            f"data: {len(ok)} decodable pairs; need at least target_size + batch_size = {need}"
+        )
+    order = list(range(len(ok)))
+    rng.shuffle(order)
+    target = [ok[i] for i in sorted(order[: cfg.target_size])]
+    train = [ok[i] for i in sorted(order[cfg.target_size :])]
+    ref_idx = sorted(rng.sample(range(len(train)), min(cfg.reference_size, len(train))))
+    return Pool(train, target, [train[i] for i in ref_idx], read, errors)
+
+
+def _save_set(run: RunDir, name: str, samples: list[Sample], bundle: factory.ClipBundle) -> None:
+    images, tokens = encode(samples, bundle)
+    save_tensors(
+        run.set_file(name),
+        {"images": images, "tokens": tokens},
+        {"uids": [s.uid for s in samples], "keys": [s.key for s in samples]},
+    )
+
+
+def save_sets(
+    cfg: TrainConfig, run: RunDir, pool: Pool, bundle: factory.ClipBundle
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write R, V and the gradient batches; returns the encoded training pairs (images, tokens)."""
+    images, tokens = encode(pool.train, bundle)
+    for name, subset in (("reference", pool.reference), ("target", pool.target)):
+        _save_set(run, name, subset, bundle)
+    n = images.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # independent of the data order
+    grad_idx = torch.stack(
+        [torch.randperm(n, generator=gen)[: cfg.batch_size] for _ in range(cfg.grad_batches)]
+    )
+    save_tensors(
+        run.set_file("grad_batches"),
+        {"images": images[grad_idx], "tokens": tokens[grad_idx]},
+        {"k": cfg.grad_batches, "batch_size": cfg.batch_size, "seed": cfg.seed},
+    )
+    return images, tokens

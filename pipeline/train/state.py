@@ -1,0 +1,111 @@
+"""What training writes while it runs: the m checkpoints, and the state to resume from.
+
+Both are plain tensor containers saved with ``torch.save`` and read back with
+``weights_only=True`` (no pickled code runs on load). The resume state holds
+theta, the optimiser state, the checkpoints written so far and the loss
+curve; it is rewritten atomically at every checkpoint (and every
+``resume_every`` steps), so a killed run loses at most the steps since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.rundir import RunDir, exists, read_bytes, remove, sha256, write_bytes_atomic
+from pipeline.train.config import TrainConfig
+
+FORMAT = 1
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """theta (and buffers) as CPU tensors that own their memory."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(run: RunDir, model: nn.Module, step: int, lr: float) -> dict[str, Any]:
+    """Write theta_step; returns its trajectory.json entry (step, lr, file name, sha256)."""
+    url = run.checkpoint(step)
+    write_bytes_atomic(url, _to_bytes(cpu_state(model)))
+    return {"step": step, "lr": lr, "path": url.rsplit("/", 1)[-1], "sha256": sha256(url)}
+
+
+def fingerprint(cfg: TrainConfig, train_uids: list[str]) -> str:
+    """What the trajectory depends on: its config and the exact training samples, in order."""
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg.trajectory_fields(), sort_keys=True, default=str).encode())
+    h.update("\n".join(train_uids).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class ResumeState:
+    step: int  # the next step to run; theta is theta_step
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    checkpoints: list[dict[str, Any]]  # trajectory.json entries written so far
+    losses: list[tuple[int, float]]
+    fingerprint: str
+    resumed_at: list[int] = field(default_factory=list)  # steps at which earlier runs resumed
+
+
+def save_resume(run: RunDir, state: ResumeState) -> None:
+    payload = {
+        "format": FORMAT,
+        "step": state.step,
+        "model": state.model,
+        "optimizer": state.optimizer,
+        "checkpoints": state.checkpoints,
+        "losses": [list(x) for x in state.losses],
+        "fingerprint": state.fingerprint,
+        "resumed_at": state.resumed_at,
+    }
+    write_bytes_atomic(run.resume_state, _to_bytes(payload))
+
+
+def load_resume(run: RunDir, expect: str) -> ResumeState | None:
+    """The saved state of an unfinished run, or None; refuses one of another config or pool."""
+    if not exists(run.resume_state):
+        return None
+    raw = torch.load(
+        io.BytesIO(read_bytes(run.resume_state)), map_location="cpu", weights_only=True
+    )
+    if raw.get("format") != FORMAT:
+        raise ConfigError(f"resume: {run.resume_state} has format {raw.get('format')!r}")
+    if raw["fingerprint"] != expect:
+        raise ConfigError(
+            f"resume: {run.resume_state} belongs to a training with another config or pool; "
+            "use the same options, another --run, or --no-resume to start over"
+        )
+    for c in raw["checkpoints"]:  # a checkpoint changed since it was written: start over
+        url = run.path("trajectory", c["path"])
+        if not exists(url) or sha256(url) != c["sha256"]:
+            raise ConfigError(
+                f"resume: checkpoint {url} is missing or changed; --no-resume starts over"
+            )
+    return ResumeState(
+        step=int(raw["step"]),
+        model=raw["model"],
+        optimizer=raw["optimizer"],
+        checkpoints=list(raw["checkpoints"]),
+        losses=[(int(s), float(v)) for s, v in raw["losses"]],
+        fingerprint=raw["fingerprint"],
+        resumed_at=list(raw["resumed_at"]),
+    )
+
+
+def clear_resume(run: RunDir) -> None:
+    remove(run.resume_state)

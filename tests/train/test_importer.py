@@ -1,0 +1,146 @@
+"""Importing a run written by a real ``open_clip_train.main``, then scoring with it."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.data.shards import resolve_shards, shard_names
+from pipeline.data.synth import SynthConfig, make_pool
+from pipeline.errors import ConfigError
+from pipeline.model.factory import save_config_dir
+from pipeline.rundir import RunDir
+from pipeline.score.config import ScoreConfig
+from pipeline.score.directions import ensure_directions
+from pipeline.score.table import read_table
+from pipeline.score.trajectory import load_trajectory
+from pipeline.score.worker import ShardScorer
+from pipeline.train.config import TrainConfig
+from pipeline.train.importer import import_open_clip_run, parse_params
+
+SAMPLES, BATCH, EPOCHS, WARMUP, LR = 96, 8, 2, 2, 1e-3
+SETS = dict(target_size=16, reference_size=15, grad_batches=2, batch_size=BATCH, threads=1)
+
+
+@pytest.fixture(scope="module")
+def oc_run(tmp_path_factory) -> dict:
+    """Two epochs of open_clip_train on a generated pool (diffin-tiny through ``local-dir:``)."""
+    pytest.importorskip("open_clip_train")
+    root = tmp_path_factory.mktemp("oc_import")
+    pool = make_pool(
+        str(root / "pool"),
+        SynthConfig(samples=SAMPLES, shard_size=32, eval_samples=8, image_size=32),
+    )
+    model_dir = save_config_dir("diffin-tiny", root / "model")
+    cmd = [
+        sys.executable, "-m", "open_clip_train.main",
+        "--model", f"local-dir:{model_dir}",
+        "--dataset-type", "webdataset",
+        "--train-data", pool["train_data"],
+        "--train-num-samples", str(SAMPLES),
+        "--device", "cpu",
+        "--workers", "1",
+        "--batch-size", str(BATCH),
+        "--epochs", str(EPOCHS),
+        "--lr", str(LR),
+        "--warmup", str(WARMUP),
+        "--seed", "0",
+        "--logs", str(root / "logs"),
+        "--name", "oc",
+        "--report-to", "",
+        "--save-frequency", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"dir": str(root / "logs" / "oc"), "data": pool["train_data"], "root": root}
+
+
+def _open_clip_lr(step: int, total: int) -> float:
+    """The rate open_clip_train's own scheduler sets at ``step`` (independent of diffin's)."""
+    from open_clip_train.scheduler import cosine_lr
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+    return cosine_lr(opt, LR, WARMUP, total)(step)
+
+
+def test_parse_params():
+    text = (
+        "batch_size: 8\nlr: 0.001\nmodel: local-dir:/x/y\npretrained: \nwandb: False\nfoo: None\n"
+    )
+    p = parse_params(text)
+    assert p == {
+        "batch_size": 8,
+        "lr": 0.001,
+        "model": "local-dir:/x/y",
+        "pretrained": "",
+        "wandb": False,
+        "foo": None,
+    }
+
+
+def test_import_records_open_clip_steps_rates_and_weights(oc_run, tmp_path):
+    run = str(tmp_path / "run")
+    rec = import_open_clip_run(oc_run["dir"], TrainConfig(data=oc_run["data"], run=run, **SETS))
+    per_epoch = SAMPLES // BATCH
+    total = per_epoch * EPOCHS
+    assert rec["model"] == "diffin-tiny"  # the local-dir architecture, by its registered name
+    assert rec["steps"] == total and rec["n_train"] == SAMPLES and rec["batch_size"] == BATCH
+    assert [c["step"] for c in rec["checkpoints"]] == [per_epoch * k for k in (1, 2)]
+    assert rec["optimizer"]["name"] == "adamw"
+    assert "base rate" in rec["optimizer"]["lr_in_weights"]
+    for c, src in zip(rec["checkpoints"], rec["imported"]["checkpoints"], strict=True):
+        assert c["lr"] == pytest.approx(_open_clip_lr(c["step"], total), rel=1e-12, abs=1e-15)
+        # the rate open_clip_train stored (that of the epoch's last step) agrees
+        assert src["saved_lr"] == pytest.approx(_open_clip_lr(c["step"] - 1, total), rel=1e-9)
+        source = Path(src["url"]).read_bytes()
+        assert hashlib.sha256(source).hexdigest() == src["sha256"]
+        mine = Path(RunDir(run).checkpoint(c["step"])).read_bytes()
+        assert hashlib.sha256(mine).hexdigest() == c["sha256"]
+        theirs = torch.load(src["url"], weights_only=True)["state_dict"]
+        ours = torch.load(RunDir(run).checkpoint(c["step"]), weights_only=True)
+        assert set(theirs) <= set(ours)
+        assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+    assert rec["checkpoints"][-1]["lr"] == pytest.approx(0.0, abs=1e-15)  # cosine ends at 0
+    assert not math.isclose(rec["checkpoints"][0]["lr"], 0.0)
+    for name in ("reference", "target", "grad_batches"):
+        assert Path(RunDir(run).set_file(name)).is_file()
+
+
+def test_wrong_steps_per_epoch_is_refused(oc_run, tmp_path):
+    cfg = TrainConfig(data=oc_run["data"], run=str(tmp_path / "run"), **SETS)
+    with pytest.raises(ConfigError, match="steps per epoch"):
+        import_open_clip_run(oc_run["dir"], cfg, steps_per_epoch=SAMPLES // BATCH - 1)
+
+
+def test_diffin_train_import_then_score(oc_run, tmp_path):
+    run = str(tmp_path / "run")
+    argv = ["train", "--import", oc_run["dir"], "--data", oc_run["data"], "--run", run]
+    sets = ["--target-size", "16", "--reference-size", "15", "--grad-batches", "2"]
+    assert main([*argv, *sets]) == 0
+
+    methods = ["diffin", "tracin", "loss"]
+    cfg = ScoreConfig(data=oc_run["data"], run=run, methods=methods, batch_size=32, threads=1)
+    rd = RunDir(run)
+    traj = load_trajectory(rd)
+    assert traj.model == "diffin-tiny" and len(traj.checkpoints) == EPOCHS
+    ensure_directions(cfg, rd, traj)
+    scorer = ShardScorer(run, cfg)
+    url = resolve_shards(cfg.data)[0]
+    name = shard_names([url])[0]
+    counts = scorer.score_shard(url, name)
+    table = read_table(rd.part(name))
+    assert table.num_rows == counts["rows"] == 32
+    for col in methods:
+        values = np.asarray(table.column(col).to_pylist(), dtype=float)
+        assert np.isfinite(values).all(), col
+        assert np.abs(values).max() > 0, col

@@ -1,0 +1,74 @@
+"""Resuming an interrupted training: the same checkpoints as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.rundir import RunDir
+from pipeline.train.state import load_resume
+from pipeline.train.trajectory import train
+
+
+def _copy(src: str, dst: Path) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _killed_at(run: str) -> int:
+    raw = torch.load(Path(run) / "trajectory" / "resume.pt", weights_only=True)
+    return int(raw["step"])
+
+
+def test_killed_training_resumes_to_byte_identical_checkpoints(interrupted, tiny_run, tmp_path):
+    run = _copy(interrupted["run"], tmp_path / "run")
+    step = _killed_at(run)
+    total = interrupted["config"].steps
+    first = tiny_run["record"]["checkpoints"][0]["step"]
+    assert first < step < total  # killed after the first checkpoint, before the end
+    rec = train(dataclasses.replace(interrupted["config"], run=run))  # resume is the default
+    assert rec["resumed_at"] == [step]
+    want = tiny_run["record"]["checkpoints"]  # the same config, never interrupted
+    assert [(c["step"], c["lr"], c["sha256"]) for c in rec["checkpoints"]] == [
+        (c["step"], c["lr"], c["sha256"]) for c in want
+    ]
+    for c in want:
+        a = Path(RunDir(tiny_run["run"]).checkpoint(c["step"])).read_bytes()
+        assert Path(RunDir(run).checkpoint(c["step"])).read_bytes() == a
+    assert rec["loss_curve"] == tiny_run["record"]["loss_curve"]  # continued, not restarted
+    assert not (Path(run) / "trajectory" / "resume.pt").exists()  # a finished run has none
+    on_disk = json.loads(Path(RunDir(run).trajectory_json).read_text())
+    assert on_disk["checkpoints"] == rec["checkpoints"]
+
+
+def test_resume_refuses_another_config_and_no_resume_starts_over(interrupted, tiny_run, tmp_path):
+    run = _copy(interrupted["run"], tmp_path / "run")
+    step = _killed_at(run)
+    other = dataclasses.replace(interrupted["config"], run=run, lr=0.05)
+    with pytest.raises(ConfigError, match="^resume: .*another config"):
+        train(other)
+    assert _killed_at(run) == step  # left as it was
+    # fields that do not change the trajectory may change (here: how often state is saved)
+    rec = train(dataclasses.replace(interrupted["config"], run=run, resume=False, resume_every=0))
+    assert rec["resumed_at"] == []
+    assert [c["sha256"] for c in rec["checkpoints"]] == [
+        c["sha256"] for c in tiny_run["record"]["checkpoints"]
+    ]
+
+
+def test_resume_refuses_a_changed_checkpoint(interrupted, tmp_path):
+    run = _copy(interrupted["run"], tmp_path / "run")
+    raw = torch.load(Path(run) / "trajectory" / "resume.pt", weights_only=True)
+    assert raw["checkpoints"]  # killed after the first checkpoint (conftest)
+    path = Path(run) / "trajectory" / raw["checkpoints"][0]["path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="missing or changed"):
+        load_resume(RunDir(run), raw["fingerprint"])
