@@ -249,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer", choices=["sgd", "adamw"], default=None, help="default: the proxy's"
     )
     e.add_argument("--lr", type=float, default=None, help="default: the proxy's")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--weight-decay", type=float, default=None, help="default: the proxy's")
+    e.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="one retraining per subset and seed"
+    )
     e.add_argument("--threads", type=int, default=0)
 
     rp = sub.add_parser("report", help="write RUN/report/index.html")
@@ -404,7 +407,8 @@ def run(args: argparse.Namespace) -> object:
                 batch_size=args.batch_size,
                 optimizer=args.optimizer,
                 lr=args.lr,
-                seed=args.seed,
+                weight_decay=args.weight_decay,
+                seeds=args.seeds,
                 threads=args.threads,
             )
         )

@@ -89,7 +89,7 @@ def stage_configs(
         methods=[
             m for m in cfg.methods if m in ("diffin", "tracin", "clip_score", "loss", "random")
         ],
-        seed=cfg.seed,
+        seeds=[cfg.seed],
     )
     synth.validate()
     trainc.validate()

@@ -25,7 +25,11 @@ class EvaluateConfig:
     batch_size: int | None = None  # default: the proxy's
     optimizer: str | None = None  # "sgd" or "adamw"; default: the proxy's
     lr: float | None = None  # default: the proxy's
-    seed: int = 0
+    # One retraining per (subset, seed); the summary gives mean and sd over seeds.
+    # Small CLIPs are seed-sensitive (a run may or may not leave the contrastive
+    # plateau), so one seed can rank the subsets by luck: docs/results.md.
+    seeds: list[int] = field(default_factory=lambda: [0])
+    weight_decay: float | None = None  # default: the proxy's
     threads: int = 0  # torch threads; 0: torch's default
 
     def validate(self) -> None:
@@ -40,6 +44,10 @@ class EvaluateConfig:
             raise ConfigError(f"methods: duplicates in {self.methods}")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps: must be >= 1 (got {self.steps!r})")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: give distinct seeds (got {self.seeds!r})")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0 (got {self.weight_decay!r})")
         if self.optimizer is not None and self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer: must be 'sgd' or 'adamw' (got {self.optimizer!r})")
         if self.lr is not None and not self.lr > 0:

@@ -1,9 +1,10 @@
 """``diffin evaluate``: retrain a proxy-sized CLIP on each scorer's kept subset and measure it.
 
-Every subset is trained from the same random initialisation, with the same
-optimiser, schedule, number of steps and batch size (the proxy's, unless
-overridden) and the same seed for the batch order, so the only difference
-between rows is which pairs were kept. Equal size: at one keep fraction every
+For each seed, every subset is trained from the same random initialisation,
+with the same optimiser, schedule, number of steps and batch size (the
+proxy's, unless overridden) and the same seed for the batch order, so the
+only difference between rows of one seed is which pairs were kept. Several
+seeds give the spread a ranking must beat (``summarise``). Equal size: at one keep fraction every
 scorer keeps the same number of pairs (``select`` rounds the same way).
 
 Writes RUN/evaluate/results.parquet, results.md and evaluate.json.
@@ -209,6 +210,22 @@ def _defects(uids: list[str], truth: pd.DataFrame | None) -> dict[str, int]:
     return {d: int(got.get(d, 0)) for d in DEFECTS}
 
 
+def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per subset (first-seen order): metrics as "mean ± sd" over seeds when several."""
+    keep_cols = ["subset", "keep", "n_train", *[f"{d}_kept" for d in DEFECTS]]
+    groups = frame.groupby("subset", sort=False)
+    out = groups[keep_cols].first().reset_index(drop=True)
+    n_seeds = frame.seed.nunique() if "seed" in frame else 1
+    for col in (*METRICS, "final_train_loss"):
+        mean = groups[col].mean().to_numpy()
+        if n_seeds > 1:
+            sd = groups[col].std(ddof=1).to_numpy()
+            out[col] = [f"{m:.3f} ± {d:.3f}" for m, d in zip(mean, sd, strict=True)]
+        else:
+            out[col] = mean
+    return out[["subset", "keep", "n_train", *METRICS, *keep_cols[3:], "final_train_loss"]]
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub markdown table (pandas' to_markdown needs an extra package)."""
 
@@ -239,9 +256,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         steps=steps,
         batch_size=cfg.batch_size or proxy.batch_size,
         warmup=min(proxy.warmup, steps - 1),
-        seed=cfg.seed,
         optimizer=cfg.optimizer or proxy.optimizer,
         lr=cfg.lr or proxy.lr,
+        weight_decay=proxy.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
     )
     src = locate_sources(cfg, run)
     table = read_table(run.scores)
@@ -277,23 +294,28 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         train_cfg.batch_size,
     )
     rows = []
-    bar = tqdm(subsets, desc="evaluate", unit="model")
-    for sub in bar:
-        bar.set_postfix_str(sub["name"])
+    bar = tqdm(
+        [(seed, sub) for seed in cfg.seeds for sub in subsets], desc="evaluate", unit="model"
+    )
+    for seed, sub in bar:
+        bar.set_postfix_str(f"{sub['name']} seed {seed}")
         t = time.time()
         idx = torch.tensor(sorted(position[u] for u in sub["uids"]))
         if len(idx) < 2:
             raise ConfigError(f"keeps: subset {sub['name']} has {len(idx)} pairs; need >= 2")
-        torch.manual_seed(cfg.seed)  # one initialisation for every subset
+        torch.manual_seed(seed)  # one initialisation for every subset of this seed
         model = factory.create(traj["model"]).model
-        order = batch_order(len(idx), train_cfg.batch_size, steps, cfg.seed)
-        curve = train_loop(model, images[idx], tokens[idx], train_cfg, order, progress=False)
+        order = batch_order(len(idx), train_cfg.batch_size, steps, seed)
+        curve = train_loop(
+            model, images[idx], tokens[idx], replace(train_cfg, seed=seed), order, progress=False
+        )
         metrics = measure(model, ev)
         rows.append(
             {
                 "subset": sub["name"],
                 "method": sub["method"],
                 "keep": sub["keep"],
+                "seed": seed,
                 "n_train": len(idx),
                 **metrics,
                 **{f"{d}_kept": n for d, n in _defects(sub["uids"], truth).items()},
@@ -301,27 +323,46 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
                 "seconds": round(time.time() - t, 1),
             }
         )
-        log.info("evaluate %s: %s", sub["name"], {k: round(v, 3) for k, v in metrics.items()})
+        log.info(
+            "evaluate %s seed %d: %s",
+            sub["name"],
+            seed,
+            {k: round(v, 3) for k, v in metrics.items()},
+        )
     frame = pd.DataFrame(rows)
     out = run.path("evaluate")
     with open_atomic(join(out, "results.parquet")) as f:
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), f)
-    shown = frame.drop(columns=["method", "seconds"])
+    seeds = ", ".join(str(s) for s in cfg.seeds)
     note = (
-        f"Each row: a {traj['model']} trained from the same initialisation for {steps} steps "
-        f"of batch {train_cfg.batch_size} ({train_cfg.optimizer}, lr {train_cfg.lr}), seed "
-        f"{cfg.seed}; zero-shot and recall on {len(ev.captions)} held-out pairs "
+        f"Each row: a {traj['model']} trained from scratch for {steps} steps of batch "
+        f"{train_cfg.batch_size} ({train_cfg.optimizer}, lr {train_cfg.lr:g}, weight decay "
+        f"{train_cfg.weight_decay:g}), one initialisation per seed shared by every subset; "
+        f"seeds {seeds}"
+        + (" (mean ± sd over seeds)" if len(cfg.seeds) > 1 else "")
+        + f"; zero-shot and recall on {len(ev.captions)} held-out pairs "
         "(retrieval counts identical captions as matches)."
     )
     if truth is None:
         note += " Defect counts are -1: the pool has no truth table."
-    write_bytes_atomic(join(out, "results.md"), (note + "\n\n" + markdown_table(shown)).encode())
+    write_bytes_atomic(
+        join(out, "results.md"), (note + "\n\n" + markdown_table(summarise(frame))).encode()
+    )
     summary = {
         "config": cfg.to_dict(),
         "sources": src.__dict__,
         "train": {
             k: getattr(train_cfg, k)
-            for k in ("model", "steps", "batch_size", "optimizer", "lr", "warmup", "schedule")
+            for k in (
+                "model",
+                "steps",
+                "batch_size",
+                "optimizer",
+                "lr",
+                "weight_decay",
+                "warmup",
+                "schedule",
+            )
         },
         "eval_pairs": len(ev.captions),
         "pool_pairs": len(pool),

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options
 from pipeline.errors import ConfigError
+from pipeline.evaluation.retrain import METRICS, summarise
 from pipeline.report import page as P
 from pipeline.report.plots import metric_vs_keep, score_histograms
 from pipeline.report.thumbnails import thumbnails
@@ -123,15 +124,24 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     ev_url = run.path("evaluate", "results.parquet")
     if exists(ev_url):
         res = read_table(ev_url).to_pandas()
-        cols = [c for c in res.columns if c not in ("method", "seconds")]
+        table = summarise(res)
+        cols = list(table.columns)
+        # curves: the mean over seeds of each subset
+        res = res.groupby(["subset", "method", "keep"], sort=False)[list(METRICS)].mean()
+        res = res.reset_index()
         ev_json = read_json(run.path("evaluate", "evaluate.json"))
+        seeds = ev_json.get("config", {}).get("seeds", [0])
         train = ev_json.get("train", {})
         inner = (
             f"<p>Each row: a {P.esc(train.get('model'))} trained from scratch on the subset kept "
             f"by a scorer ({P.esc(train.get('steps'))} steps of batch "
-            f"{P.esc(train.get('batch_size'))}, same initialisation and seed), evaluated on "
-            f"{P.esc(ev_json.get('eval_pairs'))} held-out pairs.</p>"
-            + P.table(cols, res[cols].itertuples(index=False))
+            f"{P.esc(train.get('batch_size'))}, {P.esc(train.get('optimizer'))}, one "
+            f"initialisation per seed shared by every subset; seeds "
+            f"{P.esc(', '.join(map(str, seeds)))}), evaluated on "
+            f"{P.esc(ev_json.get('eval_pairs'))} held-out pairs"
+            + (" (mean ± sd over seeds)" if len(seeds) > 1 else "")
+            + ".</p>"
+            + P.table(cols, table[cols].itertuples(index=False))
             + P.img(metric_vs_keep(res, "zeroshot_top1"), "zero-shot accuracy versus keep")
             + P.img(metric_vs_keep(res, "i2t_r5"), "image-to-text recall@5 versus keep")
         )

@@ -82,6 +82,8 @@ def test_same_config_gives_the_same_figures(evaluated, tmp_path):
         (dict(keeps=[1.5]), "keeps"),
         (dict(keeps=[]), "keeps"),
         (dict(optimizer="lbfgs"), "optimizer"),
+        (dict(seeds=[]), "seeds"),
+        (dict(seeds=[1, 1]), "seeds"),
         (dict(eval_data="/nonexistent/{0..1}.tar"), "eval_data"),
     ],
 )
@@ -92,3 +94,36 @@ def test_config_errors_are_refused_before_training(tiny_scored, tmp_path, change
     import os
 
     assert not os.path.exists(f"{run}/evaluate")
+
+
+def test_several_seeds_give_one_row_each_and_a_mean_sd_summary(tiny_scored, tmp_path):
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    cfg = EvaluateConfig(
+        run=run, keeps=[0.5], methods=["random"], full=False, steps=4, seeds=[0, 1], threads=1
+    )
+    rows = run_evaluation(cfg)["results"]
+    assert [(r["subset"], r["seed"]) for r in rows] == [("random@0.5", 0), ("random@0.5", 1)]
+    # a seed changes the initialisation and the batch order, not the subset
+    assert rows[0]["n_train"] == rows[1]["n_train"]
+    assert rows[0]["final_train_loss"] != rows[1]["final_train_loss"]
+    md = open(f"{run}/evaluate/results.md").read()
+    table_rows = [line for line in md.splitlines() if line.startswith("| random@0.5")]
+    assert len(table_rows) == 1 and "±" in table_rows[0]
+    assert "seeds 0, 1 (mean ± sd over seeds)" in md
+
+
+def test_summarise_reports_mean_and_sample_sd():
+    import pandas as pd
+
+    from pipeline.evaluation.retrain import METRICS, summarise
+
+    base = {"subset": "x@0.5", "method": "x", "keep": 0.5, "n_train": 10}
+    base.update({f"{d}_kept": 1 for d in ("mismatch", "duplicate", "noise")})
+    rows = [
+        {**base, "seed": s, **{m: v for m in METRICS}, "final_train_loss": 1.0}
+        for s, v in ((0, 0.2), (1, 0.4))
+    ]
+    out = summarise(pd.DataFrame(rows))
+    assert out.loc[0, "i2t_r5"] == "0.300 ± 0.141"
+    single = summarise(pd.DataFrame(rows[:1]))
+    assert single.loc[0, "i2t_r5"] == 0.2
