@@ -246,10 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help="default: the proxy's")
     e.add_argument("--batch-size", type=int, default=None, help="default: the proxy's")
     e.add_argument(
-        "--optimizer", choices=["sgd", "adamw"], default=None, help="default: the proxy's"
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default="adamw",
+        help="retraining optimiser (not the proxy's: docs/results.md)",
     )
-    e.add_argument("--lr", type=float, default=None, help="default: the proxy's")
-    e.add_argument("--weight-decay", type=float, default=None, help="default: the proxy's")
+    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--weight-decay", type=float, default=0.1)
     e.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="one retraining per subset and seed"
     )

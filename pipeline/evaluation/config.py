@@ -23,13 +23,17 @@ class EvaluateConfig:
     truth: str | None = None  # parquet (uid, defect); default: the generated pool's truth
     steps: int | None = None  # training budget; default: the proxy's
     batch_size: int | None = None  # default: the proxy's
-    optimizer: str | None = None  # "sgd" or "adamw"; default: the proxy's
-    lr: float | None = None  # default: the proxy's
+    # The retraining recipe need not be the proxy's: Diff-In assumes SGD for the
+    # proxy, but SGD at the proxy's settings leaves the contrastive plateau or
+    # not depending on the seed (docs/results.md), which would rank subsets by
+    # luck. AdamW (as open_clip trains) learns reliably at this budget.
+    optimizer: str = "adamw"  # "sgd" or "adamw"
+    lr: float = 1e-3
     # One retraining per (subset, seed); the summary gives mean and sd over seeds.
     # Small CLIPs are seed-sensitive (a run may or may not leave the contrastive
     # plateau), so one seed can rank the subsets by luck: docs/results.md.
     seeds: list[int] = field(default_factory=lambda: [0])
-    weight_decay: float | None = None  # default: the proxy's
+    weight_decay: float = 0.1
     threads: int = 0  # torch threads; 0: torch's default
 
     def validate(self) -> None:
@@ -46,11 +50,11 @@ class EvaluateConfig:
             raise ConfigError(f"steps: must be >= 1 (got {self.steps!r})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: give distinct seeds (got {self.seeds!r})")
-        if self.weight_decay is not None and self.weight_decay < 0:
+        if self.weight_decay < 0:
             raise ConfigError(f"weight_decay: must be >= 0 (got {self.weight_decay!r})")
-        if self.optimizer is not None and self.optimizer not in ("sgd", "adamw"):
+        if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer: must be 'sgd' or 'adamw' (got {self.optimizer!r})")
-        if self.lr is not None and not self.lr > 0:
+        if not self.lr > 0:
             raise ConfigError(f"lr: must be > 0 (got {self.lr!r})")
         if self.batch_size is not None and self.batch_size < 2:
             raise ConfigError(f"batch_size: must be >= 2 (got {self.batch_size!r})")

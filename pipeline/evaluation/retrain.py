@@ -256,9 +256,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         steps=steps,
         batch_size=cfg.batch_size or proxy.batch_size,
         warmup=min(proxy.warmup, steps - 1),
-        optimizer=cfg.optimizer or proxy.optimizer,
-        lr=cfg.lr or proxy.lr,
-        weight_decay=proxy.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
     )
     src = locate_sources(cfg, run)
     table = read_table(run.scores)

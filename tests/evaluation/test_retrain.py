@@ -61,6 +61,9 @@ def test_results_markdown_and_record(evaluated):
     assert "| subset |" in md and "| diffin@0.5 |" in md
     record = json.load(open(f"{run}/evaluate/evaluate.json"))
     assert record["train"]["steps"] == 8
+    # the retraining recipe is evaluate's own (AdamW), not the proxy's SGD
+    assert record["train"]["optimizer"] == "adamw" and record["train"]["lr"] == 1e-3
+    assert "(adamw, lr 0.001, weight decay 0.1)" in md
     assert record["config"]["methods"] == ["diffin", "loss", "random"]
     assert "evaluate" in json.load(open(f"{run}/run.json"))
 
