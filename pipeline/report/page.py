@@ -13,6 +13,7 @@ h1 { font-size: 1.6rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ccc
 table { border-collapse: collapse; font-size: 0.85rem; margin: 0.8rem 0; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; }
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
+td:not(.text) { white-space: nowrap; } .scroll { overflow-x: auto; } section > img { max-width: 100%; height: auto; }
 .grid { display: flex; flex-wrap: wrap; gap: 0.7rem; }
 figure { width: 150px; margin: 0; font-size: 0.75rem; }
 figure img { width: 96px; height: 96px; image-rendering: pixelated; border: 1px solid #aaa; }
@@ -54,7 +55,11 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: int 
         + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # wide tables scroll inside the page instead of widening it
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
 
 
 def gallery(items: Sequence[dict[str, Any]]) -> str:
