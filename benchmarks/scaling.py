@@ -64,8 +64,25 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _worker_base(span: int = 60) -> int:
+    """Worker ports from below the ephemeral range (32768+) that _free_port draws from."""
+    import random
+    import socket
+
+    for _ in range(500):
+        base = random.randrange(20000, 32000 - span)
+        try:
+            for port in range(base, base + span + 1):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free worker port range")
+
+
 def _node_args(ip: str) -> list[str]:
-    low = max(_free_port(ip), 20000)
+    low = _worker_base()
     return [
         f"--node-ip-address={ip}",
         f"--node-manager-port={_free_port(ip)}",

@@ -100,8 +100,40 @@ class RayNode:
             pass
 
 
+# Worker ports come from a band below the kernel's ephemeral range (32768+),
+# where free_port() draws every other component's port: a worker range taken
+# from the ephemeral range could contain a port picked later (seen in CI).
+WORKER_BAND = (20000, 32000)
+WORKER_SPAN = 60
+_used_bases: set[int] = set()
+
+
+def _range_free(low: int, high: int) -> bool:
+    for port in range(low, high + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+    return True
+
+
+def worker_port_range() -> int:
+    """A base port whose WORKER_SPAN + 1 ports are free on every interface; never reused here."""
+    import random
+
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(WORKER_BAND[0], WORKER_BAND[1] - WORKER_SPAN)
+        clash = any(abs(base - b) <= WORKER_SPAN for b in _used_bases)
+        if not clash and _range_free(base, base + WORKER_SPAN):
+            _used_bases.add(base)
+            return base
+    raise RuntimeError("no free worker port range in the band")
+
+
 def node_ports(ip: str) -> list[str]:
-    low = free_port(ip)
+    low = worker_port_range()
     return [
         f"--node-ip-address={ip}",
         f"--node-manager-port={free_port(ip)}",
@@ -110,8 +142,8 @@ def node_ports(ip: str) -> list[str]:
         f"--dashboard-agent-grpc-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}",
         f"--metrics-export-port={free_port()}",
-        f"--min-worker-port={max(low, 20000)}",
-        f"--max-worker-port={max(low, 20000) + 60}",
+        f"--min-worker-port={low}",
+        f"--max-worker-port={low + WORKER_SPAN}",
     ]
 
 
