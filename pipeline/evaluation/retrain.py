@@ -76,6 +76,19 @@ def _pool_dir(pattern: str) -> str:
     return pattern.rsplit("/", 1)[0]
 
 
+def pool_truth(data: str) -> str | None:
+    """The truth table beside a generated pool's shards, if there is one."""
+    url = join(_pool_dir(data), "truth.parquet")
+    return url if exists(url) else None
+
+
+def load_truth(url: str | None) -> pd.DataFrame | None:
+    """uid -> defect, indexed by uid (None without a truth table)."""
+    if not url:
+        return None
+    return read_table(url, columns=["uid", "defect"]).to_pandas().set_index("uid")
+
+
 def scored_config(run: RunDir) -> dict[str, Any]:
     """The score stage's config: from run.json, else from the score table's own metadata."""
     if exists(run.run_json):
@@ -118,7 +131,7 @@ def locate_sources(cfg: EvaluateConfig, run: RunDir) -> Sources:
         eval_data=eval_data,
         eval_labels=beside(cfg.eval_labels, join(eval_root, "labels.parquet")),
         classes=beside(cfg.classes, join(eval_root, "classes.json")),
-        truth=beside(cfg.truth, join(root, "truth.parquet")),
+        truth=beside(cfg.truth, join(root, "truth.parquet")) if cfg.truth else pool_truth(data),
     )
 
 
@@ -280,11 +293,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     images, tokens = encode(pool, bundle)
     position = {s.uid: i for i, s in enumerate(pool)}
     ev = load_eval_set(src, bundle, options)
-    truth = (
-        read_table(src.truth, columns=["uid", "defect"]).to_pandas().set_index("uid")
-        if src.truth
-        else None
-    )
+    truth = load_truth(src.truth)
     log.info(
         "evaluate: %d subsets, %d pool pairs, %d eval pairs, %d steps of batch %d each",
         len(subsets),

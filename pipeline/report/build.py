@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options
 from pipeline.errors import ConfigError
-from pipeline.evaluation.retrain import METRICS, summarise
+from pipeline.evaluation.retrain import METRICS, load_truth, pool_truth, scored_config, summarise
 from pipeline.report import page as P
 from pipeline.report.plots import metric_vs_keep, score_histograms
 from pipeline.report.thumbnails import thumbnails
-from pipeline.rundir import RunDir, exists, join, read_json, write_bytes_atomic
+from pipeline.rundir import RunDir, exists, read_json, write_bytes_atomic
 from pipeline.score.table import read_table, table_metadata
 
 _PER_CHECKPOINT = re.compile(r"_t\d+$")
@@ -35,15 +35,6 @@ def scorer_columns(columns: list[str], meta: dict[str, Any]) -> list[str]:
     methods = meta.get("score", {}).get("methods") or []
     cols = [m for m in methods if m in columns]
     return cols or [c for c in columns if c not in BASE and not _PER_CHECKPOINT.search(c)]
-
-
-def _truth(run: RunDir, data: str | None) -> pd.DataFrame | None:
-    if not data:
-        return None
-    url = join(data.rsplit("/", 1)[0], "truth.parquet")
-    if not exists(url):
-        return None
-    return read_table(url, columns=["uid", "defect"]).to_pandas().set_index("uid")
 
 
 MAX_SHARD_ROWS = 100
@@ -100,11 +91,11 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     wanted = ["uid", "shard", "index", "status", "error", *dict.fromkeys([*methods, method])]
     frame = read_table(run.scores, columns=wanted).to_pandas()
     record = read_json(run.run_json) if exists(run.run_json) else {}
-    score_cfg = meta.get("score") or record.get("score", {}).get("config", {})
+    score_cfg = scored_config(run)
     options = reader_options(
         score_cfg.get("image_keys", list(IMAGE_KEYS)), score_cfg.get("text_keys", list(TEXT_KEYS))
     )
-    truth = _truth(run, score_cfg.get("data"))
+    truth = load_truth(pool_truth(score_cfg["data"])) if score_cfg.get("data") else None
     ok = frame[frame.status == "ok"]
     marked = (
         ok.uid.map(truth.defect).fillna("clean").ne("clean").to_numpy()
