@@ -25,6 +25,9 @@ SCORERS = (
     "diffin",
     "tracin",
     "diffin_second",
+    "diffin_propagated_hessian",
+    "diffin_derived",
+    "diffin_derived_second",
     "diffin_hb",
     "diffin_hz",
     "diffin_hv",
@@ -72,7 +75,7 @@ def plots(res, summary: dict, fig_dir: Path, tag: str = "") -> list[str]:
     fig_dir.mkdir(parents=True, exist_ok=True)
     idx = np.asarray(res.removed)
     defects = np.asarray(res.defects)[idx]
-    names = ["diffin", "tracin", "diffin_second", "loss"]
+    names = ["diffin", "tracin", "diffin_derived", "loss"]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6))
     for ax, name in zip(axes, names, strict=True):
         s = res.scores[name][idx]

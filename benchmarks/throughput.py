@@ -11,6 +11,8 @@ checkpoint (median of --repeats):
 - tracin:    fast_terms(need={"first"}): one JVP;
 - diffin:    fast_terms(need={"first","hz","hlin"}): nested JVP + one JVP along
              W_hb w + W_hv u (what the engine runs for the derived weights);
+- diffin_propagated: fast_terms(need={"first","hlin"}): two JVPs, what the engine runs
+             for the propagated form (hlin along r_t - W_first g_V);
 - diffin_separate: the same terms with hb and hv as two JVPs;
 - diffin_cd: the same terms with hz by a central difference of JVPs
              (2 JVPs at theta +- h g_B) instead of the nested JVP;
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
     one_thread(a.threads)
     import torch
 
-    from pipeline.influence.directions import compute_directions
+    from pipeline.influence.directions import GaussNewton, compute_directions
     from pipeline.influence.fast import fast_terms, reference_jets
     from pipeline.influence.functional import ClipFunctions, derivative_mode
     from pipeline.influence.reference import exact_terms, finite_difference_terms
@@ -130,6 +132,7 @@ def main(argv=None) -> dict:
         "loss": {"loss"},
         "tracin": {"first"},
         "diffin": {"first", "hz", "hlin"},
+        "diffin_propagated": {"first", "hlin"},
         "diffin_separate": {"first", "hb", "hz", "hv"},
     }
     lin = d.combined(-1.0, -0.5)  # the cost does not depend on the weights
@@ -153,6 +156,16 @@ def main(argv=None) -> dict:
             if rep:  # round 0 is the warm-up
                 rounds[k].append(time.perf_counter() - t)
     sec = {k: statistics.median(v) for k, v in rounds.items()}
+    # the propagated form's fixed cost: one Gauss-Newton product on the k gradient batches
+    # per training step, paid once per run on the driver (not per sample)
+    t = time.perf_counter()
+    gauss_newton = GaussNewton(fns, params, gb)  # once per checkpoint
+    prop_setup = time.perf_counter() - t
+    prop_step = []
+    for _ in range(3):
+        t = time.perf_counter()
+        gauss_newton(d.g_V)
+        prop_step.append(time.perf_counter() - t)
     per_sample = {k: v / B for k, v in sec.items() if not k.startswith("forward_refs")}
     per_sample["forward"] = sec["forward"] / B
 
@@ -188,11 +201,13 @@ def main(argv=None) -> dict:
     speedup = {
         "fd_over_diffin": per_sample["reference_fd"] / per_sample["diffin"],
         "exact_over_diffin": per_sample["reference_exact"] / per_sample["diffin"],
+        "fd_over_diffin_propagated": per_sample["reference_fd"] / per_sample["diffin_propagated"],
     }
     targets = {
         "diffin_fpe<=12": fpe["diffin"] <= 12,
         "diffin_speedup_vs_reference>=30": speedup["fd_over_diffin"] >= 30,
         "tracin_fpe<=4": fpe["tracin"] <= 4,
+        "diffin_propagated_fpe<=12": fpe["diffin_propagated"] <= 12,
     }
     record = {
         "command": "python -m benchmarks.throughput "
@@ -200,6 +215,10 @@ def main(argv=None) -> dict:
         "settings": vars(a),
         "n_params": sum(v.numel() for v in params.values()),
         "directions_seconds_per_checkpoint": directions_s,
+        "propagate_setup_seconds_per_checkpoint": prop_setup,
+        "propagate_seconds_per_training_step": statistics.median(prop_step),
+        "propagate_step_in_forward_passes_of_the_batch": statistics.median(prop_step)
+        / sec["forward"],
         "seconds_per_batch": sec,
         "seconds_per_sample": per_sample,
         "samples_per_second": {k: 1 / v for k, v in per_sample.items()},
@@ -221,7 +240,7 @@ def main(argv=None) -> dict:
             "loss",
             "tracin",
             "diffin",
-            "diffin_cd",
+            "diffin_propagated",
             "loss_jets_per_batch",
             "tracin_jets_per_batch",
             "diffin_jets_per_batch",

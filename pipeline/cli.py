@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.errors import ConfigError
-from pipeline.influence.estimator import DEFAULT_FORM, FORMS
+from pipeline.influence.estimator import FORMS
 
 
 def _methods(text: str) -> list[str]:
@@ -142,10 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-first-order", dest="first_order", action="store_false")
     s.add_argument(
         "--second-order",
-        choices=FORMS,
-        default=DEFAULT_FORM,
-        help="weights of the Diff-In terms: 'derived' (default, docs/method.md) or "
-        "'method' (METHOD.md section 3 / the authors' code, literally)",
+        choices=("auto", *FORMS),
+        default="auto",
+        help="form of Diff-In: 'auto' (default: 'propagated' for an SGD trajectory, "
+        "'derived' otherwise), 'propagated' (the damping applied exactly through the "
+        "linearised SGD), 'derived' (the second-order expansion) or 'method' (METHOD.md "
+        "section 3 / the authors' code, literally); docs/method.md",
+    )
+    s.add_argument(
+        "--propagate-curvature",
+        choices=("ggn", "hessian"),
+        default="ggn",
+        help="curvature of the propagated form: 'ggn' (Gauss-Newton, positive semi-definite; "
+        "default) or 'hessian' (exact H_B, whose negative curvature can blow the product up)",
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
@@ -356,6 +365,7 @@ def run(args: argparse.Namespace) -> object:
                 batch_size=args.batch_size,
                 first_order=args.first_order,
                 second_order=args.second_order,
+                propagate_curvature=args.propagate_curvature,
                 seed=args.seed,
                 max_attempts=args.max_attempts,
                 prefetch_batches=args.prefetch_batches,

@@ -44,9 +44,9 @@ class ScoreContext:
         """Which form of the weights (``estimator.FORMS``): option ``second_order``."""
         return str(self.options.get("second_order", DEFAULT_FORM))
 
-    def weights(self) -> list[Weights]:
+    def weights(self, form: str | None = None) -> list[Weights]:
         """The estimator's weights of every checkpoint, in ``checkpoints`` order."""
-        return checkpoint_weights(self.checkpoints, self.n_train, self.second_order)
+        return checkpoint_weights(self.checkpoints, self.n_train, form or self.second_order)
 
 
 class Scorer(ABC):
@@ -58,6 +58,10 @@ class Scorer(ABC):
 
     def columns(self, ctx: ScoreContext) -> list[str]:
         return [self.name]
+
+    def needed(self, ctx: ScoreContext) -> frozenset[str]:
+        """The terms needed at every checkpoint under this context's options."""
+        return self.terms
 
     @abstractmethod
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]: ...
@@ -84,7 +88,7 @@ def get_scorers(names: list[str]) -> list[Scorer]:
 def needed_terms(scorers: list[Scorer], ckpt: Checkpoint, ctx: ScoreContext) -> set[str]:
     need: set[str] = set()
     for s in scorers:
-        need |= s.terms
+        need |= s.needed(ctx)
         if ckpt == ctx.last:
             need |= s.last_terms
         if ckpt == ctx.checkpoints[0]:
@@ -101,6 +105,14 @@ class DiffIn(Scorer):
     terms = frozenset({"first", "hz", "hlin"})
     description = "Diff-In influence on the target loss (second order, trajectory)"
 
+    def form(self, ctx: ScoreContext) -> str:
+        return ctx.second_order
+
+    def needed(self, ctx: ScoreContext) -> frozenset[str]:
+        if self.form(ctx) == "propagated":  # hlin is I_t itself: no hz, no nested JVP
+            return frozenset({"first", "hlin"})
+        return self.terms
+
     def columns(self, ctx: ScoreContext) -> list[str]:
         cols = [self.name]
         for c in ctx.checkpoints:
@@ -110,10 +122,10 @@ class DiffIn(Scorer):
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
         out, firsts, seconds = {}, [], []
         first_key, hb_key, hz_key, hv_key = self.keys
-        for c, w in zip(ctx.checkpoints, ctx.weights(), strict=True):
+        for c, w in zip(ctx.checkpoints, ctx.weights(self.form(ctx)), strict=True):
             t = terms[c.step]
             f, s = diffin_components(
-                t[first_key], t.get(hb_key), t[hz_key], t.get(hv_key), w, t.get("hlin")
+                t[first_key], t.get(hb_key), t.get(hz_key), t.get(hv_key), w, t.get("hlin")
             )
             out[f"{self.name}_first_t{c.step}"], out[f"{self.name}_second_t{c.step}"] = f, s
             firsts.append(f)
@@ -197,6 +209,14 @@ class DiffInSelf(DiffIn):
     keys = ("self_first", "self_hb", "self_hz", "self_hz")
     terms = frozenset(keys)  # no hlin: the self terms come from the self-influence engine
     description = "Diff-In self-influence (F + I)(z, z), for data cleaning; lowest pruned first"
+
+    def form(self, ctx: ScoreContext) -> str:
+        # The propagated form needs one transported direction per target; with V = {z} that
+        # is one per sample, so self-influence keeps the expansion's weights.
+        return "derived" if ctx.second_order == "propagated" else ctx.second_order
+
+    def needed(self, ctx: ScoreContext) -> frozenset[str]:
+        return self.terms
 
 
 @register

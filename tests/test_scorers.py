@@ -82,7 +82,9 @@ def test_all_scorers_together_through_the_worker(all_scorer, samples, worker_out
 
 
 def test_scorer_formulas_on_given_terms():
-    ctx = ScoreContext([Checkpoint(10, 0.1), Checkpoint(20, 0.05)], n_train=100, seed=0)
+    ctx = ScoreContext(
+        [Checkpoint(10, 0.1), Checkpoint(20, 0.05)], 100, 0, {"second_order": "derived"}
+    )
     rng = np.random.default_rng(0)
     terms = {
         c.step: {k: rng.normal(size=4) for k in ("first", "hb", "hz", "hv", "loss", "cosine")}
@@ -105,7 +107,9 @@ def test_scorer_formulas_on_given_terms():
     )
     np.testing.assert_allclose(di["diffin"], want + second)
     np.testing.assert_allclose(di["diffin_first_t20"], 0.005 * t20["first"])
-    no_first = ScoreContext(ctx.checkpoints, 100, 0, {"first_order": False})
+    no_first = ScoreContext(
+        ctx.checkpoints, 100, 0, {"first_order": False, "second_order": "derived"}
+    )
     np.testing.assert_allclose(REGISTRY["diffin"]().score(terms, uids, no_first)["diffin"], second)
     # METHOD.md's form, literally: eta/(N m) and -t eta^2/(N m) (hb + hz), no hv
     method = ScoreContext(ctx.checkpoints, 100, 0, {"second_order": "method"})
@@ -161,3 +165,35 @@ def test_get_scorers_keeps_the_order():
         "diffin",
         "loss",
     ]
+
+
+def test_the_propagated_form_reads_hlin_as_its_second_order_part():
+    """second_order="propagated": the engine's hlin is I_t itself (a JVP along r_t - W_first g_V),
+    no hz is asked for, TracIn keeps the derived first-order weights, and diffin_self (which
+    cannot be propagated per sample) keeps the derived expansion."""
+    ckpts = [Checkpoint(10, 0.1), Checkpoint(20, 0.05)]
+    prop = ScoreContext(ckpts, 100, 0, {"second_order": "propagated"})
+    derived = ScoreContext(ckpts, 100, 0)
+    diffin, self_ = REGISTRY["diffin"](), REGISTRY["diffin_self"]()
+    assert needed_terms([diffin], ckpts[0], prop) == {"first", "hlin"}
+    assert needed_terms([self_], ckpts[0], prop) == needed_terms([self_], ckpts[0], derived)
+    w = checkpoint_weights(ckpts, 100, "propagated")
+    assert [(x.hb, x.hz, x.hv) for x in w] == [(0.0, 0.0, 0.0)] * 2
+    assert [x.first for x in w] == [x.first for x in checkpoint_weights(ckpts, 100)]
+    rng = np.random.default_rng(1)
+    keys = ("first", "hlin", "self_first", "self_hb", "self_hz")
+    terms = {c.step: {k: rng.normal(size=3) for k in keys} for c in ckpts}
+    uids = ["a", "b", "c"]
+    out = diffin.score(terms, uids, prop)
+    np.testing.assert_allclose(
+        out["diffin"],
+        sum(
+            x.first * terms[c.step]["first"] + terms[c.step]["hlin"]
+            for c, x in zip(ckpts, w, strict=True)
+        ),
+    )
+    np.testing.assert_allclose(out["diffin_second_t20"], terms[20]["hlin"])
+    np.testing.assert_allclose(
+        self_.score(terms, uids, prop)["diffin_self"],
+        self_.score(terms, uids, derived)["diffin_self"],
+    )

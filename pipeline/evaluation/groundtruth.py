@@ -34,6 +34,7 @@ from pipeline.data.reader import iter_shard
 from pipeline.data.shards import resolve_shards
 from pipeline.data.synth import SynthConfig, make_pool
 from pipeline.influence.directions import (
+    GaussNewton,
     batch_gradient_and_hvp,
     compute_directions,
     target_gradient,
@@ -41,13 +42,14 @@ from pipeline.influence.directions import (
 from pipeline.influence.estimator import Checkpoint, checkpoint_weights
 from pipeline.influence.fast import fast_terms
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
+from pipeline.influence.propagate import propagated_directions
 from pipeline.influence.vectors import dot, norm
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.scorers import ScoreContext, get_scorers
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order, train_loop
-from pipeline.train.schedule import checkpoint_steps
+from pipeline.train.schedule import checkpoint_steps, lr_at
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REGISTRY_SCORERS = ("diffin", "tracin", "loss", "clip_score", "random")
@@ -273,48 +275,117 @@ class GroundTruth:
 
     # -- scores --------------------------------------------------------------
     def terms(self, checkpoints: list[tuple[Checkpoint, Params]], chunk: int = 64):
-        """Per-checkpoint fast-form terms of every training sample, as the engine computes them."""
+        """Per-checkpoint fast-form terms of every training sample, as the engine computes them.
+
+        ``prop_ggn`` / ``prop_hessian`` are <r_t, g_z> of the propagated form
+        (``pipeline.influence.propagate``) with the Gauss-Newton or the exact H_B.
+        """
         grad_batches = [(self.images[i], self.tokens[i]) for i in self.grad_idx]
         target = (self.target_images, self.target_tokens)
+        dirs = [
+            compute_directions(self.fns, params, grad_batches, target).ordered(self.names)
+            for _, params in checkpoints
+        ]
+        props = {
+            f"prop_{curvature}": self.propagated(checkpoints, dirs[-1].g_V, curvature)
+            for curvature in ("ggn", "hessian")
+        }
         out: dict[int, dict[str, np.ndarray]] = {}
-        for ckpt, params in checkpoints:
-            d = compute_directions(self.fns, params, grad_batches, target).ordered(self.names)
+        for i, ((ckpt, params), d) in enumerate(zip(checkpoints, dirs, strict=True)):
             parts: dict[str, list[np.ndarray]] = {}
             for start in range(0, self.n_train, chunk):
+                images = self.images[start : start + chunk]
+                tokens = self.tokens[start : start + chunk]
                 t = fast_terms(
                     self.fns,
                     params,
                     d,
-                    self.images[start : start + chunk],
-                    self.tokens[start : start + chunk],
+                    images,
+                    tokens,
                     {"loss", "first", "hb", "hz", "hv", "cosine"},
                 )
+                for key, r in props.items():
+                    t[key] = fast_terms(self.fns, params, d, images, tokens, {"hlin"}, lin=r[i])[
+                        "hlin"
+                    ]
                 for k, v in t.items():
                     parts.setdefault(k, []).append(v.double().numpy())
             out[ckpt.step] = {k: np.concatenate(v) for k, v in parts.items()}
         return out
 
+    def propagated(
+        self, checkpoints: list[tuple[Checkpoint, Params]], g_V: Params, curvature: str
+    ) -> list[Params]:
+        """The propagated form's r_t per checkpoint, as ``pipeline.score.directions`` computes
+        them (curvature averaged over the k gradient batches)."""
+        grad_batches = [(self.images[i], self.tokens[i]) for i in self.grad_idx]
+        s = self.setting
+
+        ggn: dict[int, GaussNewton] = {}
+
+        def hvp(i: int, step: int, v: Params) -> Params:
+            params = checkpoints[i][1]
+            if curvature == "ggn":
+                if i not in ggn:
+                    ggn[i] = GaussNewton(self.fns, params, grad_batches)
+                return ggn[i](v)
+            _, h = batch_gradient_and_hvp(self.fns, params, grad_batches, v)
+            assert h is not None
+            return h
+
+        return propagated_directions(
+            hvp,
+            [c.step for c, _ in checkpoints],
+            lambda step: lr_at(step, s.lr, s.warmup, s.steps, s.schedule),
+            g_V,
+            self.n_train,
+            s.momentum,
+            s.weight_decay,
+        )
+
     def scores(
         self, terms: dict[int, dict[str, np.ndarray]], checkpoints: list[Checkpoint]
     ) -> dict[str, np.ndarray]:
-        """Registry scorers (default options: the derived weights, first order in) plus extra
-        columns: ``diffin_second`` (second order only), its parts ``diffin_hb``, ``diffin_hz``,
-        ``diffin_hv`` (derived weights), ``diffin_method`` / ``diffin_method_second`` (the
+        """Registry scorers (default options: the propagated form with the Gauss-Newton
+        curvature, first order in) plus extra columns: ``diffin_second`` (its second-order
+        part), ``diffin_propagated_hessian`` (the exact H_B instead), ``diffin_derived`` /
+        ``diffin_derived_second`` (the derived expansion), its parts ``diffin_hb``,
+        ``diffin_hz``, ``diffin_hv``, ``diffin_method`` / ``diffin_method_second`` (the
         METHOD.md form of the weights) and ``tracin_last`` (last checkpoint only)."""
         seed, n = self.setting.seed, self.n_train
         ctx = ScoreContext(checkpoints, n, seed, {"first_order": True})
+        weights = checkpoint_weights(checkpoints, n)  # derived (their W_first is TracIn's)
+
+        def propagated(key: str) -> dict[int, dict[str, np.ndarray]]:
+            """The terms as the engine has them for the propagated form: hlin = I_t =
+            <r_t, g_z> - W_first <g_V, g_z>."""
+            return {
+                c.step: {
+                    **terms[c.step],
+                    "hlin": terms[c.step][key] - w.first * terms[c.step]["first"],
+                }
+                for c, w in zip(checkpoints, weights, strict=True)
+            }
+
+        default_terms = propagated("prop_ggn")
         out: dict[str, np.ndarray] = {}
         for scorer in get_scorers(list(REGISTRY_SCORERS)):
-            out[scorer.name] = scorer.score(terms, self.uids, ctx)[scorer.name]
+            out[scorer.name] = scorer.score(default_terms, self.uids, ctx)[scorer.name]
         diffin = get_scorers(["diffin"])[0]
+        out["diffin_second"] = diffin.score(
+            default_terms, self.uids, ScoreContext(checkpoints, n, seed, {"first_order": False})
+        )["diffin"]
+        out["diffin_propagated_hessian"] = diffin.score(propagated("prop_hessian"), self.uids, ctx)[
+            "diffin"
+        ]
         for name, options in (
-            ("diffin_second", {"first_order": False}),
+            ("diffin_derived", {"second_order": "derived"}),
+            ("diffin_derived_second", {"second_order": "derived", "first_order": False}),
             ("diffin_method", {"second_order": "method"}),
             ("diffin_method_second", {"second_order": "method", "first_order": False}),
         ):
             c2 = ScoreContext(checkpoints, n, seed, options)
             out[name] = diffin.score(terms, self.uids, c2)["diffin"]
-        weights = checkpoint_weights(checkpoints, n)
         for key in ("hb", "hz", "hv"):
             out[f"diffin_{key}"] = sum(
                 getattr(w, key) * terms[c.step][key]

@@ -35,6 +35,14 @@ of one), in the target-Hessian term <g_z, H_V g_B> that the method form lacks,
 and in <g_V, H_z g_B>, which the derivation only has as a small positive drift
 correction.
 
+``propagated``: the damping of z's displacement is not expanded but applied
+exactly, through the linearised optimiser (momentum and weight decay
+included): ``propagate.py``. Its per-checkpoint part is one JVP along a
+precomputed direction r_t; the engine computes it as ``hlin`` along
+r_t - W_first g_V, so that F_t is TracIn's (the ``derived`` first-order
+weight) and I_t is everything the propagation adds to it. Here the hb, hz
+and hv weights are 0.
+
 ``assemble_diffin`` sums sum_t (F_t + I_t) when ``first_order`` is true (the
 default), else sum_t I_t alone.
 """
@@ -46,8 +54,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMS = ("derived", "method")
-DEFAULT_FORM = "derived"
+FORMS = ("derived", "method", "propagated")
+EXPANSION_FORMS = ("derived", "method")  # the forms built from the hb, hz, hv terms
+DEFAULT_FORM = "propagated"  # what `diffin` uses unless told otherwise (docs/accuracy.md)
 SECOND_ORDER_KEYS = ("hb", "hz", "hv")
 
 
@@ -73,7 +82,7 @@ def _check_form(form: str) -> None:
 
 
 def checkpoint_weights(
-    ckpts: Sequence[Checkpoint], n_train: int, form: str = DEFAULT_FORM
+    ckpts: Sequence[Checkpoint], n_train: int, form: str = "derived"
 ) -> list[Weights]:
     """The weights of every checkpoint (in the given order, which must be by step)."""
     _check_form(form)
@@ -87,6 +96,10 @@ def checkpoint_weights(
             a = -c.step * c.lr**2 / (n * m)
             out.append(Weights(c.lr / (n * m), a, a, 0.0))
         return out
+    if form == "propagated":
+        return [
+            Weights(w.first, 0.0, 0.0, 0.0) for w in checkpoint_weights(ckpts, n_train, "derived")
+        ]
     elapsed, prev = 0.0, 0
     for c in ckpts:
         delta, eta = c.step - prev, c.lr
@@ -105,7 +118,7 @@ def checkpoint_weights(
 
 
 def first_order_weights(
-    ckpts: Sequence[Checkpoint], n_train: int, form: str = DEFAULT_FORM
+    ckpts: Sequence[Checkpoint], n_train: int, form: str = "derived"
 ) -> list[float]:
     return [w.first for w in checkpoint_weights(ckpts, n_train, form)]
 
@@ -113,20 +126,24 @@ def first_order_weights(
 def diffin_components(
     first: np.ndarray,
     hb: np.ndarray | None,
-    hz: np.ndarray,
+    hz: np.ndarray | None,
     hv: np.ndarray | None,
     weights: Weights,
     hlin: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(F_t, I_t) for one checkpoint. ``hv`` may be None only where its weight is 0.
+    """(F_t, I_t) for one checkpoint. ``hz`` and ``hv`` may be None only where their weight is 0.
 
-    ``hlin`` = W_hb hb + W_hv hv already combined (one JVP, ``fast.py``) replaces both.
+    ``hlin`` = W_hb hb + W_hv hv already combined (one JVP, ``fast.py``) replaces both
+    (the propagated form: ``hlin`` is I_t itself).
     """
+    if weights.hz != 0.0 and hz is None:
+        raise ValueError("this form needs the hz term <g_V, H_z g_B>")
+    drift = weights.hz * hz if weights.hz != 0.0 else 0.0
     if hlin is not None:
-        return weights.first * first, hlin + weights.hz * hz
+        return weights.first * first, hlin + drift
     if hb is None:
         raise ValueError("diffin_components needs hb (or hlin)")
-    second = weights.hb * hb + weights.hz * hz
+    second = weights.hb * hb + drift
     if weights.hv != 0.0:
         if hv is None:
             raise ValueError("the derived form needs the hv term <g_z, H_V g_B>")

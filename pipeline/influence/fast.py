@@ -11,6 +11,8 @@ For the vector of per-sample losses f(theta) = (l_z(theta))_z of a batch:
 ``hlin`` is what the scoring engine asks for: the estimator needs hb and hv
 only in the fixed combination W_hb hb + W_hv hv of each checkpoint, and a
 JVP is linear in its tangent, so one JVP along W_hb w + W_hv u replaces two.
+The propagated form (``propagate.py``, the default) uses the same slot with
+the tangent r_t - W_first g_V, which makes ``hlin`` its I_t directly.
 The separate terms stay for validation and the leave-one-out harness.
 
 No per-sample backward pass and no per-sample gradient is ever formed.

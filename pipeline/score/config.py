@@ -9,6 +9,8 @@ from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options, valid_keys
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import FORMS
 
+AUTO_FORM = "auto"
+
 
 @dataclass
 class ScoreConfig:
@@ -22,7 +24,11 @@ class ScoreConfig:
     threads: int = 1  # torch threads (and Ray CPUs) per actor
     batch_size: int = 128
     first_order: bool = True  # diffin = sum of first- and second-order terms
-    second_order: str = "derived"  # weights: "derived" or "method" (pipeline.influence.estimator)
+    # diffin's form (pipeline.influence.estimator): "propagated", "derived", "method", or
+    # "auto": propagated for an SGD trajectory, derived otherwise (score.directions.resolve_form)
+    second_order: str = AUTO_FORM
+    # curvature the propagated form damps with: "ggn" (Gauss-Newton, PSD) or "hessian" (exact H_B)
+    propagate_curvature: str = "ggn"
     max_attempts: int = 3  # tries per shard before it is recorded as failed
     seed: int = 0  # for the random scorer and the self-influence sketch
     self_hb: str = "lanczos"  # diffin_self's g_z' H_B g_z: "lanczos" (top eigenpairs) or "fisher"
@@ -58,7 +64,16 @@ class ScoreConfig:
             ("image_keys", valid_keys(self.image_keys), "must be non-empty extensions"),
             ("text_keys", valid_keys(self.text_keys), "must be non-empty extensions"),
             ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
-            ("second_order", self.second_order in FORMS, f"must be one of {FORMS}"),
+            (
+                "second_order",
+                self.second_order in (AUTO_FORM, *FORMS),
+                f"must be one of {(AUTO_FORM, *FORMS)}",
+            ),
+            (
+                "propagate_curvature",
+                self.propagate_curvature in ("ggn", "hessian"),
+                "must be 'ggn' or 'hessian'",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -17,20 +18,32 @@ from tqdm import tqdm
 from pipeline.data.reader import iter_shard
 from pipeline.data.shards import resolve_shards
 from pipeline.errors import ConfigError
-from pipeline.influence.directions import compute_directions, save_directions
-from pipeline.influence.functional import ClipFunctions
+from pipeline.influence.directions import (
+    Directions,
+    GaussNewton,
+    batch_gradient_and_hvp,
+    compute_directions,
+    load_directions,
+    save_directions,
+)
+from pipeline.influence.estimator import DEFAULT_FORM, Weights
+from pipeline.influence.functional import ClipFunctions, Params
+from pipeline.influence.propagate import nearest_blocks, propagated_directions
+from pipeline.influence.vectors import norm
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir, exists
-from pipeline.score.config import ScoreConfig
+from pipeline.score.config import AUTO_FORM, ScoreConfig
 from pipeline.score.trajectory import Trajectory, load_state_dict
 from pipeline.tensors import load_tensors, save_tensors
+from pipeline.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Bumped when the file's content changes: v2 added u = H_V g_B (older files are recomputed).
 DIRECTIONS_VERSION = "directions-v2"
+PROPAGATED_VERSION = "propagated-v1"
 
 
 def load_set(run: RunDir, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -70,6 +83,9 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
 
 def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
     """Compute the missing direction files; returns the target description."""
+    propagated = "diffin" in cfg.methods and resolve_form(cfg.second_order, traj) == "propagated"
+    if propagated:
+        sgd_dynamics(traj)  # refuses a trajectory the propagated form cannot model, up front
     dtype = DTYPES[cfg.dtype]
     bundle = factory.create(traj.model, dtype=dtype)
     ref_images, ref_tokens, _ = load_set(run, "reference", dtype)
@@ -120,9 +136,140 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
             d.meta["norm_w"],
             d.meta["norm_u"],
         )
+    if propagated:
+        ensure_propagated(cfg, run, traj, fns, grad_batches, gb_meta, target_info)
     if "diffin_self" in cfg.methods and cfg.self_hb == "lanczos":
         ensure_eigenpairs(cfg, run, traj, fns, grad_batches, by_step)
     return target_info
+
+
+def resolve_form(form: str, traj: Trajectory) -> str:
+    """``auto``: the propagated form for an SGD trajectory (the default, docs/accuracy.md),
+    the derived expansion for any other optimiser (the propagated form models SGD only)."""
+    if form != AUTO_FORM:
+        return form
+    return DEFAULT_FORM if traj.record.get("optimizer", {}).get("name") == "sgd" else "derived"
+
+
+def sgd_dynamics(traj: Trajectory) -> tuple[float, float, Callable[[int], float]]:
+    """(momentum, weight decay, rate of step s) of an SGD trajectory, for the propagated form."""
+    opt = traj.record.get("optimizer", {})
+    if opt.get("name") != "sgd":
+        raise ConfigError(
+            f"second_order propagated: the trajectory was trained with {opt.get('name')!r}; the "
+            "propagated form models SGD (momentum, weight decay). Use --second-order derived"
+        )
+    c = traj.record.get("config", {})
+    if all(k in c for k in ("lr", "warmup", "steps", "schedule")):
+
+        def rate(s: int) -> float:
+            return lr_at(s, float(c["lr"]), int(c["warmup"]), int(c["steps"]), str(c["schedule"]))
+
+        for ck in traj.checkpoints:
+            if abs(rate(ck.step) - ck.lr) > 1e-12 * max(1.0, ck.lr):
+                raise ConfigError(
+                    f"trajectory: the schedule gives lr {rate(ck.step)} at step {ck.step}, "
+                    f"the checkpoint records {ck.lr}"
+                )
+    else:  # no schedule on record: each checkpoint's rate over the steps it stands for
+        owner = {
+            s: ck.lr
+            for ck, block in zip(
+                traj.checkpoints, nearest_blocks([c.step for c in traj.checkpoints]), strict=True
+            )
+            for s in block
+        }
+        rate = owner.__getitem__
+    return float(opt.get("momentum", 0.0)), float(opt.get("weight_decay", 0.0)), rate
+
+
+def propagated_url(run: RunDir, step: int) -> str:
+    return run.path("directions", f"{step:06d}-propagated.safetensors")
+
+
+def ensure_propagated(
+    cfg: ScoreConfig,
+    run: RunDir,
+    traj: Trajectory,
+    fns: ClipFunctions,
+    grad_batches: list,
+    gb_meta: dict,
+    target_info: dict,
+) -> None:
+    """The propagated form's direction r_t per checkpoint (``pipeline.influence.propagate``):
+    one Hessian-vector product per training step up to the last checkpoint, paid once on the
+    driver; every checkpoint's file carries the fingerprint of the whole trajectory."""
+    momentum, weight_decay, rate = sgd_dynamics(traj)
+    steps = [c.step for c in traj.checkpoints]
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [
+                [c["sha256"] for c in traj.record["checkpoints"]],
+                target_info["target_fingerprint"],
+                gb_meta,
+                cfg.dtype,
+                momentum,
+                weight_decay,
+                [rate(s) for s in range(steps[-1])],
+                traj.n_train,
+                cfg.propagate_curvature,
+                PROPAGATED_VERSION,
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    urls = [propagated_url(run, s) for s in steps]
+    if all(exists(u) and load_tensors(u)[1].get("fingerprint") == fingerprint for u in urls):
+        return
+    dtype = DTYPES[cfg.dtype]
+    names = [k for k, _ in fns.model.named_parameters()]
+    loaded: dict[int, Callable[[Params], Params]] = {}
+
+    def hvp(i: int, s: int, v: Params) -> Params:  # noqa: ARG001 (same curvature at every s)
+        # The mean over the k batches: for independent batches the expected product of the
+        # step maps is the product of the expected maps, while a product of single-batch maps
+        # is a high-variance sample of it that grows without bound (measured on the demo run).
+        if i not in loaded:  # the sweep runs backwards: one checkpoint resident at a time
+            loaded.clear()
+            state = load_state_dict(run, traj, steps[i])
+            params = {k: state[k].to(dtype) for k in names}
+            if cfg.propagate_curvature == "ggn":
+                loaded[i] = GaussNewton(fns, params, grad_batches)
+            else:
+
+                def exact(v: Params, params: Params = params) -> Params:
+                    _, h = batch_gradient_and_hvp(fns, params, grad_batches, v)
+                    assert h is not None
+                    return h
+
+                loaded[i] = exact
+        return loaded[i](v)
+
+    g_V = load_directions(run.directions(steps[-1])).ordered(names).g_V
+    with tqdm(total=steps[-1], desc="propagating g_V", unit="step", leave=False) as bar:
+        dirs = propagated_directions(
+            hvp, steps, rate, g_V, traj.n_train, momentum, weight_decay, bar.update
+        )
+    for step, url, r in zip(steps, urls, dirs, strict=True):
+        save_tensors(url, r, {"fingerprint": fingerprint, "step": step, "form": "propagated"})
+    log.info(
+        "propagated g_V back over %d steps (momentum %g, weight decay %g, curvature %s): |r_t| %s",
+        steps[-1],
+        momentum,
+        weight_decay,
+        cfg.propagate_curvature,
+        ", ".join(f"{float(norm(r)):.3g}" for r in dirs),
+    )
+
+
+def lin_direction(
+    run: RunDir, step: int, directions: Directions, weights: Weights, form: str
+) -> Params:
+    """The tangent of the engine's ``hlin`` JVP: W_hb w + W_hv u for the expansion forms,
+    r_t - W_first g_V for the propagated one (so that hlin is I_t itself)."""
+    if form != "propagated":
+        return directions.combined(weights.hb, weights.hv)
+    flat, _ = load_tensors(propagated_url(run, step))
+    return {k: flat[k].to(v.device, v.dtype) - weights.first * v for k, v in directions.g_V.items()}
 
 
 def eigen_url(run: RunDir, step: int) -> str:

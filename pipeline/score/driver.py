@@ -20,6 +20,7 @@ rows in = rows out still holds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ from pipeline.provenance import provenance
 from pipeline.raylocal import connect
 from pipeline.rundir import RunDir, exists, write_json
 from pipeline.score.config import ScoreConfig
-from pipeline.score.directions import ensure_directions
+from pipeline.score.directions import ensure_directions, resolve_form
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
 from pipeline.score.table import build_part
@@ -207,6 +208,7 @@ def _fingerprint(cfg: ScoreConfig, traj_record: dict, target: dict) -> dict[str,
         "methods": cfg.methods,
         "first_order": cfg.first_order,
         "second_order": cfg.second_order,
+        "propagate_curvature": cfg.propagate_curvature,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
         "checkpoints": [c["sha256"] for c in traj_record["checkpoints"]],
@@ -415,6 +417,15 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     names = shard_names(shards)
     run = RunDir(cfg.run)
     traj = load_trajectory(run)
+    form = resolve_form(cfg.second_order, traj)
+    if form != cfg.second_order:
+        log.info(
+            "diffin form: %s (--second-order %s, %s trajectory)",
+            form,
+            cfg.second_order,
+            traj.record.get("optimizer", {}).get("name"),
+        )
+    cfg = dataclasses.replace(cfg, second_order=form)
     target = ensure_directions(cfg, run, traj)
 
     fp = _fingerprint(cfg, traj.record, target)

@@ -6,6 +6,7 @@ model, the checkpoints and the direction vectors are loaded once per worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -24,7 +25,13 @@ from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir
 from pipeline.score.config import ScoreConfig
-from pipeline.score.directions import DTYPES, load_eigenpairs, load_set
+from pipeline.score.directions import (
+    DTYPES,
+    lin_direction,
+    load_eigenpairs,
+    load_set,
+    resolve_form,
+)
 from pipeline.score.table import build_part, write_table
 from pipeline.score.trajectory import load_state_dict, load_trajectory
 from pipeline.scorers import ScoreContext, Terms, get_scorers, needed_terms
@@ -48,9 +55,10 @@ class ShardScorer:
     def __init__(self, run_url: str, cfg: ScoreConfig) -> None:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.cfg = cfg
         self.run = RunDir(run_url)
         self.traj = load_trajectory(self.run)
+        cfg = dataclasses.replace(cfg, second_order=resolve_form(cfg.second_order, self.traj))
+        self.cfg = cfg
         self.dtype = DTYPES[cfg.dtype]
         # One GPU per actor where the cluster has them (the driver declares it), else CPU.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,12 +84,15 @@ class ShardScorer:
                 self.directions[c.step] = load_directions(
                     self.run.directions(c.step), self.device
                 ).ordered(names)
-        # hb and hv only enter as W_hb hb + W_hv hv: one JVP along W_hb w + W_hv u (fast.py).
+        # hb and hv only enter as W_hb hb + W_hv hv: one JVP along W_hb w + W_hv u (fast.py);
+        # the propagated form's I_t is one JVP along r_t - W_first g_V.
         weights = dict(
             zip([c.step for c in self.traj.checkpoints], self.ctx.weights(), strict=True)
         )
         self.lin = {
-            step: self.directions[step].combined(weights[step].hb, weights[step].hv)
+            step: lin_direction(
+                self.run, step, self.directions[step], weights[step], self.ctx.second_order
+            )
             for step, need in self.need.items()
             if "hlin" in need
         }

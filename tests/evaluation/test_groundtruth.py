@@ -30,10 +30,25 @@ def test_structure(result):
     assert len(result.removed) == 3 == len(set(result.removed))
     assert result.actual.shape == (3,)
     assert np.isfinite(result.actual).all()
-    for name in ("diffin", "tracin", "diffin_second", "loss", "clip_score", "random"):
+    for name in (
+        "diffin",
+        "tracin",
+        "diffin_second",
+        "diffin_propagated_hessian",
+        "diffin_derived",
+        "diffin_derived_second",
+        "loss",
+        "clip_score",
+        "random",
+    ):
         assert result.scores[name].shape == (40,), name
         assert np.isfinite(result.scores[name]).all(), name
-    # diffin = tracin + second-order part (the estimator's default, first_order=True)
+    # diffin = tracin + second-order part (the default form, first_order=True), both forms
+    np.testing.assert_allclose(
+        result.scores["diffin_derived"],
+        result.scores["tracin"] + result.scores["diffin_derived_second"],
+        rtol=1e-12,
+    )
     np.testing.assert_allclose(
         result.scores["diffin"],
         result.scores["tracin"] + result.scores["diffin_second"],

@@ -12,7 +12,8 @@ and a wrong sign of any term must show.
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call, grad, hessian
+from torch.func import grad, hessian
+from toynet import make_problem
 
 from pipeline.influence.estimator import Checkpoint, checkpoint_weights
 from pipeline.scorers import REGISTRY, ScoreContext
@@ -20,43 +21,14 @@ from pipeline.scorers import REGISTRY, ScoreContext
 N, N_V, STEPS, LR = 12, 8, 40, 0.005
 
 
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = torch.nn.Linear(3, 5)
-        self.out = torch.nn.Linear(5, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.hidden(x))).squeeze(-1)
-
-
 @pytest.fixture(scope="module")
 def toy():
-    torch.manual_seed(0)
-    net = Net().double()
-    shapes = {k: v.shape for k, v in net.named_parameters()}
-    sizes = {k: v.numel() for k, v in net.named_parameters()}
-    theta0 = torch.cat([v.detach().flatten() for v in net.parameters()])
-
-    def unflat(theta):
-        out, i = {}, 0
-        for k, n in sizes.items():
-            out[k] = theta[i : i + n].view(shapes[k])
-            i += n
-        return out
-
-    x = torch.randn(N + N_V, 3, dtype=torch.float64)
-    y = torch.sin(2 * x[:, 0]) + 0.5 * x[:, 1] * x[:, 2] + 0.1 * torch.randn(N + N_V).double()
-    xt, yt, xv, yv = x[:N], y[:N], x[N:], y[N:]
-
-    def losses(theta, xs, ys):
-        return 0.5 * (functional_call(net, unflat(theta), (xs,)) - ys) ** 2
+    problem = make_problem(N, N_V)
+    theta0, losses, target_loss = problem["theta0"], problem["losses"], problem["target_loss"]
+    xt, yt = problem["x"]
 
     def train_loss(theta, weights):
         return (weights * losses(theta, xt, yt)).sum() / N
-
-    def target_loss(theta):
-        return losses(theta, xv, yv).mean()
 
     def run(weights):
         theta, seen = theta0.clone(), {0: theta0.clone()}

@@ -73,6 +73,10 @@ def _score_args(data: str, run: str, workers: int = 2) -> list[str]:
         "8",
         "--max-attempts",
         "3",
+        # The derived form's nested JVP makes a shard slow enough for the kills below to land
+        # mid-run; the propagated default scores these tiny shards too fast for that.
+        "--second-order",
+        "derived",
     ]
 
 

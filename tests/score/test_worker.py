@@ -222,12 +222,15 @@ def test_scorer_refuses_unknown_method(run_copy, tiny_scored):
         ShardScorer(run_copy, dataclasses.replace(tiny_scored["config"], methods=["nope"]))
 
 
-def test_engine_diffin_equals_the_separate_term_assembly(scorer64, shards):
-    """The worker's one-JVP hlin gives the same diffin as hb and hv computed apart (float32)."""
+def test_engine_diffin_equals_the_separate_term_assembly(run_copy, tiny_scored, shards):
+    """The worker's one-JVP hlin gives the same diffin as hb and hv computed apart (float32),
+    for the derived expansion (the propagated form: tests/score/test_propagated.py)."""
     from pipeline.influence.estimator import diffin_components
     from pipeline.influence.fast import fast_terms
     from pipeline.model.batches import encode
 
+    scorer64 = _scorer(run_copy, tiny_scored, 64, second_order="derived")
+    assert scorer64.ctx.second_order == "derived"
     samples = [s for s in iter_shard(shards["clean"]) if s.ok][:16]
     got = scorer64.score_samples(samples)
     images, tokens = encode(samples, scorer64.bundle)

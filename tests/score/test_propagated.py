@@ -1,0 +1,152 @@
+"""The propagated form through the scoring stage: direction files, engine, refusals.
+
+The toy-model accuracy of the recursion itself is tests/influence/test_propagate.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.reader import iter_shard
+from pipeline.errors import ConfigError
+from pipeline.influence.directions import load_directions
+from pipeline.influence.functional import ClipFunctions
+from pipeline.influence.reference import per_sample_gradient
+from pipeline.influence.vectors import dot
+from pipeline.model import factory
+from pipeline.model.batches import encode
+from pipeline.rundir import RunDir
+from pipeline.score.directions import (
+    ensure_directions,
+    load_set,
+    propagated_url,
+    resolve_form,
+    sgd_dynamics,
+)
+from pipeline.score.trajectory import load_state_dict, load_trajectory
+from pipeline.score.worker import ShardScorer
+from pipeline.tensors import load_tensors
+
+
+def copy_run(src: str, dst: Path) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def prop(tiny_run, tmp_path_factory):
+    run = copy_run(tiny_run["run"], tmp_path_factory.mktemp("propagated") / "run")
+    cfg = dataclasses.replace(
+        _score_config(tiny_run, run), methods=["diffin", "tracin"], second_order="propagated"
+    )
+    ensure_directions(cfg, RunDir(run), load_trajectory(RunDir(run)))
+    return {"run": run, "cfg": cfg, "data": tiny_run["data"]}
+
+
+def _score_config(tiny_run, run: str):
+    from pipeline.score.config import ScoreConfig
+
+    return ScoreConfig(data=tiny_run["data"], run=run, workers=1, threads=1, dtype="float64")
+
+
+def test_direction_files_are_written_once(prop):
+    run = RunDir(prop["run"])
+    traj = load_trajectory(run)
+    urls = [propagated_url(run, c.step) for c in traj.checkpoints]
+    metas = [load_tensors(u)[1] for u in urls]
+    assert len({m["fingerprint"] for m in metas}) == 1
+    before = [os.stat(u).st_mtime_ns for u in urls]
+    ensure_directions(prop["cfg"], run, traj)  # everything is there: nothing recomputed
+    assert [os.stat(u).st_mtime_ns for u in urls] == before
+
+
+def test_engine_equals_per_sample_gradients_dotted_with_r(prop):
+    """diffin = sum_t <r_t, g_z(theta_t)>, first-order part = TracIn's, in float64 against
+    autograd per-sample gradients (no forward-mode in the check)."""
+    run = RunDir(prop["run"])
+    traj = load_trajectory(run)
+    scorer = ShardScorer(prop["run"], dataclasses.replace(prop["cfg"], batch_size=5))
+    shard = prop["data"].replace("{00000..00002}", "00000")
+    samples = [s for s in iter_shard(shard) if s.ok][:6]
+    got = scorer.score_samples(samples)
+
+    bundle = factory.create(traj.model, dtype=torch.float64)
+    ref_images, ref_tokens, _ = load_set(run, "reference", torch.float64)
+    fns = ClipFunctions(bundle.model, ref_images, ref_tokens)
+    images, tokens = encode(samples, bundle)
+    images = images.double()
+    names = [n for n, _ in bundle.model.named_parameters()]
+    want = np.zeros(len(samples))
+    for c in traj.checkpoints:
+        state = load_state_dict(run, traj, c.step)
+        params = {k: state[k].double() for k in names}
+        r, _ = load_tensors(propagated_url(run, c.step))
+        g_V = load_directions(run.directions(c.step)).g_V
+        w_first = scorer.ctx.weights()[traj.checkpoints.index(c)].first
+        for i in range(len(samples)):
+            g = per_sample_gradient(fns, params, images, tokens, i)
+            want[i] += float(dot(r, g))
+            first = float(dot(g_V, g))
+            assert got[f"diffin_first_t{c.step}"][i] == pytest.approx(w_first * first, rel=1e-6)
+    np.testing.assert_allclose(got["diffin"], want, rtol=1e-6)
+    np.testing.assert_allclose(
+        got["diffin"],
+        sum(
+            got[f"diffin_first_t{c.step}"] + got[f"diffin_second_t{c.step}"]
+            for c in traj.checkpoints
+        ),
+        rtol=1e-10,
+    )
+    np.testing.assert_allclose(
+        got["tracin"], sum(got[f"diffin_first_t{c.step}"] for c in traj.checkpoints), rtol=1e-10
+    )
+    # the propagation did something: the second-order part is not zero
+    assert np.abs(got[f"diffin_second_t{traj.checkpoints[0].step}"]).max() > 0
+
+
+def test_rates_follow_the_recorded_schedule(prop):
+    traj = load_trajectory(RunDir(prop["run"]))
+    momentum, weight_decay, rate = sgd_dynamics(traj)
+    c = traj.record["config"]
+    assert (momentum, weight_decay) == (c["momentum"], c["weight_decay"])
+    assert rate(0) == pytest.approx(c["lr"] / c["warmup"])  # inside the warm-up
+    assert [rate(ck.step) for ck in traj.checkpoints] == [ck.lr for ck in traj.checkpoints]
+
+
+def test_an_adamw_trajectory_is_refused_before_any_work(prop, tmp_path):
+    run = copy_run(prop["run"], tmp_path / "adamw")
+    path = Path(run) / "trajectory" / "trajectory.json"
+    record = json.loads(path.read_text())
+    record["optimizer"]["name"] = "adamw"
+    path.write_text(json.dumps(record))
+    for f in (Path(run) / "directions").iterdir():
+        f.unlink()
+    cfg = dataclasses.replace(prop["cfg"], run=run)
+    with pytest.raises(ConfigError, match="propagated form models SGD"):
+        ensure_directions(cfg, RunDir(run), load_trajectory(RunDir(run)))
+    assert not any((Path(run) / "directions").iterdir())
+
+
+def test_auto_picks_the_propagated_form_for_sgd_and_the_expansion_otherwise(prop, tmp_path):
+    """The default (--second-order auto): an SGD trajectory gets the propagated form, an AdamW
+    one (every imported open_clip_train run) the derived expansion, without an error."""
+    traj = load_trajectory(RunDir(prop["run"]))
+    assert resolve_form("auto", traj) == "propagated"
+    assert resolve_form("method", traj) == "method"
+    run = copy_run(prop["run"], tmp_path / "adamw")
+    path = Path(run) / "trajectory" / "trajectory.json"
+    record = json.loads(path.read_text())
+    record["optimizer"]["name"] = "adamw"
+    path.write_text(json.dumps(record))
+    cfg = dataclasses.replace(prop["cfg"], run=run, second_order="auto")
+    scorer = ShardScorer(run, cfg)
+    assert scorer.cfg.second_order == scorer.ctx.second_order == "derived"
+    assert "hz" in scorer.need[scorer.traj.checkpoints[0].step]
