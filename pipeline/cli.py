@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.errors import ConfigError
-from pipeline.influence.estimator import FORMS
+from pipeline.influence.estimator import CURVATURES, FORMS
 
 
 def _methods(text: str) -> list[str]:
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--propagate-curvature",
-        choices=("ggn", "hessian"),
+        choices=CURVATURES,
         default="ggn",
         help="curvature of the propagated form: 'ggn' (Gauss-Newton, positive semi-definite; "
         "default) or 'hessian' (exact H_B, whose negative curvature can blow the product up)",

@@ -23,7 +23,7 @@ import copy
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,9 +34,9 @@ from pipeline.data.reader import iter_shard
 from pipeline.data.shards import resolve_shards
 from pipeline.data.synth import SynthConfig, make_pool
 from pipeline.influence.directions import (
-    GaussNewton,
     batch_gradient_and_hvp,
     compute_directions,
+    curvature_operator,
     target_gradient,
 )
 from pipeline.influence.estimator import Checkpoint, checkpoint_weights
@@ -321,17 +321,12 @@ class GroundTruth:
         grad_batches = [(self.images[i], self.tokens[i]) for i in self.grad_idx]
         s = self.setting
 
-        ggn: dict[int, GaussNewton] = {}
+        ops: dict[int, Callable[[Params], Params]] = {}
 
         def hvp(i: int, step: int, v: Params) -> Params:
-            params = checkpoints[i][1]
-            if curvature == "ggn":
-                if i not in ggn:
-                    ggn[i] = GaussNewton(self.fns, params, grad_batches)
-                return ggn[i](v)
-            _, h = batch_gradient_and_hvp(self.fns, params, grad_batches, v)
-            assert h is not None
-            return h
+            if i not in ops:
+                ops[i] = curvature_operator(self.fns, checkpoints[i][1], grad_batches, curvature)
+            return ops[i](v)
 
         return propagated_directions(
             hvp,

@@ -10,7 +10,7 @@ them, and broadcast to every scoring worker.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vjp
 
+from pipeline.influence.estimator import CURVATURES
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.influence.vectors import dot
 from pipeline.model.loss import scale_of
@@ -138,11 +139,22 @@ class GaussNewton:
         return {k: v / len(self.ops) for k, v in out.items()}
 
 
-def batch_ggn_vector(
-    fns: ClipFunctions, params: Params, batches: Sequence[Batch], vector: Params
-) -> Params:
-    """Mean over batches of G_B @ vector (``GaussNewton``, built for one product)."""
-    return GaussNewton(fns, params, batches)(vector)
+def curvature_operator(
+    fns: ClipFunctions, params: Params, batches: Sequence[Batch], kind: str
+) -> Callable[[Params], Params]:
+    """v -> C v with C the mean over batches of the Gauss-Newton part (``ggn``) or the exact
+    Hessian (``hessian``) of the in-batch loss: the propagated form's curvature."""
+    if kind == "ggn":
+        return GaussNewton(fns, params, batches)
+    if kind != "hessian":
+        raise ValueError(f"curvature {kind!r}: expected one of {CURVATURES}")
+
+    def exact(v: Params) -> Params:
+        _, h = batch_gradient_and_hvp(fns, params, batches, v)
+        assert h is not None
+        return h
+
+    return exact
 
 
 def target_gradient(

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMS = ("derived", "method", "propagated")
-EXPANSION_FORMS = ("derived", "method")  # the forms built from the hb, hz, hv terms
+CURVATURES = ("ggn", "hessian")  # the propagated form's curvature (directions.curvature_operator)
 DEFAULT_FORM = "propagated"  # what `diffin` uses unless told otherwise (docs/accuracy.md)
 SECOND_ORDER_KEYS = ("hb", "hz", "hv")
 

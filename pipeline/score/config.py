@@ -7,7 +7,7 @@ from typing import Any
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options, valid_keys
 from pipeline.errors import ConfigError
-from pipeline.influence.estimator import FORMS
+from pipeline.influence.estimator import CURVATURES, FORMS
 
 AUTO_FORM = "auto"
 
@@ -71,8 +71,8 @@ class ScoreConfig:
             ),
             (
                 "propagate_curvature",
-                self.propagate_curvature in ("ggn", "hessian"),
-                "must be 'ggn' or 'hessian'",
+                self.propagate_curvature in CURVATURES,
+                f"must be one of {CURVATURES}",
             ),
         ]
         for name, ok, why in checks:

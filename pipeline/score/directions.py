@@ -20,9 +20,8 @@ from pipeline.data.shards import resolve_shards
 from pipeline.errors import ConfigError
 from pipeline.influence.directions import (
     Directions,
-    GaussNewton,
-    batch_gradient_and_hvp,
     compute_directions,
+    curvature_operator,
     load_directions,
     save_directions,
 )
@@ -232,16 +231,7 @@ def ensure_propagated(
             loaded.clear()
             state = load_state_dict(run, traj, steps[i])
             params = {k: state[k].to(dtype) for k in names}
-            if cfg.propagate_curvature == "ggn":
-                loaded[i] = GaussNewton(fns, params, grad_batches)
-            else:
-
-                def exact(v: Params, params: Params = params) -> Params:
-                    _, h = batch_gradient_and_hvp(fns, params, grad_batches, v)
-                    assert h is not None
-                    return h
-
-                loaded[i] = exact
+            loaded[i] = curvature_operator(fns, params, grad_batches, cfg.propagate_curvature)
         return loaded[i](v)
 
     g_V = load_directions(run.directions(steps[-1])).ordered(names).g_V

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import hessian, jvp
 
-from pipeline.influence.directions import batch_ggn_vector, batch_gradient_and_hvp
+from pipeline.influence.directions import GaussNewton, batch_gradient_and_hvp
 from pipeline.influence.functional import ClipFunctions, derivative_mode
 from pipeline.influence.vectors import dot
 from pipeline.model import factory
@@ -53,14 +53,15 @@ def test_quadratic_form_equals_the_logit_hessian_along_jv(setup):
             logits, jv = jvp(logits_of, (params,), (v,))
         h = hessian(loss_of)(logits).reshape(logits.numel(), logits.numel())
         want += float(jv.reshape(-1) @ h @ jv.reshape(-1)) / len(batches)
-    got = float(dot(v, batch_ggn_vector(fns, params, batches, v)))
+    got = float(dot(v, GaussNewton(fns, params, batches)(v)))
     assert got == pytest.approx(want, rel=1e-9)
     assert got > 0
 
 
 def test_symmetric_and_positive_where_the_hessian_is_not(setup):
     fns, params, batches, (u, v) = setup
-    gu, gv = (batch_ggn_vector(fns, params, batches, x) for x in (u, v))
+    ggn = GaussNewton(fns, params, batches)
+    gu, gv = ggn(u), ggn(v)
     assert float(dot(u, gv)) == pytest.approx(float(dot(v, gu)), rel=1e-9)
     # the exact Hessian differs from its Gauss-Newton part by the network's own curvature
     _, hv = batch_gradient_and_hvp(fns, params, batches, v)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from pipeline.influence.vectors import dot
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir
+from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import (
     ensure_directions,
     load_set,
@@ -34,27 +34,33 @@ from pipeline.score.directions import (
 from pipeline.score.trajectory import load_state_dict, load_trajectory
 from pipeline.score.worker import ShardScorer
 from pipeline.tensors import load_tensors
+from tests.conftest import copy_run
 
 
-def copy_run(src: str, dst: Path) -> str:
-    shutil.copytree(src, dst)
-    return str(dst)
+def as_adamw(src: str, dst: Path) -> str:
+    """A copy of the run whose trajectory says it was trained with AdamW."""
+    run = copy_run(src, dst)
+    path = Path(run) / "trajectory" / "trajectory.json"
+    record = json.loads(path.read_text())
+    record["optimizer"]["name"] = "adamw"
+    path.write_text(json.dumps(record))
+    return run
 
 
 @pytest.fixture(scope="module")
 def prop(tiny_run, tmp_path_factory):
     run = copy_run(tiny_run["run"], tmp_path_factory.mktemp("propagated") / "run")
-    cfg = dataclasses.replace(
-        _score_config(tiny_run, run), methods=["diffin", "tracin"], second_order="propagated"
+    cfg = ScoreConfig(
+        data=tiny_run["data"],
+        run=run,
+        workers=1,
+        threads=1,
+        dtype="float64",
+        methods=["diffin", "tracin"],
+        second_order="propagated",
     )
     ensure_directions(cfg, RunDir(run), load_trajectory(RunDir(run)))
     return {"run": run, "cfg": cfg, "data": tiny_run["data"]}
-
-
-def _score_config(tiny_run, run: str):
-    from pipeline.score.config import ScoreConfig
-
-    return ScoreConfig(data=tiny_run["data"], run=run, workers=1, threads=1, dtype="float64")
 
 
 def test_direction_files_are_written_once(prop):
@@ -122,11 +128,7 @@ def test_rates_follow_the_recorded_schedule(prop):
 
 
 def test_an_adamw_trajectory_is_refused_before_any_work(prop, tmp_path):
-    run = copy_run(prop["run"], tmp_path / "adamw")
-    path = Path(run) / "trajectory" / "trajectory.json"
-    record = json.loads(path.read_text())
-    record["optimizer"]["name"] = "adamw"
-    path.write_text(json.dumps(record))
+    run = as_adamw(prop["run"], tmp_path / "adamw")
     for f in (Path(run) / "directions").iterdir():
         f.unlink()
     cfg = dataclasses.replace(prop["cfg"], run=run)
@@ -141,11 +143,7 @@ def test_auto_picks_the_propagated_form_for_sgd_and_the_expansion_otherwise(prop
     traj = load_trajectory(RunDir(prop["run"]))
     assert resolve_form("auto", traj) == "propagated"
     assert resolve_form("method", traj) == "method"
-    run = copy_run(prop["run"], tmp_path / "adamw")
-    path = Path(run) / "trajectory" / "trajectory.json"
-    record = json.loads(path.read_text())
-    record["optimizer"]["name"] = "adamw"
-    path.write_text(json.dumps(record))
+    run = as_adamw(prop["run"], tmp_path / "adamw")
     cfg = dataclasses.replace(prop["cfg"], run=run, second_order="auto")
     scorer = ShardScorer(run, cfg)
     assert scorer.cfg.second_order == scorer.ctx.second_order == "derived"
