@@ -3,14 +3,17 @@
     python -m benchmarks.noise_auroc --work runs/noise --out docs/figures/noise_auroc.json
 
 Runs the real pipeline on the default generated pool (pipeline.data.synth
-defaults: 2,000 pairs, 20% mismatched captions): make-data, train (the CLI
-defaults: diffin-small, SGD, 400 steps, 5 checkpoints), score
-(diffin,tracin,loss,clip_score,random, one worker), i.e. the same as
+defaults: 2,000 pairs, 20% mismatched captions, a clean 256-pair target/
+split): make-data, train (the CLI defaults: diffin-small, SGD, 400 steps, 5
+checkpoints, unless --steps/--checkpoints), score (diffin,tracin,loss,
+clip_score,random, toward the curated target/ split unless --target held-out),
+i.e. the same as
 
     diffin make-data WORK/pool
     diffin train --data 'WORK/pool/{00000..00007}.tar' --run WORK/run --threads 1
     diffin score --data 'WORK/pool/{00000..00007}.tar' --run WORK/run \
-        --methods diffin,tracin,loss,clip_score,random --workers 1
+        --methods diffin,tracin,loss,clip_score,random --workers 1 \
+        --target 'WORK/pool/target/{00000..00000}.tar'
 
 then joins the score table with truth.parquet. Stages whose outputs exist
 are reused (scoring resumes per shard). ``--shards N`` scores only the first
@@ -63,6 +66,16 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs/figures/noise_auroc.json")
     p.add_argument("--figures", default="docs/figures")
+    p.add_argument(
+        "--target",
+        choices=("curated", "held-out"),
+        default="curated",
+        help="score toward the pool's clean target/ split (default) or the held-out pool sample",
+    )
+    p.add_argument("--steps", type=int, default=None, help="proxy steps (default: the CLI's)")
+    p.add_argument("--checkpoints", type=int, default=None, help="m (default: the CLI's)")
+    p.add_argument("--workers", type=int, default=1, help="scoring actors")
+    p.add_argument("--name", default="noise_auroc", help="file name of the figure (.png)")
     a = p.parse_args(argv)
     one_thread(a.threads)
     from pipeline.data.synth import SynthConfig, make_pool
@@ -83,7 +96,10 @@ def main(argv=None) -> dict:
     run = RunDir(run_dir)
     t = time.perf_counter()
     if not exists(run.trajectory_json):
-        train(TrainConfig(data=pattern, run=run_dir, threads=a.threads))
+        recipe = {
+            k: v for k, v in (("steps", a.steps), ("checkpoints", a.checkpoints)) if v is not None
+        }
+        train(TrainConfig(data=pattern, run=run_dir, threads=a.threads, **recipe))
     timings["train"] = time.perf_counter() - t
     shards = summary["shards"]
     data = pattern
@@ -92,15 +108,32 @@ def main(argv=None) -> dict:
 
         data = brace_pattern(pool_dir, 0, a.shards - 1)
     t = time.perf_counter()
+    target = summary["target"]["data"] if a.target == "curated" else None
     score_summary = run_scoring(
-        ScoreConfig(data=data, run=run_dir, methods=METHODS, workers=1, threads=a.threads)
+        ScoreConfig(
+            data=data,
+            run=run_dir,
+            methods=METHODS,
+            workers=a.workers,
+            threads=a.threads,
+            target=target,
+        )
     )
     timings["score"] = time.perf_counter() - t
     res = auroc_table(run.scores, f"{pool_dir}/truth.parquet")
+    from pipeline.score.trajectory import load_trajectory
+
+    traj = load_trajectory(run)
     record = {
         "command": "python -m benchmarks.noise_auroc "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "data": data,
+        "target": target or "held-out sample of the pool",
+        "trajectory": {
+            "steps": traj.record["steps"],
+            "checkpoints": [c.step for c in traj.checkpoints],
+            "optimizer": traj.record["optimizer"],
+        },
         "timings_s": {**timings, "total": time.perf_counter() - t0},
         "score_summary": {
             k: score_summary.get(k) for k in ("rows", "seconds", "samples_per_second")
@@ -124,9 +157,9 @@ def main(argv=None) -> dict:
         ax.set_ylabel("AUROC (low score => mismatch)")
         plt.setp(ax.get_xticklabels(), rotation=45, ha="right", fontsize=7)
         fig.tight_layout()
-        fig.savefig(Path(a.figures) / "noise_auroc.png", dpi=110)
+        fig.savefig(Path(a.figures) / f"{a.name}.png", dpi=110)
         plt.close(fig)
-        record["figures"] = [str(Path(a.figures) / "noise_auroc.png")]
+        record["figures"] = [str(Path(a.figures) / f"{a.name}.png")]
     if a.out:
         write_json(a.out, record)
     return record

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duplicates", type=float, default=0.02)
     d.add_argument("--junk", type=float, default=0.02, help="rate of pure-noise images")
     d.add_argument("--eval-samples", type=int, default=500)
+    d.add_argument(
+        "--target-samples",
+        type=int,
+        default=256,
+        help="clean pairs in OUT/target/, a curated target set for `diffin score --target`",
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--overwrite", action="store_true")
 
@@ -280,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--keep", type=float, default=0.7)
     m.add_argument("--method", default="diffin")
     m.add_argument(
+        "--target",
+        dest="demo_target",  # not a shard pattern: check_patterns must not resolve it
+        choices=("curated", "held-out"),
+        default="curated",
+        help="score toward the pool's clean target/ split (default) or the held-out pool sample",
+    )
+    m.add_argument(
         "--no-evaluate",
         dest="evaluate",
         action="store_false",
@@ -300,6 +313,7 @@ def run(args: argparse.Namespace) -> object:
             duplicates=args.duplicates,
             junk=args.junk,
             eval_samples=args.eval_samples,
+            target_samples=args.target_samples,
             seed=args.seed,
         )
         return make_pool(args.out, cfg, overwrite=args.overwrite)
@@ -444,6 +458,7 @@ def run(args: argparse.Namespace) -> object:
                 workers=args.workers,
                 keep=args.keep,
                 method=args.method,
+                target=args.demo_target,
                 evaluate=args.evaluate,
             )
         )

@@ -1,6 +1,6 @@
 """`diffin demo`: the whole pipeline on the embedded default, with a short summary.
 
-make-data (about 2,000 pairs, 20% mismatched captions) -> train -> score
+make-data (about 2,000 pairs, 20% mismatched captions, a clean target split) -> train -> score
 (local Ray) -> prune -> evaluate -> report, then: samples, errors, kept, where
 each output is, how many injected mismatched pairs each scorer's kept set
 still holds, and the path of the HTML report.
@@ -29,6 +29,8 @@ from pipeline.score.table import read_table
 from pipeline.train.config import TrainConfig
 from pipeline.train.trajectory import train
 
+TARGETS = ("curated", "held-out")
+
 
 @dataclass
 class DemoConfig:
@@ -52,6 +54,10 @@ class DemoConfig:
     target_size: int = 128
     reference_size: int = 255
     eval_samples: int = 500
+    # "curated": score toward the pool's clean target/ split (what `--target` is in a
+    # real run); "held-out": toward the noisy pool sample held out of training.
+    target: str = "curated"
+    target_samples: int = 256
     evaluate: bool = True  # retrain on each scorer's kept subset (diffin evaluate)
     eval_keeps: list[float] = field(default_factory=lambda: [0.5, 0.7])
 
@@ -65,6 +71,7 @@ def stage_configs(
         shard_size=cfg.shard_size,
         noise=cfg.noise,
         eval_samples=cfg.eval_samples,
+        target_samples=cfg.target_samples if cfg.target == "curated" else 0,
         seed=cfg.seed,
     )
     trainc = TrainConfig(
@@ -98,6 +105,10 @@ def stage_configs(
     prune.validate()
     if cfg.evaluate:
         evaluate.validate()
+    if cfg.target not in TARGETS:
+        raise ConfigError(f"target: expected one of {TARGETS}, got {cfg.target!r}")
+    if cfg.target == "curated" and cfg.target_samples < 1:
+        raise ConfigError(f"target_samples: a curated target needs >= 1, got {cfg.target_samples}")
     if cfg.method not in cfg.methods:
         raise ConfigError(f"method: {cfg.method!r} is not one of the scored methods {cfg.methods}")
     return synth, trainc, score, prune, evaluate
@@ -135,7 +146,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["train"] = time.time() - t
 
     t = time.time()
-    score = run_scoring(replace(score_cfg, data=pool["train_data"]))
+    target = pool["target"]["data"] if cfg.target == "curated" else None
+    score = run_scoring(replace(score_cfg, data=pool["train_data"], target=target))
     timings["score"] = time.time() - t
 
     t = time.time()
@@ -158,6 +170,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "samples": score["rows"],
         "errors": score["rows_error"],
         "kept": manifest["kept"],
+        "target": target or "held-out sample of the pool",
         "mismatched_in_pool": pool["defects"]["mismatch"],
         "mismatched_kept": defects[cfg.method]["mismatch"],
         "defects_kept_by_method": defects,
@@ -188,6 +201,7 @@ def format_summary(s: dict[str, Any]) -> str:
             ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items() if k != "total"),
         ),
         f"  samples scored : {s['samples']} ({s['errors']} errors)",
+        f"  target set     : {s.get('target', 'held-out sample of the pool')}",
         f"  kept           : {s['kept']} by {s['config']['method']} at keep={s['config']['keep']}",
         f"  mismatched     : {s['mismatched_kept']} of {s['mismatched_in_pool']} injected mismatched "
         "pairs are still in the kept set",

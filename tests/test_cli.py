@@ -149,6 +149,20 @@ def test_demo_refuses_bad_config_before_generating_data(tmp_path, capsys, flag, 
     assert _empty(run)
 
 
+@pytest.mark.parametrize("target", ["curated", "held-out"])
+def test_demo_target_is_a_choice_not_a_shard_pattern(tmp_path, capsys, target):
+    """--target of the demo names the target kind; it reaches the config check, not the shard one."""
+    run = tmp_path / "demo"
+    _refused(["demo", "--run", str(run), "--target", target, "--keep", "2"], capsys, "keep")
+    assert _empty(run)
+
+
+def test_make_data_bad_target_samples(tmp_path, capsys):
+    out = tmp_path / "pool"
+    _refused(["make-data", str(out), "--target-samples", "-1"], capsys, "target_samples")
+    assert _empty(out)
+
+
 @pytest.mark.parametrize(
     "flag,value,field",
     [("--keep", "1.5", "keeps"), ("--methods", "nope", "methods"), ("--steps", "0", "steps")],

@@ -35,6 +35,7 @@ def demo(tmp_path_factory):
         target_size=32,
         reference_size=31,
         eval_samples=20,
+        target_samples=24,
     )
     try:
         summary = run_demo(cfg)
@@ -104,6 +105,17 @@ def test_demo_json_and_summary(demo):
     assert {"train", "score", "evaluate"} <= set(run_json)
 
 
+def test_demo_scores_toward_the_curated_target_split(demo):
+    """The default demo target is the pool's clean target/ split, not the noisy held-out sample."""
+    s = demo["summary"]
+    target_dir = demo["run"] / "data" / "target"
+    assert s["target"].startswith(str(target_dir))
+    assert json.loads((target_dir / "sizes.json").read_text()) == {"00000.tar": 24}
+    run_json = json.loads((demo["run"] / "run.json").read_text())
+    assert run_json["score"]["config"]["target"] == s["target"]
+    assert f"target set     : {s['target']}" in format_summary(s)
+
+
 def test_demo_evaluates_every_scorer_and_ends_with_the_report(demo):
     s = demo["summary"]
     subsets = [r["subset"] for r in s["evaluation"]]
@@ -125,6 +137,8 @@ def test_demo_evaluates_every_scorer_and_ends_with_the_report(demo):
         ({"steps": 30}, "warmup"),  # the default warm-up (40) does not fit in 30 steps
         ({"model": "nope"}, "model"),
         ({"noise": 1.0}, "noise"),
+        ({"target": "clean"}, "target"),
+        ({"target_samples": 0}, "target_samples"),
     ],
 )
 def test_bad_demo_config_is_refused_before_any_work(tmp_path, change, field):

@@ -143,6 +143,10 @@ class SynthConfig:
     duplicates: float = 0.02
     junk: float = 0.02
     eval_samples: int = 500
+    # A small curated target set (clean pairs, own stream, disjoint from pool and
+    # eval): what a user's own `--target` is in a real run. Influence toward a
+    # held-out sample of the noisy pool asks to fit its noise too (docs/accuracy.md).
+    target_samples: int = 256
     image_size: int = 64
     seed: int = 0
 
@@ -157,7 +161,14 @@ class SynthConfig:
 
     def validate(self) -> None:
         """Refuse a bad config before any file is written, naming the field."""
-        for name in ("samples", "shard_size", "eval_samples", "image_size", "seed"):
+        for name in (
+            "samples",
+            "shard_size",
+            "eval_samples",
+            "target_samples",
+            "image_size",
+            "seed",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{name}: must be an integer, got {value!r}")
@@ -176,12 +187,13 @@ class SynthConfig:
                 f"shard_size: at most {10**_KEY_INDEX_DIGITS} (the key has "
                 f"{_KEY_INDEX_DIGITS} digits for the index in a shard), got {self.shard_size}"
             )
-        for name in ("samples", "eval_samples"):
+        for name in ("samples", "eval_samples", "target_samples"):
             n = getattr(self, name)
             if math.ceil(n / self.shard_size) > 10**_KEY_SHARD_DIGITS:
                 raise ConfigError(f"{name}: too many shards for 5-digit shard names ({n})")
-        if self.eval_samples < 0:
-            raise ConfigError(f"eval_samples: must be >= 0, got {self.eval_samples}")
+        for name in ("eval_samples", "target_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.image_size < 16:
             raise ConfigError(f"image_size: must be >= 16, got {self.image_size}")
         if self.seed < 0:
@@ -397,16 +409,24 @@ def _generate_pool(cfg: SynthConfig) -> list[_Item]:
     return items
 
 
-def _generate_eval(cfg: SynthConfig) -> list[_Item]:
-    # Its own stream: changing the pool size does not change the eval split.
-    rng = np.random.default_rng([cfg.seed, 2])
+def _generate_clean(cfg: SynthConfig, split: str, n: int, stream: int) -> list[_Item]:
+    # Each split has its own stream: changing the pool size changes neither.
+    rng = np.random.default_rng([cfg.seed, stream])
     items = []
-    for i in range(cfg.eval_samples):
+    for i in range(n):
         scene = _random_scene(rng)
         jpg = _jpeg(render_scene(scene, cfg.image_size, rng))
-        uid, key = _uid(cfg.seed, "eval", i), _key(i, cfg.shard_size)
+        uid, key = _uid(cfg.seed, split, i), _key(i, cfg.shard_size)
         items.append(_Item(uid, key, jpg, scene.caption(), "clean", scene))
     return items
+
+
+def _generate_eval(cfg: SynthConfig) -> list[_Item]:
+    return _generate_clean(cfg, "eval", cfg.eval_samples, 2)
+
+
+def _generate_target(cfg: SynthConfig) -> list[_Item]:
+    return _generate_clean(cfg, "target", cfg.target_samples, 3)
 
 
 def _sample_json(item: _Item, size: int) -> bytes:
@@ -523,14 +543,14 @@ def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool) -> dic
     # Remove what a previous (possibly larger or unfinished) pool left behind,
     # so no stale shard is picked up by a brace pattern or a directory listing.
     for pattern in ("*.tar", "*.tar.tmp-*", "*.parquet", "sizes.json", _SUMMARY_NAME):
-        for sub in ("", "eval/"):
+        for sub in ("", "eval/", "target/"):
             for path in fs.glob(f"{root}/{sub}{pattern}"):
                 fs.rm(path)
     return None
 
 
 def make_pool(out: str, cfg: SynthConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Generate the pool, its truth table and the eval split under ``out``.
+    """Generate the pool, its truth table, the eval split and the curated target split under ``out``.
 
     Returns the summary that is also written to ``out/synth.json`` (last, so
     its presence marks a complete pool). A pool made earlier with the same
@@ -547,7 +567,8 @@ def make_pool(out: str, cfg: SynthConfig, *, overwrite: bool = False) -> dict[st
 
     pool = _generate_pool(cfg)
     evals = _generate_eval(cfg)
-    uids = [it.uid for it in pool] + [it.uid for it in evals]
+    targets = _generate_target(cfg)
+    uids = [it.uid for it in pool] + [it.uid for it in evals] + [it.uid for it in targets]
     if len(set(uids)) != len(uids):  # pragma: no cover - a sha256 collision
         raise RuntimeError("uid collision in the generated pool")
 
@@ -590,6 +611,10 @@ def make_pool(out: str, cfg: SynthConfig, *, overwrite: bool = False) -> dict[st
     classes = {"classnames": list(SHAPES), "templates": list(ZERO_SHOT_TEMPLATES)}
     _write_json(fs, f"{root}/eval/classes.json", classes)
 
+    target_dir = f"{base}/target"
+    fs.makedirs(f"{root}/target", exist_ok=True)
+    target_shards, target_sizes = _write_split(target_dir, targets, cfg)
+
     counts: dict[str, int] = {d: 0 for d in DEFECTS}
     for it in pool:
         counts[it.defect] += 1
@@ -611,6 +636,12 @@ def make_pool(out: str, cfg: SynthConfig, *, overwrite: bool = False) -> dict[st
             "labels": "eval/labels.parquet",
             "classes": "eval/classes.json",
             "classnames": list(SHAPES),
+        },
+        "target": {
+            "samples": len(targets),
+            "shards": target_shards,
+            "sizes": target_sizes,
+            "data": brace_pattern(target_dir, 0, len(target_shards) - 1) if target_shards else None,
         },
         "image_size": cfg.image_size,
     }

@@ -25,6 +25,7 @@ CFG = SynthConfig(
     duplicates=0.1,
     junk=0.1,
     eval_samples=20,
+    target_samples=12,
     image_size=32,
     seed=3,
 )
@@ -99,11 +100,12 @@ def test_every_sample_is_complete(pool: tuple[Path, dict]) -> None:
             assert im.format == "JPEG" and im.size == (32, 32) and im.mode == "RGB"
 
 
-def test_uids_unique_across_pool_and_eval(pool: tuple[Path, dict]) -> None:
+def test_uids_unique_across_pool_eval_and_target(pool: tuple[Path, dict]) -> None:
     out, _ = pool
     uids = [json.loads(m["json"])["uid"] for _, _, m in _read_split(out)]
     uids += [json.loads(m["json"])["uid"] for _, _, m in _read_split(out / "eval")]
-    assert len(uids) == 90 and len(set(uids)) == 90
+    uids += [json.loads(m["json"])["uid"] for _, _, m in _read_split(out / "target")]
+    assert len(uids) == 102 and len(set(uids)) == 102
 
 
 def test_truth_table(pool: tuple[Path, dict]) -> None:
@@ -185,6 +187,24 @@ def test_eval_split(pool: tuple[Path, dict]) -> None:
     assert classes["templates"] and all(t.count("{}") == 1 for t in classes["templates"])
     assert summary["eval"]["samples"] == 20
     assert (ev / "00000.parquet").exists()
+
+
+def test_target_split_is_clean_and_its_own_stream(pool: tuple[Path, dict], tmp_path: Path) -> None:
+    """The curated target: clean pairs (caption = the scene drawn), a pattern `--target` takes."""
+    from pipeline.data.shards import resolve_shards
+
+    out, summary = pool
+    target = out / "target"
+    assert json.loads((target / "sizes.json").read_text()) == {"00000.tar": 12}
+    assert summary["target"]["samples"] == 12
+    assert resolve_shards(summary["target"]["data"]) == [str(target / "00000.tar")]
+    captions = [m["txt"].decode() for _, _, m in _read_split(target)]
+    assert len(captions) == 12
+    assert all(any(shape in c for shape in SHAPES) for c in captions)
+    # its own stream: a bigger pool does not change the target split, eval does not either
+    other = make_pool(str(tmp_path / "bigger"), replace(CFG, samples=90))
+    assert _tar_bytes(tmp_path / "bigger" / "target") == _tar_bytes(target)
+    assert other["target"]["sizes"] == summary["target"]["sizes"]
 
 
 def test_summary_file(pool: tuple[Path, dict]) -> None:
@@ -272,6 +292,7 @@ def test_no_eval_samples(tmp_path: Path) -> None:
         ("duplicates", 1.5),
         ("junk", -1e-9),
         ("eval_samples", -1),
+        ("target_samples", -1),
         ("image_size", 15),
         ("seed", -1),
         ("samples", 2.5),
