@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
 
     T = steps[-1]
     g_T = sketches[T]
-    lr_beta = (traj.checkpoints[-1].lr, float(opt.get("momentum", 0.0)))
+    beta = float(opt.get("momentum", 0.0))
     per_t: dict[str, dict[int, float]] = {"sq": {}, "final": {}, "fisher_damped": {}, "loss": {}}
     totals = {"tracin_self": 0.0, "final_pairing": 0.0, "fisher_damped": 0.0}
     prev = 0
@@ -152,9 +152,8 @@ def main(argv=None) -> dict:
         p_T, p_t = g_T @ basis, sketches[t] @ basis
         cross = (g_T * sketches[t]).sum(1)
         # pushes at steps prev..t-1 (each stands for its block), transported to T
-        lr, beta = c.lr, lr_beta[1]
-        decay = survival(eig, T - prev, lr, beta)[T - t : T - prev].sum(0)
-        free = survival(np.zeros(1), T - prev, lr, beta)[T - t : T - prev].sum(0)[0]
+        decay = survival(eig, T - prev, c.lr, beta)[T - t : T - prev].sum(0)
+        free = survival(np.zeros(1), T - prev, c.lr, beta)[T - t : T - prev].sum(0)[0]
         damped = -(free * (cross - (p_T * p_t).sum(1)) + (p_T * p_t * decay).sum(1)) / traj.n_train
         per_t["sq"][t] = auroc_high(sq[t])
         per_t["final"][t] = auroc_high(cross)

@@ -25,10 +25,8 @@ N, N_V, STEPS, LR = 12, 8, 40, 0.005
 def toy():
     problem = make_problem(N, N_V)
     theta0, losses, target_loss = problem["theta0"], problem["losses"], problem["target_loss"]
+    train_loss = problem["train_loss"]
     xt, yt = problem["x"]
-
-    def train_loss(theta, weights):
-        return (weights * losses(theta, xt, yt)).sum() / N
 
     def run(weights):
         theta, seen = theta0.clone(), {0: theta0.clone()}

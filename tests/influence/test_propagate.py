@@ -28,10 +28,8 @@ def rate(step: int) -> float:
 def toy():
     problem = make_problem(N, N_V)
     theta0, losses, target_loss = problem["theta0"], problem["losses"], problem["target_loss"]
+    train_loss = problem["train_loss"]
     xt, yt = problem["x"]
-
-    def train_loss(theta, weights):
-        return (weights * losses(theta, xt, yt)).sum() / N
 
     def run(weights):
         theta, buf, seen = theta0.clone(), torch.zeros_like(theta0), {0: theta0.clone()}

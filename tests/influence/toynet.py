@@ -16,7 +16,8 @@ class Net(torch.nn.Module):
 
 
 def make_problem(n: int, n_v: int, seed: int = 0) -> dict:
-    """theta0 (flat), per-sample losses(theta, xs, ys), the training pairs and the target loss."""
+    """theta0 (flat), per-sample losses(theta, xs, ys), the training pairs, the weighted
+    training loss and the target loss."""
     torch.manual_seed(seed)
     net = Net().double()
     shapes = {k: v.shape for k, v in net.named_parameters()}
@@ -40,4 +41,9 @@ def make_problem(n: int, n_v: int, seed: int = 0) -> dict:
     def target_loss(theta):
         return losses(theta, xv, yv).mean()
 
-    return dict(theta0=theta0, losses=losses, x=(xt, yt), target_loss=target_loss)
+    def train_loss(theta, weights):  # weights: 1 = in, 0 = removed, 1 +- eps = perturbed
+        return (weights * losses(theta, xt, yt)).sum() / n
+
+    return dict(
+        theta0=theta0, losses=losses, x=(xt, yt), target_loss=target_loss, train_loss=train_loss
+    )
