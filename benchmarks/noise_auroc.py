@@ -5,14 +5,14 @@
 Runs the real pipeline on the default generated pool (pipeline.data.synth
 defaults: 2,000 pairs, 20% mismatched captions, a clean 256-pair target/
 split): make-data, train (the CLI defaults: diffin-small, SGD, 400 steps, 5
-checkpoints, unless --steps/--checkpoints), score (diffin,tracin,loss,
+checkpoints, unless --steps/--checkpoints), score (diffin,tracin,loss,loss_mean,
 clip_score,random, toward the curated target/ split unless --target held-out),
 i.e. the same as
 
     diffin make-data WORK/pool
     diffin train --data 'WORK/pool/{00000..00007}.tar' --run WORK/run --threads 1
     diffin score --data 'WORK/pool/{00000..00007}.tar' --run WORK/run \
-        --methods diffin,tracin,loss,clip_score,random --workers 1 \
+        --methods diffin,tracin,loss,loss_mean,clip_score,random --workers 1 \
         --target 'WORK/pool/target/{00000..00000}.tar'
 
 then joins the score table with truth.parquet. Stages whose outputs exist
@@ -32,7 +32,7 @@ import numpy as np
 
 from benchmarks.common import environment, md_table, one_thread, pyplot, write_json
 
-METHODS = ["diffin", "tracin", "loss", "clip_score", "random"]
+METHODS = ["diffin", "tracin", "loss", "loss_mean", "clip_score", "random"]
 
 
 def auroc_table(scores_url: str, truth_url: str) -> dict:

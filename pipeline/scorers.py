@@ -169,6 +169,29 @@ class Loss(Scorer):
 
 
 @register
+class LossMean(Scorer):
+    """Minus the per-sample loss averaged over the checkpoints.
+
+    The trajectory "confidence" of dataset cartography (Swayamdipta et al.,
+    2020), for the reference-negative loss. A pair the proxy learns late or
+    never has a high mean loss, whereas the last checkpoint alone also ranks
+    low the noise the proxy has memorised by then (docs/accuracy.md, section 4b).
+    """
+
+    name = "loss_mean"
+    terms = frozenset({"loss"})
+    description = "minus the per-sample loss averaged over the checkpoints (trajectory confidence)"
+
+    def columns(self, ctx: ScoreContext) -> list[str]:
+        return [self.name] + [f"loss_mean_t{c.step}" for c in ctx.checkpoints]
+
+    def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
+        out = {f"loss_mean_t{c.step}": -terms[c.step]["loss"] for c in ctx.checkpoints}
+        out[self.name] = np.mean(list(out.values()), axis=0)
+        return out
+
+
+@register
 class ClipScore(Scorer):
     name = "clip_score"
     last_terms = frozenset({"cosine"})

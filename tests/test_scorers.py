@@ -79,6 +79,8 @@ def test_all_scorers_together_through_the_worker(all_scorer, samples, worker_out
     assert set(out) == set(all_scorer.columns)
     for c, v in out.items():
         assert v.shape == (len(samples),) and np.isfinite(v).all(), c
+    # loss_mean's last component and loss read the same term of the same checkpoint
+    np.testing.assert_array_equal(out[f"loss_mean_t{all_scorer.ctx.last.step}"], out["loss"])
 
 
 def test_scorer_formulas_on_given_terms():
@@ -128,6 +130,9 @@ def test_scorer_formulas_on_given_terms():
     lo = REGISTRY["loss"]().score(terms, uids, ctx)
     np.testing.assert_array_equal(lo["loss"], -terms[20]["loss"])
     np.testing.assert_array_equal(lo["loss_raw"], terms[20]["loss"])
+    lm = REGISTRY["loss_mean"]().score(terms, uids, ctx)
+    np.testing.assert_allclose(lm["loss_mean"], -(terms[10]["loss"] + terms[20]["loss"]) / 2)
+    np.testing.assert_array_equal(lm["loss_mean_t10"], -terms[10]["loss"])
     cs = REGISTRY["clip_score"]().score(terms, uids, ctx)
     np.testing.assert_array_equal(cs["clip_score"], terms[20]["cosine"])
     r1 = REGISTRY["random"]().score(terms, uids, ctx)["random"]
@@ -141,6 +146,7 @@ def test_needed_terms_last_only_at_the_last_checkpoint():
     assert needed_terms(scorers, ctx.checkpoints[0], ctx) == {"first"}
     assert needed_terms(scorers, ctx.checkpoints[1], ctx) == {"first", "loss"}
     assert needed_terms(get_scorers(["random"]), ctx.checkpoints[1], ctx) == set()
+    assert needed_terms(get_scorers(["loss_mean"]), ctx.checkpoints[0], ctx) == {"loss"}
 
 
 @pytest.mark.parametrize(

@@ -520,14 +520,36 @@ def _scene_columns(items: Iterable[_Item]) -> dict[str, list[str]]:
     return cols
 
 
-def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool) -> dict | None:
+def _rebased(summary: dict[str, Any], out: str) -> dict[str, Any]:
+    """The summary with its data paths under ``out``.
+
+    The summary records absolute patterns. A pool that was copied or moved
+    would otherwise hand back its old location, and the data read from
+    there may be gone or different.
+    """
+    old = str(summary.get("out", "")).rstrip("/")
+    new = out.rstrip("/")
+    if not old or old == new:
+        return summary
+
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, str) and value.startswith(old + "/"):
+            return new + value[len(old) :]
+        return value
+
+    return {**move(summary), "out": out}
+
+
+def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool, out: str) -> dict | None:
     """The stored summary if this exact pool is already there; refuse to clobber others."""
     summary_path = f"{root}/{_SUMMARY_NAME}"
     if fs.exists(summary_path):
         with fs.open(summary_path, "rb") as f:
             summary = json.loads(f.read().decode("utf-8"))
         if summary.get("config") == asdict(cfg) and not overwrite:
-            return summary
+            return _rebased(summary, out)
         if not overwrite:
             raise ConfigError(
                 f"out: {root} already holds a pool made with a different config; "
@@ -554,14 +576,15 @@ def make_pool(out: str, cfg: SynthConfig, *, overwrite: bool = False) -> dict[st
 
     Returns the summary that is also written to ``out/synth.json`` (last, so
     its presence marks a complete pool). A pool made earlier with the same
-    config is kept and its summary returned; a directory holding a different
+    config is kept and its summary returned, with its paths under ``out`` even
+    if the pool was copied or moved there; a directory holding a different
     pool, or foreign shards, is refused unless ``overwrite`` is set.
     """
     cfg.validate()
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
-    existing = _existing_pool(fs, root, cfg, overwrite)
+    existing = _existing_pool(fs, root, cfg, overwrite, out)
     if existing is not None:
         return existing
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.data.shards import expand_pattern
 from pipeline.data.synth import COLOURS, SHAPES, SynthConfig, make_pool
 from pipeline.errors import ConfigError
 
@@ -265,6 +266,19 @@ def test_rerun_keeps_existing_pool_and_refuses_others(tmp_path: Path) -> None:
         "00001.tar",
     ]  # stale 00002 gone
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 8, "00001.tar": 1}
+
+
+def test_a_moved_pool_is_kept_and_points_at_its_new_place(tmp_path: Path) -> None:
+    cfg = SynthConfig(samples=20, shard_size=8, eval_samples=4, target_samples=3, image_size=16)
+    first = make_pool(str(tmp_path / "a"), cfg)
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = make_pool(str(tmp_path / "b"), cfg)
+    new = str(tmp_path / "b")
+    assert moved["out"] == new
+    for pattern in (moved["train_data"], moved["eval"]["val_data"], moved["target"]["data"]):
+        assert pattern.startswith(new + "/")
+        assert expand_pattern(pattern) and all(Path(p).exists() for p in expand_pattern(pattern))
+    assert moved["sizes"] == first["sizes"] and moved["config"] == first["config"]
 
 
 def test_refuses_foreign_shards(tmp_path: Path) -> None:
