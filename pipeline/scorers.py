@@ -172,15 +172,20 @@ class Loss(Scorer):
 class LossMean(Scorer):
     """Minus the per-sample loss averaged over the checkpoints.
 
-    The trajectory "confidence" of dataset cartography (Swayamdipta et al.,
-    2020), for the reference-negative loss. A pair the proxy learns late or
-    never has a high mean loss, whereas the last checkpoint alone also ranks
-    low the noise the proxy has memorised by then (docs/accuracy.md, section 4b).
+    The counterpart, in loss, of dataset cartography's "confidence"
+    (Swayamdipta et al., 2020), which averages the probability of the true
+    label over epochs; here the loss is the reference-negative loss. A pair
+    the proxy learns late or never keeps a high mean loss even after a long
+    proxy has memorised it, when its last-checkpoint loss is already low.
+    On a short proxy the underfit early checkpoints dilute it instead
+    (docs/accuracy.md, section 5).
     """
 
     name = "loss_mean"
     terms = frozenset({"loss"})
-    description = "minus the per-sample loss averaged over the checkpoints (trajectory confidence)"
+    description = (
+        "minus the per-sample loss averaged over the checkpoints (a training-dynamics score)"
+    )
 
     def columns(self, ctx: ScoreContext) -> list[str]:
         return [self.name] + [f"loss_mean_t{c.step}" for c in ctx.checkpoints]
