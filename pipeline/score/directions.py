@@ -26,14 +26,17 @@ from pipeline.influence.directions import (
     save_directions,
 )
 from pipeline.influence.estimator import DEFAULT_FORM, Weights
+from pipeline.influence.fast import DIRECTIONAL
 from pipeline.influence.functional import ClipFunctions, Params
 from pipeline.influence.propagate import nearest_blocks, propagated_directions
+from pipeline.influence.selfinf import SELF_TERMS
 from pipeline.influence.vectors import norm
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir, exists
 from pipeline.score.config import AUTO_FORM, ScoreConfig
 from pipeline.score.trajectory import Trajectory, load_state_dict
+from pipeline.scorers import ScoreContext, get_scorers, needed_terms
 from pipeline.tensors import load_tensors, save_tensors
 from pipeline.train.schedule import lr_at
 
@@ -80,8 +83,24 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
     )
 
 
+def needs_directions(cfg: ScoreConfig, traj: Trajectory) -> bool:
+    """Whether any requested scorer reads a direction vector at any checkpoint.
+
+    loss, loss_mean, clip_score, el2n and random do not; they score without
+    the per-checkpoint gradient and Hessian-vector products.
+    """
+    options = {**cfg.score_options(), "second_order": resolve_form(cfg.second_order, traj)}
+    ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, options)
+    scorers = get_scorers(cfg.methods)
+    return any(needed_terms(scorers, c, ctx) & (DIRECTIONAL | SELF_TERMS) for c in traj.checkpoints)
+
+
 def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
-    """Compute the missing direction files; returns the target description."""
+    """Compute the missing direction files; returns the target description.
+
+    Nothing is computed when no requested scorer needs directions; the target
+    set is still read, since its description is part of the scores' fingerprint.
+    """
     propagated = "diffin" in cfg.methods and resolve_form(cfg.second_order, traj) == "propagated"
     if propagated:
         sgd_dynamics(traj)  # refuses a trajectory the propagated form cannot model, up front
@@ -95,6 +114,9 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
         (gb["images"][i].to(dtype), gb["tokens"][i]) for i in range(gb["images"].shape[0])
     ]
     by_step = {int(c["step"]): c["sha256"] for c in traj.record["checkpoints"]}
+    if not needs_directions(cfg, traj):
+        log.info("directions: not needed by %s", ",".join(cfg.methods))
+        return target_info
     for ckpt in tqdm(traj.checkpoints, desc="directions", unit="ckpt", leave=False):
         fingerprint = hashlib.sha256(
             json.dumps(

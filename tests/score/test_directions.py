@@ -1,0 +1,48 @@
+"""Direction vectors are prepared only for scorers that read them."""
+
+from __future__ import annotations
+
+import dataclasses
+from itertools import islice
+
+import numpy as np
+
+from pipeline.data.reader import iter_shard
+from pipeline.rundir import RunDir
+from pipeline.score.config import ScoreConfig
+from pipeline.score.directions import ensure_directions, needs_directions
+from pipeline.score.trajectory import load_trajectory
+from pipeline.score.worker import ShardScorer
+from tests.conftest import copy_run
+
+NO_DIRECTIONS = ["loss", "loss_mean", "clip_score", "el2n", "random"]
+
+
+def test_which_methods_need_directions(tiny_run):
+    traj = load_trajectory(RunDir(tiny_run["run"]))
+    cfg = ScoreConfig(data=tiny_run["data"], run=tiny_run["run"], methods=NO_DIRECTIONS)
+    assert not needs_directions(cfg, traj)
+    for method in ("diffin", "tracin", "diffin_self", "tracin_self", "grand"):
+        with_it = dataclasses.replace(cfg, methods=[*NO_DIRECTIONS, method])
+        assert needs_directions(with_it, traj), method
+
+
+def test_scorers_without_directions_compute_none_and_score_the_same(
+    tiny_run, tiny_scored, tmp_path
+):
+    run_url = copy_run(tiny_run["run"], tmp_path / "run")
+    run = RunDir(run_url)
+    cfg = ScoreConfig(
+        data=tiny_run["data"], run=run_url, methods=NO_DIRECTIONS, batch_size=64, threads=1
+    )
+    traj = load_trajectory(run)
+    info = ensure_directions(cfg, run, traj)
+    assert info["target_fingerprint"]  # the target is still described for the fingerprint
+    assert not any((tmp_path / "run" / "directions").glob("*"))
+
+    samples = list(islice(iter_shard(tiny_scored["shards"][0]), 10))
+    without = ShardScorer(run_url, cfg).score_samples(samples)
+    full_cfg = dataclasses.replace(tiny_scored["config"], methods=[*NO_DIRECTIONS, "diffin"])
+    with_dirs = ShardScorer(tiny_scored["run"], full_cfg).score_samples(samples)
+    for column, values in without.items():
+        np.testing.assert_array_equal(values, with_dirs[column], err_msg=column)
