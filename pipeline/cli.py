@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
+from pipeline.scorers import REGISTRY
 
 
 def _methods(text: str) -> list[str]:
@@ -30,6 +31,9 @@ def _add_reader_keys(parser: argparse.ArgumentParser) -> None:
         default=list(TEXT_KEYS),
         help="comma list of caption extensions",
     )
+
+
+METHODS_HELP = "comma-separated scorers: " + ", ".join(sorted(REGISTRY))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score every sample on a pool of Ray actors")
     s.add_argument("--data", required=True)
     s.add_argument("--run", required=True)
-    s.add_argument("--methods", type=_methods, default=["diffin", "tracin", "random"])
+    s.add_argument(
+        "--methods", type=_methods, default=["diffin", "tracin", "random"], help=METHODS_HELP
+    )
     s.add_argument("--target", default=None, help="shard pattern of a curated target set")
     s.add_argument(
         "--address", default=None, help="Ray cluster address; default: embedded local Ray"
@@ -250,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", type=float, nargs="+", default=[0.5, 0.7], help="keep fractions to compare"
     )
     e.add_argument(
-        "--methods", type=_methods, default=["diffin", "tracin", "clip_score", "loss", "random"]
+        "--methods",
+        type=_methods,
+        default=["diffin", "tracin", "clip_score", "loss", "random"],
+        help="scored columns to compare (comma-separated)",
     )
     e.add_argument("--no-full", dest="full", action="store_false", help="skip the full pool")
     e.add_argument("--data", default=None, help="the scored pool; default: as scored")

@@ -29,6 +29,15 @@ def test_subcommand_help(sub, capsys):
     assert f"diffin {sub}" in capsys.readouterr().out
 
 
+def test_score_help_names_every_registered_scorer(capsys):
+    from pipeline.scorers import REGISTRY
+
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
+    assert "scorers: " + ", ".join(sorted(REGISTRY)) in out
+
+
 def test_missing_subcommand_and_bad_choice_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
