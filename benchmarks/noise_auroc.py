@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
     from pipeline.rundir import RunDir, exists
     from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import run_scoring
+    from pipeline.score.trajectory import load_trajectory
     from pipeline.train.config import TrainConfig
     from pipeline.train.trajectory import train
 
@@ -121,8 +122,6 @@ def main(argv=None) -> dict:
     )
     timings["score"] = time.perf_counter() - t
     res = auroc_table(run.scores, f"{pool_dir}/truth.parquet")
-    from pipeline.score.trajectory import load_trajectory
-
     traj = load_trajectory(run)
     record = {
         "command": "python -m benchmarks.noise_auroc "

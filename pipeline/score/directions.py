@@ -83,6 +83,10 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
     )
 
 
+# The per-sample terms that read a checkpoint's direction file.
+DIRECTION_TERMS = DIRECTIONAL | SELF_TERMS
+
+
 def needs_directions(cfg: ScoreConfig, traj: Trajectory) -> bool:
     """Whether any requested scorer reads a direction vector at any checkpoint.
 
@@ -92,7 +96,7 @@ def needs_directions(cfg: ScoreConfig, traj: Trajectory) -> bool:
     options = {**cfg.score_options(), "second_order": resolve_form(cfg.second_order, traj)}
     ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, options)
     scorers = get_scorers(cfg.methods)
-    return any(needed_terms(scorers, c, ctx) & (DIRECTIONAL | SELF_TERMS) for c in traj.checkpoints)
+    return any(needed_terms(scorers, c, ctx) & DIRECTION_TERMS for c in traj.checkpoints)
 
 
 def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
@@ -106,17 +110,17 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
         sgd_dynamics(traj)  # refuses a trajectory the propagated form cannot model, up front
     dtype = DTYPES[cfg.dtype]
     bundle = factory.create(traj.model, dtype=dtype)
+    t_images, t_tokens, target_info = target_set(cfg, run, bundle, dtype)
+    if not needs_directions(cfg, traj):
+        log.info("directions: not needed by %s", ",".join(cfg.methods))
+        return target_info
     ref_images, ref_tokens, _ = load_set(run, "reference", dtype)
     fns = ClipFunctions(bundle.model, ref_images, ref_tokens)
-    t_images, t_tokens, target_info = target_set(cfg, run, bundle, dtype)
     gb, gb_meta = load_tensors(run.set_file("grad_batches"))
     grad_batches = [
         (gb["images"][i].to(dtype), gb["tokens"][i]) for i in range(gb["images"].shape[0])
     ]
     by_step = {int(c["step"]): c["sha256"] for c in traj.record["checkpoints"]}
-    if not needs_directions(cfg, traj):
-        log.info("directions: not needed by %s", ",".join(cfg.methods))
-        return target_info
     for ckpt in tqdm(traj.checkpoints, desc="directions", unit="ckpt", leave=False):
         fingerprint = hashlib.sha256(
             json.dumps(

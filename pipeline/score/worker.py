@@ -18,7 +18,7 @@ import torch
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
 from pipeline.influence.directions import load_directions
-from pipeline.influence.fast import DIRECTIONAL, fast_terms, reference_jets
+from pipeline.influence.fast import fast_terms, reference_jets
 from pipeline.influence.functional import ClipFunctions
 from pipeline.influence.selfinf import SELF_TERMS, SelfConfig, SelfInfluenceEngine
 from pipeline.model import factory
@@ -26,6 +26,7 @@ from pipeline.model.batches import encode
 from pipeline.rundir import RunDir
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import (
+    DIRECTION_TERMS,
     DTYPES,
     lin_direction,
     load_eigenpairs,
@@ -80,7 +81,7 @@ class ShardScorer:
             state = load_state_dict(self.run, self.traj, c.step)
             self.params[c.step] = {k: state[k].to(self.device, self.dtype) for k in names}
             self.need[c.step] = need
-            if need & (DIRECTIONAL | SELF_TERMS):
+            if need & DIRECTION_TERMS:  # the same test ensure_directions used
                 self.directions[c.step] = load_directions(
                     self.run.directions(c.step), self.device
                 ).ordered(names)
