@@ -17,6 +17,13 @@ def _methods(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
 def _add_reader_keys(parser: argparse.ArgumentParser) -> None:
     """Which members hold a sample's image and caption (img2dataset pools may differ)."""
     parser.add_argument(
@@ -208,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--keep", type=float, default=None, help="fraction to keep (not used by --rule threshold)"
     )
-    r.add_argument("--method", default="diffin")
+    r.add_argument("--method", default=None, help="score column to rank by (default: diffin)")
     r.add_argument("--name", default=None)
     r.add_argument("--shard-size", type=int, default=1000)
     r.add_argument(
@@ -223,17 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rule balanced: 'cluster' (k-means on proxy image embeddings) or a score-table column",
     )
-    r.add_argument("--balance", choices=["proportional", "equal"], default="proportional")
-    r.add_argument("--clusters", type=int, default=8, help="k for --balance-by cluster")
-    r.add_argument("--cluster-seed", type=int, default=0)
+    # Options one rule uses default to None here, so a value given to a rule
+    # that ignores it is refused instead of being recorded as if it applied.
+    r.add_argument(
+        "--balance",
+        choices=["proportional", "equal"],
+        default=None,
+        help="rule balanced: quotas (default: proportional)",
+    )
+    r.add_argument(
+        "--clusters", type=int, default=None, help="k for --balance-by cluster (default: 8)"
+    )
+    r.add_argument(
+        "--cluster-seed", type=int, default=None, help="--balance-by cluster (default: 0)"
+    )
 
     def _weights(text: str) -> dict[str, float]:
         """'diffin=1,clip_score=0.5' -> {"diffin": 1.0, "clip_score": 0.5}."""
         out: dict[str, float] = {}
         for item in text.split(","):
             name, sep, weight = item.partition("=")
+            name = name.strip()
+            if name in out:
+                raise argparse.ArgumentTypeError(f"{name!r} is named twice")
             try:
-                out[name.strip()] = float(weight) if sep else 1.0
+                out[name] = float(weight) if sep else 1.0
             except ValueError:
                 raise argparse.ArgumentTypeError(
                     f"bad weight in {item!r} (want NAME=NUMBER)"
@@ -246,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rank by a weighted fusion of scorers instead of --method, e.g. 'diffin=1,clip_score=0.5'",
     )
-    r.add_argument("--fusion-norm", choices=["zscore", "rank"], default="zscore")
+    r.add_argument(
+        "--fusion-norm",
+        choices=["zscore", "rank"],
+        default=None,
+        help="with --fuse: how each scorer is normalised (default: zscore)",
+    )
 
     e = sub.add_parser(
         "evaluate", help="retrain on each scorer's kept subset and measure the held-out split"
@@ -285,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write RUN/report/index.html")
     rp.add_argument("--run", required=True)
     rp.add_argument("--method", default=None, help="scorer of the galleries; default: diffin")
-    rp.add_argument("--top", type=int, default=12, help="pairs in each gallery")
+    rp.add_argument("--top", type=_positive, default=12, help="pairs in each gallery")
 
     m = sub.add_parser("demo", help="the whole pipeline on a generated pool")
     m.add_argument("--run", default="runs/demo")
@@ -405,25 +431,7 @@ def run(args: argparse.Namespace) -> object:
         from pipeline.prune.config import PruneConfig
         from pipeline.prune.manifest import write_manifest
 
-        if args.keep is None and args.rule != "threshold":
-            raise ConfigError(f"keep: --keep is required for --rule {args.rule}")
-        return write_manifest(
-            PruneConfig(
-                run=args.run,
-                keep=1.0 if args.keep is None else args.keep,
-                method=args.method,
-                name=args.name,
-                shard_size=args.shard_size,
-                rule=args.rule,
-                threshold=args.threshold,
-                balance_by=args.balance_by,
-                balance=args.balance,
-                clusters=args.clusters,
-                cluster_seed=args.cluster_seed,
-                fusion=args.fuse,
-                fusion_norm=args.fusion_norm,
-            )
-        )
+        return write_manifest(_prune_config(args, PruneConfig))
     if args.command == "evaluate":
         from pipeline.evaluation.config import EvaluateConfig
         from pipeline.evaluation.retrain import run_evaluation
@@ -474,6 +482,54 @@ def run(args: argparse.Namespace) -> object:
         print(format_summary(summary))
         return None
     raise AssertionError(args.command)
+
+
+def _prune_config(args: argparse.Namespace, config_type: type) -> object:
+    """The PruneConfig of `diffin prune`'s flags, refusing those the chosen rule would ignore."""
+    given = {
+        "--keep": args.keep,
+        "--threshold": args.threshold,
+        "--balance-by": args.balance_by,
+        "--balance": args.balance,
+        "--clusters": args.clusters,
+        "--cluster-seed": args.cluster_seed,
+        "--method": args.method,
+        "--fuse": args.fuse,
+        "--fusion-norm": args.fusion_norm,
+    }
+    used = {
+        "fraction": {"--keep"},
+        "threshold": {"--threshold"},
+        "balanced": {"--keep", "--balance-by", "--balance", "--clusters", "--cluster-seed"},
+    }[args.rule]
+    used |= {"--fuse", "--fusion-norm"} if args.fuse else {"--method"}
+    if args.balance_by != "cluster":
+        used -= {"--clusters", "--cluster-seed"}
+    ignored = [flag for flag, value in given.items() if value is not None and flag not in used]
+    if ignored:
+        why = f"--rule {args.rule}" + (" with --fuse" if args.fuse else "")
+        if args.rule == "balanced" and args.balance_by != "cluster":
+            why += f" and --balance-by {args.balance_by}"
+        raise ConfigError(f"{', '.join(ignored)}: not used by {why}")
+    if args.keep is None and args.rule != "threshold":
+        raise ConfigError(f"keep: --keep is required for --rule {args.rule}")
+    defaults = {"method": "diffin", "balance": "proportional", "clusters": 8, "cluster_seed": 0}
+    chosen = {
+        name: getattr(args, name) if getattr(args, name) is not None else default
+        for name, default in defaults.items()
+    }
+    return config_type(
+        run=args.run,
+        keep=1.0 if args.keep is None else args.keep,
+        name=args.name,
+        shard_size=args.shard_size,
+        rule=args.rule,
+        threshold=args.threshold,
+        balance_by=args.balance_by,
+        fusion=args.fuse,
+        fusion_norm=args.fusion_norm or "zscore",
+        **chosen,
+    )
 
 
 def check_patterns(args: argparse.Namespace) -> None:

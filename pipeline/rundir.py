@@ -111,6 +111,29 @@ def remove(url: str, recursive: bool = False) -> None:
     fs.invalidate_cache(path)
 
 
+def replace_dir(src: str, dst: str) -> None:
+    """Put the finished directory ``src`` at ``dst``, replacing what was there.
+
+    Local: two renames, so ``dst`` is never half old and half new. Object
+    stores have no rename: ``dst`` is removed and ``src`` copied over, so a
+    crash in between leaves ``src`` whole for a rerun.
+    """
+    fs, src_path = fsspec.core.url_to_fs(src)
+    _, dst_path = fsspec.core.url_to_fs(dst)
+    if isinstance(fs, LocalFileSystem):
+        old = f"{dst_path}.old-{uuid.uuid4().hex[:8]}"
+        if os.path.exists(dst_path):
+            os.replace(dst_path, old)
+        os.replace(src_path, dst_path)
+        if os.path.exists(old):
+            fs.rm(old, recursive=True)
+        return
+    remove(dst, recursive=True)
+    fs.copy(src_path, dst_path, recursive=True)
+    remove(src, recursive=True)
+    fs.invalidate_cache(dst_path)
+
+
 def read_bytes(url: str) -> bytes:
     with fsspec.open(url, "rb") as f:
         return f.read()

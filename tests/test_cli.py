@@ -214,3 +214,10 @@ def test_parser_defaults_match_the_readme():
     assert args.methods == ["diffin", "tracin", "random"]
     args = build_parser().parse_args(["score", "--data", "d", "--run", "r", "--methods", "a, b,"])
     assert args.methods == ["a", "b"]
+
+
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_report_top_must_be_positive(tmp_path, capsys, top):
+    with pytest.raises(SystemExit):
+        main(["report", "--run", str(tmp_path / "run"), "--top", top])
+    assert "must be >= 1" in capsys.readouterr().err

@@ -100,6 +100,7 @@ class ShardWriter:
         self._file: IO[bytes] | None = None
         self._tar: tarfile.TarFile | None = None
         self._in_shard = 0
+        self._keys: set[str] = set()  # keys in the shard being written
         self._closed = False
 
     # -- public API -------------------------------------------------------
@@ -123,11 +124,18 @@ class ShardWriter:
         """Full path (in the writer's filesystem) of a file in ``out_dir``."""
         return f"{self._root}/{name}" if self._root != "/" else f"/{name}"
 
+    def holds(self, key: str) -> bool:
+        """Whether the shard being written already has a sample ``key``."""
+        return key in self._keys
+
     def write(self, key: str, members: Mapping[str, bytes]) -> None:
         """Append one sample; members map extension to raw bytes, kept in order."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         _check_key(key)
+        if key in self._keys:
+            # WebDataset readers would merge the two samples' members or fail.
+            raise ValueError(f"sample key {key!r} is already in this shard")
         if not members:
             raise ValueError(f"sample {key!r} has no members")
         for ext, data in members.items():
@@ -147,6 +155,7 @@ class ShardWriter:
             info.uname = info.gname = ""
             info.type = tarfile.REGTYPE
             self._tar.addfile(info, io.BytesIO(payload))
+        self._keys.add(key)
         self._in_shard += 1
         self._count += 1
         if self._in_shard >= self.shard_size:
@@ -220,6 +229,7 @@ class ShardWriter:
             self._file = self._fs.open(final, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=_TAR_FORMAT)
         self._in_shard = 0
+        self._keys = set()
 
     def _finish_shard(self) -> None:
         assert self._tar is not None and self._file is not None and self._name is not None

@@ -44,7 +44,7 @@ from pipeline.rundir import (
     write_bytes_atomic,
     write_json,
 )
-from pipeline.score.table import read_table, table_metadata
+from pipeline.score.table import read_table, scored_config
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order, train_loop
 
@@ -87,15 +87,6 @@ def load_truth(url: str | None) -> pd.DataFrame | None:
     if not url:
         return None
     return read_table(url, columns=["uid", "defect"]).to_pandas().set_index("uid")
-
-
-def scored_config(run: RunDir) -> dict[str, Any]:
-    """The score stage's config: from run.json, else from the score table's own metadata."""
-    if exists(run.run_json):
-        recorded = read_json(run.run_json).get("score", {}).get("config")
-        if recorded:
-            return recorded
-    return table_metadata(run.scores).get("score", {}) if exists(run.scores) else {}
 
 
 def locate_sources(cfg: EvaluateConfig, run: RunDir) -> Sources:

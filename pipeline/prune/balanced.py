@@ -21,9 +21,18 @@ from pipeline.prune.select import Selection, Table, _ok, score_keys
 def quotas(sizes: np.ndarray, keep: float, how: str) -> np.ndarray:
     """Rows to keep per group: ``keep`` of each ("proportional"), or equal shares ("equal")."""
     sizes = np.asarray(sizes, dtype=np.int64)
-    if how == "proportional":
-        return np.minimum(sizes, np.rint(keep * sizes).astype(np.int64))
     total = max(1, int(round(keep * sizes.sum()))) if sizes.sum() else 0
+    if how == "proportional":
+        # Largest remainder: the quotas add up to the fraction rule's count
+        # (rounding each group on its own drifts, and can keep nothing).
+        ideal = keep * sizes
+        q = np.minimum(np.floor(ideal).astype(np.int64), sizes)
+        short = total - int(q.sum())
+        if short > 0:
+            frac = np.where(q < sizes, ideal - q, -1.0)
+            order = np.lexsort((np.arange(len(sizes)), -frac))  # ties: group order
+            q[order[:short]] += 1
+        return q
     q = np.zeros_like(sizes)
     left = total
     open_ = sizes > 0
@@ -116,6 +125,7 @@ def plan_balanced(
         rows_ok=status_ok,
         rows_error=rows - status_ok,
         scorable=int(ok.sum()),
+        kept=int(kept.sum()),
         score_columns=cols,
         _score=score,
         _mask=lambda b, o, _s: kept[o : o + b.num_rows],

@@ -54,9 +54,11 @@ def embed_rows(
     from pipeline.model import factory
     from pipeline.model.batches import encode
     from pipeline.rundir import RunDir
+    from pipeline.score.table import scored_reader_options
     from pipeline.score.trajectory import load_state_dict, load_trajectory
 
     run = RunDir(run_url)
+    options = scored_reader_options(run)  # the image and text keys the rows were scored with
     traj = load_trajectory(run)
     last = max(c.step for c in traj.checkpoints)
     bundle = factory.create(traj.model)
@@ -80,7 +82,7 @@ def embed_rows(
 
     for url in wanted_shards:
         samples, pos = [], []
-        for s in iter_shard(url):
+        for s in iter_shard(url, **options):
             i = where.get((url, s.index))
             if i is None:
                 continue

@@ -57,6 +57,8 @@ class PruneConfig:
             raise ConfigError(f"keep: must be a number in (0, 1] (got {self.keep!r})")
         if not 0 < self.keep <= 1:
             raise ConfigError(f"keep: must be in (0, 1] (got {self.keep!r})")
+        if self.fusion is None and self.method in NON_SCORE_COLUMNS:
+            raise ConfigError(f"method: {self.method!r} is not a score column")
         if self.shard_size < 1:
             raise ConfigError(f"shard_size: must be >= 1 (got {self.shard_size!r})")
         if self.name is not None and (

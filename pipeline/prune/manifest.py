@@ -8,7 +8,9 @@ RUN/prune/NAME/manifest.json                             rule, counts, --train-d
 
 from __future__ import annotations
 
+import math
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -20,8 +22,17 @@ from pipeline.data.tarwriter import ShardWriter, brace_pattern
 from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
 from pipeline.prune.datacomp import save_uid_halves
-from pipeline.prune.select import plan
-from pipeline.rundir import RunDir, exists, join, makedirs, open_atomic, remove, write_json
+from pipeline.prune.select import Selection, plan
+from pipeline.rundir import (
+    RunDir,
+    exists,
+    join,
+    makedirs,
+    open_atomic,
+    remove,
+    replace_dir,
+    write_json,
+)
 
 
 def select(table: pa.Table, method: str, keep: float) -> pa.Table:
@@ -52,67 +63,97 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     one shard's kept keys and the kept uids as two 64-bit integers each.
     """
     cfg.validate()
-    t0 = time.time()
     run = RunDir(cfg.run)
     if not exists(run.scores):
         raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
     selection = plan(cfg, run.scores)  # refuses unknown columns before anything is removed
+    if selection.kept == 0:
+        # An empty manifest is nothing open_clip can train on: refuse it here,
+        # before any output is touched.
+        raise ConfigError(
+            f"{cfg.rule}: the rule keeps none of the {selection.scorable} scorable rows "
+            f"({selection.rows_error} error rows of {selection.rows})"
+        )
     out = run.prune_dir(cfg.manifest_name)
-    remove(out, recursive=True)  # a rerun replaces the manifest whole
-    makedirs(out)
+    # Built beside its final place and swapped in whole: a failed rerun
+    # leaves the previous manifest as it was.
+    build = run.prune_dir(f".{cfg.manifest_name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        manifest = _build(cfg, selection, build, final=out)
+        replace_dir(build, out)
+    finally:
+        remove(build, recursive=True)
+    run.update_run_json(
+        f"prune/{cfg.manifest_name}", {"config": cfg.to_dict(), "kept": manifest["kept"]}
+    )
+    return {**manifest, "dir": out}
 
-    shards_dir = join(out, "shards")
+
+def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> dict[str, Any]:
+    """Write the manifest directory at ``build``; its paths name ``final``, where it will live."""
+    t0 = time.time()
+    makedirs(build)
+    digits = shard_digits(selection.kept, cfg.shard_size)
     base = ["uid", "key", "shard", "index"]
     columns = base + [c for c in selection.score_columns if c not in base]
     uid_hi: list[np.ndarray] = []
     uid_lo: list[np.ndarray] = []
     kept = 0
+    dropped = {"no extension": 0, "pickle": 0}
     min_score = np.inf
     pending: tuple[str, set[str]] | None = None  # the shard being gathered, its kept keys
-    writer = ShardWriter(shards_dir, cfg.shard_size)
+    writer = ShardWriter(join(build, "shards"), cfg.shard_size, digits=digits)
     try:
-        with open_atomic(join(out, "keep.parquet")) as f:
+        with open_atomic(join(build, "keep.parquet")) as f:
             pw: pq.ParquetWriter | None = None
-            for batch in selection.kept_batches(columns):
+            try:
+                for batch in selection.kept_batches(columns):
+                    if pw is None:
+                        pw = pq.ParquetWriter(f, batch.schema)
+                    pw.write_batch(batch)
+                    kept += batch.num_rows
+                    score = batch.column(cfg.score_name).to_numpy(zero_copy_only=False)
+                    if len(score):
+                        min_score = min(min_score, float(np.min(score)))
+                    hi, lo = _uid_halves(batch.column("uid").to_pylist())
+                    uid_hi.append(hi)
+                    uid_lo.append(lo)
+                    for shard, key in zip(
+                        batch.column("shard").to_pylist(),
+                        batch.column("key").to_pylist(),
+                        strict=True,
+                    ):
+                        if pending is None or pending[0] != shard:
+                            if pending is not None:
+                                _add(dropped, _reshard(writer, *pending))
+                            pending = (shard, set())
+                        pending[1].add(key)
+                if pending is not None:
+                    _add(dropped, _reshard(writer, *pending))
                 if pw is None:
-                    pw = pq.ParquetWriter(f, batch.schema)
-                pw.write_batch(batch)
-                kept += batch.num_rows
-                score = batch.column(cfg.score_name).to_numpy(zero_copy_only=False)
-                if len(score):
-                    min_score = min(min_score, float(np.min(score)))
-                hi, lo = _uid_halves(batch.column("uid").to_pylist())
-                uid_hi.append(hi)
-                uid_lo.append(lo)
-                for shard, key in zip(
-                    batch.column("shard").to_pylist(), batch.column("key").to_pylist(), strict=True
-                ):
-                    if pending is None or pending[0] != shard:
-                        if pending is not None:
-                            _reshard(writer, *pending)
-                        pending = (shard, set())
-                    pending[1].add(key)
-            if pending is not None:
-                _reshard(writer, *pending)
-            if pw is None:
-                empty = pa.schema(
-                    [selection.table.schema.field(c) for c in columns]
-                    + (
-                        [pa.field(cfg.score_name, pa.float64())]
-                        if cfg.score_name not in columns
-                        else []
+                    empty = pa.schema(
+                        [selection.table.schema.field(c) for c in columns]
+                        + (
+                            [pa.field(cfg.score_name, pa.float64())]
+                            if cfg.score_name not in columns
+                            else []
+                        )
                     )
-                )
-                pw = pq.ParquetWriter(f, empty)
-            pw.close()
+                    pw = pq.ParquetWriter(f, empty)
+            finally:
+                if pw is not None:
+                    pw.close()
     except BaseException:
         writer.abort()
         raise
     writer.close()
+    if kept != selection.kept:
+        raise RuntimeError(f"the rule chose {selection.kept} rows but {kept} were written")
     n_shards, sizes = len(writer.shards), writer.sizes
 
-    n_uids = save_uid_halves(join(out, "uids.npy"), uid_hi, uid_lo)
-    pattern = brace_pattern(shards_dir, 0, n_shards - 1) if n_shards else ""
+    n_uids = save_uid_halves(join(build, "uids.npy"), uid_hi, uid_lo)
+    shards_dir = join(final, "shards")
+    pattern = brace_pattern(shards_dir, 0, n_shards - 1, digits) if n_shards else ""
     rule: dict[str, Any] = {"kind": cfg.rule, **cfg.to_dict()}
     manifest = {
         "rule": rule,
@@ -127,6 +168,7 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
         "selection": {**selection.info, "in_memory": selection.in_memory},
         "shards": n_shards,
         "sizes": sizes,
+        "members_dropped": dropped,
         "train_data": pattern,
         "train_num_samples": sum(sizes.values()),
         "open_clip_args": f"--dataset-type webdataset --train-data '{pattern}' "
@@ -134,9 +176,23 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
         "note": "open_clip needs at least workers x world_size shards; set --shard-size accordingly",
         "seconds": round(time.time() - t0, 2),
     }
-    write_json(join(out, "manifest.json"), manifest)
-    run.update_run_json(f"prune/{cfg.manifest_name}", {"config": cfg.to_dict(), "kept": kept})
-    return {**manifest, "dir": out}
+    write_json(join(build, "manifest.json"), manifest)
+    return manifest
+
+
+def shard_digits(rows: int, shard_size: int) -> int:
+    """Zero-padded width of the output shard names (at least 5).
+
+    Every name must be as wide as the last one: braceexpand (open_clip) pads
+    each value of ``{00000..100000}`` to the widest bound.
+    """
+    n_shards = max(1, math.ceil(rows / shard_size))
+    return max(5, len(str(n_shards - 1)))
+
+
+def _add(total: dict[str, int], part: dict[str, int]) -> None:
+    for reason, n in part.items():
+        total[reason] += n
 
 
 def _uid_halves(uids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -145,13 +201,31 @@ def _uid_halves(uids: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return hi, lo
 
 
-def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> None:
-    """Copy the kept samples of one input shard, every member byte for byte, in tar order."""
+# Extensions WebDataset's default decoders unpickle (pickle.loads, torch.load):
+# open_clip_train would run code from them, so they never reach a manifest.
+PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pth"})
+
+
+def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> dict[str, int]:
+    """Copy the kept samples of one input shard, every member byte for byte, in tar order.
+
+    Two kinds of member are left out, and counted: those with no extension
+    (no WebDataset reader groups them into a sample) and pickled ones.
+    """
     seen: set[str] = set()
+    dropped = {"no extension": 0, "pickle": 0}
     try:
         for key, members in iter_raw(shard):
             if key in keys and key not in seen:  # a repeated key was an error row
-                writer.write(_safe_key(key), members)
+                kept = {}
+                for ext, data in members.items():
+                    if not ext:
+                        dropped["no extension"] += 1
+                    elif ext.rsplit(".", 1)[-1] in PICKLE_EXTENSIONS:
+                        dropped["pickle"] += 1
+                    else:
+                        kept[ext] = data
+                writer.write(_unique_key(writer, _safe_key(key)), kept)
                 seen.add(key)
                 if len(seen) == len(keys):
                     break
@@ -159,8 +233,27 @@ def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> None:
         pass  # damage after the samples we need is checked below
     if seen != keys:
         raise RuntimeError(f"{shard}: {len(keys - seen)} kept samples could not be re-read")
+    return dropped
 
 
 def _safe_key(key: str) -> str:
-    # WebDataset keys may contain '/' (sub-directories in the tar); flatten them.
-    return key.replace("/", "_").replace(".", "_")
+    # WebDataset keys may contain '/' (sub-directories in the tar) and a
+    # leading './' (tar -cf x.tar .); flatten them into one plain name.
+    while key.startswith("./"):
+        key = key[2:]
+    key = key.replace("/", "_").replace(".", "_")
+    # '__name__' members are WebDataset metadata, not samples.
+    return f"k{key}" if key.startswith("__") else key
+
+
+def _unique_key(writer: ShardWriter, key: str) -> str:
+    """``key``, or ``key_N`` if the output shard already holds it.
+
+    Keys need only be unique within an input shard (two shards may both
+    have a sample "0"), and flattening can merge two ("a/b" and "a_b").
+    """
+    name, n = key, 0
+    while writer.holds(name):
+        n += 1
+        name = f"{key}_{n}"
+    return name

@@ -64,7 +64,9 @@ class Table:
 
 def score_keys(scores: np.ndarray) -> np.ndarray:
     """Order-preserving uint64 keys of float64 scores (higher score -> higher key)."""
-    bits = np.ascontiguousarray(scores, dtype=np.float64).view(np.uint64)
+    # + 0.0 turns -0.0 into 0.0: the two compare equal, so they must share a key
+    # for the uid to break the tie as a full sort would.
+    bits = (np.asarray(scores, dtype=np.float64) + 0.0).view(np.uint64)
     neg = (bits & _SIGN) != 0
     return np.where(neg, ~bits, bits | _SIGN)
 
@@ -97,6 +99,7 @@ class Selection:
     rows_ok: int
     rows_error: int
     scorable: int  # ok rows with a finite score
+    kept: int  # rows the rule keeps
     score_columns: list[str]  # the table columns the ranking score is made of
     _score: Callable[[pa.RecordBatch, int], np.ndarray] = field(repr=False)
     _mask: Callable[[pa.RecordBatch, int, np.ndarray], np.ndarray] = field(repr=False)
@@ -134,29 +137,32 @@ def _score_fn(cfg: PruneConfig, table: Table) -> tuple[list[str], Callable, dict
             raise ConfigError(
                 f"{field_name}: no column {c!r} in the score table; columns: {scored}"
             )
+    for c in cols:
+        kind = table.schema.field(c).type
+        if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+            field_name = "fusion" if cfg.fusion else "method"
+            raise ConfigError(f"{field_name}: column {c!r} is not numeric ({kind})")
     if not cfg.fusion:
         (col,) = cols
         return cols, lambda b, _o: _floats(b.column(col)), {}, False
 
     weights = {c: float(w) for c, w in cfg.fusion.items()}
     if cfg.fusion_norm == "zscore":
-        # One pass: mean and std of each column over rows where all are usable.
-        s = dict.fromkeys(cols, 0.0)
-        s2 = dict.fromkeys(cols, 0.0)
-        n = 0
+        # One pass: mean and std of each column over rows where all are usable,
+        # batch moments merged by Chan et al.'s update (sum and sum of squares
+        # cancel catastrophically when a column's offset dwarfs its spread).
+        moments = {c: (0, 0.0, 0.0) for c in cols}  # count, mean, sum of squared deviations
         for b in table.batches(["status", *cols]):
             vals = {c: _floats(b.column(c)) for c in cols}
             use = _ok(b) & np.logical_and.reduce([np.isfinite(v) for v in vals.values()])
-            n += int(use.sum())
-            for c in cols:
-                v = vals[c][use]
-                s[c] += float(v.sum())
-                s2[c] += float((v * v).sum())
+            if use.any():
+                for c in cols:
+                    moments[c] = _merge_moments(moments[c], vals[c][use])
         stats = {}
         for c in cols:
-            mean = s[c] / n if n else 0.0
-            var = max(s2[c] / n - mean * mean, 0.0) if n else 0.0
-            stats[c] = (mean, float(np.sqrt(var)) or 1.0)
+            n, mean, m2 = moments[c]
+            std = float(np.sqrt(m2 / n)) if n else 0.0
+            stats[c] = (mean, std or 1.0)
 
         def zfused(b: pa.RecordBatch, _o: int) -> np.ndarray:
             out = np.zeros(b.num_rows)
@@ -189,6 +195,17 @@ def _score_fn(cfg: PruneConfig, table: Table) -> tuple[list[str], Callable, dict
     return cols, lambda b, o: fused[o : o + b.num_rows], {}, True
 
 
+def _merge_moments(acc: tuple[int, float, float], v: np.ndarray) -> tuple[int, float, float]:
+    """(count, mean, M2) of ``acc``'s values followed by ``v``."""
+    n_a, mean_a, m2_a = acc
+    n_b = len(v)
+    mean_b = float(v.mean())
+    m2_b = float(((v - mean_b) ** 2).sum())
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n
+
+
 def _average_ranks(v: np.ndarray) -> np.ndarray:
     """0-based ranks, ties sharing their average rank (so tied scores fuse equally)."""
     order = np.argsort(v, kind="stable")
@@ -215,7 +232,7 @@ def plan(cfg: PruneConfig, table_url: str, batch_rows: int = BATCH_ROWS) -> Sele
         return plan_balanced(cfg, table, cols, score, info)
 
     # Pass: counts and the first histogram digit.
-    rows = ok_rows = 0
+    rows = ok_rows = above_threshold = 0
     hist = np.zeros(_BINS, np.int64)
     offset = 0
     for b in table.batches(["status", *cols]):
@@ -225,6 +242,8 @@ def plan(cfg: PruneConfig, table_url: str, batch_rows: int = BATCH_ROWS) -> Sele
         s = score(b, offset)
         offset += b.num_rows
         use = ok & np.isfinite(s)
+        if cfg.rule == "threshold":
+            above_threshold += int((s[use] >= float(cfg.threshold)).sum())
         hist += np.bincount(
             (score_keys(s[use]) >> np.uint64(64 - _DIGIT_BITS)).astype(np.int64), minlength=_BINS
         )
@@ -248,17 +267,17 @@ def plan(cfg: PruneConfig, table_url: str, batch_rows: int = BATCH_ROWS) -> Sele
         def above(b: pa.RecordBatch, _o: int, s: np.ndarray) -> np.ndarray:
             return _ok(b) & np.isfinite(s) & (s >= t)
 
-        return Selection(**sel, _mask=above)
+        return Selection(**sel, kept=above_threshold, _mask=above)
 
     k = max(1, int(round(cfg.keep * scorable))) if scorable else 0
     if k == 0:
-        return Selection(**sel, _mask=lambda b, _o, _s: np.zeros(b.num_rows, bool))
-    cut_key, cut_uid, passes = _radix_cut(table, cols, score, hist, k)
+        return Selection(**sel, kept=0, _mask=lambda b, _o, _s: np.zeros(b.num_rows, bool))
+    cut_key, cut_uid, cut_pos, passes = _radix_cut(table, cols, score, hist, k)
     info = {**info, "selection_passes": passes}
     sel["info"] = info
     cut_key_u = np.uint64(cut_key)
 
-    def top(b: pa.RecordBatch, _o: int, s: np.ndarray) -> np.ndarray:
+    def top(b: pa.RecordBatch, offset: int, s: np.ndarray) -> np.ndarray:
         use = _ok(b) & np.isfinite(s)
         keys = score_keys(np.where(use, s, 0.0))
         mask = use & (keys > cut_key_u)
@@ -266,16 +285,24 @@ def plan(cfg: PruneConfig, table_url: str, batch_rows: int = BATCH_ROWS) -> Sele
         if tie.any():
             uids = b.column("uid").to_numpy(zero_copy_only=False)
             tie_idx = np.flatnonzero(tie)
-            mask[tie_idx] = [u <= cut_uid for u in uids[tie_idx]]
+            # A uid may repeat (merge counts duplicates): the row position is
+            # the last tie-break, so exactly k rows pass.
+            mask[tie_idx] = [
+                u < cut_uid or (u == cut_uid and offset + i <= cut_pos)
+                for u, i in zip(uids[tie_idx], tie_idx, strict=True)
+            ]
         return mask
 
-    return Selection(**sel, _mask=top)
+    return Selection(**sel, kept=k, _mask=top)
 
 
 def _radix_cut(
     table: Table, cols: list[str], score: Callable, hist: np.ndarray, k: int
-) -> tuple[int, str, int]:
-    """The (key, uid) of the k-th kept row in the order (score desc, uid asc)."""
+) -> tuple[int, str, int, int]:
+    """The (key, uid, row position) of the k-th kept row, and the passes taken.
+
+    The order is score descending, then uid ascending, then row position.
+    """
     prefix, shift, above, passes = 0, 64 - _DIGIT_BITS, 0, 1
     while True:
         cum = np.cumsum(hist[::-1])
@@ -301,11 +328,10 @@ def _radix_cut(
             )
     # Candidate pass: the rows of the boundary bucket, sorted exactly.
     passes += 1
-    cand_keys, cand_uids = [], []
+    cand_keys, cand_uids, cand_pos = [], [], []
     offset = 0
     for b in table.batches(["status", "uid", *cols]):
         s = score(b, offset)
-        offset += b.num_rows
         use = _ok(b) & np.isfinite(s)
         keys = score_keys(np.where(use, s, 0.0))
         hit = use & ((keys >> np.uint64(shift)) == np.uint64(prefix))
@@ -313,8 +339,11 @@ def _radix_cut(
             idx = np.flatnonzero(hit)
             cand_keys.append(keys[idx])
             cand_uids.append(b.column("uid").to_numpy(zero_copy_only=False)[idx])
+            cand_pos.append(offset + idx)
+        offset += b.num_rows
     keys = np.concatenate(cand_keys)
     uids = np.concatenate(cand_uids).astype(str)
-    order = np.lexsort((uids, ~keys))  # key descending, then uid ascending
+    pos = np.concatenate(cand_pos)
+    order = np.lexsort((pos, uids, ~keys))  # key descending, uid ascending, position
     j = order[k - above - 1]
-    return int(keys[j]), str(uids[j]), passes
+    return int(keys[j]), str(uids[j]), int(pos[j]), passes

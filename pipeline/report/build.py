@@ -12,14 +12,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options
 from pipeline.errors import ConfigError
-from pipeline.evaluation.retrain import METRICS, load_truth, pool_truth, scored_config, summarise
+from pipeline.evaluation.retrain import METRICS, load_truth, pool_truth, summarise
 from pipeline.report import page as P
 from pipeline.report.plots import metric_vs_keep, score_histograms
 from pipeline.report.thumbnails import thumbnails
 from pipeline.rundir import RunDir, exists, read_json, write_bytes_atomic
-from pipeline.score.table import read_table, table_metadata
+from pipeline.score.table import (
+    read_table,
+    scored_config,
+    scored_reader_options,
+    table_metadata,
+)
 
 _PER_CHECKPOINT = re.compile(r"_t\d+$")
 BASE = ("uid", "key", "shard", "index", "status", "error", "caption")
@@ -92,9 +96,7 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     frame = read_table(run.scores, columns=wanted).to_pandas()
     record = read_json(run.run_json) if exists(run.run_json) else {}
     score_cfg = scored_config(run)
-    options = reader_options(
-        score_cfg.get("image_keys", list(IMAGE_KEYS)), score_cfg.get("text_keys", list(TEXT_KEYS))
-    )
+    options = scored_reader_options(run)
     truth = load_truth(pool_truth(score_cfg["data"])) if score_cfg.get("data") else None
     ok = frame[frame.status == "ok"]
     marked = (

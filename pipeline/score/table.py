@@ -7,12 +7,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options
 from pipeline.data.sample import Sample
-from pipeline.rundir import read_bytes, write_bytes_atomic
+from pipeline.rundir import RunDir, exists, read_bytes, read_json, write_bytes_atomic
 
 BASE_FIELDS = [
     pa.field("uid", pa.string()),
@@ -74,5 +76,24 @@ def read_table(url: str, columns: Sequence[str] | None = None) -> pa.Table:
 
 
 def table_metadata(url: str) -> dict[str, Any]:
-    raw = pq.read_schema(io.BytesIO(read_bytes(url))).metadata or {}
+    # The footer only: the table itself may be many gigabytes.
+    with fsspec.open(url, "rb") as f:
+        raw = pq.read_schema(f).metadata or {}
     return json.loads(raw.get(b"diffin", b"{}"))
+
+
+def scored_config(run: RunDir) -> dict[str, Any]:
+    """The score stage's config: from run.json, else from the score table's own metadata."""
+    if exists(run.run_json):
+        recorded = read_json(run.run_json).get("score", {}).get("config")
+        if recorded:
+            return recorded
+    return table_metadata(run.scores).get("score", {}) if exists(run.scores) else {}
+
+
+def scored_reader_options(run: RunDir) -> dict[str, tuple[str, ...]]:
+    """How the scored shards were read (image and text keys): re-read them the same way."""
+    recorded = scored_config(run)
+    return reader_options(
+        recorded.get("image_keys", list(IMAGE_KEYS)), recorded.get("text_keys", list(TEXT_KEYS))
+    )

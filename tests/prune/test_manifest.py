@@ -226,3 +226,107 @@ def test_keep_one_keeps_all_ok_rows(pruned):
     assert result["kept"] == result["rows_ok"]
     buf = io.BytesIO((Path(result["dir"]) / "shards" / "00000.tar").read_bytes())
     assert tarfile.open(fileobj=buf).getmembers()
+
+
+def test_shard_names_widen_past_99999_shards():
+    import braceexpand
+
+    from pipeline.data.tarwriter import brace_pattern, shard_name
+    from pipeline.prune.manifest import shard_digits
+
+    assert shard_digits(100_000, 1) == 5 and shard_digits(100_001, 1) == 6
+    assert shard_digits(0, 1000) == 5
+    digits = shard_digits(100_001, 1)
+    names = list(braceexpand.braceexpand(brace_pattern("/m", 0, 100_000, digits)))
+    assert (
+        names[0] == f"/m/{shard_name(0, digits)}"
+        and names[-1] == f"/m/{shard_name(100_000, digits)}"
+    )
+
+
+def test_a_failed_rerun_keeps_the_previous_manifest(pruned, monkeypatch):
+    import pipeline.prune.manifest as manifest
+
+    cfg = PruneConfig(run=pruned["run"], keep=0.5, method="random", name="safe", shard_size=20)
+    first = write_manifest(cfg)
+    out = Path(first["dir"])
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    calls = []
+
+    def fail_on_second_shard(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("shard went away")
+        return real(*args)
+
+    real = manifest._reshard
+    monkeypatch.setattr(manifest, "_reshard", fail_on_second_shard)
+    with pytest.raises(RuntimeError, match="went away"):
+        write_manifest(cfg)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+        p.name for p in out.parent.iterdir() if not p.name.startswith(".")
+    )
+
+
+def _raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_path):
+    """Keys repeat across input shards and collide once flattened; the output must stay readable."""
+    import webdataset as wds
+
+    data = tmp_path / "data"
+    data.mkdir()
+    a, b = data / "a.tar", data / "b.tar"
+    _raw_tar(a, [("0.png", b"img-a0"), ("0.txt", b"cap a0"), ("0.pyd", b"\x80evil"), ("0", b"x")])
+    _raw_tar(b, [("0.png", b"img-b0"), ("0.txt", b"cap b0"), ("x/y.png", b"i"), ("x/y.txt", b"c")])
+    _raw_tar(data / "c.tar", [("x_y.png", b"i2"), ("x_y.txt", b"c2")])
+    rows = [
+        (a, "0", 0),
+        (b, "0", 0),
+        (b, "x/y", 1),
+        (data / "c.tar", "x_y", 0),
+    ]
+    n = len(rows)
+    table = pa.table(
+        {
+            "uid": [f"{i:032x}" for i in range(n)],
+            "key": [k for _, k, _ in rows],
+            "shard": [str(s) for s, _, _ in rows],
+            "index": pa.array([i for _, _, i in rows], pa.int32()),
+            "status": ["ok"] * n,
+            "error": pa.array([None] * n, pa.string()),
+            "caption": ["c"] * n,
+            "diffin": pa.array(np.linspace(1, 0, n)),
+        }
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, run / "scores.parquet")
+    m = write_manifest(PruneConfig(run=str(run), keep=1.0, shard_size=100))
+    assert m["kept"] == m["train_num_samples"] == n
+    assert m["members_dropped"] == {"no extension": 1, "pickle": 1}
+    (tar,) = sorted(Path(m["dir"], "shards").glob("*.tar"))
+    samples = _tar_samples(tar)
+    keys = [k for k, _ in samples]
+    assert len(set(keys)) == n and not any(k.startswith("_") for k in keys)
+    assert all(set(members) == {"png", "txt"} for _, members in samples)
+    got = list(wds.WebDataset(str(tar), shardshuffle=False))
+    assert len(got) == n and {s["txt"] for s in got} == {b"cap a0", b"cap b0", b"c", b"c2"}
+
+
+def test_flattened_keys_are_plain_sample_names():
+    from pipeline.prune.manifest import _safe_key
+
+    assert _safe_key("./a/b.c") == "a_b_c"
+    assert _safe_key("__meta__") == "k__meta__"  # not a WebDataset metadata member
+    assert _safe_key("./_x") == "_x"

@@ -235,3 +235,142 @@ def test_cli_prune_rules(tiny_scored, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["score"] == "fusion" and out["rule"]["fusion"] == {"diffin": 1.0, "loss": -0.5}
     assert out["kept"] == round(0.5 * out["rows_scorable"])
+
+
+def _small(scores: list[float], uids: list[str]) -> pa.Table:
+    n = len(scores)
+    return pa.table(
+        {
+            "uid": uids,
+            "key": [f"{i:09d}" for i in range(n)],
+            "shard": ["s.tar"] * n,
+            "index": pa.array(range(n), pa.int32()),
+            "status": ["ok"] * n,
+            "error": pa.array([None] * n, pa.string()),
+            "caption": ["c"] * n,
+            "diffin": pa.array(scores, pa.float64()),
+        }
+    )
+
+
+def test_negative_zero_ties_with_zero_and_the_uid_decides(tmp_path):
+    table = _small([-0.0, 0.0, -1.0, -2.0], ["a" * 32, "b" * 32, "c" * 32, "d" * 32])
+    run = _write(table, tmp_path)
+    got = _kept(plan(PruneConfig(run, 0.25), f"{run}/scores.parquet")).column("uid").to_pylist()
+    assert got == select(table, "diffin", 0.25).column("uid").to_pylist() == ["a" * 32]
+
+
+def test_a_uid_repeated_at_the_cut_still_keeps_exactly_k(tmp_path):
+    # merge.py counts duplicate uids; both copies tie on (score, uid): the row decides.
+    table = _small([1.0, 0.5, 0.5, 0.1], ["a" * 32, "b" * 32, "b" * 32, "c" * 32])
+    run = _write(table, tmp_path)
+    sel = plan(PruneConfig(run, 0.5), f"{run}/scores.parquet")
+    kept = _kept(sel, ["uid", "key"])
+    assert sel.kept == kept.num_rows == 2
+    assert kept.column("key").to_pylist() == ["000000000", "000000001"]
+
+
+def test_zscore_fusion_stats_survive_a_large_offset(tmp_path):
+    rng = np.random.default_rng(0)
+    table = _small((1e8 + rng.normal(0, 0.1, 3000)).tolist(), [f"{i:032x}" for i in range(3000)])
+    run = _write(table, tmp_path, row_group=500)
+    sel = plan(PruneConfig(run, 0.5, fusion={"diffin": 1.0}), f"{run}/scores.parquet", 400)
+    stats = sel.info["fusion_stats"]["diffin"]
+    d = table.column("diffin").to_numpy()
+    assert stats["mean"] == pytest.approx(d.mean(), rel=1e-12)
+    assert stats["std"] == pytest.approx(d.std(), rel=1e-6)
+
+
+def test_proportional_quotas_add_up_to_the_fraction_rule():
+    assert quotas(np.ones(10, int), 0.4, "proportional").sum() == 4  # each group alone rounds to 0
+    assert quotas(np.full(5, 5), 0.5, "proportional").sum() == round(0.5 * 25)
+    assert quotas(np.full(5, 3), 0.5, "proportional").sum() == round(0.5 * 15)
+    q = quotas(np.array([7, 1, 0, 12]), 0.3, "proportional")
+    assert q.sum() == round(0.3 * 20) and (q <= [7, 1, 0, 12]).all()
+    assert quotas(np.array([0, 0]), 0.5, "proportional").tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("method", ["index", "caption", "source"])
+def test_a_column_that_is_not_a_score_is_refused(tmp_path, method):
+    run = _write(_table(200), tmp_path)
+    with pytest.raises(ConfigError, match="method"):
+        write_manifest(PruneConfig(run, 0.5, method))
+    assert not (Path(run) / "prune").exists()
+
+
+def test_a_rule_that_keeps_nothing_is_refused_and_the_old_manifest_stays(tiny_scored, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_scored["run"], run)
+    first = write_manifest(
+        PruneConfig(run, method="tracin", rule="threshold", threshold=-1e300, name="t")
+    )
+    before = sorted(p.name for p in Path(first["dir"]).rglob("*"))
+    with pytest.raises(ConfigError, match="keeps none"):
+        write_manifest(
+            PruneConfig(run, method="tracin", rule="threshold", threshold=1e300, name="t")
+        )
+    assert sorted(p.name for p in Path(first["dir"]).rglob("*")) == before
+    assert [p.name for p in Path(run, "prune").iterdir()] == ["t"]
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--rule", "threshold", "--threshold", "0", "--keep", "0.1"], "--keep"),
+        (["--keep", "0.5", "--fuse", "diffin=1", "--method", "tracin"], "--method"),
+        (["--keep", "0.5", "--fusion-norm", "rank"], "--fusion-norm"),
+        (["--keep", "0.5", "--balance", "equal"], "--balance"),
+        (["--keep", "0.5", "--clusters", "3"], "--clusters"),
+        (
+            ["--keep", "0.5", "--rule", "balanced", "--balance-by", "source", "--clusters", "3"],
+            "--clusters",
+        ),
+    ],
+)
+def test_cli_prune_refuses_options_the_rule_ignores(tmp_path, capsys, flags, named):
+    from pipeline.cli import main
+
+    run = _write(_table(200), tmp_path)
+    assert main(["prune", "--run", run, *flags]) == 2
+    assert named in capsys.readouterr().err
+    assert not (Path(run) / "prune").exists()
+
+
+def test_cli_prune_refuses_a_scorer_named_twice(tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = _write(_table(200), tmp_path)
+    with pytest.raises(SystemExit):
+        main(["prune", "--run", run, "--keep", "0.5", "--fuse", "diffin=1,diffin=-1"])
+    assert "named twice" in capsys.readouterr().err
+
+
+def test_clusters_reread_shards_with_the_keys_they_were_scored_with(tiny_scored, tmp_path):
+    """A pool scored with --text-key caption has no .txt: the balanced rule must read .caption."""
+    import io
+    import tarfile
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_scored["run"], run)
+    moved = {}
+    for url in tiny_scored["shards"]:
+        dst = tmp_path / "pool" / Path(url).name
+        dst.parent.mkdir(exist_ok=True)
+        with tarfile.open(url) as src, tarfile.open(dst, "w") as out:
+            for m in src.getmembers():
+                data = src.extractfile(m).read()
+                m.name = m.name[: -len(".txt")] + ".caption" if m.name.endswith(".txt") else m.name
+                out.addfile(m, io.BytesIO(data))
+        moved[url] = str(dst)
+    table = pq.read_table(run / "scores.parquet")
+    meta = json.loads(table.schema.metadata[b"diffin"])
+    meta["score"]["text_keys"] = ["caption"]
+    shards = pa.array([moved[s] for s in table.column("shard").to_pylist()])
+    table = table.set_column(table.column_names.index("shard"), "shard", shards)
+    table = table.replace_schema_metadata({b"diffin": json.dumps(meta).encode()})
+    pq.write_table(table, run / "scores.parquet")
+    if (run / "run.json").exists():
+        (run / "run.json").unlink()  # the table's own metadata is the record
+    cfg = PruneConfig(str(run), 0.5, "diffin", rule="balanced", balance_by="cluster", clusters=2)
+    m = write_manifest(cfg)
+    assert m["kept"] == round(0.5 * m["rows_scorable"])
