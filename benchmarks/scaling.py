@@ -272,7 +272,7 @@ run, n_parts = RunDir(sys.argv[1]), int(sys.argv[2])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.time()
 names = [f"{i:05d}" for i in range(n_parts)]
-recs = [is_done(run, n, "fp") for n in names]          # the resume scan
+recs = [is_done(run, f"/pool/{n}.tar", n, "fp") for n in names]  # the resume scan
 assert all(recs)
 p = Progress(n_parts, len(recs), sum(r["rows"] for r in recs))
 p.close()
@@ -307,7 +307,8 @@ def synthetic_parts(run_dir: Path, n_parts: int, rows: int) -> int:
             for i in range(rows)
         ]
         table = build_part(samples, {c: rng.standard_normal(rows) for c in cols}, cols)
-        write_part(table, run.part(f"{p:05d}"), {"status": "ok", "fingerprint": "fp"})
+        record = {"status": "ok", "fingerprint": "fp", "shard": url}
+        write_part(table, run.part(f"{p:05d}"), record)
     return (run_dir / "scores" / "parts").stat().st_size
 
 

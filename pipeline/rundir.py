@@ -134,6 +134,12 @@ def replace_dir(src: str, dst: str) -> None:
     fs.invalidate_cache(dst_path)
 
 
+def file_size(url: str) -> int:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)
+    return int(fs.size(path))
+
+
 def read_bytes(url: str) -> bytes:
     with fsspec.open(url, "rb") as f:
         return f.read()

@@ -4,16 +4,21 @@ Two promises from DESIGN.md shape this module:
 
 * Security: a shard is untrusted input. Only images (a short list of PIL
   formats), text and json are ever decoded; pickles (``.pyd``, ``.pickle``,
-  ``.pth``, ...) are carried as raw bytes and never loaded. Decoded pixels are
-  capped against decompression bombs. Members are read into memory, never
-  extracted to disk, so member names cannot escape anywhere.
+  ``.pth``, ...) are carried as raw bytes and never loaded. Decoded pixels,
+  image aspect ratios and member sizes are capped (decompression bombs, tar
+  bombs, thin strips that the model's resize would blow up). Members are read
+  into memory, never extracted to disk, so member names cannot escape anywhere.
 * Nothing is lost: every sample becomes a row, with ``error`` set when it
   cannot be used, and a shard that cannot be read (missing, not a tar,
   truncated, corrupt) yields the samples before the damage plus one
-  ``__shard__`` row saying why.
+  ``__shard__`` row saying why. Every string in a row is valid UTF-8 (the
+  score table is Parquet): bytes of a member name that are not UTF-8 are shown
+  as ``\\xNN``.
 
 Grouping follows WebDataset: member ``dir/abc.def.jpg`` has key ``dir/abc``
-and extension ``def.jpg``; members of one sample are contiguous.
+and extension ``def.jpg``; members of one sample are contiguous. Only
+directories and WebDataset's metadata members (``__key__``, ``__meta__/...``)
+are skipped; a leading ``./`` (``tar -cf shard.tar .``) is not part of a key.
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ from io import BytesIO
 from typing import Any
 
 import fsspec
+import numpy as np
 from PIL import Image
 
 from pipeline.data.sample import Sample
 
 __all__ = [
+    "MAX_ASPECT_RATIO",
+    "MAX_IMAGE_PIXELS",
+    "MAX_MEMBER_BYTES",
     "SHARD_KEY",
     "ShardReadError",
     "count_samples",
@@ -43,6 +52,17 @@ __all__ = [
 ]
 
 SHARD_KEY = "__shard__"
+
+# Caps on untrusted input; each is an iter_shard keyword of the same name, lower-cased.
+# Decoded pixels (width x height), checked from the image header before decoding.
+MAX_IMAGE_PIXELS = 64_000_000
+# Longer side / shorter side. open_clip's eval transform scales the *shorter*
+# side to the model size, so a 1 x N strip becomes 224 x 224N pixels before
+# the crop: the pixel cap alone does not bound that.
+MAX_ASPECT_RATIO = 100
+# Bytes of one tar member. Checked from the member header, before reading:
+# a small gzipped shard can hold a member of gigabytes of zeros.
+MAX_MEMBER_BYTES = 256 * 2**20
 
 # PIL formats we are willing to parse, whatever a member's extension says.
 # Deliberately short: e.g. EPS would run Ghostscript, and rarely used
@@ -54,6 +74,11 @@ _UID = re.compile(r"[0-9a-fA-F]{32}")
 # so error strings are deterministic and groupable in the report.
 _OBJ_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# WebDataset's metadata members (tariterators.tar_file_iterator's skip_meta):
+# top-level "__name__" entries and whatever lies in a top-level "__name__/".
+_WDS_META = re.compile(r"__[^/]*__($|/)")
+# 16- and 32-bit grayscale: convert("RGB") clips them to 0..255, i.e. mostly white.
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # Read what follows the end-of-archive marker in chunks of this size.
 _CHUNK = 1 << 20
 
@@ -69,6 +94,20 @@ def sample_uid(meta: dict[str, Any], shard_url: str, key: str) -> str:
     if isinstance(uid, str) and _UID.fullmatch(uid):
         return uid.lower()
     return _md5(f"{shard_url}\0{key}")
+
+
+def escape_utf8(text: str) -> str:
+    """``text`` made encodable as UTF-8: bytes that were not UTF-8 appear as ``\\xNN``.
+
+    tarfile (and os.listdir) turn such bytes into lone surrogates
+    (surrogateescape), which pyarrow refuses to write. Any other lone
+    surrogate (e.g. from a json ``"\\ud800"``) is shown as ``\\udNNN``.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _md5(text: str) -> str:
@@ -104,6 +143,10 @@ class _Group:
     names: list[str] = field(default_factory=list)  # member names, in tar order
     duplicate_members: list[str] = field(default_factory=list)
     duplicate_key: bool = False
+    # Members that were there but not read (links, over the size cap): why,
+    # and their extensions, so the sample is not also called "missing" them.
+    problems: list[str] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)
     # Yielded complete, but the shard broke right after its last member, so
     # members that would have followed may be missing.
     before_damage: bool = False
@@ -133,14 +176,39 @@ class _WatchedTarFile(tarfile.TarFile):
     last_header_error: Exception | None = None
 
 
+def _member_name(raw: str) -> str:
+    """A member name as rows show it: valid UTF-8, without a leading ``./``."""
+    name = escape_utf8(raw)
+    while name.startswith("./"):  # tar -cf shard.tar . ; "./000.png" is sample "000"
+        name = name[2:]
+    return name
+
+
 def _split_name(name: str) -> tuple[str, str] | None:
-    """WebDataset key/extension split, or None for members that are not sample data."""
-    dirname, _, base = name.rpartition("/")
-    if not base or base.startswith((".", "_")):
+    """WebDataset key/extension split, or None for WebDataset's metadata members.
+
+    The key runs to the first dot of the base name. Leading dots belong to the
+    key (``.002.png`` is sample ``.002``): WebDataset's own regex would drop
+    such a member silently, and a member we cannot group is still reported.
+    """
+    if ("/" not in name and name.startswith("__") and name.endswith("__")) or _WDS_META.match(name):
         return None
-    stem, _, ext = base.partition(".")
+    dirname, _, base = name.rpartition("/")
+    body = base.lstrip(".")
+    stem, _, ext = body.partition(".")
+    stem = base[: len(base) - len(body)] + stem
     key = f"{dirname}/{stem}" if dirname else stem
     return key, ext.lower()
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym() or member.islnk():
+        return "link"
+    if member.ischr() or member.isblk():
+        return "device"
+    if member.isfifo():
+        return "fifo"
+    return f"type {member.type.decode('ascii', 'backslashreplace')}"
 
 
 def _describe(exc: BaseException) -> str:
@@ -179,7 +247,7 @@ def _as_shard_error(exc: Exception) -> ShardReadError:
     return ShardReadError("read error", f"{type(exc).__name__}: {_describe(exc)}")
 
 
-def _read_groups(url: str) -> Iterator[_Group]:
+def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[_Group]:
     """Stream the sample groups of a shard, raw.
 
     On damage, complete groups before it are yielded, then ShardReadError is
@@ -190,6 +258,9 @@ def _read_groups(url: str) -> Iterator[_Group]:
     silently change the uid). Otherwise the pending group is yielded: it is
     as complete as anything can tell, and a completely read sample is never
     lost.
+
+    Members over ``max_member_bytes``, links and other non-regular members
+    are not read: they are recorded in the group's ``problems``.
     """
     delivered = 0
     current: _Group | None = None
@@ -202,7 +273,11 @@ def _read_groups(url: str) -> Iterator[_Group]:
         raise ShardReadError("cannot open", f"{type(exc).__name__}: {_describe(exc)}") from exc
     try:
         try:
-            tar = _WatchedTarFile.open(fileobj=f, mode="r|*")
+            # UTF-8 whatever the locale: names that are not UTF-8 arrive as lone
+            # surrogates (escaped by _member_name), never as mojibake.
+            tar = _WatchedTarFile.open(
+                fileobj=f, mode="r|*", encoding="utf-8", errors="surrogateescape"
+            )
         except (tarfile.TarError, EOFError) as exc:
             raise ShardReadError("not a tar file", _describe(exc)) from exc
         except Exception as exc:
@@ -219,22 +294,41 @@ def _read_groups(url: str) -> Iterator[_Group]:
                     # Stream mode keeps every TarInfo; shards can hold
                     # tens of thousands and we never look back.
                     tar.members.clear()
-                    if not member.isreg():
-                        continue
-                    split = _split_name(member.name)
+                    if member.isdir():
+                        continue  # as WebDataset: directories are not sample data
+                    name = _member_name(member.name)
+                    split = _split_name(name)
                     if split is None:
                         continue
                     key, ext = split
                     if current is None or key != current.key:
                         if current is not None:
-                            prev_exts = set(current.members)
+                            prev_exts = set(current.members) | current.refused
                             yield current
                             delivered += 1
                         current = _Group(key=key, duplicate_key=key in seen)
                         seen.add(key)
-                    member_name = member.name
+                    current.names.append(name)
+                    if not member.isreg():
+                        # No data to read (a link's target may not even be in
+                        # this shard); reading it as empty would say "missing".
+                        current.problems.append(
+                            f"{_member_kind(member)} member not supported: {name}"
+                        )
+                        current.refused.add(ext)
+                        continue
+                    if member.size > max_member_bytes:
+                        # Skipped unread: tar.next() seeks past it in bounded chunks.
+                        current.problems.append(
+                            f"member too large: {name} ({member.size} bytes, "
+                            f"cap {max_member_bytes})"
+                        )
+                        current.refused.add(ext)
+                        continue
+                    member_name = name
                     handle = tar.extractfile(member)
-                    data = handle.read() if handle is not None else b""
+                    # At most cap + 1 bytes, whatever the header said.
+                    data = handle.read(max_member_bytes + 1) if handle is not None else b""
                     if len(data) != member.size:
                         raise tarfile.ReadError("unexpected end of data")
                 except Exception as exc:
@@ -248,7 +342,7 @@ def _read_groups(url: str) -> Iterator[_Group]:
                         # The damage hit a header: the pending group's members
                         # were all read, but more of them may have followed.
                         # The previous sample's members are the evidence.
-                        missing = (prev_exts or set()) - set(current.members)
+                        missing = (prev_exts or set()) - set(current.members) - current.refused
                         if missing:
                             err.incomplete = current
                             err.incomplete_reason = (
@@ -266,33 +360,59 @@ def _read_groups(url: str) -> Iterator[_Group]:
                     current.duplicate_members.append(member_name)
                 else:
                     current.members[ext] = data
-                current.names.append(member_name)
             if current is not None:
                 yield current
     finally:
         f.close()
 
 
-def iter_raw(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_raw(
+    url: str, *, max_member_bytes: int = MAX_MEMBER_BYTES
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` for every sample group, decoding nothing.
 
     For resharding: every member of a sample is kept byte for byte (pickles
-    included, unopened). Groups are the ones :func:`iter_shard` makes rows of,
-    including error ones (a duplicated key is yielded again; a member without
-    extension appears under ``""``). Raises :class:`ShardReadError` on shard
-    damage, after yielding the complete groups before it.
+    included, unopened). Groups and keys are the ones :func:`iter_shard` makes
+    rows of, including error ones (a duplicated key is yielded again; a member
+    without extension appears under ``""``; links and members over
+    ``max_member_bytes`` are left out, as their rows are errors). Raises
+    :class:`ShardReadError` on shard damage, after yielding the complete
+    groups before it.
     """
-    for group in _read_groups(url):
+    for group in _read_groups(url, max_member_bytes):
         yield group.key, group.members
 
 
-def count_samples(url: str) -> int:
+def count_samples(url: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> int:
     """Number of sample groups (rows) in an undamaged shard; raises ShardReadError otherwise."""
-    return sum(1 for _ in iter_raw(url))
+    return sum(1 for _ in iter_raw(url, max_member_bytes=max_member_bytes))
 
 
-def _decode_image(data: bytes, max_image_pixels: int) -> tuple[Image.Image | None, str | None]:
-    """Decode to RGB with the pixel count checked from the header before any pixel is decoded."""
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A 16/32-bit grayscale image ("I;16*", "I", "F") as 8-bit "L", tones kept.
+
+    PIL's convert() clips these to 0..255, which turns most of a 16-bit image
+    white. Ranges: "I;16*" are 0..65535 (the top byte is kept); "I" (32-bit
+    int, what 16-bit PNGs decode to in some PIL versions) is read as that same
+    16-bit range, clipped to it; "F" (float) follows PIL's own F-to-L
+    convention of 0..255, clipped, rounded, NaN as 0.
+    """
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        out = a >> 8
+    elif im.mode == "I":
+        out = np.clip(a, 0, 65535) >> 8
+    else:
+        out = np.rint(np.clip(np.nan_to_num(a, nan=0.0), 0, 255))
+    return Image.fromarray(np.ascontiguousarray(out, dtype=np.uint8))
+
+
+def _decode_image(
+    data: bytes,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+) -> tuple[Image.Image | None, str | None]:
+    """Decode to RGB with pixel count and aspect ratio checked from the header, before decoding."""
     try:
         with warnings.catch_warnings():
             # PIL's own bomb warning fires at its global limit; our cap
@@ -306,8 +426,15 @@ def _decode_image(data: bytes, max_image_pixels: int) -> tuple[Image.Image | Non
                     return None, (
                         f"image too large: {width}x{height} pixels (cap {max_image_pixels})"
                     )
+                if max(width, height) > max_aspect_ratio * min(width, height):
+                    return None, (
+                        f"image too thin: {width}x{height} pixels "
+                        f"(aspect ratio cap {max_aspect_ratio:g}:1)"
+                    )
                 im.load()
-                if im.mode == "P":
+                if im.mode in _HIGH_DEPTH_MODES:
+                    rgb = _to_8bit(im).convert("RGB")
+                elif im.mode == "P":
                     # Palette transparency is only handled correctly via RGBA.
                     rgb = im.convert("RGBA").convert("RGB")
                 else:
@@ -330,6 +457,7 @@ def _decode_group(
     image_keys: tuple[str, ...],
     text_keys: tuple[str, ...],
     max_image_pixels: int,
+    max_aspect_ratio: float,
     decode_images: bool,
 ) -> Sample:
     errors: list[str] = []
@@ -338,6 +466,10 @@ def _decode_group(
         errors.append(f"duplicate key {group.key} in shard")
     for name in group.duplicate_members:
         errors.append(f"duplicate member {name} in sample")
+    errors.extend(group.problems)
+    # A member name that is not UTF-8 leaves the row ok: the name is only an
+    # identifier, its escaped form (``\xNN`` in ``key``) is stable and the same
+    # in iter_raw (resharding), and the image and caption are usable.
 
     meta: dict[str, Any] = {}
     if "json" in members:
@@ -356,22 +488,29 @@ def _decode_group(
         # e.g. a stray "README" member: WebDataset would skip it silently.
         errors.append(f"member {group.names[0]} has no extension (not part of a sample)")
         return Sample(
-            uid=uid, key=group.key, shard=url, index=index, meta=meta, error="; ".join(errors)
+            uid=uid,
+            key=group.key,
+            shard=url,
+            index=index,
+            meta=meta,
+            error="; ".join(errors),
         )
 
     image = None
     image_ext = next((k for k in image_keys if k in members), None)
     if image_ext is None:
-        errors.append(f"missing image (expected one of {', '.join(image_keys)})")
+        if not group.refused.intersection(image_keys):  # else a problem above says why
+            errors.append(f"missing image (expected one of {', '.join(image_keys)})")
     elif decode_images:
-        image, problem = _decode_image(members[image_ext], max_image_pixels)
+        image, problem = _decode_image(members[image_ext], max_image_pixels, max_aspect_ratio)
         if problem:
             errors.append(problem)
 
     caption = None
     text_ext = next((k for k in text_keys if k in members), None)
     if text_ext is None:
-        errors.append(f"missing caption ({', '.join(text_keys)})")
+        if not group.refused.intersection(text_keys):
+            errors.append(f"missing caption ({', '.join(text_keys)})")
     else:
         try:
             # utf-8-sig: strict UTF-8 that also drops a leading byte-order mark.
@@ -411,26 +550,61 @@ def iter_shard(
     *,
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
     text_keys: tuple[str, ...] = ("txt",),
-    max_image_pixels: int = 64_000_000,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
     decode_images: bool = True,
 ) -> Iterator[Sample]:
     """Yield one :class:`Sample` per sample of a shard, error rows included.
 
-    Never raises for bad data or a bad shard. A sample that cannot be used has ``error`` set (image/caption ``None``
-    where not decodable). If the shard itself is damaged, the samples read
-    before the damage come first, then the interrupted sample (if any) as an
-    error row, then one row with key ``"__shard__"`` (index: the next
-    position) and error ``"unreadable shard: ..."``. ``decode_images=False`` only checks that an
-    image member is present (for counting).
+    Never raises for bad data or a bad shard. A sample that cannot be used has
+    ``error`` set (image/caption ``None`` where not decodable). If the shard
+    itself is damaged, the samples read before the damage come first, then
+    the interrupted sample (if any) as an error row, then one row with key
+    ``"__shard__"`` (index: the next position) and error ``"unreadable shard:
+    ..."``. ``decode_images=False`` only checks that an image member is
+    present (for counting). The caps (see the module constants) make error
+    rows: images over ``max_image_pixels`` pixels or longer than
+    ``max_aspect_ratio`` times their width (or the reverse), members over
+    ``max_member_bytes`` bytes (never read). Every string in a row is valid
+    UTF-8.
     """
-    index = 0
-    groups = _read_groups(url)
+    shown = escape_utf8(url)
+    if shown != url:
+        # Later stages reopen a shard by the name in its rows (resharding,
+        # thumbnails), and the escaped name would not open: refuse it whole.
+        yield Sample(
+            uid=_md5(f"{shown}\0{SHARD_KEY}"),
+            key=SHARD_KEY,
+            shard=shown,
+            index=0,
+            error="unreadable shard: shard path is not UTF-8 (shown escaped; rename the file)",
+        )
+        return
     opts = dict(
         image_keys=tuple(image_keys),
         text_keys=tuple(text_keys),
         max_image_pixels=max_image_pixels,
+        max_aspect_ratio=max_aspect_ratio,
         decode_images=decode_images,
     )
+    for sample in _rows(url, max_member_bytes, opts):
+        yield _encodable(sample)
+
+
+def _encodable(sample: Sample) -> Sample:
+    """Escape what is not UTF-8 in the row's strings (exception texts may quote raw names)."""
+    sample.key = escape_utf8(sample.key)  # already escaped by _read_groups; iter_raw agrees
+    for name in ("error", "caption"):
+        value = getattr(sample, name)
+        if value is not None:
+            setattr(sample, name, escape_utf8(value))
+    return sample
+
+
+def _rows(url: str, max_member_bytes: int, opts: dict[str, Any]) -> Iterator[Sample]:
+    index = 0
+    groups = _read_groups(url, max_member_bytes)
     while True:
         try:
             group = next(groups)

@@ -127,7 +127,7 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
                             if pending is not None:
                                 _add(dropped, _reshard(writer, *pending))
                             pending = (shard, set())
-                        pending[1].add(key)
+                        pending[1].add(_reader_key(key))
                 if pending is not None:
                     _add(dropped, _reshard(writer, *pending))
                 if pw is None:
@@ -236,12 +236,20 @@ def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> dict[str, int]:
     return dropped
 
 
+def _reader_key(key: str) -> str:
+    """The key :func:`iter_raw` gives today for a key in the table.
+
+    Tables scored before the reader dropped a leading './' still hold it.
+    """
+    while key.startswith("./"):
+        key = key[2:]
+    return key
+
+
 def _safe_key(key: str) -> str:
     # WebDataset keys may contain '/' (sub-directories in the tar) and a
     # leading './' (tar -cf x.tar .); flatten them into one plain name.
-    while key.startswith("./"):
-        key = key[2:]
-    key = key.replace("/", "_").replace(".", "_")
+    key = _reader_key(key).replace("/", "_").replace(".", "_")
     # '__name__' members are WebDataset metadata, not samples.
     return f"k{key}" if key.startswith("__") else key
 

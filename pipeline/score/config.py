@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options, valid_keys
+from pipeline.data.keys import IMAGE_KEYS, KEYS_RULE, TEXT_KEYS, reader_options, valid_keys
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
 
@@ -61,8 +61,8 @@ class ScoreConfig:
                 self.gpus_per_worker is None or self.gpus_per_worker >= 0,
                 "must be >= 0",
             ),
-            ("image_keys", valid_keys(self.image_keys), "must be non-empty extensions"),
-            ("text_keys", valid_keys(self.text_keys), "must be non-empty extensions"),
+            ("image_keys", valid_keys(self.image_keys), KEYS_RULE),
+            ("text_keys", valid_keys(self.text_keys), KEYS_RULE),
             ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
             (
                 "second_order",

@@ -33,7 +33,7 @@ from pipeline.influence.selfinf import SELF_TERMS
 from pipeline.influence.vectors import norm
 from pipeline.model import factory
 from pipeline.model.batches import encode
-from pipeline.rundir import RunDir, exists
+from pipeline.rundir import RunDir, exists, sha256
 from pipeline.score.config import AUTO_FORM, ScoreConfig
 from pipeline.score.trajectory import Trajectory, load_state_dict
 from pipeline.scorers import ScoreContext, get_scorers, needed_terms
@@ -99,11 +99,23 @@ def needs_directions(cfg: ScoreConfig, traj: Trajectory) -> bool:
     return any(needed_terms(scorers, c, ctx) & DIRECTION_TERMS for c in traj.checkpoints)
 
 
-def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
+def set_hashes(run: RunDir) -> dict[str, str]:
+    """sha256 of the stored sets the per-sample losses, g_B and H_B are made of.
+
+    Their metadata does not identify them: a re-import may store other
+    reference pairs or gradient batches with the same count, size and seed.
+    """
+    return {name: sha256(run.set_file(name)) for name in ("reference", "grad_batches")}
+
+
+def ensure_directions(
+    cfg: ScoreConfig, run: RunDir, traj: Trajectory, sets: dict[str, str] | None = None
+) -> dict:
     """Compute the missing direction files; returns the target description.
 
     Nothing is computed when no requested scorer needs directions; the target
     set is still read, since its description is part of the scores' fingerprint.
+    ``sets`` is :func:`set_hashes` of the run, when the caller already has it.
     """
     propagated = "diffin" in cfg.methods and resolve_form(cfg.second_order, traj) == "propagated"
     if propagated:
@@ -117,6 +129,7 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
     ref_images, ref_tokens, _ = load_set(run, "reference", dtype)
     fns = ClipFunctions(bundle.model, ref_images, ref_tokens)
     gb, gb_meta = load_tensors(run.set_file("grad_batches"))
+    gb_meta = {**gb_meta, "sets": sets or set_hashes(run)}  # in every fingerprint below
     grad_batches = [
         (gb["images"][i].to(dtype), gb["tokens"][i]) for i in range(gb["images"].shape[0])
     ]
@@ -164,7 +177,7 @@ def ensure_directions(cfg: ScoreConfig, run: RunDir, traj: Trajectory) -> dict:
     if propagated:
         ensure_propagated(cfg, run, traj, fns, grad_batches, gb_meta, target_info)
     if "diffin_self" in cfg.methods and cfg.self_hb == "lanczos":
-        ensure_eigenpairs(cfg, run, traj, fns, grad_batches, by_step)
+        ensure_eigenpairs(cfg, run, traj, fns, grad_batches, gb_meta, by_step)
     return target_info
 
 
@@ -298,6 +311,7 @@ def ensure_eigenpairs(
     traj: Trajectory,
     fns: ClipFunctions,
     grad_batches: list,
+    gb_meta: dict,
     by_step: dict[int, str],
 ) -> None:
     """Top eigenpairs of H_B per checkpoint for diffin_self: a cost per checkpoint, not per
@@ -307,9 +321,7 @@ def ensure_eigenpairs(
     names = [k for k, _ in fns.model.named_parameters()]
     for ckpt in tqdm(traj.checkpoints, desc="H_B eigenpairs", unit="ckpt", leave=False):
         fingerprint = hashlib.sha256(
-            json.dumps(
-                [by_step[ckpt.step], cfg.self_rank, cfg.seed, cfg.dtype, len(grad_batches)]
-            ).encode()
+            json.dumps([by_step[ckpt.step], cfg.self_rank, cfg.seed, cfg.dtype, gb_meta]).encode()
         ).hexdigest()[:16]
         url = eigen_url(run, ckpt.step)
         if exists(url) and load_tensors(url)[1].get("fingerprint") == fingerprint:

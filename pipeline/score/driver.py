@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -35,14 +36,15 @@ from typing import Any
 
 import ray
 
-from pipeline.data.reader import SHARD_KEY, iter_shard
+from pipeline.data.reader import SHARD_KEY, escape_utf8, iter_shard
 from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards, shard_names
+from pipeline.errors import ConfigError
 from pipeline.provenance import provenance
 from pipeline.raylocal import connect
-from pipeline.rundir import RunDir, exists, write_json
+from pipeline.rundir import RunDir, exists, file_size, write_json
 from pipeline.score.config import ScoreConfig
-from pipeline.score.directions import ensure_directions, resolve_form
+from pipeline.score.directions import ensure_directions, resolve_form, set_hashes
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
 from pipeline.score.table import build_part
@@ -202,8 +204,40 @@ def start_ray(cfg: ScoreConfig) -> bool:
     return connect(cfg.address, cfg.workers * cfg.threads)
 
 
-def _fingerprint(cfg: ScoreConfig, traj_record: dict, target: dict) -> dict[str, Any]:
-    """What the parts depend on: a rerun with different inputs must not reuse them."""
+# Trajectory fields the scores depend on beyond the checkpoints' bytes: the
+# estimator's weights (step, lr, n_train) and the propagated form's dynamics.
+_TRAINING_FIELDS = ("optimizer", "steps", "spacing", "batch_size", "n_train")
+_RECIPE_FIELDS = ("lr", "schedule", "warmup", "momentum", "weight_decay", "optimizer")
+
+
+def check_placeable(cfg: ScoreConfig) -> None:
+    """Refuse scoring actors the embedded Ray could never place (it would wait forever).
+
+    Only for the Ray this process starts, whose CPUs are sized for the actors:
+    an existing cluster may add nodes (autoscaler); there a pending actor is
+    reported by :func:`schedule` instead.
+    """
+    if cfg.address or os.environ.get("RAY_ADDRESS") or not cfg.gpus_per_worker:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if cfg.gpus_per_worker > have:
+        raise ConfigError(
+            f"gpus_per_worker: {cfg.gpus_per_worker} GPU(s) per scoring actor, "
+            f"but this machine has {have}"
+        )
+
+
+def _fingerprint(
+    cfg: ScoreConfig, traj_record: dict, target: dict, sets: dict[str, str]
+) -> dict[str, Any]:
+    """What the parts depend on: a rerun with different inputs must not reuse them.
+
+    Paths are left out on purpose (a moved run directory keeps its parts);
+    the shard a part came from is checked by :func:`is_done`.
+    """
+    recipe = traj_record.get("config", {})
     fp: dict[str, Any] = {
         "methods": cfg.methods,
         "first_order": cfg.first_order,
@@ -211,12 +245,22 @@ def _fingerprint(cfg: ScoreConfig, traj_record: dict, target: dict) -> dict[str,
         "propagate_curvature": cfg.propagate_curvature,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
-        "checkpoints": [c["sha256"] for c in traj_record["checkpoints"]],
+        # A re-import can give the same checkpoint bytes other steps and rates.
+        "checkpoints": [[c["sha256"], c["step"], c["lr"]] for c in traj_record["checkpoints"]],
+        "training": {k: traj_record.get(k) for k in _TRAINING_FIELDS},
+        "recipe": {k: recipe.get(k) for k in _RECIPE_FIELDS},
+        "sets": sets,  # reference negatives R and the batches behind g_B, H_B
         "target": target["target_fingerprint"],
         "reader": {k: list(v) for k, v in cfg.reader_options().items()},  # which rows are ok
     }
-    if any("self" in m for m in cfg.methods) and hasattr(cfg, "self_dim"):
-        fp["self_dim"] = cfg.self_dim  # the sketch behind diffin_self
+    if any("self" in m for m in cfg.methods):
+        # The memory budget lowers the rank or sketch size actually used.
+        fp["self"] = {
+            "hb": cfg.self_hb,
+            "rank": cfg.self_rank,
+            "dim": cfg.self_dim,
+            "memory_mb": cfg.memory_mb,
+        }
     return fp
 
 
@@ -224,13 +268,21 @@ def fingerprint_hash(fp: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_done(run: RunDir, name: str, fp_hash: str) -> dict[str, Any] | None:
-    """The completion record of a shard scored for this fingerprint, else None."""
+def is_done(run: RunDir, url: str, name: str, fp_hash: str) -> dict[str, Any] | None:
+    """The completion record of shard ``url`` scored for this fingerprint, else None.
+
+    The record must name this very shard (another pool may have the same
+    shard names) and its part must still be the bytes it describes.
+    """
     part = run.part(name)
     rec = read_record(part)
     if rec is None or rec.get("status") != "ok" or rec.get("fingerprint") != fp_hash:
         return None
-    return rec if exists(part) else None
+    if rec.get("shard") != url or not exists(part):
+        return None
+    if "bytes" in rec and file_size(part) != rec["bytes"]:
+        return None
+    return rec
 
 
 def failed_part(
@@ -240,9 +292,9 @@ def failed_part(
     row = Sample(
         uid=hashlib.md5(f"{url}\0{SHARD_KEY}".encode("utf-8", "surrogateescape")).hexdigest(),
         key=SHARD_KEY,
-        shard=url,
+        shard=escape_utf8(url),  # the table's strings must be UTF-8
         index=0,
-        error=f"shard failed after {tries} attempt(s): {reason}",
+        error=escape_utf8(f"shard failed after {tries} attempt(s): {reason}"),
     )
     table = build_part([row], {}, columns)
     return write_part(
@@ -270,10 +322,17 @@ class _Slot:
     info: dict[str, Any] | None = None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+
+
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = next((t for t in text if t.strip()), "")
-    return f"{type(exc).__name__}: {first[:300]}"
+    """One line for logs and error rows: the exception raised inside the actor when Ray's
+    message carries its traceback (its last ``XxxError: ...`` line), else the first line."""
+    lines = [t.strip() for t in _ANSI.sub("", str(exc)).splitlines() if t.strip()]
+    raised = [t for t in lines if _RAISED.match(t)]
+    line = raised[-1] if raised else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {line[:300]}"
 
 
 def schedule(
@@ -286,6 +345,7 @@ def schedule(
     progress: Progress,
     prefetch: bool = True,
     max_actor_starts: int | None = None,
+    pending_warning_s: float = 120.0,
 ) -> dict[str, Any]:
     """Stream ``todo`` (url, name) through a pool of ``workers`` actors; returns retry counts.
 
@@ -298,17 +358,28 @@ def schedule(
     refs: dict[Any, tuple[str, _Slot]] = {}
     slots: list[_Slot] = []
     starts = 0
-    start_failures = 0
+    # Start failures in a row, with no actor becoming ready in between: a
+    # failure every actor will hit (a missing file, out of memory at model
+    # load) must stop the run after a few tries, not one start per shard.
+    failing_starts = 0
+    max_failing_starts = workers * max_attempts
+    last_start_error = ""
     max_starts = max_actor_starts or workers * (max_attempts + 2) + len(todo)
     stats = {"retries": 0, "actors_replaced": 0, "actor_start_failures": 0, "actors": []}
+    started_at: dict[int, float] = {}
+    warned_pending: set[int] = set()
 
     def start() -> None:
         nonlocal starts
         if starts >= max_starts:
-            raise RuntimeError(f"gave up after starting {starts} scoring actors")
+            raise RuntimeError(
+                f"gave up after starting {starts} scoring actors; last start failure: "
+                f"{last_start_error or 'none'}"
+            )
         starts += 1
         slot = _Slot(make_actor())
         slots.append(slot)
+        started_at[id(slot)] = time.monotonic()
         refs[slot.actor.ready.remote()] = ("ready", slot)
 
     def retire(slot: _Slot) -> None:
@@ -347,6 +418,16 @@ def schedule(
                 raise RuntimeError("no scoring actor left")
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
             progress.tick()
+            for slot in slots:
+                waited = time.monotonic() - started_at.get(id(slot), time.monotonic())
+                if not slot.ready and waited > pending_warning_s and id(slot) not in warned_pending:
+                    # Ray keeps an actor no node can host pending forever, silently.
+                    warned_pending.add(id(slot))
+                    log.warning(
+                        "a scoring actor has waited %.0f s to be placed: does any node have "
+                        "the CPUs and GPUs it asks for (--threads, --gpus-per-worker)?",
+                        waited,
+                    )
             for ref in ready:
                 if ref not in refs:
                     continue
@@ -357,10 +438,16 @@ def schedule(
                     reason = _reason(exc)
                     actor_died = isinstance(exc, ray.exceptions.RayActorError) or kind == "ready"
                     if kind == "ready":
-                        start_failures += 1
+                        failing_starts += 1
+                        last_start_error = reason
                         stats["actor_start_failures"] += 1
                         log.warning("scoring actor failed to start: %s", reason)
                         retire(slot)
+                        if failing_starts >= max_failing_starts:
+                            raise RuntimeError(
+                                f"{failing_starts} scoring actors in a row failed to start; "
+                                f"last: {reason}"
+                            ) from exc
                         start()
                         continue
                     url, name = slot.job
@@ -389,6 +476,7 @@ def schedule(
                         on_failed(url, name, reason, attempts[name])
                     continue
                 if kind == "ready":
+                    failing_starts = 0
                     slot.ready = True
                     slot.info = value
                     stats["actors"].append(value)
@@ -412,6 +500,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     ``actor_cls`` replaces :class:`ScoreActor` (tests inject faults with it).
     """
     cfg.validate()
+    check_placeable(cfg)
     t0 = time.time()
     shards = resolve_shards(cfg.data)
     names = shard_names(shards)
@@ -426,9 +515,10 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             traj.record.get("optimizer", {}).get("name"),
         )
     cfg = dataclasses.replace(cfg, second_order=form)
-    target = ensure_directions(cfg, run, traj)
+    sets = set_hashes(run)
+    target = ensure_directions(cfg, run, traj, sets)
 
-    fp = _fingerprint(cfg, traj.record, target)
+    fp = _fingerprint(cfg, traj.record, target, sets)
     fp_hash = fingerprint_hash(fp)
     write_json(run.path("scores", "fingerprint.json"), {**fp, "hash": fp_hash})
     ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, cfg.score_options())
@@ -437,7 +527,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     todo: list[tuple[str, str]] = []
     resumed_rows = 0
     for url, name in zip(shards, names, strict=True):
-        rec = is_done(run, name, fp_hash)
+        rec = is_done(run, url, name, fp_hash)
         if rec is None:
             todo.append((url, name))
         else:

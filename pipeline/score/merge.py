@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.rundir import exists, read_bytes, read_json, write_bytes_atomic, write_json
+from pipeline.rundir import exists, read_bytes, read_json, remove, write_bytes_atomic, write_json
 
 
 class MergeError(RuntimeError):
@@ -48,11 +48,21 @@ def done_url(part_url: str) -> str:
 
 
 def write_part(table: pa.Table, part_url: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Write a part atomically, then its completion record (the commit marker); returns the record."""
+    """Write a part atomically, then its completion record (the commit marker); returns the record.
+
+    An older record goes first: a crash between the part and its new record
+    must leave the part unrecorded, not described by a record of other bytes.
+    """
     buf = io.BytesIO()
     pq.write_table(table, buf)
     data = buf.getvalue()
-    record = {**record, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
+    record = {
+        **record,
+        "rows": table.num_rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    remove(done_url(part_url))
     write_bytes_atomic(part_url, data)
     write_json(done_url(part_url), record)
     return record

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options, valid_keys
+from pipeline.data.keys import IMAGE_KEYS, KEYS_RULE, TEXT_KEYS, reader_options, valid_keys
 from pipeline.errors import ConfigError
 
 PRECISIONS = ("fp32", "amp", "fp64")
@@ -62,8 +62,8 @@ class TrainConfig:
             ("schedule", self.schedule in ("constant", "cosine"), "must be 'constant' or 'cosine'"),
             ("target_size", self.target_size >= 1, "must be >= 1"),
             ("reference_size", self.reference_size >= 1, "must be >= 1"),
-            ("image_keys", valid_keys(self.image_keys), "must be non-empty extensions"),
-            ("text_keys", valid_keys(self.text_keys), "must be non-empty extensions"),
+            ("image_keys", valid_keys(self.image_keys), KEYS_RULE),
+            ("text_keys", valid_keys(self.text_keys), KEYS_RULE),
             ("grad_batches", self.grad_batches >= 1, "must be >= 1"),
             ("workers", self.workers >= 0, "must be >= 0"),
             (

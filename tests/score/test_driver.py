@@ -9,6 +9,7 @@ import time
 import pytest
 
 from pipeline.cli import build_parser
+from pipeline.data.sample import Sample
 from pipeline.data.tarwriter import ShardWriter
 from pipeline.rundir import RunDir
 from pipeline.score.driver import Prefetcher, failed_part, is_done
@@ -62,7 +63,7 @@ def test_failed_part_is_an_error_row_with_a_record(tmp_path):
     run = RunDir(str(tmp_path))
     rec = failed_part(run, "/pool/00007.tar", "00007", "ActorDiedError: boom", ["diffin"], "fp", 3)
     assert rec["status"] == "failed" and rec["rows"] == 1
-    assert is_done(run, "00007", "fp") is None  # failed shards are retried by a rerun
+    assert is_done(run, "/pool/00007.tar", "00007", "fp") is None  # failed: retried by a rerun
     res = merge_parts([run.part("00007")], run.scores, {}, require_records=True, fingerprint="fp")
     assert (res["rows"], res["rows_error"]) == (1, 1)
     import pyarrow.parquet as pq
@@ -78,12 +79,57 @@ def test_is_done_needs_part_record_and_fingerprint(tmp_path):
     from pipeline.score.table import build_part
 
     run = RunDir(str(tmp_path))
-    assert is_done(run, "00000", "fp") is None
-    write_part(build_part([], {}, []), run.part("00000"), {"status": "ok", "fingerprint": "fp"})
-    assert is_done(run, "00000", "fp")["rows"] == 0
-    assert is_done(run, "00000", "other") is None
+    url = "/pool/00000.tar"
+    assert is_done(run, url, "00000", "fp") is None
+    record = {"status": "ok", "fingerprint": "fp", "shard": url}
+    write_part(build_part([], {}, []), run.part("00000"), record)
+    assert is_done(run, url, "00000", "fp")["rows"] == 0
+    assert is_done(run, url, "00000", "other") is None
     (tmp_path / "scores" / "parts" / "00000.parquet").unlink()
-    assert is_done(run, "00000", "fp") is None
+    assert is_done(run, url, "00000", "fp") is None
+
+
+def test_is_done_checks_the_shard_and_the_part_bytes(tmp_path):
+    """Another pool's shard of the same name, or a part its record no longer describes."""
+    from pipeline.score.merge import write_part
+    from pipeline.score.table import build_part
+
+    run = RunDir(str(tmp_path))
+    row = Sample(uid="0" * 32, key="k", shard="/poolA/00000.tar", index=0, caption="a")
+    write_part(
+        build_part([row], {"loss": [1.0]}, ["loss"]),
+        run.part("00000"),
+        {"status": "ok", "fingerprint": "fp", "shard": "/poolA/00000.tar"},
+    )
+    assert is_done(run, "/poolA/00000.tar", "00000", "fp") is not None
+    assert is_done(run, "/poolB/00000.tar", "00000", "fp") is None
+    part = tmp_path / "scores" / "parts" / "00000.parquet"
+    part.write_bytes(part.read_bytes() + b"other")
+    assert is_done(run, "/poolA/00000.tar", "00000", "fp") is None
+
+
+def test_a_crash_between_part_and_record_leaves_the_part_unrecorded(tmp_path, monkeypatch):
+    import pipeline.score.merge as merge
+    from pipeline.score.table import build_part
+
+    run = RunDir(str(tmp_path))
+    url = "/pool/00000.tar"
+    record = {"status": "ok", "fingerprint": "A", "shard": url}
+    merge.write_part(build_part([], {}, []), run.part("00000"), record)
+    assert is_done(run, url, "00000", "A") is not None
+
+    def killed(*_args):
+        raise KeyboardInterrupt  # the run with other settings dies after its part
+
+    monkeypatch.setattr(merge, "write_json", killed)
+    row = Sample(uid="0" * 32, key="k", shard=url, index=0, caption="a")
+    with pytest.raises(KeyboardInterrupt):
+        merge.write_part(
+            build_part([row], {"loss": [1.0]}, ["loss"]),
+            run.part("00000"),
+            {**record, "fingerprint": "B"},
+        )
+    assert is_done(run, url, "00000", "A") is None  # A's record no longer vouches for B's bytes
 
 
 def test_progress_rate_eta_and_snapshot_file(tmp_path):
@@ -135,3 +181,71 @@ def test_score_flags_reach_the_config(monkeypatch):
     cfg = seen["cfg"]
     assert (cfg.max_attempts, cfg.prefetch_batches, cfg.gpus_per_worker) == (5, 0, 0.5)
     cfg.validate()
+
+
+def _traj_record(**changes) -> dict:
+    record = {
+        "checkpoints": [
+            {"sha256": "a" * 64, "step": 10, "lr": 0.1, "path": "ckpt-000010.pt"},
+            {"sha256": "b" * 64, "step": 20, "lr": 0.1, "path": "ckpt-000020.pt"},
+        ],
+        "n_train": 1000,
+        "steps": 20,
+        "batch_size": 64,
+        "optimizer": {"name": "sgd", "momentum": 0.9, "weight_decay": 0.0},
+        "config": {"run": "/runs/a", "data": "/pool/{0..9}.tar", "lr": 0.1, "warmup": 2},
+    }
+    record.update(changes)
+    return record
+
+
+def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
+    """A re-import can keep the checkpoint bytes and change steps, rates or sets (review)."""
+    import copy
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import _fingerprint, fingerprint_hash
+
+    cfg = ScoreConfig(data="/pool/x.tar", run="/runs/a", methods=["diffin", "diffin_self"])
+    target = {"target_fingerprint": "t"}
+    sets = {"reference": "r", "grad_batches": "g"}
+
+    def h(cfg=cfg, record=None, sets=sets):
+        return fingerprint_hash(_fingerprint(cfg, record or _traj_record(), target, sets))
+
+    base = h()
+    moved = _traj_record(config={**_traj_record()["config"], "run": "/elsewhere", "data": "/p2"})
+    assert h(record=moved) == base  # a moved run directory keeps its parts
+    relabelled = copy.deepcopy(_traj_record())
+    relabelled["checkpoints"][1]["step"] = 200
+    rated = copy.deepcopy(_traj_record())
+    rated["checkpoints"][0]["lr"] = 0.05
+    import dataclasses
+
+    changed = [
+        h(record=relabelled),
+        h(record=rated),
+        h(record=_traj_record(n_train=999)),
+        h(record=_traj_record(config={**_traj_record()["config"], "warmup": 5})),
+        h(sets={**sets, "reference": "r2"}),
+        h(sets={**sets, "grad_batches": "g2"}),
+        h(cfg=dataclasses.replace(cfg, self_rank=2)),
+        h(cfg=dataclasses.replace(cfg, self_hb="fisher")),
+        h(cfg=dataclasses.replace(cfg, memory_mb=16)),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+
+
+def test_gpus_the_embedded_ray_cannot_offer_are_refused_up_front(monkeypatch):
+    import torch
+
+    from pipeline.errors import ConfigError
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import check_placeable
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = ScoreConfig(data="x", run="r", gpus_per_worker=torch.cuda.device_count() + 1)
+    with pytest.raises(ConfigError, match="gpus_per_worker"):
+        check_placeable(cfg)
+    check_placeable(ScoreConfig(data="x", run="r", gpus_per_worker=0))
+    check_placeable(ScoreConfig(data="x", run="r", gpus_per_worker=8, address="ray://head:10001"))

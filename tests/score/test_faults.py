@@ -218,3 +218,32 @@ def test_poison_shards_are_recorded_as_failed(ray_cluster, score_run, tmp_path):
     finally:
         ray.shutdown()
     assert again["shards_resumed"] == 4 and set(again["shards_failed"]) == {"00001", "00003"}
+
+
+def test_actors_that_never_start_stop_the_run_with_the_reason(ray_cluster, score_run, tmp_path):
+    """A start-up failure every actor hits ends the run after a few tries, not one per shard."""
+    import ray
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import ScoreActor, run_scoring
+
+    class BrokenActor(ScoreActor):
+        def __init__(self, *args, **kwargs):
+            raise FileNotFoundError("sets/reference.safetensors is gone")
+
+    run = fresh_run(score_run, tmp_path / "run")
+    cfg = ScoreConfig(
+        data=score_run["data"],  # 72 shards
+        run=run,
+        methods=["random"],
+        address=ray_cluster.address,
+        workers=1,
+        max_attempts=2,
+    )
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        with pytest.raises(RuntimeError, match="2 scoring actors in a row.*reference.safetensors"):
+            run_scoring(cfg, actor_cls=BrokenActor)
+    finally:
+        ray.shutdown()
+    assert not os.path.exists(f"{run}/scores.parquet")
