@@ -43,6 +43,7 @@ __all__ = [
     "MAX_ASPECT_RATIO",
     "MAX_IMAGE_PIXELS",
     "MAX_MEMBER_BYTES",
+    "RETRYABLE_KINDS",
     "SHARD_KEY",
     "ShardReadError",
     "count_samples",
@@ -532,6 +533,18 @@ def _decode_group(
         caption=caption,
         meta=meta,
         error="; ".join(errors) or None,
+    )
+
+
+# Shard failures a second try may not meet (a connection reset, a store briefly
+# unavailable), unlike a file that is not a tar or is cut short.
+RETRYABLE_KINDS = ("cannot open", "read error")
+
+
+def retryable(sample: Sample) -> bool:
+    """Whether ``sample`` is the ``__shard__`` row of a failure worth another try."""
+    return sample.key == SHARD_KEY and any(
+        (sample.error or "").startswith(f"unreadable shard: {kind}") for kind in RETRYABLE_KINDS
     )
 
 

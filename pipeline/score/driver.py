@@ -36,7 +36,7 @@ from typing import Any
 
 import ray
 
-from pipeline.data.reader import SHARD_KEY, escape_utf8, iter_shard
+from pipeline.data.reader import SHARD_KEY, escape_utf8, iter_shard, retryable
 from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards, shard_names
 from pipeline.errors import ConfigError
@@ -132,13 +132,22 @@ class Prefetcher:
             yield item
 
 
+class RetryableShardError(RuntimeError):
+    """A shard read failed in a way another try may not: the driver retries it."""
+
+
+def actor_device(gpu_ids: list) -> str:
+    """The device of a scoring actor: a GPU only when Ray assigned it one."""
+    return "cuda" if gpu_ids else "cpu"
+
+
 class ScoreActor:
     """Holds one ShardScorer (model, checkpoints, directions loaded once) and a prefetch thread."""
 
     def __init__(self, run_url: str, cfg: ScoreConfig, fingerprint: str) -> None:
         from pipeline.score.worker import ShardScorer
 
-        self.scorer = ShardScorer(run_url, cfg)
+        self.scorer = ShardScorer(run_url, cfg, device=actor_device(ray.get_gpu_ids()))
         self.run = RunDir(run_url)
         self.fingerprint = fingerprint
         self.prefetcher = Prefetcher(cfg.batch_size, cfg.prefetch_batches, cfg.reader_options())
@@ -148,10 +157,23 @@ class ScoreActor:
         return os.getpid()
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+        return {
+            "pid": os.getpid(),
+            "node": ray.util.get_node_ip_address(),
+            "device": str(self.scorer.device),
+        }
 
-    def score(self, url: str, name: str, next_url: str | None = None) -> dict[str, Any]:
-        """Score one shard, write its part and completion record; start decoding ``next_url``."""
+    def score(
+        self, url: str, name: str, next_url: str | None = None, last_try: bool = True
+    ) -> dict[str, Any]:
+        """Score one shard, write its part and completion record; start decoding ``next_url``.
+
+        A shard that could not be opened or read to its end (a network error,
+        say) raises :class:`RetryableShardError` unless this is its last try,
+        so the driver tries it again. On the last try its rows are kept (those
+        before the damage, then the ``__shard__`` row) under a "partial"
+        record, which a rerun tries again.
+        """
         t0 = time.time()
         stream = self.pending if self.pending is not None and self.pending.url == url else None
         if self.pending is not None and stream is None:
@@ -178,13 +200,16 @@ class ScoreActor:
         scores = {
             c: np.concatenate([ch[c] for ch in chunks]) if chunks else np.zeros(0) for c in columns
         }
+        transient = next((s.error for s in samples if retryable(s)), None)
+        if transient is not None and not last_try:
+            raise RetryableShardError(transient)
         table = build_part(samples, scores, columns)
         errors = sum(not s.ok for s in samples)
         record = write_part(
             table,
             self.run.part(name),
             {
-                "status": "ok",
+                "status": "partial" if transient else "ok",
                 "shard": url,
                 "name": name,
                 "ok": len(samples) - errors,
@@ -413,7 +438,8 @@ def schedule(
                 attempts[name] = attempts.get(name, 0) + 1
                 slot.job = job
                 nxt = slot.reserved[0] if slot.reserved else None
-                refs[slot.actor.score.remote(url, name, nxt)] = ("score", slot)
+                last_try = attempts[name] >= max_attempts
+                refs[slot.actor.score.remote(url, name, nxt, last_try)] = ("score", slot)
             if not refs:  # pragma: no cover - every slot holds a ready or score ref
                 raise RuntimeError("no scoring actor left")
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
@@ -541,11 +567,20 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     )
     scored: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
+    partial: list[str] = []
 
     steady = {"first": None, "last": None, "rows": 0}
 
     def on_done(url: str, name: str, record: dict[str, Any]) -> None:
         scored[name] = record
+        if record.get("status") == "partial":
+            log.error(
+                "shard %s could not be read to its end after %d attempts; its rows before the "
+                "damage are kept and a rerun tries it again",
+                name,
+                cfg.max_attempts,
+            )
+            partial.append(name)
         now = time.monotonic()
         if steady["first"] is None:
             steady["first"] = now
@@ -616,6 +651,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         "shards_scored_now": len(scored),
         "shards_resumed": resumed,
         "shards_failed": failed,
+        "shards_partial": partial,
         "retries": stats["retries"],
         "actors_replaced": stats["actors_replaced"],
         "actors": stats["actors"],

@@ -53,7 +53,12 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 class ShardScorer:
-    def __init__(self, run_url: str, cfg: ScoreConfig) -> None:
+    def __init__(self, run_url: str, cfg: ScoreConfig, device: str | None = None) -> None:
+        """``device``: where to score ("cuda", "cpu"); default: a GPU when one is visible.
+
+        Under Ray the actor passes the device Ray gave it: Ray no longer hides
+        the GPUs from an actor that asked for none, so "visible" is not "ours".
+        """
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.run = RunDir(run_url)
@@ -61,8 +66,12 @@ class ShardScorer:
         cfg = dataclasses.replace(cfg, second_order=resolve_form(cfg.second_order, self.traj))
         self.cfg = cfg
         self.dtype = DTYPES[cfg.dtype]
-        # One GPU per actor where the cluster has them (the driver declares it), else CPU.
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            # float32 must mean float32: cuDNN convolutions (the ViT patch
+            # embedding) default to TF32 on Ampere and later GPUs.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.bundle = factory.create(self.traj.model, device=self.device, dtype=self.dtype)
         ref_images, ref_tokens, _ = load_set(self.run, "reference", self.dtype)
         self.fns = ClipFunctions(

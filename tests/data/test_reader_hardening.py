@@ -334,3 +334,16 @@ def test_plain_keys_are_accepted():
     assert valid_keys(["jpg", "jpeg", "def.jpg", "txt", "caption"])
     assert not valid_keys([]) and not valid_keys([""]) and not valid_keys([".jpg"])
     assert not valid_keys(["a/b"])
+
+
+# --- which shard failures are worth another try -----------------------------------------
+
+
+def test_only_open_and_read_failures_are_retryable(tmp_path):
+    missing = list(iter_shard(str(tmp_path / "gone.tar")))
+    (tmp_path / "junk.tar").write_bytes(b"this is not a tar file" * 40)
+    junk = list(iter_shard(str(tmp_path / "junk.tar")))
+    good = _write(tmp_path / "good.tar", [("a.png", _png()), ("a.txt", b"a cat")])
+    assert [r.key for r in missing] == [SHARD_KEY] and reader.retryable(missing[0])
+    assert [r.key for r in junk] == [SHARD_KEY] and not reader.retryable(junk[0])
+    assert not any(reader.retryable(r) for r in iter_shard(good))

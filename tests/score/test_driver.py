@@ -249,3 +249,12 @@ def test_gpus_the_embedded_ray_cannot_offer_are_refused_up_front(monkeypatch):
         check_placeable(cfg)
     check_placeable(ScoreConfig(data="x", run="r", gpus_per_worker=0))
     check_placeable(ScoreConfig(data="x", run="r", gpus_per_worker=8, address="ray://head:10001"))
+
+
+def test_an_actor_scores_on_a_gpu_only_when_ray_gave_it_one():
+    # Recent Ray leaves CUDA_VISIBLE_DEVICES alone for actors that asked for no GPU,
+    # so torch would see every GPU of the node; Ray's assignment decides instead.
+    from pipeline.score.driver import actor_device
+
+    assert actor_device([]) == "cpu"
+    assert actor_device([0]) == "cuda"

@@ -178,12 +178,12 @@ def test_poison_shards_are_recorded_as_failed(ray_cluster, score_run, tmp_path):
     from pipeline.score.driver import ScoreActor, run_scoring
 
     class PoisonActor(ScoreActor):
-        def score(self, url, name, next_url=None):
+        def score(self, url, name, next_url=None, last_try=True):
             if name == "00001":
                 os._exit(1)
             if name == "00003":
                 raise ValueError("cannot score this one")
-            return super().score(url, name, next_url)
+            return super().score(url, name, next_url, last_try)
 
     run = fresh_run(score_run, tmp_path / "run")
     data = score_run["data"].split("{")[0] + "{00000..00005}.tar"
@@ -247,3 +247,60 @@ def test_actors_that_never_start_stop_the_run_with_the_reason(ray_cluster, score
     finally:
         ray.shutdown()
     assert not os.path.exists(f"{run}/scores.parquet")
+
+
+def test_a_shard_that_cannot_be_read_is_tried_again_before_it_becomes_rows(
+    ray_cluster, score_run, tmp_path
+):
+    """Shard 00002 is unreachable on its first try only; 00004 on every try."""
+    import ray
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import ScoreActor, is_done, run_scoring
+    from pipeline.score.merge import read_record
+
+    marker = tmp_path / "00002-hidden-once"
+
+    class FlakyStoreActor(ScoreActor):
+        def score(self, url, name, next_url=None, last_try=True):
+            hide = name == "00004" or (name == "00002" and not marker.exists())
+            if not hide:
+                return super().score(url, name, next_url, last_try)
+            marker.touch()
+            os.rename(url, url + ".away")  # "cannot open", as a store that is briefly down
+            try:
+                return super().score(url, name, next_url, last_try)
+            finally:
+                os.rename(url + ".away", url)
+
+    run = fresh_run(score_run, tmp_path / "run")
+    data = score_run["data"].split("{")[0] + "{00000..00005}.tar"
+    cfg = ScoreConfig(
+        data=data,
+        run=run,
+        methods=["random"],
+        address=ray_cluster.address,
+        workers=1,
+        batch_size=8,
+        max_attempts=2,
+        prefetch_batches=0,  # each shard is opened inside its own score() call
+    )
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        summary = run_scoring(cfg, actor_cls=FlakyStoreActor)
+    finally:
+        ray.shutdown()
+    assert summary["retries"] == 2 and not summary["shards_failed"]
+    assert summary["shards_partial"] == ["00004"]
+    t = pq.read_table(f"{run}/scores.parquet").to_pydict()
+    rows = list(zip(t["shard"], t["key"], t["status"], t["error"], strict=True))
+    assert [r for r in rows if r[2] == "error"] == [
+        (r[0], "__shard__", "error", r[3]) for r in rows if r[0].endswith("00004.tar")
+    ]
+    assert len(rows) == 5 * 8 + 1 and "cannot open" in next(r[3] for r in rows if r[3])
+    from pipeline.rundir import RunDir
+
+    assert read_record(RunDir(run).part("00004"))["status"] == "partial"
+    url4 = next(r[0] for r in rows if r[0].endswith("00004.tar"))
+    fp = json.load(open(f"{run}/scores/fingerprint.json"))["hash"]
+    assert is_done(RunDir(run), url4, "00004", fp) is None  # a rerun tries it again
