@@ -6,11 +6,19 @@ Treat both as read-only: a test that writes into a run copies it first
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# One Ray authentication mode for every Ray this test process starts or joins:
+# the embedded instances (run_scoring, the demo, Ray Train) and the loopback
+# clusters of tests/score/raycluster.py (started with auth disabled). A process
+# that has used a token-auth Ray and then joins an auth-disabled one (or the
+# reverse) gets actors that die at start-up ("died unexpectedly").
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 TINY_TRAIN = dict(
     model="diffin-tiny",

@@ -196,7 +196,6 @@ def test_poison_shards_are_recorded_as_failed(ray_cluster, score_run, tmp_path):
         batch_size=8,
         max_attempts=2,
     )
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
         summary = run_scoring(cfg, actor_cls=PoisonActor)
     finally:
@@ -212,7 +211,6 @@ def test_poison_shards_are_recorded_as_failed(ray_cluster, score_run, tmp_path):
     assert all("failed after 2 attempt(s)" in e for _, e in errors)
     assert len(t["uid"]) == 4 * 8 + 2
     # A rerun retries the failed shards only (they may be transient), and they fail again.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
         again = run_scoring(cfg, actor_cls=PoisonActor)
     finally:
@@ -240,7 +238,6 @@ def test_actors_that_never_start_stop_the_run_with_the_reason(ray_cluster, score
         workers=1,
         max_attempts=2,
     )
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
         with pytest.raises(RuntimeError, match="2 scoring actors in a row.*reference.safetensors"):
             run_scoring(cfg, actor_cls=BrokenActor)
@@ -285,7 +282,6 @@ def test_a_shard_that_cannot_be_read_is_tried_again_before_it_becomes_rows(
         max_attempts=2,
         prefetch_batches=0,  # each shard is opened inside its own score() call
     )
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
         summary = run_scoring(cfg, actor_cls=FlakyStoreActor)
     finally:
