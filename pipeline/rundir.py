@@ -111,15 +111,19 @@ def remove(url: str, recursive: bool = False) -> None:
     fs.invalidate_cache(path)
 
 
-def replace_dir(src: str, dst: str) -> None:
+def replace_dir(src: str, dst: str, last: str | None = None) -> None:
     """Put the finished directory ``src`` at ``dst``, replacing what was there.
 
     Local: two renames, so ``dst`` is never half old and half new. Object
-    stores have no rename: ``dst`` is removed and ``src`` copied over, so a
-    crash in between leaves ``src`` whole for a rerun.
+    stores have no rename: every file of ``src`` is copied over ``dst``
+    (``last``, e.g. the manifest, after all the others), then the files of
+    the old ``dst`` that ``src`` does not have are deleted, then ``src``. A
+    failure part way leaves ``src`` whole, and ``dst`` with every file of the
+    old or the new version, never neither.
     """
     fs, src_path = fsspec.core.url_to_fs(src)
     _, dst_path = fsspec.core.url_to_fs(dst)
+    src_path, dst_path = src_path.rstrip("/"), dst_path.rstrip("/")
     if isinstance(fs, LocalFileSystem):
         old = f"{dst_path}.old-{uuid.uuid4().hex[:8]}"
         if os.path.exists(dst_path):
@@ -128,8 +132,16 @@ def replace_dir(src: str, dst: str) -> None:
         if os.path.exists(old):
             fs.rm(old, recursive=True)
         return
-    remove(dst, recursive=True)
-    fs.copy(src_path, dst_path, recursive=True)
+    fs.invalidate_cache(src_path)
+    fs.invalidate_cache(dst_path)
+    names = sorted(p[len(src_path) + 1 :] for p in fs.find(src_path))
+    names.sort(key=lambda name: name == last)  # stable: ``last`` goes last
+    for name in names:
+        fs.copy(f"{src_path}/{name}", f"{dst_path}/{name}")  # raises on failure
+    keep = {f"{dst_path}/{name}" for name in names}
+    stale = [p for p in fs.find(dst_path) if p not in keep] if fs.exists(dst_path) else []
+    if stale:
+        fs.rm(stale)
     remove(src, recursive=True)
     fs.invalidate_cache(dst_path)
 

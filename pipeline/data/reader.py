@@ -121,7 +121,7 @@ class ShardReadError(Exception):
     """A shard could not be read to its end.
 
     ``kind`` is a short category ("cannot open", "not a tar file", "truncated
-    tar", "corrupt tar", "read error"), ``detail`` the underlying reason and
+    tar", "corrupt tar", "read error", "reader error"), ``detail`` the underlying reason and
     ``groups`` how many complete sample groups were delivered before it.
     """
 
@@ -186,18 +186,20 @@ def _member_name(raw: str) -> str:
 
 
 def _split_name(name: str) -> tuple[str, str] | None:
-    """WebDataset key/extension split, or None for WebDataset's metadata members.
+    """WebDataset key/extension split, or None for members WebDataset skips too.
 
-    The key runs to the first dot of the base name. Leading dots belong to the
-    key (``.002.png`` is sample ``.002``): WebDataset's own regex would drop
-    such a member silently, and a member we cannot group is still reported.
+    The key runs to the first dot of the base name. Skipped, as WebDataset
+    skips them: its metadata members (``__key__``, ``__meta__/...``) and base
+    names starting with a dot, which its key pattern cannot match. Those are
+    hidden files, such as the ``._000.png`` AppleDouble companions macOS tar
+    writes before every member: as samples they would split every real one.
     """
     if ("/" not in name and name.startswith("__") and name.endswith("__")) or _WDS_META.match(name):
         return None
     dirname, _, base = name.rpartition("/")
-    body = base.lstrip(".")
-    stem, _, ext = body.partition(".")
-    stem = base[: len(base) - len(body)] + stem
+    if not base or base.startswith("."):
+        return None
+    stem, _, ext = base.partition(".")
     key = f"{dirname}/{stem}" if dirname else stem
     return key, ext.lower()
 
@@ -245,7 +247,14 @@ def _as_shard_error(exc: Exception) -> ShardReadError:
         return ShardReadError("truncated tar", _describe(exc))
     if isinstance(exc, tarfile.TarError):
         return ShardReadError("corrupt tar", _describe(exc))
-    return ShardReadError("read error", f"{type(exc).__name__}: {_describe(exc)}")
+    return _io_error(exc)
+
+
+def _io_error(exc: Exception) -> ShardReadError:
+    """An I/O failure ("read error", worth another try: see :func:`retryable`), or
+    anything else ("reader error": a bug or bad input, which a retry would meet again)."""
+    kind = "read error" if isinstance(exc, OSError) else "reader error"
+    return ShardReadError(kind, f"{type(exc).__name__}: {_describe(exc)}")
 
 
 def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[_Group]:
@@ -282,7 +291,7 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
         except (tarfile.TarError, EOFError) as exc:
             raise ShardReadError("not a tar file", _describe(exc)) from exc
         except Exception as exc:
-            raise ShardReadError("read error", f"{type(exc).__name__}: {_describe(exc)}") from exc
+            raise _io_error(exc) from exc
 
         with tar:
             while True:
@@ -631,8 +640,7 @@ def _rows(url: str, max_member_bytes: int, opts: dict[str, Any]) -> Iterator[Sam
             yield _shard_row(url, index, exc, complete)
             return
         except Exception as exc:  # defensive: a reader bug must not kill a run
-            err = ShardReadError("read error", f"{type(exc).__name__}: {_describe(exc)}")
-            yield _shard_row(url, index, err, index)
+            yield _shard_row(url, index, _io_error(exc), index)
             return
         try:
             sample = _decode_group(group, url, index, **opts)

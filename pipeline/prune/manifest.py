@@ -8,6 +8,7 @@ RUN/prune/NAME/manifest.json                             rule, counts, --train-d
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -54,6 +55,9 @@ def select(table: pa.Table, method: str, keep: float) -> pa.Table:
     return ok.take(pa.array(np.sort(order)))
 
 
+log = logging.getLogger(__name__)
+
+
 def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     """Apply ``cfg``'s keep rule to RUN/scores.parquet and write RUN/prune/NAME/ whole.
 
@@ -80,9 +84,16 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     build = run.prune_dir(f".{cfg.manifest_name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         manifest = _build(cfg, selection, build, final=out)
-        replace_dir(build, out)
-    finally:
+    except BaseException:
         remove(build, recursive=True)
+        raise
+    try:
+        replace_dir(build, out, last="manifest.json")
+    except BaseException:
+        # On an object store the swap is a copy: the complete new manifest
+        # stays in the build directory (a rerun writes a new one).
+        log.error("prune: the new manifest could not be moved to %s; it is whole in %s", out, build)
+        raise
     run.update_run_json(
         f"prune/{cfg.manifest_name}", {"config": cfg.to_dict(), "kept": manifest["kept"]}
     )

@@ -242,7 +242,9 @@ def check_placeable(cfg: ScoreConfig) -> None:
     an existing cluster may add nodes (autoscaler); there a pending actor is
     reported by :func:`schedule` instead.
     """
-    if cfg.address or os.environ.get("RAY_ADDRESS") or not cfg.gpus_per_worker:
+    if cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return  # an existing cluster: connect() joins it, whatever this machine has
+    if not cfg.gpus_per_worker:
         return
     import torch
 
@@ -280,12 +282,8 @@ def _fingerprint(
     }
     if any("self" in m for m in cfg.methods):
         # The memory budget lowers the rank or sketch size actually used.
-        fp["self"] = {
-            "hb": cfg.self_hb,
-            "rank": cfg.self_rank,
-            "dim": cfg.self_dim,
-            "memory_mb": cfg.memory_mb,
-        }
+        size = {"rank": cfg.self_rank} if cfg.self_hb == "lanczos" else {"dim": cfg.self_dim}
+        fp["self"] = {"hb": cfg.self_hb, **size, "memory_mb": cfg.memory_mb}
     return fp
 
 

@@ -122,24 +122,28 @@ def test_non_utf8_shard_path_gives_one_writable_shard_row(tmp_path):
 # --- 2. which members make samples ----------------------------------------------------
 
 
-def test_underscore_and_dot_members_are_samples_like_any_other(tmp_path):
+def test_underscore_members_are_samples_and_dot_members_are_skipped_as_in_webdataset(tmp_path):
+    wds = pytest.importorskip("webdataset")
     url = _write(
         tmp_path / "00000.tar",
         [
+            ("._000.png", b"AppleDouble"),  # what macOS tar writes before each member
             ("000.png", _png()),
+            ("._000.txt", b"AppleDouble"),
             ("000.txt", b"ok sample"),
             ("_001.png", _png()),
             ("_001.txt", b"underscore key"),
             (".002.png", _png()),
-            (".002.txt", b"dot key"),
+            (".002.txt", b"a hidden file"),
             ("d/_003.png", _png()),
             ("d/_003.txt", b"in a directory"),
         ],
     )
     rows = list(iter_shard(url))
-    assert [r.key for r in rows] == ["000", "_001", ".002", "d/_003"]
+    assert [r.key for r in rows] == ["000", "_001", "d/_003"]
     assert all(r.ok for r in rows), [r.error for r in rows]
-    assert [k for k, _ in iter_raw(url)] == ["000", "_001", ".002", "d/_003"]
+    theirs = [s["__key__"] for s in wds.WebDataset(url, shardshuffle=False)]
+    assert [k for k, _ in iter_raw(url)] == theirs == ["000", "_001", "d/_003"]
 
 
 def test_only_webdataset_meta_members_and_directories_are_skipped(tmp_path):
@@ -347,3 +351,10 @@ def test_only_open_and_read_failures_are_retryable(tmp_path):
     assert [r.key for r in missing] == [SHARD_KEY] and reader.retryable(missing[0])
     assert [r.key for r in junk] == [SHARD_KEY] and not reader.retryable(junk[0])
     assert not any(reader.retryable(r) for r in iter_shard(good))
+
+
+def test_only_os_errors_count_as_read_errors():
+    # A reader bug would meet the same shard again: retrying it only delays the row.
+    assert reader._io_error(ConnectionResetError("reset by peer")).kind == "read error"
+    assert reader._io_error(TimeoutError()).kind == "read error"
+    assert reader._io_error(ValueError("a bug")).kind == "reader error"

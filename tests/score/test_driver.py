@@ -234,6 +234,8 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
         h(cfg=dataclasses.replace(cfg, memory_mb=16)),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
+    # The sketch size is not used by the default (Lanczos) form of H_B.
+    assert h(cfg=dataclasses.replace(cfg, self_dim=4096)) == base
 
 
 def test_gpus_the_embedded_ray_cannot_offer_are_refused_up_front(monkeypatch):
@@ -248,6 +250,8 @@ def test_gpus_the_embedded_ray_cannot_offer_are_refused_up_front(monkeypatch):
     with pytest.raises(ConfigError, match="gpus_per_worker"):
         check_placeable(cfg)
     check_placeable(ScoreConfig(data="x", run="r", gpus_per_worker=0))
+    monkeypatch.setattr("ray.is_initialized", lambda: True)  # already joined a cluster
+    check_placeable(cfg)
     check_placeable(ScoreConfig(data="x", run="r", gpus_per_worker=8, address="ray://head:10001"))
 
 

@@ -1,0 +1,66 @@
+"""Directory swaps of the run directory (rundir.replace_dir): whole or recoverable, locally and on object stores."""
+
+from __future__ import annotations
+
+import uuid
+
+import fsspec
+import pytest
+
+from pipeline.rundir import replace_dir
+
+
+def _tree(fs, root: str) -> dict[str, bytes]:
+    root = root.rstrip("/")
+    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)} if fs.exists(root) else {}
+
+
+def _write(fs, root: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        fs.pipe_file(f"{root}/{name}", data)
+
+
+OLD = {"manifest.json": b"old", "shards/00000.tar": b"a", "shards/00001.tar": b"b"}
+NEW = {"manifest.json": b"new", "shards/00000.tar": b"c", "uids.npy": b"u"}
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_replace_dir_puts_the_new_tree_in_place_of_the_old(tmp_path, where):
+    root = str(tmp_path) if where == "local" else f"/t-{uuid.uuid4().hex[:8]}"
+    fs = (
+        fsspec.filesystem("file", auto_mkdir=True)
+        if where == "local"
+        else fsspec.filesystem("memory")
+    )
+    prefix = "" if where == "local" else "memory://"
+    _write(fs, f"{root}/old", OLD)
+    _write(fs, f"{root}/new", NEW)
+    replace_dir(f"{prefix}{root}/new", f"{prefix}{root}/old", last="manifest.json")
+    assert _tree(fs, f"{root}/old") == NEW
+    assert not fs.exists(f"{root}/new")
+    _write(fs, f"{root}/fresh", NEW)
+    replace_dir(f"{prefix}{root}/fresh", f"{prefix}{root}/absent")  # nothing there before
+    assert _tree(fs, f"{root}/absent") == NEW
+
+
+def test_a_copy_that_fails_on_an_object_store_loses_neither_version(monkeypatch):
+    """No rename on object stores: copy over, manifest last, delete the stale files after."""
+    fs = fsspec.filesystem("memory")
+    root = f"/t-{uuid.uuid4().hex[:8]}"
+    _write(fs, f"{root}/old", OLD)
+    _write(fs, f"{root}/new", NEW)
+    real = type(fs).cp_file
+    calls = []
+
+    def flaky(self, path1, path2, **kwargs):
+        calls.append(path2)
+        if len(calls) == 2:
+            raise ConnectionResetError("reset by peer")
+        return real(self, path1, path2, **kwargs)
+
+    monkeypatch.setattr(type(fs), "cp_file", flaky)
+    with pytest.raises(ConnectionResetError):
+        replace_dir(f"memory://{root}/new", f"memory://{root}/old", last="manifest.json")
+    assert _tree(fs, f"{root}/new") == NEW  # the new version is whole where it was built
+    assert _tree(fs, f"{root}/old")["manifest.json"] == b"old"  # not yet replaced: copied last
+    assert set(_tree(fs, f"{root}/old")) >= set(OLD)  # nothing of the old one deleted yet
