@@ -428,10 +428,9 @@ def run(args: argparse.Namespace) -> object:
             )
         )
     if args.command == "prune":
-        from pipeline.prune.config import PruneConfig
         from pipeline.prune.manifest import write_manifest
 
-        return write_manifest(_prune_config(args, PruneConfig))
+        return write_manifest(_prune_config(args))
     if args.command == "evaluate":
         from pipeline.evaluation.config import EvaluateConfig
         from pipeline.evaluation.retrain import run_evaluation
@@ -484,8 +483,10 @@ def run(args: argparse.Namespace) -> object:
     raise AssertionError(args.command)
 
 
-def _prune_config(args: argparse.Namespace, config_type: type) -> object:
+def _prune_config(args: argparse.Namespace):  # -> PruneConfig (imported late: light CLI start)
     """The PruneConfig of `diffin prune`'s flags, refusing those the chosen rule would ignore."""
+    from pipeline.prune.config import PruneConfig
+
     given = {
         "--keep": args.keep,
         "--threshold": args.threshold,
@@ -518,7 +519,7 @@ def _prune_config(args: argparse.Namespace, config_type: type) -> object:
         name: getattr(args, name) if getattr(args, name) is not None else default
         for name, default in defaults.items()
     }
-    return config_type(
+    return PruneConfig(
         run=args.run,
         keep=1.0 if args.keep is None else args.keep,
         name=args.name,

@@ -177,8 +177,12 @@ class _WatchedTarFile(tarfile.TarFile):
     last_header_error: Exception | None = None
 
 
-def _member_name(raw: str) -> str:
-    """A member name as rows show it: valid UTF-8, without a leading ``./``."""
+def normal_name(raw: str) -> str:
+    """A member name (or key) as rows show it: valid UTF-8, without a leading ``./``.
+
+    Idempotent, so a key already in a score table maps to the key the reader
+    gives today (tables scored before the ``./`` rule still hold it).
+    """
     name = escape_utf8(raw)
     while name.startswith("./"):  # tar -cf shard.tar . ; "./000.png" is sample "000"
         name = name[2:]
@@ -284,7 +288,7 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
     try:
         try:
             # UTF-8 whatever the locale: names that are not UTF-8 arrive as lone
-            # surrogates (escaped by _member_name), never as mojibake.
+            # surrogates (escaped by normal_name), never as mojibake.
             tar = _WatchedTarFile.open(
                 fileobj=f, mode="r|*", encoding="utf-8", errors="surrogateescape"
             )
@@ -306,7 +310,7 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
                     tar.members.clear()
                     if member.isdir():
                         continue  # as WebDataset: directories are not sample data
-                    name = _member_name(member.name)
+                    name = normal_name(member.name)
                     split = _split_name(name)
                     if split is None:
                         continue

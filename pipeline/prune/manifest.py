@@ -12,13 +12,14 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.reader import ShardReadError, iter_raw
+from pipeline.data.reader import ShardReadError, iter_raw, normal_name
 from pipeline.data.tarwriter import ShardWriter, brace_pattern
 from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
@@ -110,7 +111,7 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
     uid_hi: list[np.ndarray] = []
     uid_lo: list[np.ndarray] = []
     kept = 0
-    dropped = {"no extension": 0, "pickle": 0}
+    dropped = Counter({"no extension": 0, "pickle": 0})
     min_score = np.inf
     pending: tuple[str, set[str]] | None = None  # the shard being gathered, its kept keys
     writer = ShardWriter(join(build, "shards"), cfg.shard_size, digits=digits)
@@ -136,11 +137,11 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
                     ):
                         if pending is None or pending[0] != shard:
                             if pending is not None:
-                                _add(dropped, _reshard(writer, *pending))
+                                dropped.update(_reshard(writer, *pending))
                             pending = (shard, set())
-                        pending[1].add(_reader_key(key))
+                        pending[1].add(normal_name(key))
                 if pending is not None:
-                    _add(dropped, _reshard(writer, *pending))
+                    dropped.update(_reshard(writer, *pending))
                 if pw is None:
                     empty = pa.schema(
                         [selection.table.schema.field(c) for c in columns]
@@ -179,7 +180,7 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
         "selection": {**selection.info, "in_memory": selection.in_memory},
         "shards": n_shards,
         "sizes": sizes,
-        "members_dropped": dropped,
+        "members_dropped": dict(dropped),
         "train_data": pattern,
         "train_num_samples": sum(sizes.values()),
         "open_clip_args": f"--dataset-type webdataset --train-data '{pattern}' "
@@ -199,11 +200,6 @@ def shard_digits(rows: int, shard_size: int) -> int:
     """
     n_shards = max(1, math.ceil(rows / shard_size))
     return max(5, len(str(n_shards - 1)))
-
-
-def _add(total: dict[str, int], part: dict[str, int]) -> None:
-    for reason, n in part.items():
-        total[reason] += n
 
 
 def _uid_halves(uids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -247,20 +243,10 @@ def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> dict[str, int]:
     return dropped
 
 
-def _reader_key(key: str) -> str:
-    """The key :func:`iter_raw` gives today for a key in the table.
-
-    Tables scored before the reader dropped a leading './' still hold it.
-    """
-    while key.startswith("./"):
-        key = key[2:]
-    return key
-
-
 def _safe_key(key: str) -> str:
     # WebDataset keys may contain '/' (sub-directories in the tar) and a
     # leading './' (tar -cf x.tar .); flatten them into one plain name.
-    key = _reader_key(key).replace("/", "_").replace(".", "_")
+    key = normal_name(key).replace("/", "_").replace(".", "_")
     # '__name__' members are WebDataset metadata, not samples.
     return f"k{key}" if key.startswith("__") else key
 

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -339,6 +339,8 @@ def failed_part(
 @dataclass
 class _Slot:
     actor: Any
+    started: float = field(default_factory=time.monotonic)
+    warned_pending: bool = False  # said in the log that Ray has not placed it yet
     ready: bool = False
     job: tuple[str, str] | None = None  # the shard it is scoring
     reserved: tuple[str, str] | None = None  # the shard it is prefetching (its next job)
@@ -389,8 +391,6 @@ def schedule(
     last_start_error = ""
     max_starts = max_actor_starts or workers * (max_attempts + 2) + len(todo)
     stats = {"retries": 0, "actors_replaced": 0, "actor_start_failures": 0, "actors": []}
-    started_at: dict[int, float] = {}
-    warned_pending: set[int] = set()
 
     def start() -> None:
         nonlocal starts
@@ -402,7 +402,6 @@ def schedule(
         starts += 1
         slot = _Slot(make_actor())
         slots.append(slot)
-        started_at[id(slot)] = time.monotonic()
         refs[slot.actor.ready.remote()] = ("ready", slot)
 
     def retire(slot: _Slot) -> None:
@@ -443,10 +442,10 @@ def schedule(
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
             progress.tick()
             for slot in slots:
-                waited = time.monotonic() - started_at.get(id(slot), time.monotonic())
-                if not slot.ready and waited > pending_warning_s and id(slot) not in warned_pending:
+                waited = time.monotonic() - slot.started
+                if not slot.ready and waited > pending_warning_s and not slot.warned_pending:
                     # Ray keeps an actor no node can host pending forever, silently.
-                    warned_pending.add(id(slot))
+                    slot.warned_pending = True
                     log.warning(
                         "a scoring actor has waited %.0f s to be placed: does any node have "
                         "the CPUs and GPUs it asks for (--threads, --gpus-per-worker)?",
