@@ -128,9 +128,11 @@ def _alternatives(body: str, pattern: str) -> list[str]:
                 f"shard pattern {pattern!r}: brace range {{{body}}} has more than "
                 f"{MAX_EXPANDED} values"
             )
-        # The first bound's width is the zero padding ("00000" -> 5 digits),
-        # which is how img2dataset names shards.
-        width = len(first)
+        # braceexpand's rule, so that this lists the very names WebDataset and
+        # open_clip will open: a bound with a leading zero pads every value
+        # to the wider bound ({8..010} -> 008 009 010); otherwise no padding.
+        padded = any(b.startswith("0") and b != "0" for b in (first, last))
+        width = max(len(first), len(last)) if padded else 0
         return [f"{i:0{width}d}" for i in range(lo, hi + 1)]
     if "," in body:
         return body.split(",")
@@ -144,7 +146,7 @@ def expand_pattern(pattern: str) -> list[str]:
     """Expand a WebDataset-style shard pattern into names, in order, without any I/O.
 
     "::" separates list items; each item may hold several brace groups,
-    ``{00000..00099}`` (zero padding of the first bound kept) or ``{a,b,c}``.
+    ``{00000..00099}`` (zero padded as braceexpand pads) or ``{a,b,c}``.
     Malformed patterns raise :class:`ConfigError` naming the pattern.
     """
     if not isinstance(pattern, str) or not pattern.strip():

@@ -8,6 +8,7 @@ from typing import Any
 from pipeline.data.keys import IMAGE_KEYS, KEYS_RULE, TEXT_KEYS, reader_options, valid_keys
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
+from pipeline.influence.selfinf import SelfConfig
 
 AUTO_FORM = "auto"
 
@@ -82,6 +83,16 @@ class ScoreConfig:
     def score_options(self) -> dict[str, Any]:
         """The ``ScoreContext`` options: how the scorers assemble the terms."""
         return {"first_order": self.first_order, "second_order": self.second_order}
+
+    def self_config(self, hb: str | None = None) -> SelfConfig:
+        """diffin_self's settings; ``hb="none"`` when no scorer needs g_z' H_B g_z."""
+        return SelfConfig(
+            hb=hb or self.self_hb,
+            rank=self.self_rank,
+            dim=self.self_dim,
+            memory_mb=self.memory_mb,
+            seed=self.seed,
+        )
 
     def reader_options(self) -> dict[str, tuple[str, ...]]:
         return reader_options(self.image_keys, self.text_keys)

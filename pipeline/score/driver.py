@@ -38,13 +38,13 @@ import ray
 
 from pipeline.data.reader import SHARD_KEY, escape_utf8, iter_shard, retryable
 from pipeline.data.sample import Sample
-from pipeline.data.shards import resolve_shards, shard_names
+from pipeline.data.shards import expected_samples, resolve_shards, shard_names
 from pipeline.errors import ConfigError
 from pipeline.provenance import provenance
 from pipeline.raylocal import connect
 from pipeline.rundir import RunDir, exists, file_size, write_json
 from pipeline.score.config import ScoreConfig
-from pipeline.score.directions import ensure_directions, resolve_form, set_hashes
+from pipeline.score.directions import ensure_directions, resolve_form, self_size, set_hashes
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
 from pipeline.score.table import build_part
@@ -205,6 +205,7 @@ class ScoreActor:
             raise RetryableShardError(transient)
         table = build_part(samples, scores, columns)
         errors = sum(not s.ok for s in samples)
+        found = sum(s.key != SHARD_KEY for s in samples)
         record = write_part(
             table,
             self.run.part(name),
@@ -214,6 +215,9 @@ class ScoreActor:
                 "name": name,
                 "ok": len(samples) - errors,
                 "errors": errors,
+                "samples": found,
+                # What img2dataset says it wrote (its _stats.json), when it is there.
+                "expected": expected_samples(url),
                 "fingerprint": self.fingerprint,
                 "pid": os.getpid(),
                 "node": ray.util.get_node_ip_address(),
@@ -257,12 +261,17 @@ def check_placeable(cfg: ScoreConfig) -> None:
 
 
 def _fingerprint(
-    cfg: ScoreConfig, traj_record: dict, target: dict, sets: dict[str, str]
+    cfg: ScoreConfig,
+    traj_record: dict,
+    target: dict,
+    sets: dict[str, str],
+    self_size: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """What the parts depend on: a rerun with different inputs must not reuse them.
 
     Paths are left out on purpose (a moved run directory keeps its parts);
-    the shard a part came from is checked by :func:`is_done`.
+    the shard a part came from is checked by :func:`is_done`. ``self_size`` is
+    :func:`~pipeline.score.directions.self_size`, when diffin_self is asked for.
     """
     recipe = traj_record.get("config", {})
     fp: dict[str, Any] = {
@@ -280,10 +289,10 @@ def _fingerprint(
         "target": target["target_fingerprint"],
         "reader": {k: list(v) for k, v in cfg.reader_options().items()},  # which rows are ok
     }
-    if any("self" in m for m in cfg.methods):
-        # The memory budget lowers the rank or sketch size actually used.
-        size = {"rank": cfg.self_rank} if cfg.self_hb == "lanczos" else {"dim": cfg.self_dim}
-        fp["self"] = {"hb": cfg.self_hb, **size, "memory_mb": cfg.memory_mb}
+    if self_size is not None:
+        # The size actually used, not the budget: a roomier budget that changes
+        # only the chunk size must not rescore.
+        fp["self"] = {"hb": cfg.self_hb, **self_size}
     return fp
 
 
@@ -541,7 +550,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     sets = set_hashes(run)
     target = ensure_directions(cfg, run, traj, sets)
 
-    fp = _fingerprint(cfg, traj.record, target, sets)
+    size = self_size(cfg, traj) if "diffin_self" in cfg.methods else None
+    fp = _fingerprint(cfg, traj.record, target, sets, size)
     fp_hash = fingerprint_hash(fp)
     write_json(run.path("scores", "fingerprint.json"), {**fp, "hash": fp_hash})
     ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, cfg.score_options())
@@ -565,6 +575,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     scored: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     partial: list[str] = []
+    short: dict[str, dict[str, int]] = {}
+    empty: list[str] = []
 
     steady = {"first": None, "last": None, "rows": 0}
 
@@ -578,6 +590,18 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
                 cfg.max_attempts,
             )
             partial.append(name)
+        found, expected = record.get("samples"), record.get("expected")
+        if expected is not None and found is not None and found < expected:
+            log.warning(
+                "shard %s: %d samples read, but its _stats.json says %d were written",
+                name,
+                found,
+                expected,
+            )
+            short[name] = {"read": found, "expected": expected}
+        if found == 0:
+            log.warning("shard %s holds no samples", name)
+            empty.append(name)
         now = time.monotonic()
         if steady["first"] is None:
             steady["first"] = now
@@ -649,6 +673,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         "shards_resumed": resumed,
         "shards_failed": failed,
         "shards_partial": partial,
+        "shards_short": short,  # fewer samples than img2dataset's _stats.json counts
+        "shards_empty": empty,
         "retries": stats["retries"],
         "actors_replaced": stats["actors_replaced"],
         "actors": stats["actors"],

@@ -20,7 +20,7 @@ from pipeline.data.sample import Sample
 from pipeline.influence.directions import load_directions
 from pipeline.influence.fast import fast_terms, reference_jets
 from pipeline.influence.functional import ClipFunctions
-from pipeline.influence.selfinf import SELF_TERMS, SelfConfig, SelfInfluenceEngine
+from pipeline.influence.selfinf import SELF_TERMS, SelfInfluenceEngine
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir
@@ -50,6 +50,16 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
             batch = []
     if batch:
         yield batch
+
+
+def _encodes(sample: Sample, bundle: factory.ClipBundle) -> bool:
+    """Whether the model's transforms take ``sample``; if not, it becomes an error row."""
+    try:
+        encode([sample], bundle)
+    except Exception as e:
+        sample.error = f"preprocess error: {type(e).__name__}: {e}"
+        return False
+    return True
 
 
 class ShardScorer:
@@ -124,12 +134,8 @@ class ShardScorer:
                 (gb["images"][i].to(self.device, self.dtype), gb["tokens"][i].to(self.device))
                 for i in range(gb["images"].shape[0])
             ]
-            self_cfg = SelfConfig(
-                hb=cfg.self_hb if "self_hb" in set().union(*self.need.values()) else "none",
-                rank=cfg.self_rank,
-                dim=cfg.self_dim,
-                memory_mb=cfg.memory_mb,
-                seed=cfg.seed,
+            self_cfg = cfg.self_config(
+                None if "self_hb" in set().union(*self.need.values()) else "none"
             )
             for step, need in self.need.items():
                 if need & SELF_TERMS:
@@ -168,7 +174,13 @@ class ShardScorer:
         ok = [s for s in samples if s.ok]
         if not ok:
             return {c: np.zeros(0) for c in self.columns}
-        images, tokens = encode(ok, self.bundle)
+        try:
+            images, tokens = encode(ok, self.bundle)
+        except Exception:  # one sample the transforms refuse must not cost the shard
+            ok = [s for s in ok if _encodes(s, self.bundle)]
+            if not ok:
+                return {c: np.zeros(0) for c in self.columns}
+            images, tokens = encode(ok, self.bundle)
         images, tokens = images.to(self.device, self.dtype), tokens.to(self.device)
         terms: Terms = {}
         for step, need in self.need.items():

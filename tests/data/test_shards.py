@@ -20,9 +20,19 @@ def test_brace_range_keeps_zero_padding():
         "/d/00010.tar",
         "/d/00011.tar",
     ]
-    # Width comes from the first bound; an unpadded first bound does not pad.
+    # Unpadded bounds do not pad.
     assert expand_pattern("{8..11}") == ["8", "9", "10", "11"]
     assert expand_pattern("{3..3}.tar") == ["3.tar"]
+
+
+@pytest.mark.parametrize("body", ["8..010", "1..003", "001..3", "08..10", "0..10", "0..0", "00..3"])
+def test_mixed_width_ranges_name_the_files_webdataset_opens(body):
+    # WebDataset and open_clip expand with braceexpand; listing other names
+    # would score or count shards that the training client never reads.
+    import braceexpand
+
+    pattern = f"/d/{{{body}}}.tar"
+    assert expand_pattern(pattern) == list(braceexpand.braceexpand(pattern))
 
 
 def test_several_braces_are_a_cartesian_product_leftmost_slowest():

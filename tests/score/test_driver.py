@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -210,8 +211,9 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
     target = {"target_fingerprint": "t"}
     sets = {"reference": "r", "grad_batches": "g"}
 
-    def h(cfg=cfg, record=None, sets=sets):
-        return fingerprint_hash(_fingerprint(cfg, record or _traj_record(), target, sets))
+    def h(cfg=cfg, record=None, sets=sets, size=None):
+        size = size or {"rank": cfg.self_rank}
+        return fingerprint_hash(_fingerprint(cfg, record or _traj_record(), target, sets, size))
 
     base = h()
     moved = _traj_record(config={**_traj_record()["config"], "run": "/elsewhere", "data": "/p2"})
@@ -230,12 +232,31 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
         h(sets={**sets, "reference": "r2"}),
         h(sets={**sets, "grad_batches": "g2"}),
         h(cfg=dataclasses.replace(cfg, self_rank=2)),
-        h(cfg=dataclasses.replace(cfg, self_hb="fisher")),
-        h(cfg=dataclasses.replace(cfg, memory_mb=16)),
+        h(cfg=dataclasses.replace(cfg, self_hb="fisher"), size={"dim": 2048}),
+        h(size={"rank": 5}),  # a tight memory budget lowered the rank used
     ]
     assert base not in changed and len(set(changed)) == len(changed)
-    # The sketch size is not used by the default (Lanczos) form of H_B.
+    # The sketch size is not used by the default (Lanczos) form of H_B, and a
+    # budget that changes only the chunk size does not change the scores.
     assert h(cfg=dataclasses.replace(cfg, self_dim=4096)) == base
+    assert h(cfg=dataclasses.replace(cfg, memory_mb=4096)) == base
+
+
+def test_the_self_influence_size_in_the_fingerprint_is_the_one_the_budget_allows():
+    from types import SimpleNamespace
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.directions import self_size
+
+    traj = SimpleNamespace(model="diffin-tiny")
+    cfg = ScoreConfig(data="x", run="r", methods=["diffin_self"], self_rank=100)
+    assert self_size(cfg, traj) == {"rank": 100}
+    assert self_size(dataclasses.replace(cfg, memory_mb=4096), traj) == {"rank": 100}
+    # diffin-tiny without its token embedding: 35,137 float32 parameters, so half
+    # of 16 MB holds 59 eigenvectors.
+    assert self_size(dataclasses.replace(cfg, memory_mb=16), traj) == {"rank": 59}
+    fisher = dataclasses.replace(cfg, self_hb="fisher", self_dim=64)
+    assert self_size(fisher, traj) == {"dim": 64}
 
 
 def test_gpus_the_embedded_ray_cannot_offer_are_refused_up_front(monkeypatch):

@@ -300,3 +300,42 @@ def test_a_shard_that_cannot_be_read_is_tried_again_before_it_becomes_rows(
     url4 = next(r[0] for r in rows if r[0].endswith("00004.tar"))
     fp = json.load(open(f"{run}/scores/fingerprint.json"))["hash"]
     assert is_done(RunDir(run), url4, "00004", fp) is None  # a rerun tries it again
+
+
+def test_shards_with_fewer_samples_than_img2dataset_wrote_are_reported(
+    ray_cluster, score_run, tmp_path
+):
+    """A shard cut short at a member boundary is a valid tar: only the sidecar tells."""
+    import shutil
+    import tarfile
+
+    import ray
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import run_scoring
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    src = score_run["data"].split("{")[0]
+    for i in range(3):
+        shutil.copy(f"{src}0000{i}.tar", pool / f"0000{i}.tar")
+    (pool / "00001_stats.json").write_text(json.dumps({"successes": 10, "count": 12}))
+    (pool / "00000_stats.json").write_text(json.dumps({"successes": 8}))  # as many as read
+    with tarfile.open(pool / "00002.tar", "w"):
+        pass  # a valid tar with no member
+    run = fresh_run(score_run, tmp_path / "run")
+    cfg = ScoreConfig(
+        data=str(pool / "{00000..00002}.tar"),
+        run=run,
+        methods=["random"],
+        address=ray_cluster.address,
+        workers=1,
+        batch_size=8,
+    )
+    try:
+        summary = run_scoring(cfg)
+    finally:
+        ray.shutdown()
+    assert summary["shards_short"] == {"00001": {"read": 8, "expected": 10}}
+    assert summary["shards_empty"] == ["00002"]
+    assert not summary["shards_failed"] and summary["rows"] == 16

@@ -248,3 +248,24 @@ def test_engine_diffin_equals_the_separate_term_assembly(run_copy, tiny_scored, 
         _, second = diffin_components(t["first"], t["hb"], t["hz"], t["hv"], w)
         scale = np.abs(second).max()
         assert np.abs(got[f"diffin_second_t{c.step}"] - second).max() <= 1e-4 * scale, c.step
+
+
+def test_a_sample_the_transforms_refuse_becomes_an_error_row(scorer64, shards, monkeypatch):
+    """Before: the exception failed the batch, so the whole shard became one error row."""
+    samples = list(iter_shard(shards["clean"]))
+    victim = samples[3]
+    real = scorer64.bundle.preprocess
+
+    def picky(image):
+        if image is victim.image:
+            raise ValueError("odd pixels")
+        return real(image)
+
+    monkeypatch.setattr(scorer64.bundle, "preprocess", picky)
+    out = scorer64.score_samples(samples)
+    monkeypatch.undo()
+    assert victim.error == "preprocess error: ValueError: odd pixels"
+    assert all(len(v) == len(samples) - 1 for v in out.values())
+    others = [s for s in iter_shard(shards["clean"]) if s.key != victim.key]
+    alone = scorer64.score_samples(others)
+    np.testing.assert_allclose(out["diffin"], alone["diffin"], rtol=1e-12)
