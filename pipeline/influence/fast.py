@@ -34,7 +34,7 @@ from torch.func import jvp
 
 from pipeline.influence.directions import Directions
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
-from pipeline.model.loss import MAX_LOGIT_SCALE, per_sample_loss
+from pipeline.model.loss import per_sample_loss, scale_of
 
 TERMS = ("loss", "first", "hb", "hz", "hv", "hlin", "cosine", "el2n")
 DIRECTIONAL = frozenset(
@@ -119,9 +119,11 @@ def fast_terms(
         jets = reference_jets(fns, params, directions, need, lin)
     out: dict[str, torch.Tensor] = {}
 
+    exclude = fns.self_mask(images, tokens)
+
     def f(p: Params, ref: Emb) -> torch.Tensor:
         img, txt = fns.embed(p, images, tokens)
-        return per_sample_loss(img, txt, ref[0], ref[1], p["logit_scale"])
+        return per_sample_loss(img, txt, ref[0], ref[1], p["logit_scale"], exclude)
 
     with torch.no_grad(), derivative_mode():
         if "hz" in need:
@@ -152,18 +154,22 @@ def fast_terms(
             img, txt = fns.embed(params, images, tokens)
             out["cosine"] = (img * txt).sum(-1)
             if "el2n" in need:
-                out["el2n"] = _el2n(params, img, txt, jets.value)
+                out["el2n"] = _el2n(params, img, txt, jets.value, exclude)
     return {k: v for k, v in out.items() if k in need}
 
 
-def _el2n(params: Params, img: torch.Tensor, txt: torch.Tensor, ref: Emb) -> torch.Tensor:
+def _el2n(
+    params: Params, img: torch.Tensor, txt: torch.Tensor, ref: Emb, exclude: torch.Tensor | None
+) -> torch.Tensor:
     """Error-vector L2 norm: || softmax(logits) - onehot(positive) ||, mean of both directions,
     over the same candidates as the per-sample loss (the pair and the K references)."""
     ref_img, ref_txt = ref
-    s = params["logit_scale"].clamp(0, MAX_LOGIT_SCALE).exp()
+    s = scale_of(params["logit_scale"])
     pos = s * (img * txt).sum(-1, keepdim=True)
     norms = []
     for negs in (s * img @ ref_txt.T, s * txt @ ref_img.T):
+        if exclude is not None:
+            negs = negs.masked_fill(exclude, -torch.inf)
         p = torch.cat([pos, negs], 1).softmax(1)
         p[:, 0] -= 1
         norms.append(p.norm(dim=1))

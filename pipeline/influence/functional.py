@@ -80,6 +80,25 @@ class ClipFunctions:
         out = functional_call(self.model, params, (images, tokens))
         return out["image_features"], out["text_features"]
 
+    def self_mask(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(B, K): which references are the batch's own pairs (the same tokens and the same
+        pixels: the pair itself, or an exact duplicate of it); None when there is none.
+
+        Exact equality of the model inputs, so the result does not depend on
+        batching, device or the model's arithmetic.
+        """
+        if self.ref_images is None or self.ref_tokens is None:
+            return None
+        ref_tokens = self.ref_tokens.to(tokens.device)
+        same = (tokens[:, None, :] == ref_tokens[None]).all(-1)
+        if not bool(same.any()):
+            return None
+        rows, refs = same.nonzero(as_tuple=True)
+        ref_images = self.ref_images.to(images.device)
+        pixels = (images[rows] == ref_images[refs].to(images.dtype)).flatten(1).all(1)
+        same[rows, refs] = pixels
+        return same if bool(pixels.any()) else None
+
     def sample_losses(
         self, params: Params, images: torch.Tensor, tokens: torch.Tensor
     ) -> torch.Tensor:
@@ -91,12 +110,13 @@ class ClipFunctions:
         if self.ref_images is None or self.ref_tokens is None:
             raise ValueError("sample_losses needs reference negatives")
         n = images.shape[0]
+        exclude = self.self_mask(images, tokens)
         img, txt = self.embed(
             params,
             torch.cat([images, self.ref_images.to(images)]),
             torch.cat([tokens, self.ref_tokens.to(tokens.device)]),
         )
-        return per_sample_loss(img[:n], txt[:n], img[n:], txt[n:], params["logit_scale"])
+        return per_sample_loss(img[:n], txt[:n], img[n:], txt[n:], params["logit_scale"], exclude)
 
     def batch_loss(
         self, params: Params, images: torch.Tensor, tokens: torch.Tensor

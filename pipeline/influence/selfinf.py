@@ -131,15 +131,31 @@ class FrozenReferences:
 
 
 def _loss_one(fns: ClipFunctions, refs: FrozenReferences):
-    def f(p: Params, image: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    def f(p: Params, image: torch.Tensor, token: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         # functional_call falls back to the module's own tensors for missing names:
         # pass the checkpoint's values of the excluded parameters explicitly.
         out = functional_call(fns.model, {**refs.fixed, **p}, (image[None], token[None]))
         return per_sample_loss(
-            out["image_features"], out["text_features"], refs.images, refs.texts, p["logit_scale"]
+            out["image_features"],
+            out["text_features"],
+            refs.images,
+            refs.texts,
+            p["logit_scale"],
+            own[None],
         )[0]
 
     return f
+
+
+def _own_refs(fns: ClipFunctions, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, K) self-match mask of :meth:`ClipFunctions.self_mask`, all False when none."""
+    own = fns.self_mask(images, tokens)
+    if own is None:
+        assert fns.ref_tokens is not None
+        own = torch.zeros(
+            images.shape[0], fns.ref_tokens.shape[0], dtype=torch.bool, device=images.device
+        )
+    return own
 
 
 def per_sample_grads(
@@ -150,8 +166,11 @@ def per_sample_grads(
     tokens: torch.Tensor,
 ) -> Params:
     """g_z for a chunk of samples (frozen references), batched with vmap."""
+    own = _own_refs(fns, images, tokens)
     with derivative_mode():
-        return vmap(grad(_loss_one(fns, refs)), in_dims=(None, 0, 0))(params, images, tokens)
+        return vmap(grad(_loss_one(fns, refs)), in_dims=(None, 0, 0, 0))(
+            params, images, tokens, own
+        )
 
 
 def grads_and_hz_gb(
@@ -163,9 +182,10 @@ def grads_and_hz_gb(
     tokens: torch.Tensor,
 ) -> tuple[Params, Params]:
     """(g_z, H_z g_B) for a chunk, by one forward-over-reverse pass."""
-    g = vmap(grad(_loss_one(fns, refs)), in_dims=(None, 0, 0))
+    g = vmap(grad(_loss_one(fns, refs)), in_dims=(None, 0, 0, 0))
+    own = _own_refs(fns, images, tokens)
     with derivative_mode():
-        return jvp(lambda p: g(p, images, tokens), (params,), (g_B,))
+        return jvp(lambda p: g(p, images, tokens, own), (params,), (g_B,))
 
 
 def self_terms(
