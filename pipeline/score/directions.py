@@ -43,9 +43,10 @@ from pipeline.train.schedule import lr_at
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Bumped when the file's content changes: v2 added u = H_V g_B (older files are recomputed).
-DIRECTIONS_VERSION = "directions-v2"
-PROPAGATED_VERSION = "propagated-v1"
+# Bumped when the file's content changes, so older files are recomputed: v2 added
+# u = H_V g_B; v3 leaves a target pair out of its own reference negatives.
+DIRECTIONS_VERSION = "directions-v3"
+PROPAGATED_VERSION = "propagated-v2"
 
 
 def load_set(run: RunDir, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -233,6 +233,9 @@ def start_ray(cfg: ScoreConfig) -> bool:
     return connect(cfg.address, cfg.workers * cfg.threads)
 
 
+# Bumped when the scorers' values change for the same inputs, so that older parts are
+# rescored: v2 leaves a pair that is one of the references out of its own negatives.
+SCORES_VERSION = "scores-v2"
 # Trajectory fields the scores depend on beyond the checkpoints' bytes: the
 # estimator's weights (step, lr, n_train) and the propagated form's dynamics.
 _TRAINING_FIELDS = ("optimizer", "steps", "spacing", "batch_size", "n_train")
@@ -275,6 +278,7 @@ def _fingerprint(
     """
     recipe = traj_record.get("config", {})
     fp: dict[str, Any] = {
+        "version": SCORES_VERSION,
         "methods": cfg.methods,
         "first_order": cfg.first_order,
         "second_order": cfg.second_order,
