@@ -44,6 +44,9 @@ DEFAULT_EXCLUDE = ("token_embedding.weight",)
 SELF_TERMS = frozenset({"self_first", "self_hb", "self_hz"})
 
 
+SKETCH_BYTES_PER_PARAM = 12  # CountSketch: an int64 bucket and a float32 sign per parameter
+
+
 @dataclass
 class SelfConfig:
     hb: str = (
@@ -55,12 +58,15 @@ class SelfConfig:
     exclude: tuple[str, ...] = field(default_factory=lambda: DEFAULT_EXCLUDE)
     seed: int = 0
 
-    def plan(self, n_params: int, bytes_per_value: int = 4) -> dict[str, int]:
+    def plan(
+        self, n_params: int, bytes_per_value: int = 4, grad_samples: int = 1024
+    ) -> dict[str, int]:
         """What the per-actor memory budget allows, and what was chosen.
 
         Resident: the r eigenvectors of H_B (hb="lanczos", r x P values) or the
-        count-sketch's bucket and sign tables (hb="fisher", 9 bytes per
-        parameter, plus k x (grad samples) for the sketched Fisher). At most
+        count-sketch's bucket and sign tables (hb="fisher", 12 bytes per
+        parameter: int64 bucket, float32 sign) plus the sketched Fisher,
+        k x ``grad_samples`` float64 values. At most
         half the budget goes there: ``rank`` (or ``dim``) is lowered until it
         fits, never below 1. The rest bounds the chunk of samples in flight
         (g_z, H_z g_B and two work copies each).
@@ -72,9 +78,10 @@ class SelfConfig:
             rank = max(1, min(self.rank, (budget // 2) // vec))
             resident = rank * vec
         elif self.hb == "fisher":
-            tables = 9 * n_params
-            dim = max(1, min(self.dim, max(0, budget // 2 - tables) // (1024 * 8)))
-            resident = tables + dim * 1024 * 8
+            tables = SKETCH_BYTES_PER_PARAM * n_params
+            per_dim = max(1, grad_samples) * 8
+            dim = max(1, min(self.dim, max(0, budget // 2 - tables) // per_dim))
+            resident = tables + dim * per_dim
         per_sample = 4 * vec
         chunk = max(1, min(256, max(0, budget - resident) // per_sample))
         return {
@@ -311,7 +318,9 @@ class SelfInfluenceEngine:
         self.params = {k: v for k, v in params.items() if k not in cfg.exclude}
         self.g_B = {k: g_B[k] for k in self.params}
         n = sum(v.numel() for v in self.params.values())
-        self.plan = cfg.plan(n, params[next(iter(params))].element_size())
+        self.plan = cfg.plan(
+            n, params[next(iter(params))].element_size(), sum(b[0].shape[0] for b in grad_batches)
+        )
         self.refs = FrozenReferences.at(fns, params, cfg.exclude)
         if cfg.hb == "fisher":
             self.sketch = CountSketch(

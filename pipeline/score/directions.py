@@ -182,13 +182,14 @@ def ensure_directions(
     return target_info
 
 
-def self_size(cfg: ScoreConfig, traj: Trajectory) -> dict[str, int]:
+def self_size(cfg: ScoreConfig, traj: Trajectory, grad_samples: int) -> dict[str, int]:
     """The H_B rank (or sketch size) diffin_self will use: the memory budget can lower the
-    one asked for, and the scores depend on this size, not on the budget."""
+    one asked for, and the scores depend on this size, not on the budget.
+    ``grad_samples``: the pairs of the gradient batches (the sketched Fisher holds them)."""
     self_cfg = cfg.self_config()
     model = factory.create(traj.model, dtype=DTYPES[cfg.dtype]).model
     kept = [p for n, p in model.named_parameters() if n not in self_cfg.exclude]
-    plan = self_cfg.plan(sum(p.numel() for p in kept), kept[0].element_size())
+    plan = self_cfg.plan(sum(p.numel() for p in kept), kept[0].element_size(), grad_samples)
     return {"rank": plan["rank"]} if cfg.self_hb == "lanczos" else {"dim": plan["dim"]}
 
 

@@ -50,6 +50,7 @@ from pipeline.score.progress import Progress
 from pipeline.score.table import build_part
 from pipeline.score.trajectory import load_trajectory
 from pipeline.scorers import ScoreContext, get_scorers
+from pipeline.tensors import load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +555,10 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     sets = set_hashes(run)
     target = ensure_directions(cfg, run, traj, sets)
 
-    size = self_size(cfg, traj) if "diffin_self" in cfg.methods else None
+    size = None
+    if "diffin_self" in cfg.methods:
+        k, batch = load_tensors(run.set_file("grad_batches"))[0]["images"].shape[:2]
+        size = self_size(cfg, traj, k * batch)
     fp = _fingerprint(cfg, traj.record, target, sets, size)
     fp_hash = fingerprint_hash(fp)
     write_json(run.path("scores", "fingerprint.json"), {**fp, "hash": fp_hash})

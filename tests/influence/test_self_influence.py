@@ -14,6 +14,7 @@ from pipeline.influence.fast import fast_terms
 from pipeline.influence.functional import ClipFunctions, derivative_mode
 from pipeline.influence.reference import exact_self_terms
 from pipeline.influence.selfinf import (
+    SKETCH_BYTES_PER_PARAM,
     CountSketch,
     FrozenReferences,
     SelfConfig,
@@ -216,10 +217,22 @@ def test_budget_picks_rank_and_chunk():
     assert tight["rank"] == 5  # 20 MiB // 4 MiB
     assert tight["chunk"] == 1  # (40 - 20) // 16
     assert SelfConfig(rank=16, memory_mb=0).plan(n)["rank"] == 1
-    # fisher: 9 bytes per parameter of hash tables (9 MiB), then k rows of 1024 doubles
-    sketch = SelfConfig(hb="fisher", dim=2048, memory_mb=20).plan(n)
-    assert sketch["dim"] == (10 - 9) * 1024 * 1024 // (1024 * 8) == 128
+    # fisher: 12 bytes per parameter of hash tables (12 MiB), then k rows of one double
+    # per gradient-batch sample (review: it counted 9 bytes and always 1024 samples)
+    sketch = SelfConfig(hb="fisher", dim=2048, memory_mb=28).plan(n, grad_samples=1024)
+    assert sketch["dim"] == (14 - 12) * 1024 * 1024 // (1024 * 8) == 256
+    assert SelfConfig(hb="fisher", dim=2048, memory_mb=28).plan(n, grad_samples=2048)["dim"] == 128
+    assert SelfConfig(hb="fisher", dim=2048, memory_mb=20).plan(n)["dim"] == 1  # tables alone
     assert SelfConfig(hb="fisher", dim=2048, memory_mb=64).plan(n)["dim"] == 2048
+
+
+def test_the_fisher_plan_counts_the_sketch_tables_it_allocates():
+    shapes = {"a": torch.Size([300, 7]), "b": torch.Size([11])}
+    sketch = CountSketch(shapes, 64)
+    held = sum(
+        t.numel() * t.element_size() for t in (*sketch.buckets.values(), *sketch.signs.values())
+    )
+    assert held == SKETCH_BYTES_PER_PARAM * (300 * 7 + 11)
 
 
 def test_precomputed_eigenpairs_are_cut_to_the_budget_rank(micro):

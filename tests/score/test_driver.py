@@ -250,13 +250,13 @@ def test_the_self_influence_size_in_the_fingerprint_is_the_one_the_budget_allows
 
     traj = SimpleNamespace(model="diffin-tiny")
     cfg = ScoreConfig(data="x", run="r", methods=["diffin_self"], self_rank=100)
-    assert self_size(cfg, traj) == {"rank": 100}
-    assert self_size(dataclasses.replace(cfg, memory_mb=4096), traj) == {"rank": 100}
+    assert self_size(cfg, traj, 128) == {"rank": 100}
+    assert self_size(dataclasses.replace(cfg, memory_mb=4096), traj, 128) == {"rank": 100}
     # diffin-tiny without its token embedding: 35,137 float32 parameters, so half
     # of 16 MB holds 59 eigenvectors.
-    assert self_size(dataclasses.replace(cfg, memory_mb=16), traj) == {"rank": 59}
+    assert self_size(dataclasses.replace(cfg, memory_mb=16), traj, 128) == {"rank": 59}
     fisher = dataclasses.replace(cfg, self_hb="fisher", self_dim=64)
-    assert self_size(fisher, traj) == {"dim": 64}
+    assert self_size(fisher, traj, 128) == {"dim": 64}
 
 
 def test_gpus_the_embedded_ray_cannot_offer_are_refused_up_front(monkeypatch):
