@@ -15,6 +15,11 @@ import ray
 LOCAL_NODE_IP = "127.0.0.2"
 
 
+def embedded(address: str | None) -> bool:
+    """Whether :func:`connect` would start a Ray of its own (sized for this machine)."""
+    return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
 def connect(address: str | None, num_cpus: int) -> bool:
     """Connect to ``address`` (or the job's cluster) or start an embedded Ray; True if we started it."""
     if ray.is_initialized():

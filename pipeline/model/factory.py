@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,14 @@ def create(
             weights_only=True,
         )
         tokenizer = open_clip.get_tokenizer(name)
+    except (AssertionError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        if pretrained is None:
+            raise
+        # open_clip reports another architecture's weights with an assert or a
+        # state-dict error: name the file and the model instead.
+        raise ConfigError(
+            f"pretrained: cannot load {pretrained!r} into {name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     finally:
         root.setLevel(level)
     model = model.to(dtype=dtype)

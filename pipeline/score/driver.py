@@ -41,7 +41,7 @@ from pipeline.data.sample import Sample
 from pipeline.data.shards import expected_samples, resolve_shards, shard_names
 from pipeline.errors import ConfigError
 from pipeline.provenance import provenance
-from pipeline.raylocal import connect
+from pipeline.raylocal import connect, embedded
 from pipeline.rundir import RunDir, exists, file_size, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import ensure_directions, resolve_form, self_size, set_hashes
@@ -250,7 +250,7 @@ def check_placeable(cfg: ScoreConfig) -> None:
     an existing cluster may add nodes (autoscaler); there a pending actor is
     reported by :func:`schedule` instead.
     """
-    if cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+    if not embedded(cfg.address):
         return  # an existing cluster: connect() joins it, whatever this machine has
     if not cfg.gpus_per_worker:
         return

@@ -66,6 +66,7 @@ class TrainConfig:
             ("text_keys", valid_keys(self.text_keys), KEYS_RULE),
             ("grad_batches", self.grad_batches >= 1, "must be >= 1"),
             ("workers", self.workers >= 0, "must be >= 0"),
+            ("threads", self.threads >= 0, "must be >= 0 (0: torch's default)"),
             (
                 "batch_size",
                 self.workers == 0 or self.batch_size % self.workers == 0,

@@ -35,7 +35,7 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.model import factory
 from pipeline.model.loss import batch_clip_loss
-from pipeline.raylocal import connect
+from pipeline.raylocal import connect, embedded
 from pipeline.rundir import RunDir
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order, core
@@ -132,6 +132,23 @@ def _reraise(exc: Exception) -> None:
         if isinstance(cause, ConfigError | FloatingPointError):
             raise cause from exc
     raise exc
+
+
+def check_placeable(cfg: TrainConfig) -> None:
+    """Refuse a worker group the embedded Ray could never place.
+
+    Ray Train starts every worker at once and retries a group that cannot
+    start without end; with GPUs each worker takes one. Only for the Ray this
+    process starts: an existing cluster may add nodes.
+    """
+    if not cfg.workers or not embedded(cfg.address):
+        return
+    have = torch.cuda.device_count()
+    if 0 < have < cfg.workers:
+        raise ConfigError(
+            f"workers: {cfg.workers} Ray Train workers take one GPU each, but this machine "
+            f"has {have}; use --workers {have}, or train on CPUs with CUDA_VISIBLE_DEVICES= "
+        )
 
 
 def train_distributed(

@@ -40,7 +40,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.model import factory
 from pipeline.provenance import provenance
-from pipeline.rundir import RunDir, join, read_bytes, write_json
+from pipeline.rundir import RunDir, join, read_bytes, remove, write_json
 from pipeline.train.config import TrainConfig
 from pipeline.train.schedule import lr_at
 from pipeline.train.sets import load_pool, save_sets
@@ -214,7 +214,6 @@ def import_open_clip_run(
     torch.manual_seed(cfg.seed)
     bundle = factory.create(name)
     pool = load_pool(cfg)
-    clear_resume(run)
 
     # Checkpoints first: a wrong step count is refused before the (slower) sets are built.
     saved, sources = [], []
@@ -234,6 +233,8 @@ def import_open_clip_run(
             bundle.model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ConfigError(f"import: {url} does not fit model {name!r}: {exc}") from exc
+        if not saved:  # the run is rewritten from here: its old record no longer holds
+            remove(run.trajectory_json)
         saved.append(save_checkpoint(run, bundle.model, step, oc.lr(step, total)))
         sources.append({"epoch": epoch, "url": url, "sha256": digest, "saved_lr": last})
 
@@ -272,6 +273,8 @@ def import_open_clip_run(
         "seconds": round(time.time() - t0, 2),
         **provenance(),
     }
+    # Only now: a refused import leaves an interrupted training's resume state alone.
+    clear_resume(run)
     write_json(run.trajectory_json, record)
     run.update_run_json("train", {"imported_from": oc.url, "config": record["config"]})
     log.info("imported %d checkpoints (%d steps) from %s", len(saved), total, oc.url)

@@ -100,4 +100,8 @@ def run_resumable(
         batch_loss=batch_loss,
         device=device,
     )
-    return final[0] if final else None
+    if final:
+        return final[0]
+    if writer and resumed is not None and resumed.step == cfg.steps:
+        return resumed  # killed after the last state was saved: nothing left to train
+    return None

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.model import factory
 from pipeline.provenance import provenance
-from pipeline.rundir import RunDir, write_json
+from pipeline.rundir import RunDir, remove, write_json
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order
 from pipeline.train.runner import run_resumable
@@ -45,23 +45,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run proxy training; returns the trajectory record (also RUN/trajectory/trajectory.json)."""
     cfg.validate()
     factory.model_config(cfg.model)
+    if cfg.workers:
+        from pipeline.train.distributed import check_placeable
+
+        check_placeable(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.run)
     t0 = time.time()
-    pool = load_pool(cfg)
+    # The model first: a pretrained file that does not load is refused before the
+    # pool is read. (load_pool draws from its own seeded generator, not torch's.)
     torch.manual_seed(cfg.seed)
     bundle = factory.create(cfg.model, pretrained=cfg.pretrained)
     model = bundle.model
     if cfg.precision == "fp64":
         model.to(torch.float64)
-    images, tokens = save_sets(cfg, run, pool, bundle)
-    n = images.shape[0]
-    ckpt_steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.spacing, cfg.seed)
+    pool = load_pool(cfg)
     fp = fingerprint(cfg, [s.uid for s in pool.train])
     if not cfg.resume:
         clear_resume(run)
-    load_resume(run, fp)  # refuses a partial run of another config before any training
+    load_resume(run, fp)  # refuses a partial run of another config before anything is written
+    # From here the run is being rewritten: a trajectory.json left from an earlier
+    # training would describe checkpoints and sets this one replaces.
+    remove(run.trajectory_json)
+    images, tokens = save_sets(cfg, run, pool, bundle)
+    n = images.shape[0]
+    ckpt_steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.spacing, cfg.seed)
 
     state: ResumeState | None
     if cfg.workers:

@@ -118,8 +118,13 @@ def test_import_records_open_clip_steps_rates_and_weights(oc_run, tmp_path):
 
 def test_wrong_steps_per_epoch_is_refused(oc_run, tmp_path):
     cfg = TrainConfig(data=oc_run["data"], run=str(tmp_path / "run"), **SETS)
+    # An interrupted training in the same run: a refused import must leave it resumable.
+    resume = Path(RunDir(cfg.run).resume_state)
+    resume.parent.mkdir(parents=True)
+    resume.write_bytes(b"an interrupted training's state")
     with pytest.raises(ConfigError, match="steps per epoch"):
         import_open_clip_run(oc_run["dir"], cfg, steps_per_epoch=SAMPLES // BATCH - 1)
+    assert resume.read_bytes() == b"an interrupted training's state"
 
 
 def test_diffin_train_import_then_score(oc_run, tmp_path):

@@ -50,10 +50,13 @@ def test_killed_training_resumes_to_byte_identical_checkpoints(interrupted, tiny
 def test_resume_refuses_another_config_and_no_resume_starts_over(interrupted, tiny_run, tmp_path):
     run = _copy(interrupted["run"], tmp_path / "run")
     step = _killed_at(run)
-    other = dataclasses.replace(interrupted["config"], run=run, lr=0.05)
+    other = dataclasses.replace(interrupted["config"], run=run, lr=0.05, seed=1)
+    sets = {p: p.read_bytes() for p in sorted((Path(run) / "sets").iterdir())}
     with pytest.raises(ConfigError, match="^resume: .*another config"):
         train(other)
     assert _killed_at(run) == step  # left as it was
+    # refused before anything is written (the seed would redraw the sets)
+    assert {p: p.read_bytes() for p in sorted((Path(run) / "sets").iterdir())} == sets
     # fields that do not change the trajectory may change (here: how often state is saved)
     rec = train(dataclasses.replace(interrupted["config"], run=run, resume=False, resume_every=0))
     assert rec["resumed_at"] == []
@@ -72,3 +75,25 @@ def test_resume_refuses_a_changed_checkpoint(interrupted, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="missing or changed"):
         load_resume(RunDir(run), raw["fingerprint"])
+
+
+def test_a_run_killed_after_its_last_state_finishes_when_rerun(
+    interrupted, tiny_run, tmp_path, monkeypatch
+):
+    """Killed between the final resume state and trajectory.json: every rerun used to fail."""
+    run = _copy(interrupted["run"], tmp_path / "run")
+    cfg = dataclasses.replace(interrupted["config"], run=run)
+
+    def killed(url, obj):
+        raise KeyboardInterrupt("killed before trajectory.json")
+
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.train.trajectory.write_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    assert _killed_at(run) == cfg.steps
+    rec = train(cfg)
+    assert [c["sha256"] for c in rec["checkpoints"]] == [
+        c["sha256"] for c in tiny_run["record"]["checkpoints"]
+    ]
+    assert not (Path(run) / "trajectory" / "resume.pt").exists()

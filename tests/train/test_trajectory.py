@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,7 @@ def test_same_seed_gives_byte_identical_checkpoints(tiny_run, tmp_path):
         ("reference_size", 0),
         ("grad_batches", 0),
         ("workers", -1),
+        ("threads", -1),
         ("precision", "fp16"),
         ("resume_every", -1),
         ("max_failures", -1),
@@ -154,6 +156,45 @@ def test_train_refuses_bad_config_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="model"):
         train(TrainConfig(data=str(tmp_path / "none.tar"), run=str(run), model="nope"))
     assert not run.exists()
+
+
+def test_pretrained_weights_of_another_architecture_are_refused_before_the_pool(tmp_path):
+    """Before: open_clip's bare AssertionError, after the whole pool was read (review)."""
+    small = tmp_path / "small.pt"
+    torch.save(factory.create("diffin-small").model.state_dict(), small)
+    run = tmp_path / "r"
+    cfg = TrainConfig(data=str(tmp_path / "none.tar"), run=str(run), pretrained=str(small))
+    with pytest.raises(
+        ConfigError, match=r"^pretrained: cannot load .*small\.pt.* into 'diffin-tiny'"
+    ):
+        train(dataclasses.replace(cfg, model="diffin-tiny"))
+    assert not run.exists()
+
+
+def test_more_workers_than_gpus_is_refused_before_ray_train_waits_forever(tmp_path, monkeypatch):
+    """Ray Train retries a worker group it cannot place without end (review)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = TrainConfig(data=str(tmp_path / "none.tar"), run=str(tmp_path / "r"), workers=2)
+    with pytest.raises(ConfigError, match=r"^workers: 2 Ray Train workers take one GPU each"):
+        train(cfg)
+    from pipeline.train.distributed import check_placeable
+
+    check_placeable(dataclasses.replace(cfg, workers=1))
+    check_placeable(dataclasses.replace(cfg, address="ray://head:10001"))  # may grow
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    check_placeable(cfg)  # CPU workers: the embedded Ray is sized for them
+
+
+def test_a_rerun_that_dies_leaves_no_record_of_the_run_it_replaces(tiny_run, tmp_path):
+    """Before: the old trajectory.json stayed beside the new run's sets (review)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    assert Path(RunDir(str(run)).trajectory_json).exists()
+    diverging = dataclasses.replace(tiny_run["config"], run=str(run), seed=1, lr=1e12)
+    with pytest.raises(FloatingPointError):
+        train(diverging)
+    assert not Path(RunDir(str(run)).trajectory_json).exists()
 
 
 # -- the loop on in-memory tensors ----------------------------------------------
