@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 import uuid
 from collections import Counter
@@ -167,6 +168,14 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
     shards_dir = join(final, "shards")
     pattern = brace_pattern(shards_dir, 0, n_shards - 1, digits) if n_shards else ""
     rule: dict[str, Any] = {"kind": cfg.rule, **cfg.to_dict()}
+    argv = [
+        "--dataset-type",
+        "webdataset",
+        "--train-data",
+        pattern,
+        "--train-num-samples",
+        str(sum(sizes.values())),
+    ]
     manifest = {
         "rule": rule,
         "score": cfg.score_name,
@@ -183,8 +192,10 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
         "members_dropped": dict(dropped),
         "train_data": pattern,
         "train_num_samples": sum(sizes.values()),
-        "open_clip_args": f"--dataset-type webdataset --train-data '{pattern}' "
-        f"--train-num-samples {sum(sizes.values())}",
+        # One shell-quoted string (README: eval ... "$(jq -r .open_clip_args M)") and
+        # the same arguments as a list, for programs and paths with odd characters.
+        "open_clip_args": shlex.join(argv),
+        "open_clip_argv": argv,
         "note": "open_clip needs at least workers x world_size shards; set --shard-size accordingly",
         "seconds": round(time.time() - t0, 2),
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -27,8 +27,10 @@ def _score_flags() -> set[str]:
 
 
 def _check_score_command(cmd: str) -> None:
-    """`python jobs/score.py ARGS` must parse as `diffin score ARGS`."""
-    words = shlex.split(cmd.replace("{", "'{").replace("}", "}'"))
+    """`python jobs/score.py ARGS` must parse as `diffin score ARGS`, after the word
+    splitting and brace expansion of `bash -c`, which is how KubeRay runs an entrypoint."""
+    out = subprocess.run(["bash", "-c", f'printf "%s\\0" {cmd}'], capture_output=True, check=True)
+    words = out.stdout.decode().split("\0")[:-1]
     assert words[:2] == ["python", "jobs/score.py"], words
     flags = {w.split("=")[0] for w in words[2:] if w.startswith("--")}
     assert flags <= _score_flags(), flags - _score_flags()

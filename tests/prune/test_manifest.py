@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -86,8 +89,9 @@ def test_sizes_match_tars_and_manifest(pruned):
     assert sum(sizes.values()) == m["train_num_samples"] == m["kept"]
     assert m["shards"] == len(tars)
     assert all(n <= SHARD_SIZE for n in sizes.values())
-    assert f"--train-num-samples {m['kept']}" in m["open_clip_args"]
-    assert m["train_data"] in m["open_clip_args"]
+    assert m["open_clip_argv"][-2:] == ["--train-num-samples", str(m["kept"])]
+    assert m["open_clip_argv"][2:4] == ["--train-data", m["train_data"]]
+    assert shlex.split(m["open_clip_args"]) == m["open_clip_argv"]
     assert m["rule"]["keep"] == KEEP and m["rule"]["method"] == "diffin"
 
 
@@ -330,3 +334,27 @@ def test_flattened_keys_are_plain_sample_names():
     assert _safe_key("./a/b.c") == "a_b_c"
     assert _safe_key("__meta__") == "k__meta__"  # not a WebDataset metadata member
     assert _safe_key("./_x") == "_x"
+
+
+def test_the_readme_retraining_line_passes_the_manifest_arguments_intact(tmp_path):
+    """Before: the README's unquoted $(jq ...) handed open_clip a path with quotes in it."""
+    import shutil as sh
+
+    if sh.which("jq") is None:
+        pytest.skip("jq is not installed")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if "open_clip_train.main" in x and "jq" in x)
+    odd = "/data/it's a pool/{00000..00002}.tar"  # a quote, spaces and a brace range
+    argv = ["--dataset-type", "webdataset", "--train-data", odd, "--train-num-samples", "7"]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"open_clip_args": shlex.join(argv)}))
+    script = tmp_path / "echo_args.py"  # stands in for the module: prints what it was given
+    script.write_text("import json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    echo = f"{sys.executable} {script}"
+    cmd = (
+        line.replace("python -m open_clip_train.main", echo)
+        .replace("runs/r1/prune/diffin-keep0.7/manifest.json", str(manifest))
+        .removesuffix(" ...")
+    )
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == argv
