@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--methods",
         type=_methods,
-        default=["diffin", "tracin", "clip_score", "loss", "random"],
-        help="scored columns to compare (comma-separated)",
+        default=None,
+        help="scored columns to compare (comma-separated); default: every scorer of the table",
     )
     e.add_argument("--no-full", dest="full", action="store_false", help="skip the full pool")
     e.add_argument("--data", default=None, help="the scored pool; default: as scored")

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import ConfigError
-
-DEFAULT_METHODS = ("diffin", "tracin", "clip_score", "loss", "random")
 
 
 @dataclass
 class EvaluateConfig:
     run: str
     keeps: list[float] = field(default_factory=lambda: [0.5, 0.7])
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    # None: every scorer the table was scored with (`diffin score --methods`)
+    methods: list[str] | None = None
     full: bool = True  # also train on every ok pair (the "no pruning" row)
     data: str | None = None  # the scored pool; default: the pattern `diffin score` recorded
     eval_data: str | None = None  # held-out shards; default: the generated pool's eval/ split
@@ -42,10 +42,12 @@ class EvaluateConfig:
         for k in self.keeps:
             if isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= 1:
                 raise ConfigError(f"keeps: every fraction must be in (0, 1] (got {k!r})")
-        if not self.methods:
+        if self.methods is not None and not self.methods:
             raise ConfigError("methods: give at least one scorer column")
-        if len(set(self.methods)) != len(self.methods):
+        if self.methods is not None and len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods: duplicates in {self.methods}")
+        if self.threads < 0:
+            raise ConfigError(f"threads: must be >= 0 (got {self.threads!r})")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps: must be >= 1 (got {self.steps!r})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -54,7 +56,7 @@ class EvaluateConfig:
             raise ConfigError(f"weight_decay: must be >= 0 (got {self.weight_decay!r})")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer: must be 'sgd' or 'adamw' (got {self.optimizer!r})")
-        if not self.lr > 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: must be > 0 (got {self.lr!r})")
         if self.batch_size is not None and self.batch_size < 2:
             raise ConfigError(f"batch_size: must be >= 2 (got {self.batch_size!r})")

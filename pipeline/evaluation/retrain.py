@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -73,6 +74,11 @@ class Sources:
 
 
 def _pool_dir(pattern: str) -> str:
+    """The directory of a pool's shards, where a generated pool keeps its truth and summary."""
+    if not any(c in pattern for c in "{*?[") and "::" not in pattern:
+        fs, path = fsspec.core.url_to_fs(pattern)
+        if fs.isdir(path):  # `--data pool/` and `--data pool` name the directory itself
+            return pattern.rstrip("/")
     return pattern.rsplit("/", 1)[0]
 
 
@@ -117,20 +123,30 @@ def locate_sources(cfg: EvaluateConfig, run: RunDir) -> Sources:
             return given
         return url if exists(url) else None
 
+    labels = beside(cfg.eval_labels, join(eval_root, "labels.parquet"))
+    classes = beside(cfg.classes, join(eval_root, "classes.json"))
+    if (cfg.eval_labels or cfg.classes) and not (labels and classes):
+        raise ConfigError(
+            "eval_labels: zero-shot needs both --eval-labels and --classes (neither "
+            f"labels.parquet nor classes.json found beside {eval_data} for the other)"
+        )
     return Sources(
         data=data,
         eval_data=eval_data,
-        eval_labels=beside(cfg.eval_labels, join(eval_root, "labels.parquet")),
-        classes=beside(cfg.classes, join(eval_root, "classes.json")),
+        eval_labels=labels,
+        classes=classes,
         truth=beside(cfg.truth, join(root, "truth.parquet")) if cfg.truth else pool_truth(data),
     )
 
 
 def _read_ok(pattern: str, options: dict[str, Any], keep: set[str] | None = None) -> list[Sample]:
-    out = []
+    """The ok samples (of ``keep``'s uids); a uid seen twice is kept once, the first
+    time, as the score table's selection counts it."""
+    out, seen = [], set()
     for url in tqdm(resolve_shards(pattern), desc="read", unit="shard", leave=False):
         for s in iter_shard(url, **options):
-            if s.ok and (keep is None or s.uid in keep):
+            if s.ok and (keep is None or (s.uid in keep and s.uid not in seen)):
+                seen.add(s.uid)
                 out.append(s)
     return out
 
@@ -187,8 +203,20 @@ def measure(model: torch.nn.Module, ev: EvalSet, batch: int = 256) -> dict[str, 
     return {m: out[m] for m in METRICS}
 
 
-def plan_subsets(cfg: EvaluateConfig, table: pa.Table) -> list[dict[str, Any]]:
-    """(name, method, keep, uids) of every subset to train on; refuses unknown columns first."""
+def _scored_methods(run: RunDir, table: pa.Table) -> list[str]:
+    """The scorers the table was scored with, in their order (``--methods`` left out)."""
+    methods = [m for m in scored_config(run).get("methods") or [] if m in table.column_names]
+    if not methods:
+        raise ConfigError("methods: the score table records no scorer column; give --methods")
+    return methods
+
+
+def plan_subsets(
+    cfg: EvaluateConfig, table: pa.Table, batch_size: int | None = None
+) -> list[dict[str, Any]]:
+    """(name, method, keep, uids) of every subset to train on; refuses, before any training,
+    unknown columns and subsets too small for one batch of ``batch_size``."""
+    assert cfg.methods is not None
     missing = [m for m in cfg.methods if m not in table.column_names]
     if missing:
         raise ConfigError(f"methods: no column {missing} in the score table")
@@ -203,6 +231,17 @@ def plan_subsets(cfg: EvaluateConfig, table: pa.Table) -> list[dict[str, Any]]:
             kept = select(table, m, keep).column("uid").to_pylist()
             subsets.append(
                 {"name": f"{m}@{keep:g}", "method": m, "keep": float(keep), "uids": kept}
+            )
+    for sub in subsets:
+        n = len(set(sub["uids"]))
+        if n < 2:
+            raise ConfigError(f"keeps: subset {sub['name']} has {n} pairs; need >= 2")
+        if batch_size is not None and n < batch_size:
+            # A smaller subset would train on smaller batches, and the contrastive
+            # loss depends on the batch size: its row would not be comparable.
+            raise ConfigError(
+                f"batch_size: subset {sub['name']} has {n} pairs, fewer than one batch of "
+                f"{batch_size}; lower --batch-size or raise --keep"
             )
     return subsets
 
@@ -264,9 +303,12 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    src = locate_sources(cfg, run)
     table = read_table(run.scores)
-    subsets = plan_subsets(cfg, table)  # refuses bad methods before any training
+    if cfg.methods is None:
+        cfg = replace(cfg, methods=_scored_methods(run, table))
+    src = locate_sources(cfg, run)
+    # refuses bad methods and undersized subsets before any training
+    subsets = plan_subsets(cfg, table, train_cfg.batch_size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
@@ -300,9 +342,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     for seed, sub in bar:
         bar.set_postfix_str(f"{sub['name']} seed {seed}")
         t = time.time()
-        idx = torch.tensor(sorted(position[u] for u in sub["uids"]))
-        if len(idx) < 2:
-            raise ConfigError(f"keeps: subset {sub['name']} has {len(idx)} pairs; need >= 2")
+        idx = torch.tensor(sorted({position[u] for u in sub["uids"]}))
         torch.manual_seed(seed)  # one initialisation for every subset of this seed
         model = factory.create(traj["model"]).model
         order = batch_order(len(idx), train_cfg.batch_size, steps, seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -88,6 +89,10 @@ def test_same_config_gives_the_same_figures(evaluated, tmp_path):
         (dict(seeds=[]), "seeds"),
         (dict(seeds=[1, 1]), "seeds"),
         (dict(eval_data="/nonexistent/{0..1}.tar"), "eval_data"),
+        (dict(keeps=[0.001]), "^keeps: subset .* has 1 pairs"),  # was refused after training
+        (dict(batch_size=10**5), "^batch_size: subset .* fewer than one batch"),
+        (dict(threads=-1), "^threads"),
+        (dict(lr=float("inf")), "^lr"),
     ],
 )
 def test_config_errors_are_refused_before_training(tiny_scored, tmp_path, change, match):
@@ -130,3 +135,61 @@ def test_summarise_reports_mean_and_sample_sd():
     assert out.loc[0, "i2t_r5"] == "0.300 ± 0.141"
     single = summarise(pd.DataFrame(rows[:1]))
     assert single.loc[0, "i2t_r5"] == 0.2
+
+
+def test_the_default_methods_are_the_scorers_of_the_table(tiny_scored, tmp_path):
+    """Before: a fixed list with clip_score, refused on a table scored without it (README)."""
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    cfg = EvaluateConfig(run=run, keeps=[0.5], full=False, steps=2, threads=1)
+    rows = run_evaluation(cfg)["results"]
+    assert [r["subset"] for r in rows] == ["diffin@0.5", "tracin@0.5", "loss@0.5", "random@0.5"]
+    record = json.load(open(f"{run}/evaluate/evaluate.json"))
+    assert record["config"]["methods"] == ["diffin", "tracin", "loss", "random"]
+
+
+def test_a_pool_given_as_a_directory_finds_its_truth_and_eval_split(tiny_scored, tmp_path):
+    from pipeline.evaluation.retrain import locate_sources
+    from pipeline.rundir import RunDir
+
+    pool = tiny_scored["data"].split("{")[0].rstrip("/")
+    for data in (pool, pool + "/"):
+        src = locate_sources(EvaluateConfig(run=tiny_scored["run"], data=data), RunDir("x"))
+        assert src.truth == f"{pool}/truth.parquet", data
+        assert src.eval_labels and src.classes, data
+
+
+def test_eval_labels_without_classes_are_refused(tiny_scored, tmp_path):
+    """Before: zero-shot was silently n/a."""
+    import shutil
+
+    from pipeline.evaluation.retrain import locate_sources
+    from pipeline.rundir import RunDir
+
+    pool = tiny_scored["data"].split("{")[0].rstrip("/")
+    bare = tmp_path / "eval"
+    bare.mkdir()
+    for tar in sorted((Path(pool) / "eval").glob("*.tar")):
+        shutil.copy(tar, bare / tar.name)
+    cfg = EvaluateConfig(
+        run=tiny_scored["run"],
+        data=tiny_scored["data"],
+        eval_data=str(bare),
+        eval_labels=f"{pool}/eval/labels.parquet",
+    )
+    with pytest.raises(ConfigError, match="^eval_labels: zero-shot needs both"):
+        locate_sources(cfg, RunDir("x"))
+
+
+def test_a_uid_seen_twice_in_the_pool_is_read_once(tiny_scored, tmp_path):
+    """Before: evaluate refused a pool that score and prune accept ("299 ... but 300 found")."""
+    import shutil
+
+    from pipeline.evaluation.retrain import _read_ok
+
+    shard = tiny_scored["data"].split("{")[0] + "00000.tar"
+    shutil.copy(shard, tmp_path / "copy.tar")
+    both = f"{shard}::{tmp_path / 'copy.tar'}"
+    once = _read_ok(shard, {})
+    got = _read_ok(both, {}, {s.uid for s in once})
+    assert [s.uid for s in got] == [s.uid for s in once]
+    assert {s.shard for s in got} == {shard}  # the first time each uid is seen
