@@ -1,4 +1,4 @@
-"""`ray job submit` entrypoint for any other stage: `python jobs/stage.py make-data|train|prune ...`.
+"""`ray job submit` entrypoint for the stages that run in the driver: `python jobs/stage.py make-data|train|prune ...`.
 
 These stages run in the job's driver process (training is one process by
 default), so the entrypoint is `diffin` itself; this wrapper only exists so
