@@ -109,6 +109,12 @@ def stage_configs(
         raise ConfigError(f"target: expected one of {TARGETS}, got {cfg.target!r}")
     if cfg.target == "curated" and cfg.target_samples < 1:
         raise ConfigError(f"target_samples: a curated target needs >= 1, got {cfg.target_samples}")
+    if cfg.samples < cfg.target_size + cfg.batch_size:
+        # What training will ask of the generated pool: refuse it before generating it.
+        raise ConfigError(
+            f"samples: {cfg.samples} pairs; the proxy needs at least target_size + "
+            f"batch_size = {cfg.target_size + cfg.batch_size}"
+        )
     if cfg.method not in cfg.methods:
         raise ConfigError(f"method: {cfg.method!r} is not one of the scored methods {cfg.methods}")
     return synth, trainc, score, prune, evaluate

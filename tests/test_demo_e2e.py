@@ -139,6 +139,7 @@ def test_demo_evaluates_every_scorer_and_ends_with_the_report(demo):
         ({"noise": 1.0}, "noise"),
         ({"target": "clean"}, "target"),
         ({"target_samples": 0}, "target_samples"),
+        ({"samples": 100}, "^samples: 100 pairs"),  # was refused by training, after make-data
     ],
 )
 def test_bad_demo_config_is_refused_before_any_work(tmp_path, change, field):
