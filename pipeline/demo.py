@@ -115,6 +115,12 @@ def stage_configs(
             f"samples: {cfg.samples} pairs; the proxy needs at least target_size + "
             f"batch_size = {cfg.target_size + cfg.batch_size}"
         )
+    if cfg.evaluate and round(min(cfg.eval_keeps) * cfg.samples) < cfg.batch_size:
+        # evaluate refuses a subset smaller than one batch; say so before the work.
+        raise ConfigError(
+            f"eval_keeps: keeping {min(cfg.eval_keeps):g} of {cfg.samples} pairs leaves fewer "
+            f"than one batch of {cfg.batch_size}"
+        )
     if cfg.method not in cfg.methods:
         raise ConfigError(f"method: {cfg.method!r} is not one of the scored methods {cfg.methods}")
     return synth, trainc, score, prune, evaluate

@@ -27,3 +27,13 @@ def load_tensors(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     header = json.loads(raw[8 : 8 + n])
     meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
     return load(raw), meta
+
+
+def tensor_shapes(url: str) -> dict[str, list[int]]:
+    """The shapes in a tensor file, from its header alone (no tensor is read)."""
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}

@@ -140,6 +140,7 @@ def test_demo_evaluates_every_scorer_and_ends_with_the_report(demo):
         ({"target": "clean"}, "target"),
         ({"target_samples": 0}, "target_samples"),
         ({"samples": 100}, "^samples: 100 pairs"),  # was refused by training, after make-data
+        ({"samples": 200, "eval_keeps": [0.3]}, "^eval_keeps: keeping 0.3 of 200"),
     ],
 )
 def test_bad_demo_config_is_refused_before_any_work(tmp_path, change, field):

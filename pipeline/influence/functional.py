@@ -93,11 +93,13 @@ class ClipFunctions:
         same = (tokens[:, None, :] == ref_tokens[None]).all(-1)
         if not bool(same.any()):
             return None
-        rows, refs = same.nonzero(as_tuple=True)
-        ref_images = self.ref_images.to(images.device)
-        pixels = (images[rows] == ref_images[refs].to(images.dtype)).flatten(1).all(1)
-        same[rows, refs] = pixels
-        return same if bool(pixels.any()) else None
+        # One pair at a time: templated captions can match many references, and
+        # gathering every candidate image pair at once would cost gigabytes.
+        ref_images = self.ref_images
+        for row, ref in same.nonzero().tolist():
+            other = ref_images[ref].to(images.device, images.dtype)
+            same[row, ref] = torch.equal(images[row], other)
+        return same if bool(same.any()) else None
 
     def sample_losses(
         self, params: Params, images: torch.Tensor, tokens: torch.Tensor

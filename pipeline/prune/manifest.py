@@ -192,7 +192,7 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
         "members_dropped": dict(dropped),
         "train_data": pattern,
         "train_num_samples": sum(sizes.values()),
-        # One shell-quoted string (README: eval ... "$(jq -r .open_clip_args M)") and
+        # One shell-quoted string (README: eval "set -- $(jq -r .open_clip_args M)") and
         # the same arguments as a list, for programs and paths with odd characters.
         "open_clip_args": shlex.join(argv),
         "open_clip_argv": argv,

@@ -44,9 +44,11 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Bumped when the file's content changes, so older files are recomputed: v2 added
-# u = H_V g_B; v3 leaves a target pair out of its own reference negatives.
+# u = H_V g_B; v3 leaves a target pair out of its own reference negatives. The
+# eigenpairs' v2: logit_scale's curvature is no longer cut by a clamp at its bounds.
 DIRECTIONS_VERSION = "directions-v3"
 PROPAGATED_VERSION = "propagated-v2"
+EIGEN_VERSION = "eigen-v2"
 
 
 def load_set(run: RunDir, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -333,7 +335,9 @@ def ensure_eigenpairs(
     names = [k for k, _ in fns.model.named_parameters()]
     for ckpt in tqdm(traj.checkpoints, desc="H_B eigenpairs", unit="ckpt", leave=False):
         fingerprint = hashlib.sha256(
-            json.dumps([by_step[ckpt.step], cfg.self_rank, cfg.seed, cfg.dtype, gb_meta]).encode()
+            json.dumps(
+                [by_step[ckpt.step], cfg.self_rank, cfg.seed, cfg.dtype, gb_meta, EIGEN_VERSION]
+            ).encode()
         ).hexdigest()[:16]
         url = eigen_url(run, ckpt.step)
         if exists(url) and load_tensors(url)[1].get("fingerprint") == fingerprint:

@@ -50,7 +50,7 @@ from pipeline.score.progress import Progress
 from pipeline.score.table import build_part
 from pipeline.score.trajectory import load_trajectory
 from pipeline.scorers import ScoreContext, get_scorers
-from pipeline.tensors import load_tensors
+from pipeline.tensors import tensor_shapes
 
 log = logging.getLogger(__name__)
 
@@ -557,13 +557,31 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
 
     size = None
     if "diffin_self" in cfg.methods:
-        k, batch = load_tensors(run.set_file("grad_batches"))[0]["images"].shape[:2]
+        k, batch = tensor_shapes(run.set_file("grad_batches"))["images"][:2]
         size = self_size(cfg, traj, k * batch)
     fp = _fingerprint(cfg, traj.record, target, sets, size)
     fp_hash = fingerprint_hash(fp)
     write_json(run.path("scores", "fingerprint.json"), {**fp, "hash": fp_hash})
     ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, cfg.score_options())
     columns = [c for s in get_scorers(cfg.methods) for c in s.columns(ctx)]
+
+    short: dict[str, dict[str, int]] = {}
+    empty: list[str] = []
+
+    def check_counts(name: str, record: dict[str, Any]) -> None:
+        """Shards with fewer samples than img2dataset wrote, or none (a valid, empty tar)."""
+        found, expected = record.get("samples"), record.get("expected")
+        if expected is not None and found is not None and found < expected:
+            log.warning(
+                "shard %s: %d samples read, but its _stats.json says %d were written",
+                name,
+                found,
+                expected,
+            )
+            short[name] = {"read": found, "expected": expected}
+        if record.get("rows") == 0:  # an unreadable shard has its __shard__ row
+            log.warning("shard %s holds no samples", name)
+            empty.append(name)
 
     todo: list[tuple[str, str]] = []
     resumed_rows = 0
@@ -573,6 +591,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             todo.append((url, name))
         else:
             resumed_rows += rec["rows"]
+            check_counts(name, rec)  # the summary of a resumed run still lists them
     resumed = len(shards) - len(todo)
     if resumed:
         log.info("resuming: %d of %d shards already scored", resumed, len(shards))
@@ -583,8 +602,6 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     scored: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     partial: list[str] = []
-    short: dict[str, dict[str, int]] = {}
-    empty: list[str] = []
 
     steady = {"first": None, "last": None, "rows": 0}
 
@@ -598,18 +615,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
                 cfg.max_attempts,
             )
             partial.append(name)
-        found, expected = record.get("samples"), record.get("expected")
-        if expected is not None and found is not None and found < expected:
-            log.warning(
-                "shard %s: %d samples read, but its _stats.json says %d were written",
-                name,
-                found,
-                expected,
-            )
-            short[name] = {"read": found, "expected": expected}
-        if found == 0:
-            log.warning("shard %s holds no samples", name)
-            empty.append(name)
+        check_counts(name, record)
         now = time.monotonic()
         if steady["first"] is None:
             steady["first"] = now

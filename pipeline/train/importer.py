@@ -216,6 +216,7 @@ def import_open_clip_run(
     pool = load_pool(cfg)
 
     # Checkpoints first: a wrong step count is refused before the (slower) sets are built.
+    # An interrupted training's resume state is kept until a checkpoint is written.
     saved, sources = [], []
     for epoch, url in oc.checkpoints.items():
         ckpt, digest = _load_epoch(url)
@@ -233,8 +234,9 @@ def import_open_clip_run(
             bundle.model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ConfigError(f"import: {url} does not fit model {name!r}: {exc}") from exc
-        if not saved:  # the run is rewritten from here: its old record no longer holds
+        if not saved:  # the run is rewritten from here: its old record and state no longer hold
             remove(run.trajectory_json)
+            clear_resume(run)
         saved.append(save_checkpoint(run, bundle.model, step, oc.lr(step, total)))
         sources.append({"epoch": epoch, "url": url, "sha256": digest, "saved_lr": last})
 
@@ -273,8 +275,6 @@ def import_open_clip_run(
         "seconds": round(time.time() - t0, 2),
         **provenance(),
     }
-    # Only now: a refused import leaves an interrupted training's resume state alone.
-    clear_resume(run)
     write_json(run.trajectory_json, record)
     run.update_run_json("train", {"imported_from": oc.url, "config": record["config"]})
     log.info("imported %d checkpoints (%d steps) from %s", len(saved), total, oc.url)

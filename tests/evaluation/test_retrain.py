@@ -95,8 +95,15 @@ def test_same_config_gives_the_same_figures(evaluated, tmp_path):
         (dict(lr=float("inf")), "^lr"),
     ],
 )
-def test_config_errors_are_refused_before_training(tiny_scored, tmp_path, change, match):
+def test_config_errors_are_refused_before_training(
+    tiny_scored, tmp_path, monkeypatch, change, match
+):
     run = copy_run(tiny_scored["run"], tmp_path / "run")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the config error was found")
+
+    monkeypatch.setattr("pipeline.evaluation.retrain.train_loop", no_training)
     with pytest.raises(ConfigError, match=match):
         run_evaluation(EvaluateConfig(run=run, steps=2, **change))
     import os

@@ -356,5 +356,7 @@ def test_the_readme_retraining_line_passes_the_manifest_arguments_intact(tmp_pat
         .replace("runs/r1/prune/diffin-keep0.7/manifest.json", str(manifest))
         .removesuffix(" ...")
     )
+    # the user's own arguments after it are parsed once, as written
+    cmd += ' --name "my run"'
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == argv
+    assert json.loads(out.stdout) == [*argv, "--name", "my run"]

@@ -323,9 +323,10 @@ def test_shards_with_fewer_samples_than_img2dataset_wrote_are_reported(
     (pool / "00000_stats.json").write_text(json.dumps({"successes": 8}))  # as many as read
     with tarfile.open(pool / "00002.tar", "w"):
         pass  # a valid tar with no member
+    (pool / "00003.tar").write_bytes(os.urandom(3000))  # unreadable: a row, not "empty"
     run = fresh_run(score_run, tmp_path / "run")
     cfg = ScoreConfig(
-        data=str(pool / "{00000..00002}.tar"),
+        data=str(pool / "{00000..00003}.tar"),
         run=run,
         methods=["random"],
         address=ray_cluster.address,
@@ -334,8 +335,11 @@ def test_shards_with_fewer_samples_than_img2dataset_wrote_are_reported(
     )
     try:
         summary = run_scoring(cfg)
+        again = run_scoring(cfg)  # everything resumed: the summary still says so
     finally:
         ray.shutdown()
-    assert summary["shards_short"] == {"00001": {"read": 8, "expected": 10}}
-    assert summary["shards_empty"] == ["00002"]
-    assert not summary["shards_failed"] and summary["rows"] == 16
+    for s in (summary, again):
+        assert s["shards_short"] == {"00001": {"read": 8, "expected": 10}}
+        assert s["shards_empty"] == ["00002"]
+        assert not s["shards_failed"] and s["rows"] == 16 + 1
+    assert again["shards_resumed"] == 4
