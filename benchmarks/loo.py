@@ -41,7 +41,13 @@ SCORERS = (
 
 
 def analyse(res) -> dict:
-    from pipeline.evaluation.metrics import bootstrap_ci, lds, pearson, spearman
+    from pipeline.evaluation.metrics import (
+        bootstrap_ci,
+        lds,
+        pearson,
+        spearman,
+        subset_predictions,
+    )
 
     idx = np.asarray(res.removed)
     actual = res.actual
@@ -57,8 +63,20 @@ def analyse(res) -> dict:
             # least-squares slope actual ~ c * predicted (1 = calibrated)
             row["slope"] = float((s * actual).sum() / max((s * s).sum(), 1e-300))
             row["pred_abs_mean"] = float(np.abs(s).mean())
+        if name != "tracin":
+            # paired: the same resampled removals for both, so the intervals of a
+            # difference are not two overlapping marginal intervals
+            row["spearman_minus_tracin_ci90"] = bootstrap_ci(
+                lambda a, b, y: spearman(a, y) - spearman(b, y),
+                s,
+                res.scores["tracin"][idx],
+                actual,
+                n=500,
+            )
         if res.subsets is not None:
             row["lds"] = lds(res.scores[name], res.subsets, res.subset_actual)
+            predicted = subset_predictions(res.scores[name], res.subsets)
+            row["lds_ci90"] = bootstrap_ci(spearman, predicted, res.subset_actual, n=500)
         out["per_scorer"][name] = row
     defects = np.asarray(res.defects)[idx]
     out["actual_by_defect"] = {
@@ -178,6 +196,11 @@ def main(argv=None) -> dict:
         "removed": res.removed,
         "actual": res.actual,
         "scores_removed": {k: res.scores[k][np.asarray(res.removed)] for k in SCORERS},
+        # everything the LDS is computed from, so that it can be rechecked
+        "scores": {k: res.scores[k] for k in SCORERS},
+        "subsets_removed": (
+            [np.flatnonzero(m).tolist() for m in res.subsets] if res.subsets is not None else None
+        ),
         "subset_actual": res.subset_actual,
         "figures": figs,
         "environment": environment(),
