@@ -24,6 +24,8 @@ from benchmarks.common import environment, md_table, one_thread, pyplot, write_j
 SCORERS = (
     "diffin",
     "tracin",
+    "diffin_removal",
+    "tracin_removal",
     "diffin_second",
     "diffin_propagated_hessian",
     "diffin_derived",

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
+from pipeline.score.config import SAMPLE_GRADIENTS
 from pipeline.scorers import REGISTRY
 
 
@@ -174,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="ggn",
         help="curvature of the propagated form: 'ggn' (Gauss-Newton, positive semi-definite; "
         "default) or 'hessian' (exact H_B, whose negative curvature can blow the product up)",
+    )
+    s.add_argument(
+        "--sample-gradient",
+        choices=SAMPLE_GRADIENTS,
+        default="reference",
+        help="g_z of diffin and tracin: 'reference' (gradient of the reference-negative loss, "
+        "default) or 'removal' (z's removal gradient from the references used as a batch: "
+        "also z's role as a negative; docs/accuracy.md section 1g)",
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
@@ -415,6 +424,7 @@ def run(args: argparse.Namespace) -> object:
                 first_order=args.first_order,
                 second_order=args.second_order,
                 propagate_curvature=args.propagate_curvature,
+                sample_gradient=args.sample_gradient,
                 seed=args.seed,
                 max_attempts=args.max_attempts,
                 prefetch_batches=args.prefetch_batches,

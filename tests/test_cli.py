@@ -214,6 +214,11 @@ def test_parser_defaults_match_the_readme():
     assert args.methods == ["diffin", "tracin", "random"]
     args = build_parser().parse_args(["score", "--data", "d", "--run", "r", "--methods", "a, b,"])
     assert args.methods == ["a", "b"]
+    assert build_parser().parse_args(["score", "--data", "d", "--run", "r"]).sample_gradient == (
+        "reference"
+    )
+    removal = ["score", "--data", "d", "--run", "r", "--sample-gradient", "removal"]
+    assert build_parser().parse_args(removal).sample_gradient == "removal"
 
 
 @pytest.mark.parametrize("top", ["0", "-1"])

@@ -159,6 +159,10 @@ class GroundTruth:
             train_loop(self.init_model, self.images, self.tokens, pre, pre_order, progress=False)
             self.init_model.train()
         self.fns = ClipFunctions(copy.deepcopy(self.init_model), self.ref_images, self.ref_tokens)
+        # the same functions with g_z as z's removal gradient (ScoreConfig.sample_gradient)
+        self.fns_removal = ClipFunctions(
+            self.fns.model, self.ref_images, self.ref_tokens, removal=True
+        )
         n = self.images.shape[0]
         self.n_train = n
         self.order = batch_order(n, setting.batch_size, setting.steps, setting.seed)
@@ -308,6 +312,13 @@ class GroundTruth:
                     t[key] = fast_terms(self.fns, params, d, images, tokens, {"hlin"}, lin=r[i])[
                         "hlin"
                     ]
+                # g_z as z's removal gradient: TracIn's term and the propagated <r_t, g_z>
+                t["first_removal"] = fast_terms(
+                    self.fns_removal, params, d, images, tokens, {"first"}
+                )["first"]
+                t["prop_ggn_removal"] = fast_terms(
+                    self.fns_removal, params, d, images, tokens, {"hlin"}, lin=props["prop_ggn"][i]
+                )["hlin"]
                 for k, v in t.items():
                     parts.setdefault(k, []).append(v.double().numpy())
             out[ckpt.step] = {k: np.concatenate(v) for k, v in parts.items()}
@@ -346,7 +357,8 @@ class GroundTruth:
         part), ``diffin_propagated_hessian`` (the exact H_B instead), ``diffin_derived`` /
         ``diffin_derived_second`` (the derived expansion), its parts ``diffin_hb``,
         ``diffin_hz``, ``diffin_hv``, ``diffin_method`` / ``diffin_method_second`` (the
-        METHOD.md form of the weights) and ``tracin_last`` (last checkpoint only)."""
+        METHOD.md form of the weights), ``tracin_last`` (last checkpoint only), and
+        ``tracin_removal`` / ``diffin_removal`` (g_z as z's removal gradient)."""
         seed, n = self.setting.seed, self.n_train
         ctx = ScoreContext(checkpoints, n, seed, {"first_order": True})
         weights = checkpoint_weights(checkpoints, n)  # derived (their W_first is TracIn's)
@@ -387,6 +399,12 @@ class GroundTruth:
                 for c, w in zip(checkpoints, weights, strict=True)
             )
         out["tracin_last"] = weights[-1].first * terms[checkpoints[-1].step]["first"]
+        # --sample-gradient removal: the same scores with z's removal gradient
+        out["tracin_removal"] = sum(
+            w.first * terms[c.step]["first_removal"]
+            for c, w in zip(checkpoints, weights, strict=True)
+        )
+        out["diffin_removal"] = sum(terms[c.step]["prop_ggn_removal"] for c in checkpoints)
         return out
 
     def expansion_radius(

@@ -121,9 +121,9 @@ def fast_terms(
 
     exclude = fns.self_mask(images, tokens)
 
-    def f(p: Params, ref: Emb) -> torch.Tensor:
+    def f(p: Params, ref: Emb) -> torch.Tensor:  # whose gradient is g_z
         img, txt = fns.embed(p, images, tokens)
-        return per_sample_loss(img, txt, ref[0], ref[1], p["logit_scale"], exclude)
+        return per_sample_loss(img, txt, ref[0], ref[1], p["logit_scale"], exclude, fns.removal)
 
     with torch.no_grad(), derivative_mode():
         if "hz" in need:
@@ -148,8 +148,13 @@ def fast_terms(
         if "hlin" in need:
             assert lin is not None and jets.d_lin is not None
             out["loss"], out["hlin"] = jvp(f, (params, jets.value), (lin, jets.d_lin))
-        if "loss" in need and "loss" not in out:
-            out["loss"] = f(params, jets.value)
+        if "loss" in need and ("loss" not in out or fns.removal):
+            # the loss scorers' l_z, whatever g_z is the gradient of
+            img, txt = fns.embed(params, images, tokens)
+            ref_img, ref_txt = jets.value
+            out["loss"] = per_sample_loss(
+                img, txt, ref_img, ref_txt, params["logit_scale"], exclude
+            )
         if need & {"cosine", "el2n"}:
             img, txt = fns.embed(params, images, tokens)
             out["cosine"] = (img * txt).sum(-1)

@@ -69,10 +69,14 @@ class ClipFunctions:
         model: nn.Module,
         ref_images: torch.Tensor | None = None,
         ref_tokens: torch.Tensor | None = None,
+        removal: bool = False,
     ) -> None:
+        """``removal``: the per-sample gradient g_z (``training_losses``) is z's removal
+        gradient from R used as a batch, not the gradient of l_z (``per_sample_loss``)."""
         self.model = prepare_for_derivatives(model)
         self.ref_images = ref_images
         self.ref_tokens = ref_tokens
+        self.removal = removal
 
     def embed(
         self, params: Params, images: torch.Tensor, tokens: torch.Tensor
@@ -101,10 +105,18 @@ class ClipFunctions:
             same[row, ref] = torch.equal(images[row], other)
         return same if bool(same.any()) else None
 
-    def sample_losses(
+    def training_losses(
         self, params: Params, images: torch.Tensor, tokens: torch.Tensor
     ) -> torch.Tensor:
-        """The vector (l_z) of METHOD.md section 2 for a batch, against R.
+        """The per-sample function whose gradient is g_z, what a training pair z
+        contributed: l_z, or z's removal loss when ``removal`` is set."""
+        return self.sample_losses(params, images, tokens, self.removal)
+
+    def sample_losses(
+        self, params: Params, images: torch.Tensor, tokens: torch.Tensor, removal: bool = False
+    ) -> torch.Tensor:
+        """The vector (l_z) of METHOD.md section 2 for a batch, against R (the target
+        loss and the ``loss`` scorers); ``removal``: see :func:`per_sample_loss`.
 
         R is embedded in the same forward pass as the batch: derivatives flow
         through R's embeddings as well, as the definition requires.
@@ -118,7 +130,9 @@ class ClipFunctions:
             torch.cat([images, self.ref_images.to(images)]),
             torch.cat([tokens, self.ref_tokens.to(tokens.device)]),
         )
-        return per_sample_loss(img[:n], txt[:n], img[n:], txt[n:], params["logit_scale"], exclude)
+        return per_sample_loss(
+            img[:n], txt[:n], img[n:], txt[n:], params["logit_scale"], exclude, removal
+        )
 
     def batch_loss(
         self, params: Params, images: torch.Tensor, tokens: torch.Tensor

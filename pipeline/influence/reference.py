@@ -50,7 +50,7 @@ def _hvp(fn: Callable[[Params], torch.Tensor], params: Params, v: Params) -> Par
 
 
 def _sample_fn(fns: ClipFunctions, images: torch.Tensor, tokens: torch.Tensor, i: int):
-    return lambda p: fns.sample_losses(p, images[i : i + 1], tokens[i : i + 1])[0]
+    return lambda p: fns.training_losses(p, images[i : i + 1], tokens[i : i + 1])[0]
 
 
 def per_sample_gradient(fns: ClipFunctions, params: Params, images, tokens, i: int) -> Params:

@@ -13,6 +13,9 @@ from pipeline.influence.selfinf import SelfConfig
 AUTO_FORM = "auto"
 
 
+SAMPLE_GRADIENTS = ("reference", "removal")
+
+
 @dataclass
 class ScoreConfig:
     data: str  # shard pattern of the pool to score
@@ -30,6 +33,11 @@ class ScoreConfig:
     second_order: str = AUTO_FORM
     # curvature the propagated form damps with: "ggn" (Gauss-Newton, PSD) or "hessian" (exact H_B)
     propagate_curvature: str = "ggn"
+    # g_z of the target-directed scores (diffin, tracin): "reference", the gradient of
+    # the reference-negative loss l_z (METHOD.md section 2), or "removal", z's removal
+    # gradient from R used as a batch (z's own terms and its role as a negative of its
+    # batch mates; docs/accuracy.md section 1g). Self-influence and loss scorers use l_z.
+    sample_gradient: str = "reference"
     max_attempts: int = 3  # tries per shard before it is recorded as failed
     seed: int = 0  # for the random scorer and the self-influence sketch
     self_hb: str = "lanczos"  # diffin_self's g_z' H_B g_z: "lanczos" (top eigenpairs) or "fisher"
@@ -74,6 +82,11 @@ class ScoreConfig:
                 "propagate_curvature",
                 self.propagate_curvature in CURVATURES,
                 f"must be one of {CURVATURES}",
+            ),
+            (
+                "sample_gradient",
+                self.sample_gradient in SAMPLE_GRADIENTS,
+                f"must be one of {SAMPLE_GRADIENTS}",
             ),
         ]
         for name, ok, why in checks:

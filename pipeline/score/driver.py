@@ -284,6 +284,7 @@ def _fingerprint(
         "first_order": cfg.first_order,
         "second_order": cfg.second_order,
         "propagate_curvature": cfg.propagate_curvature,
+        "sample_gradient": cfg.sample_gradient,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
         # A re-import can give the same checkpoint bytes other steps and rates.

@@ -85,7 +85,10 @@ class ShardScorer:
         self.bundle = factory.create(self.traj.model, device=self.device, dtype=self.dtype)
         ref_images, ref_tokens, _ = load_set(self.run, "reference", self.dtype)
         self.fns = ClipFunctions(
-            self.bundle.model, ref_images.to(self.device), ref_tokens.to(self.device)
+            self.bundle.model,
+            ref_images.to(self.device),
+            ref_tokens.to(self.device),
+            removal=cfg.sample_gradient == "removal",
         )
         self.scorers = get_scorers(cfg.methods)
         self.ctx = ScoreContext(

@@ -115,3 +115,38 @@ def test_batch_clip_loss_gradient_matches_open_clip(feats):
     ClipLoss()(img2, feats["txt"], ls2.exp()).backward()
     torch.testing.assert_close(img.grad, img2.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ls.grad, ls2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_removal_loss_is_what_taking_z_out_of_a_batch_of_references_changes(feats):
+    """(K+1) L(R + z) - K L(R) for a pair outside R; K L(R) - (K-1) L(R - z) for R's member."""
+    img, txt, ref_img, ref_txt, ls = (
+        feats["img"], feats["txt"], feats["ref_img"], feats["ref_txt"], feats["logit_scale"]
+    )  # fmt: skip
+    k = ref_img.shape[0]
+    got = per_sample_loss(img, txt, ref_img, ref_txt, ls, removal=True)
+    for z in range(img.shape[0]):
+        with_z = batch_clip_loss(
+            torch.cat([ref_img, img[z : z + 1]]), torch.cat([ref_txt, txt[z : z + 1]]), ls
+        )
+        want = (k + 1) * with_z - k * batch_clip_loss(ref_img, ref_txt, ls)
+        torch.testing.assert_close(got[z], want, rtol=1e-10, atol=1e-12)
+    # a scored pair that is reference 2 itself (the self-mask marks it)
+    exclude = torch.zeros(1, k, dtype=torch.bool)
+    exclude[0, 2] = True
+    inside = per_sample_loss(ref_img[2:3], ref_txt[2:3], ref_img, ref_txt, ls, exclude, True)
+    rest = [r for r in range(k) if r != 2]
+    want = k * batch_clip_loss(ref_img, ref_txt, ls) - (k - 1) * batch_clip_loss(
+        ref_img[rest], ref_txt[rest], ls
+    )
+    torch.testing.assert_close(inside[0], want, rtol=1e-10, atol=1e-12)
+    # and its gradient, through every embedding
+    ls2 = ls.clone().requires_grad_(True)
+    per_sample_loss(
+        ref_img[2:3], ref_txt[2:3], ref_img, ref_txt, ls2, exclude, True
+    ).sum().backward()
+    ls3 = ls.clone().requires_grad_(True)
+    (
+        k * batch_clip_loss(ref_img, ref_txt, ls3)
+        - (k - 1) * batch_clip_loss(ref_img[rest], ref_txt[rest], ls3)
+    ).backward()
+    torch.testing.assert_close(ls2.grad, ls3.grad, rtol=1e-9, atol=1e-12)
