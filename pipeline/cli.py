@@ -179,10 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--sample-gradient",
         choices=SAMPLE_GRADIENTS,
-        default="reference",
-        help="g_z of diffin and tracin: 'reference' (gradient of the reference-negative loss, "
-        "default) or 'removal' (z's removal gradient from the references used as a batch: "
-        "also z's role as a negative; docs/accuracy.md section 1g)",
+        default="removal",
+        help="g_z of diffin and tracin: 'removal' (z's removal gradient from the references "
+        "used as a batch, z's role as a negative included; default: docs/accuracy.md 1g) or "
+        "'reference' (gradient of the reference-negative loss, the default before 2026-11-29)",
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(

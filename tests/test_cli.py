@@ -215,10 +215,10 @@ def test_parser_defaults_match_the_readme():
     args = build_parser().parse_args(["score", "--data", "d", "--run", "r", "--methods", "a, b,"])
     assert args.methods == ["a", "b"]
     assert build_parser().parse_args(["score", "--data", "d", "--run", "r"]).sample_gradient == (
-        "reference"
+        "removal"
     )
-    removal = ["score", "--data", "d", "--run", "r", "--sample-gradient", "removal"]
-    assert build_parser().parse_args(removal).sample_gradient == "removal"
+    reference = ["score", "--data", "d", "--run", "r", "--sample-gradient", "reference"]
+    assert build_parser().parse_args(reference).sample_gradient == "reference"
 
 
 @pytest.mark.parametrize("top", ["0", "-1"])

@@ -33,11 +33,12 @@ class ScoreConfig:
     second_order: str = AUTO_FORM
     # curvature the propagated form damps with: "ggn" (Gauss-Newton, PSD) or "hessian" (exact H_B)
     propagate_curvature: str = "ggn"
-    # g_z of the target-directed scores (diffin, tracin): "reference", the gradient of
-    # the reference-negative loss l_z (METHOD.md section 2), or "removal", z's removal
-    # gradient from R used as a batch (z's own terms and its role as a negative of its
-    # batch mates; docs/accuracy.md section 1g). Self-influence and loss scorers use l_z.
-    sample_gradient: str = "reference"
+    # g_z of the target-directed scores (diffin, tracin): "removal", z's removal gradient
+    # from R used as a batch (z's own terms and its role as a negative of its batch mates;
+    # chosen from docs/accuracy.md section 1g), or "reference", the gradient of the
+    # reference-negative loss l_z (METHOD.md section 2; the default before 2026-11-29).
+    # Self-influence and the loss scorers use l_z either way.
+    sample_gradient: str = "removal"
     max_attempts: int = 3  # tries per shard before it is recorded as failed
     seed: int = 0  # for the random scorer and the self-influence sketch
     self_hb: str = "lanczos"  # diffin_self's g_z' H_B g_z: "lanczos" (top eigenpairs) or "fisher"

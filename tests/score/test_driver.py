@@ -234,7 +234,7 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
         h(cfg=dataclasses.replace(cfg, self_rank=2)),
         h(cfg=dataclasses.replace(cfg, self_hb="fisher"), size={"dim": 2048}),
         h(size={"rank": 5}),  # a tight memory budget lowered the rank used
-        h(cfg=dataclasses.replace(cfg, sample_gradient="removal")),
+        h(cfg=dataclasses.replace(cfg, sample_gradient="reference")),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
     # The sketch size is not used by the default (Lanczos) form of H_B, and a
