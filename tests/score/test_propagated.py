@@ -86,7 +86,9 @@ def test_engine_equals_per_sample_gradients_dotted_with_r(prop):
 
     bundle = factory.create(traj.model, dtype=torch.float64)
     ref_images, ref_tokens, _ = load_set(run, "reference", torch.float64)
-    fns = ClipFunctions(bundle.model, ref_images, ref_tokens)
+    # g_z as the scorer defines it (--sample-gradient, default: the removal gradient)
+    removal = scorer.cfg.sample_gradient == "removal"
+    fns = ClipFunctions(bundle.model, ref_images, ref_tokens, removal=removal)
     images, tokens = encode(samples, bundle)
     images = images.double()
     names = [n for n, _ in bundle.model.named_parameters()]
