@@ -4,7 +4,7 @@
         --truth POOL/truth.parquet
 
 RUN must hold the propagated directions (a `diffin score` run of the default
-form). The removal gradient is the gradient of
+form). The removal gradient (``per_sample_loss(removal=True)``) is the gradient of
 l_rem(z) = (K+1) L(R + z) - K L(R): z's own reference-negative loss plus what z
 adds as a negative to each reference pair's loss, R being the K references used
 as a batch (docs/accuracy.md, section 1g). The plain columns reproduce the
@@ -28,35 +28,11 @@ from pipeline.influence.directions import load_directions
 from pipeline.influence.functional import ClipFunctions, derivative_mode
 from pipeline.model import factory
 from pipeline.model.batches import encode
-from pipeline.model.loss import per_sample_loss, scale_of
 from pipeline.rundir import RunDir
 from pipeline.score.directions import load_set, propagated_url
 from pipeline.score.trajectory import load_state_dict, load_trajectory
 from pipeline.scorers import ScoreContext
 from pipeline.tensors import load_tensors
-
-
-def removal_losses(fns: ClipFunctions, p, images, tokens) -> torch.Tensor:
-    """l_rem for each pair (z not among the references: the demo's pools have few)."""
-    n = images.shape[0]
-    exclude = fns.self_mask(images, tokens)
-    img, txt = fns.embed(
-        p, torch.cat([images, fns.ref_images]), torch.cat([tokens, fns.ref_tokens])
-    )
-    z_img, z_txt, r_img, r_txt = img[:n], txt[:n], img[n:], txt[n:]
-    own = per_sample_loss(z_img, z_txt, r_img, r_txt, p["logit_scale"], exclude)
-    s = scale_of(p["logit_scale"])
-    rr = s * r_img @ r_txt.T  # reference r's image against the reference texts
-    lse_i2t, lse_t2i = torch.logsumexp(rr, 1), torch.logsumexp(rr.T, 1)
-    as_text = s * z_txt @ r_img.T  # z's text as one more candidate of r's image row
-    as_image = s * z_img @ r_txt.T  # z's image as one more candidate of r's text row
-    if exclude is not None:
-        as_text = as_text.masked_fill(exclude, -torch.inf)
-        as_image = as_image.masked_fill(exclude, -torch.inf)
-    extra = 0.5 * (torch.logaddexp(lse_i2t[None], as_text) - lse_i2t[None]) + 0.5 * (
-        torch.logaddexp(lse_t2i[None], as_image) - lse_t2i[None]
-    )
-    return own + extra.sum(1)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -89,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             with torch.no_grad(), derivative_mode():
                 for suffix, loss in (
                     ("", lambda p, im=im, tok=tok: fns.sample_losses(p, im, tok)),
-                    ("_rem", lambda p, im=im, tok=tok: removal_losses(fns, p, im, tok)),
+                    ("_rem", lambda p, im=im, tok=tok: fns.sample_losses(p, im, tok, removal=True)),
                 ):
                     along_v = jvp(loss, (params,), (g_V,))[1]
                     along_r = jvp(loss, (params,), (r_t,))[1]
