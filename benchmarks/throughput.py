@@ -13,6 +13,8 @@ checkpoint (median of --repeats):
              W_hb w + W_hv u (what the engine runs for the derived weights);
 - diffin_propagated: fast_terms(need={"first","hlin"}): two JVPs, what the engine runs
              for the propagated form (hlin along r_t - W_first g_V);
+- tracin_removal, diffin_propagated_removal: the same with the removal gradient as g_z
+             (--sample-gradient removal, the pipeline's default);
 - diffin_separate: the same terms with hb and hv as two JVPs;
 - diffin_cd: the same terms with hz by a central difference of JVPs
              (2 JVPs at theta +- h g_B) instead of the nested JVP;
@@ -114,6 +116,9 @@ def main(argv=None) -> dict:
     model = bundle.model
     fns = ClipFunctions(model, *ref)
     fns1 = ClipFunctions(model, ref[0][:1], ref[1][:1])
+    # the default per-sample gradient (--sample-gradient removal): g_z of diffin/tracin is
+    # z's removal gradient from R used as a batch, one K x K logits product more per pass
+    fns_rm = ClipFunctions(model, *ref, removal=True)
     params = factory.param_dict(model)
     names = list(params)
     t = time.perf_counter()
@@ -141,6 +146,12 @@ def main(argv=None) -> dict:
         forms[k] = lambda k=k, n=n: fast_terms(fns, params, d, *batch, n, jets[k], lin)
         forms[k + "_jets_per_batch"] = lambda n=n: fast_terms(fns, params, d, *batch, n, None, lin)
         forms[k + "_K1"] = lambda n=n: fast_terms(fns1, params, d, *batch, n, None, lin)
+    for k in ("tracin", "diffin_propagated"):
+        n = needs[k]
+        jets_rm = reference_jets(fns_rm, params, d, n, lin)
+        forms[k + "_removal"] = lambda n=n, j=jets_rm: fast_terms(
+            fns_rm, params, d, *batch, n, j, lin
+        )
     forms["diffin_first_hz_nested_only"] = lambda: fast_terms(fns, params, d, *batch, {"hz"})
     forms["diffin_hb_jvp_only"] = lambda: fast_terms(fns, params, d, *batch, {"hb"})
     forms["diffin_cd"] = lambda: cd_terms(fns, params, d, *batch, a.cd_h)
@@ -202,12 +213,19 @@ def main(argv=None) -> dict:
         "fd_over_diffin": per_sample["reference_fd"] / per_sample["diffin"],
         "exact_over_diffin": per_sample["reference_exact"] / per_sample["diffin"],
         "fd_over_diffin_propagated": per_sample["reference_fd"] / per_sample["diffin_propagated"],
+        "fd_over_diffin_propagated_removal": per_sample["reference_fd"]
+        / per_sample["diffin_propagated_removal"],
     }
     targets = {
         "diffin_fpe<=12": fpe["diffin"] <= 12,
         "diffin_speedup_vs_reference>=30": speedup["fd_over_diffin"] >= 30,
         "tracin_fpe<=4": fpe["tracin"] <= 4,
         "diffin_propagated_fpe<=12": fpe["diffin_propagated"] <= 12,
+        # the pipeline's defaults: propagated form, removal gradient
+        "default_diffin_fpe<=12": fpe["diffin_propagated_removal"] <= 12,
+        "default_diffin_speedup_vs_reference>=30": speedup["fd_over_diffin_propagated_removal"]
+        >= 30,
+        "default_tracin_fpe<=4": fpe["tracin_removal"] <= 4,
     }
     record = {
         "command": "python -m benchmarks.throughput "
@@ -241,6 +259,8 @@ def main(argv=None) -> dict:
             "tracin",
             "diffin",
             "diffin_propagated",
+            "tracin_removal",
+            "diffin_propagated_removal",
             "loss_jets_per_batch",
             "tracin_jets_per_batch",
             "diffin_jets_per_batch",
@@ -251,7 +271,7 @@ def main(argv=None) -> dict:
         ax.bar(
             keys,
             [fpe[k] for k in keys],
-            color=["gray"] + ["tab:blue"] * 4 + ["tab:cyan"] * 3 + ["tab:red"] * 2,
+            color=["gray"] + ["tab:blue"] * 6 + ["tab:cyan"] * 3 + ["tab:red"] * 2,
         )
         ax.set_yscale("log")
         ax.set_ylabel("forward-pass equivalents / sample / ckpt")
