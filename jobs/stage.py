@@ -1,4 +1,4 @@
-"""`ray job submit` entrypoint for the stages that run in the driver: `python jobs/stage.py make-data|train|prune ...`.
+"""`ray job submit` entrypoint for the stages that run in the driver: `python jobs/stage.py make-data|train|prune|evaluate|report ...`.
 
 These stages run in the job's driver process (training is one process by
 default), so the entrypoint is `diffin` itself; this wrapper only exists so
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-STAGES = ("make-data", "train", "prune")
+STAGES = ("make-data", "train", "prune", "evaluate", "report")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,6 +224,18 @@ def _uid_halves(uids: list[str]) -> tuple[np.ndarray, np.ndarray]:
 PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pth"})
 
 
+def is_pickle(ext: str) -> bool:
+    """Whether WebDataset's default decoders would unpickle a member with this extension.
+
+    They gunzip ``.gz`` members first and decode what remains (``x.pyd.gz`` is a
+    pickle), and open_clip groups members with lower-cased extensions.
+    """
+    parts = ext.lower().split(".")
+    while len(parts) > 1 and parts[-1] == "gz":
+        parts.pop()
+    return parts[-1] in PICKLE_EXTENSIONS
+
+
 def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> dict[str, int]:
     """Copy the kept samples of one input shard, every member byte for byte, in tar order.
 
@@ -239,7 +251,7 @@ def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> dict[str, int]:
                 for ext, data in members.items():
                     if not ext:
                         dropped["no extension"] += 1
-                    elif ext.rsplit(".", 1)[-1] in PICKLE_EXTENSIONS:
+                    elif is_pickle(ext):
                         dropped["pickle"] += 1
                     else:
                         kept[ext] = data

@@ -23,6 +23,11 @@ from pipeline.rundir import RunDir, exists, read_bytes, remove, sha256, write_by
 from pipeline.train.config import TrainConfig
 
 FORMAT = 1
+# The training computation's version: part of the fingerprint, so a run interrupted
+# under another version starts over instead of finishing with a different update rule.
+# v2: the differentiated loss uses exp(logit_scale) unclamped (the clamp is applied to
+# the parameter after each step, as open_clip does).
+TRAINING_VERSION = "train-v2"
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -46,6 +51,7 @@ def save_checkpoint(run: RunDir, model: nn.Module, step: int, lr: float) -> dict
 def fingerprint(cfg: TrainConfig, train_uids: list[str]) -> str:
     """What the trajectory depends on: its config and the exact training samples, in order."""
     h = hashlib.sha256()
+    h.update(TRAINING_VERSION.encode())
     h.update(json.dumps(cfg.trajectory_fields(), sort_keys=True, default=str).encode())
     h.update("\n".join(train_uids).encode())
     return h.hexdigest()
@@ -87,8 +93,9 @@ def load_resume(run: RunDir, expect: str) -> ResumeState | None:
         raise ConfigError(f"resume: {run.resume_state} has format {raw.get('format')!r}")
     if raw["fingerprint"] != expect:
         raise ConfigError(
-            f"resume: {run.resume_state} belongs to a training with another config or pool; "
-            "use the same options, another --run, or --no-resume to start over"
+            f"resume: {run.resume_state} belongs to a training with another config, pool or "
+            f"version of diffin (this one: {TRAINING_VERSION}); use the same options, "
+            "another --run, or --no-resume to start over"
         )
     for c in raw["checkpoints"]:  # a checkpoint changed since it was written: start over
         url = run.path("trajectory", c["path"])

@@ -53,17 +53,27 @@ def test_stage_entrypoint(monkeypatch, capsys):
     monkeypatch.setattr("pipeline.cli.main", lambda argv: seen.append(argv) or 0)
     assert mod.main(["prune", "--run", "r", "--keep", "0.5"]) == 0
     assert seen == [["prune", "--run", "r", "--keep", "0.5"]]
+    # every stage that runs in the driver, as the operations guide lists them
+    for stage in ("make-data", "train", "evaluate", "report"):
+        assert mod.main([stage, "--run", "r"]) == 0 and seen[-1] == [stage, "--run", "r"]
     assert mod.main(["score"]) == 2 and "usage" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["score.py", "stage.py"])
-def test_entrypoints_run_as_scripts(script):
-    args = ["--help"] if script == "score.py" else ["train", "--help"]
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("score.py", ["--help"]),
+        ("stage.py", ["train", "--help"]),
+        ("stage.py", ["evaluate", "--help"]),
+        ("stage.py", ["report", "--help"]),
+    ],
+)
+def test_entrypoints_run_as_scripts(script, args):
     out = subprocess.run(
         [sys.executable, str(JOBS / script), *args], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    assert "--data" in out.stdout
+    assert "--run" in out.stdout
 
 
 def test_submit_script_uses_existing_flags():

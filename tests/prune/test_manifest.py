@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import shlex
@@ -289,7 +290,18 @@ def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_
     data = tmp_path / "data"
     data.mkdir()
     a, b = data / "a.tar", data / "b.tar"
-    _raw_tar(a, [("0.png", b"img-a0"), ("0.txt", b"cap a0"), ("0.pyd", b"\x80evil"), ("0", b"x")])
+    evil = gzip.compress(b"\x80evil")  # webdataset gunzips, then unpickles
+    _raw_tar(
+        a,
+        [
+            ("0.png", b"img-a0"),
+            ("0.txt", b"cap a0"),
+            ("0.pyd", b"\x80evil"),
+            ("0.pickle.gz", evil),
+            ("0.cls.pth.gz.gz", gzip.compress(evil)),
+            ("0", b"x"),
+        ],
+    )
     _raw_tar(b, [("0.png", b"img-b0"), ("0.txt", b"cap b0"), ("x/y.png", b"i"), ("x/y.txt", b"c")])
     _raw_tar(data / "c.tar", [("x_y.png", b"i2"), ("x_y.txt", b"c2")])
     rows = [
@@ -318,7 +330,7 @@ def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_
     pq.write_table(table, run / "scores.parquet")
     m = write_manifest(PruneConfig(run=str(run), keep=1.0, shard_size=100))
     assert m["kept"] == m["train_num_samples"] == n
-    assert m["members_dropped"] == {"no extension": 1, "pickle": 1}
+    assert m["members_dropped"] == {"no extension": 1, "pickle": 3}
     (tar,) = sorted(Path(m["dir"], "shards").glob("*.tar"))
     samples = _tar_samples(tar)
     keys = [k for k, _ in samples]
@@ -326,6 +338,16 @@ def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_
     assert all(set(members) == {"png", "txt"} for _, members in samples)
     got = list(wds.WebDataset(str(tar), shardshuffle=False))
     assert len(got) == n and {s["txt"] for s in got} == {b"cap a0", b"cap b0", b"c", b"c2"}
+
+
+def test_pickles_are_recognised_as_webdataset_decodes_them():
+    """Before: `x.pyd.gz` passed, and open_clip's loader gunzipped and unpickled it."""
+    from pipeline.prune.manifest import is_pickle
+
+    for ext in ("pyd", "pickle", "pth", "cls.pyd", "pyd.gz", "PICKLE.GZ", "pth.gz.gz"):
+        assert is_pickle(ext), ext
+    for ext in ("txt", "jpg", "json.gz", "gz", "pyd.txt", "npy"):
+        assert not is_pickle(ext), ext
 
 
 def test_flattened_keys_are_plain_sample_names():

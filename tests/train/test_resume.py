@@ -65,6 +65,16 @@ def test_resume_refuses_another_config_and_no_resume_starts_over(interrupted, ti
     ]
 
 
+def test_resume_refuses_a_state_of_another_training_version(interrupted, tmp_path, monkeypatch):
+    """A run interrupted under another version of the update rule starts over, not mixed."""
+    run = _copy(interrupted["run"], tmp_path / "run")
+    step = _killed_at(run)
+    monkeypatch.setattr("pipeline.train.state.TRAINING_VERSION", "train-v999")
+    with pytest.raises(ConfigError, match="^resume: .*version of diffin.*train-v999"):
+        train(dataclasses.replace(interrupted["config"], run=run))
+    assert _killed_at(run) == step  # left as it was
+
+
 def test_resume_refuses_a_changed_checkpoint(interrupted, tmp_path):
     run = _copy(interrupted["run"], tmp_path / "run")
     raw = torch.load(Path(run) / "trajectory" / "resume.pt", weights_only=True)
