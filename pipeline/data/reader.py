@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import tarfile
 import warnings
 from collections.abc import Iterator
@@ -254,10 +255,41 @@ def _as_shard_error(exc: Exception) -> ShardReadError:
     return _io_error(exc)
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of the network clients fsspec's stores use.
+
+    A dropped connection or a timeout is worth another try, but these are not
+    all OSError: aiohttp's (HTTP and, once s3fs's own retries are spent, S3),
+    botocore's and urllib3's. Imported only if already loaded: a store that
+    raised one has imported its client.
+    """
+    found: list[type[BaseException]] = []
+    for module, names in (
+        ("aiohttp", ("ClientError",)),
+        ("botocore.exceptions", ("HTTPClientError", "ConnectionError")),
+        ("urllib3.exceptions", ("HTTPError",)),
+    ):
+        mod = sys.modules.get(module)
+        found += [getattr(mod, n) for n in names if mod is not None and hasattr(mod, n)]
+    return tuple(found)
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    transport = (OSError, *_transport_errors())
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:  # a wrapped error keeps its cause
+        if isinstance(e, transport):
+            return True
+        seen.add(id(e))
+        e = e.__cause__
+    return False
+
+
 def _io_error(exc: Exception) -> ShardReadError:
     """An I/O failure ("read error", worth another try: see :func:`retryable`), or
     anything else ("reader error": a bug or bad input, which a retry would meet again)."""
-    kind = "read error" if isinstance(exc, OSError) else "reader error"
+    kind = "read error" if _is_transport_error(exc) else "reader error"
     return ShardReadError(kind, f"{type(exc).__name__}: {_describe(exc)}")
 
 

@@ -353,8 +353,73 @@ def test_only_open_and_read_failures_are_retryable(tmp_path):
     assert not any(reader.retryable(r) for r in iter_shard(good))
 
 
-def test_only_os_errors_count_as_read_errors():
+def test_only_transport_errors_count_as_read_errors():
     # A reader bug would meet the same shard again: retrying it only delays the row.
     assert reader._io_error(ConnectionResetError("reset by peer")).kind == "read error"
     assert reader._io_error(TimeoutError()).kind == "read error"
     assert reader._io_error(ValueError("a bug")).kind == "reader error"
+    # The network clients' own errors are transport failures too (not OSError).
+    import aiohttp
+    import botocore.exceptions as be
+
+    assert reader._io_error(aiohttp.ClientPayloadError("cut short")).kind == "read error"
+    assert reader._io_error(aiohttp.ServerDisconnectedError()).kind == "read error"
+    assert reader._io_error(be.ReadTimeoutError(endpoint_url="http://x")).kind == "read error"
+    wrapped = RuntimeError("store failed")
+    wrapped.__cause__ = aiohttp.ClientPayloadError("cut short")
+    assert reader._io_error(wrapped).kind == "read error"
+
+
+def test_a_connection_dropped_mid_shard_is_retryable_and_the_retry_reads_it_all(tmp_path):
+    """Before: aiohttp's ClientPayloadError was a "reader error"; the shard was recorded
+    as scored with the rest of its samples missing, and never retried."""
+    import http.server
+    import re
+    import threading
+
+    url = _write(
+        tmp_path / "00000.tar",
+        [m for i in range(6) for m in ((f"{i}.png", _png()), (f"{i}.txt", b"a cat"))],
+    )
+    data = open(url, "rb").read()
+    gets = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _head(self, body_len, start, status):
+            self.send_response(status)
+            self.send_header("Content-Length", str(body_len))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Range", f"bytes {start}-{start + body_len - 1}/{len(data)}")
+            self.end_headers()
+
+        def do_HEAD(self):
+            self._head(len(data), 0, 200)
+
+        def do_GET(self):
+            gets.append(1)
+            m = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            a, b = (int(m[1]), int(m[2] or len(data) - 1)) if m else (0, len(data) - 1)
+            body = data[a : b + 1]
+            self._head(len(body), a, 206 if m else 200)
+            if len(gets) == 1:  # the first body is cut short and the connection closed
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        shard = f"http://127.0.0.1:{server.server_address[1]}/00000.tar"
+        first = list(iter_shard(shard))
+        assert first[-1].key == SHARD_KEY and "read error" in first[-1].error
+        assert reader.retryable(first[-1])
+        again = list(iter_shard(shard))  # what the driver's retry reads
+        assert [r.key for r in again] == [str(i) for i in range(6)] and all(r.ok for r in again)
+    finally:
+        server.shutdown()
