@@ -5,8 +5,8 @@ Two promises from DESIGN.md shape this module:
 * Security: a shard is untrusted input. Only images (a short list of PIL
   formats), text and json are ever decoded; pickles (``.pyd``, ``.pickle``,
   ``.pth``, ...) are carried as raw bytes and never loaded. Decoded pixels,
-  image aspect ratios and member sizes are capped (decompression bombs, tar
-  bombs, thin strips that the model's resize would blow up). Members are read
+  image aspect ratios, member sizes and a sample's total size are capped
+  (decompression bombs, tar bombs, thin strips that the model's resize would blow up). Members are read
   into memory, never extracted to disk, so member names cannot escape anywhere.
 * Nothing is lost: every sample becomes a row, with ``error`` set when it
   cannot be used, and a shard that cannot be read (missing, not a tar,
@@ -65,6 +65,9 @@ MAX_ASPECT_RATIO = 100
 # Bytes of one tar member. Checked from the member header, before reading:
 # a small gzipped shard can hold a member of gigabytes of zeros.
 MAX_MEMBER_BYTES = 256 * 2**20
+# A sample's members together, as a multiple of the member cap: one key may have
+# any number of members, each under the cap (a tar bomb of many extensions).
+SAMPLE_BYTES_PER_MEMBER_CAP = 2
 
 # PIL formats we are willing to parse, whatever a member's extension says.
 # Deliberately short: e.g. EPS would run Ghostscript, and rarely used
@@ -152,6 +155,7 @@ class _Group:
     # Yielded complete, but the shard broke right after its last member, so
     # members that would have followed may be missing.
     before_damage: bool = False
+    size: int = 0  # bytes of the members read
 
 
 class _WatchedTarInfo(tarfile.TarInfo):
@@ -305,8 +309,10 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
     as complete as anything can tell, and a completely read sample is never
     lost.
 
-    Members over ``max_member_bytes``, links and other non-regular members
-    are not read: they are recorded in the group's ``problems``.
+    Members over ``max_member_bytes``, members that would bring their sample
+    over ``SAMPLE_BYTES_PER_MEMBER_CAP`` times that, links and other
+    non-regular members are not read: they are recorded in the group's
+    ``problems``.
     """
     delivered = 0
     current: _Group | None = None
@@ -371,6 +377,15 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
                         )
                         current.refused.add(ext)
                         continue
+                    sample_cap = SAMPLE_BYTES_PER_MEMBER_CAP * max_member_bytes
+                    if current.size + member.size > sample_cap:
+                        current.problems.append(
+                            f"sample too large: {name} would bring its members to "
+                            f"{current.size + member.size} bytes (cap {sample_cap})"
+                        )
+                        current.refused.add(ext)
+                        continue
+                    current.size += member.size
                     member_name = name
                     handle = tar.extractfile(member)
                     # At most cap + 1 bytes, whatever the header said.
@@ -421,7 +436,8 @@ def iter_raw(
     included, unopened). Groups and keys are the ones :func:`iter_shard` makes
     rows of, including error ones (a duplicated key is yielded again; a member
     without extension appears under ``""``; links and members over
-    ``max_member_bytes`` are left out, as their rows are errors). Raises
+    ``max_member_bytes`` or beyond the sample cap are left out, as their rows
+    are errors). Raises
     :class:`ShardReadError` on shard damage, after yielding the complete
     groups before it.
     """
@@ -624,7 +640,8 @@ def iter_shard(
     present (for counting). The caps (see the module constants) make error
     rows: images over ``max_image_pixels`` pixels or longer than
     ``max_aspect_ratio`` times their width (or the reverse), members over
-    ``max_member_bytes`` bytes (never read). Every string in a row is valid
+    ``max_member_bytes`` bytes and members beyond twice that per sample
+    (never read). Every string in a row is valid
     UTF-8.
     """
     shown = escape_utf8(url)

@@ -284,6 +284,46 @@ def test_member_at_the_cap_is_read(tmp_path):
     assert row.error.startswith("member too large: 000.png (")
 
 
+def test_a_sample_of_many_members_under_the_cap_is_capped_as_a_whole(tmp_path, monkeypatch):
+    """Before: each member was checked alone, so one key with many extensions of
+    zeros (a small gzipped shard) was read whole into memory."""
+    cap = 2**20
+    part = int(0.9 * cap)
+    bomb = [(f"001.x{i}", bytes(part)) for i in range(6)]
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w|") as tar:
+            members = [("000.png", _png()), ("000.txt", b"ok"), ("001.png", _png())]
+            for name, data in [*members, ("001.txt", b"cap"), *bomb, ("002.png", _png())]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "00000.tar"
+    path.write_bytes(buf.getvalue())
+    assert len(buf.getvalue()) < cap // 10
+    opened = []
+    extractfile = tarfile.TarFile.extractfile
+
+    def spy(self, member):
+        opened.append(member.name)
+        return extractfile(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    rows = list(iter_shard(str(path), max_member_bytes=cap))
+    assert [r.key for r in rows] == ["000", "001", "002"]  # rows in = rows out
+    assert rows[0].ok and not rows[2].ok  # 002 lacks its caption
+    # png + txt + two 0.9 MiB members fit the 2 MiB sample cap; the rest are refused unread
+    assert rows[1].error.startswith("sample too large: 001.x2 would bring its members to ")
+    assert rows[1].error.count("sample too large") == 4
+    assert [n for n in opened if n.startswith("001.x")] == ["001.x0", "001.x1"]
+    assert set(dict(iter_raw(str(path), max_member_bytes=cap))["001"]) == {
+        "png",
+        "txt",
+        "x0",
+        "x1",
+    }
+
+
 # --- 5. high bit depth ----------------------------------------------------------------
 
 
