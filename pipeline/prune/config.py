@@ -62,9 +62,18 @@ class PruneConfig:
         if self.shard_size < 1:
             raise ConfigError(f"shard_size: must be >= 1 (got {self.shard_size!r})")
         if self.name is not None and (
-            not self.name or "/" in self.name or self.name.startswith(".")
+            not self.name
+            or self.name.startswith(".")
+            or any(c in self.name for c in _NAME_REFUSED)
+            or "::" in self.name
+            or any(c.isspace() for c in self.name)
         ):
-            raise ConfigError(f"name: must be a plain directory name (got {self.name!r})")
+            # open_clip's loader expands braces, splits on '::' and substitutes
+            # ${VAR} in --train-data: such a name would point at other directories.
+            raise ConfigError(
+                "name: must be a plain directory name, without '/', braces, '$', '::' or "
+                f"spaces (got {self.name!r})"
+            )
         if self.rule == "threshold":
             if self.threshold is None or not math.isfinite(self.threshold):
                 raise ConfigError(
@@ -114,17 +123,27 @@ class PruneConfig:
         if self.name:
             return self.name
         if self.rule == "fraction" and not self.fusion:
-            return f"{self.method}-keep{self.keep:g}"  # the original spelling
+            return f"{self.method}-keep{_num(self.keep)}"  # the original spelling
         base = self.score_name
         if self.fusion:
-            parts = "+".join(f"{c}{w:g}" for c, w in sorted(self.fusion.items()))
+            parts = "+".join(f"{c}{_num(w)}" for c, w in sorted(self.fusion.items()))
             base = f"fusion-{self.fusion_norm}-{parts}"
         if self.rule == "threshold":
-            return f"{base}-ge{self.threshold:g}"
+            return f"{base}-ge{_num(self.threshold)}"
         if self.rule == "balanced":
             by = f"cluster{self.clusters}" if self.balance_by == "cluster" else self.balance_by
-            return f"{base}-keep{self.keep:g}-{self.balance}-{by}"
-        return f"{base}-keep{self.keep:g}"
+            return f"{base}-keep{_num(self.keep)}-{self.balance}-{by}"
+        return f"{base}-keep{_num(self.keep)}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_NAME_REFUSED = frozenset("/{}$")
+
+
+def _num(x: float) -> str:
+    """``x`` in a manifest name: as short as ``:g`` where that is exact, every digit
+    otherwise, so two different rules never share a name (and a directory)."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))

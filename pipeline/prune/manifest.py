@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.core import split_protocol, url_to_fs
 
 from pipeline.data.reader import ShardReadError, iter_raw, normal_name
 from pipeline.data.tarwriter import ShardWriter, brace_pattern
@@ -167,12 +168,13 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
     n_uids = save_uid_halves(join(build, "uids.npy"), uid_hi, uid_lo)
     shards_dir = join(final, "shards")
     pattern = brace_pattern(shards_dir, 0, n_shards - 1, digits) if n_shards else ""
+    train_data, reader_note = open_clip_train_data(pattern)
     rule: dict[str, Any] = {"kind": cfg.rule, **cfg.to_dict()}
     argv = [
         "--dataset-type",
         "webdataset",
         "--train-data",
-        pattern,
+        train_data,
         "--train-num-samples",
         str(sum(sizes.values())),
     ]
@@ -190,17 +192,44 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
         "shards": n_shards,
         "sizes": sizes,
         "members_dropped": dict(dropped),
-        "train_data": pattern,
+        "train_data": train_data,
+        "shards_url": pattern,  # the same shards as an fsspec URL pattern
         "train_num_samples": sum(sizes.values()),
         # One shell-quoted string (README: eval "set -- $(jq -r .open_clip_args M)") and
         # the same arguments as a list, for programs and paths with odd characters.
         "open_clip_args": shlex.join(argv),
         "open_clip_argv": argv,
-        "note": "open_clip needs at least workers x world_size shards; set --shard-size accordingly",
+        "note": "open_clip needs at least workers x world_size shards; set --shard-size accordingly"
+        + reader_note,
         "seconds": round(time.time() - t0, 2),
     }
     write_json(join(build, "manifest.json"), manifest)
     return manifest
+
+
+def open_clip_train_data(pattern: str) -> tuple[str, str]:
+    """``pattern`` (an fsspec URL pattern of the kept shards) as open_clip's WebDataset
+    loader opens it, and a note for the manifest when it cannot.
+
+    That loader opens plain paths with ``open()`` (no ``~``, relative to where
+    it runs), http(s) and ``gs://`` with command-line tools, ``pipe:`` commands,
+    and nothing else: an ``s3://`` pattern is refused and its pipeline retries
+    forever. So local paths become absolute and S3 becomes the usual ``pipe:aws
+    s3 cp URL -`` (the AWS CLI reads ``AWS_ENDPOINT_URL`` for other stores).
+    """
+    if not pattern:
+        return "", ""
+    protocol, _ = split_protocol(pattern)
+    if protocol in (None, "file", "local"):
+        return url_to_fs(pattern)[1], ""
+    if protocol in ("s3", "s3a"):
+        return f"pipe:aws s3 cp {shlex.quote('s3://' + pattern.split('://', 1)[1])} -", ""
+    if protocol in ("http", "https", "gs"):
+        return pattern, ""
+    return pattern, (
+        f"; open_clip's WebDataset loader cannot open {protocol}:// URLs: "
+        "copy the shards where it can, or give it a pipe: command"
+    )
 
 
 def shard_digits(rows: int, shard_size: int) -> int:

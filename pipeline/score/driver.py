@@ -13,9 +13,10 @@ whose rows do not add up.
 
 Faults: an actor that dies (killed, its node lost) is replaced and its shard
 retried on another actor; a task that raises is retried too. After
-``max_attempts`` tries a shard is recorded as failed: its part is a single
-error row (key ``__shard__``, the reason in ``error``), so the run finishes and
-rows in = rows out still holds.
+``max_attempts`` tries a shard is recorded as failed: its part has one error
+row per sample the shard holds (listed without decoding images; the reason
+in ``error``), or a single ``__shard__`` row when nothing can be listed, so
+the run finishes and rows in = rows out still holds.
 """
 
 from __future__ import annotations
@@ -324,17 +325,41 @@ def is_done(run: RunDir, url: str, name: str, fp_hash: str) -> dict[str, Any] | 
 
 
 def failed_part(
-    run: RunDir, url: str, name: str, reason: str, columns: list[str], fp_hash: str, tries: int
+    run: RunDir,
+    url: str,
+    name: str,
+    reason: str,
+    columns: list[str],
+    fp_hash: str,
+    tries: int,
+    reader_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Record a shard that could not be scored: one ``__shard__`` error row, then its record."""
-    row = Sample(
-        uid=hashlib.md5(f"{url}\0{SHARD_KEY}".encode("utf-8", "surrogateescape")).hexdigest(),
-        key=SHARD_KEY,
-        shard=escape_utf8(url),  # the table's strings must be UTF-8
-        index=0,
-        error=escape_utf8(f"shard failed after {tries} attempt(s): {reason}"),
-    )
-    table = build_part([row], {}, columns)
+    """Record a shard that could not be scored: an error row per sample, then its record.
+
+    The shard is listed again without decoding images (``reader_options`` as
+    scoring read it), so a readable shard whose scoring failed keeps a row for
+    each of its samples. A sample that was an error row anyway keeps its own
+    reason; the rows of damage the listing meets are kept as the reader gives
+    them. A shard that cannot even be listed gives its ``__shard__`` row.
+    """
+    failure = escape_utf8(f"shard failed after {tries} attempt(s): {reason}")
+    rows = [
+        s if not s.ok else dataclasses.replace(s, error=failure, image=None)
+        for s in iter_shard(url, decode_images=False, **(reader_options or {}))
+    ]
+    if not rows or all(s.key == SHARD_KEY for s in rows):
+        rows = [
+            Sample(
+                uid=hashlib.md5(
+                    f"{url}\0{SHARD_KEY}".encode("utf-8", "surrogateescape")
+                ).hexdigest(),
+                key=SHARD_KEY,
+                shard=escape_utf8(url),  # the table's strings must be UTF-8
+                index=0,
+                error=failure,
+            )
+        ]
+    table = build_part(rows, {}, columns)
     return write_part(
         table,
         run.part(name),
@@ -343,7 +368,7 @@ def failed_part(
             "shard": url,
             "name": name,
             "ok": 0,
-            "errors": 1,
+            "errors": len(rows),
             "reason": reason,
             "attempts": tries,
             "fingerprint": fp_hash,
@@ -627,7 +652,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
 
     def on_failed(url: str, name: str, reason: str, tries: int) -> None:
         log.error("shard %s recorded as failed after %d attempts: %s", name, tries, reason)
-        failed_part(run, url, name, reason, columns, fp_hash, tries)
+        failed_part(run, url, name, reason, columns, fp_hash, tries, cfg.reader_options())
         failed[name] = reason
         progress.shard_failed()
 

@@ -196,10 +196,26 @@ def test_bad_shard_size_is_refused(pruned, shard_size):
         write_manifest(PruneConfig(run=pruned["run"], keep=0.5, shard_size=shard_size))
 
 
-@pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
+@pytest.mark.parametrize(
+    "name",
+    # braces, '::' and ${VAR} are rewritten by open_clip's --train-data expansion
+    ["", "a/b", ".hidden", "bad{a,b}", "x::y", "v${X}", "two words", "tab\there"],
+)
 def test_bad_manifest_name_is_refused(pruned, name):
+    before = sorted(p.name for p in Path(pruned["run"], "prune").iterdir())
     with pytest.raises(ConfigError, match="name"):
         write_manifest(PruneConfig(run=pruned["run"], keep=0.5, name=name))
+    assert sorted(p.name for p in Path(pruned["run"], "prune").iterdir()) == before
+
+
+def test_default_names_of_different_rules_differ():
+    """Before: 6 significant digits, so close rules shared (and replaced) one manifest."""
+    a, b = PruneConfig(run="r", keep=0.3333331), PruneConfig(run="r", keep=0.3333334)
+    assert a.manifest_name != b.manifest_name
+    t = [PruneConfig(run="r", rule="threshold", threshold=x) for x in (0.1234561, 0.1234564)]
+    assert t[0].manifest_name != t[1].manifest_name
+    assert PruneConfig(run="r", keep=0.7).manifest_name == "diffin-keep0.7"  # short ones stay
+    assert PruneConfig(run="r", keep=1).manifest_name == "diffin-keep1"
 
 
 def test_select_skips_error_rows_and_non_finite_scores_and_breaks_ties_by_uid():
@@ -338,6 +354,35 @@ def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_
     assert all(set(members) == {"png", "txt"} for _, members in samples)
     got = list(wds.WebDataset(str(tar), shardshuffle=False))
     assert len(got) == n and {s["txt"] for s in got} == {b"cap a0", b"cap b0", b"c", b"c2"}
+
+
+def test_train_data_is_what_open_clips_loader_opens(tmp_path, monkeypatch):
+    """Before: an s3:// or ~ pattern went to open_clip as typed; its loader cannot open
+    either and retried forever."""
+    from webdataset import gopen
+
+    from pipeline.prune.manifest import open_clip_train_data
+
+    home = tmp_path / "home"
+    (home / "r").mkdir(parents=True)
+    (home / "r" / "00000.tar").write_bytes(b"x")
+    monkeypatch.setenv("HOME", str(home))
+    data, note = open_clip_train_data("~/r/{00000..00000}.tar")
+    assert data == f"{home}/r/{{00000..00000}}.tar" and not note
+    with gopen(data.replace("{00000..00000}", "00000")) as f:  # a plain open() now
+        assert f.read() == b"x"
+    monkeypatch.chdir(tmp_path)
+    assert open_clip_train_data("rel/{0..1}.tar")[0] == f"{tmp_path}/rel/{{0..1}}.tar"
+    assert open_clip_train_data("file:///a/{0..1}.tar") == ("/a/{0..1}.tar", "")
+    assert open_clip_train_data("s3://b/my run/{0..1}.tar") == (
+        "pipe:aws s3 cp 's3://b/my run/{0..1}.tar' -",
+        "",
+    )
+    assert open_clip_train_data("gs://b/{0..1}.tar") == ("gs://b/{0..1}.tar", "")
+    data, note = open_clip_train_data("memory://b/{0..1}.tar")
+    assert data == "memory://b/{0..1}.tar" and "cannot open memory://" in note
+    with pytest.raises(ValueError, match="no gopen handler"):
+        gopen("memory://b/0.tar")  # why the note is there
 
 
 def test_pickles_are_recognised_as_webdataset_decodes_them():

@@ -75,6 +75,45 @@ def test_failed_part_is_an_error_row_with_a_record(tmp_path):
     assert read_record(run.part("00007"))["reason"] == "ActorDiedError: boom"
 
 
+def test_a_readable_shard_that_failed_keeps_a_row_per_sample(tmp_path):
+    """Before: one __shard__ row stood for the whole shard, and its samples had no row."""
+    import io
+    import tarfile
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.data.reader import iter_shard
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(png, "PNG")
+    members = [(f"{i}.png", png.getvalue()) for i in range(4)]
+    members += [(f"{i}.txt", b"a cat") for i in (0, 1, 3)]  # 2 has no caption
+    members.sort()
+    url = str(tmp_path / "00000.tar")
+    with tarfile.open(url, "w") as tar:
+        for member, data in members:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    listed = list(iter_shard(url))
+    assert [s.ok for s in listed] == [True, True, False, True]
+    run = RunDir(str(tmp_path / "run"))
+    rec = failed_part(run, url, "00000", "OutOfMemoryError: killed", ["diffin"], "fp", 3)
+    assert rec["rows"] == rec["errors"] == len(listed) > 1 and rec["ok"] == 0
+    merge_parts([run.part("00000")], run.scores, {}, require_records=True, fingerprint="fp")
+    t = pq.read_table(run.scores).to_pylist()
+    assert [(r["uid"], r["key"], r["index"]) for r in t] == [
+        (s.uid, s.key, s.index) for s in listed
+    ]
+    for row, sample in zip(t, listed, strict=True):
+        assert row["status"] == "error" and row["diffin"] is None
+        if sample.ok:
+            assert row["error"] == "shard failed after 3 attempt(s): OutOfMemoryError: killed"
+        else:  # an error row anyway keeps its own reason
+            assert row["error"] == sample.error
+
+
 def test_is_done_needs_part_record_and_fingerprint(tmp_path):
     from pipeline.score.merge import write_part
     from pipeline.score.table import build_part
