@@ -248,6 +248,7 @@ class ShardWriter:
         self._tar = self._file = None
         self._name = self._tmp_path = None
         self._in_shard = 0
+        self._keys = set()  # the next shard holds none of these
 
     def _write_small(self, name: str, payload: bytes) -> None:
         final = self.path(name)

@@ -48,6 +48,19 @@ def test_splits_into_contiguous_shards(tmp_path: Path) -> None:
     assert keys == [f"{i:09d}" for i in range(7)]
 
 
+def test_a_key_of_the_finished_shard_may_start_the_next(tmp_path: Path) -> None:
+    """Before: the finished shard's keys were still held, so the next shard refused them."""
+    with ShardWriter(str(tmp_path), 2) as w:
+        w.write("a", _sample(0))
+        w.write("b", _sample(1))  # finishes 00000.tar
+        assert not w.holds("a")
+        w.write("a", _sample(2))  # the first sample of 00001.tar
+        assert w.holds("a")
+        with pytest.raises(ValueError, match="already in this shard"):
+            w.write("a", _sample(3))
+    assert w.sizes == {"00000.tar": 2, "00001.tar": 1}
+
+
 def test_sizes_json(tmp_path: Path) -> None:
     _write(str(tmp_path), n=5, shard_size=2)
     sizes = json.loads((tmp_path / "sizes.json").read_text())
