@@ -35,7 +35,7 @@ from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir, exists, sha256
 from pipeline.score.config import AUTO_FORM, ScoreConfig
-from pipeline.score.trajectory import Trajectory, load_state_dict
+from pipeline.score.trajectory import Trajectory, load_state_dict, model_identity
 from pipeline.scorers import ScoreContext, get_scorers, needed_terms
 from pipeline.tensors import load_tensors, save_tensors
 from pipeline.train.schedule import lr_at
@@ -132,7 +132,8 @@ def ensure_directions(
     ref_images, ref_tokens, _ = load_set(run, "reference", dtype)
     fns = ClipFunctions(bundle.model, ref_images, ref_tokens)
     gb, gb_meta = load_tensors(run.set_file("grad_batches"))
-    gb_meta = {**gb_meta, "sets": sets or set_hashes(run)}  # in every fingerprint below
+    # in every fingerprint below: the sets, and the architecture the checkpoints belong to
+    gb_meta = {**gb_meta, "sets": sets or set_hashes(run), "model": model_identity(traj.record)}
     grad_batches = [
         (gb["images"][i].to(dtype), gb["tokens"][i]) for i in range(gb["images"].shape[0])
     ]
@@ -192,7 +193,11 @@ def self_size(cfg: ScoreConfig, traj: Trajectory, grad_samples: int) -> dict[str
     model = factory.create(traj.model, dtype=DTYPES[cfg.dtype]).model
     kept = [p for n, p in model.named_parameters() if n not in self_cfg.exclude]
     plan = self_cfg.plan(sum(p.numel() for p in kept), kept[0].element_size(), grad_samples)
-    return {"rank": plan["rank"]} if cfg.self_hb == "lanczos" else {"dim": plan["dim"]}
+    if cfg.self_hb == "lanczos":
+        # The eigenpairs are computed at the rank asked for and cut to the budget's:
+        # the top pairs of a larger Lanczos solve differ, so both count.
+        return {"rank": plan["rank"], "self_rank": cfg.self_rank}
+    return {"dim": plan["dim"]}
 
 
 def resolve_form(form: str, traj: Trajectory) -> str:

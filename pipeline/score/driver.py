@@ -49,7 +49,7 @@ from pipeline.score.directions import ensure_directions, resolve_form, self_size
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
 from pipeline.score.table import build_part
-from pipeline.score.trajectory import load_trajectory
+from pipeline.score.trajectory import load_trajectory, model_identity
 from pipeline.scorers import ScoreContext, get_scorers
 from pipeline.tensors import tensor_shapes
 
@@ -290,6 +290,7 @@ def _fingerprint(
         "dtype": cfg.dtype,
         # A re-import can give the same checkpoint bytes other steps and rates.
         "checkpoints": [[c["sha256"], c["step"], c["lr"]] for c in traj_record["checkpoints"]],
+        "model": model_identity(traj_record),
         "training": {k: traj_record.get(k) for k in _TRAINING_FIELDS},
         "recipe": {k: recipe.get(k) for k in _RECIPE_FIELDS},
         "sets": sets,  # reference negatives R and the batches behind g_B, H_B

@@ -27,6 +27,13 @@ class Trajectory:
         return int(self.record["n_train"])
 
 
+def model_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The architecture the checkpoints belong to, for fingerprints: two architectures can
+    share a parameter layout (open_clip's ``X`` and ``X-quickgelu``), so the same
+    checkpoint bytes do not say which function they compute."""
+    return {"model": record.get("model"), "model_config": record.get("model_config")}
+
+
 def load_trajectory(run: RunDir) -> Trajectory:
     if not exists(run.trajectory_json):
         raise ConfigError(f"run: no trajectory in {run.url} (run `diffin train` first)")

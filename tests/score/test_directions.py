@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 
@@ -46,3 +47,28 @@ def test_scorers_without_directions_compute_none_and_score_the_same(
     with_dirs = ShardScorer(tiny_scored["run"], full_cfg).score_samples(samples)
     for column, values in without.items():
         np.testing.assert_array_equal(values, with_dirs[column], err_msg=column)
+
+
+def test_direction_files_belong_to_the_architecture_not_only_the_checkpoint_bytes(
+    tiny_run, tmp_path
+):
+    """Before: a re-import naming another architecture with the same parameter layout
+    (open_clip's X and X-quickgelu) reused the direction files of the first."""
+    import json
+
+    from pipeline.tensors import load_tensors
+
+    run_url = copy_run(tiny_run["run"], tmp_path / "run")
+    run = RunDir(run_url)
+    cfg = ScoreConfig(data=tiny_run["data"], run=run_url, methods=["tracin"], threads=1)
+    ensure_directions(cfg, run, load_trajectory(run))
+    step = load_trajectory(run).checkpoints[-1].step
+    before = load_tensors(run.directions(step))[1]["fingerprint"]
+    ensure_directions(cfg, run, load_trajectory(run))  # nothing changed: kept
+    assert load_tensors(run.directions(step))[1]["fingerprint"] == before
+    path = Path(run.trajectory_json)
+    record = json.loads(path.read_text())
+    record["model_config"] = {**record["model_config"], "quick_gelu": True}
+    path.write_text(json.dumps(record))
+    ensure_directions(cfg, run, load_trajectory(run))
+    assert load_tensors(run.directions(step))[1]["fingerprint"] != before

@@ -251,7 +251,7 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
     sets = {"reference": "r", "grad_batches": "g"}
 
     def h(cfg=cfg, record=None, sets=sets, size=None):
-        size = size or {"rank": cfg.self_rank}
+        size = size or {"rank": cfg.self_rank, "self_rank": cfg.self_rank}
         return fingerprint_hash(_fingerprint(cfg, record or _traj_record(), target, sets, size))
 
     base = h()
@@ -272,7 +272,12 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
         h(sets={**sets, "grad_batches": "g2"}),
         h(cfg=dataclasses.replace(cfg, self_rank=2)),
         h(cfg=dataclasses.replace(cfg, self_hb="fisher"), size={"dim": 2048}),
-        h(size={"rank": 5}),  # a tight memory budget lowered the rank used
+        h(size={"rank": 5, "self_rank": cfg.self_rank}),  # a tight budget lowered the rank
+        # the rank asked for, cut by the same budget: the eigenpairs are solved at it
+        h(size={"rank": 5, "self_rank": cfg.self_rank + 8}),
+        # the same parameter layout and checkpoint bytes, another function (review)
+        h(record=_traj_record(model="ViT-B-32-quickgelu")),
+        h(record=_traj_record(model_config={"embed_dim": 512, "quick_gelu": True})),
         h(cfg=dataclasses.replace(cfg, sample_gradient="reference")),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
@@ -290,11 +295,17 @@ def test_the_self_influence_size_in_the_fingerprint_is_the_one_the_budget_allows
 
     traj = SimpleNamespace(model="diffin-tiny")
     cfg = ScoreConfig(data="x", run="r", methods=["diffin_self"], self_rank=100)
-    assert self_size(cfg, traj, 128) == {"rank": 100}
-    assert self_size(dataclasses.replace(cfg, memory_mb=4096), traj, 128) == {"rank": 100}
+    assert self_size(cfg, traj, 128) == {"rank": 100, "self_rank": 100}
+    roomy = dataclasses.replace(cfg, memory_mb=4096)
+    assert self_size(roomy, traj, 128) == {"rank": 100, "self_rank": 100}
     # diffin-tiny without its token embedding: 35,137 float32 parameters, so half
     # of 16 MB holds 59 eigenvectors.
-    assert self_size(dataclasses.replace(cfg, memory_mb=16), traj, 128) == {"rank": 59}
+    tight = dataclasses.replace(cfg, memory_mb=16)
+    assert self_size(tight, traj, 128) == {"rank": 59, "self_rank": 100}
+    # Before: another --self-rank under the same budget kept the fingerprint, but the
+    # eigenpairs are solved at the rank asked for, so the scores changed.
+    asked = dataclasses.replace(tight, self_rank=120)
+    assert self_size(asked, traj, 128) == {"rank": 59, "self_rank": 120}
     fisher = dataclasses.replace(cfg, self_hb="fisher", self_dim=64)
     assert self_size(fisher, traj, 128) == {"dim": 64}
 
