@@ -47,18 +47,27 @@ def load_pool(cfg: TrainConfig) -> Pool:
         shards = resolve_shards(cfg.data)
     except ConfigError as exc:
         raise ConfigError(f"data: {exc}") from exc
-    ok: list[Sample] = []
-    read = errors = 0
+    # A seeded reservoir over the decodable pairs in read order: memory holds at most
+    # max_samples decoded images, however large the pool (rng.sample after reading
+    # everything held all of them). A pool within max_samples is kept whole, in order.
+    kept: list[tuple[int, Sample]] = []
+    draw = random.Random(f"{cfg.seed}/max_samples")
+    read = errors = n_ok = 0
     for url in tqdm(shards, desc="read pool", unit="shard", leave=False):
         for s in iter_shard(url, **cfg.reader_options()):
             read += 1
-            if s.ok:
-                ok.append(s)
-            else:
+            if not s.ok:
                 errors += 1
+                continue
+            if n_ok < cfg.max_samples:
+                kept.append((n_ok, s))
+            else:
+                j = draw.randrange(n_ok + 1)
+                if j < cfg.max_samples:
+                    kept[j] = (n_ok, s)
+            n_ok += 1
+    ok = [s for _, s in sorted(kept, key=lambda item: item[0])]
     rng = random.Random(cfg.seed)
-    if len(ok) > cfg.max_samples:
-        ok = rng.sample(ok, cfg.max_samples)
     need = cfg.target_size + cfg.batch_size
     if len(ok) < need:
         raise ConfigError(

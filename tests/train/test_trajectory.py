@@ -283,3 +283,41 @@ def test_checkpoint_callback_sees_theta_before_the_update(loop_data):
     assert all(torch.equal(states[0][k], initial[k]) for k in initial)
     assert all(torch.equal(states[STEPS][k], final[k]) for k in final)
     assert any(not torch.equal(states[3][k], initial[k]) for k in initial)
+
+
+def test_a_pool_over_max_samples_is_drawn_holding_at_most_max_samples_images(
+    tiny_pool, tiny_run, monkeypatch
+):
+    """Before: every decoded pair of the pool was held, then max_samples were drawn."""
+    import weakref
+
+    import pipeline.train.sets as sets
+
+    cap = 120
+    cfg = dataclasses.replace(tiny_run["config"], max_samples=cap)
+    alive = {"now": 0, "peak": 0}
+    read = sets.iter_shard
+
+    def counted(url, **kwargs):
+        for s in read(url, **kwargs):
+            if s.ok:
+                alive["now"] += 1
+                alive["peak"] = max(alive["peak"], alive["now"])
+                weakref.finalize(s, lambda: alive.__setitem__("now", alive["now"] - 1))
+            yield s
+
+    monkeypatch.setattr(sets, "iter_shard", counted)
+    pool = load_pool(cfg)
+    assert len(pool.train) + len(pool.target) == cap and pool.read == tiny_pool["samples"]
+    assert alive["peak"] <= cap + 2  # the reservoir, plus the pair being read
+    drawn = [s.uid for s in pool.train + pool.target]
+    assert len(set(drawn)) == cap
+    shards = {s.shard for s in pool.train + pool.target}
+    assert len(shards) == 3  # drawn from the whole pool, not its first pairs
+    again = load_pool(cfg)  # seeded: the same draw
+    assert [s.uid for s in again.train + again.target] == drawn
+    other = load_pool(dataclasses.replace(cfg, seed=cfg.seed + 1))
+    assert {s.uid for s in other.train + other.target} != set(drawn)
+    # within the cap the whole pool is kept, as before
+    whole = load_pool(tiny_run["config"])
+    assert len(whole.train) + len(whole.target) == pool.read - pool.errors
