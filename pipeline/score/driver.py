@@ -401,6 +401,35 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line[:300]}"
 
 
+def assign(slots: list[_Slot], queue_: deque[tuple[str, str]], prefetch: bool) -> list[_Slot]:
+    """Give every ready, idle slot its next shard; returns the slots that got one.
+
+    A slot takes its reserved shard, else the next queued one, else a shard
+    another (busy) slot has reserved: a free actor never waits while a shard
+    does. A slot reserves a next shard (which its actor prefetches) only while
+    the queue holds more shards than the other slots still without work, so
+    the first actors ready do not take the shards of those still starting.
+    """
+    given = []
+    for slot in slots:
+        if not slot.ready or slot.job is not None:
+            continue
+        job, slot.reserved = slot.reserved, None
+        if job is None and queue_:
+            job = queue_.popleft()
+        if job is None:
+            other = next((o for o in slots if o.reserved is not None), None)
+            if other is None:
+                continue
+            job, other.reserved = other.reserved, None  # its actor drops the prefetch
+        slot.job = job
+        waiting = sum(1 for o in slots if o is not slot and o.job is None and o.reserved is None)
+        if prefetch and len(queue_) > waiting:
+            slot.reserved = queue_.popleft()
+        given.append(slot)
+    return given
+
+
 def schedule(
     todo: list[tuple[str, str]],
     make_actor,
@@ -461,20 +490,10 @@ def schedule(
         start()
     try:
         while queue_ or any(s.job or s.reserved for s in slots):
-            for slot in slots:
-                if not slot.ready or slot.job is not None:
-                    continue
-                job = slot.reserved
-                slot.reserved = None
-                if job is None:
-                    if not queue_:
-                        continue
-                    job = queue_.popleft()
-                if prefetch and queue_:
-                    slot.reserved = queue_.popleft()
-                url, name = job
+            for slot in assign(slots, queue_, prefetch):
+                assert slot.job is not None
+                url, name = slot.job
                 attempts[name] = attempts.get(name, 0) + 1
-                slot.job = job
                 nxt = slot.reserved[0] if slot.reserved else None
                 last_try = attempts[name] >= max_attempts
                 refs[slot.actor.score.remote(url, name, nxt, last_try)] = ("score", slot)

@@ -334,3 +334,58 @@ def test_an_actor_scores_on_a_gpu_only_when_ray_gave_it_one():
 
     assert actor_device([]) == "cpu"
     assert actor_device([0]) == "cuda"
+
+
+def _slots(n: int, ready: bool = True):
+    from pipeline.score.driver import _Slot
+
+    return [_Slot(actor=i, ready=ready) for i in range(n)]
+
+
+def test_every_ready_actor_gets_a_shard_before_any_reserves_a_next_one():
+    """Before: each actor took a shard and reserved the next, so with as many shards
+    as actors half of the actors never got one."""
+    from collections import deque
+
+    from pipeline.score.driver import assign
+
+    for workers in (2, 4, 8):
+        slots = _slots(workers)
+        todo = deque((f"/p/{i}.tar", str(i)) for i in range(workers))
+        assert assign(slots, todo, prefetch=True) == slots
+        assert [s.job[1] for s in slots] == [str(i) for i in range(workers)]
+        assert not any(s.reserved for s in slots) and not todo
+    # twice as many shards: each actor scores one and prefetches one
+    slots = _slots(4)
+    todo = deque((f"/p/{i}.tar", str(i)) for i in range(8))
+    assign(slots, todo, prefetch=True)
+    assert [(s.job[1], s.reserved[1]) for s in slots] == [
+        ("0", "1"),
+        ("2", "3"),
+        ("4", "5"),
+        ("6", "7"),
+    ]
+    # an actor still starting keeps a shard free for itself
+    slots = _slots(2)
+    slots[1].ready = False
+    todo = deque((f"/p/{i}.tar", str(i)) for i in range(2))
+    assign(slots, todo, prefetch=True)
+    assert (
+        slots[0].job[1] == "0" and slots[0].reserved is None and list(todo) == [("/p/1.tar", "1")]
+    )
+
+
+def test_a_free_actor_takes_a_shard_another_actor_reserved():
+    from collections import deque
+
+    from pipeline.score.driver import assign
+
+    slots = _slots(2)
+    slots[0].job, slots[0].reserved = ("/p/0.tar", "0"), ("/p/1.tar", "1")
+    assert assign(slots, deque(), prefetch=True) == [slots[1]]
+    assert slots[1].job == ("/p/1.tar", "1") and slots[0].reserved is None
+    # without prefetch nothing is ever reserved
+    slots = _slots(2)
+    todo = deque((f"/p/{i}.tar", str(i)) for i in range(5))
+    assign(slots, todo, prefetch=False)
+    assert not any(s.reserved for s in slots) and len(todo) == 3
