@@ -230,6 +230,23 @@ class ScoreActor:
         return record
 
 
+def steady_rate(finished: list[tuple[float, str, int]]) -> float | None:
+    """Samples per second once every actor is scoring: ``finished`` holds (time, actor,
+    rows) per shard back. The window opens when the last actor's first shard is back
+    (each first shard carries its actor's start-up) and closes with the last shard;
+    None when no shard finished inside it."""
+    first: dict[str, float] = {}
+    for when, actor, _ in sorted(finished):
+        first.setdefault(actor, when)
+    if not first:
+        return None
+    opened = max(first.values())
+    inside = [(when, rows) for when, _, rows in finished if when > opened]
+    if not inside:
+        return None
+    return round(sum(rows for _, rows in inside) / (max(w for w, _ in inside) - opened), 2)
+
+
 def start_ray(cfg: ScoreConfig) -> bool:
     """Connect to ``cfg.address`` (or the job's cluster) or start an embedded Ray; True if we started it."""
     return connect(cfg.address, cfg.workers * cfg.threads)
@@ -649,7 +666,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     failed: dict[str, str] = {}
     partial: list[str] = []
 
-    steady = {"first": None, "last": None, "rows": 0}
+    finished: list[tuple[float, str, int]] = []  # (when, actor, rows) of each shard back
 
     def on_done(url: str, name: str, record: dict[str, Any]) -> None:
         scored[name] = record
@@ -662,12 +679,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             )
             partial.append(name)
         check_counts(name, record)
-        now = time.monotonic()
-        if steady["first"] is None:
-            steady["first"] = now
-        else:
-            steady["rows"] += record["rows"]
-        steady["last"] = now
+        actor = f"{record.get('node')}/{record.get('pid')}"
+        finished.append((time.monotonic(), actor, record["rows"]))
         progress.shard_done(record["rows"], record.get("errors", 0))
 
     def on_failed(url: str, name: str, reason: str, tries: int) -> None:
@@ -743,12 +756,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         "scoring_seconds": snap["elapsed_s"],
         "samples_scored_now": rows_now,
         "samples_per_second": round(rows_now / max(snap["elapsed_s"], 1e-9), 2),
-        # After the first shard is back: actor start-up (model loading) excluded.
-        "steady_samples_per_second": (
-            round(steady["rows"] / (steady["last"] - steady["first"]), 2)
-            if steady["first"] is not None and steady["last"] > steady["first"]
-            else None
-        ),
+        # After every actor's first shard is back: start-up (model loading) excluded.
+        "steady_samples_per_second": steady_rate(finished),
         "target": target,
     }
     run.update_run_json("score", {"config": cfg.to_dict(), "summary": summary})

@@ -389,3 +389,17 @@ def test_a_free_actor_takes_a_shard_another_actor_reserved():
     todo = deque((f"/p/{i}.tar", str(i)) for i in range(5))
     assign(slots, todo, prefetch=False)
     assert not any(s.reserved for s in slots) and len(todo) == 3
+
+
+def test_the_steady_rate_opens_when_every_actor_has_started():
+    """Before: only the first shard back was left out, so the other actors' first
+    shards (each carrying its start-up) were counted over a moment."""
+    from pipeline.score.driver import steady_rate
+
+    # two actors load for 10 s, then each scores 100 rows per second
+    finished = [(10.0, "a", 100), (10.01, "b", 100), (11.0, "a", 100), (11.01, "b", 100)]
+    finished += [(12.0, "a", 100), (12.01, "b", 100)]
+    assert steady_rate(finished) == 200.0
+    assert steady_rate(finished[:2]) is None  # nothing after the start-ups
+    assert steady_rate([(5.0, "a", 10), (6.0, "a", 10), (7.0, "a", 10)]) == 10.0  # one actor
+    assert steady_rate([]) is None
