@@ -6,8 +6,9 @@
 1. Throughput with 1 versus 2 scoring actors (one Ray node), as a ratio.
 2. Throughput with 2 actors on 1 versus 2 Ray nodes (head 127.0.0.2, second
    node 127.0.0.3 on this machine), as a ratio.
-   Throughput is the summary's ``steady_samples_per_second`` (after the first
-   shard is back, so actor start-up, i.e. model loading, is excluded).
+   Throughput is the summary's ``steady_samples_per_second`` (each actor's
+   rate from its first shard back, so actor start-up, i.e. model loading, is
+   excluded; the actors' rates added).
 3. Driver peak memory (RSS) at 10,000 versus 100,000 samples: the resume scan
    over completion records and the merge, on synthetic parts, each in a fresh
    process.

@@ -78,7 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--exact", type=int, default=48, help="samples for the exact comparison")
-    ap.add_argument("--out", default="docs/self_influence.json")
+    ap.add_argument("--out", default="docs/figures/self_influence.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8, help="H_B eigenpairs (as scored in --run)")
     ap.add_argument("--last", type=int, default=2, help="compare at the last N checkpoints")

@@ -231,20 +231,19 @@ class ScoreActor:
 
 
 def steady_rate(finished: list[tuple[float, str, int]]) -> float | None:
-    """Samples per second once every actor is scoring: ``finished`` holds (time, actor,
-    rows) per shard back. The window opens when the last actor's first shard is back
-    (each first shard carries its actor's start-up) and closes with the last shard;
-    None when no shard finished inside it."""
-    first: dict[str, float] = {}
-    for when, actor, _ in sorted(finished):
-        first.setdefault(actor, when)
-    if not first:
-        return None
-    opened = max(first.values())
-    inside = [(when, rows) for when, _, rows in finished if when > opened]
-    if not inside:
-        return None
-    return round(sum(rows for _, rows in inside) / (max(w for w, _ in inside) - opened), 2)
+    """Samples per second of the actors once started: ``finished`` holds (time, actor,
+    rows) per shard back. Each actor's rate counts from its first shard back (which
+    carries its start-up, model loading) to its last; the rates of the actors add
+    up. None when no actor finished two shards."""
+    by_actor: dict[str, list[tuple[float, int]]] = {}
+    for when, actor, rows in sorted(finished):
+        by_actor.setdefault(actor, []).append((when, rows))
+    rates = [
+        sum(rows for _, rows in done[1:]) / (done[-1][0] - done[0][0])
+        for done in by_actor.values()
+        if len(done) > 1 and done[-1][0] > done[0][0]
+    ]
+    return round(sum(rates), 2) if rates else None
 
 
 def start_ray(cfg: ScoreConfig) -> bool:
@@ -756,7 +755,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         "scoring_seconds": snap["elapsed_s"],
         "samples_scored_now": rows_now,
         "samples_per_second": round(rows_now / max(snap["elapsed_s"], 1e-9), 2),
-        # After every actor's first shard is back: start-up (model loading) excluded.
+        # Each actor from its first shard back: start-up (model loading) excluded.
         "steady_samples_per_second": steady_rate(finished),
         "target": target,
     }

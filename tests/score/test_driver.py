@@ -391,7 +391,7 @@ def test_a_free_actor_takes_a_shard_another_actor_reserved():
     assert not any(s.reserved for s in slots) and len(todo) == 3
 
 
-def test_the_steady_rate_opens_when_every_actor_has_started():
+def test_the_steady_rate_counts_each_actor_from_its_first_shard():
     """Before: only the first shard back was left out, so the other actors' first
     shards (each carrying its start-up) were counted over a moment."""
     from pipeline.score.driver import steady_rate
@@ -401,5 +401,10 @@ def test_the_steady_rate_opens_when_every_actor_has_started():
     finished += [(12.0, "a", 100), (12.01, "b", 100)]
     assert steady_rate(finished) == 200.0
     assert steady_rate(finished[:2]) is None  # nothing after the start-ups
+    # an actor placed late (its start-up while the other scored) does not inflate it
+    # (a window opened at b's first shard would hold only a's last: 100 rows in 0.05 s)
+    late = [(10.0, "a", 100), (11.0, "a", 100), (12.0, "a", 100), (13.0, "a", 100)]
+    late += [(12.95, "b", 100)]
+    assert steady_rate(late) == 100.0
     assert steady_rate([(5.0, "a", 10), (6.0, "a", 10), (7.0, "a", 10)]) == 10.0  # one actor
     assert steady_rate([]) is None
