@@ -113,3 +113,42 @@ def test_operations_guide_documents_the_ports():
         assert str(port) in text
     for flag in ("--max-attempts", "--address"):
         assert flag in text and flag in _score_flags()
+
+
+def test_a_plain_install_carries_the_small_model_configs(tmp_path):
+    """Before: the wheel (`pip install .`, the cluster image) had no JSON configs, so
+    diffin-tiny and diffin-small were unknown models outside a checkout."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(
+        REPO / "pipeline", src / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("diffin-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {p.name for p in (REPO / "pipeline" / "model" / "configs").glob("*.json")}
+    assert configs and {f"pipeline/model/configs/{c}" for c in configs} <= names
