@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(a.threads)
     run = RunDir(a.run)
     traj = load_trajectory(run)
-    bundle = factory.create(traj.model)
+    bundle = factory.create(traj.model, preprocess_cfg=traj.preprocess_cfg)
     ref_images, ref_tokens, _ = load_set(run, "reference", torch.float32)
     fns = ClipFunctions(bundle.model, ref_images, ref_tokens)
     samples = [s for u in resolve_shards(a.data) for s in iter_shard(u) if s.ok]

@@ -86,7 +86,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = RunDir(args.run)
     traj = load_trajectory(run)
-    bundle = factory.create(traj.model)
+    bundle = factory.create(traj.model, preprocess_cfg=traj.preprocess_cfg)
     ri, rt, _ = load_set(run, "reference", torch.float32)
     fns = ClipFunctions(bundle.model, ri, rt)
     names = [n for n, _ in bundle.model.named_parameters()]

@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         raise SystemExit(
             "self_variants: the transport models torch SGD; this run used " + opt["name"]
         )
-    bundle = factory.create(traj.model)
+    bundle = factory.create(traj.model, preprocess_cfg=traj.preprocess_cfg)
     ri, rt, _ = load_set(run, "reference", torch.float32)
     fns = ClipFunctions(bundle.model, ri, rt)
     names = [n for n, _ in bundle.model.named_parameters()]

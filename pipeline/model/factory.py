@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import open_clip
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from pipeline.errors import ConfigError
@@ -56,6 +59,23 @@ class ClipBundle:
     model: nn.Module
     preprocess: Any  # PIL image -> float tensor (C, H, W); deterministic (eval transform)
     tokenizer: Any  # list[str] -> LongTensor (B, context_length)
+    # what ``preprocess`` does (size, mean, std, interpolation, resize_mode, ...), as
+    # open_clip records it; a pretrained tag brings its own, so runs record it
+    preprocess_cfg: dict[str, Any] = field(default_factory=dict)
+
+
+# The preprocessing fields create_model_and_transforms lets a caller set.
+PREPROCESS_FIELDS = {
+    "mean": "image_mean",
+    "std": "image_std",
+    "interpolation": "image_interpolation",
+    "resize_mode": "image_resize_mode",
+}
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a preprocess value (tuples become lists)."""
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
 
 
 def create(
@@ -63,17 +83,29 @@ def create(
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    preprocess_cfg: dict[str, Any] | None = None,
 ) -> ClipBundle:
     """Build an open_clip model, randomly initialised unless ``pretrained`` is given.
 
     ``pretrained`` is a checkpoint file (loaded by open_clip with
     ``weights_only=True``) or an open_clip pretrained tag (downloaded by
-    open_clip, so only where the network allows it).
+    open_clip, so only where the network allows it). ``preprocess_cfg`` (a
+    run's recorded ``ClipBundle.preprocess_cfg``) sets the image transform's
+    mean, std, interpolation and resize mode, so a later stage preprocesses
+    as the run's training did, whatever tag it was trained from.
     """
     model_config(name)  # refuses unknown names before anything is built
-    if pretrained is not None and not Path(pretrained).is_file():
-        tags = {t for n, t in open_clip.list_pretrained() if n == name}
-        if pretrained not in tags:
+    if pretrained is not None:
+        pretrained = _local_path(pretrained)
+        if open_clip.factory.parse_model_name(name)[0] is not None:
+            # open_clip ignores `pretrained` for these (with a warning we would hide):
+            # the weights would silently stay random
+            raise ConfigError(
+                f"pretrained: {name!r} takes its weights from its own location; "
+                "--pretrained is not used with hf-hub: or local-dir: models"
+            )
+        if not Path(pretrained).is_file() and not open_clip.get_pretrained_cfg(name, pretrained):
+            # get_pretrained_cfg normalises tags as open_clip does (case, '-' and '_')
             raise ConfigError(
                 f"pretrained: {pretrained!r} is neither a file nor an open_clip tag for {name!r}"
             )
@@ -83,15 +115,30 @@ def create(
     level = root.level
     root.setLevel(logging.ERROR)
     try:
+        forced = {
+            arg: tuple(v) if isinstance(v, list) else v
+            for key, arg in PREPROCESS_FIELDS.items()
+            if (v := (preprocess_cfg or {}).get(key)) is not None
+        }
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
             pretrained=pretrained,
             device=device,
             output_dict=True,
             weights_only=True,
+            **forced,
         )
         tokenizer = open_clip.get_tokenizer(name)
-    except (AssertionError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+    except (
+        AssertionError,
+        KeyError,
+        RuntimeError,
+        ValueError,
+        EOFError,  # an empty file
+        OSError,  # unreadable
+        pickle.UnpicklingError,
+        SafetensorError,  # a damaged .safetensors
+    ) as exc:
         if pretrained is None:
             raise
         # open_clip reports another architecture's weights with an assert or a
@@ -103,7 +150,17 @@ def create(
         root.setLevel(level)
     model = model.to(dtype=dtype)
     model.eval()
-    return ClipBundle(name, model, preprocess, tokenizer)
+    recorded = {k: _plain(v) for k, v in open_clip.get_model_preprocess_cfg(model).items()}
+    return ClipBundle(name, model, preprocess, tokenizer, recorded)
+
+
+def _local_path(pretrained: str) -> str:
+    """A checkpoint named as the run directory may be (``~``, ``file://``) as the path
+    open_clip opens with ``os.path``; a tag stays as it is."""
+    if pretrained.startswith("file://"):
+        return fsspec.core.url_to_fs(pretrained)[1]
+    expanded = os.path.expanduser(pretrained)
+    return expanded if Path(expanded).is_file() else pretrained
 
 
 def param_dict(model: nn.Module) -> dict[str, torch.Tensor]:

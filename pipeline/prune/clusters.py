@@ -61,7 +61,7 @@ def embed_rows(
     options = scored_reader_options(run)  # the image and text keys the rows were scored with
     traj = load_trajectory(run)
     last = max(c.step for c in traj.checkpoints)
-    bundle = factory.create(traj.model)
+    bundle = factory.create(traj.model, preprocess_cfg=traj.preprocess_cfg)
     bundle.model.load_state_dict(load_state_dict(run, traj, last), strict=False)
     bundle.model.eval()
     rows = np.flatnonzero(ok)

@@ -124,7 +124,7 @@ def ensure_directions(
     if propagated:
         sgd_dynamics(traj)  # refuses a trajectory the propagated form cannot model, up front
     dtype = DTYPES[cfg.dtype]
-    bundle = factory.create(traj.model, dtype=dtype)
+    bundle = factory.create(traj.model, dtype=dtype, preprocess_cfg=traj.preprocess_cfg)
     t_images, t_tokens, target_info = target_set(cfg, run, bundle, dtype)
     if not needs_directions(cfg, traj):
         log.info("directions: not needed by %s", ",".join(cfg.methods))

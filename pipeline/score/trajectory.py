@@ -23,6 +23,11 @@ class Trajectory:
         return self.record["model"]
 
     @property
+    def preprocess_cfg(self) -> dict[str, Any] | None:
+        """How training preprocessed its sets (None for runs recorded before it was)."""
+        return self.record.get("preprocess_cfg")
+
+    @property
     def n_train(self) -> int:
         return int(self.record["n_train"])
 
@@ -31,7 +36,11 @@ def model_identity(record: dict[str, Any]) -> dict[str, Any]:
     """The architecture the checkpoints belong to, for fingerprints: two architectures can
     share a parameter layout (open_clip's ``X`` and ``X-quickgelu``), so the same
     checkpoint bytes do not say which function they compute."""
-    return {"model": record.get("model"), "model_config": record.get("model_config")}
+    return {
+        "model": record.get("model"),
+        "model_config": record.get("model_config"),
+        "preprocess_cfg": record.get("preprocess_cfg"),
+    }
 
 
 def load_trajectory(run: RunDir) -> Trajectory:

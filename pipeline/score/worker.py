@@ -82,7 +82,12 @@ class ShardScorer:
             # embedding) default to TF32 on Ampere and later GPUs.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        self.bundle = factory.create(self.traj.model, device=self.device, dtype=self.dtype)
+        self.bundle = factory.create(
+            self.traj.model,
+            device=self.device,
+            dtype=self.dtype,
+            preprocess_cfg=self.traj.preprocess_cfg,
+        )
         ref_images, ref_tokens, _ = load_set(self.run, "reference", self.dtype)
         self.fns = ClipFunctions(
             self.bundle.model,

@@ -116,6 +116,24 @@ class OpenClipRun:
         raise ConfigError(f"import: unknown lr_scheduler {kind!r} in {self.url}/params.txt")
 
 
+def open_clip_preprocess(oc: OpenClipRun, name: str) -> dict[str, Any]:
+    """The image preprocessing open_clip_train used: its pretrained tag's (mean, std,
+    interpolation, resize mode), overridden by its --image-mean/-std/-interpolation/
+    -resize-mode. Read from the tag's registry entry, so nothing is downloaded."""
+    import open_clip
+
+    cfg: dict[str, Any] = {}
+    tag = oc.params.get("pretrained")
+    if isinstance(tag, str) and tag:
+        known = open_clip.get_pretrained_cfg(name, tag)
+        cfg.update({k: known[k] for k in factory.PREPROCESS_FIELDS if k in known})
+    for key, arg in factory.PREPROCESS_FIELDS.items():
+        value = oc.params.get(arg)
+        if value not in (None, "", "None"):
+            cfg[key] = value
+    return cfg
+
+
 def read_open_clip_run(url: str) -> OpenClipRun:
     url = url.rstrip("/")
     try:
@@ -212,7 +230,7 @@ def import_open_clip_run(
     run = RunDir(cfg.run)
 
     torch.manual_seed(cfg.seed)
-    bundle = factory.create(name)
+    bundle = factory.create(name, preprocess_cfg=open_clip_preprocess(oc, name))
     pool = load_pool(cfg)
 
     # Checkpoints first: a wrong step count is refused before the (slower) sets are built.
@@ -252,6 +270,7 @@ def import_open_clip_run(
         "model": name,
         "model_config": factory.model_config(name),
         "pretrained": oc.params.get("pretrained") or None,
+        "preprocess_cfg": bundle.preprocess_cfg,
         "optimizer": optimizer_record(opt, **settings),
         "lr_note": LR_NOTE,
         "spacing": "epochs",

@@ -88,6 +88,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "model": cfg.model,
         "model_config": factory.model_config(cfg.model),
         "pretrained": cfg.pretrained,
+        # how the sets were preprocessed; later stages preprocess the same way
+        "preprocess_cfg": bundle.preprocess_cfg,
         "optimizer": optimizer_record(
             cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         ),

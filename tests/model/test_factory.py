@@ -113,3 +113,54 @@ def test_save_config_dir_refuses_unknown_model(tmp_path):
     with pytest.raises(ConfigError, match="model"):
         factory.save_config_dir("no-such-model-xyz", tmp_path / "cfg")
     assert not (tmp_path / "cfg" / "open_clip_config.json").exists()
+
+
+def test_create_records_and_reapplies_its_preprocessing():
+    default = factory.create("diffin-tiny")
+    assert default.preprocess_cfg["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
+    json.dumps(default.preprocess_cfg)  # recorded in trajectory.json as it is
+    want = {
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+        "resize_mode": "squash",
+    }
+    forced = factory.create("diffin-tiny", preprocess_cfg={**default.preprocess_cfg, **want})
+    assert {k: forced.preprocess_cfg[k] for k in want} == want
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 20), (200, 30, 60))
+    assert forced.preprocess(image).shape == default.preprocess(image).shape
+    assert not torch.equal(forced.preprocess(image), default.preprocess(image))
+    again = factory.create("diffin-tiny", preprocess_cfg=forced.preprocess_cfg)
+    assert torch.equal(again.preprocess(image), forced.preprocess(image))
+
+
+def test_pretrained_files_named_like_run_paths_and_damaged_files(tmp_path, monkeypatch):
+    """From review: ~ and file:// were refused; an empty or damaged file raised a raw
+    EOFError/SafetensorError; a local-dir: model silently ignored its --pretrained."""
+    from safetensors.torch import save_file
+
+    src = factory.create("diffin-tiny").model
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    for name in ("~/w.pt", f"file://{tmp_path}/w.pt"):
+        got = factory.create("diffin-tiny", pretrained=name).model.state_dict()
+        assert all(torch.equal(v, got[k]) for k, v in src.state_dict().items()), name
+    (tmp_path / "empty.pt").write_bytes(b"")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
+    cut = (tmp_path / "w.safetensors").read_bytes()[:5]
+    (tmp_path / "cut.safetensors").write_bytes(cut)
+    for bad in ("empty.pt", "cut.safetensors"):
+        with pytest.raises(ConfigError, match=f"pretrained: cannot load .*{bad}"):
+            factory.create("diffin-tiny", pretrained=str(tmp_path / bad))
+    cfg_dir = factory.save_config_dir("diffin-tiny", tmp_path / "cfg")
+    with pytest.raises(ConfigError, match="not used with hf-hub: or local-dir:"):
+        factory.create(f"local-dir:{cfg_dir}", pretrained=str(tmp_path / "w.pt"))
+
+
+def test_pretrained_tags_are_matched_as_open_clip_matches_them(monkeypatch, tmp_path):
+    torch.save(factory.create("diffin-tiny").model.state_dict(), tmp_path / "w.pt")
+    entry = {"my_tag": {"file": str(tmp_path / "w.pt")}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "diffin-tiny", entry)
+    factory.create("diffin-tiny", pretrained="My-Tag")  # open_clip's spelling rules

@@ -149,3 +149,18 @@ def test_diffin_train_import_then_score(oc_run, tmp_path):
         values = np.asarray(table.column(col).to_pylist(), dtype=float)
         assert np.isfinite(values).all(), col
         assert np.abs(values).max() > 0, col
+
+
+def test_the_import_preprocesses_as_open_clip_train_did(monkeypatch):
+    """The tag's transform (from open_clip's registry, no download), then the run's
+    --image-* overrides, as open_clip_train's create_model_and_transforms applies them."""
+    import open_clip
+
+    from pipeline.train.importer import OpenClipRun, open_clip_preprocess
+
+    tag = {"file": "x.pt", "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear"}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "diffin-tiny", {"localtag": tag})
+    params = {"pretrained": "localtag", "image_mean": [0.1, 0.2, 0.3], "image_std": None}
+    got = open_clip_preprocess(OpenClipRun("r", params, {}), "diffin-tiny")
+    assert got == {"mean": [0.1, 0.2, 0.3], "std": (0.5,) * 3, "interpolation": "bilinear"}
+    assert open_clip_preprocess(OpenClipRun("r", {"pretrained": ""}, {}), "diffin-tiny") == {}

@@ -321,3 +321,49 @@ def test_a_pool_over_max_samples_is_drawn_holding_at_most_max_samples_images(
     # within the cap the whole pool is kept, as before
     whole = load_pool(tiny_run["config"])
     assert len(whole.train) + len(whole.target) == pool.read - pool.errors
+
+
+def test_a_run_from_a_pretrained_tag_is_scored_with_that_tags_preprocessing(
+    tiny_pool, tmp_path, monkeypatch
+):
+    """Before: training encoded the sets with the tag's transform (its own mean, std,
+    resize), scoring rebuilt the model by name and encoded the pool with open_clip's
+    defaults, so the pool and the references R went through different transforms."""
+    import open_clip
+
+    from pipeline.data.reader import iter_shard
+    from pipeline.data.shards import resolve_shards
+    from pipeline.model import factory
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.worker import ShardScorer
+    from pipeline.tensors import load_tensors
+    from pipeline.train.config import TrainConfig
+    from tests.conftest import TINY_TRAIN
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(factory.create("diffin-tiny").model.state_dict(), weights)
+    tag = {
+        "file": str(weights),  # a local registry entry: nothing is downloaded
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "interpolation": "bilinear",
+        "resize_mode": "squash",
+    }
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "diffin-tiny", {"localtag": tag})
+    run = str(tmp_path / "run")
+    cfg = TrainConfig(
+        data=tiny_pool["train_data"], run=run, **{**TINY_TRAIN, "steps": 10, "warmup": 2}
+    )
+    rec = train(dataclasses.replace(cfg, pretrained="localtag"))
+    assert rec["preprocess_cfg"]["mean"] == [0.5] * 3
+    assert rec["preprocess_cfg"]["resize_mode"] == "squash"
+
+    score_cfg = ScoreConfig(data=tiny_pool["train_data"], run=run, methods=["loss"], threads=1)
+    scorer = ShardScorer(run, score_cfg)
+    assert scorer.bundle.preprocess_cfg == rec["preprocess_cfg"]
+    ref, meta = load_tensors(RunDir(run).set_file("reference"))
+    by_uid = {
+        s.uid: s for u in resolve_shards(tiny_pool["train_data"]) for s in iter_shard(u) if s.ok
+    }
+    first = by_uid[meta["uids"][0]]
+    assert torch.equal(scorer.bundle.preprocess(first.image), ref["images"][0])
