@@ -322,7 +322,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         raise ConfigError(
             f"data: {len(wanted)} scored ok pairs but {len(pool)} of them found in {src.data}"
         )
-    bundle = factory.create(traj["model"], preprocess_cfg=traj.get("preprocess_cfg"))
+    bundle = factory.create(traj["model"], preprocess_cfg=factory.recorded_preprocess(traj))
     images, tokens = encode(pool, bundle)
     position = {s.uid: i for i, s in enumerate(pool)}
     ev = load_eval_set(src, bundle, options)

@@ -154,6 +154,18 @@ def create(
     return ClipBundle(name, model, preprocess, tokenizer, recorded)
 
 
+def recorded_preprocess(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The preprocessing a run's ``trajectory.json`` records; for runs recorded before it
+    was, that of their pretrained tag (open_clip's registry), else None (the defaults)."""
+    if record.get("preprocess_cfg") is not None:
+        return record["preprocess_cfg"]
+    tag, name = record.get("pretrained"), record.get("model")
+    if not isinstance(tag, str) or not isinstance(name, str) or Path(tag).suffix:
+        return None
+    known = open_clip.get_pretrained_cfg(name, tag)
+    return {k: _plain(known[k]) for k in PREPROCESS_FIELDS if k in known} or None
+
+
 def _local_path(pretrained: str) -> str:
     """A checkpoint named as the run directory may be (``~``, ``file://``) as the path
     open_clip opens with ``os.path``; a tag stays as it is."""

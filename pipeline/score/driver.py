@@ -232,18 +232,23 @@ class ScoreActor:
 
 def steady_rate(finished: list[tuple[float, str, int]]) -> float | None:
     """Samples per second of the actors once started: ``finished`` holds (time, actor,
-    rows) per shard back. Each actor's rate counts from its first shard back (which
-    carries its start-up, model loading) to its last; the rates of the actors add
-    up. None when no actor finished two shards."""
+    rows) per shard back. Each actor's first shard carries its start-up (model
+    loading): its rows are left out, and its window opens when that shard is back
+    and closes with its last. The rows of the rest are divided by the time covered
+    by at least one window (actors that score side by side count once, a replaced
+    actor and its replacement one after the other). None when no window is open."""
     by_actor: dict[str, list[tuple[float, int]]] = {}
     for when, actor, rows in sorted(finished):
         by_actor.setdefault(actor, []).append((when, rows))
-    rates = [
-        sum(rows for _, rows in done[1:]) / (done[-1][0] - done[0][0])
-        for done in by_actor.values()
-        if len(done) > 1 and done[-1][0] > done[0][0]
-    ]
-    return round(sum(rates), 2) if rates else None
+    windows = sorted((d[0][0], d[-1][0]) for d in by_actor.values() if d[-1][0] > d[0][0])
+    covered, end = 0.0, float("-inf")
+    for start, stop in windows:
+        covered += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    if covered <= 0:
+        return None
+    rows = sum(r for d in by_actor.values() for _, r in d[1:])
+    return round(rows / covered, 2)
 
 
 def start_ray(cfg: ScoreConfig) -> bool:
@@ -355,7 +360,8 @@ def failed_part(
 
     The shard is listed again without decoding images (``reader_options`` as
     scoring read it), so a readable shard whose scoring failed keeps a row for
-    each of its samples. A sample that was an error row anyway keeps its own
+    each of its samples. A sample the listing already finds unusable (no
+    caption, no image member, ...; pixels are not decoded) keeps its own
     reason; the rows of damage the listing meets are kept as the reader gives
     them. A shard that cannot even be listed gives its ``__shard__`` row.
     """
@@ -434,7 +440,7 @@ def assign(slots: list[_Slot], queue_: deque[tuple[str, str]], prefetch: bool) -
         if job is None and queue_:
             job = queue_.popleft()
         if job is None:
-            other = next((o for o in slots if o.reserved is not None), None)
+            other = next((o for o in slots if o.job is not None and o.reserved), None)
             if other is None:
                 continue
             job, other.reserved = other.reserved, None  # its actor drops the prefetch

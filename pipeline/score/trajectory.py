@@ -10,6 +10,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import Checkpoint
+from pipeline.model import factory
 from pipeline.rundir import RunDir, exists, read_bytes, read_json
 
 
@@ -24,8 +25,8 @@ class Trajectory:
 
     @property
     def preprocess_cfg(self) -> dict[str, Any] | None:
-        """How training preprocessed its sets (None for runs recorded before it was)."""
-        return self.record.get("preprocess_cfg")
+        """How training preprocessed its sets (``factory.recorded_preprocess``)."""
+        return factory.recorded_preprocess(self.record)
 
     @property
     def n_train(self) -> int:

@@ -27,6 +27,7 @@ import ast
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import math
 import re
@@ -117,16 +118,23 @@ class OpenClipRun:
 
 
 def open_clip_preprocess(oc: OpenClipRun, name: str) -> dict[str, Any]:
-    """The image preprocessing open_clip_train used: its pretrained tag's (mean, std,
-    interpolation, resize mode), overridden by its --image-mean/-std/-interpolation/
-    -resize-mode. Read from the tag's registry entry, so nothing is downloaded."""
+    """The image preprocessing open_clip_train used, overridden by its --image-mean/-std/
+    -interpolation/-resize-mode: for a ``local-dir:DIR`` model, DIR's
+    ``open_clip_config.json`` (open_clip ignores --pretrained there); else the
+    pretrained tag's registry entry, so nothing is downloaded."""
     import open_clip
 
     cfg: dict[str, Any] = {}
+    schema, where = open_clip.factory.parse_model_name(str(oc.params.get("model", "")))
     tag = oc.params.get("pretrained")
-    if isinstance(tag, str) and tag:
+    if schema == "local-dir":
+        raw = json.loads(read_bytes(join(str(where), "open_clip_config.json")).decode())
+        known = raw.get("preprocess_cfg") or {}
+    elif schema is None and isinstance(tag, str) and tag:
         known = open_clip.get_pretrained_cfg(name, tag)
-        cfg.update({k: known[k] for k in factory.PREPROCESS_FIELDS if k in known})
+    else:
+        known = {}
+    cfg.update({k: known[k] for k in factory.PREPROCESS_FIELDS if k in known})
     for key, arg in factory.PREPROCESS_FIELDS.items():
         value = oc.params.get(arg)
         if value not in (None, "", "None"):

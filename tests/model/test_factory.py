@@ -164,3 +164,14 @@ def test_pretrained_tags_are_matched_as_open_clip_matches_them(monkeypatch, tmp_
     entry = {"my_tag": {"file": str(tmp_path / "w.pt")}}
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "diffin-tiny", entry)
     factory.create("diffin-tiny", pretrained="My-Tag")  # open_clip's spelling rules
+
+
+def test_runs_recorded_before_preprocess_cfg_fall_back_to_their_tag(monkeypatch):
+    entry = {"localtag": {"file": "w.pt", "mean": (0.5,) * 3, "resize_mode": "squash"}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "diffin-tiny", entry)
+    old = {"model": "diffin-tiny", "pretrained": "localtag"}
+    assert factory.recorded_preprocess(old) == {"mean": [0.5] * 3, "resize_mode": "squash"}
+    assert factory.recorded_preprocess({**old, "pretrained": "/x/w.pt"}) is None
+    assert factory.recorded_preprocess({**old, "pretrained": None}) is None
+    new = {**old, "preprocess_cfg": {"mean": [0.1] * 3}}
+    assert factory.recorded_preprocess(new) == {"mean": [0.1] * 3}

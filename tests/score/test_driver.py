@@ -384,6 +384,11 @@ def test_a_free_actor_takes_a_shard_another_actor_reserved():
     slots[0].job, slots[0].reserved = ("/p/0.tar", "0"), ("/p/1.tar", "1")
     assert assign(slots, deque(), prefetch=True) == [slots[1]]
     assert slots[1].job == ("/p/1.tar", "1") and slots[0].reserved is None
+    # an idle slot keeps its own reservation (its actor is already prefetching it)
+    slots = _slots(2)
+    slots[1].reserved = ("/p/9.tar", "9")
+    assert assign(slots, deque(), prefetch=True) == [slots[1]]
+    assert slots[1].job == ("/p/9.tar", "9") and slots[0].job is None
     # without prefetch nothing is ever reserved
     slots = _slots(2)
     todo = deque((f"/p/{i}.tar", str(i)) for i in range(5))
@@ -391,7 +396,7 @@ def test_a_free_actor_takes_a_shard_another_actor_reserved():
     assert not any(s.reserved for s in slots) and len(todo) == 3
 
 
-def test_the_steady_rate_counts_each_actor_from_its_first_shard():
+def test_the_steady_rate_leaves_out_each_actors_start_up():
     """Before: only the first shard back was left out, so the other actors' first
     shards (each carrying its start-up) were counted over a moment."""
     from pipeline.score.driver import steady_rate
@@ -399,8 +404,15 @@ def test_the_steady_rate_counts_each_actor_from_its_first_shard():
     # two actors load for 10 s, then each scores 100 rows per second
     finished = [(10.0, "a", 100), (10.01, "b", 100), (11.0, "a", 100), (11.01, "b", 100)]
     finished += [(12.0, "a", 100), (12.01, "b", 100)]
-    assert steady_rate(finished) == 200.0
+    assert steady_rate(finished) == 199.0  # 400 rows over 10.00 .. 12.01
     assert steady_rate(finished[:2]) is None  # nothing after the start-ups
+    # a replaced actor and its replacement, one after the other: counted once
+    replaced = [(10.0, "a", 100), (11.0, "a", 100), (12.0, "a", 100)]
+    replaced += [(14.0, "c", 100), (15.0, "c", 100), (16.0, "c", 100)]
+    assert steady_rate(replaced) == 100.0
+    # an actor out of shards early stops counting
+    early = [(10.0 + i, "a", 100) for i in range(3)] + [(10.0 + i, "b", 100) for i in range(11)]
+    assert steady_rate(early) == 120.0
     # an actor placed late (its start-up while the other scored) does not inflate it
     # (a window opened at b's first shard would hold only a's last: 100 rows in 0.05 s)
     late = [(10.0, "a", 100), (11.0, "a", 100), (12.0, "a", 100), (13.0, "a", 100)]

@@ -164,3 +164,20 @@ def test_the_import_preprocesses_as_open_clip_train_did(monkeypatch):
     got = open_clip_preprocess(OpenClipRun("r", params, {}), "diffin-tiny")
     assert got == {"mean": [0.1, 0.2, 0.3], "std": (0.5,) * 3, "interpolation": "bilinear"}
     assert open_clip_preprocess(OpenClipRun("r", {"pretrained": ""}, {}), "diffin-tiny") == {}
+
+
+def test_a_local_dir_import_preprocesses_as_its_config_says(tmp_path):
+    """open_clip takes a local-dir: model's transform from DIR/open_clip_config.json and
+    ignores --pretrained there (review: the import used the tag's, or the default)."""
+    import json
+
+    from pipeline.model import factory
+    from pipeline.train.importer import OpenClipRun, open_clip_preprocess
+
+    cfg_dir = factory.save_config_dir("diffin-tiny", tmp_path / "cfg")
+    raw = json.loads((cfg_dir / "open_clip_config.json").read_text())
+    raw["preprocess_cfg"] = {"mean": [0.5] * 3, "resize_mode": "squash"}
+    (cfg_dir / "open_clip_config.json").write_text(json.dumps(raw))
+    params = {"model": f"local-dir:{cfg_dir}", "pretrained": "openai", "image_std": [0.2] * 3}
+    got = open_clip_preprocess(OpenClipRun("r", params, {}), "diffin-tiny")
+    assert got == {"mean": [0.5] * 3, "resize_mode": "squash", "std": [0.2] * 3}
