@@ -688,9 +688,13 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         finished.append((time.monotonic(), actor, record["rows"]))
         progress.shard_done(record["rows"], record.get("errors", 0))
 
+    to_record: list[tuple[str, str, str, int]] = []
+
     def on_failed(url: str, name: str, reason: str, tries: int) -> None:
         log.error("shard %s recorded as failed after %d attempts: %s", name, tries, reason)
-        failed_part(run, url, name, reason, columns, fp_hash, tries, cfg.reader_options())
+        # Its part lists the shard again (one row per sample): written once the actors
+        # are done, so a large remote shard does not hold up the scheduling loop.
+        to_record.append((url, name, reason, tries))
         failed[name] = reason
         progress.shard_failed()
 
@@ -727,6 +731,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         finally:
             if started:
                 ray.shutdown()
+    for url, name, reason, tries in to_record:
+        failed_part(run, url, name, reason, columns, fp_hash, tries, cfg.reader_options())
     snap = progress.close()
 
     merged = merge_parts(
