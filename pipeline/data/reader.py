@@ -6,8 +6,9 @@ Two promises from DESIGN.md shape this module:
   formats), text and json are ever decoded; pickles (``.pyd``, ``.pickle``,
   ``.pth``, ...) are carried as raw bytes and never loaded. Decoded pixels,
   image aspect ratios, member sizes and a sample's total size are capped
-  (decompression bombs, tar bombs, thin strips that the model's resize would blow up). Members are read
-  into memory, never extracted to disk, so member names cannot escape anywhere.
+  (decompression bombs, tar bombs, thin strips that the model's resize would
+  blow up). Members are read into memory, never extracted to disk, so member
+  names cannot escape anywhere.
 * Nothing is lost: every sample becomes a row, with ``error`` set when it
   cannot be used, and a shard that cannot be read (missing, not a tar,
   truncated, corrupt) yields the samples before the damage plus one

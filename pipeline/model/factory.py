@@ -154,16 +154,26 @@ def create(
     return ClipBundle(name, model, preprocess, tokenizer, recorded)
 
 
+def preprocess_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settable preprocessing fields (``PREPROCESS_FIELDS``) of ``cfg``."""
+    return {k: cfg[k] for k in PREPROCESS_FIELDS if k in cfg}
+
+
+def tag_preprocess(name: str, tag: Any) -> dict[str, Any]:
+    """The preprocessing of open_clip's pretrained tag ``tag`` for ``name`` (read from its
+    registry, nothing downloaded); empty for a file, no tag or an unknown one."""
+    if not isinstance(tag, str) or not tag:
+        return {}
+    return preprocess_fields(open_clip.get_pretrained_cfg(name, tag))
+
+
 def recorded_preprocess(record: dict[str, Any]) -> dict[str, Any] | None:
     """The preprocessing a run's ``trajectory.json`` records; for runs recorded before it
-    was, that of their pretrained tag (open_clip's registry), else None (the defaults)."""
+    was, that of their pretrained tag, else None (the defaults)."""
     if record.get("preprocess_cfg") is not None:
         return record["preprocess_cfg"]
-    tag, name = record.get("pretrained"), record.get("model")
-    if not isinstance(tag, str) or not isinstance(name, str) or Path(tag).suffix:
-        return None
-    known = open_clip.get_pretrained_cfg(name, tag)
-    return {k: _plain(known[k]) for k in PREPROCESS_FIELDS if k in known} or None
+    tagged = tag_preprocess(str(record.get("model")), record.get("pretrained"))
+    return {k: _plain(v) for k, v in tagged.items()} or None
 
 
 def _local_path(pretrained: str) -> str:

@@ -124,17 +124,14 @@ def open_clip_preprocess(oc: OpenClipRun, name: str) -> dict[str, Any]:
     pretrained tag's registry entry, so nothing is downloaded."""
     import open_clip
 
-    cfg: dict[str, Any] = {}
     schema, where = open_clip.factory.parse_model_name(str(oc.params.get("model", "")))
-    tag = oc.params.get("pretrained")
     if schema == "local-dir":
         raw = json.loads(read_bytes(join(str(where), "open_clip_config.json")).decode())
-        known = raw.get("preprocess_cfg") or {}
-    elif schema is None and isinstance(tag, str) and tag:
-        known = open_clip.get_pretrained_cfg(name, tag)
+        cfg = factory.preprocess_fields(raw.get("preprocess_cfg") or {})
+    elif schema is None:
+        cfg = factory.tag_preprocess(name, oc.params.get("pretrained"))
     else:
-        known = {}
-    cfg.update({k: known[k] for k in factory.PREPROCESS_FIELDS if k in known})
+        cfg = {}
     for key, arg in factory.PREPROCESS_FIELDS.items():
         value = oc.params.get(arg)
         if value not in (None, "", "None"):
