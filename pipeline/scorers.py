@@ -55,6 +55,11 @@ class Scorer(ABC):
     last_terms: ClassVar[frozenset[str]] = frozenset()  # needed at the last checkpoint only
     first_terms: ClassVar[frozenset[str]] = frozenset()  # needed at the first checkpoint only
     description: ClassVar[str] = ""
+    # What the columns depend on besides the trajectory, its sets, the dtype and the
+    # reader: ScoreConfig fields, and "target" for the target set. The scores'
+    # fingerprint holds only those of the requested scorers, so a loss-only rerun
+    # with another --sample-gradient, say, keeps its parts.
+    depends_on: ClassVar[frozenset[str]] = frozenset()
 
     def columns(self, ctx: ScoreContext) -> list[str]:
         return [self.name]
@@ -85,6 +90,11 @@ def get_scorers(names: list[str]) -> list[Scorer]:
     return [REGISTRY[n]() for n in names]
 
 
+def depends_on(scorers: list[Scorer]) -> frozenset[str]:
+    """The options (``Scorer.depends_on``) any of ``scorers`` depends on."""
+    return frozenset().union(*(s.depends_on for s in scorers))
+
+
 def needed_terms(scorers: list[Scorer], ckpt: Checkpoint, ctx: ScoreContext) -> set[str]:
     need: set[str] = set()
     for s in scorers:
@@ -104,6 +114,9 @@ class DiffIn(Scorer):
     # what the engine computes: hb and hv come combined as hlin = W_hb hb + W_hv hv (fast.py)
     terms = frozenset({"first", "hz", "hlin"})
     description = "Diff-In influence on the target loss (second order, trajectory)"
+    depends_on = frozenset(
+        {"target", "first_order", "second_order", "propagate_curvature", "sample_gradient"}
+    )
 
     def form(self, ctx: ScoreContext) -> str:
         return ctx.second_order
@@ -141,6 +154,8 @@ class TracIn(Scorer):
     name = "tracin"
     terms = frozenset({"first"})
     description = "TracIn: first-order trajectory influence on the target loss"
+    # second_order: the "method" form weighs the checkpoints eta / (N m)
+    depends_on = frozenset({"target", "second_order", "sample_gradient"})
 
     def columns(self, ctx: ScoreContext) -> list[str]:
         return [self.name] + [f"tracin_t{c.step}" for c in ctx.checkpoints]
@@ -210,6 +225,7 @@ class ClipScore(Scorer):
 class Random(Scorer):
     name = "random"
     description = "seeded uniform scores, a function of the uid alone"
+    depends_on = frozenset({"seed"})
 
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
         vals = [
@@ -237,6 +253,8 @@ class DiffInSelf(DiffIn):
     keys = ("self_first", "self_hb", "self_hz", "self_hz")
     terms = frozenset(keys)  # no hlin: the self terms come from the self-influence engine
     description = "Diff-In self-influence (F + I)(z, z), for data cleaning; lowest pruned first"
+    # its H_B size (rank or sketch) enters the fingerprint as driver.self_size says
+    depends_on = frozenset({"first_order", "second_order", "seed", "self_hb"})
 
     def form(self, ctx: ScoreContext) -> str:
         # The propagated form needs one transported direction per target; with V = {z} that
@@ -252,6 +270,7 @@ class TracInSelf(Scorer):
     name = "tracin_self"
     terms = frozenset({"self_first"})
     description = "minus TracIn self-influence sum_t W_first ||g_z||^2 (estimator weights)"
+    depends_on = frozenset({"second_order"})
 
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
         total = sum(

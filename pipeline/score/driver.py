@@ -50,7 +50,7 @@ from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
 from pipeline.score.table import build_part
 from pipeline.score.trajectory import load_trajectory, model_identity
-from pipeline.scorers import ScoreContext, get_scorers
+from pipeline.scorers import ScoreContext, depends_on, get_scorers
 from pipeline.tensors import tensor_shapes
 
 log = logging.getLogger(__name__)
@@ -257,8 +257,9 @@ def start_ray(cfg: ScoreConfig) -> bool:
 
 
 # Bumped when the scorers' values change for the same inputs, so that older parts are
-# rescored: v2 leaves a pair that is one of the references out of its own negatives.
-SCORES_VERSION = "scores-v2"
+# rescored: v2 leaves a pair that is one of the references out of its own negatives; v3
+# weighs each checkpoint by the rates of the steps it stands for (estimator.BlockRates).
+SCORES_VERSION = "scores-v3"
 # Trajectory fields the scores depend on beyond the checkpoints' bytes: the
 # estimator's weights (step, lr, n_train) and the propagated form's dynamics.
 _TRAINING_FIELDS = ("optimizer", "steps", "spacing", "batch_size", "n_train")
@@ -303,11 +304,6 @@ def _fingerprint(
     fp: dict[str, Any] = {
         "version": SCORES_VERSION,
         "methods": cfg.methods,
-        "first_order": cfg.first_order,
-        "second_order": cfg.second_order,
-        "propagate_curvature": cfg.propagate_curvature,
-        "sample_gradient": cfg.sample_gradient,
-        "seed": cfg.seed,
         "dtype": cfg.dtype,
         # A re-import can give the same checkpoint bytes other steps and rates.
         "checkpoints": [[c["sha256"], c["step"], c["lr"]] for c in traj_record["checkpoints"]],
@@ -315,9 +311,16 @@ def _fingerprint(
         "training": {k: traj_record.get(k) for k in _TRAINING_FIELDS},
         "recipe": {k: recipe.get(k) for k in _RECIPE_FIELDS},
         "sets": sets,  # reference negatives R and the batches behind g_B, H_B
-        "target": target["target_fingerprint"],
         "reader": {k: list(v) for k, v in cfg.reader_options().items()},  # which rows are ok
     }
+    # Only the options the requested scorers depend on: another value of an unused
+    # one must not rescore (a loss-only rerun with another --sample-gradient).
+    uses = depends_on(get_scorers(cfg.methods))
+    if cfg.second_order != "propagated":
+        uses -= {"propagate_curvature"}  # the curvature the propagated form damps with
+    fp["options"] = {k: getattr(cfg, k) for k in sorted(uses - {"target", "self_hb"})}
+    if "target" in uses:
+        fp["target"] = target["target_fingerprint"]
     if self_size is not None:
         # The size actually used, not the budget: a roomier budget that changes
         # only the chunk size must not rescore.

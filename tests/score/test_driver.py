@@ -287,6 +287,50 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
     assert h(cfg=dataclasses.replace(cfg, memory_mb=4096)) == base
 
 
+def test_the_fingerprint_holds_only_the_options_the_requested_scorers_use():
+    """A loss-only rerun with another --sample-gradient or target used to rescore (review)."""
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import _fingerprint, fingerprint_hash
+
+    sets = {"reference": "r", "grad_batches": "g"}
+
+    def h(methods, target="t", **options):
+        cfg = ScoreConfig(data="/pool/x.tar", run="/runs/a", methods=methods, **options)
+        return fingerprint_hash(
+            _fingerprint(cfg, _traj_record(), {"target_fingerprint": target}, sets)
+        )
+
+    unused_by_loss = [
+        {"sample_gradient": "reference"},
+        {"second_order": "method"},
+        {"propagate_curvature": "hessian"},
+        {"first_order": False},
+        {"seed": 7},
+    ]
+    for methods in (["loss"], ["loss_mean", "clip_score", "grand", "el2n"]):
+        base = h(methods)
+        assert h(methods, target="another") == base
+        assert all(h(methods, **o) == base for o in unused_by_loss), methods
+        assert h(methods, dtype="float64") != base  # still what every scorer depends on
+        assert h(methods, image_keys=["png"]) != base
+    assert h(["loss", "tracin"]) != h(["loss"])  # the columns differ
+
+    tracin = h(["tracin"])
+    assert h(["tracin"], first_order=False) == tracin
+    assert h(["tracin"], seed=7) == tracin
+    assert h(["tracin"], target="another") != tracin
+    assert h(["tracin"], sample_gradient="reference") != tracin
+    assert h(["tracin"], second_order="method") != tracin  # its weights are the form's
+
+    # The curvature the propagated form damps with counts only for that form.
+    derived = h(["diffin"], second_order="derived")
+    assert h(["diffin"], second_order="derived", propagate_curvature="hessian") == derived
+    propagated = h(["diffin"], second_order="propagated")
+    assert h(["diffin"], second_order="propagated", propagate_curvature="hessian") != propagated
+    assert h(["diffin"], second_order="propagated", first_order=False) != propagated
+    assert h(["random"], seed=7) != h(["random"])
+
+
 def test_the_self_influence_size_in_the_fingerprint_is_the_one_the_budget_allows():
     from types import SimpleNamespace
 
