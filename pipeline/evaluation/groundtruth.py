@@ -39,7 +39,7 @@ from pipeline.influence.directions import (
     curvature_operator,
     target_gradient,
 )
-from pipeline.influence.estimator import Checkpoint, checkpoint_weights
+from pipeline.influence.estimator import Checkpoint, attach_block_rates, checkpoint_weights
 from pipeline.influence.fast import fast_terms
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.influence.propagate import propagated_directions
@@ -359,7 +359,11 @@ class GroundTruth:
         ``diffin_hz``, ``diffin_hv``, ``diffin_method`` / ``diffin_method_second`` (the
         METHOD.md form of the weights), ``tracin_last`` (last checkpoint only), and
         ``tracin_removal`` / ``diffin_removal`` (g_z as z's removal gradient)."""
-        seed, n = self.setting.seed, self.n_train
+        s = self.setting
+        seed, n = s.seed, self.n_train
+        checkpoints = attach_block_rates(
+            checkpoints, lambda step: lr_at(step, s.lr, s.warmup, s.steps, s.schedule)
+        )
         ctx = ScoreContext(checkpoints, n, seed, {"first_order": True})
         weights = checkpoint_weights(checkpoints, n)  # derived (their W_first is TracIn's)
 

@@ -10,7 +10,7 @@ and a score is sum_t (W_first first + W_hb hb + W_hz hz + W_hv hv): the estimate
 weights exist (``FORMS``); docs/method.md ("Derivation of the weights") has the
 full derivation and docs/accuracy.md the measurements.
 
-``derived`` (the default), from a second-order expansion of plain SGD with
+``derived``, from a second-order expansion of plain SGD with
 removal weight 1/N. Checkpoint t_i stands for the steps s in [t_{i-1}, t_i)
 (t_0 = 0): Delta_i = t_i - t_{i-1} steps at rate eta_i (the checkpoint's rate),
 with E_i = sum_{j<i} eta_j Delta_j the learning-rate sum already elapsed
@@ -24,6 +24,19 @@ hence the drift terms. Summed over the block:
     W_hb    = -eta Delta / N * (E + eta (Delta - 1) / 2)   (mean elapsed rate-sum over the block)
     W_hv    = -eta Delta / N *  E
     W_hz    = +eta Delta / N *  eta (Delta + 1) / 2         (drift of g_z within the block)
+
+Those are the sums below for a constant rate over the block. When the
+trajectory's schedule is on record, each checkpoint carries its block's
+rates summed (``BlockRates``), and the weights use the rates the steps
+actually ran at: with E_s = sum_{r<s} eta_r and E_end the sum at the
+block's end,
+
+    W_first = sum_s eta_s / N                 W_hb = -sum_s eta_s E_s / N
+    W_hz    = sum_s eta_s (E_end - E_s) / N   W_hv = sum_s eta_s (E_end - 2 E_s - eta_s) / N
+
+(why: a cosine schedule's last checkpoint has rate 0 at the final step, so
+its rate alone would give the whole last block no weight; a warm-up block
+would be weighted at the full rate).
 
 ``method``: METHOD.md section 3 and the authors' code, literally:
 
@@ -49,8 +62,8 @@ default), else sum_t I_t alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -61,9 +74,44 @@ SECOND_ORDER_KEYS = ("hb", "hz", "hv")
 
 
 @dataclass(frozen=True)
+class BlockRates:
+    """The rates eta_s of the steps s in [t_{i-1}, t_i) that checkpoint t_i stands for, summed.
+
+    ``elapsed`` weighs each rate by E_s = sum_{r<s} eta_r, counted from step 0.
+    """
+
+    total: float  # sum_s eta_s
+    elapsed: float  # sum_s eta_s E_s
+    squares: float  # sum_s eta_s^2
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     step: int
-    lr: float
+    lr: float  # the rate of step ``step`` (theta_step -> theta_step+1)
+    block: BlockRates | None = None  # its block's rates, when the schedule is on record
+
+
+def block_rates(steps: Sequence[int], rate: Callable[[int], float]) -> list[BlockRates]:
+    """``BlockRates`` of every checkpoint step (sorted), from the rate of each training step."""
+    if list(steps) != sorted(set(steps)) or not steps or steps[0] < 1:
+        raise ValueError(f"checkpoint steps must be distinct, sorted and >= 1: {list(steps)}")
+    r = np.fromiter((rate(s) for s in range(steps[-1])), dtype=np.float64, count=steps[-1])
+    elapsed = np.concatenate([[0.0], np.cumsum(r)[:-1]])
+    out, start = [], 0
+    for t in steps:
+        b, e = r[start:t], elapsed[start:t]
+        out.append(BlockRates(float(b.sum()), float(b @ e), float(b @ b)))
+        start = t
+    return out
+
+
+def attach_block_rates(
+    ckpts: Sequence[Checkpoint], rate: Callable[[int], float]
+) -> list[Checkpoint]:
+    """The checkpoints (sorted by step) with their ``BlockRates`` under ``rate``."""
+    blocks = block_rates([c.step for c in ckpts], rate)
+    return [replace(c, block=b) for c, b in zip(ckpts, blocks, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -100,6 +148,23 @@ def checkpoint_weights(
         return [
             Weights(w.first, 0.0, 0.0, 0.0) for w in checkpoint_weights(ckpts, n_train, "derived")
         ]
+    blocks = [c.block for c in ckpts]
+    if all(b is not None for b in blocks):
+        done = 0.0  # E at the start of the block
+        for b in blocks:
+            end = done + b.total
+            out.append(
+                Weights(
+                    first=b.total / n,
+                    hb=-b.elapsed / n,
+                    hz=(b.total * end - b.elapsed) / n,
+                    hv=(b.total * end - 2 * b.elapsed - b.squares) / n,
+                )
+            )
+            done = end
+        return out
+    if any(b is not None for b in blocks):
+        raise ValueError("checkpoints: block rates for some checkpoints and not others")
     elapsed, prev = 0.0, 0
     for c in ckpts:
         delta, eta = c.step - prev, c.lr

@@ -38,7 +38,7 @@ from pipeline.score.config import AUTO_FORM, ScoreConfig
 from pipeline.score.trajectory import Trajectory, load_state_dict, model_identity
 from pipeline.scorers import ScoreContext, get_scorers, needed_terms
 from pipeline.tensors import load_tensors, save_tensors
-from pipeline.train.schedule import lr_at
+from pipeline.train.schedule import recorded_rate
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +216,9 @@ def sgd_dynamics(traj: Trajectory) -> tuple[float, float, Callable[[int], float]
             f"second_order propagated: the trajectory was trained with {opt.get('name')!r}; the "
             "propagated form models SGD (momentum, weight decay). Use --second-order derived"
         )
-    c = traj.record.get("config", {})
-    if all(k in c for k in ("lr", "warmup", "steps", "schedule")):
-
-        def rate(s: int) -> float:
-            return lr_at(s, float(c["lr"]), int(c["warmup"]), int(c["steps"]), str(c["schedule"]))
-
+    recorded = recorded_rate(traj.record)
+    if recorded is not None:
+        rate = recorded
         for ck in traj.checkpoints:
             if abs(rate(ck.step) - ck.lr) > 1e-12 * max(1.0, ck.lr):
                 raise ConfigError(

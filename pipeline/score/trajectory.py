@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.influence.estimator import Checkpoint
+from pipeline.influence.estimator import Checkpoint, attach_block_rates
 from pipeline.model import factory
 from pipeline.rundir import RunDir, exists, read_bytes, read_json
+from pipeline.train.schedule import recorded_rate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,7 +53,27 @@ def load_trajectory(run: RunDir) -> Trajectory:
         raise ConfigError(f"run: no trajectory in {run.url} (run `diffin train` first)")
     record = read_json(run.trajectory_json)
     ckpts = [Checkpoint(int(c["step"]), float(c["lr"])) for c in record["checkpoints"]]
-    return Trajectory(record, ckpts)
+    return Trajectory(record, with_block_rates(ckpts, record))
+
+
+def with_block_rates(ckpts: list[Checkpoint], record: dict[str, Any]) -> list[Checkpoint]:
+    """The checkpoints with the rates of the steps each stands for (``BlockRates``), when the
+    schedule is on record and agrees with the rates the checkpoints recorded; else as they
+    are (the estimator then takes each checkpoint's rate for its whole block)."""
+    rate = recorded_rate(record)
+    if rate is None or not ckpts:
+        return ckpts
+    off = [c for c in ckpts if abs(rate(c.step) - c.lr) > 1e-12 * max(1.0, c.lr)]
+    if off:
+        log.warning(
+            "trajectory: the recorded schedule gives lr %g at step %d, the checkpoint records "
+            "%g; each checkpoint's own rate stands for its block",
+            rate(off[0].step),
+            off[0].step,
+            off[0].lr,
+        )
+        return ckpts
+    return attach_block_rates(ckpts, rate)
 
 
 def load_state_dict(run: RunDir, traj: Trajectory, step: int) -> dict[str, torch.Tensor]:

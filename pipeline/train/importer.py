@@ -43,7 +43,7 @@ from pipeline.model import factory
 from pipeline.provenance import provenance
 from pipeline.rundir import RunDir, join, read_bytes, remove, write_json
 from pipeline.train.config import TrainConfig
-from pipeline.train.schedule import lr_at
+from pipeline.train.schedule import open_clip_lr
 from pipeline.train.sets import load_pool, save_sets
 from pipeline.train.state import clear_resume, save_checkpoint
 from pipeline.train.trajectory import LR_NOTE, optimizer_record
@@ -95,26 +95,10 @@ class OpenClipRun:
 
     def lr(self, step: int, total: int) -> float:
         """The rate open_clip_train's scheduler sets for ``step`` (that of theta_step -> theta_step+1)."""
-        p = self.params
-        base, warmup = float(p["lr"]), int(p.get("warmup") or 0)
-        if p.get("skip_scheduler"):
-            return base
-        kind = p.get("lr_scheduler", "cosine")
-        if kind == "cosine":
-            return lr_at(step, base, warmup, total, "cosine")
-        if kind == "const":
-            return lr_at(step, base, warmup, total, "constant")
-        if kind == "const-cooldown":
-            if step < warmup:
-                return base * (step + 1) / warmup
-            cooldown = (total // int(p["epochs"])) * int(p["epochs_cooldown"])
-            start = total - cooldown
-            if step < start:
-                return base
-            end = float(p.get("lr_cooldown_end") or 0.0)
-            decay = (1 - (step - start) / cooldown) ** float(p.get("lr_cooldown_power") or 1.0)
-            return decay * (base - end) + end
-        raise ConfigError(f"import: unknown lr_scheduler {kind!r} in {self.url}/params.txt")
+        try:
+            return open_clip_lr(self.params, step, total)
+        except ConfigError as e:
+            raise ConfigError(f"import: {self.url}/params.txt: {e}") from None
 
 
 def open_clip_preprocess(oc: OpenClipRun, name: str) -> dict[str, Any]:

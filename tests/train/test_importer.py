@@ -17,6 +17,7 @@ from pipeline.cli import main
 from pipeline.data.shards import resolve_shards, shard_names
 from pipeline.data.synth import SynthConfig, make_pool
 from pipeline.errors import ConfigError
+from pipeline.influence.estimator import checkpoint_weights
 from pipeline.model.factory import save_config_dir
 from pipeline.rundir import RunDir
 from pipeline.score.config import ScoreConfig
@@ -112,6 +113,14 @@ def test_import_records_open_clip_steps_rates_and_weights(oc_run, tmp_path):
         assert all(torch.equal(ours[k], v) for k, v in theirs.items())
     assert rec["checkpoints"][-1]["lr"] == pytest.approx(0.0, abs=1e-15)  # cosine ends at 0
     assert not math.isclose(rec["checkpoints"][0]["lr"], 0.0)
+    # Scoring weighs each epoch by the rates its steps ran at (params.txt's schedule): the
+    # last checkpoint's own rate is 0, and it used to give that whole epoch no weight.
+    traj = load_trajectory(RunDir(run))
+    weights = checkpoint_weights(traj.checkpoints, traj.n_train)
+    epochs = [range(0, per_epoch), range(per_epoch, total)]
+    want = [sum(_open_clip_lr(s, total) for s in steps) / SAMPLES for steps in epochs]
+    assert [w.first for w in weights] == pytest.approx(want, rel=1e-9)
+    assert weights[-1].first > 0.2 * weights[0].first
     for name in ("reference", "target", "grad_batches"):
         assert Path(RunDir(run).set_file(name)).is_file()
 
