@@ -33,7 +33,7 @@ from torch.func import grad
 from pipeline.evaluation import groundtruth as G
 from pipeline.evaluation.metrics import spearman
 from pipeline.influence.directions import target_gradient
-from pipeline.influence.estimator import checkpoint_weights
+from pipeline.influence.estimator import attach_block_rates, checkpoint_weights
 from pipeline.influence.functional import derivative_mode
 from pipeline.influence.vectors import dot
 from pipeline.train.schedule import lr_at
@@ -100,7 +100,12 @@ def main(argv: list[str]) -> dict[str, dict[str, float]]:
     k = gt.ref_images.shape[0]
     set_removal = np.zeros(n_removed)
     with derivative_mode():
-        for (_, p), w in zip(full.checkpoints, checkpoint_weights(ckpts, gt.n_train), strict=True):
+        # the checkpoints with the block rates, as gt.scores weighs them
+        blocked = attach_block_rates(
+            ckpts, lambda st: lr_at(st, s.lr, s.warmup, s.steps, s.schedule)
+        )
+        weights = checkpoint_weights(blocked, gt.n_train)
+        for (_, p), w in zip(full.checkpoints, weights, strict=True):
             g_V_t = target_gradient(gt.fns, p, gt.target_images, gt.target_tokens)
             g_R = grad(batch_loss)(p, gt.ref_images, gt.ref_tokens)
             for z in removed:

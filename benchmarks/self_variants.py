@@ -78,6 +78,7 @@ def main(argv=None) -> dict:
     from pipeline.data.reader import iter_shard
     from pipeline.data.shards import resolve_shards
     from pipeline.evaluation.metrics import auroc_low_is_positive
+    from pipeline.influence.estimator import checkpoint_weights
     from pipeline.influence.functional import ClipFunctions, derivative_mode
     from pipeline.influence.selfinf import (
         DEFAULT_EXCLUDE,
@@ -141,9 +142,10 @@ def main(argv=None) -> dict:
     per_t: dict[str, dict[int, float]] = {"sq": {}, "final": {}, "fisher_damped": {}, "loss": {}}
     totals = {"tracin_self": 0.0, "final_pairing": 0.0, "fisher_damped": 0.0}
     prev = 0
-    for c in traj.checkpoints:
-        t, delta = c.step, c.step - prev
-        w = c.lr * delta / traj.n_train  # the first-order weight of the checkpoint
+    # the first-order weight of each checkpoint, as the tracin_self scorer has it
+    first = [w.first for w in checkpoint_weights(traj.checkpoints, traj.n_train)]
+    for c, w in zip(traj.checkpoints, first, strict=True):
+        t = c.step
         S = fisher[t]
         eig, vec = np.linalg.eigh(S @ S.T / S.shape[0])
         keep = eig > 1e-8 * eig.max()

@@ -420,9 +420,12 @@ class GroundTruth:
         that matter."""
         grad_batches = [(self.images[i], self.tokens[i]) for i in self.grad_idx]
         gen = torch.Generator().manual_seed(self.setting.seed + 4)
+        s = self.setting
         out, elapsed, prev = [], 0.0, 0
         for ckpt, params in checkpoints:
-            elapsed += ckpt.lr * (ckpt.step - prev)
+            elapsed += sum(
+                lr_at(r, s.lr, s.warmup, s.steps, s.schedule) for r in range(prev, ckpt.step)
+            )
             prev = ckpt.step
             g_V = target_gradient(self.fns, params, self.target_images, self.target_tokens)
             _, w = batch_gradient_and_hvp(self.fns, params, grad_batches, g_V)

@@ -33,6 +33,7 @@ block's end,
 
     W_first = sum_s eta_s / N                 W_hb = -sum_s eta_s E_s / N
     W_hz    = sum_s eta_s (E_end - E_s) / N   W_hv = sum_s eta_s (E_end - 2 E_s - eta_s) / N
+                                                   = -E_start sum_s eta_s / N
 
 (why: a cosine schedule's last checkpoint has rate 0 at the final step, so
 its rate alone would give the whole last block no weight; a warm-up block
@@ -83,6 +84,7 @@ class BlockRates:
     total: float  # sum_s eta_s
     elapsed: float  # sum_s eta_s E_s
     squares: float  # sum_s eta_s^2
+    start: float  # E at the block's first step, t_{i-1}
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def block_rates(steps: Sequence[int], rate: Callable[[int], float]) -> list[Bloc
     out, start = [], 0
     for t in steps:
         b, e = r[start:t], elapsed[start:t]
-        out.append(BlockRates(float(b.sum()), float(b @ e), float(b @ b)))
+        out.append(BlockRates(float(b.sum()), float(b @ e), float(b @ b), float(elapsed[start])))
         start = t
     return out
 
@@ -150,18 +152,17 @@ def checkpoint_weights(
         ]
     blocks = [c.block for c in ckpts]
     if all(b is not None for b in blocks):
-        done = 0.0  # E at the start of the block
         for b in blocks:
-            end = done + b.total
+            end = b.start + b.total  # E at the block's end
+            # W_hv's sum, sum_s eta_s (E_end - 2 E_s - eta_s), telescopes to -E_start sum_s eta_s
             out.append(
                 Weights(
                     first=b.total / n,
                     hb=-b.elapsed / n,
                     hz=(b.total * end - b.elapsed) / n,
-                    hv=(b.total * end - 2 * b.elapsed - b.squares) / n,
+                    hv=-b.start * b.total / n,
                 )
             )
-            done = end
         return out
     if any(b is not None for b in blocks):
         raise ValueError("checkpoints: block rates for some checkpoints and not others")

@@ -52,6 +52,7 @@ from pipeline.score.table import build_part
 from pipeline.score.trajectory import load_trajectory, model_identity
 from pipeline.scorers import ScoreContext, depends_on, get_scorers
 from pipeline.tensors import tensor_shapes
+from pipeline.train.schedule import OPEN_CLIP_SCHEDULE_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,10 @@ def _fingerprint(
         "sets": sets,  # reference negatives R and the batches behind g_B, H_B
         "reader": {k: list(v) for k, v in cfg.reader_options().items()},  # which rows are ok
     }
+    imported = traj_record.get("imported")
+    if imported:  # an import's schedule is its params.txt (train.schedule.recorded_rate)
+        params = imported.get("params") or {}
+        fp["imported_schedule"] = {k: params.get(k) for k in OPEN_CLIP_SCHEDULE_PARAMS}
     # Only the options the requested scorers depend on: another value of an unused
     # one must not rescore (a loss-only rerun with another --sample-gradient).
     uses = depends_on(get_scorers(cfg.methods))

@@ -61,8 +61,9 @@ def with_block_rates(ckpts: list[Checkpoint], record: dict[str, Any]) -> list[Ch
     schedule is on record and agrees with the rates the checkpoints recorded; else as they
     are (the estimator then takes each checkpoint's rate for its whole block)."""
     rate = recorded_rate(record)
-    if rate is None or not ckpts:
-        return ckpts
+    steps = [c.step for c in ckpts]
+    if rate is None or not steps or steps != sorted(set(steps)) or steps[0] < 1:
+        return ckpts  # the estimator refuses unsorted steps with its own message
     off = [c for c in ckpts if abs(rate(c.step) - c.lr) > 1e-12 * max(1.0, c.lr)]
     if off:
         log.warning(

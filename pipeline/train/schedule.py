@@ -23,6 +23,19 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> 
     return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
 
 
+# the params.txt fields open_clip_lr reads
+OPEN_CLIP_SCHEDULE_PARAMS = (
+    "lr",
+    "warmup",
+    "skip_scheduler",
+    "lr_scheduler",
+    "epochs",
+    "epochs_cooldown",
+    "lr_cooldown_end",
+    "lr_cooldown_power",
+)
+
+
 def open_clip_lr(params: dict[str, Any], step: int, total: int) -> float:
     """The rate open_clip_train's scheduler sets for ``step`` (theta_step -> theta_step+1),
     from the run's ``params.txt``: cosine, const or const-cooldown after a linear warm-up,

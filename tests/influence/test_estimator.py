@@ -222,6 +222,8 @@ def test_block_rates_at_a_constant_rate_give_the_constant_rate_weights():
     ]
     for a, b in zip(checkpoint_weights(plain, n), checkpoint_weights(blocked, n), strict=True):
         assert [b.first, b.hb, b.hz, b.hv] == pytest.approx([a.first, a.hb, a.hz, a.hv], rel=1e-12)
+    # a subset of the checkpoints keeps each one's weights (its block knows where it starts)
+    assert checkpoint_weights(blocked[2:], n) == checkpoint_weights(blocked, n)[2:]
     with pytest.raises(ValueError, match="some checkpoints"):
         checkpoint_weights([blocked[0], *plain[1:]], n)
     with pytest.raises(ValueError, match="sorted"):

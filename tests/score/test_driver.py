@@ -279,6 +279,9 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
         h(record=_traj_record(model="ViT-B-32-quickgelu")),
         h(record=_traj_record(model_config={"embed_dim": 512, "quick_gelu": True})),
         h(cfg=dataclasses.replace(cfg, sample_gradient="reference")),
+        # an imported run's schedule (params.txt) gives the rates of its blocks (review)
+        h(record=_traj_record(imported={"params": {"lr": 1e-3, "warmup": 5}})),
+        h(record=_traj_record(imported={"params": {"lr": 1e-3, "warmup": 6}})),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
     # The sketch size is not used by the default (Lanczos) form of H_B, and a
