@@ -36,7 +36,6 @@ from pipeline.influence.directions import target_gradient
 from pipeline.influence.estimator import attach_block_rates, checkpoint_weights
 from pipeline.influence.functional import derivative_mode
 from pipeline.influence.vectors import dot
-from pipeline.train.schedule import lr_at
 
 
 def main(argv: list[str]) -> dict[str, dict[str, float]]:
@@ -87,7 +86,7 @@ def main(argv: list[str]) -> dict[str, dict[str, float]]:
             hit = [z for z in idx.tolist() if z in pos]
             if not hit:
                 continue
-            eta = lr_at(st, s.lr, s.warmup, s.steps, s.schedule)
+            eta = s.rate(st)
             p = at[st]
             g_full = grad(batch_loss)(p, gt.images[idx], gt.tokens[idx])
             for z in hit:
@@ -101,9 +100,7 @@ def main(argv: list[str]) -> dict[str, dict[str, float]]:
     set_removal = np.zeros(n_removed)
     with derivative_mode():
         # the checkpoints with the block rates, as gt.scores weighs them
-        blocked = attach_block_rates(
-            ckpts, lambda st: lr_at(st, s.lr, s.warmup, s.steps, s.schedule)
-        )
+        blocked = attach_block_rates(ckpts, s.rate)
         weights = checkpoint_weights(blocked, gt.n_train)
         for (_, p), w in zip(full.checkpoints, weights, strict=True):
             g_V_t = target_gradient(gt.fns, p, gt.target_images, gt.target_tokens)

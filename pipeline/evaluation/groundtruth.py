@@ -39,7 +39,12 @@ from pipeline.influence.directions import (
     curvature_operator,
     target_gradient,
 )
-from pipeline.influence.estimator import Checkpoint, attach_block_rates, checkpoint_weights
+from pipeline.influence.estimator import (
+    Checkpoint,
+    attach_block_rates,
+    block_rates,
+    checkpoint_weights,
+)
 from pipeline.influence.fast import fast_terms
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.influence.propagate import propagated_directions
@@ -82,6 +87,10 @@ class LOOSetting:
     # rate pre_lr) before the studied segment; LOO then covers only the segment that follows.
     pre_steps: int = 0
     pre_lr: float = 1.0
+
+    def rate(self, step: int) -> float:
+        """The learning rate of training step ``step`` of the studied segment."""
+        return lr_at(step, self.lr, self.warmup, self.steps, self.schedule)
 
     def train_config(self) -> TrainConfig:
         cfg = TrainConfig(
@@ -342,7 +351,7 @@ class GroundTruth:
         return propagated_directions(
             hvp,
             [c.step for c, _ in checkpoints],
-            lambda step: lr_at(step, s.lr, s.warmup, s.steps, s.schedule),
+            s.rate,
             g_V,
             self.n_train,
             s.momentum,
@@ -361,9 +370,7 @@ class GroundTruth:
         ``tracin_removal`` / ``diffin_removal`` (g_z as z's removal gradient)."""
         s = self.setting
         seed, n = s.seed, self.n_train
-        checkpoints = attach_block_rates(
-            checkpoints, lambda step: lr_at(step, s.lr, s.warmup, s.steps, s.schedule)
-        )
+        checkpoints = attach_block_rates(checkpoints, s.rate)
         ctx = ScoreContext(checkpoints, n, seed, {"first_order": True})
         weights = checkpoint_weights(checkpoints, n)  # derived (their W_first is TracIn's)
 
@@ -420,13 +427,10 @@ class GroundTruth:
         that matter."""
         grad_batches = [(self.images[i], self.tokens[i]) for i in self.grad_idx]
         gen = torch.Generator().manual_seed(self.setting.seed + 4)
-        s = self.setting
-        out, elapsed, prev = [], 0.0, 0
-        for ckpt, params in checkpoints:
-            elapsed += sum(
-                lr_at(r, s.lr, s.warmup, s.steps, s.schedule) for r in range(prev, ckpt.step)
-            )
-            prev = ckpt.step
+        blocks = block_rates([c.step for c, _ in checkpoints], self.setting.rate)
+        out = []
+        for (ckpt, params), block in zip(checkpoints, blocks, strict=True):
+            elapsed = block.start + block.total
             g_V = target_gradient(self.fns, params, self.target_images, self.target_tokens)
             _, w = batch_gradient_and_hvp(self.fns, params, grad_batches, g_V)
             assert w is not None

@@ -35,7 +35,12 @@ from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir, exists, sha256
 from pipeline.score.config import AUTO_FORM, ScoreConfig
-from pipeline.score.trajectory import Trajectory, load_state_dict, model_identity
+from pipeline.score.trajectory import (
+    Trajectory,
+    load_state_dict,
+    model_identity,
+    schedule_disagreement,
+)
 from pipeline.scorers import ScoreContext, get_scorers, needed_terms
 from pipeline.tensors import load_tensors, save_tensors
 from pipeline.train.schedule import recorded_rate
@@ -219,12 +224,9 @@ def sgd_dynamics(traj: Trajectory) -> tuple[float, float, Callable[[int], float]
     recorded = recorded_rate(traj.record)
     if recorded is not None:
         rate = recorded
-        for ck in traj.checkpoints:
-            if abs(rate(ck.step) - ck.lr) > 1e-12 * max(1.0, ck.lr):
-                raise ConfigError(
-                    f"trajectory: the schedule gives lr {rate(ck.step)} at step {ck.step}, "
-                    f"the checkpoint records {ck.lr}"
-                )
+        problem = schedule_disagreement(traj.checkpoints, rate)
+        if problem:
+            raise ConfigError(problem)
     else:  # no schedule on record: each checkpoint's rate over the steps it stands for
         owner = {
             s: ck.lr

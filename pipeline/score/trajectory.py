@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,17 +65,22 @@ def with_block_rates(ckpts: list[Checkpoint], record: dict[str, Any]) -> list[Ch
     steps = [c.step for c in ckpts]
     if rate is None or not steps or steps != sorted(set(steps)) or steps[0] < 1:
         return ckpts  # the estimator refuses unsorted steps with its own message
-    off = [c for c in ckpts if abs(rate(c.step) - c.lr) > 1e-12 * max(1.0, c.lr)]
-    if off:
-        log.warning(
-            "trajectory: the recorded schedule gives lr %g at step %d, the checkpoint records "
-            "%g; each checkpoint's own rate stands for its block",
-            rate(off[0].step),
-            off[0].step,
-            off[0].lr,
-        )
+    problem = schedule_disagreement(ckpts, rate)
+    if problem:
+        log.warning("%s; each checkpoint's own rate stands for its block", problem)
         return ckpts
     return attach_block_rates(ckpts, rate)
+
+
+def schedule_disagreement(ckpts: list[Checkpoint], rate: Callable[[int], float]) -> str | None:
+    """Why the schedule ``rate`` does not fit the rates the checkpoints recorded, or None."""
+    for c in ckpts:
+        if abs(rate(c.step) - c.lr) > 1e-12 * max(1.0, c.lr):
+            return (
+                f"trajectory: the recorded schedule gives lr {rate(c.step)} at step {c.step}, "
+                f"the checkpoint records {c.lr}"
+            )
+    return None
 
 
 def load_state_dict(run: RunDir, traj: Trajectory, step: int) -> dict[str, torch.Tensor]:
