@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
+from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.score.config import SAMPLE_GRADIENTS
@@ -38,6 +39,12 @@ def _add_reader_keys(parser: argparse.ArgumentParser) -> None:
         type=_methods,
         default=list(TEXT_KEYS),
         help="comma list of caption extensions",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=_positive,
+        default=MAX_IMAGE_PIXELS,
+        help="an image declaring more pixels (width x height) is an error row, never decoded",
     )
 
 
@@ -392,6 +399,7 @@ def run(args: argparse.Namespace) -> object:
             max_failures=args.max_failures,
             image_keys=args.image_key,
             text_keys=args.text_key,
+            max_image_pixels=args.max_image_pixels,
         )
         if args.import_dir is not None:
             import dataclasses
@@ -435,6 +443,7 @@ def run(args: argparse.Namespace) -> object:
                 memory_mb=args.memory_mb,
                 image_keys=args.image_key,
                 text_keys=args.text_key,
+                max_image_pixels=args.max_image_pixels,
             )
         )
     if args.command == "prune":

@@ -226,3 +226,13 @@ def test_report_top_must_be_positive(tmp_path, capsys, top):
     with pytest.raises(SystemExit):
         main(["report", "--run", str(tmp_path / "run"), "--top", top])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["score", "train"])
+def test_the_pixel_cap_is_a_positive_option(tmp_path, capsys, command):
+    argv = [command, "--data", "d", "--run", str(tmp_path / "run")]
+    assert build_parser().parse_args(argv).max_image_pixels == 64_000_000
+    assert build_parser().parse_args([*argv, "--max-image-pixels", "5"]).max_image_pixels == 5
+    with pytest.raises(SystemExit):
+        main([*argv, "--max-image-pixels", "0"])
+    assert "must be >= 1" in capsys.readouterr().err

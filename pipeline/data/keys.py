@@ -1,6 +1,14 @@
-"""Which members of a sample hold its image and its caption (reader options shared by the stages)."""
+"""How the stages read a sample: which members hold its image and caption, and the pixel cap.
+
+These are the reader options every stage shares, so that a shard is read the
+same way (the same rows ok) by training, scoring and the stages after them.
+"""
 
 from __future__ import annotations
+
+from typing import Any
+
+from pipeline.data.reader import MAX_IMAGE_PIXELS
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_KEYS = ("txt",)
@@ -28,6 +36,26 @@ def valid_keys(keys: list[str]) -> bool:
     return bool(keys) and all(_valid_key(k) for k in keys)
 
 
-def reader_options(image_keys: list[str], text_keys: list[str]) -> dict[str, tuple[str, ...]]:
+def reader_options(
+    image_keys: list[str], text_keys: list[str], max_image_pixels: int = MAX_IMAGE_PIXELS
+) -> dict[str, Any]:
     """Keyword arguments for pipeline.data.reader.iter_shard."""
-    return {"image_keys": tuple(image_keys), "text_keys": tuple(text_keys)}
+    return {
+        "image_keys": tuple(image_keys),
+        "text_keys": tuple(text_keys),
+        "max_image_pixels": int(max_image_pixels),
+    }
+
+
+def recorded_reader_options(
+    recorded: dict[str, Any], fallback: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The reader options of a stage's recorded config; a missing one comes from ``fallback``,
+    else its default (a config recorded before the option existed was read with the default).
+    """
+    fallback = fallback or {}
+    return reader_options(
+        recorded.get("image_keys", fallback.get("image_keys", IMAGE_KEYS)),
+        recorded.get("text_keys", fallback.get("text_keys", TEXT_KEYS)),
+        recorded.get("max_image_pixels", fallback.get("max_image_pixels", MAX_IMAGE_PIXELS)),
+    )

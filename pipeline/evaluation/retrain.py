@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from pipeline.data.keys import reader_options
+from pipeline.data.keys import recorded_reader_options
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards
@@ -313,9 +313,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
     recorded = scored_config(run)
-    options = reader_options(
-        recorded.get("image_keys", proxy.image_keys), recorded.get("text_keys", proxy.text_keys)
-    )
+    options = recorded_reader_options(recorded, proxy.reader_options())
     wanted = set().union(*(s["uids"] for s in subsets))
     pool = _read_ok(src.data, options, wanted)
     if len(pool) != len(wanted):

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.data.keys import IMAGE_KEYS, KEYS_RULE, TEXT_KEYS, reader_options, valid_keys
+from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.influence.selfinf import SelfConfig
@@ -48,6 +49,8 @@ class ScoreConfig:
     dtype: str = "float32"
     image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
     text_keys: list[str] = field(default_factory=lambda: list(TEXT_KEYS))
+    # an image whose header declares more pixels is an error row, never decoded
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     prefetch_batches: int = 2  # decoded batches an actor reads ahead (0: no prefetch thread hint)
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
@@ -73,6 +76,7 @@ class ScoreConfig:
             ),
             ("image_keys", valid_keys(self.image_keys), KEYS_RULE),
             ("text_keys", valid_keys(self.text_keys), KEYS_RULE),
+            ("max_image_pixels", self.max_image_pixels >= 1, "must be >= 1"),
             ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
             (
                 "second_order",
@@ -108,8 +112,8 @@ class ScoreConfig:
             seed=self.seed,
         )
 
-    def reader_options(self) -> dict[str, tuple[str, ...]]:
-        return reader_options(self.image_keys, self.text_keys)
+    def reader_options(self) -> dict[str, Any]:
+        return reader_options(self.image_keys, self.text_keys, self.max_image_pixels)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -312,7 +312,7 @@ def _fingerprint(
         "training": {k: traj_record.get(k) for k in _TRAINING_FIELDS},
         "recipe": {k: recipe.get(k) for k in _RECIPE_FIELDS},
         "sets": sets,  # reference negatives R and the batches behind g_B, H_B
-        "reader": {k: list(v) for k, v in cfg.reader_options().items()},  # which rows are ok
+        "reader": cfg.reader_options(),  # which rows are ok
     }
     imported = traj_record.get("imported")
     if imported:  # an import's schedule is its params.txt (train.schedule.recorded_rate)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, reader_options
+from pipeline.data.keys import recorded_reader_options
 from pipeline.data.sample import Sample
 from pipeline.rundir import RunDir, exists, read_bytes, read_json, write_bytes_atomic
 
@@ -91,9 +91,6 @@ def scored_config(run: RunDir) -> dict[str, Any]:
     return table_metadata(run.scores).get("score", {}) if exists(run.scores) else {}
 
 
-def scored_reader_options(run: RunDir) -> dict[str, tuple[str, ...]]:
-    """How the scored shards were read (image and text keys): re-read them the same way."""
-    recorded = scored_config(run)
-    return reader_options(
-        recorded.get("image_keys", list(IMAGE_KEYS)), recorded.get("text_keys", list(TEXT_KEYS))
-    )
+def scored_reader_options(run: RunDir) -> dict[str, Any]:
+    """How the scored shards were read (image and text keys, pixel cap): re-read them the same way."""
+    return recorded_reader_options(scored_config(run))

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.data.keys import IMAGE_KEYS, KEYS_RULE, TEXT_KEYS, reader_options, valid_keys
+from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError
 
 PRECISIONS = ("fp32", "amp", "fp64")
@@ -47,6 +48,8 @@ class TrainConfig:
     max_failures: int = 0  # Ray Train restarts of a failed worker group (each resumes)
     image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
     text_keys: list[str] = field(default_factory=lambda: list(TEXT_KEYS))
+    # an image whose header declares more pixels is an error row, never decoded
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def validate(self) -> None:
         checks = [
@@ -64,6 +67,7 @@ class TrainConfig:
             ("reference_size", self.reference_size >= 1, "must be >= 1"),
             ("image_keys", valid_keys(self.image_keys), KEYS_RULE),
             ("text_keys", valid_keys(self.text_keys), KEYS_RULE),
+            ("max_image_pixels", self.max_image_pixels >= 1, "must be >= 1"),
             ("grad_batches", self.grad_batches >= 1, "must be >= 1"),
             ("workers", self.workers >= 0, "must be >= 0"),
             ("threads", self.threads >= 0, "must be >= 0 (0: torch's default)"),
@@ -80,8 +84,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
 
-    def reader_options(self) -> dict[str, tuple[str, ...]]:
-        return reader_options(self.image_keys, self.text_keys)
+    def reader_options(self) -> dict[str, Any]:
+        return reader_options(self.image_keys, self.text_keys, self.max_image_pixels)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

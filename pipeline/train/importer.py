@@ -192,6 +192,7 @@ SET_FIELDS = (
     "max_samples",
     "image_keys",
     "text_keys",
+    "max_image_pixels",
 )
 
 

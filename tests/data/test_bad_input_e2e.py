@@ -177,3 +177,34 @@ def test_configuration_errors_are_refused_before_work(tiny_run, tmp_path):
     for keep in (0.0, -0.1, 1.01):
         with pytest.raises(ConfigError, match="keep"):
             PruneConfig(run=run_url, keep=keep).validate()
+
+
+def test_the_pixel_cap_is_a_score_option(tiny_run, tmp_path, helpers):
+    """``max_image_pixels`` reaches the actors' reader: a larger image is an error row."""
+    h = helpers
+    run_url = str(tmp_path / "run")
+    shutil.copytree(tiny_run["run"], run_url)
+    members = [
+        *h.sample_members("small", image=h.encode_image("JPEG", (40, 40))),  # 1,600 px
+        *h.sample_members("large", image=h.encode_image("PNG", (60, 60))),  # 3,600 px
+        *h.sample_members("small2", image=h.encode_image("JPEG", (30, 50))),  # 1,500 px
+    ]
+    shard = tmp_path / "pool" / "00000.tar"
+    shard.parent.mkdir()
+    shard.write_bytes(h.tar_bytes(members))
+    cfg = ScoreConfig(
+        data=str(shard), run=run_url, methods=["diffin"], batch_size=4, max_image_pixels=2_000
+    )
+    assert cfg.reader_options()["max_image_pixels"] == 2_000
+    run = RunDir(run_url)
+    ensure_directions(cfg, run, load_trajectory(run))
+    (name,) = shard_names([str(shard)])
+    counts = ShardScorer(run_url, cfg).score_shard(str(shard), name)
+    assert counts["rows"] == 3 and counts["errors"] == 1
+    merge_parts([run.part(name)], run.scores, metadata={})
+    table = read_table(run.scores).to_pandas().set_index("key")
+    assert table.loc["large", "error"] == "image too large: 60x60 pixels (cap 2000)"
+    assert table.loc[["small", "small2"], "status"].tolist() == ["ok", "ok"]
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="max_image_pixels"):
+            ScoreConfig(data="x", run="r", max_image_pixels=bad).validate()

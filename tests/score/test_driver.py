@@ -316,6 +316,7 @@ def test_the_fingerprint_holds_only_the_options_the_requested_scorers_use():
         assert all(h(methods, **o) == base for o in unused_by_loss), methods
         assert h(methods, dtype="float64") != base  # still what every scorer depends on
         assert h(methods, image_keys=["png"]) != base
+        assert h(methods, max_image_pixels=1_000) != base  # which rows are ok
     assert h(["loss", "tracin"]) != h(["loss"])  # the columns differ
 
     tracin = h(["tracin"])
