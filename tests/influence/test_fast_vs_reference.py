@@ -12,17 +12,9 @@ from pipeline.model import factory
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    bundle = factory.create("diffin-tiny", dtype=torch.float64)
-    g = torch.Generator().manual_seed(1)
-
-    def batch(n):
-        return (
-            torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),
-            torch.randint(1, 49000, (n, 24), generator=g),
-        )
-
+def setup(tiny64):
+    bundle = tiny64.bundle()
+    batch = tiny64.batches(1)
     ref = batch(7)
     fns = ClipFunctions(bundle.model, *ref)
     params = factory.param_dict(bundle.model)

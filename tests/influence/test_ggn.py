@@ -8,14 +8,12 @@ from torch.func import hessian, jvp
 from pipeline.influence.directions import GaussNewton, batch_gradient_and_hvp
 from pipeline.influence.functional import ClipFunctions, derivative_mode
 from pipeline.influence.vectors import dot
-from pipeline.model import factory
 from pipeline.model.loss import scale_of
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    bundle = factory.create("diffin-tiny", dtype=torch.float64)
+def setup(tiny64):
+    bundle = tiny64.bundle()
     fns = ClipFunctions(bundle.model)
     params = {k: v.detach() for k, v in bundle.model.named_parameters()}
     size = bundle.model.visual.image_size

@@ -19,17 +19,9 @@ TERMS = ("first", "hb", "hz", "hv")
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    bundle = factory.create("diffin-tiny", dtype=torch.float64)
-    g = torch.Generator().manual_seed(11)
-
-    def batch(n):
-        return (
-            torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),
-            torch.randint(1, 49000, (n, 24), generator=g),
-        )
-
+def setup(tiny64):
+    bundle = tiny64.bundle()
+    batch = tiny64.batches(11)
     ref = batch(6)
     plain = ClipFunctions(bundle.model, *ref)
     removal = ClipFunctions(bundle.model, *ref, removal=True)

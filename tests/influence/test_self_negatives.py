@@ -22,17 +22,9 @@ TERMS = {"loss", "first", "hb", "hz", "hv", "el2n"}
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    bundle = factory.create("diffin-tiny", dtype=torch.float64)
-    g = torch.Generator().manual_seed(5)
-
-    def batch(n):
-        return (
-            torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),
-            torch.randint(1, 49000, (n, 24), generator=g),
-        )
-
+def setup(tiny64):
+    bundle = tiny64.bundle()
+    batch = tiny64.batches(5)
     ref_images, ref_tokens = batch(6)
     params = factory.param_dict(bundle.model)
     fns = ClipFunctions(bundle.model, ref_images, ref_tokens)
