@@ -54,6 +54,18 @@ from pipeline.influence.vectors import Params
 HVP = Callable[[int, int, Params], Params]
 
 
+class PropagationDiverged(ArithmeticError):
+    """The adjoint recursion left the finite numbers: the linearised dynamics are unstable."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(
+            f"the propagated target gradient is not finite at training step {step}: the "
+            "linearised optimiser diverges along it (negative curvature, or a rate above "
+            "2 / lambda_max)"
+        )
+        self.step = step
+
+
 def nearest_blocks(steps: Sequence[int]) -> list[range]:
     """The training steps each checkpoint stands for: the steps s in [0, t_m) nearest to it
     (ties go to the later checkpoint)."""
@@ -95,6 +107,10 @@ def propagated_directions(
         hd = hvp(i, s, {k: v.to(g_V[k].dtype) for k, v in d.items()})
         lam = {k: lam[k] - hd[k].double() - weight_decay * d[k] for k in lam}
         mu = {k: -momentum * v for k, v in d.items()}
+        # A diverging sweep ends in NaN scores for every sample: stop at the first step
+        # (one sum per step, far cheaper than its curvature product).
+        if not torch.isfinite(sum(v.sum() for v in lam.values())):
+            raise PropagationDiverged(s)
         if progress is not None:
             progress(1)
     return [{k: v.to(g_V[k].dtype) for k, v in r.items()} for r in out]

@@ -28,7 +28,11 @@ from pipeline.influence.directions import (
 from pipeline.influence.estimator import DEFAULT_FORM, Weights
 from pipeline.influence.fast import DIRECTIONAL
 from pipeline.influence.functional import ClipFunctions, Params
-from pipeline.influence.propagate import nearest_blocks, propagated_directions
+from pipeline.influence.propagate import (
+    PropagationDiverged,
+    nearest_blocks,
+    propagated_directions,
+)
 from pipeline.influence.selfinf import SELF_TERMS
 from pipeline.influence.vectors import norm
 from pipeline.model import factory
@@ -293,9 +297,17 @@ def ensure_propagated(
 
     g_V = load_directions(run.directions(steps[-1])).ordered(names).g_V
     with tqdm(total=steps[-1], desc="propagating g_V", unit="step", leave=False) as bar:
-        dirs = propagated_directions(
-            hvp, steps, rate, g_V, traj.n_train, momentum, weight_decay, bar.update
-        )
+        try:
+            dirs = propagated_directions(
+                hvp, steps, rate, g_V, traj.n_train, momentum, weight_decay, bar.update
+            )
+        except PropagationDiverged as e:
+            fix = (
+                "--propagate-curvature ggn (positive semi-definite, the default)"
+                if cfg.propagate_curvature != "ggn"
+                else "--second-order derived"
+            )
+            raise ConfigError(f"second_order propagated: {e}; score with {fix}") from e
     for step, url, r in zip(steps, urls, dirs, strict=True):
         save_tensors(url, r, {"fingerprint": fingerprint, "step": step, "form": "propagated"})
     log.info(

@@ -757,6 +757,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         require_records=True,
         fingerprint=fp_hash,
     )
+    for column, n in merged["nonfinite_scores"].items():
+        log.warning("%s: %d of %d ok rows are NaN or infinite", column, n, merged["rows_ok"])
     elapsed = time.time() - t0
     rows_now = sum(r["rows"] for r in scored.values())
     summary = {

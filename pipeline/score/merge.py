@@ -110,6 +110,7 @@ def merge_parts(
     are checked where present.
     """
     rows_in = rows_out = ok = errors = dropped = 0
+    nonfinite: dict[str, int] = {}
     shards_seen: set[str] = set()
     uid_hashes: list[np.ndarray] = []
     tmp_dir = tempfile.mkdtemp(prefix="diffin-merge-")
@@ -136,6 +137,8 @@ def merge_parts(
             rows_out += table.num_rows
             ok += int((status == "ok").sum())
             errors += int((status == "error").sum())
+            for name, n in _nonfinite(table, status == "ok").items():
+                nonfinite[name] = nonfinite.get(name, 0) + n
             uid_hashes.append(_uid_hash(table.column("uid").to_pylist()))
             if writer is None:
                 schema = table.schema.with_metadata(
@@ -170,8 +173,20 @@ def merge_parts(
         "rows_error": errors,
         "duplicate_rows_dropped": dropped,
         "duplicate_uids": dup_uids,
+        # ok rows whose score is NaN or infinite, per column (none expected: a user must see it)
+        "nonfinite_scores": {k: v for k, v in sorted(nonfinite.items()) if v},
         "table": out_url,
     }
+
+
+def _nonfinite(table: pa.Table, ok: np.ndarray) -> dict[str, int]:
+    """Per floating-point column, the ok rows whose value is missing, NaN or infinite."""
+    out = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_floating(column.type):
+            values = column.to_numpy(zero_copy_only=False)  # nulls come back as NaN
+            out[name] = int((~np.isfinite(values[ok])).sum())
+    return out
 
 
 def _dedupe(url: str, table: pa.Table, shards_seen: set[str]) -> tuple[pa.Table, int]:

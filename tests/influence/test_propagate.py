@@ -124,3 +124,23 @@ def test_nearest_blocks():
     assert nearest_blocks([1, 2, 3]) == [range(0, 2), range(2, 3), range(3, 3)]
     with pytest.raises(ValueError, match="sorted"):
         nearest_blocks([20, 10])
+
+
+def test_a_diverging_sweep_stops_at_its_first_non_finite_step():
+    """Negative curvature grows the adjoint without bound: the sweep stops where it overflows
+    instead of paying the remaining curvature products and returning NaN directions."""
+    from pipeline.influence.propagate import PropagationDiverged
+
+    done = []
+    g_V = {"theta": torch.ones(3, dtype=torch.float64)}
+    with pytest.raises(PropagationDiverged) as caught:
+        propagated_directions(
+            lambda i, s, v: {"theta": -1e100 * v["theta"]},
+            [100, 1000],
+            lambda s: 1.0,
+            g_V,
+            10,
+            progress=done.append,
+        )
+    # backwards from step 999: 1e100 per step overflows float64 within four steps
+    assert caught.value.step >= 995 and len(done) < 5

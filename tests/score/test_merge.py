@@ -127,3 +127,19 @@ def test_exact_repeats_dropped_gaps_refused(tmp_path):
 def test_no_parts_is_an_error(tmp_path):
     with pytest.raises(MergeError, match="no parts"):
         merge_parts([], str(tmp_path / "scores.parquet"), {})
+
+
+def test_the_summary_counts_nonfinite_scores_of_ok_rows(tmp_path):
+    """A NaN or infinite score of an ok row is counted per column; error rows' nulls are not."""
+    import numpy as np
+
+    samples = _samples("/pool/00000.tar", 6, errors=2)
+    diffin = np.array([1.0, np.nan, np.inf, 2.0])
+    table = build_part(samples, {"diffin": diffin, "random": np.arange(4.0)}, COLS)
+    url = f"{tmp_path}/scores/parts/00000.parquet"
+    write_part(table, url, {"status": "ok", "name": "00000"})
+    res = merge_parts([url], f"{tmp_path}/scores.parquet", {})
+    assert (res["rows_ok"], res["rows_error"]) == (4, 2)
+    assert res["nonfinite_scores"] == {"diffin": 2}
+    clean = _part(str(tmp_path / "clean"), "00000", 5, errors=2)
+    assert merge_parts([clean], f"{tmp_path}/clean.parquet", {})["nonfinite_scores"] == {}

@@ -150,3 +150,27 @@ def test_auto_picks_the_propagated_form_for_sgd_and_the_expansion_otherwise(prop
     scorer = ShardScorer(run, cfg)
     assert scorer.cfg.second_order == scorer.ctx.second_order == "derived"
     assert "hz" in scorer.need[scorer.traj.checkpoints[0].step]
+
+
+def test_a_diverging_propagation_is_refused_with_its_fix(prop, tmp_path):
+    """Unstable linearised dynamics (here a rate 1e30 times the recorded one) gave every
+    sample a NaN score and no word; now the sweep stops and names the option to change."""
+    run = copy_run(prop["run"], tmp_path / "unstable")
+    for f in (Path(run) / "directions").glob("*-propagated.safetensors"):
+        f.unlink()
+    path = Path(run) / "trajectory" / "trajectory.json"
+    record = json.loads(path.read_text())
+    record["config"]["lr"] *= 1e30  # the schedule and the checkpoints' rates still agree
+    for c in record["checkpoints"]:
+        c["lr"] *= 1e30
+    path.write_text(json.dumps(record))
+    traj = load_trajectory(RunDir(run))
+    assert sgd_dynamics(traj)[2](traj.checkpoints[-1].step - 1) > 1e29
+    for curvature, fix in (
+        ("ggn", "--second-order derived"),
+        ("hessian", "--propagate-curvature ggn"),
+    ):
+        cfg = dataclasses.replace(prop["cfg"], run=run, propagate_curvature=curvature)
+        with pytest.raises(ConfigError, match=f"not finite at training step \\d+.*{fix}"):
+            ensure_directions(cfg, RunDir(run), traj)
+        assert not list((Path(run) / "directions").glob("*-propagated.safetensors"))
