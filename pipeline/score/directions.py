@@ -247,6 +247,17 @@ def propagated_url(run: RunDir, step: int) -> str:
     return run.path("directions", f"{step:06d}-propagated.safetensors")
 
 
+def _stored(url: str, fingerprint: str) -> bool:
+    """A direction file of this fingerprint, and finite (a version before the divergence
+    check may have stored NaN: compute it again, which now refuses it with a reason)."""
+    if not exists(url):
+        return False
+    tensors, meta = load_tensors(url)
+    return meta.get("fingerprint") == fingerprint and all(
+        bool(torch.isfinite(t).all()) for t in tensors.values()
+    )
+
+
 def ensure_propagated(
     cfg: ScoreConfig,
     run: RunDir,
@@ -278,7 +289,7 @@ def ensure_propagated(
         ).encode()
     ).hexdigest()[:16]
     urls = [propagated_url(run, s) for s in steps]
-    if all(exists(u) and load_tensors(u)[1].get("fingerprint") == fingerprint for u in urls):
+    if all(_stored(u, fingerprint) for u in urls):
         return
     dtype = DTYPES[cfg.dtype]
     names = [k for k, _ in fns.model.named_parameters()]

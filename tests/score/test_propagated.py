@@ -174,3 +174,20 @@ def test_a_diverging_propagation_is_refused_with_its_fix(prop, tmp_path):
         with pytest.raises(ConfigError, match=f"not finite at training step \\d+.*{fix}"):
             ensure_directions(cfg, RunDir(run), traj)
         assert not list((Path(run) / "directions").glob("*-propagated.safetensors"))
+
+
+def test_stored_nan_directions_are_computed_again(prop, tmp_path):
+    """A version without the divergence check may have stored NaN directions under the same
+    fingerprint: they are not reused (here the dynamics are stable, so they come back finite)."""
+    from pipeline.tensors import save_tensors
+
+    run = RunDir(copy_run(prop["run"], tmp_path / "stale"))
+    traj = load_trajectory(run)
+    urls = [propagated_url(run, c.step) for c in traj.checkpoints]
+    for url in urls:
+        r, meta = load_tensors(url)
+        save_tensors(url, {k: v * float("nan") for k, v in r.items()}, meta)
+    ensure_directions(dataclasses.replace(prop["cfg"], run=run.url), run, traj)
+    for url in urls:
+        r, _ = load_tensors(url)
+        assert all(torch.isfinite(v).all() for v in r.values()), url
