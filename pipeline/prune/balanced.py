@@ -52,6 +52,22 @@ def quotas(sizes: np.ndarray, keep: float, how: str) -> np.ndarray:
     return q
 
 
+NULL_GROUP = "<null>"
+
+
+def _group_labels(col: pa.Array, by: str) -> np.ndarray:
+    """A column's values as group names: missing values form the group ``<null>``."""
+    if pa.types.is_floating(col.type):
+        col = pc.add(col, pa.scalar(0.0, col.type))  # -0.0 + 0.0 = 0.0: one group for zero
+    text = pc.cast(col, pa.string())
+    if pc.any(pc.equal(text, NULL_GROUP)).as_py():
+        raise ConfigError(
+            f"balance_by: column {by!r} holds the value {NULL_GROUP!r}, the name of the group of "
+            "missing values; rename those values"
+        )
+    return pc.fill_null(text, NULL_GROUP).to_numpy(zero_copy_only=False)
+
+
 def plan_balanced(
     cfg: PruneConfig, table: Table, cols: list[str], score: Callable, info: dict[str, Any]
 ) -> Selection:
@@ -78,10 +94,7 @@ def plan_balanced(
             shards.append(b.column("shard").to_numpy(zero_copy_only=False))
             indices.append(b.column("index").to_numpy(zero_copy_only=False))
         else:
-            col = b.column(by)
-            groups.append(
-                pc.fill_null(pc.cast(col, pa.string()), "<null>").to_numpy(zero_copy_only=False)
-            )
+            groups.append(_group_labels(b.column(by), by))
     ok = np.concatenate(oks) if oks else np.zeros(0, bool)
     rows = len(ok)
     key = np.concatenate(keys) if keys else np.zeros(0, np.uint64)

@@ -59,8 +59,12 @@ class PruneConfig:
             raise ConfigError(f"keep: must be in (0, 1] (got {self.keep!r})")
         if self.fusion is None and self.method in NON_SCORE_COLUMNS:
             raise ConfigError(f"method: {self.method!r} is not a score column")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size: must be >= 1 (got {self.shard_size!r})")
+        # Integers, not bools or floats: each fails only after the table is read otherwise
+        # (k-means' seed after every ok row is embedded).
+        for name, low in (("shard_size", 1), ("clusters", 1), ("cluster_seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}: must be an integer >= {low} (got {value!r})")
         if self.name is not None and (
             not self.name
             or self.name.startswith(".")
@@ -90,8 +94,6 @@ class PruneConfig:
                 raise ConfigError(
                     f"balance: must be one of {', '.join(BALANCES)} (got {self.balance!r})"
                 )
-            if self.balance_by == "cluster" and self.clusters < 1:
-                raise ConfigError(f"clusters: must be >= 1 (got {self.clusters!r})")
         elif self.balance_by is not None:
             raise ConfigError(f"balance_by: only used by rule 'balanced' (rule is {self.rule!r})")
         if self.fusion is not None:

@@ -113,7 +113,7 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
     uid_hi: list[np.ndarray] = []
     uid_lo: list[np.ndarray] = []
     kept = 0
-    dropped = Counter({"no extension": 0, "pickle": 0})
+    dropped = Counter({"no extension": 0, "dot extension": 0, "pickle": 0})
     min_score = np.inf
     pending: tuple[str, set[str]] | None = None  # the shard being gathered, its kept keys
     writer = ShardWriter(join(build, "shards"), cfg.shard_size, digits=digits)
@@ -268,11 +268,13 @@ def is_pickle(ext: str) -> bool:
 def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> dict[str, int]:
     """Copy the kept samples of one input shard, every member byte for byte, in tar order.
 
-    Two kinds of member are left out, and counted: those with no extension
-    (no WebDataset reader groups them into a sample) and pickled ones.
+    Three kinds of member are left out, and counted: those with no extension
+    (no WebDataset reader groups them into a sample), those whose extension
+    starts with a dot (``0..bak``: no writer names them unambiguously) and
+    pickled ones.
     """
     seen: set[str] = set()
-    dropped = {"no extension": 0, "pickle": 0}
+    dropped = {"no extension": 0, "dot extension": 0, "pickle": 0}
     try:
         for key, members in iter_raw(shard):
             if key in keys and key not in seen:  # a repeated key was an error row
@@ -280,6 +282,8 @@ def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> dict[str, int]:
                 for ext, data in members.items():
                     if not ext:
                         dropped["no extension"] += 1
+                    elif ext.startswith("."):
+                        dropped["dot extension"] += 1
                     elif is_pickle(ext):
                         dropped["pickle"] += 1
                     else:

@@ -78,9 +78,9 @@ def key_to_score(key: int) -> float:
 
 
 def _floats(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(
-        pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-    )
+    # safe=False: an integer beyond 2**53 rounds to the nearest float64 instead of failing
+    as_float = pc.cast(col, pa.float64(), safe=False)
+    return np.asarray(pc.fill_null(as_float, np.nan).to_numpy(zero_copy_only=False))
 
 
 def _ok(batch: pa.RecordBatch) -> np.ndarray:
@@ -145,6 +145,12 @@ def _score_fn(cfg: PruneConfig, table: Table) -> tuple[list[str], Callable, dict
     if not cfg.fusion:
         (col,) = cols
         return cols, lambda b, _o: _floats(b.column(col)), {}, False
+    if cfg.score_name in table.columns:
+        # keep.parquet and the manifest's threshold would show that column, not the fused score
+        raise ConfigError(
+            f"fusion: the score table already has a column {cfg.score_name!r}, the name of the "
+            "fused score; rename that column"
+        )
 
     weights = {c: float(w) for c, w in cfg.fusion.items()}
     if cfg.fusion_norm == "zscore":

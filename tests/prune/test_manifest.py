@@ -316,6 +316,7 @@ def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_
             ("0.pickle.gz", evil),
             ("0.cls.pth.gz.gz", gzip.compress(evil)),
             ("0", b"x"),
+            ("0..bak", b"a dot extension: no writer names it unambiguously (review)"),
         ],
     )
     _raw_tar(b, [("0.png", b"img-b0"), ("0.txt", b"cap b0"), ("x/y.png", b"i"), ("x/y.txt", b"c")])
@@ -346,7 +347,7 @@ def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_
     pq.write_table(table, run / "scores.parquet")
     m = write_manifest(PruneConfig(run=str(run), keep=1.0, shard_size=100))
     assert m["kept"] == m["train_num_samples"] == n
-    assert m["members_dropped"] == {"no extension": 1, "pickle": 3}
+    assert m["members_dropped"] == {"no extension": 1, "dot extension": 1, "pickle": 3}
     (tar,) = sorted(Path(m["dir"], "shards").glob("*.tar"))
     samples = _tar_samples(tar)
     keys = [k for k, _ in samples]

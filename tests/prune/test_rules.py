@@ -169,6 +169,12 @@ def test_config_errors_refused_before_anything_changes(tmp_path):
         (dict(keep=0.5, fusion={"diffin": 1, "nope": 1}), "fusion"),
         (dict(keep=0.5, fusion={"diffin": 0}), "fusion"),
         (dict(keep=0.5, fusion={"diffin": 1}, fusion_norm="minmax"), "fusion_norm"),
+        # refused up front, not after k-means has embedded every ok row (review)
+        (dict(keep=0.5, rule="balanced", balance_by="cluster", cluster_seed=-1), "cluster_seed"),
+        (dict(keep=0.5, rule="balanced", balance_by="cluster", clusters=2.5), "clusters"),
+        (dict(keep=0.5, clusters=0), "clusters"),
+        (dict(keep=0.5, shard_size=2.5), "shard_size"),
+        (dict(keep=0.5, shard_size=True), "shard_size"),
     ]
     for kwargs, field_name in bad:
         with pytest.raises(ConfigError, match=field_name):
@@ -374,3 +380,34 @@ def test_clusters_reread_shards_with_the_keys_they_were_scored_with(tiny_scored,
     cfg = PruneConfig(str(run), 0.5, "diffin", rule="balanced", balance_by="cluster", clusters=2)
     m = write_manifest(cfg)
     assert m["kept"] == round(0.5 * m["rows_scorable"])
+
+
+def test_a_fused_score_named_like_a_table_column_is_refused(tmp_path):
+    """keep.parquet and the threshold showed the table's own 'fusion' column (review)."""
+    table = _table(50).append_column("fusion", pa.array(np.arange(50.0)))
+    run = _write(table, tmp_path)
+    with pytest.raises(ConfigError, match="already has a column 'fusion'"):
+        write_manifest(PruneConfig(run, 0.5, fusion={"diffin": 1, "tracin": 1}))
+    assert not (Path(run) / "prune").exists()
+
+
+def test_balanced_groups_zero_once_and_refuse_a_null_label_clash(tmp_path):
+    table = _small([4.0, 3.0, 2.0, 1.0], [c * 32 for c in "abcd"])
+    f = pa.array([-0.0, 0.0, 1.0, 1.0])
+    (tmp_path / "zero").mkdir()
+    run = _write(table.append_column("f", f), tmp_path / "zero")
+    sel = plan(PruneConfig(run, 0.5, rule="balanced", balance_by="f"), f"{run}/scores.parquet")
+    assert {k: v["rows"] for k, v in sel.info["groups"].items()} == {"0": 2, "1": 2}
+    src = pa.array(["<null>", None, "x", "x"])
+    (tmp_path / "null").mkdir()
+    run = _write(table.append_column("src", src), tmp_path / "null")
+    with pytest.raises(ConfigError, match="balance_by: column 'src' holds the value '<null>'"):
+        plan(PruneConfig(run, 0.5, rule="balanced", balance_by="src"), f"{run}/scores.parquet")
+
+
+def test_an_integer_score_column_beyond_2_53_is_ranked(tmp_path):
+    big = [2**53 + 1, 5, 2**60, -(2**62)]
+    table = _small([0.0] * 4, [c * 32 for c in "abcd"]).append_column("n", pa.array(big))
+    run = _write(table, tmp_path)
+    got = _kept(plan(PruneConfig(run, 0.5, "n"), f"{run}/scores.parquet")).column("uid")
+    assert got.to_pylist() == ["a" * 32, "c" * 32]
