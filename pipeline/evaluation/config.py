@@ -42,24 +42,35 @@ class EvaluateConfig:
         for k in self.keeps:
             if isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= 1:
                 raise ConfigError(f"keeps: every fraction must be in (0, 1] (got {k!r})")
+        names = [f"{k:g}" for k in self.keeps]  # subsets are named method@{keep:g}
+        if len(set(names)) != len(names):
+            # a repeated fraction trained twice and counted each seed twice in the sd
+            raise ConfigError(f"keeps: duplicates in {self.keeps}")
         if self.methods is not None and not self.methods:
             raise ConfigError("methods: give at least one scorer column")
         if self.methods is not None and len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods: duplicates in {self.methods}")
-        if self.threads < 0:
-            raise ConfigError(f"threads: must be >= 0 (got {self.threads!r})")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps: must be >= 1 (got {self.steps!r})")
+        for name, low in (("threads", 0), ("steps", 1), ("batch_size", 2)):
+            value = getattr(self, name)
+            if value is None and name != "threads":
+                continue  # the proxy's own
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}: must be an integer >= {low} (got {value!r})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: give distinct seeds (got {self.seeds!r})")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay: must be >= 0 (got {self.weight_decay!r})")
+        for seed in self.seeds:
+            # torch.manual_seed takes [0, 2**64) but the batch order's generator int64 only;
+            # out of range failed after the first seed's retrainings, losing them all
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise ConfigError(
+                    f"seeds: every seed must be an integer in [0, 2**63) (got {seed!r})"
+                )
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"weight_decay: must be finite and >= 0 (got {self.weight_decay!r})")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer: must be 'sgd' or 'adamw' (got {self.optimizer!r})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: must be > 0 (got {self.lr!r})")
-        if self.batch_size is not None and self.batch_size < 2:
-            raise ConfigError(f"batch_size: must be >= 2 (got {self.batch_size!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

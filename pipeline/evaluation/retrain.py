@@ -189,7 +189,9 @@ def measure(model: torch.nn.Module, ev: EvalSet, batch: int = 256) -> dict[str, 
     txt = torch.cat(
         [model.encode_text(ev.tokens[i : i + batch]) for i in range(0, len(ev.tokens), batch)]
     )
-    out = recall_at_k(img, txt, ev.captions)
+    # Matches by token rows, what the model sees: captions that differ only in case,
+    # spacing or past the context length have equal features and must count as equal.
+    out = recall_at_k(img, txt, [tuple(row) for row in ev.tokens.tolist()])
     if ev.labels is not None and ev.class_tokens is not None:
         cls = torch.stack(
             [
@@ -232,6 +234,16 @@ def plan_subsets(
             subsets.append(
                 {"name": f"{m}@{keep:g}", "method": m, "keep": float(keep), "uids": kept}
             )
+    for keep in cfg.keeps:
+        # The comparison holds the subset size fixed; a scorer with non-finite scores or a
+        # table that repeats uids would otherwise train on fewer pairs, with no word.
+        sizes = {s["method"]: len(set(s["uids"])) for s in subsets if s["keep"] == float(keep)}
+        if len(set(sizes.values())) > 1:
+            raise ConfigError(
+                f"keeps: at keep {keep:g} the subsets differ in size ({sizes}): a scorer has ok "
+                "rows without a finite score, or the table repeats uids (the score summary's "
+                "nonfinite_scores and duplicate_uids); rescore, or evaluate the others"
+            )
     for sub in subsets:
         n = len(set(sub["uids"]))
         if n < 2:
@@ -263,7 +275,10 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
         mean = groups[col].mean().to_numpy()
         if n_seeds > 1:
             sd = groups[col].std(ddof=1).to_numpy()
-            out[col] = [f"{m:.3f} ± {d:.3f}" for m, d in zip(mean, sd, strict=True)]
+            out[col] = [
+                "n/a" if np.isnan(m) else f"{m:.3f} ± {d:.3f}"  # e.g. no zero-shot labels
+                for m, d in zip(mean, sd, strict=True)
+            ]
         else:
             out[col] = mean
     return out[["subset", "keep", "n_train", *METRICS, *keep_cols[3:], "final_train_loss"]]

@@ -3,12 +3,15 @@
 Pure torch on given features, so they are tested on hand-made embeddings.
 Retrieval counts a retrieved item as a match when its caption is the query's
 caption: generated (and many web) captions repeat, and which of several
-identical captions is "the" right one is arbitrary.
+identical captions is "the" right one is arbitrary. The caller passes the
+captions as the model sees them (token rows): two strings with one
+tokenisation have equal features, and which of them ranks first would be
+arbitrary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,23 +27,25 @@ def zero_shot_accuracy(
     return float((pred == labels).double().mean())
 
 
-def caption_ids(captions: Sequence[str]) -> torch.Tensor:
+def caption_ids(captions: Sequence[Hashable]) -> torch.Tensor:
     """Equal captions share one id (so duplicates count as matches)."""
-    ids: dict[str, int] = {}
+    ids: dict[Hashable, int] = {}
     return torch.tensor([ids.setdefault(c, len(ids)) for c in captions])
 
 
 def recall_at_k(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
-    captions: Sequence[str],
+    captions: Sequence[Hashable],
     ks: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
     """Image-to-text and text-to-image recall@k over one paired set.
 
-    Row i of both feature matrices is pair i. A query is a hit at k when one
-    of its k nearest candidates has the query's caption. Ties in similarity
-    are broken by index (torch.topk), so the figure is deterministic.
+    Row i of both feature matrices is pair i; ``captions[i]`` is its caption
+    (a string, or the token row as a tuple). A query is a hit at k when one
+    of its k nearest candidates has the query's caption. Equal captions have
+    equal text features, so how torch.topk orders such ties does not change
+    the figure.
     """
     n = len(captions)
     if image_features.shape[0] != n or text_features.shape[0] != n:

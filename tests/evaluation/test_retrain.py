@@ -93,6 +93,13 @@ def test_same_config_gives_the_same_figures(evaluated, tmp_path):
         (dict(batch_size=10**5), "^batch_size: subset .* fewer than one batch"),
         (dict(threads=-1), "^threads"),
         (dict(lr=float("inf")), "^lr"),
+        # each of these failed only mid-run, after retrainings (review)
+        (dict(keeps=[0.5, 0.5]), "^keeps: duplicates"),
+        (dict(seeds=[0, 2**64]), "^seeds: every seed"),
+        (dict(seeds=[-1]), "^seeds: every seed"),
+        (dict(weight_decay=float("nan")), "^weight_decay"),
+        (dict(weight_decay=float("inf")), "^weight_decay"),
+        (dict(batch_size=True), "^batch_size"),
     ],
 )
 def test_config_errors_are_refused_before_training(
@@ -200,3 +207,64 @@ def test_a_uid_seen_twice_in_the_pool_is_read_once(tiny_scored, tmp_path):
     got = _read_ok(both, {}, {s.uid for s in once})
     assert [s.uid for s in got] == [s.uid for s in once]
     assert {s.shard for s in got} == {shard}  # the first time each uid is seen
+
+
+def test_captions_the_model_cannot_tell_apart_count_as_one():
+    """Two strings with one tokenisation have equal features; which of them topk ranks first
+    is arbitrary, so matching by string scored a perfect model 0.5 here (review)."""
+    import torch
+
+    from pipeline.evaluation.retrain import EvalSet, measure
+    from pipeline.model import factory
+
+    torch.manual_seed(0)
+    bundle = factory.create("diffin-tiny")
+    captions = ["A red circle on blue", "a red  circle on blue"]
+    tokens = bundle.tokenizer(captions)
+    assert torch.equal(tokens[0], tokens[1])
+    image = torch.randn(1, 3, 32, 32)
+    ev = EvalSet(torch.cat([image, image]), tokens, captions, None, None)
+    got = measure(bundle.model, ev)
+    assert got["i2t_r1"] == got["t2i_r1"] == 1.0
+
+
+def test_a_missing_metric_over_seeds_reads_n_a():
+    import pandas as pd
+
+    from pipeline.evaluation.retrain import METRICS, markdown_table, summarise
+
+    base = {"subset": "x@0.5", "method": "x", "keep": 0.5, "n_train": 10}
+    base.update({f"{d}_kept": 1 for d in ("mismatch", "duplicate", "noise")})
+    rows = [
+        {**base, "seed": s, **{m: 0.5 for m in METRICS}, "zeroshot_top1": float("nan")}
+        for s in (0, 1)
+    ]
+    rows = [{**r, "final_train_loss": 1.0} for r in rows]
+    out = summarise(pd.DataFrame(rows))
+    assert out.loc[0, "zeroshot_top1"] == "n/a" and out.loc[0, "i2t_r5"] == "0.500 ± 0.000"
+    assert "nan" not in markdown_table(out)
+
+
+def test_subsets_of_unequal_size_at_one_keep_are_refused(tiny_scored, tmp_path):
+    """A scorer with ok rows but no finite score trained on fewer pairs, silently (review)."""
+    import numpy as np
+    import pyarrow as pa
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    table = pq.read_table(f"{run}/scores.parquet")
+    loss = table.column("loss").to_numpy(zero_copy_only=False).copy()
+    ok = np.flatnonzero(np.isfinite(loss))
+    loss[ok[:3]] = np.nan
+    table = table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss))
+    pq.write_table(table, f"{run}/scores.parquet")
+    with pytest.raises(ConfigError, match="^keeps: at keep 0.5 the subsets differ in size"):
+        run_evaluation(
+            EvaluateConfig(run=run, keeps=[0.5], methods=["diffin", "loss"], steps=2, threads=1)
+        )
+    assert not Path(f"{run}/evaluate").exists()
+
+
+@pytest.mark.parametrize("steps", [0, 2.5, True])
+def test_steps_must_be_a_positive_integer(steps):
+    with pytest.raises(ConfigError, match="^steps: must be an integer >= 1"):
+        EvaluateConfig(run="r", steps=steps).validate()
