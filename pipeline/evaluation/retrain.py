@@ -151,10 +151,24 @@ def _read_ok(pattern: str, options: dict[str, Any], keep: set[str] | None = None
     return out
 
 
-def load_eval_set(src: Sources, bundle: factory.ClipBundle, options: dict[str, Any]) -> EvalSet:
+def load_eval_set(
+    src: Sources,
+    bundle: factory.ClipBundle,
+    options: dict[str, Any],
+    pool_uids: set[str] | None = None,
+) -> EvalSet:
+    """The held-out pairs; refused when any of them is a pair of the scored pool."""
     samples = _read_ok(src.eval_data, options)
     if len(samples) < 2:
         raise ConfigError(f"eval_data: {len(samples)} decodable pairs in {src.eval_data}")
+    shared = sorted({s.uid for s in samples} & (pool_uids or set()))
+    if shared:
+        # e.g. the training shards given as --eval-data: every subset would be measured on
+        # pairs some of them trained on
+        raise ConfigError(
+            f"eval_data: {len(shared)} of its pairs are in the scored pool (uid {shared[0]}, "
+            f"...); give held-out shards"
+        )
     images, tokens = encode(samples, bundle)
     captions = [s.caption or "" for s in samples]
     labels = class_tokens = None
@@ -338,7 +352,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     bundle = factory.create(traj["model"], preprocess_cfg=factory.recorded_preprocess(traj))
     images, tokens = encode(pool, bundle)
     position = {s.uid: i for i, s in enumerate(pool)}
-    ev = load_eval_set(src, bundle, options)
+    ev = load_eval_set(src, bundle, options, set(table.column("uid").to_pylist()))
     truth = load_truth(src.truth)
     log.info(
         "evaluate: %d subsets, %d pool pairs, %d eval pairs, %d steps of batch %d each",

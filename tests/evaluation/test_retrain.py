@@ -268,3 +268,14 @@ def test_subsets_of_unequal_size_at_one_keep_are_refused(tiny_scored, tmp_path):
 def test_steps_must_be_a_positive_integer(steps):
     with pytest.raises(ConfigError, match="^steps: must be an integer >= 1"):
         EvaluateConfig(run="r", steps=steps).validate()
+
+
+def test_the_training_pool_given_as_eval_data_is_refused(tiny_scored, tmp_path):
+    """Every subset would have been measured on pairs it trained on (review)."""
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    cfg = EvaluateConfig(
+        run=run, keeps=[0.5], methods=["random"], steps=2, threads=1, eval_data=tiny_scored["data"]
+    )
+    with pytest.raises(ConfigError, match=r"^eval_data: \d+ of its pairs are in the scored pool"):
+        run_evaluation(cfg)
+    assert not Path(f"{run}/evaluate").exists()
