@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +16,25 @@ PRECISIONS = ("fp32", "amp", "fp64")
 # may resume under different values of these (another worker count included).
 RUN_ONLY_FIELDS = frozenset(
     {"run", "threads", "workers", "address", "resume", "resume_every", "max_failures"}
+)
+
+
+# The TrainConfig fields that count something: integers, never bools or floats.
+INT_FIELDS = (
+    "steps",
+    "checkpoints",
+    "batch_size",
+    "warmup",
+    "seed",
+    "target_size",
+    "reference_size",
+    "grad_batches",
+    "max_samples",
+    "threads",
+    "workers",
+    "resume_every",
+    "max_failures",
+    "max_image_pixels",
 )
 
 
@@ -52,8 +72,27 @@ class TrainConfig:
     max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def validate(self) -> None:
+        # Types and finiteness first: a float count or an infinite rate passed the range
+        # checks and failed only after the pool was read and the run's old record removed.
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}: must be an integer (got {value!r})")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name}: must be a number (got {value!r})")
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: must be finite (got {value!r})")
         checks = [
             ("steps", self.steps >= 1, "must be >= 1"),
+            # random.Random takes |seed| (-7 drew the sets of 7), torch at most 2**64 - 1
+            ("seed", 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
+            (
+                "max_samples",
+                self.max_samples >= self.target_size + self.batch_size,
+                f"must be >= target_size + batch_size = {self.target_size + self.batch_size}",
+            ),
             ("checkpoints", 1 <= self.checkpoints <= self.steps, "must be in [1, steps]"),
             ("spacing", self.spacing in ("even", "random"), "must be 'even' or 'random'"),
             ("batch_size", self.batch_size >= 2, "must be >= 2 (the loss is contrastive)"),

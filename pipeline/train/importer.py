@@ -83,7 +83,10 @@ class OpenClipRun:
         """Optimizer steps per epoch, as open_clip_train's webdataset loader counts them."""
         p = self.params
         num = p.get("train_num_samples")
-        if p.get("dataset_type") not in ("webdataset", "auto") or not num:
+        kind = p.get("dataset_type")
+        if kind == "auto":  # open_clip_train picks the loader by extension (get_dataset_fn)
+            kind = "webdataset" if str(p.get("train_data", "")).endswith(".tar") else "other"
+        if kind != "webdataset" or not num:
             raise ConfigError(
                 f"import: {self.url}: steps per epoch are only known for webdataset runs with "
                 "--train-num-samples; pass --steps-per-epoch"
@@ -231,7 +234,12 @@ def import_open_clip_run(
         step = epoch * spe
         last = _last_lr(ckpt)
         want = oc.lr(step - 1, total)
-        if last is not None and not math.isclose(last, want, rel_tol=1e-6, abs_tol=1e-12):
+        # With --accum-freq, loader batches left over at the end of an epoch (not a whole
+        # optimizer step) set the next step's rate before the checkpoint is saved.
+        also = oc.lr(step, total) if int(oc.params.get("accum_freq") or 1) > 1 else want
+        if last is not None and not any(
+            math.isclose(last, w, rel_tol=1e-6, abs_tol=1e-12) for w in (want, also)
+        ):
             raise ConfigError(
                 f"import: {url} was saved with lr {last:.6g}, but step {step - 1} of the "
                 f"reconstructed schedule has {want:.6g}: {spe} steps per epoch is wrong; "

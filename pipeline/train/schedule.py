@@ -53,7 +53,7 @@ def open_clip_lr(params: dict[str, Any], step: int, total: int) -> float:
             return base * (step + 1) / warmup
         cooldown = (total // int(params["epochs"])) * int(params["epochs_cooldown"])
         start = total - cooldown
-        if step < start:
+        if step < start or cooldown == 0:  # no cool-down: open_clip_train never reaches it
             return base
         end = float(params.get("lr_cooldown_end") or 0.0)
         decay = (1 - (step - start) / cooldown) ** float(params.get("lr_cooldown_power") or 1.0)

@@ -190,3 +190,51 @@ def test_a_local_dir_import_preprocesses_as_its_config_says(tmp_path):
     params = {"model": f"local-dir:{cfg_dir}", "pretrained": "openai", "image_std": [0.2] * 3}
     got = open_clip_preprocess(OpenClipRun("r", params, {}), "diffin-tiny")
     assert got == {"mean": [0.5] * 3, "resize_mode": "squash", "std": [0.2] * 3}
+
+
+def test_an_accum_freq_run_with_leftover_batches_is_imported(tmp_path):
+    """13 loader batches, --accum-freq 4: 3 optimizer steps an epoch, and the leftover batch
+    sets the next step's rate before epoch_1.pt is saved. Was refused whatever
+    --steps-per-epoch said (review)."""
+    pytest.importorskip("open_clip_train")
+    samples, batch, accum = 100, 8, 4
+    pool = make_pool(
+        str(tmp_path / "pool"),
+        SynthConfig(samples=samples, shard_size=25, eval_samples=8, image_size=32),
+    )
+    model_dir = save_config_dir("diffin-tiny", tmp_path / "model")
+    cmd = [
+        sys.executable, "-m", "open_clip_train.main",
+        "--model", f"local-dir:{model_dir}",
+        "--dataset-type", "webdataset",
+        "--train-data", pool["train_data"],
+        "--train-num-samples", str(samples),
+        "--device", "cpu", "--workers", "1",
+        "--batch-size", str(batch), "--accum-freq", str(accum),
+        "--epochs", "1", "--lr", "1e-3", "--warmup", "1", "--seed", "0",
+        "--logs", str(tmp_path / "logs"), "--name", "oc", "--report-to", "",
+        "--save-frequency", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = TrainConfig(data=pool["train_data"], run=str(tmp_path / "run"), **SETS)
+    record = import_open_clip_run(str(tmp_path / "logs" / "oc"), cfg)
+    steps = math.ceil(samples / batch) // accum
+    assert [c["step"] for c in record["checkpoints"]] == [steps]
+
+
+def test_open_clip_schedules_at_the_edges():
+    from pipeline.train.importer import OpenClipRun
+    from pipeline.train.schedule import open_clip_lr
+
+    # const-cooldown with no cool-down epochs: base to the end (was ZeroDivisionError)
+    params = {"lr": 0.1, "warmup": 0, "lr_scheduler": "const-cooldown", "epochs": 2}
+    assert open_clip_lr({**params, "epochs_cooldown": 0}, 10, 10) == 0.1
+    # --dataset-type auto picks open_clip's loader by extension: only .tar is webdataset
+    base = {"batch_size": 8, "train_num_samples": 100, "dataset_type": "auto"}
+    tar = OpenClipRun("r", {**base, "train_data": "/d/{0..3}.tar"}, {})
+    assert tar.steps_per_epoch() == 13
+    csv = OpenClipRun("r", {**base, "train_data": "/d/train.csv"}, {})
+    with pytest.raises(ConfigError, match="pass --steps-per-epoch"):
+        csv.steps_per_epoch()

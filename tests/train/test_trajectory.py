@@ -158,6 +158,33 @@ def test_train_refuses_bad_config_before_any_work(tmp_path):
     assert not run.exists()
 
 
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(lr=float("inf")), "lr"),
+        (dict(weight_decay=float("inf")), "weight_decay"),
+        (dict(momentum=float("nan")), "momentum"),
+        (dict(seed=-7), "seed"),  # random.Random(-7) drew the sets of seed 7
+        (dict(seed=2**64), "seed"),
+        (dict(max_samples=0), "max_samples"),
+        (dict(steps=10.5), "steps"),
+        (dict(target_size=2.5), "target_size"),
+        (dict(batch_size=64.0), "batch_size"),
+        (dict(steps=True), "steps"),
+        (dict(resume_every=3.5), "resume_every"),
+    ],
+)
+def test_config_values_that_failed_only_after_the_pool_was_read_are_refused(
+    tmp_path, change, field
+):
+    """Each of these passed validate() and failed later, some after the run's old
+    trajectory.json had been removed (review)."""
+    run = tmp_path / "r"
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        train(TrainConfig(data=str(tmp_path / "none.tar"), run=str(run), **change))
+    assert not run.exists()
+
+
 def test_pretrained_weights_of_another_architecture_are_refused_before_the_pool(tmp_path):
     """Before: open_clip's bare AssertionError, after the whole pool was read (review)."""
     small = tmp_path / "small.pt"
