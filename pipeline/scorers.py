@@ -135,10 +135,14 @@ class DiffIn(Scorer):
     def score(self, terms: Terms, uids: list[str], ctx: ScoreContext) -> dict[str, np.ndarray]:
         out, firsts, seconds = {}, [], []
         first_key, hb_key, hz_key, hv_key = self.keys
+        # hlin is diffin's own combined term: with diffin requested too, the worker's terms
+        # hold it, and diffin_self must not take it for its own (review)
+        own_hlin = "hlin" in self.needed(ctx)
         for c, w in zip(ctx.checkpoints, ctx.weights(self.form(ctx)), strict=True):
             t = terms[c.step]
+            hlin = t.get("hlin") if own_hlin else None
             f, s = diffin_components(
-                t[first_key], t.get(hb_key), t.get(hz_key), t.get(hv_key), w, t.get("hlin")
+                t[first_key], t.get(hb_key), t.get(hz_key), t.get(hv_key), w, hlin
             )
             out[f"{self.name}_first_t{c.step}"], out[f"{self.name}_second_t{c.step}"] = f, s
             firsts.append(f)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +16,22 @@ AUTO_FORM = "auto"
 
 
 SAMPLE_GRADIENTS = ("reference", "removal")
+
+
+# The ScoreConfig fields that count something: integers, never bools or floats.
+INT_FIELDS = (
+    "workers",
+    "threads",
+    "batch_size",
+    "target_max",
+    "max_attempts",
+    "seed",
+    "self_rank",
+    "self_dim",
+    "memory_mb",
+    "prefetch_batches",
+    "max_image_pixels",
+)
 
 
 @dataclass
@@ -58,7 +75,22 @@ class ScoreConfig:
         from pipeline.scorers import get_scorers
 
         get_scorers(self.methods)
+        # Types first: a float batch size never equals a batch's length (one batch per
+        # shard), first_order="no" is truthy, and an infinite GPU count fails in Ray.
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}: must be an integer (got {value!r})")
+        if not isinstance(self.first_order, bool):
+            raise ConfigError(f"first_order: must be true or false (got {self.first_order!r})")
+        gpus = self.gpus_per_worker
+        if gpus is not None and (
+            isinstance(gpus, bool) or not isinstance(gpus, int | float) or not math.isfinite(gpus)
+        ):
+            raise ConfigError(f"gpus_per_worker: must be a finite number (got {gpus!r})")
         checks = [
+            # the random scorer and the self-influence sketch seed numpy: [0, 2**63)
+            ("seed", 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
             ("workers", self.workers >= 1, "must be >= 1"),
             ("threads", self.threads >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),

@@ -87,7 +87,12 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
         images = images.to(dtype)
         uids = [s.uid for s in samples]
         source = cfg.target
-    fp = hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
+    # The pairs themselves, as the model sees them: a target rewritten in place keeps its
+    # uids (md5 of path and key), and its directions and scores must not be reused (review).
+    h = hashlib.sha256("\n".join(uids).encode())
+    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    h.update(tokens.detach().cpu().contiguous().numpy().tobytes())
+    fp = h.hexdigest()[:16]
     return (
         images,
         tokens,

@@ -214,6 +214,7 @@ class ScoreActor:
             self.run.part(name),
             {
                 "status": "partial" if transient else "ok",
+                **({"reason": transient} if transient else {}),
                 "shard": url,
                 "name": name,
                 "ok": len(samples) - errors,
@@ -677,20 +678,22 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     )
     scored: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
-    partial: list[str] = []
+    partial: dict[str, str] = {}  # name -> why it could not be read to its end
 
     finished: list[tuple[float, str, int]] = []  # (when, actor, rows) of each shard back
 
     def on_done(url: str, name: str, record: dict[str, Any]) -> None:
         scored[name] = record
         if record.get("status") == "partial":
+            reason = record.get("reason", "")
             log.error(
-                "shard %s could not be read to its end after %d attempts; its rows before the "
-                "damage are kept and a rerun tries it again",
+                "shard %s could not be read to its end after %d attempts (%s); its rows before "
+                "the damage are kept and a rerun tries it again",
                 name,
                 cfg.max_attempts,
+                reason,
             )
-            partial.append(name)
+            partial[name] = reason
         check_counts(name, record)
         actor = f"{record.get('node')}/{record.get('pid')}"
         finished.append((time.monotonic(), actor, record["rows"]))

@@ -72,3 +72,40 @@ def test_direction_files_belong_to_the_architecture_not_only_the_checkpoint_byte
     path.write_text(json.dumps(record))
     ensure_directions(cfg, run, load_trajectory(run))
     assert load_tensors(run.directions(step))[1]["fingerprint"] != before
+
+
+def test_a_target_rewritten_in_place_gets_another_fingerprint(tiny_run, tiny_scored, tmp_path):
+    """The fingerprint hashed the target's uids only: new pairs under the same path and keys
+    (so the same uids) reused the old directions and score parts (review)."""
+    import io
+    import tarfile
+
+    import torch
+
+    from pipeline.model import factory
+    from pipeline.score.directions import target_set
+
+    def rewrite(src: str, dst: Path, suffix: bytes) -> None:
+        out = io.BytesIO()
+        with tarfile.open(src) as tin, tarfile.open(fileobj=out, mode="w") as tout:
+            for m in tin.getmembers():
+                data = tin.extractfile(m).read()
+                if m.name.endswith(".txt"):
+                    data += suffix
+                info = tarfile.TarInfo(m.name)
+                info.size = len(data)
+                tout.addfile(info, io.BytesIO(data))
+        dst.write_bytes(out.getvalue())
+
+    target = tmp_path / "target" / "00000.tar"
+    target.parent.mkdir()
+    run = RunDir(tiny_run["run"])
+    bundle = factory.create(load_trajectory(run).model)
+    cfg = ScoreConfig(data=tiny_run["data"], run=run.url, target=str(target), target_max=16)
+    prints = []
+    for suffix in (b"", b" at dusk"):
+        rewrite(tiny_scored["shards"][0], target, suffix)
+        images, tokens, info = target_set(cfg, run, bundle, torch.float32)
+        prints.append((info["target_fingerprint"], info["target_size"]))
+    assert prints[0][1] == prints[1][1] == 16  # the same pairs by uid ...
+    assert prints[0][0] != prints[1][0]  # ... with other captions

@@ -468,3 +468,26 @@ def test_the_steady_rate_leaves_out_each_actors_start_up():
     assert steady_rate(late) == 100.0
     assert steady_rate([(5.0, "a", 10), (6.0, "a", 10), (7.0, "a", 10)]) == 10.0  # one actor
     assert steady_rate([]) is None
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(seed=-1), "seed"),  # failed in numpy after the directions were written
+        (dict(seed=2**64), "seed"),
+        (dict(gpus_per_worker=float("inf")), "gpus_per_worker"),
+        (dict(gpus_per_worker=float("nan")), "gpus_per_worker"),
+        (dict(batch_size=2.5), "batch_size"),  # never equal to a batch's length
+        (dict(workers=2.5), "workers"),
+        (dict(self_rank=True), "self_rank"),
+        (dict(memory_mb=float("inf")), "memory_mb"),
+        (dict(first_order="no"), "first_order"),  # truthy: the first-order term stayed in
+    ],
+)
+def test_score_config_types_and_ranges_are_checked_up_front(change, field):
+    """Each of these passed validate() and failed (or did the wrong thing) later (review)."""
+    from pipeline.errors import ConfigError
+    from pipeline.score.config import ScoreConfig
+
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        ScoreConfig(data="d", run="r", methods=["diffin", "random"], **change).validate()

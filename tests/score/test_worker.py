@@ -281,3 +281,23 @@ def test_the_removal_gradient_changes_the_influence_scores_only(run_copy, tiny_s
     np.testing.assert_array_equal(a["random"], b["random"])
     for col in ("tracin", "diffin"):
         assert np.isfinite(b[col]).all() and not np.allclose(a[col], b[col]), col
+
+
+def test_diffin_self_is_the_same_with_or_without_diffin_beside_it(run_copy, tiny_scored, shards):
+    """diffin_self took diffin's combined hlin term for its own when both were requested
+    (review): its second-order columns were diffin's target terms."""
+    from pipeline.rundir import RunDir
+    from pipeline.score.directions import ensure_directions
+    from pipeline.score.trajectory import load_trajectory
+
+    samples = [s for s in iter_shard(shards["second"]) if s.ok]
+    got = {}
+    for methods in (["diffin_self"], ["diffin", "diffin_self"]):
+        scorer = _scorer(run_copy, tiny_scored, 64, self_rank=4)
+        scorer = ShardScorer(run_copy, dataclasses.replace(scorer.cfg, methods=methods))
+        ensure_directions(scorer.cfg, RunDir(run_copy), load_trajectory(RunDir(run_copy)))
+        got[len(methods)] = scorer.score_samples(samples)
+    cols = [c for c in got[1] if c.startswith("diffin_self")]
+    assert len(cols) > 2
+    for col in cols:
+        np.testing.assert_allclose(got[2][col], got[1][col], rtol=1e-6, err_msg=col)
