@@ -19,10 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import main as diffin
 
     args = list(sys.argv[1:] if argv is None else argv)
+    # -v is diffin's own flag, before the subcommand; accept it anywhere
+    verbose = [a for a in args if a in ("-v", "--verbose")][:1]
+    args = [a for a in args if a not in ("-v", "--verbose")]
     if not args or args[0] not in STAGES:
-        print(f"usage: python jobs/stage.py {{{','.join(STAGES)}}} ARGS...", file=sys.stderr)
+        print(f"usage: python jobs/stage.py [-v] {{{','.join(STAGES)}}} ARGS...", file=sys.stderr)
         return 2
-    return diffin(args)
+    return diffin([*verbose, *args])
 
 
 if __name__ == "__main__":

@@ -349,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the retraining comparison (the report then has no evaluation table)",
     )
+    m.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="train from scratch even when an interrupted training of another config is there",
+    )
     return p
 
 
@@ -495,6 +501,7 @@ def run(args: argparse.Namespace) -> object:
                 method=args.method,
                 target=args.demo_target,
                 evaluate=args.evaluate,
+                resume=args.resume,
             )
         )
         print(format_summary(summary))

@@ -22,7 +22,7 @@ from pipeline.model import factory
 from pipeline.prune.config import PruneConfig
 from pipeline.prune.manifest import select, write_manifest
 from pipeline.report.build import build_report
-from pipeline.rundir import RunDir, join, write_json
+from pipeline.rundir import RunDir, join, remove, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.driver import run_scoring
 from pipeline.score.table import read_table
@@ -50,7 +50,8 @@ class DemoConfig:
     seed: int = 0
     # TrainConfig's defaults unless set; small pools and short runs need smaller values
     batch_size: int = 64
-    warmup: int = 40
+    warmup: int | None = None  # None: a tenth of the steps, at most 40 (--steps alone suffices)
+    resume: bool = True  # continue an interrupted training of the same config
     target_size: int = 128
     reference_size: int = 255
     eval_samples: int = 500
@@ -79,9 +80,12 @@ def stage_configs(
         run=cfg.run,
         model=cfg.model,
         steps=cfg.steps,
-        checkpoints=cfg.checkpoints,
+        # --steps alone must be enough: 40 or fewer steps failed on the fixed warm-up
+        # and checkpoint count (review)
+        checkpoints=min(cfg.checkpoints, max(cfg.steps, 1)),
         batch_size=cfg.batch_size,
-        warmup=cfg.warmup,
+        warmup=min(40, cfg.steps // 10) if cfg.warmup is None else cfg.warmup,
+        resume=cfg.resume,
         target_size=cfg.target_size,
         reference_size=cfg.reference_size,
         seed=cfg.seed,
@@ -148,6 +152,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     run = RunDir(cfg.run)
     data = join(cfg.run, "data")
     timings: dict[str, float] = {}
+    # An earlier demo's evaluation describes other scores: with --no-evaluate the report
+    # would show it as this run's (review).
+    remove(run.path("evaluate"), recursive=True)
 
     t = time.time()
     pool = make_pool(data, synth_cfg, overwrite=True)

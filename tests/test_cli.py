@@ -236,3 +236,16 @@ def test_the_pixel_cap_is_a_positive_option(tmp_path, capsys, command):
     with pytest.raises(SystemExit):
         main([*argv, "--max-image-pixels", "0"])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_make_data_names_its_own_flag_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "pool"
+    assert main(["make-data", str(out), "--samples", "60", "--eval-samples", "8",
+                 "--target-samples", "8"]) == 0  # fmt: skip
+    capsys.readouterr()
+    _refused(["make-data", str(out), "--samples", "70"], capsys, "--overwrite")
+
+
+def test_demo_no_resume_reaches_the_config():
+    assert build_parser().parse_args(["demo"]).resume
+    assert not build_parser().parse_args(["demo", "--no-resume"]).resume

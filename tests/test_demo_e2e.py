@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
@@ -134,7 +135,7 @@ def test_demo_evaluates_every_scorer_and_ends_with_the_report(demo):
         ({"keep": 1.5}, "keep"),
         ({"method": "nope"}, "method"),
         ({"methods": ["diffin", "nope"]}, "methods"),
-        ({"steps": 30}, "warmup"),  # the default warm-up (40) does not fit in 30 steps
+        ({"steps": 30, "warmup": 40}, "warmup"),  # an explicit warm-up longer than the run
         ({"model": "nope"}, "model"),
         ({"noise": 1.0}, "noise"),
         ({"target": "clean"}, "target"),
@@ -148,3 +149,34 @@ def test_bad_demo_config_is_refused_before_any_work(tmp_path, change, field):
     with pytest.raises(ConfigError, match=field):
         run_demo(DemoConfig(run=str(run), **change))
     assert not run.exists()
+
+
+def test_steps_alone_sizes_the_warm_up_and_the_checkpoints():
+    """`diffin demo --steps 40` failed on the fixed 40-step warm-up, --steps 3 on the five
+    checkpoints (review); the default run keeps its 40 warm-up steps."""
+    from pipeline.demo import stage_configs
+
+    for steps, warmup, checkpoints in ((400, 40, 5), (40, 4, 5), (3, 0, 3)):
+        train = stage_configs(DemoConfig(steps=steps))[1]
+        assert (train.warmup, train.checkpoints) == (warmup, checkpoints), steps
+    assert not stage_configs(DemoConfig(resume=False))[1].resume
+
+
+def test_an_earlier_evaluation_is_not_shown_as_this_runs(demo, tmp_path):
+    """With --no-evaluate the report showed the previous demo's evaluation table (review)."""
+    import shutil
+
+    import ray
+
+    run = tmp_path / "again"
+    shutil.copytree(demo["run"], run)
+    assert (run / "evaluate" / "results.parquet").exists()
+    cfg = dataclasses.replace(demo["cfg"], run=str(run), evaluate=False)
+    try:
+        summary = run_demo(cfg)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    assert summary["evaluation"] == [] and not (run / "evaluate").exists()
+    html = Path(summary["outputs"]["report"]).read_text()
+    assert "Not evaluated yet" in html

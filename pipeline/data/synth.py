@@ -553,13 +553,13 @@ def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool, out: s
         if not overwrite:
             raise ConfigError(
                 f"out: {root} already holds a pool made with a different config; "
-                "choose another directory or pass overwrite=True"
+                "choose another directory or pass --overwrite"
             )
     elif not overwrite:
         if fs.glob(f"{root}/*.tar"):
             raise ConfigError(
                 f"out: {root} already contains tar shards but no {_SUMMARY_NAME} "
-                "(foreign data, or an unfinished run); pass overwrite=True to replace them"
+                "(foreign data, or an unfinished run); pass --overwrite to replace them"
             )
         return None  # nothing of ours, and nothing we would clobber but by name
     # Remove what a previous (possibly larger or unfinished) pool left behind,

@@ -98,6 +98,12 @@ def test_dockerfile_installs_the_package_with_pinned_torch():
     for pin in pins:
         assert pin in text, pin
     assert re.search(r"^RUN pip install \.", text, re.M)
+    # Ray pinned to the version every KubeRay manifest declares (was: unpinned, review)
+    (ray_pin,) = re.findall(r'"ray\[default\]==([^"]+)"', text)
+    for name in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):
+        doc = _load(name)
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        assert spec.get("rayVersion", doc["spec"].get("rayVersion")) == ray_pin, name
     assert re.search(r"^WORKDIR /opt/diffin$", text, re.M)
     assert re.search(r"^FROM ", text, re.M)
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}

@@ -45,6 +45,9 @@ def test_score_entrypoint_adds_address_auto(monkeypatch):
     assert seen[-1] == ["score", "--data", "p/{0..1}.tar", "--run", "r", "--address", "auto"]
     mod.main(["--data", "d", "--run", "r", "--address=ray://h:10001"])
     assert seen[-1].count("--address=ray://h:10001") == 1 and "auto" not in seen[-1]
+    # -v is diffin's flag, before the subcommand (was: "unrecognized arguments", review)
+    mod.main(["--data", "d", "-v", "--run", "r"])
+    assert seen[-1] == ["-v", "score", "--data", "d", "--run", "r", "--address", "auto"]
 
 
 def test_stage_entrypoint(monkeypatch, capsys):
@@ -57,6 +60,14 @@ def test_stage_entrypoint(monkeypatch, capsys):
     for stage in ("make-data", "train", "evaluate", "report"):
         assert mod.main([stage, "--run", "r"]) == 0 and seen[-1] == [stage, "--run", "r"]
     assert mod.main(["score"]) == 2 and "usage" in capsys.readouterr().err
+    assert mod.main(["-v", "prune", "--run", "r"]) == 0 and seen[-1] == [
+        "-v",
+        "prune",
+        "--run",
+        "r",
+    ]
+    assert mod.main(["prune", "--verbose", "--run", "r"]) == 0
+    assert seen[-1] == ["--verbose", "prune", "--run", "r"]
 
 
 @pytest.mark.parametrize(
