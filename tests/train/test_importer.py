@@ -32,14 +32,13 @@ SAMPLES, BATCH, EPOCHS, WARMUP, LR = 96, 8, 2, 2, 1e-3
 SETS = dict(target_size=16, reference_size=15, grad_batches=2, batch_size=BATCH, threads=1)
 
 
-@pytest.fixture(scope="module")
-def oc_run(tmp_path_factory) -> dict:
-    """Two epochs of open_clip_train on a generated pool (diffin-tiny through ``local-dir:``)."""
+def _open_clip_train(root: Path, samples: int, shard_size: int, *args: str) -> str:
+    """A real open_clip_train run on a generated pool (diffin-tiny through ``local-dir:``):
+    ``args`` are its batch, schedule and epoch flags. Returns the pool's shard pattern."""
     pytest.importorskip("open_clip_train")
-    root = tmp_path_factory.mktemp("oc_import")
     pool = make_pool(
         str(root / "pool"),
-        SynthConfig(samples=SAMPLES, shard_size=32, eval_samples=8, image_size=32),
+        SynthConfig(samples=samples, shard_size=shard_size, eval_samples=8, image_size=32),
     )
     model_dir = save_config_dir("diffin-tiny", root / "model")
     cmd = [
@@ -47,13 +46,10 @@ def oc_run(tmp_path_factory) -> dict:
         "--model", f"local-dir:{model_dir}",
         "--dataset-type", "webdataset",
         "--train-data", pool["train_data"],
-        "--train-num-samples", str(SAMPLES),
+        "--train-num-samples", str(samples),
         "--device", "cpu",
         "--workers", "1",
-        "--batch-size", str(BATCH),
-        "--epochs", str(EPOCHS),
-        "--lr", str(LR),
-        "--warmup", str(WARMUP),
+        *args,
         "--seed", "0",
         "--logs", str(root / "logs"),
         "--name", "oc",
@@ -63,7 +59,19 @@ def oc_run(tmp_path_factory) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"dir": str(root / "logs" / "oc"), "data": pool["train_data"], "root": root}
+    return pool["train_data"]
+
+
+@pytest.fixture(scope="module")
+def oc_run(tmp_path_factory) -> dict:
+    """Two epochs of open_clip_train on a generated pool."""
+    root = tmp_path_factory.mktemp("oc_import")
+    data = _open_clip_train(
+        root, SAMPLES, 32,
+        "--batch-size", str(BATCH), "--epochs", str(EPOCHS), "--lr", str(LR),
+        "--warmup", str(WARMUP),
+    )  # fmt: skip
+    return {"dir": str(root / "logs" / "oc"), "data": data, "root": root}
 
 
 def _open_clip_lr(step: int, total: int) -> float:
@@ -196,29 +204,13 @@ def test_an_accum_freq_run_with_leftover_batches_is_imported(tmp_path):
     """13 loader batches, --accum-freq 4: 3 optimizer steps an epoch, and the leftover batch
     sets the next step's rate before epoch_1.pt is saved. Was refused whatever
     --steps-per-epoch said (review)."""
-    pytest.importorskip("open_clip_train")
     samples, batch, accum = 100, 8, 4
-    pool = make_pool(
-        str(tmp_path / "pool"),
-        SynthConfig(samples=samples, shard_size=25, eval_samples=8, image_size=32),
-    )
-    model_dir = save_config_dir("diffin-tiny", tmp_path / "model")
-    cmd = [
-        sys.executable, "-m", "open_clip_train.main",
-        "--model", f"local-dir:{model_dir}",
-        "--dataset-type", "webdataset",
-        "--train-data", pool["train_data"],
-        "--train-num-samples", str(samples),
-        "--device", "cpu", "--workers", "1",
+    data = _open_clip_train(
+        tmp_path, samples, 25,
         "--batch-size", str(batch), "--accum-freq", str(accum),
-        "--epochs", "1", "--lr", "1e-3", "--warmup", "1", "--seed", "0",
-        "--logs", str(tmp_path / "logs"), "--name", "oc", "--report-to", "",
-        "--save-frequency", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cfg = TrainConfig(data=pool["train_data"], run=str(tmp_path / "run"), **SETS)
+        "--epochs", "1", "--lr", "1e-3", "--warmup", "1",
+    )  # fmt: skip
+    cfg = TrainConfig(data=data, run=str(tmp_path / "run"), **SETS)
     record = import_open_clip_run(str(tmp_path / "logs" / "oc"), cfg)
     steps = math.ceil(samples / batch) // accum
     assert [c["step"] for c in record["checkpoints"]] == [steps]
