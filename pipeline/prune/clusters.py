@@ -62,7 +62,8 @@ def embed_rows(
     traj = load_trajectory(run)
     last = max(c.step for c in traj.checkpoints)
     bundle = factory.create(traj.model, preprocess_cfg=traj.preprocess_cfg)
-    bundle.model.load_state_dict(load_state_dict(run, traj, last), strict=False)
+    # strict: a checkpoint that does not fit would leave random weights behind, silently
+    bundle.model.load_state_dict(load_state_dict(run, traj, last))
     bundle.model.eval()
     rows = np.flatnonzero(ok)
     where = {(str(shard[r]), int(index[r])): i for i, r in enumerate(rows)}

@@ -75,8 +75,8 @@ class PruneConfig:
             # open_clip's loader expands braces, splits on '::' and substitutes
             # ${VAR} in --train-data: such a name would point at other directories.
             raise ConfigError(
-                "name: must be a plain directory name, without '/', braces, '$', '::' or "
-                f"spaces (got {self.name!r})"
+                "name: must be a plain directory name, without '/', braces, '$', '::', glob "
+                f"characters or spaces (got {self.name!r})"
             )
         if self.rule == "threshold":
             if self.threshold is None or not math.isfinite(self.threshold):
@@ -141,7 +141,9 @@ class PruneConfig:
         return asdict(self)
 
 
-_NAME_REFUSED = frozenset("/{}$")
+# braces, $ and :: for open_clip's --train-data; * ? [ ] for the shards_url given back
+# as a shard pattern, where they would glob
+_NAME_REFUSED = frozenset("/{}$*?[]")
 
 
 def _num(x: float) -> str:

@@ -198,8 +198,21 @@ def test_bad_shard_size_is_refused(pruned, shard_size):
 
 @pytest.mark.parametrize(
     "name",
-    # braces, '::' and ${VAR} are rewritten by open_clip's --train-data expansion
-    ["", "a/b", ".hidden", "bad{a,b}", "x::y", "v${X}", "two words", "tab\there"],
+    # braces, '::' and ${VAR} are rewritten by open_clip's --train-data expansion; glob
+    # characters would glob when shards_url is given back as a pattern (review)
+    [
+        "",
+        "a/b",
+        ".hidden",
+        "bad{a,b}",
+        "x::y",
+        "v${X}",
+        "two words",
+        "tab\there",
+        "a*",
+        "b?",
+        "c[1]",
+    ],
 )
 def test_bad_manifest_name_is_refused(pruned, name):
     before = sorted(p.name for p in Path(pruned["run"], "prune").iterdir())
