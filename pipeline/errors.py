@@ -3,3 +3,15 @@
 
 class ConfigError(ValueError):
     """A bad option or input specification; the message names the field."""
+
+
+# What the config checks accept as a count and as a number: JSON and argparse give bools
+# where a flag was meant, and bool is an int subclass, so they are refused explicitly.
+def is_int(value: object) -> bool:
+    """An integer, not a bool (nor a float with an integer value)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float, not a bool (finite or not: check that separately)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

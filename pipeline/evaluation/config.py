@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, is_int, is_number
 
 
 @dataclass
@@ -40,7 +40,7 @@ class EvaluateConfig:
         if not self.keeps:
             raise ConfigError("keeps: give at least one keep fraction")
         for k in self.keeps:
-            if isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= 1:
+            if not is_number(k) or not 0 < k <= 1:
                 raise ConfigError(f"keeps: every fraction must be in (0, 1] (got {k!r})")
         names = [f"{k:g}" for k in self.keeps]  # subsets are named method@{keep:g}
         if len(set(names)) != len(names):
@@ -54,14 +54,14 @@ class EvaluateConfig:
             value = getattr(self, name)
             if value is None and name != "threads":
                 continue  # the proxy's own
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise ConfigError(f"{name}: must be an integer >= {low} (got {value!r})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: give distinct seeds (got {self.seeds!r})")
         for seed in self.seeds:
             # torch.manual_seed takes [0, 2**64) but the batch order's generator int64 only;
             # out of range failed after the first seed's retrainings, losing them all
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            if not is_int(seed) or not 0 <= seed < 2**63:
                 raise ConfigError(
                     f"seeds: every seed must be an integer in [0, 2**63) (got {seed!r})"
                 )

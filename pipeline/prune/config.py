@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, is_int, is_number
 
 RULES = ("fraction", "threshold", "balanced")
 NORMS = ("zscore", "rank")
@@ -53,7 +53,7 @@ class PruneConfig:
     def validate(self) -> None:
         if self.rule not in RULES:
             raise ConfigError(f"rule: must be one of {', '.join(RULES)} (got {self.rule!r})")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, int | float):
+        if not is_number(self.keep):
             raise ConfigError(f"keep: must be a number in (0, 1] (got {self.keep!r})")
         if not 0 < self.keep <= 1:
             raise ConfigError(f"keep: must be in (0, 1] (got {self.keep!r})")
@@ -63,7 +63,7 @@ class PruneConfig:
         # (k-means' seed after every ok row is embedded).
         for name, low in (("shard_size", 1), ("clusters", 1), ("cluster_seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise ConfigError(f"{name}: must be an integer >= {low} (got {value!r})")
         if self.name is not None and (
             not self.name
@@ -104,7 +104,7 @@ class PruneConfig:
             for col, w in self.fusion.items():
                 if col in NON_SCORE_COLUMNS:
                     raise ConfigError(f"fusion: {col!r} is not a score column")
-                if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                if not is_number(w) or not math.isfinite(w):
                     raise ConfigError(
                         f"fusion: weight of {col!r} must be a finite number (got {w!r})"
                     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.data.keys import IMAGE_KEYS, KEYS_RULE, TEXT_KEYS, reader_options, valid_keys
 from pipeline.data.reader import MAX_IMAGE_PIXELS
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, is_int, is_number
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.influence.selfinf import SelfConfig
 
@@ -79,14 +79,12 @@ class ScoreConfig:
         # shard), first_order="no" is truthy, and an infinite GPU count fails in Ray.
         for name in INT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ConfigError(f"{name}: must be an integer (got {value!r})")
         if not isinstance(self.first_order, bool):
             raise ConfigError(f"first_order: must be true or false (got {self.first_order!r})")
         gpus = self.gpus_per_worker
-        if gpus is not None and (
-            isinstance(gpus, bool) or not isinstance(gpus, int | float) or not math.isfinite(gpus)
-        ):
+        if gpus is not None and (not is_number(gpus) or not math.isfinite(gpus)):
             raise ConfigError(f"gpus_per_worker: must be a finite number (got {gpus!r})")
         checks = [
             # the random scorer and the self-influence sketch seed numpy: [0, 2**63)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.data.keys import IMAGE_KEYS, KEYS_RULE, TEXT_KEYS, reader_options, valid_keys
 from pipeline.data.reader import MAX_IMAGE_PIXELS
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, is_int, is_number
 
 PRECISIONS = ("fp32", "amp", "fp64")
 
@@ -76,11 +76,11 @@ class TrainConfig:
         # checks and failed only after the pool was read and the run's old record removed.
         for name in INT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ConfigError(f"{name}: must be an integer (got {value!r})")
         for name in ("lr", "momentum", "weight_decay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if not is_number(value):
                 raise ConfigError(f"{name}: must be a number (got {value!r})")
             if not math.isfinite(value):
                 raise ConfigError(f"{name}: must be finite (got {value!r})")
