@@ -15,6 +15,7 @@ import itertools
 import posixpath
 import re
 from collections import Counter, defaultdict
+from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
@@ -30,6 +31,8 @@ __all__ = [
     "resolve_shards",
     "shard_name",
     "shard_names",
+    "shard_stamp",
+    "shard_stamps",
     "sidecars",
 ]
 
@@ -377,6 +380,57 @@ def sidecars(url: str) -> dict[str, str]:
             stem = stem[: -len(suffix)]
             break
     return {"parquet": f"{stem}.parquet", "stats": f"{stem}_stats.json"}
+
+
+# What a filesystem's file info calls the version of a file, most specific first:
+# an object store's entity tag (S3 gives the same one in a listing and a HEAD,
+# unlike its LastModified, whose precision differs), a GCS generation, else the
+# local modification time.
+_VERSION_KEYS = ("ETag", "etag", "generation", "mtime")
+
+
+def _stamp(info: dict[str, Any]) -> dict[str, Any]:
+    stamp: dict[str, Any] = {"size": info.get("size")}
+    for key in _VERSION_KEYS:
+        if info.get(key) is not None:
+            stamp["version"] = str(info[key])
+            break
+    return stamp
+
+
+def shard_stamp(url: str) -> dict[str, Any] | None:
+    """The size and version (ETag or mtime) of a shard file, or None when it cannot be asked.
+
+    Stored with each scored part, so a shard rewritten in place under the
+    same name is scored again instead of keeping the old file's scores.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache(path)
+        return _stamp(fs.info(path))
+    except Exception:  # noqa: BLE001 - no stamp is an answer: the caller rescores
+        return None
+
+
+def shard_stamps(urls: list[str]) -> dict[str, dict[str, Any] | None]:
+    """:func:`shard_stamp` of many shards, one listing per directory rather than one request each."""
+    by_parent: defaultdict[str, list[str]] = defaultdict(list)
+    for url in urls:
+        by_parent[_parent(url)].append(url)
+    out: dict[str, dict[str, Any] | None] = {}
+    for parent, members in by_parent.items():
+        listed: dict[str, dict[str, Any]] = {}
+        try:
+            fs, ppath = fsspec.core.url_to_fs(parent)
+            fs.invalidate_cache(ppath)
+            listed = {e["name"].rstrip("/"): e for e in fs.ls(ppath, detail=True)}
+            paths = [fsspec.core.url_to_fs(u)[1] for u in members]
+        except Exception:  # noqa: BLE001 - fall back to asking for each file
+            paths = [None] * len(members)
+        for url, path in zip(members, paths, strict=True):
+            info = listed.get(path) if path is not None else None
+            out[url] = _stamp(info) if info is not None else shard_stamp(url)
+    return out
 
 
 def expected_samples(url: str) -> int | None:

@@ -39,7 +39,13 @@ import ray
 
 from pipeline.data.reader import SHARD_KEY, escape_utf8, iter_shard, retryable
 from pipeline.data.sample import Sample
-from pipeline.data.shards import expected_samples, resolve_shards, shard_names
+from pipeline.data.shards import (
+    expected_samples,
+    resolve_shards,
+    shard_names,
+    shard_stamp,
+    shard_stamps,
+)
 from pipeline.errors import ConfigError
 from pipeline.provenance import provenance
 from pipeline.raylocal import connect, embedded
@@ -70,6 +76,7 @@ class _Stream:
     url: str
     batches: queue.Queue
     cancel: threading.Event
+    stamp: dict[str, Any] | None = None  # the shard file's size and version, before reading
 
 
 class Prefetcher:
@@ -107,6 +114,9 @@ class Prefetcher:
         while True:
             stream = self.jobs.get()
             try:
+                # Asked before the first byte is read: a shard rewritten while it is
+                # read then differs from its record, and a rerun scores it again.
+                stream.stamp = shard_stamp(stream.url)
                 batch: list[Sample] = []
                 for sample in iter_shard(stream.url, **self.reader):
                     batch.append(sample)
@@ -216,6 +226,7 @@ class ScoreActor:
                 "status": "partial" if transient else "ok",
                 **({"reason": transient} if transient else {}),
                 "shard": url,
+                "stamp": stream.stamp,
                 "name": name,
                 "ok": len(samples) - errors,
                 "errors": errors,
@@ -342,7 +353,9 @@ def is_done(run: RunDir, url: str, name: str, fp_hash: str) -> dict[str, Any] | 
     """The completion record of shard ``url`` scored for this fingerprint, else None.
 
     The record must name this very shard (another pool may have the same
-    shard names) and its part must still be the bytes it describes.
+    shard names) and its part must still be the bytes it describes. Whether
+    the shard itself is still the file that was scored is
+    :func:`same_shard`'s question (asked for many shards at once).
     """
     part = run.part(name)
     rec = read_record(part)
@@ -353,6 +366,15 @@ def is_done(run: RunDir, url: str, name: str, fp_hash: str) -> dict[str, Any] | 
     if "bytes" in rec and file_size(part) != rec["bytes"]:
         return None
     return rec
+
+
+def same_shard(record: dict[str, Any], stamp: dict[str, Any] | None) -> bool:
+    """Whether a shard's stamp now (size and ETag or mtime) is the one its record holds.
+
+    A shard rewritten in place under the same name must be scored again.
+    Records written before stamps existed are trusted.
+    """
+    return record.get("stamp") is None or record["stamp"] == stamp
 
 
 def failed_part(
@@ -662,8 +684,14 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
 
     todo: list[tuple[str, str]] = []
     resumed_rows = 0
+    records = {u: is_done(run, u, n, fp_hash) for u, n in zip(shards, names, strict=True)}
+    # Stamps only for the shards with a record to check: one listing per directory.
+    stamps = shard_stamps([u for u, r in records.items() if r is not None])
     for url, name in zip(shards, names, strict=True):
-        rec = is_done(run, url, name, fp_hash)
+        rec = records[url]
+        if rec is not None and not same_shard(rec, stamps[url]):
+            log.warning("shard %s changed since it was scored: scoring it again", name)
+            rec = None
         if rec is None:
             todo.append((url, name))
         else:

@@ -7,7 +7,14 @@ import re
 
 import pytest
 
-from pipeline.data.shards import expand_pattern, resolve_shards, shard_name, shard_names
+from pipeline.data.shards import (
+    expand_pattern,
+    resolve_shards,
+    shard_name,
+    shard_names,
+    shard_stamp,
+    shard_stamps,
+)
 from pipeline.errors import ConfigError
 
 # --- expand_pattern: pure string work --------------------------------------------------
@@ -231,3 +238,31 @@ def test_shard_names_disambiguate_only_collisions_deterministically():
     assert len(set(same_dir)) == 2
     with pytest.raises(ConfigError):
         shard_names(["/p/x.tar", "/p/x.tar"])
+
+
+# --- shard stamps (is this still the file that was scored?) ------------------------------
+
+
+def test_a_shard_rewritten_in_place_gets_another_stamp(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"x" * (100 + i))
+    urls = [str(tmp_path / f"{i:05d}.tar") for i in range(3)]
+    stamps = shard_stamps(urls + [str(tmp_path / "gone.tar")])
+    assert [stamps[u] for u in urls] == [shard_stamp(u) for u in urls]  # listing = asking
+    assert stamps[urls[1]]["size"] == 101 and "version" in stamps[urls[1]]
+    assert stamps[str(tmp_path / "gone.tar")] is None
+    # Same name, same size, other bytes, written later: a different stamp.
+    os.utime(urls[1], ns=(1_000_000_000, 1_000_000_000))
+    before = shard_stamp(urls[1])
+    (tmp_path / "00001.tar").write_bytes(b"y" * 101)
+    assert shard_stamp(urls[1]) != before
+    assert shard_stamp(urls[0]) == stamps[urls[0]]
+
+
+def test_shard_stamps_of_shards_in_several_directories(tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "00000.tar").write_bytes(d.encode() * 10)
+    urls = [f"file://{tmp_path}/a/00000.tar", str(tmp_path / "b" / "00000.tar")]
+    stamps = shard_stamps(urls)
+    assert all(stamps[u] == shard_stamp(u) and stamps[u]["size"] == 10 for u in urls)

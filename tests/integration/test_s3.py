@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.reader import iter_shard
-from pipeline.data.shards import resolve_shards
+from pipeline.data.shards import resolve_shards, shard_stamp, shard_stamps
 from pipeline.data.synth import SynthConfig, make_pool
 from pipeline.data.tarwriter import ShardWriter
 from pipeline.prune.config import PruneConfig
@@ -62,6 +62,19 @@ def test_rundir_and_writer_on_s3(s3_bucket):
             raise RuntimeError("boom")
     assert not exists(f"{s3_bucket}/aborted/00000.tar")
     assert not exists(f"{s3_bucket}/aborted/sizes.json")
+
+
+def test_shard_stamps_on_s3_see_a_shard_rewritten_in_place(s3_bucket):
+    """A listing's ETag is the HEAD's (its LastModified is not, hence the ETag)."""
+    for i in range(3):
+        write_bytes_atomic(f"{s3_bucket}/pool/{i:05d}.tar", b"a" * (10 + i))
+    urls = [f"{s3_bucket}/pool/{i:05d}.tar" for i in range(3)]
+    stamps = shard_stamps(urls)
+    assert [stamps[u] for u in urls] == [shard_stamp(u) for u in urls]
+    assert stamps[urls[0]]["size"] == 10 and stamps[urls[0]]["version"]
+    write_bytes_atomic(urls[0], b"b" * 10)  # same name, same size, other bytes
+    assert shard_stamp(urls[0]) != stamps[urls[0]]
+    assert shard_stamps(urls)[urls[0]] == shard_stamp(urls[0])  # no stale listing
 
 
 def test_pipeline_end_to_end_on_s3(s3_bucket):

@@ -491,3 +491,13 @@ def test_score_config_types_and_ranges_are_checked_up_front(change, field):
 
     with pytest.raises(ConfigError, match=f"^{field}: "):
         ScoreConfig(data="d", run="r", methods=["diffin", "random"], **change).validate()
+
+
+def test_a_record_vouches_only_for_the_shard_file_it_stamped():
+    from pipeline.score.driver import same_shard
+
+    stamp = {"size": 10, "version": "1.5"}
+    assert same_shard({"stamp": stamp}, dict(stamp))
+    assert not same_shard({"stamp": stamp}, {"size": 10, "version": "2.5"})
+    assert not same_shard({"stamp": stamp}, None)  # the shard cannot be asked now: rescore
+    assert same_shard({}, None)  # a record from before stamps existed is trusted

@@ -347,3 +347,50 @@ def test_shards_with_fewer_samples_than_img2dataset_wrote_are_reported(
         assert s["shards_empty"] == ["00002"]
         assert not s["shards_failed"] and s["rows"] == 16 + 1
     assert again["shards_resumed"] == 4
+
+
+def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_path, caplog):
+    """Same name, other samples: a rerun rescores that shard and keeps the others' parts."""
+    import shutil
+
+    import ray
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import run_scoring
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    src = score_run["data"].split("{")[0]
+    for i in range(3):
+        shutil.copy(f"{src}0000{i}.tar", pool / f"0000{i}.tar")
+    run = fresh_run(score_run, tmp_path / "run")
+    cfg = ScoreConfig(
+        data=str(pool / "{00000..00002}.tar"),
+        run=run,
+        methods=["loss"],
+        address=ray_cluster.address,
+        workers=1,
+        batch_size=8,
+    )
+    try:
+        first = run_scoring(cfg)
+        old = pq.read_table(f"{run}/scores.parquet").to_pydict()
+        # The pool's 00001 is rewritten in place with other samples (those of 00005).
+        shutil.copy(f"{src}00005.tar", pool / "00001.tar")
+        with caplog.at_level("WARNING", logger="pipeline.score.driver"):
+            again = run_scoring(cfg)
+    finally:
+        ray.shutdown()
+    assert first["shards_scored_now"] == 3
+    assert again["shards_resumed"] == 2 and again["shards_scored_now"] == 1
+    assert "shard 00001 changed since it was scored" in caplog.text
+    new = pq.read_table(f"{run}/scores.parquet").to_pydict()
+    from pipeline.data.reader import iter_shard
+
+    keys = [s.key for s in iter_shard(str(pool / "00001.tar"))]
+    assert [k for k, u in zip(new["key"], new["shard"], strict=True) if "00001" in u] == keys
+    assert keys != [k for k, u in zip(old["key"], old["shard"], strict=True) if "00001" in u]
+    for name in ("00000", "00002"):  # untouched shards keep their scores
+        assert [x for x, u in zip(new["loss"], new["shard"], strict=True) if name in u] == [
+            x for x, u in zip(old["loss"], old["shard"], strict=True) if name in u
+        ]
