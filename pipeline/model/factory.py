@@ -8,6 +8,7 @@ so that every open_clip code path (including ``open_clip_train.main`` through
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -174,6 +175,24 @@ def recorded_preprocess(record: dict[str, Any]) -> dict[str, Any] | None:
         return record["preprocess_cfg"]
     tagged = tag_preprocess(str(record.get("model")), record.get("pretrained"))
     return {k: _plain(v) for k, v in tagged.items()} or None
+
+
+def pretrained_identity(pretrained: str | None) -> str | None:
+    """What a model's starting weights are: the sha256 of a checkpoint file, else the tag.
+
+    A checkpoint file replaced under the same path is other weights; a tag
+    names fixed weights wherever open_clip caches them.
+    """
+    if pretrained is None:
+        return None
+    path = _local_path(pretrained)
+    if not Path(path).is_file():
+        return pretrained
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
 
 
 def _local_path(pretrained: str) -> str:

@@ -40,6 +40,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.model import factory
+from pipeline.model.batches import encode
 from pipeline.provenance import provenance
 from pipeline.rundir import RunDir, join, read_bytes, remove, write_json
 from pipeline.train.config import TrainConfig
@@ -256,7 +257,7 @@ def import_open_clip_run(
         saved.append(save_checkpoint(run, bundle.model, step, oc.lr(step, total)))
         sources.append({"epoch": epoch, "url": url, "sha256": digest, "saved_lr": last})
 
-    save_sets(cfg, run, pool, bundle)
+    save_sets(cfg, run, pool, bundle, *encode(pool.train, bundle))
 
     opt = str(oc.params.get("opt", "adamw"))
     settings = {"weight_decay": oc.params.get("wd")}

@@ -91,10 +91,14 @@ def _save_set(run: RunDir, name: str, samples: list[Sample], bundle: factory.Cli
 
 
 def save_sets(
-    cfg: TrainConfig, run: RunDir, pool: Pool, bundle: factory.ClipBundle
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write R, V and the gradient batches; returns the encoded training pairs (images, tokens)."""
-    images, tokens = encode(pool.train, bundle)
+    cfg: TrainConfig,
+    run: RunDir,
+    pool: Pool,
+    bundle: factory.ClipBundle,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+) -> None:
+    """Write R, V and the gradient batches; ``images``, ``tokens`` are ``encode(pool.train)``."""
     for name, subset in (("reference", pool.reference), ("target", pool.target)):
         _save_set(run, name, subset, bundle)
     n = images.shape[0]
@@ -107,4 +111,3 @@ def save_sets(
         {"images": images[grad_idx], "tokens": tokens[grad_idx]},
         {"k": cfg.grad_batches, "batch_size": cfg.batch_size, "seed": cfg.seed},
     )
-    return images, tokens

@@ -48,12 +48,27 @@ def save_checkpoint(run: RunDir, model: nn.Module, step: int, lr: float) -> dict
     return {"step": step, "lr": lr, "path": url.rsplit("/", 1)[-1], "sha256": sha256(url)}
 
 
-def fingerprint(cfg: TrainConfig, train_uids: list[str]) -> str:
-    """What the trajectory depends on: its config and the exact training samples, in order."""
+def fingerprint(
+    cfg: TrainConfig,
+    train_uids: list[str],
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    pretrained: str | None = None,
+) -> str:
+    """What the trajectory depends on: its config, the starting weights and the training pairs.
+
+    The pairs are hashed as the model sees them (``images``, ``tokens``), not
+    only by uid: a shard rewritten in place keeps its uids. ``pretrained`` is
+    :func:`~pipeline.model.factory.pretrained_identity` (a replaced checkpoint
+    file under the same path is other starting weights).
+    """
     h = hashlib.sha256()
     h.update(TRAINING_VERSION.encode())
     h.update(json.dumps(cfg.trajectory_fields(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(pretrained).encode())
     h.update("\n".join(train_uids).encode())
+    for t in (images, tokens):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

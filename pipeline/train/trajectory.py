@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.model import factory
+from pipeline.model.batches import encode
 from pipeline.provenance import provenance
 from pipeline.rundir import RunDir, remove, write_json
 from pipeline.train.config import TrainConfig
@@ -61,14 +62,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.precision == "fp64":
         model.to(torch.float64)
     pool = load_pool(cfg)
-    fp = fingerprint(cfg, [s.uid for s in pool.train])
+    images, tokens = encode(pool.train, bundle)
+    fp = fingerprint(
+        cfg,
+        [s.uid for s in pool.train],
+        images,
+        tokens,
+        factory.pretrained_identity(cfg.pretrained),
+    )
     if not cfg.resume:
         clear_resume(run)
     load_resume(run, fp)  # refuses a partial run of another config before anything is written
     # From here the run is being rewritten: a trajectory.json left from an earlier
     # training would describe checkpoints and sets this one replaces.
     remove(run.trajectory_json)
-    images, tokens = save_sets(cfg, run, pool, bundle)
+    save_sets(cfg, run, pool, bundle, images, tokens)
     n = images.shape[0]
     ckpt_steps = checkpoint_steps(cfg.steps, cfg.checkpoints, cfg.spacing, cfg.seed)
 

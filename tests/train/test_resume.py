@@ -107,3 +107,70 @@ def test_a_run_killed_after_its_last_state_finishes_when_rerun(
         c["sha256"] for c in tiny_run["record"]["checkpoints"]
     ]
     assert not (Path(run) / "trajectory" / "resume.pt").exists()
+
+
+def _rewrite_captions(shard: Path) -> None:
+    """The same members under the same names (so the same uids), other captions."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name.endswith(".txt"):
+                data += b" (edited)"
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def test_resume_refuses_a_pool_or_pretrained_file_rewritten_in_place(tmp_path, monkeypatch):
+    """Same paths, same uids, other bytes: the saved state belongs to other inputs (was: resumed)."""
+    from pipeline.data.synth import SynthConfig, make_pool
+    from pipeline.model import factory
+    from pipeline.train.config import TrainConfig
+    from tests.conftest import TINY_TRAIN
+
+    pool = make_pool(
+        str(tmp_path / "pool"),
+        SynthConfig(samples=120, shard_size=60, eval_samples=10, image_size=32, seed=0),
+    )
+    weights = tmp_path / "weights.pt"
+    torch.save(factory.create("diffin-tiny").model.state_dict(), weights)
+    small = {"steps": 6, "warmup": 1, "batch_size": 16, "target_size": 16, "reference_size": 15}
+    cfg = TrainConfig(
+        data=pool["train_data"],
+        run=str(tmp_path / "run"),
+        pretrained=str(weights),
+        **{**TINY_TRAIN, **small},
+    )
+
+    def killed(url, obj):
+        raise KeyboardInterrupt("killed before trajectory.json")
+
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.train.trajectory.write_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    assert _killed_at(cfg.run) == cfg.steps
+    saved = torch.load(Path(cfg.run) / "trajectory" / "resume.pt", weights_only=True)
+
+    original = weights.read_bytes()
+    state = torch.load(weights, weights_only=True)
+    state["logit_scale"] += 1.0
+    torch.save(state, weights)
+    with pytest.raises(ConfigError, match="^resume: .*another config, pool"):
+        train(cfg)
+    weights.write_bytes(original)
+
+    shard = Path(tmp_path / "pool" / "00000.tar")
+    kept = shard.read_bytes()
+    _rewrite_captions(shard)
+    with pytest.raises(ConfigError, match="^resume: .*another config, pool"):
+        train(cfg)
+    assert _killed_at(cfg.run) == cfg.steps  # left as it was
+
+    shard.write_bytes(kept)  # the inputs it was saved with: it finishes from its state
+    rec = train(cfg)
+    assert [c["sha256"] for c in rec["checkpoints"]] == [c["sha256"] for c in saved["checkpoints"]]
+    assert not (Path(cfg.run) / "trajectory" / "resume.pt").exists()
