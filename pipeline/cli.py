@@ -13,6 +13,7 @@ from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.score.config import SAMPLE_GRADIENTS
 from pipeline.scorers import REGISTRY
+from pipeline.train.config import TrainConfig
 
 
 def _methods(text: str) -> list[str]:
@@ -51,6 +52,32 @@ def _add_reader_keys(parser: argparse.ArgumentParser) -> None:
 METHODS_HELP = "comma-separated scorers: " + ", ".join(sorted(REGISTRY))
 
 
+def _default(value: object) -> str:
+    return f" (default {value})"
+
+
+# `diffin train`'s options that say how to train. --import takes all of them from the
+# open_clip_train run's params.txt, so one given with it is refused, not ignored.
+TRAINING_ONLY = {
+    "pretrained": "--pretrained",
+    "steps": "--steps",
+    "checkpoints": "--checkpoints",
+    "spacing": "--spacing",
+    "optimizer": "--optimizer",
+    "lr": "--lr",
+    "momentum": "--momentum",
+    "weight_decay": "--weight-decay",
+    "warmup": "--warmup",
+    "schedule": "--schedule",
+    "workers": "--workers",
+    "address": "--address",
+    "precision": "--precision",
+    "resume": "--resume/--no-resume",
+    "resume_every": "--resume-every",
+    "max_failures": "--max-failures",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffin", description="Diff-In data pruning for CLIP pretraining"
@@ -86,22 +113,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="open_clip model name (default diffin-small; with --import: the run's model)",
     )
+    # The training's own options default to None, TrainConfig's defaults filling in, so that
+    # --import (whose run's params.txt says how it trained) can refuse them when given.
     t.add_argument("--pretrained", default=None, help="checkpoint file or open_clip tag")
-    t.add_argument("--steps", type=int, default=400)
-    t.add_argument("--checkpoints", type=int, default=5, help="m: checkpoints kept")
-    t.add_argument("--spacing", choices=["even", "random"], default="even")
+    t.add_argument("--steps", type=int, default=None, help=_default(TrainConfig.steps))
+    t.add_argument(
+        "--checkpoints",
+        type=int,
+        default=None,
+        help=f"m: checkpoints kept{_default(TrainConfig.checkpoints)}",
+    )
+    t.add_argument(
+        "--spacing", choices=["even", "random"], default=None, help=_default(TrainConfig.spacing)
+    )
     t.add_argument(
         "--batch-size",
         type=int,
         default=None,
         help="global batch (default 64; with --import: the run's global batch, for g_B)",
     )
-    t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup", type=int, default=40)
-    t.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    t.add_argument(
+        "--optimizer", choices=["sgd", "adamw"], default=None, help=_default(TrainConfig.optimizer)
+    )
+    t.add_argument("--lr", type=float, default=None, help=_default(TrainConfig.lr))
+    t.add_argument("--momentum", type=float, default=None, help=_default(TrainConfig.momentum))
+    t.add_argument(
+        "--weight-decay", type=float, default=None, help=_default(TrainConfig.weight_decay)
+    )
+    t.add_argument("--warmup", type=int, default=None, help=_default(TrainConfig.warmup))
+    t.add_argument(
+        "--schedule",
+        choices=["constant", "cosine"],
+        default=None,
+        help=_default(TrainConfig.schedule),
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--target-size", type=int, default=128, help="|V| held out of training")
     t.add_argument("--reference-size", type=int, default=255, help="K reference negatives")
@@ -110,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--workers",
         type=int,
-        default=0,
-        help="data-parallel Ray Train workers (0: train in this process)",
+        default=None,
+        help="data-parallel Ray Train workers (default 0: train in this process)",
     )
     t.add_argument(
         "--address", default=None, help="Ray cluster for --workers; default: embedded local Ray"
@@ -119,23 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--precision",
         choices=["fp32", "amp", "fp64"],
-        default="fp32",
-        help="amp: bf16 autocast on CUDA workers (fp32 elsewhere)",
+        default=None,
+        help="amp: bf16 autocast on CUDA workers (fp32 elsewhere; default fp32)",
     )
     t.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue an interrupted run of the same config from RUN/trajectory/resume.pt",
+        default=None,
+        help="continue an interrupted run of the same config from RUN/trajectory/resume.pt "
+        "(default: on)",
     )
     t.add_argument(
         "--resume-every",
         type=int,
-        default=0,
+        default=None,
         help="also save the resume state every N steps (default: at checkpoints only)",
     )
     t.add_argument(
-        "--max-failures", type=int, default=0, help="Ray Train restarts of a failed worker group"
+        "--max-failures",
+        type=int,
+        default=None,
+        help=f"Ray Train restarts of a failed worker group{_default(TrainConfig.max_failures)}",
     )
     t.add_argument(
         "--import",
@@ -358,6 +407,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """`diffin train`'s TrainConfig; training options given with --import are refused."""
+    training = {k: getattr(args, k) for k in TRAINING_ONLY if getattr(args, k) is not None}
+    if args.import_dir is not None and training:
+        flags = ", ".join(TRAINING_ONLY[k] for k in training)
+        raise ConfigError(
+            f"{flags}: not used with --import, which takes how the run trained from its "
+            "params.txt and checkpoints; drop them (--model, --batch-size, --seed and the "
+            "set sizes do apply)"
+        )
+    if args.import_dir is None and args.steps_per_epoch is not None:
+        raise ConfigError("--steps-per-epoch: only used with --import")
+    return TrainConfig(
+        data=args.data,
+        run=args.run,
+        model=args.model or TrainConfig.model,
+        batch_size=TrainConfig.batch_size if args.batch_size is None else args.batch_size,
+        seed=args.seed,
+        target_size=args.target_size,
+        reference_size=args.reference_size,
+        grad_batches=args.grad_batches,
+        threads=args.threads,
+        **training,
+        image_keys=args.image_key,
+        text_keys=args.text_key,
+        max_image_pixels=args.max_image_pixels,
+    )
+
+
 def run(args: argparse.Namespace) -> object:
     # Imports are deferred so that `diffin --help` and config errors stay fast.
     if args.command == "make-data":
@@ -375,38 +453,7 @@ def run(args: argparse.Namespace) -> object:
         )
         return make_pool(args.out, cfg, overwrite=args.overwrite)
     if args.command == "train":
-        from pipeline.train.config import TrainConfig
-
-        cfg = TrainConfig(
-            data=args.data,
-            run=args.run,
-            model=args.model or "diffin-small",
-            pretrained=args.pretrained,
-            steps=args.steps,
-            checkpoints=args.checkpoints,
-            spacing=args.spacing,
-            batch_size=64 if args.batch_size is None else args.batch_size,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            warmup=args.warmup,
-            schedule=args.schedule,
-            seed=args.seed,
-            target_size=args.target_size,
-            reference_size=args.reference_size,
-            grad_batches=args.grad_batches,
-            threads=args.threads,
-            workers=args.workers,
-            address=args.address,
-            precision=args.precision,
-            resume=args.resume,
-            resume_every=args.resume_every,
-            max_failures=args.max_failures,
-            image_keys=args.image_key,
-            text_keys=args.text_key,
-            max_image_pixels=args.max_image_pixels,
-        )
+        cfg = train_config(args)
         if args.import_dir is not None:
             import dataclasses
 

@@ -249,3 +249,37 @@ def test_make_data_names_its_own_flag_to_overwrite(tmp_path, capsys):
 def test_demo_no_resume_reaches_the_config():
     assert build_parser().parse_args(["demo"]).resume
     assert not build_parser().parse_args(["demo", "--no-resume"]).resume
+
+
+def test_plain_train_options_give_the_train_config_defaults():
+    from pipeline.cli import train_config
+    from pipeline.train.config import TrainConfig
+
+    args = build_parser().parse_args(["train", "--data", "d", "--run", "r"])
+    assert train_config(args) == TrainConfig(data="d", run="r")
+    args = build_parser().parse_args(["train", "--data", "d", "--run", "r", "--no-resume"])
+    assert train_config(args).resume is False
+
+
+@pytest.mark.parametrize(
+    "extra,flags",
+    [
+        (["--steps", "100"], ["--steps"]),
+        (["--lr", "0.5", "--no-resume"], ["--lr", "--resume/--no-resume"]),
+        (["--optimizer", "adamw", "--workers", "2"], ["--optimizer", "--workers"]),
+    ],
+)
+def test_training_options_given_with_import_are_refused(tiny_pool, tmp_path, capsys, extra, flags):
+    """--import takes how the run trained from params.txt (was: these were silently ignored)."""
+    run = tmp_path / "run"
+    argv = ["train", "--import", str(tmp_path / "oc"), "--data", tiny_pool["train_data"]]
+    err = _refused([*argv, "--run", str(run), *extra], capsys, *flags, "--import")
+    assert "params.txt" in err
+    assert not run.exists()
+
+
+def test_steps_per_epoch_without_import_is_refused(tiny_pool, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--data", tiny_pool["train_data"], "--run", str(run)]
+    _refused([*argv, "--steps-per-epoch", "10"], capsys, "--steps-per-epoch", "--import")
+    assert not run.exists()

@@ -222,6 +222,8 @@ def import_open_clip_run(
     spe = steps_per_epoch or oc.steps_per_epoch()
     total = spe * int(oc.params["epochs"])
     run = RunDir(cfg.run)
+    if cfg.threads:  # the sets are encoded and the checkpoints checked in this process
+        torch.set_num_threads(cfg.threads)
 
     torch.manual_seed(cfg.seed)
     bundle = factory.create(name, preprocess_cfg=open_clip_preprocess(oc, name))
