@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,6 +43,8 @@ from pipeline.rundir import (
     join,
     open_atomic,
     read_json,
+    remove,
+    replace_dir,
     write_bytes_atomic,
     write_json,
 )
@@ -397,9 +400,6 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
             {k: round(v, 3) for k, v in metrics.items()},
         )
     frame = pd.DataFrame(rows)
-    out = run.path("evaluate")
-    with open_atomic(join(out, "results.parquet")) as f:
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), f)
     seeds = ", ".join(str(s) for s in cfg.seeds)
     note = (
         f"Each row: a {traj['model']} trained from scratch for {steps} steps of batch "
@@ -412,9 +412,6 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     )
     if truth is None:
         note += " Defect counts are -1: the pool has no truth table."
-    write_bytes_atomic(
-        join(out, "results.md"), (note + "\n\n" + markdown_table(summarise(frame))).encode()
-    )
     summary = {
         "config": cfg.to_dict(),
         "sources": src.__dict__,
@@ -437,6 +434,19 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         "seconds": round(time.time() - t0, 1),
         **provenance(),
     }
-    write_json(join(out, "evaluate.json"), summary)
+    # The three files are one result: written beside RUN/evaluate, then put in its place
+    # together, so a run that dies part-way leaves the previous evaluation whole, never
+    # a results table of one evaluation beside the record of another.
+    out = run.path(f"evaluate.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open_atomic(join(out, "results.parquet")) as f:
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), f)
+        write_bytes_atomic(
+            join(out, "results.md"), (note + "\n\n" + markdown_table(summarise(frame))).encode()
+        )
+        write_json(join(out, "evaluate.json"), summary)
+        replace_dir(out, run.path("evaluate"), last="evaluate.json")
+    finally:
+        remove(out, recursive=True)
     run.update_run_json("evaluate", {"config": cfg.to_dict(), "seconds": summary["seconds"]})
     return summary

@@ -279,3 +279,31 @@ def test_the_training_pool_given_as_eval_data_is_refused(tiny_scored, tmp_path):
     with pytest.raises(ConfigError, match=r"^eval_data: \d+ of its pairs are in the scored pool"):
         run_evaluation(cfg)
     assert not Path(f"{run}/evaluate").exists()
+
+
+def test_an_evaluation_that_dies_while_writing_leaves_the_previous_one_whole(
+    evaluated, tmp_path, monkeypatch
+):
+    """results.parquet, results.md and evaluate.json change together or not at all."""
+    run = copy_run(evaluated["run"], tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in Path(run, "evaluate").iterdir()}
+    assert set(before) == {"results.parquet", "results.md", "evaluate.json"}
+
+    def dies(url, obj):
+        raise KeyboardInterrupt("killed while writing evaluate.json")
+
+    monkeypatch.setattr("pipeline.evaluation.retrain.write_json", dies)
+    cfg = EvaluateConfig(run=run, keeps=[0.5], methods=["random"], full=False, steps=2, threads=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(cfg)
+    assert {p.name: p.read_bytes() for p in Path(run, "evaluate").iterdir()} == before
+    assert sorted(p.name for p in Path(run).iterdir() if p.name.startswith("evaluate")) == [
+        "evaluate"
+    ]
+    monkeypatch.undo()
+    summary = run_evaluation(cfg)
+    assert [r["subset"] for r in summary["results"]] == ["random@0.5"]
+    assert json.load(open(f"{run}/evaluate/evaluate.json"))["results"] == summary["results"]
+    assert pq.read_table(f"{run}/evaluate/results.parquet").column("subset").to_pylist() == [
+        "random@0.5"
+    ]
