@@ -15,7 +15,7 @@ def save_tensors(
     url: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
 ) -> None:
     data = save(
-        {k: v.contiguous() for k, v in tensors.items()},
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
         metadata={"meta": json.dumps(meta or {}, sort_keys=True, default=str)},
     )
     write_bytes_atomic(url, data)

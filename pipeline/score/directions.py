@@ -116,6 +116,19 @@ def needs_directions(cfg: ScoreConfig, traj: Trajectory) -> bool:
     return any(needed_terms(scorers, c, ctx) & DIRECTION_TERMS for c in traj.checkpoints)
 
 
+def directions_device(cfg: ScoreConfig) -> str:
+    """Where the per-run work (directions, propagation, eigenpairs) runs: this process's GPU
+    when it has one and the scoring may use GPUs, else its CPU.
+
+    The propagation is one Gauss-Newton product per training step, serial in the step:
+    on a CPU it takes hours for a real-size proxy, so on a GPU cluster submit the score
+    job with a GPU for its entrypoint (``ray job submit --entrypoint-num-gpus 1``).
+    """
+    if cfg.gpus_per_worker == 0 or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
 def set_hashes(run: RunDir) -> dict[str, str]:
     """sha256 of the stored sets the per-sample losses, g_B and H_B are made of.
 
@@ -143,13 +156,19 @@ def ensure_directions(
     if not needs_directions(cfg, traj):
         log.info("directions: not needed by %s", ",".join(cfg.methods))
         return target_info
+    device = directions_device(cfg)
+    if device != "cpu":
+        log.info("directions: computed on %s", device)
+    bundle.model.to(device)
+    t_images, t_tokens = t_images.to(device), t_tokens.to(device)
     ref_images, ref_tokens, _ = load_set(run, "reference", dtype)
-    fns = ClipFunctions(bundle.model, ref_images, ref_tokens)
+    fns = ClipFunctions(bundle.model, ref_images.to(device), ref_tokens.to(device))
     gb, gb_meta = load_tensors(run.set_file("grad_batches"))
     # in every fingerprint below: the sets, and the architecture the checkpoints belong to
     gb_meta = {**gb_meta, "sets": sets or set_hashes(run), "model": model_identity(traj.record)}
     grad_batches = [
-        (gb["images"][i].to(dtype), gb["tokens"][i]) for i in range(gb["images"].shape[0])
+        (gb["images"][i].to(device, dtype), gb["tokens"][i].to(device))
+        for i in range(gb["images"].shape[0])
     ]
     by_step = {int(c["step"]): c["sha256"] for c in traj.record["checkpoints"]}
     for ckpt in tqdm(traj.checkpoints, desc="directions", unit="ckpt", leave=False):
@@ -168,7 +187,7 @@ def ensure_directions(
         if exists(url) and load_tensors(url)[1].get("fingerprint") == fingerprint:
             continue
         state = load_state_dict(run, traj, ckpt.step)
-        params = {k: state[k].to(dtype) for k, _ in bundle.model.named_parameters()}
+        params = {k: state[k].to(device, dtype) for k, _ in bundle.model.named_parameters()}
         d = compute_directions(
             fns,
             params,
@@ -196,6 +215,9 @@ def ensure_directions(
         ensure_propagated(cfg, run, traj, fns, grad_batches, gb_meta, target_info)
     if "diffin_self" in cfg.methods and cfg.self_hb == "lanczos":
         ensure_eigenpairs(cfg, run, traj, fns, grad_batches, gb_meta, by_step)
+    if device != "cpu":  # the scoring actors on this node may want the memory
+        del fns, grad_batches, bundle
+        torch.cuda.empty_cache()
     return target_info
 
 
@@ -298,6 +320,7 @@ def ensure_propagated(
         return
     dtype = DTYPES[cfg.dtype]
     names = [k for k, _ in fns.model.named_parameters()]
+    device = next(fns.model.parameters()).device
     loaded: dict[int, Callable[[Params], Params]] = {}
 
     def hvp(i: int, s: int, v: Params) -> Params:  # noqa: ARG001 (same curvature at every s)
@@ -307,11 +330,11 @@ def ensure_propagated(
         if i not in loaded:  # the sweep runs backwards: one checkpoint resident at a time
             loaded.clear()
             state = load_state_dict(run, traj, steps[i])
-            params = {k: state[k].to(dtype) for k in names}
+            params = {k: state[k].to(device, dtype) for k in names}
             loaded[i] = curvature_operator(fns, params, grad_batches, cfg.propagate_curvature)
         return loaded[i](v)
 
-    g_V = load_directions(run.directions(steps[-1])).ordered(names).g_V
+    g_V = load_directions(run.directions(steps[-1]), device).ordered(names).g_V
     with tqdm(total=steps[-1], desc="propagating g_V", unit="step", leave=False) as bar:
         try:
             dirs = propagated_directions(
@@ -365,6 +388,7 @@ def ensure_eigenpairs(
     from pipeline.influence.selfinf import DEFAULT_EXCLUDE, hessian_eigenpairs
 
     names = [k for k, _ in fns.model.named_parameters()]
+    device = next(fns.model.parameters()).device
     for ckpt in tqdm(traj.checkpoints, desc="H_B eigenpairs", unit="ckpt", leave=False):
         fingerprint = hashlib.sha256(
             json.dumps(
@@ -376,8 +400,8 @@ def ensure_eigenpairs(
             continue
         state = load_state_dict(run, traj, ckpt.step)
         dtype = DTYPES[cfg.dtype]
-        params = {k: state[k].to(dtype) for k in names if k not in DEFAULT_EXCLUDE}
-        fixed = {k: state[k].to(dtype) for k in names if k in DEFAULT_EXCLUDE}
+        params = {k: state[k].to(device, dtype) for k in names if k not in DEFAULT_EXCLUDE}
+        fixed = {k: state[k].to(device, dtype) for k in names if k in DEFAULT_EXCLUDE}
         vals, vecs = hessian_eigenpairs(fns, params, fixed, grad_batches, cfg.self_rank, cfg.seed)
         save_tensors(
             url,

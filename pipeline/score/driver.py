@@ -51,7 +51,14 @@ from pipeline.provenance import provenance
 from pipeline.raylocal import connect, embedded
 from pipeline.rundir import RunDir, exists, file_size, write_json
 from pipeline.score.config import ScoreConfig
-from pipeline.score.directions import ensure_directions, resolve_form, self_size, set_hashes
+from pipeline.score.directions import (
+    directions_device,
+    ensure_directions,
+    needs_directions,
+    resolve_form,
+    self_size,
+    set_hashes,
+)
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
 from pipeline.score.table import build_part
@@ -262,6 +269,45 @@ def steady_rate(finished: list[tuple[float, str, int]]) -> float | None:
         return None
     rows = sum(r for d in by_actor.values() for _, r in d[1:])
     return round(rows / covered, 2)
+
+
+def _directions_task(cfg: ScoreConfig, sets: dict[str, str]) -> dict[str, Any]:
+    """ensure_directions in a Ray worker that holds a GPU; the run directory is shared."""
+    run = RunDir(cfg.run)
+    return {
+        "target": ensure_directions(cfg, run, load_trajectory(run), sets),
+        "node": ray.util.get_node_ip_address(),
+        "device": directions_device(cfg),
+    }
+
+
+def prepare_directions(
+    cfg: ScoreConfig, run: RunDir, traj: Any, sets: dict[str, str]
+) -> dict[str, Any]:
+    """The per-run work before scoring (directions, propagation, eigenpairs); returns the target.
+
+    It runs in this process, on its GPU when it has one. A driver without a
+    GPU on an existing cluster that has GPUs (a KubeRay head, say) hands it to
+    one Ray task holding a GPU instead: the propagation is one Gauss-Newton
+    product per training step, hours on a CPU for a real-size proxy. The GPU
+    is free again before the scoring actors start.
+    """
+    here = embedded(cfg.address) or cfg.gpus_per_worker == 0 or directions_device(cfg) != "cpu"
+    if here or not needs_directions(cfg, traj):
+        return ensure_directions(cfg, run, traj, sets)
+    connect(cfg.address, cfg.workers * cfg.threads)
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        return ensure_directions(cfg, run, traj, sets)
+    log.info("directions: computed in a Ray task on a GPU node (this process has no GPU)")
+    task = ray.remote(num_gpus=1, num_cpus=cfg.threads)(_directions_task)
+    try:
+        out = ray.get(task.remote(cfg, sets))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ConfigError):
+            raise exc.cause from None
+        raise
+    log.info("directions: done on %s (%s)", out["node"], out["device"])
+    return out["target"]
 
 
 def start_ray(cfg: ScoreConfig) -> bool:
@@ -652,7 +698,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         )
     cfg = dataclasses.replace(cfg, second_order=form)
     sets = set_hashes(run)
-    target = ensure_directions(cfg, run, traj, sets)
+    target = prepare_directions(cfg, run, traj, sets)
 
     size = None
     if "diffin_self" in cfg.methods:

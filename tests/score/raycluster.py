@@ -175,12 +175,14 @@ class Cluster:
         self.wait_nodes(1)
         return node
 
-    def add_node(self, num_cpus: int) -> RayNode:
+    def add_node(self, num_cpus: int, num_gpus: int = 0) -> RayNode:
+        """A node on 127.0.0.3; ``num_gpus`` declares GPUs it does not have (a Ray resource)."""
         n = self.alive_nodes()
         node = RayNode(
             [
                 f"--address={self.address}",
                 f"--num-cpus={num_cpus}",
+                f"--num-gpus={num_gpus}",
                 "--object-store-memory=100000000",
                 *node_ports(NODE_IP),
             ],

@@ -1,0 +1,69 @@
+"""The per-run work (directions, propagation) handed to a GPU node when the driver has none.
+
+A real two-node loopback Ray: the second node declares a GPU it does not have
+(a Ray resource), as a KubeRay GPU worker would, while the driver (this
+process) has no CUDA device. The directions task must run there, and its
+files must be the ones the driver would have computed itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from raycluster import NODE_IP, fresh_run
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def test_a_driver_without_gpu_computes_the_directions_on_a_gpu_node(
+    ray_cluster, score_run, tmp_path, caplog
+):
+    import ray
+
+    from pipeline.rundir import RunDir
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.directions import set_hashes
+    from pipeline.score.driver import prepare_directions
+    from pipeline.score.trajectory import load_trajectory
+    from pipeline.tensors import load_tensors
+
+    assert not torch.cuda.is_available()  # the point of the test: this process has no GPU
+    run = fresh_run(score_run, tmp_path / "run")
+    shutil.rmtree(Path(run) / "directions")  # computed again, by the task
+    before = ray_cluster.alive_nodes()
+    node = ray_cluster.add_node(num_cpus=1, num_gpus=1)
+    cfg = ScoreConfig(
+        data=score_run["data"],
+        run=run,
+        methods=["diffin"],
+        address=ray_cluster.address,
+        workers=1,
+        threads=1,
+    )
+    try:
+        rd = RunDir(run)
+        with caplog.at_level(logging.INFO, logger="pipeline.score.driver"):
+            target = prepare_directions(cfg, rd, load_trajectory(rd), set_hashes(rd))
+    finally:
+        ray.shutdown()
+        node.kill()
+        deadline = time.time() + 120  # later tests must not see a GPU in this cluster
+        while ray_cluster.alive_nodes() > before and time.time() < deadline:
+            time.sleep(1)
+    assert f"directions: done on {NODE_IP} (cpu)" in caplog.text
+    assert target["target_size"] > 0
+    here = Path(score_run["run"]) / "directions"
+    there = Path(run) / "directions"
+    files = sorted(p.name for p in here.iterdir())
+    assert files == sorted(p.name for p in there.iterdir()) and files
+    for name in files:  # the same work: only the thread count (float rounding) differs
+        a, meta_a = load_tensors(str(here / name))
+        b, meta_b = load_tensors(str(there / name))
+        assert meta_a.get("fingerprint") == meta_b.get("fingerprint"), name
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-7), (name, k)
