@@ -384,18 +384,23 @@ def sidecars(url: str) -> dict[str, str]:
 
 # What a filesystem's file info calls the version of a file, most specific first:
 # an object store's entity tag (S3 gives the same one in a listing and a HEAD,
-# unlike its LastModified, whose precision differs), a GCS generation, else the
-# local modification time.
-_VERSION_KEYS = ("ETag", "etag", "generation", "mtime")
+# unlike its LastModified, whose precision differs), a GCS generation, an HTTP
+# server's Last-Modified, else the local modification time.
+_VERSION_KEYS = ("ETag", "etag", "generation", "Last-Modified", "mtime")
+
+
+def _version(info: dict[str, Any]) -> str | None:
+    for key in _VERSION_KEYS:
+        value = info.get(key)
+        if value is not None:
+            if key.lower() == "etag":  # some S3-compatible stores quote it in HEAD only
+                value = str(value).removeprefix("W/").strip('"')
+            return f"{key.lower()}:{value}"
+    return None
 
 
 def _stamp(info: dict[str, Any]) -> dict[str, Any]:
-    stamp: dict[str, Any] = {"size": info.get("size")}
-    for key in _VERSION_KEYS:
-        if info.get(key) is not None:
-            stamp["version"] = str(info[key])
-            break
-    return stamp
+    return {"size": info.get("size"), "version": _version(info)}
 
 
 def shard_stamp(url: str) -> dict[str, Any] | None:
@@ -410,6 +415,19 @@ def shard_stamp(url: str) -> dict[str, Any] | None:
         return _stamp(fs.info(path))
     except Exception:  # noqa: BLE001 - no stamp is an answer: the caller rescores
         return None
+
+
+def _listed_stamp(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A listing entry's stamp, when it says what :func:`shard_stamp` would.
+
+    A listing may say less than asking for the file: no size (an HTTP index
+    page) or, for a symbolic link, the link's own mtime where ``info``
+    follows it. Those are asked for one by one.
+    """
+    if entry is None or entry.get("islink") or entry.get("size") is None:
+        return None
+    stamp = _stamp(entry)
+    return stamp if stamp["version"] is not None else None
 
 
 def shard_stamps(urls: list[str]) -> dict[str, dict[str, Any] | None]:
@@ -428,8 +446,8 @@ def shard_stamps(urls: list[str]) -> dict[str, dict[str, Any] | None]:
         except Exception:  # noqa: BLE001 - fall back to asking for each file
             paths = [None] * len(members)
         for url, path in zip(members, paths, strict=True):
-            info = listed.get(path) if path is not None else None
-            out[url] = _stamp(info) if info is not None else shard_stamp(url)
+            stamp = _listed_stamp(listed.get(path) if path is not None else None)
+            out[url] = stamp if stamp is not None else shard_stamp(url)
     return out
 
 

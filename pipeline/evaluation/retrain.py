@@ -437,6 +437,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     # The three files are one result: written beside RUN/evaluate, then put in its place
     # together, so a run that dies part-way leaves the previous evaluation whole, never
     # a results table of one evaluation beside the record of another.
+    # On an object store the files are copied one by one, evaluate.json last: the report
+    # reads that file alone, and a copy that fails part-way keeps the finished set aside.
     out = run.path(f"evaluate.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open_atomic(join(out, "results.parquet")) as f:
@@ -445,8 +447,13 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
             join(out, "results.md"), (note + "\n\n" + markdown_table(summarise(frame))).encode()
         )
         write_json(join(out, "evaluate.json"), summary)
-        replace_dir(out, run.path("evaluate"), last="evaluate.json")
-    finally:
+    except BaseException:
         remove(out, recursive=True)
+        raise
+    try:
+        replace_dir(out, run.path("evaluate"), last="evaluate.json")
+    except Exception:
+        log.error("evaluate: the finished results stay in %s (not put in place)", out)
+        raise
     run.update_run_json("evaluate", {"config": cfg.to_dict(), "seconds": summary["seconds"]})
     return summary

@@ -114,15 +114,17 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     )
     sections.append(("Score distributions", f"<p>{note}</p>{P.img(hist, 'score histograms')}"))
 
-    ev_url = run.path("evaluate", "results.parquet")
+    # evaluate.json alone: it holds every row, and it is written last, as one object, so
+    # the rows and the settings shown beside them always come from the same evaluation.
+    ev_url = run.path("evaluate", "evaluate.json")
     if exists(ev_url):
-        res = read_table(ev_url).to_pandas()
+        ev_json = read_json(ev_url)
+        res = pd.DataFrame(ev_json["results"])
         table = summarise(res)
         cols = list(table.columns)
         # curves: the mean over seeds of each subset
         res = res.groupby(["subset", "method", "keep"], sort=False)[list(METRICS)].mean()
         res = res.reset_index()
-        ev_json = read_json(run.path("evaluate", "evaluate.json"))
         seeds = ev_json.get("config", {}).get("seeds", [0])
         train = ev_json.get("train", {})
         inner = (

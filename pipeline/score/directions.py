@@ -90,8 +90,8 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
     # The pairs themselves, as the model sees them: a target rewritten in place keeps its
     # uids (md5 of path and key), and its directions and scores must not be reused (review).
     h = hashlib.sha256("\n".join(uids).encode())
-    h.update(images.detach().cpu().contiguous().numpy().tobytes())
-    h.update(tokens.detach().cpu().contiguous().numpy().tobytes())
+    h.update(images.detach().cpu().contiguous().numpy())  # the buffer itself, not a copy
+    h.update(tokens.detach().cpu().contiguous().numpy())  # the buffer itself, not a copy
     fp = h.hexdigest()[:16]
     return (
         images,

@@ -418,9 +418,10 @@ def same_shard(record: dict[str, Any], stamp: dict[str, Any] | None) -> bool:
     """Whether a shard's stamp now (size and ETag or mtime) is the one its record holds.
 
     A shard rewritten in place under the same name must be scored again.
-    Records written before stamps existed are trusted.
+    Records written before stamps existed are trusted; one whose shard could
+    not be stamped (``null``) is scored again once the shard can be.
     """
-    return record.get("stamp") is None or record["stamp"] == stamp
+    return "stamp" not in record or record["stamp"] == stamp
 
 
 def failed_part(

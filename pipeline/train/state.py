@@ -26,8 +26,10 @@ FORMAT = 1
 # The training computation's version: part of the fingerprint, so a run interrupted
 # under another version starts over instead of finishing with a different update rule.
 # v2: the differentiated loss uses exp(logit_scale) unclamped (the clamp is applied to
-# the parameter after each step, as open_clip does).
-TRAINING_VERSION = "train-v2"
+# the parameter after each step, as open_clip does). v3: the fingerprint also holds the
+# training pairs' content and the --pretrained file's sha256 (states saved before are
+# refused: they cannot vouch for either).
+TRAINING_VERSION = "train-v3"
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -68,7 +70,7 @@ def fingerprint(
     h.update(json.dumps(pretrained).encode())
     h.update("\n".join(train_uids).encode())
     for t in (images, tokens):
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().numpy())  # the buffer itself, not a copy
     return h.hexdigest()
 
 

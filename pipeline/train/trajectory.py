@@ -57,19 +57,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # The model first: a pretrained file that does not load is refused before the
     # pool is read. (load_pool draws from its own seeded generator, not torch's.)
     torch.manual_seed(cfg.seed)
+    # Hashed before it is loaded: a file replaced while the pool is read must not be
+    # fingerprinted as the weights training started from.
+    pretrained = factory.pretrained_identity(cfg.pretrained)
     bundle = factory.create(cfg.model, pretrained=cfg.pretrained)
     model = bundle.model
     if cfg.precision == "fp64":
         model.to(torch.float64)
     pool = load_pool(cfg)
     images, tokens = encode(pool.train, bundle)
-    fp = fingerprint(
-        cfg,
-        [s.uid for s in pool.train],
-        images,
-        tokens,
-        factory.pretrained_identity(cfg.pretrained),
-    )
+    fp = fingerprint(cfg, [s.uid for s in pool.train], images, tokens, pretrained)
     if not cfg.resume:
         clear_resume(run)
     load_resume(run, fp)  # refuses a partial run of another config before anything is written

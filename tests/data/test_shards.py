@@ -266,3 +266,46 @@ def test_shard_stamps_of_shards_in_several_directories(tmp_path):
     urls = [f"file://{tmp_path}/a/00000.tar", str(tmp_path / "b" / "00000.tar")]
     stamps = shard_stamps(urls)
     assert all(stamps[u] == shard_stamp(u) and stamps[u]["size"] == 10 for u in urls)
+
+
+def test_a_symlinked_shard_is_stamped_by_its_target(tmp_path):
+    """A listing gives a link's own mtime; asking for the file follows it (review)."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "pool").mkdir()
+    target = tmp_path / "disk" / "00000.tar"
+    target.write_bytes(b"x" * 10)
+    link = tmp_path / "pool" / "00000.tar"
+    link.symlink_to(target)
+    os.utime(link, ns=(1_000_000_000, 1_000_000_000), follow_symlinks=False)
+    assert shard_stamps([str(link)])[str(link)] == shard_stamp(str(link))
+    assert shard_stamp(str(link)) == shard_stamp(str(target))
+
+
+def test_an_etag_is_the_same_version_quoted_or_not():
+    from pipeline.data.shards import _stamp
+
+    quoted = _stamp({"size": 3, "ETag": '"abc"'})
+    assert quoted == _stamp({"size": 3, "ETag": "abc"}) == _stamp({"size": 3, "ETag": 'W/"abc"'})
+    assert quoted != _stamp({"size": 3, "mtime": "abc"})  # the key is part of the version
+
+
+def test_shards_over_http_are_stamped_one_by_one(tmp_path):
+    """An HTTP index page lists no sizes: each shard is asked for (HEAD) instead."""
+    import functools
+    import http.server
+    import threading
+
+    for i in range(2):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"z" * (5 + i))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = [f"{base}/{i:05d}.tar" for i in range(2)]
+        stamps = shard_stamps(urls)
+        assert [stamps[u] for u in urls] == [shard_stamp(u) for u in urls]
+        assert [stamps[u]["size"] for u in urls] == [5, 6]
+        assert all(stamps[u]["version"] for u in urls)  # the server's Last-Modified
+    finally:
+        server.shutdown()

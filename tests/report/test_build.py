@@ -87,3 +87,17 @@ def test_scorer_columns_leave_out_per_checkpoint_components():
         "tracin",
         "diffin",
     ]
+
+
+def test_the_evaluation_section_comes_from_evaluate_json_alone(reported, tmp_path):
+    """Rows and settings from one file (an object-store copy that failed part-way could leave
+    a newer results.parquet beside an older evaluate.json)."""
+    import json
+
+    run = copy_run(reported["run"], tmp_path / "run")
+    (tmp_path / "run" / "evaluate" / "results.parquet").unlink()
+    record = json.loads((tmp_path / "run" / "evaluate" / "evaluate.json").read_text())
+    html = open(build_report(run, top=6)).read()
+    assert "Evaluation: retraining on each kept subset" in html
+    assert "diffin@0.5" in html and "random@0.5" in html
+    assert f"evaluated on {record['eval_pairs']} held-out pairs" in html

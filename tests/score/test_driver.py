@@ -501,3 +501,4 @@ def test_a_record_vouches_only_for_the_shard_file_it_stamped():
     assert not same_shard({"stamp": stamp}, {"size": 10, "version": "2.5"})
     assert not same_shard({"stamp": stamp}, None)  # the shard cannot be asked now: rescore
     assert same_shard({}, None)  # a record from before stamps existed is trusted
+    assert not same_shard({"stamp": None}, stamp)  # not stamped then: rescored once it can be
