@@ -98,12 +98,14 @@ def propagated_directions(
     owner = {s: i for i, block in enumerate(blocks) for s in block}
     lam = {k: v.double() for k, v in g_V.items()}
     mu = {k: torch.zeros_like(v) for k, v in lam.items()}
-    out = [{k: torch.zeros_like(v) for k, v in lam.items()} for _ in steps]
+    # The per-checkpoint sums stay in host memory: on a GPU they are m more float64 copies
+    # of the model beside the curvature products' graphs.
+    out = [{k: torch.zeros_like(v, device="cpu") for k, v in lam.items()} for _ in steps]
     for s in range(steps[-1] - 1, -1, -1):
         i = owner[s]
         d = {k: rate(s) * lam[k] - mu[k] for k in lam}
         for k in d:
-            out[i][k] += d[k] / n_train
+            out[i][k] += (d[k] / n_train).cpu()
         hd = hvp(i, s, {k: v.to(g_V[k].dtype) for k, v in d.items()})
         lam = {k: lam[k] - hd[k].double() - weight_decay * d[k] for k in lam}
         mu = {k: -momentum * v for k, v in d.items()}

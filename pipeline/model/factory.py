@@ -177,6 +177,15 @@ def recorded_preprocess(record: dict[str, Any]) -> dict[str, Any] | None:
     return {k: _plain(v) for k, v in tagged.items()} or None
 
 
+def exact_float32(device: str | torch.device, dtype: torch.dtype) -> None:
+    """float32 must mean float32 on a GPU: cuDNN convolutions (the ViT patch embedding)
+    and matmuls default to TF32 on Ampere and later, about 1e-3 relative error, which
+    the influence terms' differences and the propagation's long products amplify."""
+    if torch.device(device).type == "cuda" and dtype == torch.float32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def pretrained_identity(pretrained: str | None) -> str | None:
     """What a model's starting weights are: the sha256 of a checkpoint file, else the tag.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -116,19 +117,6 @@ def needs_directions(cfg: ScoreConfig, traj: Trajectory) -> bool:
     return any(needed_terms(scorers, c, ctx) & DIRECTION_TERMS for c in traj.checkpoints)
 
 
-def directions_device(cfg: ScoreConfig) -> str:
-    """Where the per-run work (directions, propagation, eigenpairs) runs: this process's GPU
-    when it has one and the scoring may use GPUs, else its CPU.
-
-    The propagation is one Gauss-Newton product per training step, serial in the step:
-    on a CPU it takes hours for a real-size proxy, so on a GPU cluster submit the score
-    job with a GPU for its entrypoint (``ray job submit --entrypoint-num-gpus 1``).
-    """
-    if cfg.gpus_per_worker == 0 or not torch.cuda.is_available():
-        return "cpu"
-    return "cuda"
-
-
 def set_hashes(run: RunDir) -> dict[str, str]:
     """sha256 of the stored sets the per-sample losses, g_B and H_B are made of.
 
@@ -139,13 +127,19 @@ def set_hashes(run: RunDir) -> dict[str, str]:
 
 
 def ensure_directions(
-    cfg: ScoreConfig, run: RunDir, traj: Trajectory, sets: dict[str, str] | None = None
+    cfg: ScoreConfig,
+    run: RunDir,
+    traj: Trajectory,
+    sets: dict[str, str] | None = None,
+    device: str = "cpu",
 ) -> dict:
-    """Compute the missing direction files; returns the target description.
+    """Compute the missing direction files on ``device``; returns the target description.
 
     Nothing is computed when no requested scorer needs directions; the target
     set is still read, since its description is part of the scores' fingerprint.
     ``sets`` is :func:`set_hashes` of the run, when the caller already has it.
+    Which device is the caller's choice (``pipeline.score.driver.prepare_directions``:
+    only one this process holds).
     """
     propagated = "diffin" in cfg.methods and resolve_form(cfg.second_order, traj) == "propagated"
     if propagated:
@@ -156,9 +150,9 @@ def ensure_directions(
     if not needs_directions(cfg, traj):
         log.info("directions: not needed by %s", ",".join(cfg.methods))
         return target_info
-    device = directions_device(cfg)
     if device != "cpu":
         log.info("directions: computed on %s", device)
+    factory.exact_float32(device, dtype)
     bundle.model.to(device)
     t_images, t_tokens = t_images.to(device), t_tokens.to(device)
     ref_images, ref_tokens, _ = load_set(run, "reference", dtype)
@@ -215,9 +209,6 @@ def ensure_directions(
         ensure_propagated(cfg, run, traj, fns, grad_batches, gb_meta, target_info)
     if "diffin_self" in cfg.methods and cfg.self_hb == "lanczos":
         ensure_eigenpairs(cfg, run, traj, fns, grad_batches, gb_meta, by_step)
-    if device != "cpu":  # the scoring actors on this node may want the memory
-        del fns, grad_batches, bundle
-        torch.cuda.empty_cache()
     return target_info
 
 
@@ -336,9 +327,17 @@ def ensure_propagated(
 
     g_V = load_directions(run.directions(steps[-1]), device).ordered(names).g_V
     with tqdm(total=steps[-1], desc="propagating g_V", unit="step", leave=False) as bar:
+        said = [time.monotonic()]
+
+        def progress(n: int) -> None:
+            bar.update(n)
+            if time.monotonic() - said[0] > 60:  # a log line too: the bar is not one (Ray, files)
+                said[0] = time.monotonic()
+                log.info("propagating g_V: %d of %d steps", bar.n, steps[-1])
+
         try:
             dirs = propagated_directions(
-                hvp, steps, rate, g_V, traj.n_train, momentum, weight_decay, bar.update
+                hvp, steps, rate, g_V, traj.n_train, momentum, weight_decay, progress
             )
         except PropagationDiverged as e:
             fix = (

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import torch
 
 from pipeline.data.reader import SHARD_KEY, escape_utf8, iter_shard, retryable
 from pipeline.data.sample import Sample
@@ -52,7 +53,6 @@ from pipeline.raylocal import connect, embedded
 from pipeline.rundir import RunDir, exists, file_size, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import (
-    directions_device,
     ensure_directions,
     needs_directions,
     resolve_form,
@@ -62,7 +62,7 @@ from pipeline.score.directions import (
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
 from pipeline.score.table import build_part
-from pipeline.score.trajectory import load_trajectory, model_identity
+from pipeline.score.trajectory import Trajectory, load_trajectory, model_identity
 from pipeline.scorers import ScoreContext, depends_on, get_scorers
 from pipeline.tensors import tensor_shapes
 from pipeline.train.schedule import OPEN_CLIP_SCHEDULE_PARAMS
@@ -271,41 +271,100 @@ def steady_rate(finished: list[tuple[float, str, int]]) -> float | None:
     return round(rows / covered, 2)
 
 
-def _directions_task(cfg: ScoreConfig, sets: dict[str, str]) -> dict[str, Any]:
-    """ensure_directions in a Ray worker that holds a GPU; the run directory is shared."""
-    run = RunDir(cfg.run)
-    return {
-        "target": ensure_directions(cfg, run, load_trajectory(run), sets),
-        "node": ray.util.get_node_ip_address(),
-        "device": directions_device(cfg),
-    }
+# The loopback test cluster's "GPU" node declares a GPU it does not have; everywhere else a
+# task that holds a GPU but sees no CUDA device must fail, not compute for hours on a CPU.
+REQUIRE_CUDA = True
+
+
+class DirectionsActor:
+    """Holds one GPU for the per-run work of :func:`prepare_directions`, then is killed."""
+
+    def ready(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def compute(self, cfg: ScoreConfig, sets: dict[str, str], require_cuda: bool) -> dict:
+        """ensure_directions on this actor's GPU; the run directory is shared storage."""
+        from pipeline import logs
+
+        logs.setup()  # its progress lines reach the driver's log (Ray forwards worker output)
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif require_cuda:
+            raise RuntimeError(
+                f"the directions actor holds GPU(s) {ray.get_gpu_ids()} on "
+                f"{ray.util.get_node_ip_address()} but torch sees no CUDA device there (is "
+                "the node's NVIDIA driver older than torch's CUDA build?); --gpus-per-worker 0 "
+                "computes on the driver's CPU"
+            )
+        else:
+            device = "cpu"
+        run = RunDir(cfg.run)
+        target = ensure_directions(cfg, run, load_trajectory(run), sets, device)
+        return {"target": target, "node": ray.util.get_node_ip_address(), "device": device}
+
+
+def _release_gpu() -> None:
+    """Give this process's cached GPU memory back before the scoring actors want it."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def prepare_directions(
-    cfg: ScoreConfig, run: RunDir, traj: Any, sets: dict[str, str]
+    cfg: ScoreConfig,
+    run: RunDir,
+    traj: Trajectory,
+    sets: dict[str, str],
+    pending_warning_s: float = 120.0,
 ) -> dict[str, Any]:
     """The per-run work before scoring (directions, propagation, eigenpairs); returns the target.
 
-    It runs in this process, on its GPU when it has one. A driver without a
-    GPU on an existing cluster that has GPUs (a KubeRay head, say) hands it to
-    one Ray task holding a GPU instead: the propagation is one Gauss-Newton
-    product per training step, hours on a CPU for a real-size proxy. The GPU
-    is free again before the scoring actors start.
+    Where it runs:
+    - this process's GPU when it runs alone (no cluster named, no Ray job): the
+      machine is its own, and the memory is released before the actors start;
+    - one Ray task holding a GPU when this process joins a cluster that has
+      GPUs. Ray does not hide a node's GPUs from a process that asked for none,
+      so a GPU this process can see may be another job's or an actor's;
+    - else this process's CPU, as with ``--gpus-per-worker 0``.
+
+    The propagation is one Gauss-Newton product per training step, serial in the
+    step: hours on a CPU for a real-size proxy.
     """
-    here = embedded(cfg.address) or cfg.gpus_per_worker == 0 or directions_device(cfg) != "cpu"
-    if here or not needs_directions(cfg, traj):
+    if cfg.gpus_per_worker == 0 or not needs_directions(cfg, traj):
         return ensure_directions(cfg, run, traj, sets)
+    if embedded(cfg.address):
+        if not torch.cuda.is_available():
+            return ensure_directions(cfg, run, traj, sets)
+        try:
+            return ensure_directions(cfg, run, traj, sets, "cuda")
+        finally:
+            _release_gpu()
     connect(cfg.address, cfg.workers * cfg.threads)
     if ray.cluster_resources().get("GPU", 0) < 1:
         return ensure_directions(cfg, run, traj, sets)
-    log.info("directions: computed in a Ray task on a GPU node (this process has no GPU)")
-    task = ray.remote(num_gpus=1, num_cpus=cfg.threads)(_directions_task)
+    log.info("directions: computed by a Ray actor holding a GPU")
+    actor = ray.remote(num_gpus=1, num_cpus=1, max_restarts=0)(DirectionsActor).remote()
     try:
-        out = ray.get(task.remote(cfg, sets))
+        ready = actor.ready.remote()
+        started = time.monotonic()
+        warned = False
+        while not ray.wait([ready], timeout=5.0)[0]:
+            if not warned and time.monotonic() - started > pending_warning_s:
+                warned = True  # Ray keeps an actor no node can host pending, silently
+                log.warning(
+                    "the directions actor has waited %.0f s to be placed: does any node have a "
+                    "free GPU (another job may hold them)?",
+                    time.monotonic() - started,
+                )
+        log.info("directions: on %s", ray.get(ready))
+        out = ray.get(actor.compute.remote(cfg, sets, REQUIRE_CUDA))
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, ConfigError):
             raise exc.cause from None
         raise
+    finally:
+        ray.kill(actor)  # its GPU goes back before the scoring actors ask for one
     log.info("directions: done on %s (%s)", out["node"], out["device"])
     return out["target"]
 

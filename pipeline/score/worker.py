@@ -77,11 +77,7 @@ class ShardScorer:
         self.cfg = cfg
         self.dtype = DTYPES[cfg.dtype]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.dtype == torch.float32:
-            # float32 must mean float32: cuDNN convolutions (the ViT patch
-            # embedding) default to TF32 on Ampere and later GPUs.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+        factory.exact_float32(self.device, self.dtype)
         self.bundle = factory.create(
             self.traj.model,
             device=self.device,

@@ -109,15 +109,3 @@ def test_a_target_rewritten_in_place_gets_another_fingerprint(tiny_run, tiny_sco
         prints.append((info["target_fingerprint"], info["target_size"]))
     assert prints[0][1] == prints[1][1] == 16  # the same pairs by uid ...
     assert prints[0][0] != prints[1][0]  # ... with other captions
-
-
-def test_the_per_run_work_uses_this_process_gpu_unless_gpus_are_turned_off(monkeypatch):
-    from pipeline.score.config import ScoreConfig
-    from pipeline.score.directions import directions_device
-
-    cfg = ScoreConfig(data="d", run="r")
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert directions_device(cfg) == "cpu"
-    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    assert directions_device(cfg) == "cuda"
-    assert directions_device(ScoreConfig(data="d", run="r", gpus_per_worker=0)) == "cpu"

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(420)
 
 
 def test_a_driver_without_gpu_computes_the_directions_on_a_gpu_node(
-    ray_cluster, score_run, tmp_path, caplog
+    ray_cluster, score_run, tmp_path, caplog, monkeypatch
 ):
     import ray
 
@@ -33,6 +33,7 @@ def test_a_driver_without_gpu_computes_the_directions_on_a_gpu_node(
     from pipeline.tensors import load_tensors
 
     assert not torch.cuda.is_available()  # the point of the test: this process has no GPU
+    monkeypatch.setattr("pipeline.score.driver.REQUIRE_CUDA", False)  # the node's GPU is declared
     run = fresh_run(score_run, tmp_path / "run")
     shutil.rmtree(Path(run) / "directions")  # computed again, by the task
     before = ray_cluster.alive_nodes()
@@ -49,12 +50,18 @@ def test_a_driver_without_gpu_computes_the_directions_on_a_gpu_node(
         rd = RunDir(run)
         with caplog.at_level(logging.INFO, logger="pipeline.score.driver"):
             target = prepare_directions(cfg, rd, load_trajectory(rd), set_hashes(rd))
+        deadline = time.time() + 60  # the actor is killed; Ray frees its GPU soon after
+        while ray.available_resources().get("GPU", 0) < 1 and time.time() < deadline:
+            time.sleep(0.5)
+        gpus_free = ray.available_resources().get("GPU", 0)
     finally:
         ray.shutdown()
         node.kill()
         deadline = time.time() + 120  # later tests must not see a GPU in this cluster
-        while ray_cluster.alive_nodes() > before and time.time() < deadline:
+        while ray_cluster.alive_nodes() != before and time.time() < deadline:
             time.sleep(1)
+    assert ray_cluster.alive_nodes() == before, "the GPU node is still in the cluster"
+    assert gpus_free == 1  # the directions actor gave its GPU back
     assert f"directions: done on {NODE_IP} (cpu)" in caplog.text
     assert target["target_size"] > 0
     here = Path(score_run["run"]) / "directions"
@@ -67,3 +74,32 @@ def test_a_driver_without_gpu_computes_the_directions_on_a_gpu_node(
         assert meta_a.get("fingerprint") == meta_b.get("fingerprint"), name
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-7), (name, k)
+
+
+def test_a_driver_alone_uses_its_own_gpu_and_gives_the_memory_back(score_run, monkeypatch):
+    """No cluster named and no Ray job: the machine is this process's own."""
+    import ray
+
+    from pipeline.rundir import RunDir
+    from pipeline.score import driver
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.trajectory import load_trajectory
+
+    assert not ray.is_initialized()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    calls: list = []
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.empty_cache", lambda: calls.append("released"))
+    monkeypatch.setattr(driver, "ensure_directions", lambda *a: calls.append(a[4:]) or {})
+    rd = RunDir(score_run["run"])
+    traj = load_trajectory(rd)
+    cfg = ScoreConfig(data=score_run["data"], run=score_run["run"], methods=["diffin"])
+    driver.prepare_directions(cfg, rd, traj, {})
+    assert calls == [("cuda",), "released"]
+    calls.clear()
+    off = ScoreConfig(
+        data=score_run["data"], run=score_run["run"], methods=["diffin"], gpus_per_worker=0
+    )
+    driver.prepare_directions(off, rd, traj, {})
+    assert calls == [()]  # --gpus-per-worker 0: the CPU, nothing to release
+    assert not ray.is_initialized()  # deciding needed no Ray
