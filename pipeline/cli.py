@@ -404,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="train from scratch even when an interrupted training of another config is there",
     )
+    # No abbreviations: `score --method diffin` (prune's and report's spelling) would
+    # silently be `--methods diffin` and rewrite the table without the other scorers.
+    p.allow_abbrev = False
+    for command in sub.choices.values():
+        command.allow_abbrev = False
     return p
 
 

@@ -48,7 +48,7 @@ from pipeline.rundir import (
     write_bytes_atomic,
     write_json,
 )
-from pipeline.score.table import read_table, scored_config
+from pipeline.score.table import check_scores_current, read_table, scored_config
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order, train_loop
 
@@ -323,6 +323,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
     if not exists(run.trajectory_json):
         raise ConfigError(f"run: no trajectory at {run.trajectory_json} (run `diffin train` first)")
+    check_scores_current(run)
     traj = read_json(run.trajectory_json)
     proxy = TrainConfig(**traj["config"])
     steps = cfg.steps or proxy.steps

@@ -37,6 +37,7 @@ from pipeline.rundir import (
     replace_dir,
     write_json,
 )
+from pipeline.score.table import check_scores_current
 
 
 def select(table: pa.Table, method: str, keep: float) -> pa.Table:
@@ -73,6 +74,7 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     run = RunDir(cfg.run)
     if not exists(run.scores):
         raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
+    check_scores_current(run)
     selection = plan(cfg, run.scores)  # refuses unknown columns before anything is removed
     if selection.kept == 0:
         # An empty manifest is nothing open_clip can train on: refuse it here,

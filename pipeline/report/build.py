@@ -19,6 +19,7 @@ from pipeline.report.plots import metric_vs_keep, score_histograms
 from pipeline.report.thumbnails import thumbnails
 from pipeline.rundir import RunDir, exists, read_json, write_bytes_atomic
 from pipeline.score.table import (
+    check_scores_current,
     read_table,
     scored_config,
     scored_reader_options,
@@ -85,6 +86,7 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     run = RunDir(run_url)
     if not exists(run.scores):
         raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
+    check_scores_current(run)
     meta = table_metadata(run.scores)
     columns = _columns(run.scores)
     methods = scorer_columns(columns, meta)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.keys import recorded_reader_options
 from pipeline.data.sample import Sample
+from pipeline.errors import ConfigError
 from pipeline.rundir import RunDir, exists, read_bytes, read_json, write_bytes_atomic
 
 BASE_FIELDS = [
@@ -89,6 +90,25 @@ def scored_config(run: RunDir) -> dict[str, Any]:
         if recorded:
             return recorded
     return table_metadata(run.scores).get("score", {}) if exists(run.scores) else {}
+
+
+def check_scores_current(run: RunDir) -> None:
+    """Refuse a score table made from another trajectory than the run's current one.
+
+    A run trained (or imported) again keeps its old scores.parquet until it is
+    rescored; pruning or evaluating on it would rank by the old proxy without
+    a word. Tables that record no checkpoints (written by hand) are not checked.
+    """
+    recorded = table_metadata(run.scores).get("checkpoints")
+    if not recorded:
+        return
+    current = read_json(run.trajectory_json)["checkpoints"] if exists(run.trajectory_json) else None
+    if current is None or [c.get("sha256") for c in recorded] != [c["sha256"] for c in current]:
+        why = "has no finished training" if current is None else "was trained again since"
+        raise ConfigError(
+            f"scores: {run.scores} was scored against another trajectory than the run's "
+            f"(the run {why}); run `diffin score` again"
+        )
 
 
 def scored_reader_options(run: RunDir) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from pipeline.rundir import RunDir, join, read_bytes, remove, write_json
 from pipeline.train.config import TrainConfig
 from pipeline.train.schedule import open_clip_lr
 from pipeline.train.sets import load_pool, save_sets
-from pipeline.train.state import clear_resume, save_checkpoint
+from pipeline.train.state import clear_resume, remove_stale_checkpoints, save_checkpoint
 from pipeline.train.trajectory import LR_NOTE, optimizer_record
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,7 @@ def import_open_clip_run(
         **provenance(),
     }
     write_json(run.trajectory_json, record)
+    remove_stale_checkpoints(run, record["checkpoints"])
     run.update_run_json("train", {"imported_from": oc.url, "config": record["config"]})
     log.info("imported %d checkpoints (%d steps) from %s", len(saved), total, oc.url)
     return record

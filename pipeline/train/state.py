@@ -131,5 +131,26 @@ def load_resume(run: RunDir, expect: str) -> ResumeState | None:
     )
 
 
+def remove_stale_checkpoints(run: RunDir, checkpoints: list[dict[str, Any]]) -> list[str]:
+    """Delete the ``ckpt-*.pt`` files of an earlier training that ``checkpoints`` does not list.
+
+    A run trained again with other steps would otherwise keep the old files beside
+    the new ones, with nothing but trajectory.json to tell them apart. Returns
+    the names removed.
+    """
+    import fsspec
+
+    keep = {c["path"] for c in checkpoints}
+    fs, path = fsspec.core.url_to_fs(run.path("trajectory"))
+    fs.invalidate_cache(path)
+    stale = [
+        p for p in fs.glob(f"{path.rstrip('/')}/ckpt-*.pt") if p.rsplit("/", 1)[-1] not in keep
+    ]
+    if stale:
+        fs.rm(stale)
+        fs.invalidate_cache(path)
+    return [p.rsplit("/", 1)[-1] for p in stale]
+
+
 def clear_resume(run: RunDir) -> None:
     remove(run.resume_state)

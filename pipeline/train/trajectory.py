@@ -23,7 +23,14 @@ from pipeline.train.loop import batch_order
 from pipeline.train.runner import run_resumable
 from pipeline.train.schedule import checkpoint_steps
 from pipeline.train.sets import Pool, load_pool, save_sets
-from pipeline.train.state import ResumeState, clear_resume, cpu_state, fingerprint, load_resume
+from pipeline.train.state import (
+    ResumeState,
+    clear_resume,
+    cpu_state,
+    fingerprint,
+    load_resume,
+    remove_stale_checkpoints,
+)
 
 __all__ = ["Pool", "load_pool", "train", "optimizer_record", "LR_NOTE"]
 
@@ -115,6 +122,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     }
     write_json(run.trajectory_json, record)
     clear_resume(run)
+    remove_stale_checkpoints(run, record["checkpoints"])
     run.update_run_json("train", {"config": cfg.to_dict(), "seconds": record["seconds"]})
     log.info("trained %d steps on %d pairs in %.1fs", cfg.steps, n, record["seconds"])
     return record

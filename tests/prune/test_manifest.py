@@ -441,3 +441,37 @@ def test_the_readme_retraining_line_passes_the_manifest_arguments_intact(tmp_pat
     cmd += ' --name "my run"'
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == [*argv, "--name", "my run"]
+
+
+def test_scores_of_a_run_trained_again_are_refused_downstream(tiny_run, tiny_scored, tmp_path):
+    """Retraining keeps the old scores.parquet until it is rescored: prune, evaluate and report
+    refuse it (was: pruned by the old proxy's scores without a word). The old checkpoint files
+    go."""
+    import dataclasses
+
+    from pipeline.evaluation.config import EvaluateConfig
+    from pipeline.evaluation.retrain import run_evaluation
+    from pipeline.report.build import build_report
+    from pipeline.rundir import RunDir, read_json
+    from pipeline.score.table import write_table
+    from pipeline.train.trajectory import train
+    from tests.conftest import copy_run
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    rd = RunDir(run)
+    # the table as `diffin score` writes it: it records the checkpoints it scored
+    old = read_json(rd.trajectory_json)["checkpoints"]
+    write_table(read_table(rd.scores), rd.scores, {"checkpoints": old})
+    assert write_manifest(PruneConfig(run=run, keep=0.5, method="loss"))["kept"] > 0
+
+    rec = train(dataclasses.replace(tiny_run["config"], run=run, steps=20, warmup=2))
+    on_disk = sorted(p.name for p in (tmp_path / "run" / "trajectory").glob("ckpt-*.pt"))
+    assert on_disk == sorted(c["path"] for c in rec["checkpoints"])  # none of the old run's
+    assert {c["path"] for c in old} - set(on_disk)
+    for stage in (
+        lambda: write_manifest(PruneConfig(run=run, keep=0.5, method="loss")),
+        lambda: run_evaluation(EvaluateConfig(run=run, keeps=[0.5], methods=["loss"], steps=2)),
+        lambda: build_report(run, method="loss"),
+    ):
+        with pytest.raises(ConfigError, match="another trajectory.*trained again.*diffin score"):
+            stage()
