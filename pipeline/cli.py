@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -78,6 +79,31 @@ TRAINING_ONLY = {
 }
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, unless it is None or False or its help already says it."""
+
+    @staticmethod
+    def _with_default(action: argparse.Action) -> str | None:
+        text, default = action.help or "", action.default
+        if not action.option_strings or default in (None, False, argparse.SUPPRESS):
+            return None
+        if action.nargs == 0:  # a switch: "--no-first-order (default: True)" would mislead
+            return None
+        if "default" in text:
+            return None
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown})".strip().replace("%", "%%")
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._with_default(action):
+            action = copy.copy(action)  # argparse prints no help line for help=None
+            action.help = self._with_default(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return self._with_default(action) or action.help or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffin", description="Diff-In data pruning for CLIP pretraining"
@@ -140,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--weight-decay", type=float, default=None, help=_default(TrainConfig.weight_decay)
     )
-    t.add_argument("--warmup", type=int, default=None, help=_default(TrainConfig.warmup))
+    t.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"warm-up steps (default: a tenth of --steps, at most {TrainConfig.warmup})",
+    )
     t.add_argument(
         "--schedule",
         choices=["constant", "cosine"],
@@ -222,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="form of Diff-In: 'auto' (default: 'propagated' for an SGD trajectory, "
         "'derived' otherwise), 'propagated' (the damping applied exactly through the "
-        "linearised SGD), 'derived' (the second-order expansion) or 'method' (METHOD.md "
-        "section 3 / the authors' code, literally); docs/method.md",
+        "linearised SGD), 'derived' (the second-order expansion) or 'method' (the "
+        "paper's weights and the authors' code, literally); docs/method.md",
     )
     s.add_argument(
         "--propagate-curvature",
@@ -409,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.allow_abbrev = False
     for command in sub.choices.values():
         command.allow_abbrev = False
+        command.formatter_class = _Help
     return p
 
 
@@ -424,6 +456,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         )
     if args.import_dir is None and args.steps_per_epoch is not None:
         raise ConfigError("--steps-per-epoch: only used with --import")
+    if args.import_dir is None and args.warmup is None:
+        # As `diffin demo` sizes it: `--steps 30` alone must not fail on a 40-step warm-up.
+        steps = training.get("steps", TrainConfig.steps)
+        training["warmup"] = max(0, min(TrainConfig.warmup, steps // 10))
     return TrainConfig(
         data=args.data,
         run=args.run,
@@ -636,6 +672,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"diffin {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every stage writes atomically and resumes, so a traceback would only alarm.
+        print(
+            f"diffin {args.command}: interrupted; run the same command again to continue "
+            "(finished work is kept)",
+            file=sys.stderr,
+        )
+        return 130
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

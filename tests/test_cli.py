@@ -283,3 +283,49 @@ def test_steps_per_epoch_without_import_is_refused(tiny_pool, tmp_path, capsys):
     argv = ["train", "--data", tiny_pool["train_data"], "--run", str(run)]
     _refused([*argv, "--steps-per-epoch", "10"], capsys, "--steps-per-epoch", "--import")
     assert not run.exists()
+
+
+def test_train_sizes_its_warm_up_from_the_steps_unless_given():
+    """`diffin train --steps 30` failed on the 40-step default warm-up (as the demo once did)."""
+    from pipeline.cli import train_config
+
+    def cfg(*extra):
+        return train_config(
+            build_parser().parse_args(["train", "--data", "d", "--run", "r", *extra])
+        )
+
+    assert cfg().warmup == 40  # the 400-step default is unchanged
+    assert cfg("--steps", "30").warmup == 3
+    assert cfg("--steps", "30", "--warmup", "0").warmup == 0
+    cfg("--steps", "30").validate()
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    """`score --method diffin` was taken for `--methods diffin` and rewrote the table."""
+    with pytest.raises(SystemExit):
+        main(["score", "--data", "d", "--run", "r", "--method", "diffin"])
+    assert "unrecognized arguments: --method" in capsys.readouterr().err
+
+
+def test_an_interrupted_command_says_how_to_continue(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.cli.check_patterns", lambda args: None)
+    monkeypatch.setattr("pipeline.cli.run", interrupted)
+    assert main(["score", "--data", "d", "--run", "r"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; run the same command again" in err and "Traceback" not in err
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--workers WORKERS (default: 2)" in out
+    assert "(default: diffin tracin random)" in out
+    assert "METHOD.md" not in out  # a file users do not have
+    assert "--no-first-order --second-order" in out  # a switch shows no "(default: True)"
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "(default: 1000)" in capsys.readouterr().out

@@ -146,7 +146,7 @@ def _read_ok(pattern: str, options: dict[str, Any], keep: set[str] | None = None
     """The ok samples (of ``keep``'s uids); a uid seen twice is kept once, the first
     time, as the score table's selection counts it."""
     out, seen = [], set()
-    for url in tqdm(resolve_shards(pattern), desc="read", unit="shard", leave=False):
+    for url in tqdm(resolve_shards(pattern), desc="read", unit="shard", leave=False, disable=None):
         for s in iter_shard(url, **options):
             if s.ok and (keep is None or (s.uid in keep and s.uid not in seen)):
                 seen.add(s.uid)
@@ -368,7 +368,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     )
     rows = []
     bar = tqdm(
-        [(seed, sub) for seed in cfg.seeds for sub in subsets], desc="evaluate", unit="model"
+        [(seed, sub) for seed in cfg.seeds for sub in subsets],
+        desc="evaluate",
+        unit="model",
+        disable=None,
     )
     for seed, sub in bar:
         bar.set_postfix_str(f"{sub['name']} seed {seed}")

@@ -165,7 +165,7 @@ def ensure_directions(
         for i in range(gb["images"].shape[0])
     ]
     by_step = {int(c["step"]): c["sha256"] for c in traj.record["checkpoints"]}
-    for ckpt in tqdm(traj.checkpoints, desc="directions", unit="ckpt", leave=False):
+    for ckpt in tqdm(traj.checkpoints, desc="directions", unit="ckpt", leave=False, disable=None):
         fingerprint = hashlib.sha256(
             json.dumps(
                 [
@@ -326,7 +326,9 @@ def ensure_propagated(
         return loaded[i](v)
 
     g_V = load_directions(run.directions(steps[-1]), device).ordered(names).g_V
-    with tqdm(total=steps[-1], desc="propagating g_V", unit="step", leave=False) as bar:
+    with tqdm(
+        total=steps[-1], desc="propagating g_V", unit="step", leave=False, disable=None
+    ) as bar:
         said = [time.monotonic()]
 
         def progress(n: int) -> None:
@@ -388,7 +390,9 @@ def ensure_eigenpairs(
 
     names = [k for k, _ in fns.model.named_parameters()]
     device = next(fns.model.parameters()).device
-    for ckpt in tqdm(traj.checkpoints, desc="H_B eigenpairs", unit="ckpt", leave=False):
+    for ckpt in tqdm(
+        traj.checkpoints, desc="H_B eigenpairs", unit="ckpt", leave=False, disable=None
+    ):
         fingerprint = hashlib.sha256(
             json.dumps(
                 [by_step[ckpt.step], cfg.self_rank, cfg.seed, cfg.dtype, gb_meta, EIGEN_VERSION]

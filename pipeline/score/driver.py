@@ -50,7 +50,7 @@ from pipeline.data.shards import (
 from pipeline.errors import ConfigError
 from pipeline.provenance import provenance
 from pipeline.raylocal import connect, embedded
-from pipeline.rundir import RunDir, exists, file_size, write_json
+from pipeline.rundir import RunDir, exists, file_size, read_json, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import (
     ensure_directions,
@@ -764,9 +764,25 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     if "diffin_self" in cfg.methods:
         k, batch = tensor_shapes(run.set_file("grad_batches"))["images"][:2]
         size = self_size(cfg, traj, k * batch)
+    if cfg.target is None and "target" in depends_on(get_scorers(cfg.methods)):
+        log.warning(
+            "no --target: the influence scores point toward a held-out sample of the pool, "
+            "noisy pairs included, which finds mismatched pairs near chance on a noisy pool "
+            "(docs/accuracy.md section 2); give --target a clean, curated set"
+        )
     fp = _fingerprint(cfg, traj.record, target, sets, size)
     fp_hash = fingerprint_hash(fp)
-    write_json(run.path("scores", "fingerprint.json"), {**fp, "hash": fp_hash})
+    fp_url = run.path("scores", "fingerprint.json")
+    earlier = read_json(fp_url) if exists(fp_url) else None
+    if earlier is not None and earlier.get("hash") != fp_hash:
+        now = json.loads(json.dumps(fp, default=str))  # as it reads back from the file
+        changed = sorted(k for k in {*now, *earlier} - {"hash"} if now.get(k) != earlier.get(k))
+        log.info(
+            "the scores' inputs changed since the last score run (%s): shards scored with "
+            "the earlier inputs are scored again",
+            ", ".join(changed),
+        )
+    write_json(fp_url, {**fp, "hash": fp_hash})
     ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, cfg.score_options())
     columns = [c for s in get_scorers(cfg.methods) for c in s.columns(ctx)]
 
@@ -804,7 +820,9 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             resumed_rows += rec["rows"]
             check_counts(name, rec)  # the summary of a resumed run still lists them
     resumed = len(shards) - len(todo)
-    if resumed:
+    if not todo:
+        log.info("nothing to score: all %d shards were scored by an earlier run", len(shards))
+    elif resumed:
         log.info("resuming: %d of %d shards already scored", resumed, len(shards))
 
     progress = Progress(
@@ -913,7 +931,10 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         "seconds": round(elapsed, 2),
         "scoring_seconds": snap["elapsed_s"],
         "samples_scored_now": rows_now,
-        "samples_per_second": round(rows_now / max(snap["elapsed_s"], 1e-9), 2),
+        # None, not 0.0, when an earlier run scored every shard: no rate was measured.
+        "samples_per_second": round(rows_now / max(snap["elapsed_s"], 1e-9), 2)
+        if rows_now
+        else None,
         # Each actor from its first shard back: start-up (model loading) excluded.
         "steady_samples_per_second": steady_rate(finished),
         "target": target,

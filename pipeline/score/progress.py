@@ -132,6 +132,11 @@ class Progress:
     @staticmethod
     def line(snap: dict[str, Any]) -> str:
         eta = "?" if snap["eta_s"] is None else f"{snap['eta_s']:.0f}s"
+        if snap["shards_resumed"] == snap["shards_total"]:
+            return (
+                f"score: {snap['shards_total']}/{snap['shards_total']} shards, all scored by an "
+                f"earlier run, {snap['samples_total']} samples"
+            )
         return (
             f"score: {snap['shards_done']}/{snap['shards_total']} shards "
             f"({snap['shards_failed']} failed, {snap['retries']} retries), "

@@ -129,7 +129,11 @@ def train_loop(
         opt.load_state_dict(state.optimizer)
         start, losses = state.step, [tuple(x) for x in state.losses]
     model.train()
-    bar = tqdm(range(start, steps + 1), desc="train", unit="step", disable=not progress)
+    # disable=None: a bar only on a terminal (in a file or a Ray job log its \r updates
+    # are one unreadable line); the checkpoints are logged either way.
+    bar = tqdm(
+        range(start, steps + 1), desc="train", unit="step", disable=None if progress else True
+    )
     for step in bar:
         lr = lr_at(step, cfg.lr, cfg.warmup, steps, cfg.schedule)
         if step in ckpts and on_checkpoint is not None:

@@ -66,6 +66,7 @@ def run_resumable(
         if writer and step not in done:
             saved.append(save_checkpoint(run, clip, step, lr))
             done.add(step)
+            log.info("step %d of %d: checkpoint saved", step, cfg.steps)
 
     def save(step: int, opt: torch.optim.Optimizer, losses: list[tuple[int, float]]) -> None:
         # Nothing new at the step we resumed at (and other ranks may still be reading it).

@@ -53,7 +53,7 @@ def load_pool(cfg: TrainConfig) -> Pool:
     kept: list[tuple[int, Sample]] = []
     draw = random.Random(f"{cfg.seed}/max_samples")
     read = errors = n_ok = 0
-    for url in tqdm(shards, desc="read pool", unit="shard", leave=False):
+    for url in tqdm(shards, desc="read pool", unit="shard", leave=False, disable=None):
         for s in iter_shard(url, **cfg.reader_options()):
             read += 1
             if not s.ok:

@@ -192,6 +192,13 @@ def test_progress_rate_eta_and_snapshot_file(tmp_path):
     assert "5/10 shards (1 failed, 1 retries)" in Progress.line(snap)
 
 
+def test_progress_of_a_run_with_nothing_left_to_score_claims_no_rate():
+    """Was: "300 samples, 0.0 samples/s, ETA ?" for a rerun of a finished score."""
+    p = Progress(6, resumed_shards=6, resumed_samples=300)
+    line = Progress.line(p.close())
+    assert line == "score: 6/6 shards, all scored by an earlier run, 300 samples"
+
+
 def test_score_flags_reach_the_config(monkeypatch):
     args = build_parser().parse_args(
         [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -347,10 +348,14 @@ def test_shards_with_fewer_samples_than_img2dataset_wrote_are_reported(
         assert s["shards_empty"] == ["00002"]
         assert not s["shards_failed"] and s["rows"] == 16 + 1
     assert again["shards_resumed"] == 4
+    assert (
+        summary["samples_per_second"] > 0 and again["samples_per_second"] is None
+    )  # none measured
 
 
 def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_path, caplog):
     """Same name, other samples: a rerun rescores that shard and keeps the others' parts."""
+    import dataclasses
     import shutil
 
     import ray
@@ -379,12 +384,20 @@ def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_
         shutil.copy(f"{src}00005.tar", pool / "00001.tar")
         with caplog.at_level("WARNING", logger="pipeline.score.driver"):
             again = run_scoring(cfg)
+        new = pq.read_table(f"{run}/scores.parquet").to_pydict()
+        with caplog.at_level("INFO", logger="pipeline.score.driver"):
+            other = run_scoring(dataclasses.replace(cfg, methods=["tracin", "random"]))
     finally:
         ray.shutdown()
+    assert other["shards_scored_now"] == 3
+    # what changed is said (was: nothing), and that tracin has no curated target
+    assert re.search(
+        r"inputs changed since the last score run \(methods, options[^)]*\)", caplog.text
+    )
+    assert "no --target: the influence scores point toward a held-out sample" in caplog.text
     assert first["shards_scored_now"] == 3
     assert again["shards_resumed"] == 2 and again["shards_scored_now"] == 1
     assert "shard 00001 changed since it was scored" in caplog.text
-    new = pq.read_table(f"{run}/scores.parquet").to_pydict()
     from pipeline.data.reader import iter_shard
 
     keys = [s.key for s in iter_shard(str(pool / "00001.tar"))]
