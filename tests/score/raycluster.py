@@ -84,6 +84,7 @@ class RayNode:
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
+        self.killed = False  # by a test, on purpose: not a start-up failure
         self.proc = subprocess.Popen(
             [RAY, "start", "--block", "--disable-usage-stats", *args],
             stdout=open(log, "wb"),
@@ -93,6 +94,7 @@ class RayNode:
         )
 
     def kill(self) -> None:
+        self.killed = True
         kill_all(tree(self.proc.pid))
         try:
             self.proc.wait(timeout=10)
@@ -207,7 +209,7 @@ class Cluster:
             if self.alive_nodes() >= n:
                 return
             for node in self.nodes:
-                if node.proc.poll() is not None:
+                if not node.killed and node.proc.poll() is not None:
                     raise RuntimeError(f"ray start exited: {node.log.read_text()[-2000:]}")
             time.sleep(1)
         raise TimeoutError(f"{n} Ray node(s) not up after {timeout}s")
