@@ -85,13 +85,17 @@ class _Help(argparse.HelpFormatter):
     @staticmethod
     def _with_default(action: argparse.Action) -> str | None:
         text, default = action.help or "", action.default
-        if not action.option_strings or default in (None, False, argparse.SUPPRESS):
+        if not action.option_strings or default is None or default is False:
+            return None
+        if default is argparse.SUPPRESS:
             return None
         if action.nargs == 0:  # a switch: "--no-first-order (default: True)" would mislead
             return None
         if "default" in text:
             return None
-        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        # As the option is written: --methods takes a comma list, --keep several values.
+        sep = " " if action.nargs in ("+", "*") else ","
+        shown = sep.join(map(str, default)) if isinstance(default, list) else str(default)
         return f"{text} (default: {shown})".strip().replace("%", "%%")
 
     def _format_action(self, action: argparse.Action) -> str:
@@ -170,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup",
         type=int,
         default=None,
-        help=f"warm-up steps (default: a tenth of --steps, at most {TrainConfig.warmup})",
+        help=f"warm-up steps (default: {TrainConfig.warmup}, or a tenth of --steps when "
+        f"--steps is {TrainConfig.warmup} or fewer)",
     )
     t.add_argument(
         "--schedule",
@@ -458,8 +463,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError("--steps-per-epoch: only used with --import")
     if args.import_dir is None and args.warmup is None:
         # As `diffin demo` sizes it: `--steps 30` alone must not fail on a 40-step warm-up.
+        # 40 wherever it was valid (the fingerprint of those runs is unchanged), else a tenth.
         steps = training.get("steps", TrainConfig.steps)
-        training["warmup"] = max(0, min(TrainConfig.warmup, steps // 10))
+        training["warmup"] = (
+            TrainConfig.warmup if steps > TrainConfig.warmup else max(0, steps // 10)
+        )
     return TrainConfig(
         data=args.data,
         run=args.run,

@@ -296,6 +296,7 @@ def test_train_sizes_its_warm_up_from_the_steps_unless_given():
 
     assert cfg().warmup == 40  # the 400-step default is unchanged
     assert cfg("--steps", "30").warmup == 3
+    assert cfg("--steps", "100").warmup == 40  # kept wherever 40 was valid (same fingerprint)
     assert cfg("--steps", "30", "--warmup", "0").warmup == 0
     cfg("--steps", "30").validate()
 
@@ -323,7 +324,8 @@ def test_help_shows_the_defaults(capsys):
         main(["score", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--workers WORKERS (default: 2)" in out
-    assert "(default: diffin tracin random)" in out
+    assert "(default: diffin,tracin,random)" in out  # as --methods is written
+    assert "--seed SEED (default: 0)" in out
     assert "METHOD.md" not in out  # a file users do not have
     assert "--no-first-order --second-order" in out  # a switch shows no "(default: True)"
     with pytest.raises(SystemExit):

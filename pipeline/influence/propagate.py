@@ -98,14 +98,19 @@ def propagated_directions(
     owner = {s: i for i, block in enumerate(blocks) for s in block}
     lam = {k: v.double() for k, v in g_V.items()}
     mu = {k: torch.zeros_like(v) for k, v in lam.items()}
-    # The per-checkpoint sums stay in host memory: on a GPU they are m more float64 copies
-    # of the model beside the curvature products' graphs.
+    # The per-checkpoint sums wait in host memory (on a GPU they would be m more float64
+    # copies of the model); the block being swept is summed on the device and moved once.
     out = [{k: torch.zeros_like(v, device="cpu") for k, v in lam.items()} for _ in steps]
+    acc: Params = {}
+    current = None
     for s in range(steps[-1] - 1, -1, -1):
         i = owner[s]
+        if i != current:
+            _flush(out, current, acc)
+            acc, current = {k: torch.zeros_like(v) for k, v in lam.items()}, i
         d = {k: rate(s) * lam[k] - mu[k] for k in lam}
         for k in d:
-            out[i][k] += (d[k] / n_train).cpu()
+            acc[k] += d[k] / n_train
         hd = hvp(i, s, {k: v.to(g_V[k].dtype) for k, v in d.items()})
         lam = {k: lam[k] - hd[k].double() - weight_decay * d[k] for k in lam}
         mu = {k: -momentum * v for k, v in d.items()}
@@ -115,4 +120,11 @@ def propagated_directions(
             raise PropagationDiverged(s)
         if progress is not None:
             progress(1)
+    _flush(out, current, acc)
     return [{k: v.to(g_V[k].dtype) for k, v in r.items()} for r in out]
+
+
+def _flush(out: list[Params], i: int | None, acc: Params) -> None:
+    if i is not None:
+        for k, v in acc.items():
+            out[i][k] += v.cpu()

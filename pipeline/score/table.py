@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from pipeline.data.keys import recorded_reader_options
 from pipeline.data.sample import Sample
 from pipeline.errors import ConfigError
 from pipeline.rundir import RunDir, exists, read_bytes, read_json, write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 BASE_FIELDS = [
     pa.field("uid", pa.string()),
@@ -102,12 +105,23 @@ def check_scores_current(run: RunDir) -> None:
     recorded = table_metadata(run.scores).get("checkpoints")
     if not recorded:
         return
-    current = read_json(run.trajectory_json)["checkpoints"] if exists(run.trajectory_json) else None
-    if current is None or [c.get("sha256") for c in recorded] != [c["sha256"] for c in current]:
-        why = "has no finished training" if current is None else "was trained again since"
+    if not exists(run.trajectory_json):
+        if exists(run.resume_state):  # a training under way (or interrupted) replaces it
+            raise ConfigError(
+                f"scores: {run.scores} belongs to a trajectory the run is being trained again "
+                "over; finish the training, then run `diffin score` again"
+            )
+        log.warning("scores: %s has no trajectory.json to check the scores against", run.url)
+        return
+
+    def key(c: dict[str, Any]) -> tuple:  # a re-import can give the same bytes other steps
+        return (c.get("sha256"), c.get("step"), c.get("lr"))
+
+    current = read_json(run.trajectory_json)["checkpoints"]
+    if [key(c) for c in recorded] != [key(c) for c in current]:
         raise ConfigError(
-            f"scores: {run.scores} was scored against another trajectory than the run's "
-            f"(the run {why}); run `diffin score` again"
+            f"scores: {run.scores} was scored against another trajectory than the run's (the "
+            "run was trained or imported again since); run `diffin score` again"
         )
 
 

@@ -138,13 +138,20 @@ def remove_stale_checkpoints(run: RunDir, checkpoints: list[dict[str, Any]]) -> 
     the new ones, with nothing but trajectory.json to tell them apart. Returns
     the names removed.
     """
+    import fnmatch
+
     import fsspec
 
     keep = {c["path"] for c in checkpoints}
     fs, path = fsspec.core.url_to_fs(run.path("trajectory"))
     fs.invalidate_cache(path)
+    # A listing, not a glob: a run path holding "[" or "*" would match other runs' files.
     stale = [
-        p for p in fs.glob(f"{path.rstrip('/')}/ckpt-*.pt") if p.rsplit("/", 1)[-1] not in keep
+        e["name"]
+        for e in fs.ls(path, detail=True)
+        if e.get("type") == "file"
+        and fnmatch.fnmatchcase(e["name"].rsplit("/", 1)[-1], "ckpt-*.pt")
+        and e["name"].rsplit("/", 1)[-1] not in keep
     ]
     if stale:
         fs.rm(stale)

@@ -106,3 +106,32 @@ def test_merged_pool_table_has_one_row_per_generated_sample(tiny_scored, tiny_po
     shards = table.column("shard").to_pylist()
     assert shards == sorted(shards)
     assert table_metadata(str(Path(tiny_scored["run"]) / "scores.parquet"))["score"]["methods"]
+
+
+def test_scores_are_checked_against_the_current_trajectory(tiny_scored, tmp_path, caplog):
+    import json
+
+    from pipeline.errors import ConfigError
+    from pipeline.rundir import RunDir, read_json
+    from pipeline.score.table import check_scores_current, read_table, write_table
+    from tests.conftest import copy_run
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    rd = RunDir(run)
+    traj = read_json(rd.trajectory_json)
+    write_table(read_table(rd.scores), rd.scores, {"checkpoints": traj["checkpoints"]})
+    check_scores_current(rd)  # the same trajectory
+
+    # same bytes, other rates (a re-import with another --steps-per-epoch)
+    traj["checkpoints"][0]["lr"] *= 2
+    Path(rd.trajectory_json).write_text(json.dumps(traj))
+    with pytest.raises(ConfigError, match="another trajectory"):
+        check_scores_current(rd)
+
+    Path(rd.trajectory_json).unlink()  # deleted to save space: nothing to check against
+    with caplog.at_level("WARNING"):
+        check_scores_current(rd)
+    assert "no trajectory.json" in caplog.text
+    Path(rd.resume_state).write_bytes(b"a training under way")
+    with pytest.raises(ConfigError, match="trained again"):
+        check_scores_current(rd)

@@ -174,3 +174,24 @@ def test_resume_refuses_a_pool_or_pretrained_file_rewritten_in_place(tmp_path, m
     rec = train(cfg)
     assert [c["sha256"] for c in rec["checkpoints"]] == [c["sha256"] for c in saved["checkpoints"]]
     assert not (Path(cfg.run) / "trajectory" / "resume.pt").exists()
+
+
+def test_stale_checkpoints_are_found_by_listing_not_by_a_glob_of_the_run_path(tmp_path):
+    """A run path with "[1]" globbed as a character class: it matched runs/exp1's files."""
+    from pipeline.train.state import remove_stale_checkpoints
+
+    for name in ("exp[1]", "exp1"):
+        traj = tmp_path / name / "trajectory"
+        traj.mkdir(parents=True)
+        for step in (10, 20):
+            (traj / f"ckpt-{step:06d}.pt").write_bytes(b"x")
+        (traj / "trajectory.json").write_text("{}")
+    removed = remove_stale_checkpoints(
+        RunDir(str(tmp_path / "exp[1]")), [{"path": "ckpt-000020.pt"}]
+    )
+    assert removed == ["ckpt-000010.pt"]
+    assert sorted(p.name for p in (tmp_path / "exp[1]" / "trajectory").iterdir()) == [
+        "ckpt-000020.pt",
+        "trajectory.json",
+    ]
+    assert len(list((tmp_path / "exp1" / "trajectory").iterdir())) == 3  # another run: untouched
