@@ -473,5 +473,7 @@ def test_scores_of_a_run_trained_again_are_refused_downstream(tiny_run, tiny_sco
         lambda: run_evaluation(EvaluateConfig(run=run, keeps=[0.5], methods=["loss"], steps=2)),
         lambda: build_report(run, method="loss"),
     ):
-        with pytest.raises(ConfigError, match="another trajectory.*trained again.*diffin score"):
+        with pytest.raises(
+            ConfigError, match="another trajectory.*trained or imported again.*diffin score"
+        ):
             stage()
