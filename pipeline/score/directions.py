@@ -329,13 +329,14 @@ def ensure_propagated(
     with tqdm(
         total=steps[-1], desc="propagating g_V", unit="step", leave=False, disable=None
     ) as bar:
-        said = [time.monotonic()]
+        said, done = [time.monotonic()], [0]
 
         def progress(n: int) -> None:
             bar.update(n)
+            done[0] += n  # not bar.n: a bar disabled off a terminal counts nothing
             if time.monotonic() - said[0] > 60:  # a log line too: the bar is not one (Ray, files)
                 said[0] = time.monotonic()
-                log.info("propagating g_V: %d of %d steps", bar.n, steps[-1])
+                log.info("propagating g_V: %d of %d steps", done[0], steps[-1])
 
         try:
             dirs = propagated_directions(

@@ -191,3 +191,23 @@ def test_stored_nan_directions_are_computed_again(prop, tmp_path):
     for url in urls:
         r, _ = load_tensors(url)
         assert all(torch.isfinite(v).all() for v in r.values()), url
+
+
+def test_a_long_propagation_logs_how_far_it_has_got(prop, tmp_path, monkeypatch, caplog):
+    """A line a minute for logs and Ray jobs, where the bar is disabled (was: "0 of N steps")."""
+    import logging
+    import shutil
+
+    run = RunDir(copy_run(prop["run"], tmp_path / "slow"))
+    traj = load_trajectory(run)
+    for c in traj.checkpoints:  # computed again
+        Path(propagated_url(run, c.step)).unlink()
+    clock = iter(range(0, 10**6, 61))  # every call a minute later
+    monkeypatch.setattr("pipeline.score.directions.time.monotonic", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="pipeline.score.directions"):
+        ensure_directions(dataclasses.replace(prop["cfg"], run=run.url), run, traj)
+    lines = [r.getMessage() for r in caplog.records if "propagating g_V:" in r.getMessage()]
+    last = traj.checkpoints[-1].step
+    assert lines[0] == f"propagating g_V: 1 of {last} steps"
+    assert lines[-1] == f"propagating g_V: {last} of {last} steps"
+    shutil.rmtree(run.url)
