@@ -8,7 +8,6 @@ so that every open_clip code path (including ``open_clip_train.main`` through
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.rundir import sha256
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _registered = False
@@ -197,11 +197,7 @@ def pretrained_identity(pretrained: str | None) -> str | None:
     path = _local_path(pretrained)
     if not Path(path).is_file():
         return pretrained
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
+    return f"sha256:{sha256(path)}"
 
 
 def _local_path(pretrained: str) -> str:

@@ -58,6 +58,18 @@ def _check_table(run: str, data: str, n_samples: int, allow_errors: int = 0) -> 
     return summary
 
 
+def _pool_of_three(score_run: dict, tmp_path) -> tuple:
+    """A pool of copies of the first three shards; returns it and the source shards' prefix."""
+    import shutil
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    src = score_run["data"].split("{")[0]
+    for i in range(3):
+        shutil.copy(f"{src}0000{i}.tar", pool / f"0000{i}.tar")
+    return pool, src
+
+
 def _score_args(data: str, run: str, workers: int = 2) -> list[str]:
     return [
         "--data",
@@ -311,7 +323,6 @@ def test_shards_with_fewer_samples_than_img2dataset_wrote_are_reported(
     ray_cluster, score_run, tmp_path
 ):
     """A shard cut short at a member boundary is a valid tar: only the sidecar tells."""
-    import shutil
     import tarfile
 
     import ray
@@ -319,11 +330,7 @@ def test_shards_with_fewer_samples_than_img2dataset_wrote_are_reported(
     from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import run_scoring
 
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    src = score_run["data"].split("{")[0]
-    for i in range(3):
-        shutil.copy(f"{src}0000{i}.tar", pool / f"0000{i}.tar")
+    pool, _ = _pool_of_three(score_run, tmp_path)
     (pool / "00001_stats.json").write_text(json.dumps({"successes": 10, "count": 12}))
     (pool / "00000_stats.json").write_text(json.dumps({"successes": 8}))  # as many as read
     with tarfile.open(pool / "00002.tar", "w"):
@@ -363,11 +370,7 @@ def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_
     from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import run_scoring
 
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    src = score_run["data"].split("{")[0]
-    for i in range(3):
-        shutil.copy(f"{src}0000{i}.tar", pool / f"0000{i}.tar")
+    pool, src = _pool_of_three(score_run, tmp_path)
     run = fresh_run(score_run, tmp_path / "run")
     cfg = ScoreConfig(
         data=str(pool / "{00000..00002}.tar"),

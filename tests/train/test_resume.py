@@ -26,6 +26,18 @@ def _killed_at(run: str) -> int:
     return int(raw["step"])
 
 
+def _kill_before_trajectory_json(cfg, monkeypatch) -> None:
+    """Train ``cfg`` and kill it after its last resume state, before trajectory.json."""
+
+    def killed(url, obj):
+        raise KeyboardInterrupt("killed before trajectory.json")
+
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.train.trajectory.write_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+
+
 def test_killed_training_resumes_to_byte_identical_checkpoints(interrupted, tiny_run, tmp_path):
     run = _copy(interrupted["run"], tmp_path / "run")
     step = _killed_at(run)
@@ -93,14 +105,7 @@ def test_a_run_killed_after_its_last_state_finishes_when_rerun(
     """Killed between the final resume state and trajectory.json: every rerun used to fail."""
     run = _copy(interrupted["run"], tmp_path / "run")
     cfg = dataclasses.replace(interrupted["config"], run=run)
-
-    def killed(url, obj):
-        raise KeyboardInterrupt("killed before trajectory.json")
-
-    with monkeypatch.context() as m:
-        m.setattr("pipeline.train.trajectory.write_json", killed)
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
+    _kill_before_trajectory_json(cfg, monkeypatch)
     assert _killed_at(run) == cfg.steps
     rec = train(cfg)
     assert [c["sha256"] for c in rec["checkpoints"]] == [
@@ -144,14 +149,7 @@ def test_resume_refuses_a_pool_or_pretrained_file_rewritten_in_place(tmp_path, m
         pretrained=str(weights),
         **{**TINY_TRAIN, **small},
     )
-
-    def killed(url, obj):
-        raise KeyboardInterrupt("killed before trajectory.json")
-
-    with monkeypatch.context() as m:
-        m.setattr("pipeline.train.trajectory.write_json", killed)
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
+    _kill_before_trajectory_json(cfg, monkeypatch)
     assert _killed_at(cfg.run) == cfg.steps
     saved = torch.load(Path(cfg.run) / "trajectory" / "resume.pt", weights_only=True)
 
