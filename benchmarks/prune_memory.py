@@ -113,8 +113,7 @@ def run_streaming(path: str, keep: float) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.prune.config import PruneConfig
-    from pipeline.prune.datacomp import save_uid_halves
-    from pipeline.prune.manifest import _uid_halves
+    from pipeline.prune.datacomp import save_uid_halves, uid_halves
     from pipeline.prune.select import plan
 
     base = _rss_mb()
@@ -131,7 +130,7 @@ def run_streaming(path: str, keep: float) -> dict:
             writer = pq.ParquetWriter(out, batch.schema)
         writer.write_batch(batch)
         kept += batch.num_rows
-        hi, lo = _uid_halves(batch.column("uid").to_pylist())
+        hi, lo = uid_halves(batch.column("uid").to_pylist())
         his.append(hi)
         los.append(lo)
     if writer is not None:

@@ -1,7 +1,8 @@
 """The balanced keep rule: the best rows within each group (a column's values, or k-means clusters).
 
 Groups need every row's group and score at once, so this rule holds O(rows)
-numbers in memory (a group code, a score key, and the uids of the ok rows).
+numbers in memory: a group code, a score key and the uid as two 64-bit
+halves per row, plus sort indices (a few tens of bytes per row, no strings).
 """
 
 from __future__ import annotations
@@ -15,13 +16,30 @@ import pyarrow.compute as pc
 
 from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
+from pipeline.prune.datacomp import uid_halves
 from pipeline.prune.select import Selection, Table, _ok, score_keys
 
 
-def quotas(sizes: np.ndarray, keep: float, how: str) -> np.ndarray:
-    """Rows to keep per group: ``keep`` of each ("proportional"), or equal shares ("equal")."""
+def quotas(
+    sizes: np.ndarray,
+    keep: float,
+    how: str,
+    prefer: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Rows to keep per group: ``keep`` of each ("proportional"), or equal shares ("equal").
+
+    Rounding leaves a few spare rows to hand out one per group. ``prefer(groups,
+    ranks)`` says which groups get them first: a sort key (lower first) for each
+    group's row at ``ranks`` in its own order, i.e. the row a spare would keep.
+    Without it, groups come in their order.
+    """
     sizes = np.asarray(sizes, dtype=np.int64)
     total = max(1, int(round(keep * sizes.sum()))) if sizes.sum() else 0
+
+    def first(groups: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        tie = prefer(groups, ranks) if prefer is not None else np.zeros(len(groups))
+        return groups[np.lexsort((groups, tie))]
+
     if how == "proportional":
         # Largest remainder: the quotas add up to the fraction rule's count
         # (rounding each group on its own drifts, and can keep nothing).
@@ -29,9 +47,16 @@ def quotas(sizes: np.ndarray, keep: float, how: str) -> np.ndarray:
         q = np.minimum(np.floor(ideal).astype(np.int64), sizes)
         short = total - int(q.sum())
         if short > 0:
-            frac = np.where(q < sizes, ideal - q, -1.0)
-            order = np.lexsort((np.arange(len(sizes)), -frac))  # ties: group order
-            q[order[:short]] += 1
+            frac = ideal - q
+            # Largest remainder first; equal remainders (equal group sizes) go
+            # to the group whose next row scores best, not to the first name.
+            for f in np.unique(frac[q < sizes])[::-1]:
+                tied = np.flatnonzero((frac == f) & (q < sizes))
+                take = first(tied, q[tied])[:short]
+                q[take] += 1
+                short -= len(take)
+                if short == 0:
+                    break
         return q
     q = np.zeros_like(sizes)
     left = total
@@ -41,9 +66,9 @@ def quotas(sizes: np.ndarray, keep: float, how: str) -> np.ndarray:
     while left > 0 and open_.any():
         share = left // int(open_.sum())
         if share == 0:
-            # Fewer rows left than open groups: one more each, in group order.
-            for g in np.flatnonzero(open_)[:left]:
-                q[g] += 1
+            # Fewer rows left than open groups: one more each to the best next rows.
+            groups = np.flatnonzero(open_)
+            q[first(groups, q[groups])[:left]] += 1
             break
         add = np.where(open_, np.minimum(share, sizes - q), 0)
         q += add
@@ -55,8 +80,11 @@ def quotas(sizes: np.ndarray, keep: float, how: str) -> np.ndarray:
 NULL_GROUP = "<null>"
 
 
-def _group_labels(col: pa.Array, by: str) -> np.ndarray:
-    """A column's values as group names: missing values form the group ``<null>``."""
+def _group_codes(col: pa.Array, by: str, names: dict[str, int]) -> np.ndarray:
+    """A column's values as group codes (``names``: group name -> code, grown in place).
+
+    Missing values form the group ``<null>``. Rows hold a code, not a string.
+    """
     if pa.types.is_floating(col.type):
         col = pc.add(col, pa.scalar(0.0, col.type))  # -0.0 + 0.0 = 0.0: one group for zero
     text = pc.cast(col, pa.string())
@@ -65,7 +93,19 @@ def _group_labels(col: pa.Array, by: str) -> np.ndarray:
             f"balance_by: column {by!r} holds the value {NULL_GROUP!r}, the name of the group of "
             "missing values; rename those values"
         )
-    return pc.fill_null(text, NULL_GROUP).to_numpy(zero_copy_only=False)
+    encoded = pc.dictionary_encode(pc.fill_null(text, NULL_GROUP))
+    codes = [names.setdefault(v, len(names)) for v in encoded.dictionary.to_pylist()]
+    return np.asarray(codes, np.int64)[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _uid_halves(col: pa.Array, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The uids of the ``use`` rows as two uint64 halves (zeros elsewhere)."""
+    hi, lo = np.zeros(len(use), np.uint64), np.zeros(len(use), np.uint64)
+    try:
+        hi[use], lo[use] = uid_halves(col.filter(pa.array(use)).to_pylist())
+    except ValueError as exc:
+        raise ConfigError(f"uid: the balanced rule needs 32-hex uids ({exc})") from None
+    return hi, lo
 
 
 def plan_balanced(
@@ -78,7 +118,8 @@ def plan_balanced(
             f"balance_by: no column {by!r} in the score table; columns: {table.columns}"
         )
     read = ["status", "uid", *cols] + ([by] if by != "cluster" else ["shard", "index"])
-    oks, keys, uids, groups, shards, indices = [], [], [], [], [], []
+    oks, keys, his, los, codes, shards, indices = [], [], [], [], [], [], []
+    labels: dict[str, int] = {}
     status_ok = 0
     offset = 0
     for b in table.batches(list(dict.fromkeys(read))):
@@ -89,16 +130,19 @@ def plan_balanced(
         use = is_ok & np.isfinite(s)
         oks.append(use)
         keys.append(score_keys(np.where(use, s, 0.0)))
-        uids.append(np.where(use, b.column("uid").to_numpy(zero_copy_only=False), ""))
+        hi, lo = _uid_halves(b.column("uid"), use)
+        his.append(hi)
+        los.append(lo)
         if by == "cluster":
             shards.append(b.column("shard").to_numpy(zero_copy_only=False))
             indices.append(b.column("index").to_numpy(zero_copy_only=False))
         else:
-            groups.append(_group_labels(b.column(by), by))
+            codes.append(_group_codes(b.column(by), by, labels))
     ok = np.concatenate(oks) if oks else np.zeros(0, bool)
     rows = len(ok)
     key = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-    uid = np.concatenate(uids).astype(str) if uids else np.zeros(0, str)
+    hi = np.concatenate(his) if his else np.zeros(0, np.uint64)
+    lo = np.concatenate(los) if los else np.zeros(0, np.uint64)
     extra: dict[str, np.ndarray] = {}
     if by == "cluster":
         from pipeline.prune.clusters import cluster_rows
@@ -110,18 +154,27 @@ def plan_balanced(
         extra["cluster"] = code.astype(np.int32)  # -1 where not scorable
         names = np.arange(max(cfg.clusters, 1))
     else:
-        group = np.concatenate(groups) if groups else np.zeros(0, object)
-        names, code = np.unique(group[ok], return_inverse=True)
-        full = np.full(rows, -1, np.int64)
-        full[ok] = code
-        code = full
+        # The groups that hold ranked rows, in name order, coded 0..G-1 (-1: not ranked).
+        seen = np.concatenate(codes) if codes else np.zeros(0, np.int64)
+        by_code = np.array(list(labels), dtype=object)
+        present = np.unique(seen[ok])
+        present = present[np.argsort(by_code[present], kind="stable")]
+        names = by_code[present]
+        recode = np.full(len(labels), -1, np.int64)
+        recode[present] = np.arange(len(present))
+        code = np.where(ok, recode[seen] if len(seen) else seen, -1)
     sizes = np.bincount(code[ok], minlength=len(names)) if ok.any() else np.zeros(len(names), int)
-    q = quotas(sizes, cfg.keep, cfg.balance)
-    kept = np.zeros(rows, bool)
     idx = np.flatnonzero(ok)
-    order = idx[np.lexsort((uid[idx], ~key[idx], code[idx]))]  # by group, score desc, uid
+    order = idx[np.lexsort((lo[idx], hi[idx], ~key[idx], code[idx]))]  # group, score desc, uid
     g_sorted = code[order]
     starts = np.searchsorted(g_sorted, np.arange(len(names)))
+
+    def prefer(groups: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        rows = order[starts[groups] + ranks]  # the row a spare quota would keep
+        return np.argsort(np.lexsort((lo[rows], hi[rows], ~key[rows])))
+
+    q = quotas(sizes, cfg.keep, cfg.balance, prefer)
+    kept = np.zeros(rows, bool)
     rank = np.arange(len(order)) - starts[g_sorted]
     kept[order[rank < q[g_sorted]]] = True
     info = {

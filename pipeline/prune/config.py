@@ -104,12 +104,12 @@ class PruneConfig:
             for col, w in self.fusion.items():
                 if col in NON_SCORE_COLUMNS:
                     raise ConfigError(f"fusion: {col!r} is not a score column")
-                if not is_number(w) or not math.isfinite(w):
+                if not is_number(w) or not math.isfinite(w) or w == 0:
+                    # A zero weight would still leave out the rows its column lacks.
                     raise ConfigError(
-                        f"fusion: weight of {col!r} must be a finite number (got {w!r})"
+                        f"fusion: weight of {col!r} must be a finite, non-zero number "
+                        f"(got {w!r}); leave a column out to ignore it"
                     )
-            if all(w == 0 for w in self.fusion.values()):
-                raise ConfigError("fusion: at least one weight must be non-zero")
             if self.fusion_norm not in NORMS:
                 raise ConfigError(
                     f"fusion_norm: must be one of {', '.join(NORMS)} (got {self.fusion_norm!r})"
@@ -133,7 +133,11 @@ class PruneConfig:
         if self.rule == "threshold":
             return f"{base}-ge{_num(self.threshold)}"
         if self.rule == "balanced":
-            by = f"cluster{self.clusters}" if self.balance_by == "cluster" else self.balance_by
+            by = self.balance_by
+            if by == "cluster":
+                by = f"cluster{self.clusters}" + (
+                    f"-seed{self.cluster_seed}" if self.cluster_seed else ""
+                )
             return f"{base}-keep{_num(self.keep)}-{self.balance}-{by}"
         return f"{base}-keep{_num(self.keep)}"
 

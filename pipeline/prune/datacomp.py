@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from pipeline.rundir import read_bytes, write_bytes_atomic
 
 UID_DTYPE = np.dtype("u8,u8")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def uids_to_array(uids: Iterable[str]) -> np.ndarray:
@@ -31,6 +33,19 @@ def save_uids(url: str, uids: Iterable[str]) -> int:
 
 def load_uids(url: str) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(url)), allow_pickle=False)
+
+
+def uid_halves(uids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """32-hex uids as two uint64 arrays; sorting by (hi, lo) sorts the lowercase hex strings.
+
+    Raises ValueError for any other uid (``int`` alone would take ``0x``, ``_``, spaces).
+    """
+    bad = next((u for u in uids if not _HEX32.fullmatch(u)), None)
+    if bad is not None:
+        raise ValueError(f"not a uid of 32 lowercase hex digits: {bad!r}")
+    hi = np.fromiter((int(u[:16], 16) for u in uids), dtype=np.uint64, count=len(uids))
+    lo = np.fromiter((int(u[16:32], 16) for u in uids), dtype=np.uint64, count=len(uids))
+    return hi, lo
 
 
 def save_uid_halves(url: str, hi: list[np.ndarray], lo: list[np.ndarray]) -> int:

@@ -145,6 +145,35 @@ def test_balanced_by_column(tmp_path, how):
     assert sel.info["groups"]["src0"]["kept"] == q["src0"]
 
 
+@pytest.mark.parametrize(
+    ("how", "sizes", "keep"),
+    [("proportional", [1] * 10, 0.4), ("equal", [2, 2, 2, 2], 0.375)],
+)
+def test_spare_quota_goes_to_the_best_next_rows_not_the_first_group_names(
+    tmp_path, how, sizes, keep
+):
+    """Review: ten groups of one row at 0.4 kept the groups named first, whatever their scores."""
+    groups = [f"g{g}" for g, n in enumerate(sizes) for _ in range(n)]
+    scores = np.arange(len(groups), dtype=float)  # the later a group's name, the better its rows
+    table = _small(scores.tolist(), [f"{i:032x}" for i in range(len(groups))])
+    run = _write(table.append_column("group", pa.array(groups)), tmp_path)
+    cfg = PruneConfig(run, keep, rule="balanced", balance_by="group", balance=how)
+    kept = _kept(plan(cfg, f"{run}/scores.parquet"), ["uid", "group", "diffin"]).to_pandas()
+    best_per_group = table.append_column("group", pa.array(groups)).to_pandas()
+    best_per_group = best_per_group.sort_values("diffin").groupby("group").tail(1)
+    want = sorted(best_per_group.diffin)[-round(keep * len(groups)) :]
+    assert sorted(kept.diffin) == want
+    assert kept.group.is_unique  # one row each: a spare is one row, never two to one group
+
+
+def test_balanced_rule_refuses_a_uid_that_is_not_32_hex(tmp_path):
+    table = _small([1.0, 2.0], ["a" * 32, "0x" + "b" * 30])
+    run = _write(table.append_column("group", pa.array(["x", "y"])), tmp_path)
+    cfg = PruneConfig(run, 0.5, rule="balanced", balance_by="group")
+    with pytest.raises(ConfigError, match="32-hex uids"):
+        plan(cfg, f"{run}/scores.parquet")
+
+
 def test_kmeans_is_seeded_and_separates_blobs():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(c, 0.05, size=(40, 2)) for c in (0, 3, 6)])
@@ -168,6 +197,8 @@ def test_config_errors_refused_before_anything_changes(tmp_path):
         (dict(keep=0.5, method="nope"), "method"),
         (dict(keep=0.5, fusion={"diffin": 1, "nope": 1}), "fusion"),
         (dict(keep=0.5, fusion={"diffin": 0}), "fusion"),
+        # a zero weight still left out the rows its column lacks (review)
+        (dict(keep=0.5, fusion={"diffin": 1, "tracin": 0}), "non-zero"),
         (dict(keep=0.5, fusion={"diffin": 1}, fusion_norm="minmax"), "fusion_norm"),
         # refused up front, not after k-means has embedded every ok row (review)
         (dict(keep=0.5, rule="balanced", balance_by="cluster", cluster_seed=-1), "cluster_seed"),
