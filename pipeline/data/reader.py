@@ -96,10 +96,13 @@ def sample_uid(meta: dict[str, Any], shard_url: str, key: str) -> str:
     of exactly 32 hex digits (lowercased), else the md5 of ``"{url}\\0{key}"``,
     so a pool without uids still gets uids that are stable across runs.
     """
+    return json_uid(meta) or _md5(f"{shard_url}\0{key}")
+
+
+def json_uid(meta: Any) -> str | None:
+    """The sample json's DataComp/img2dataset ``uid`` (32 hex digits, lowercased), if it has one."""
     uid = meta.get("uid") if isinstance(meta, dict) else None
-    if isinstance(uid, str) and _UID.fullmatch(uid):
-        return uid.lower()
-    return _md5(f"{shard_url}\0{key}")
+    return uid.lower() if isinstance(uid, str) and _UID.fullmatch(uid) else None
 
 
 def escape_utf8(text: str) -> str:

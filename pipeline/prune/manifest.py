@@ -8,6 +8,7 @@ RUN/prune/NAME/manifest.json                             rule, counts, --train-d
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shlex
@@ -21,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol, url_to_fs
 
-from pipeline.data.reader import ShardReadError, iter_raw, normal_name
+from pipeline.data.reader import ShardReadError, iter_raw, json_uid, normal_name
 from pipeline.data.tarwriter import ShardWriter, brace_pattern
 from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
-from pipeline.prune.datacomp import save_uid_halves
+from pipeline.prune.datacomp import save_uid_halves, uid_halves
 from pipeline.prune.select import Selection, plan
 from pipeline.rundir import (
     RunDir,
@@ -37,7 +38,7 @@ from pipeline.rundir import (
     replace_dir,
     write_json,
 )
-from pipeline.score.table import check_scores_current
+from pipeline.score.table import check_scores_current, scored_reader_options
 
 
 def select(table: pa.Table, method: str, keep: float) -> pa.Table:
@@ -88,7 +89,7 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     # leaves the previous manifest as it was.
     build = run.prune_dir(f".{cfg.manifest_name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        manifest = _build(cfg, selection, build, final=out)
+        manifest = _build(cfg, selection, build, final=out, reader=scored_reader_options(run))
     except BaseException:
         remove(build, recursive=True)
         raise
@@ -105,8 +106,13 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     return {**manifest, "dir": out}
 
 
-def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> dict[str, Any]:
-    """Write the manifest directory at ``build``; its paths name ``final``, where it will live."""
+def _build(
+    cfg: PruneConfig, selection: Selection, build: str, final: str, reader: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the manifest directory at ``build``; its paths name ``final``, where it will live.
+
+    ``reader``: the image and text keys the rows were scored with.
+    """
     t0 = time.time()
     makedirs(build)
     digits = shard_digits(selection.kept, cfg.shard_size)
@@ -115,7 +121,7 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
     uid_hi: list[np.ndarray] = []
     uid_lo: list[np.ndarray] = []
     kept = 0
-    dropped = Counter({"no extension": 0, "dot extension": 0, "pickle": 0})
+    counts: Counter[str] = Counter()
     min_score = np.inf
     pending: tuple[str, set[str]] | None = None  # the shard being gathered, its kept keys
     writer = ShardWriter(join(build, "shards"), cfg.shard_size, digits=digits)
@@ -131,7 +137,7 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
                     score = batch.column(cfg.score_name).to_numpy(zero_copy_only=False)
                     if len(score):
                         min_score = min(min_score, float(np.min(score)))
-                    hi, lo = _uid_halves(batch.column("uid").to_pylist())
+                    hi, lo = uid_halves(batch.column("uid").to_pylist())
                     uid_hi.append(hi)
                     uid_lo.append(lo)
                     for shard, key in zip(
@@ -141,11 +147,11 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
                     ):
                         if pending is None or pending[0] != shard:
                             if pending is not None:
-                                dropped.update(_reshard(writer, *pending))
+                                counts.update(_reshard(writer, *pending, reader))
                             pending = (shard, set())
                         pending[1].add(normal_name(key))
                 if pending is not None:
-                    dropped.update(_reshard(writer, *pending))
+                    counts.update(_reshard(writer, *pending, reader))
                 if pw is None:
                     empty = pa.schema(
                         [selection.table.schema.field(c) for c in columns]
@@ -180,6 +186,27 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
         "--train-num-samples",
         str(sum(sizes.values())),
     ]
+    dropped = {k: counts[f"dropped: {k}"] for k in ("no extension", "dot extension", "pickle")}
+    added = {k: n for k, n in sorted(counts.items()) if " added as " in k}
+    unread = {
+        k: n for k, n in sorted(counts.items()) if k.startswith(("open_clip reads", "image in"))
+    }
+    no_uid = counts["no DataComp uid in json"]
+    notes = "open_clip needs at least workers x world_size shards; set --shard-size accordingly"
+    notes += reader_note
+    if unread:
+        notes += (
+            f"; {sum(unread.values())} kept samples would be retrained on another caption or "
+            "image than the one scored (open_clip_unread)"
+        )
+        log.warning(
+            "prune: open_clip would not read the scored members of some samples: %s", unread
+        )
+    if no_uid:
+        notes += (
+            f"; {no_uid} kept samples have no DataComp uid in their json: their uids.npy entry is "
+            "diffin's hash of shard URL and key, which DataComp's resharder cannot match"
+        )
     manifest = {
         "rule": rule,
         "score": cfg.score_name,
@@ -193,7 +220,11 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
         "selection": {**selection.info, "in_memory": selection.in_memory},
         "shards": n_shards,
         "sizes": sizes,
-        "members_dropped": dict(dropped),
+        "members_dropped": dropped,
+        # the scored caption or image, added where open_clip reads them
+        "open_clip_added": added,
+        "open_clip_unread": unread,
+        "kept_without_datacomp_uid": no_uid,
         "train_data": train_data,
         "shards_url": pattern,  # the same shards as an fsspec URL pattern
         "train_num_samples": sum(sizes.values()),
@@ -201,8 +232,7 @@ def _build(cfg: PruneConfig, selection: Selection, build: str, final: str) -> di
         # the same arguments as a list, for programs and paths with odd characters.
         "open_clip_args": shlex.join(argv),
         "open_clip_argv": argv,
-        "note": "open_clip needs at least workers x world_size shards; set --shard-size accordingly"
-        + reader_note,
+        "note": notes,
         "seconds": round(time.time() - t0, 2),
     }
     write_json(join(build, "manifest.json"), manifest)
@@ -244,12 +274,6 @@ def shard_digits(rows: int, shard_size: int) -> int:
     return max(5, len(str(n_shards - 1)))
 
 
-def _uid_halves(uids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    hi = np.fromiter((int(u[:16], 16) for u in uids), dtype=np.uint64, count=len(uids))
-    lo = np.fromiter((int(u[16:32], 16) for u in uids), dtype=np.uint64, count=len(uids))
-    return hi, lo
-
-
 # Extensions WebDataset's default decoders unpickle (pickle.loads, torch.load):
 # open_clip_train would run code from them, so they never reach a manifest.
 PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pth"})
@@ -267,29 +291,100 @@ def is_pickle(ext: str) -> bool:
     return parts[-1] in PICKLE_EXTENSIONS
 
 
-def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> dict[str, int]:
+# open_clip_train.data keeps samples with a ``txt`` member and one of these, then
+# trains on the first of them present (wds.rename(image="jpg;png;jpeg;webp", text="txt")).
+OPEN_CLIP_IMAGES = ("jpg", "png", "jpeg", "webp")
+
+
+def _image_ext(data: bytes) -> str | None:
+    """The open_clip image extension that names this image's format, if any."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def as_open_clip_reads(
+    members: dict[str, bytes], image_keys: tuple[str, ...], text_keys: tuple[str, ...]
+) -> tuple[dict[str, bytes], list[str]]:
+    """``members`` with the scored caption and image added where open_clip reads them.
+
+    A pool scored with other keys (``--text-key caption``, ``--image-key tif``)
+    would otherwise be retrained on nothing (open_clip drops samples without
+    ``txt``) or on another member. Members are only added, never replaced:
+    where open_clip would read a member other than the scored one, the sample
+    is written as it is and the returned events say so.
+    """
+    out = dict(members)
+    events = []
+    text = next((k for k in text_keys if k in members), None)
+    if text is None:
+        pass  # not a scored sample (an error row's members)
+    elif "txt" not in members:
+        out["txt"] = members[text]
+        events.append("caption added as txt")
+    elif members["txt"] != members[text]:
+        events.append("open_clip reads another caption (txt)")
+    image = next((k for k in image_keys if k in members), None)
+    read = next((k for k in OPEN_CLIP_IMAGES if k in members), None)
+    if image is None:
+        pass
+    elif read is None:
+        ext = _image_ext(members[image])
+        if ext is None:
+            events.append("image in a format open_clip reads under no extension")
+        else:
+            out[ext] = members[image]
+            events.append(f"image added as {ext}")
+    elif members[read] != members[image]:
+        events.append(f"open_clip reads another image ({read})")
+    return out, events
+
+
+def _has_json_uid(members: dict[str, bytes]) -> bool:
+    """Whether the sample's json has the uid DataComp's tools look its row up by."""
+    try:
+        return json_uid(json.loads(members["json"])) is not None if "json" in members else False
+    except (ValueError, RecursionError):
+        return False
+
+
+def _reshard(
+    writer: ShardWriter, shard: str, keys: set[str], reader: dict[str, Any]
+) -> Counter[str]:
     """Copy the kept samples of one input shard, every member byte for byte, in tar order.
 
     Three kinds of member are left out, and counted: those with no extension
     (no WebDataset reader groups them into a sample), those whose extension
     starts with a dot (``0..bak``: no writer names them unambiguously) and
-    pickled ones.
+    pickled ones. Where open_clip would not read the scored caption or image,
+    they are added under its names (:func:`as_open_clip_reads`), and counted.
+    Samples whose json has no DataComp uid are counted too (``uids.npy``
+    then holds diffin's hash of shard and key for them).
     """
     seen: set[str] = set()
-    dropped = {"no extension": 0, "dot extension": 0, "pickle": 0}
+    counts: Counter[str] = Counter()
     try:
         for key, members in iter_raw(shard):
             if key in keys and key not in seen:  # a repeated key was an error row
                 kept = {}
                 for ext, data in members.items():
                     if not ext:
-                        dropped["no extension"] += 1
+                        counts["dropped: no extension"] += 1
                     elif ext.startswith("."):
-                        dropped["dot extension"] += 1
+                        counts["dropped: dot extension"] += 1
                     elif is_pickle(ext):
-                        dropped["pickle"] += 1
+                        counts["dropped: pickle"] += 1
                     else:
                         kept[ext] = data
+                kept, events = as_open_clip_reads(
+                    kept, tuple(reader["image_keys"]), tuple(reader["text_keys"])
+                )
+                counts.update(events)
+                counts["no DataComp uid in json"] += not _has_json_uid(members)
                 writer.write(_unique_key(writer, _safe_key(key)), kept)
                 seen.add(key)
                 if len(seen) == len(keys):
@@ -298,7 +393,7 @@ def _reshard(writer: ShardWriter, shard: str, keys: set[str]) -> dict[str, int]:
         pass  # damage after the samples we need is checked below
     if seen != keys:
         raise RuntimeError(f"{shard}: {len(keys - seen)} kept samples could not be re-read")
-    return dropped
+    return counts
 
 
 def _safe_key(key: str) -> str:

@@ -229,6 +229,12 @@ def test_default_names_of_different_rules_differ():
     assert t[0].manifest_name != t[1].manifest_name
     assert PruneConfig(run="r", keep=0.7).manifest_name == "diffin-keep0.7"  # short ones stay
     assert PruneConfig(run="r", keep=1).manifest_name == "diffin-keep1"
+    seeds = [
+        PruneConfig(run="r", keep=0.5, rule="balanced", balance_by="cluster", cluster_seed=s)
+        for s in (0, 1)
+    ]  # review: another k-means seed replaced the first manifest
+    assert seeds[0].manifest_name == "diffin-keep0.5-proportional-cluster8"
+    assert seeds[1].manifest_name == "diffin-keep0.5-proportional-cluster8-seed1"
 
 
 def test_select_skips_error_rows_and_non_finite_scores_and_breaks_ties_by_uid():
@@ -368,6 +374,72 @@ def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_
     assert all(set(members) == {"png", "txt"} for _, members in samples)
     got = list(wds.WebDataset(str(tar), shardshuffle=False))
     assert len(got) == n and {s["txt"] for s in got} == {b"cap a0", b"cap b0", b"c", b"c2"}
+
+
+def test_a_pool_scored_with_other_keys_is_retrained_on_what_was_scored(tmp_path):
+    """Review: scored with --text-key caption, the manifest had no txt member and open_clip's
+    loader dropped every sample; an image under another name was never trained on."""
+    import webdataset as wds
+    from open_clip_train.data import filter_no_caption_or_no_image
+
+    jpeg, png = b"\xff\xd8\xff\xe0jpeg-bytes", b"\x89PNG\r\n\x1a\npng-bytes"
+    gif = b"GIF89a-bytes"
+    uid = json.dumps({"uid": "ab" * 16}).encode()
+    shard = tmp_path / "pool.tar"
+    _raw_tar(
+        shard,
+        [
+            ("0.jpeg", jpeg), ("0.caption", b"cap 0"), ("0.json", uid),
+            ("1.image", png), ("1.caption", b"cap 1"),
+            ("2.jpeg", jpeg), ("2.caption", b"cap 2"), ("2.txt", b"another caption"),
+            ("3.image", gif), ("3.caption", b"cap 3"),
+            ("4.jpeg", jpeg), ("4.png", png), ("4.caption", b"cap 4"),
+        ],
+    )  # fmt: skip
+    n = 5
+    table = pa.table(
+        {
+            "uid": [f"{i:032x}" for i in range(n)],
+            "key": [str(i) for i in range(n)],
+            "shard": [str(shard)] * n,
+            "index": pa.array(range(n), pa.int32()),
+            "status": ["ok"] * n,
+            "error": pa.array([None] * n, pa.string()),
+            "caption": [f"cap {i}" for i in range(n)],
+            "diffin": pa.array(np.linspace(1, 0, n)),
+        }
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, run / "scores.parquet")
+    scored = {"image_keys": ["jpeg", "image"], "text_keys": ["caption"]}
+    (run / "run.json").write_text(json.dumps({"score": {"config": scored}}))
+    m = write_manifest(PruneConfig(run=str(run), keep=1.0, shard_size=100))
+    assert m["open_clip_added"] == {"caption added as txt": 4, "image added as png": 1}
+    assert m["open_clip_unread"] == {
+        "image in a format open_clip reads under no extension": 1,
+        "open_clip reads another caption (txt)": 1,
+        "open_clip reads another image (png)": 1,
+    }
+    assert m["kept_without_datacomp_uid"] == 4 and "DataComp's resharder" in m["note"]
+    assert "3 kept samples would be retrained on another caption or image" in m["note"]
+    # What open_clip_train.data's pipeline trains on: its filter, then its rename.
+    (tar,) = sorted(Path(m["dir"], "shards").glob("*.tar"))
+    got = wds.DataPipeline(
+        wds.SimpleShardList(str(tar)),
+        wds.tarfile_to_samples(),
+        wds.select(filter_no_caption_or_no_image),
+        wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+    )
+    trained = {s["__key__"]: (s["image"], s["text"]) for s in got}
+    assert trained == {
+        "0": (jpeg, b"cap 0"),
+        "1": (png, b"cap 1"),
+        "2": (jpeg, b"another caption"),  # written as it is, and counted above
+        "4": (png, b"cap 4"),
+    }
 
 
 def test_train_data_is_what_open_clips_loader_opens(tmp_path, monkeypatch):
