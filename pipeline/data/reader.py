@@ -309,7 +309,7 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
     is never yielded). Cut short means: the damage hit one of its members'
     data, or it hit the next header and the group lacks an extension the
     previous group had (img2dataset's json comes last; losing it would
-    silently change the uid). Otherwise the pending group is yielded: it is
+    silently change the uid), or, in the first group, lacks a json. Otherwise the pending group is yielded: it is
     as complete as anything can tell, and a completely read sample is never
     lost.
 
@@ -355,6 +355,7 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
                     name = normal_name(member.name)
                     split = _split_name(name)
                     if split is None:
+                        _skip_data(tar, member)
                         continue
                     key, ext = split
                     if current is None or key != current.key:
@@ -365,6 +366,7 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
                         current = _Group(key=key, duplicate_key=key in seen)
                         seen.add(key)
                     current.names.append(name)
+                    member_name = name
                     if not member.isreg():
                         # No data to read (a link's target may not even be in
                         # this shard); reading it as empty would say "missing".
@@ -372,14 +374,15 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
                             f"{_member_kind(member)} member not supported: {name}"
                         )
                         current.refused.add(ext)
+                        _skip_data(tar, member)
                         continue
                     if member.size > max_member_bytes:
-                        # Skipped unread: tar.next() seeks past it in bounded chunks.
                         current.problems.append(
                             f"member too large: {name} ({member.size} bytes, "
                             f"cap {max_member_bytes})"
                         )
                         current.refused.add(ext)
+                        _skip_data(tar, member)
                         continue
                     sample_cap = SAMPLE_BYTES_PER_MEMBER_CAP * max_member_bytes
                     if current.size + member.size > sample_cap:
@@ -388,9 +391,9 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
                             f"{current.size + member.size} bytes (cap {sample_cap})"
                         )
                         current.refused.add(ext)
+                        _skip_data(tar, member)
                         continue
                     current.size += member.size
-                    member_name = name
                     handle = tar.extractfile(member)
                     # At most cap + 1 bytes, whatever the header said.
                     data = handle.read(max_member_bytes + 1) if handle is not None else b""
@@ -408,7 +411,16 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
                         # were all read, but more of them may have followed.
                         # The previous sample's members are the evidence.
                         missing = (prev_exts or set()) - set(current.members) - current.refused
-                        if missing:
+                        if prev_exts is None and "json" not in current.members:
+                            # The first sample: no earlier one tells whether a
+                            # json (and with it the uid) was to follow.
+                            err.incomplete = current
+                            err.incomplete_reason = (
+                                f"shard damaged after its {', '.join(sorted(current.members))} "
+                                "member(s), in the first sample (a json with its uid may "
+                                "have followed)"
+                            )
+                        elif missing:
                             err.incomplete = current
                             err.incomplete_reason = (
                                 f"shard damaged after its {', '.join(sorted(current.members))} "
@@ -429,6 +441,24 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
                 yield current
     finally:
         f.close()
+
+
+def _skip_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    """Read past the data of a member that is not kept, stopping at the end of the file.
+
+    tarfile's own skip (in ``tar.next()``) reads in stream mode one block per
+    512 bytes the header claims, past the end of the file too: a 1.5 KB
+    shard whose header claims 1 TiB took minutes. Members that carry no data
+    (links, directories) read nothing. Nothing is kept.
+    """
+    # tar.offset: where tarfile will look for the next header (past this
+    # member's data and padding, if any); the stream stands at the data.
+    left = tar.offset - tar.fileobj.tell()
+    while left > 0:
+        chunk = tar.fileobj.read(min(left, _CHUNK))
+        if not chunk:
+            raise tarfile.ReadError("unexpected end of data")
+        left -= len(chunk)
 
 
 def iter_raw(

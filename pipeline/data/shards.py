@@ -2,7 +2,7 @@
 
 Users already know the open_clip / WebDataset spelling of a shard list:
 ``"/data/{00000..00099}.tar::/more/{00000..00009}.tar"``. We accept exactly
-that, plus a directory (all ``*.tar`` in it) and ``*``/``?`` globs, on any
+that, plus a directory (all ``*.tar``, ``*.tar.gz``, ``*.tgz`` in it) and ``*``/``?`` globs, on any
 fsspec filesystem. Every problem is a :class:`ConfigError` raised before any
 work starts, because a typo in a pattern should never turn into a run that
 silently scores half of the pool.
@@ -203,7 +203,7 @@ def _list_tars(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     names = [
         e["name"]
         for e in entries
-        if e.get("type") == "file" and posixpath.basename(e["name"]).endswith(".tar")
+        if e.get("type") == "file" and posixpath.basename(e["name"]).endswith(_SHARD_SUFFIXES)
     ]
     return sorted(names)
 
@@ -212,7 +212,7 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
     """Resolve a shard specification to a list of shard URLs.
 
     Accepts everything :func:`expand_pattern` does, and also, per item, a
-    directory (all ``*.tar`` directly in it, sorted) or a ``*``/``?`` glob
+    directory (all ``*.tar``, ``*.tar.gz`` and ``*.tgz`` directly in it, sorted) or a ``*``/``?`` glob
     (matching files, sorted), on local paths or any fsspec URL. Local shards
     come back as absolute paths, others as URLs with their protocol.
 
@@ -266,7 +266,7 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
             except Exception as exc:
                 raise ConfigError(f"shard directory {item!r} cannot be listed: {exc}") from exc
             if not tars and check_exists:
-                missing.append(f"{item} (directory without *.tar files)")
+                missing.append(f"{item} (directory without *.tar, *.tar.gz or *.tgz files)")
             resolved.extend(_to_url(fs, p) for p in tars)
             continue
 

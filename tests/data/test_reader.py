@@ -331,14 +331,25 @@ def test_truncated_inside_a_sample_at_a_member_boundary(tmp_path, helpers):
     assert rows[4].error.startswith("unreadable shard: truncated tar after 3 samples: ")
 
 
-def test_first_sample_cut_after_its_caption_is_kept(tmp_path, helpers):
-    # No earlier sample to compare with: what was read in full is a usable sample.
+def test_first_sample_cut_before_its_json_is_an_error_row(tmp_path, helpers):
+    """Before: kept as ok with no earlier sample to compare with, under a uid that was not
+    the one in its lost json (review). Cut after the json, it is whole."""
     data = helpers.tar_bytes(_five_samples(helpers))
-    header_of_json = next(m for m in _layout(data) if m[0] == "00000.json")[1]
+    layout = _layout(data)
+    header_of_json = next(m for m in layout if m[0] == "00000.json")[1]
     path = tmp_path / "cut.tar"
     path.write_bytes(data[:header_of_json])
     rows = _rows(str(path))
-    assert rows[0].ok and rows[0].meta == {}
+    assert rows[0].key == "00000" and not rows[0].ok
+    assert rows[0].error == (
+        "incomplete sample: shard damaged after its jpg, txt member(s), in the first sample "
+        "(a json with its uid may have followed)"
+    )
+    assert rows[1].error.startswith("unreadable shard: truncated tar after 0 samples")
+    after_json = next(m for m in layout if m[0].startswith("00001."))[1]
+    path.write_bytes(data[:after_json])
+    rows = _rows(str(path))
+    assert rows[0].ok and rows[0].meta != {}
     assert rows[1].error == (
         "unreadable shard: truncated tar after 1 samples: no end-of-archive marker"
     )
@@ -377,8 +388,9 @@ def test_every_cut_point_keeps_every_completely_read_sample(tmp_path, helpers):
         complete = [k for k, e in last_data_end.items() if e <= cut]
         if not complete and first_caption_end <= cut < first_json_data:
             # Cut before its json's data: nothing to compare the first sample
-            # with, so what was read in full is a usable sample.
-            complete = ["00000"]
+            # with. Before, it was ok under a uid that was not its json's
+            # (review); now it is an error row, not lost.
+            assert rows[0].key == "00000" and "in the first sample" in rows[0].error, cut
         ok_keys = [r.key for r in rows if r.ok]
         assert ok_keys == complete, cut
         assert [r.index for r in rows] == list(range(len(rows)))
@@ -465,3 +477,30 @@ def test_reading_via_memory_url(memfs, good_members, helpers):
     assert count_samples(url) == 3
     (missing,) = _rows("memory://pool/00001.tar")
     assert missing.error.startswith("unreadable shard: cannot open: FileNotFoundError")
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("b.jpg", tarfile.REGTYPE),  # over the member cap: skipped unread
+        ("._b.jpg", tarfile.REGTYPE),  # a hidden member WebDataset skips too
+        ("b.jpg", b"Z"),  # a type tarfile does not know: it skips the data
+    ],
+)
+def test_a_header_claiming_a_huge_member_fails_fast(tmp_path, helpers, name, kind):
+    """Review: tarfile skips an unread member one block per 512 claimed bytes, past the end of
+    the file too; a 1.5 KB shard claiming 1 TiB held a reader for minutes (1 PiB here)."""
+    import threading
+
+    info = tarfile.TarInfo(name)
+    info.size, info.type = 2**50, kind
+    data = helpers.tar_bytes(helpers.sample_members("a"))
+    data = data[: -(-_layout(data)[-1][3] // 512) * 512]  # without the end marker
+    path = tmp_path / "claims.tar"
+    path.write_bytes(data + info.tobuf(format=tarfile.GNU_FORMAT) + b"x" * 1024)
+    rows: list = []
+    reader = threading.Thread(target=lambda: rows.extend(_rows(str(path))), daemon=True)
+    reader.start()
+    reader.join(timeout=60)  # the old code needed days
+    assert not reader.is_alive()
+    assert rows[-1].key == "__shard__" and "truncated tar" in rows[-1].error

@@ -127,7 +127,9 @@ def test_resolve_relative_path_is_made_absolute(tmp_path, monkeypatch):
 
 def test_resolve_directory_lists_tar_files_sorted(tmp_path):
     d = tmp_path / "pool"
-    expected = [_touch(d / n) for n in ("00000.tar", "00001.tar", "00010.tar")]
+    # gzipped shards too: before, a directory dropped them without a word (review)
+    names = ("00000.tar", "00001.tar.gz", "00002.tgz", "00010.tar")
+    expected = [_touch(d / n) for n in names]
     _touch(d / "00000.parquet")
     _touch(d / "_stats.json")
     _touch(d / "nested" / "00002.tar")  # not recursive
