@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from PIL import Image
+
 from pipeline.data.reader import MAX_IMAGE_PIXELS
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -34,6 +36,16 @@ def _valid_key(key: object) -> bool:
 def valid_keys(keys: list[str]) -> bool:
     """True when ``keys`` is a non-empty list of extensions the reader can match (``KEYS_RULE``)."""
     return bool(keys) and all(_valid_key(k) for k in keys)
+
+
+# PIL refuses images over twice its MAX_IMAGE_PIXELS (a decompression bomb) before
+# the reader sees their size: a larger pixel cap could not be honoured.
+PIL_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
+PIXEL_CAP_RULE = f"must be >= 1 and at most {PIL_PIXEL_LIMIT} (PIL's decompression-bomb limit)"
+
+
+def pixel_cap_ok(cap: int) -> bool:
+    return 1 <= cap <= PIL_PIXEL_LIMIT
 
 
 def reader_options(

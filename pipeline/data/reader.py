@@ -30,7 +30,7 @@ import re
 import sys
 import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -662,6 +662,7 @@ def iter_shard(
     max_aspect_ratio: float = MAX_ASPECT_RATIO,
     max_member_bytes: int = MAX_MEMBER_BYTES,
     decode_images: bool = True,
+    transform: Callable[[Image.Image], Any] | None = None,
 ) -> Iterator[Sample]:
     """Yield one :class:`Sample` per sample of a shard, error rows included.
 
@@ -677,6 +678,11 @@ def iter_shard(
     ``max_member_bytes`` bytes and members beyond twice that per sample
     (never read). Every string in a row is valid
     UTF-8.
+
+    ``transform`` (a model's eval transform) replaces each ok row's image by
+    what it returns, as the row is read: a batch then holds what the model
+    takes, not full-resolution pixels (the pixel cap bounds one image, not a
+    batch of them). A sample it refuses is an error row (``preprocess error``).
     """
     shown = escape_utf8(url)
     if shown != url:
@@ -698,7 +704,17 @@ def iter_shard(
         decode_images=decode_images,
     )
     for sample in _rows(url, max_member_bytes, opts):
-        yield _encodable(sample)
+        yield _encodable(_transformed(sample, transform))
+
+
+def _transformed(sample: Sample, transform: Callable[[Image.Image], Any] | None) -> Sample:
+    if transform is not None and sample.ok and sample.image is not None:
+        try:
+            sample.image = transform(sample.image)
+        except Exception as exc:
+            sample.image = None
+            sample.error = f"preprocess error: {type(exc).__name__}: {_describe(exc)}"
+    return sample
 
 
 def _encodable(sample: Sample) -> Sample:

@@ -20,7 +20,8 @@ class Sample:
     key: str  # the WebDataset key (member name up to the first dot)
     shard: str  # the shard URL as the user gave it (after pattern expansion)
     index: int  # position of the sample within its shard, from 0
-    image: Image.Image | None = None  # RGB, pixel count capped
+    # RGB, pixel count capped; or what the reader's ``transform`` made of it
+    image: Image.Image | Any = None
     caption: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # the decoded KEY.json
     error: str | None = None  # None when ok

@@ -348,12 +348,14 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     recorded = scored_config(run)
     options = recorded_reader_options(recorded, proxy.reader_options())
     wanted = set().union(*(s["uids"] for s in subsets))
+    bundle = factory.create(traj["model"], preprocess_cfg=factory.recorded_preprocess(traj))
+    # transformed as read: the pool is held as model inputs, not full-resolution pixels
+    options = {**options, "transform": bundle.preprocess}
     pool = _read_ok(src.data, options, wanted)
     if len(pool) != len(wanted):
         raise ConfigError(
             f"data: {len(wanted)} scored ok pairs but {len(pool)} of them found in {src.data}"
         )
-    bundle = factory.create(traj["model"], preprocess_cfg=factory.recorded_preprocess(traj))
     images, tokens = encode(pool, bundle)
     position = {s.uid: i for i, s in enumerate(pool)}
     ev = load_eval_set(src, bundle, options, set(table.column("uid").to_pylist()))

@@ -6,7 +6,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.data.keys import IMAGE_KEYS, KEYS_RULE, TEXT_KEYS, reader_options, valid_keys
+from pipeline.data.keys import (
+    IMAGE_KEYS,
+    KEYS_RULE,
+    PIXEL_CAP_RULE,
+    TEXT_KEYS,
+    pixel_cap_ok,
+    reader_options,
+    valid_keys,
+)
 from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError, is_int, is_number
 from pipeline.influence.estimator import CURVATURES, FORMS
@@ -106,7 +114,7 @@ class ScoreConfig:
             ),
             ("image_keys", valid_keys(self.image_keys), KEYS_RULE),
             ("text_keys", valid_keys(self.text_keys), KEYS_RULE),
-            ("max_image_pixels", self.max_image_pixels >= 1, "must be >= 1"),
+            ("max_image_pixels", pixel_cap_ok(self.max_image_pixels), PIXEL_CAP_RULE),
             ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
             (
                 "second_order",

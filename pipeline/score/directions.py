@@ -75,7 +75,7 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
     else:
         samples = []
         for url in resolve_shards(cfg.target):
-            for s in iter_shard(url, **cfg.reader_options()):
+            for s in iter_shard(url, **cfg.reader_options(), transform=bundle.preprocess):
                 if s.ok:
                     samples.append(s)
                 if len(samples) >= cfg.target_max:

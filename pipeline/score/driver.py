@@ -96,7 +96,9 @@ class Prefetcher:
 
     def __init__(self, batch_size: int, depth: int = 2, reader: dict | None = None) -> None:
         self.batch_size = batch_size
-        self.reader = reader or {}  # iter_shard options (image and text keys)
+        # iter_shard options: image and text keys, and the model's transform, so
+        # that waiting batches hold model inputs, not full-resolution pixels
+        self.reader = reader or {}
         self.depth = max(1, depth)
         self.jobs: queue.Queue[_Stream] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="diffin-prefetch", daemon=True)
@@ -170,7 +172,11 @@ class ScoreActor:
         self.scorer = ShardScorer(run_url, cfg, device=actor_device(ray.get_gpu_ids()))
         self.run = RunDir(run_url)
         self.fingerprint = fingerprint
-        self.prefetcher = Prefetcher(cfg.batch_size, cfg.prefetch_batches, cfg.reader_options())
+        self.prefetcher = Prefetcher(
+            cfg.batch_size,
+            cfg.prefetch_batches,
+            {**cfg.reader_options(), "transform": self.scorer.bundle.preprocess},
+        )
         self.pending: _Stream | None = None
 
     def pid(self) -> int:

@@ -212,7 +212,8 @@ class ShardScorer:
         t0 = time.time()
         samples: list[Sample] = []
         chunks: list[dict[str, np.ndarray]] = []
-        for batch in _batches(iter_shard(url, **self.cfg.reader_options()), self.cfg.batch_size):
+        rows = iter_shard(url, **self.cfg.reader_options(), transform=self.bundle.preprocess)
+        for batch in _batches(rows, self.cfg.batch_size):
             chunks.append(self.score_samples(batch))
             for s in batch:  # keep rows, not decoded pixels
                 s.image = None

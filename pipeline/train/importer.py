@@ -227,7 +227,7 @@ def import_open_clip_run(
 
     torch.manual_seed(cfg.seed)
     bundle = factory.create(name, preprocess_cfg=open_clip_preprocess(oc, name))
-    pool = load_pool(cfg)
+    pool = load_pool(cfg, bundle.preprocess)
 
     # Checkpoints first: a wrong step count is refused before the (slower) sets are built.
     # An interrupted training's resume state is kept until a checkpoint is written.

@@ -8,7 +8,9 @@ importing an external run (importer.py) build them the same way.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -41,8 +43,13 @@ class Pool:
         }
 
 
-def load_pool(cfg: TrainConfig) -> Pool:
-    """Read the pool's decodable pairs and split off the held-out target set, seeded."""
+def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -> Pool:
+    """Read the pool's decodable pairs and split off the held-out target set, seeded.
+
+    ``transform`` (the model's eval transform) is applied as each pair is read,
+    so the reservoir holds model inputs, not up to ``max_samples`` images at
+    full resolution.
+    """
     try:
         shards = resolve_shards(cfg.data)
     except ConfigError as exc:
@@ -54,7 +61,7 @@ def load_pool(cfg: TrainConfig) -> Pool:
     draw = random.Random(f"{cfg.seed}/max_samples")
     read = errors = n_ok = 0
     for url in tqdm(shards, desc="read pool", unit="shard", leave=False, disable=None):
-        for s in iter_shard(url, **cfg.reader_options()):
+        for s in iter_shard(url, **cfg.reader_options(), transform=transform):
             read += 1
             if not s.ok:
                 errors += 1

@@ -71,7 +71,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = bundle.model
     if cfg.precision == "fp64":
         model.to(torch.float64)
-    pool = load_pool(cfg)
+    pool = load_pool(cfg, bundle.preprocess)
     images, tokens = encode(pool.train, bundle)
     fp = fingerprint(cfg, [s.uid for s in pool.train], images, tokens, pretrained)
     if not cfg.resume:

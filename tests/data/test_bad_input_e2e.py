@@ -27,6 +27,7 @@ from pipeline.score.merge import merge_parts
 from pipeline.score.table import read_table
 from pipeline.score.trajectory import load_trajectory
 from pipeline.score.worker import ShardScorer
+from pipeline.train.config import TrainConfig
 
 
 class _Boom:
@@ -205,6 +206,9 @@ def test_the_pixel_cap_is_a_score_option(tiny_run, tmp_path, helpers):
     table = read_table(run.scores).to_pandas().set_index("key")
     assert table.loc["large", "error"] == "image too large: 60x60 pixels (cap 2000)"
     assert table.loc[["small", "small2"], "status"].tolist() == ["ok", "ok"]
-    for bad in (0, -1):
+    # Above PIL's bomb limit the error said "image too large (cap C)" for images under C (review).
+    for bad in (0, -1, 500_000_000):
         with pytest.raises(ConfigError, match="max_image_pixels"):
             ScoreConfig(data="x", run="r", max_image_pixels=bad).validate()
+        with pytest.raises(ConfigError, match="max_image_pixels"):
+            TrainConfig(data="x", run="r", max_image_pixels=bad).validate()

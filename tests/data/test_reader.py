@@ -504,3 +504,22 @@ def test_a_header_claiming_a_huge_member_fails_fast(tmp_path, helpers, name, kin
     reader.join(timeout=60)  # the old code needed days
     assert not reader.is_alive()
     assert rows[-1].key == "__shard__" and "truncated tar" in rows[-1].error
+
+
+def test_transform_replaces_ok_images_as_read_and_a_refusal_is_an_error_row(tmp_path, helpers):
+    """Review: batches held full-resolution images (a 47 KB PNG decodes to 147 MB under the
+    pixel cap); the model's transform now runs as each row is read."""
+    members = [*helpers.sample_members("a"), *helpers.sample_members("b")]
+    path = tmp_path / "t.tar"
+    path.write_bytes(helpers.tar_bytes(members))
+
+    rows = _rows(str(path), transform=lambda image: ("pixels", image.size))
+    assert [r.ok for r in rows] == [True, True]
+    assert all(r.image[0] == "pixels" for r in rows)
+
+    def refuse(image):
+        raise ValueError("too small to crop")
+
+    rows = _rows(str(path), transform=refuse)
+    assert [r.error for r in rows] == ["preprocess error: ValueError: too small to crop"] * 2
+    assert all(r.image is None and r.caption for r in rows)

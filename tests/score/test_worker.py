@@ -271,6 +271,30 @@ def test_a_sample_the_transforms_refuse_becomes_an_error_row(scorer64, shards, m
     np.testing.assert_allclose(out["diffin"], alone["diffin"], rtol=1e-12)
 
 
+def test_batches_hold_model_inputs_not_decoded_pixels(scorer64, shards, monkeypatch):
+    """Review: a batch held full-resolution images (the pixel cap bounds one image only);
+    the reader now applies the model's transform as it reads, and the scores are the same."""
+    import torch
+
+    import pipeline.score.worker as worker
+
+    seen = []
+    real = worker.encode
+
+    def spy(samples, bundle):
+        seen.extend(torch.is_tensor(s.image) for s in samples)
+        return real(samples, bundle)
+
+    monkeypatch.setattr(worker, "encode", spy)
+    _, table = _score(scorer64, shards["clean"], "clean-transformed")
+    assert seen and all(seen)
+    monkeypatch.undo()
+    from_pixels = scorer64.score_samples(list(iter_shard(shards["clean"])))  # PIL images
+    for c in scorer64.columns:
+        got = table.column(c).to_numpy(zero_copy_only=False).astype(float)
+        np.testing.assert_array_equal(got, from_pixels[c], err_msg=c)
+
+
 def test_the_removal_gradient_changes_the_influence_scores_only(run_copy, tiny_scored, shards):
     """--sample-gradient removal: tracin and diffin change, the loss does not, rows stay."""
     reference = _scorer(run_copy, tiny_scored, 64, sample_gradient="reference")

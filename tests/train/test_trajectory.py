@@ -348,6 +348,16 @@ def test_a_pool_over_max_samples_is_drawn_holding_at_most_max_samples_images(
     # within the cap the whole pool is kept, as before
     whole = load_pool(tiny_run["config"])
     assert len(whole.train) + len(whole.target) == pool.read - pool.errors
+    # With the model's transform the reservoir holds model inputs, not decoded images
+    # (review: up to max_samples images at full resolution), and encodes the same.
+    from pipeline.model import factory
+    from pipeline.model.batches import encode
+
+    bundle = factory.create(cfg.model)
+    inputs = load_pool(cfg, bundle.preprocess)
+    assert all(torch.is_tensor(s.image) for s in inputs.train + inputs.target)
+    assert [s.uid for s in inputs.train] == [s.uid for s in pool.train]
+    assert torch.equal(encode(inputs.train, bundle)[0], encode(pool.train, bundle)[0])
 
 
 def test_a_run_from_a_pretrained_tag_is_scored_with_that_tags_preprocessing(
