@@ -38,7 +38,11 @@ from pipeline.rundir import (
     replace_dir,
     write_json,
 )
-from pipeline.score.table import check_scores_current, scored_reader_options
+from pipeline.score.table import (
+    check_scores_current,
+    check_shards_unchanged,
+    scored_reader_options,
+)
 
 
 def select(table: pa.Table, method: str, keep: float) -> pa.Table:
@@ -76,6 +80,7 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     if not exists(run.scores):
         raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
     check_scores_current(run)
+    check_shards_unchanged(run)
     selection = plan(cfg, run.scores)  # refuses unknown columns before anything is removed
     if selection.kept == 0:
         # An empty manifest is nothing open_clip can train on: refuse it here,
@@ -367,6 +372,7 @@ def _reshard(
     """
     seen: set[str] = set()
     counts: Counter[str] = Counter()
+    damage: ShardReadError | None = None
     try:
         for key, members in iter_raw(shard):
             if key in keys and key not in seen:  # a repeated key was an error row
@@ -389,10 +395,14 @@ def _reshard(
                 seen.add(key)
                 if len(seen) == len(keys):
                     break
-    except ShardReadError:
-        pass  # damage after the samples we need is checked below
+    except ShardReadError as exc:
+        damage = exc  # harmless if it comes after the samples we need
     if seen != keys:
-        raise RuntimeError(f"{shard}: {len(keys - seen)} kept samples could not be re-read")
+        why = f"{damage}" if damage is not None else "their keys are no longer in it"
+        raise ConfigError(
+            f"data: {shard}: {len(keys - seen)} kept samples could not be re-read ({why}); "
+            "was the shard moved or rewritten since it was scored?"
+        )
     return counts
 
 

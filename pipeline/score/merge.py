@@ -68,6 +68,29 @@ def write_part(table: pa.Table, part_url: str, record: dict[str, Any]) -> dict[s
     return record
 
 
+def recorded_stamps(part_url: str) -> dict[str, dict[str, Any]]:
+    """{shard URL: stamp} from every completion record beside ``part_url``'s that has one.
+
+    The records are fetched together (one concurrent request on object stores).
+    """
+    done = done_url(part_url).rpartition("/")[0]
+    try:
+        fs, path = fsspec.core.url_to_fs(done)
+        files = [f for f in fs.ls(path, detail=False) if f.endswith(".json")]
+        blobs = fs.cat(files) if files else {}
+    except FileNotFoundError:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for blob in blobs.values():
+        try:
+            rec = json.loads(blob)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("stamp"), dict) and "shard" in rec:
+            out[rec["shard"]] = rec["stamp"]
+    return out
+
+
 def read_record(part_url: str) -> dict[str, Any] | None:
     """The completion record of a part, or None when there is none (or it is unreadable)."""
     url = done_url(part_url)

@@ -11,6 +11,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.keys import recorded_reader_options
@@ -122,6 +123,38 @@ def check_scores_current(run: RunDir) -> None:
         raise ConfigError(
             f"scores: {run.scores} was scored against another trajectory than the run's (the "
             "run was trained or imported again since); run `diffin score` again"
+        )
+
+
+def check_shards_unchanged(run: RunDir) -> None:
+    """Refuse a score table whose shards were moved or rewritten since they were scored.
+
+    Later stages re-read the shards by key (resharding, retraining): a shard
+    rewritten in place would put pairs that were never scored in a manifest,
+    under the scores of others. Each shard's size and version now are
+    compared with its completion record's; shards without a stamped record
+    (tables written by hand, or before stamps existed) are not checked.
+    """
+    from pipeline.data.shards import shard_stamps
+    from pipeline.score.merge import recorded_stamps
+
+    recorded = recorded_stamps(run.part("x"))
+    if not recorded:
+        return
+    shards: set[str] = set()
+    with fsspec.open(run.scores, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["shard"]):
+            shards.update(pc.unique(batch.column(0)).to_pylist())
+    checked = sorted(s for s in shards if s in recorded)
+    now = shard_stamps(checked)
+    changed = [s for s in checked if now[s] != recorded[s]]
+    if changed:
+        shown = ", ".join(
+            f"{s} ({'missing' if now[s] is None else 'rewritten'})" for s in changed[:3]
+        ) + (f", ... ({len(changed) - 3} more)" if len(changed) > 3 else "")
+        raise ConfigError(
+            f"data: {len(changed)} shard(s) changed since they were scored: {shown}; "
+            "restore them, or run `diffin score` again (it scores changed shards anew)"
         )
 
 

@@ -442,6 +442,66 @@ def test_a_pool_scored_with_other_keys_is_retrained_on_what_was_scored(tmp_path)
     }
 
 
+def _one_shard_run(tmp_path: Path, captions: list[bytes]) -> tuple[Path, Path]:
+    png = b"\x89PNG\r\n\x1a\npng-bytes"
+    shard = tmp_path / "pool" / "00000.tar"
+    shard.parent.mkdir(exist_ok=True)
+    _raw_tar(
+        shard, [m for i, c in enumerate(captions) for m in ((f"{i}.png", png), (f"{i}.txt", c))]
+    )
+    n = len(captions)
+    table = pa.table(
+        {
+            "uid": [f"{i:032x}" for i in range(n)],
+            "key": [str(i) for i in range(n)],
+            "shard": [str(shard)] * n,
+            "index": pa.array(range(n), pa.int32()),
+            "status": ["ok"] * n,
+            "error": pa.array([None] * n, pa.string()),
+            "caption": [c.decode() for c in captions],
+            "diffin": pa.array(np.linspace(1, 0, n)),
+        }
+    )
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, run / "scores.parquet")
+    return run, shard
+
+
+def test_a_shard_rewritten_or_moved_since_scoring_is_refused_by_prune(tmp_path):
+    """Walkthrough: a shard rewritten after scoring (same keys, new captions) went into the
+    manifest without a word; a moved one failed with a traceback."""
+    from pipeline.data.shards import shard_stamp
+    from pipeline.rundir import RunDir, write_json
+    from pipeline.score.merge import done_url
+
+    run, shard = _one_shard_run(tmp_path, [b"a red square", b"a blue circle"])
+    record = {"shard": str(shard), "stamp": shard_stamp(str(shard)), "status": "ok"}
+    write_json(done_url(RunDir(str(run)).part("00000")), record)
+    assert write_manifest(PruneConfig(run=str(run), keep=1.0))["kept"] == 2  # unchanged: fine
+    _raw_tar(shard, [(f"{i}.{e}", b"new") for i in range(2) for e in ("png", "txt")])
+    changed = r"1 shard\(s\) changed since they were scored: .*00000.tar \(rewritten\)"
+    with pytest.raises(ConfigError, match=changed):
+        write_manifest(PruneConfig(run=str(run), keep=1.0, name="again"))
+    shard.unlink()
+    with pytest.raises(ConfigError, match=r"00000.tar \(missing\)"):
+        write_manifest(PruneConfig(run=str(run), keep=1.0, name="again"))
+    assert not Path(run, "prune", "again").exists()
+
+
+def test_a_shard_that_no_longer_holds_the_kept_keys_is_a_config_error(tmp_path):
+    """Without a completion record to compare with: a clear error, not a RuntimeError."""
+    run, shard = _one_shard_run(tmp_path, [b"a red square", b"a blue circle"])
+    _raw_tar(shard, [("9.png", b"x"), ("9.txt", b"y")])
+    with pytest.raises(ConfigError, match="2 kept samples could not be re-read .*keys are no"):
+        write_manifest(PruneConfig(run=str(run), keep=1.0))
+    shard.write_bytes(b"not a tar")
+    with pytest.raises(ConfigError, match="could not be re-read .*not a tar file"):
+        write_manifest(PruneConfig(run=str(run), keep=1.0))
+
+
 def test_train_data_is_what_open_clips_loader_opens(tmp_path, monkeypatch):
     """Before: an s3:// or ~ pattern went to open_clip as typed; its loader cannot open
     either and retried forever."""
