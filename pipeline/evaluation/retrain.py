@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline.data.keys import recorded_reader_options
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
-from pipeline.data.shards import resolve_shards
+from pipeline.data.shards import resolve_shards, shard_stamp
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.zeroshot import recall_at_k, zero_shot_accuracy
@@ -336,6 +336,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
+    # Taken before the table is read: the report shows this evaluation only beside the
+    # score table it was made from.
+    scores_stamp = shard_stamp(run.scores)
     table = read_table(run.scores)
     if cfg.methods is None:
         cfg = replace(cfg, methods=_scored_methods(run, table))
@@ -436,6 +439,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         },
         "eval_pairs": len(ev.captions),
         "pool_pairs": len(pool),
+        "scores_stamp": scores_stamp,
         "results": rows,
         "seconds": round(time.time() - t0, 1),
         **provenance(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.data.shards import shard_stamp
 from pipeline.errors import ConfigError
 from pipeline.evaluation.retrain import METRICS, load_truth, pool_truth, summarise
 from pipeline.report import page as P
@@ -26,6 +28,7 @@ from pipeline.score.table import (
     table_metadata,
 )
 
+log = logging.getLogger(__name__)
 _PER_CHECKPOINT = re.compile(r"_t\d+$")
 BASE = ("uid", "key", "shard", "index", "status", "error", "caption")
 
@@ -119,8 +122,18 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     # evaluate.json alone: it holds every row, and it is written last, as one object, so
     # the rows and the settings shown beside them always come from the same evaluation.
     ev_url = run.path("evaluate", "evaluate.json")
-    if exists(ev_url):
-        ev_json = read_json(ev_url)
+    ev_json = read_json(ev_url) if exists(ev_url) else None
+    if ev_json is not None and ev_json.get("scores_stamp", "unknown") not in (
+        "unknown",
+        shard_stamp(run.scores),
+    ):
+        log.warning("report: %s was made from an earlier score table; not shown", ev_url)
+        inner = (
+            "<p>The last evaluation was made from an earlier score table (the run was scored "
+            "again since), so its results are not shown: run <code>diffin evaluate --run "
+            "RUN</code> again.</p>"
+        )
+    elif ev_json is not None:
         res = pd.DataFrame(ev_json["results"])
         table = summarise(res)
         cols = list(table.columns)

@@ -101,3 +101,16 @@ def test_the_evaluation_section_comes_from_evaluate_json_alone(reported, tmp_pat
     assert "Evaluation: retraining on each kept subset" in html
     assert "diffin@0.5" in html and "random@0.5" in html
     assert f"evaluated on {record['eval_pairs']} held-out pairs" in html
+
+
+def test_an_evaluation_of_an_earlier_score_table_is_not_shown(reported, tmp_path):
+    """Walkthrough: after a rescore, the report showed the old evaluation's rows, for
+    scorers the new table no longer had."""
+    run = copy_run(reported["run"], tmp_path / "run")
+    html = open(build_report(run, top=2)).read()
+    assert "diffin@0.5" in html  # a copy keeps the table's size and mtime: still current
+    table = pq.read_table(f"{run}/scores.parquet")
+    pq.write_table(table.drop_columns(["random"]), f"{run}/scores.parquet")  # "scored again"
+    html = open(build_report(run, top=2)).read()
+    assert "made from an earlier score table" in html
+    assert "diffin@0.5" not in html and "random@0.5" not in html
