@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.data.reader import MAX_IMAGE_PIXELS
+from pipeline.data.shards import absolute_pattern
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.score.config import SAMPLE_GRADIENTS
@@ -174,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup",
         type=int,
         default=None,
-        help=f"warm-up steps (default: {TrainConfig.warmup}, or a tenth of --steps when "
-        f"--steps is {TrainConfig.warmup} or fewer)",
+        help=f"warm-up steps (default: a tenth of --steps, at most {TrainConfig.warmup})",
     )
     t.add_argument(
         "--schedule",
@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-size", type=int, default=128, help="|V| held out of training")
     t.add_argument("--reference-size", type=int, default=255, help="K reference negatives")
     t.add_argument("--grad-batches", type=int, default=4, help="k batches for g_B and H_B")
+    t.add_argument(
+        "--max-samples",
+        type=int,
+        default=TrainConfig.max_samples,
+        help="the proxy trains in memory on at most this many pairs of the pool, a seeded "
+        "sample of it (the sets come from them too); scoring covers the whole pool",
+    )
     t.add_argument("--threads", type=int, default=0, help="torch threads (per worker)")
     t.add_argument(
         "--workers",
@@ -358,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                 out[name] = float(weight) if sep else 1.0
             except ValueError:
                 raise argparse.ArgumentTypeError(
-                    f"bad weight in {item!r} (want NAME=NUMBER)"
+                    f"bad weight in {item!r} (want NAME=NUMBER, or NAME alone for weight 1)"
                 ) from None
         return out
 
@@ -366,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fuse",
         type=_weights,
         default=None,
-        help="rank by a weighted fusion of scorers instead of --method, e.g. 'diffin=1,clip_score=0.5'",
+        help="rank by a weighted fusion of scorers instead of --method, e.g. "
+        "'diffin=1,clip_score=0.5' (a name alone weighs 1)",
     )
     r.add_argument(
         "--fusion-norm",
@@ -462,14 +470,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     if args.import_dir is None and args.steps_per_epoch is not None:
         raise ConfigError("--steps-per-epoch: only used with --import")
     if args.import_dir is None and args.warmup is None:
-        # As `diffin demo` sizes it: `--steps 30` alone must not fail on a 40-step warm-up.
-        # 40 wherever it was valid (the fingerprint of those runs is unchanged), else a tenth.
+        # As `diffin demo` and the README size it, a tenth of the steps up to 40: `--steps 30`
+        # must not fail on a 40-step warm-up, nor `--steps 60` spend two thirds warming up.
         steps = training.get("steps", TrainConfig.steps)
-        training["warmup"] = (
-            TrainConfig.warmup if steps > TrainConfig.warmup else max(0, steps // 10)
-        )
+        training["warmup"] = min(TrainConfig.warmup, max(0, steps // 10))
     return TrainConfig(
-        data=args.data,
+        data=absolute_pattern(args.data),
         run=args.run,
         model=args.model or TrainConfig.model,
         batch_size=TrainConfig.batch_size if args.batch_size is None else args.batch_size,
@@ -477,6 +483,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         target_size=args.target_size,
         reference_size=args.reference_size,
         grad_batches=args.grad_batches,
+        max_samples=args.max_samples,
         threads=args.threads,
         **training,
         image_keys=args.image_key,
@@ -523,10 +530,10 @@ def run(args: argparse.Namespace) -> object:
 
         return run_scoring(
             ScoreConfig(
-                data=args.data,
+                data=absolute_pattern(args.data),
                 run=args.run,
                 methods=args.methods,
-                target=args.target,
+                target=absolute_pattern(args.target),
                 address=args.address,
                 workers=args.workers,
                 threads=args.threads,
@@ -562,11 +569,11 @@ def run(args: argparse.Namespace) -> object:
                 keeps=args.keep,
                 methods=args.methods,
                 full=args.full,
-                data=args.data,
-                eval_data=args.eval_data,
-                eval_labels=args.eval_labels,
-                classes=args.classes,
-                truth=args.truth,
+                data=absolute_pattern(args.data),
+                eval_data=absolute_pattern(args.eval_data),
+                eval_labels=absolute_pattern(args.eval_labels),
+                classes=absolute_pattern(args.classes),
+                truth=absolute_pattern(args.truth),
                 steps=args.steps,
                 batch_size=args.batch_size,
                 optimizer=args.optimizer,

@@ -255,8 +255,8 @@ def test_plain_train_options_give_the_train_config_defaults():
     from pipeline.cli import train_config
     from pipeline.train.config import TrainConfig
 
-    args = build_parser().parse_args(["train", "--data", "d", "--run", "r"])
-    assert train_config(args) == TrainConfig(data="d", run="r")
+    args = build_parser().parse_args(["train", "--data", "/d", "--run", "r"])
+    assert train_config(args) == TrainConfig(data="/d", run="r")  # (local paths made absolute)
     args = build_parser().parse_args(["train", "--data", "d", "--run", "r", "--no-resume"])
     assert train_config(args).resume is False
 
@@ -296,9 +296,26 @@ def test_train_sizes_its_warm_up_from_the_steps_unless_given():
 
     assert cfg().warmup == 40  # the 400-step default is unchanged
     assert cfg("--steps", "30").warmup == 3
-    assert cfg("--steps", "100").warmup == 40  # kept wherever 40 was valid (same fingerprint)
+    # a tenth up to 40, as the README says (walkthrough: --steps 60 warmed up for 40 steps)
+    assert cfg("--steps", "60").warmup == 6 and cfg("--steps", "1600").warmup == 40
     assert cfg("--steps", "30", "--warmup", "0").warmup == 0
     cfg("--steps", "30").validate()
+
+
+def test_local_paths_are_recorded_absolute_and_max_samples_is_a_flag(tmp_path, monkeypatch):
+    """Walkthrough: `--data pool/...` was recorded as typed, so evaluate and report run from
+    another directory looked for the pool there; the 100,000-pair cap had no flag."""
+    from pipeline.cli import train_config
+    from pipeline.prune.config import PruneConfig
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--data", "pool/{00000..00002}.tar::s3://b/x.tar", "--run", "r"]
+    cfg = train_config(build_parser().parse_args([*argv, "--max-samples", "5000"]))
+    assert cfg.data == f"{tmp_path}/pool/{{00000..00002}}.tar::s3://b/x.tar"
+    assert cfg.max_samples == 5000
+    assert train_config(build_parser().parse_args(argv)).max_samples == 100_000
+    fused = PruneConfig(run="r", keep=0.5, fusion={"diffin": 1, "loss": 1}).to_dict()
+    assert fused["method"] is None  # was "diffin", though ranked by the fusion
 
 
 def test_abbreviated_flags_are_refused(capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import posixpath
 import re
 from collections import Counter, defaultdict
@@ -68,6 +69,24 @@ def _split_list(pattern: str) -> list[str]:
         out.append(part)
         i += 1
     return out
+
+
+def absolute_pattern(pattern: str | None) -> str | None:
+    """``pattern`` with each local item made absolute (``~`` expanded), others as given.
+
+    A run records the patterns it was given; later stages (evaluate, report)
+    read them again from wherever they run, so a relative path must not be
+    recorded as typed. Braces, globs and a trailing ``/`` are kept.
+    """
+    if pattern is None:
+        return None
+    items = []
+    for item in _split_list(pattern):
+        if item and fsspec.core.split_protocol(item)[0] is None:
+            absolute = os.path.abspath(os.path.expanduser(item))
+            item = absolute + "/" if item.endswith("/") and absolute != "/" else absolute
+        items.append(item)
+    return "::".join(items)
 
 
 def _expand_braces(part: str, pattern: str) -> list[str]:

@@ -142,7 +142,10 @@ class PruneConfig:
         return f"{base}-keep{_num(self.keep)}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.fusion:
+            out["method"] = None  # ranked by the fusion: a recorded method would mislead
+        return out
 
 
 # braces, $ and :: for open_clip's --train-data; * ? [ ] for the shards_url given back
