@@ -83,8 +83,10 @@ def register(cls: type[Scorer]) -> type[Scorer]:
 def get_scorers(names: list[str]) -> list[Scorer]:
     """Instantiate scorers by name; unknown names are refused before work starts."""
     unknown = [n for n in names if n not in REGISTRY]
-    if unknown or not names:
-        raise ConfigError(f"methods: unknown {unknown or names}; available: {sorted(REGISTRY)}")
+    if not names:
+        raise ConfigError(f"methods: none given; available: {sorted(REGISTRY)}")
+    if unknown:
+        raise ConfigError(f"methods: unknown {unknown}; available: {sorted(REGISTRY)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"methods: listed twice in {names}")
     return [REGISTRY[n]() for n in names]

@@ -92,6 +92,14 @@ def test_score_unknown_method(tiny_pool, tmp_path, capsys):
     assert _empty(run)
 
 
+def test_score_without_methods(tiny_pool, tmp_path, capsys):
+    """Walkthrough: `--methods ''` said "methods: unknown []"."""
+    run = tmp_path / "run"
+    argv = ["score", "--data", tiny_pool["train_data"], "--run", str(run), "--methods", ""]
+    _refused(argv, capsys, "methods: none given")
+    assert _empty(run)
+
+
 def test_score_duplicate_method(tiny_pool, tmp_path, capsys):
     run = tmp_path / "run"
     data = tiny_pool["train_data"]

@@ -19,7 +19,16 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.rundir import RunDir, exists, read_bytes, remove, sha256, write_bytes_atomic
+from pipeline.rundir import (
+    RunDir,
+    exists,
+    read_bytes,
+    read_json,
+    remove,
+    sha256,
+    write_bytes_atomic,
+    write_json,
+)
 from pipeline.train.config import TrainConfig
 
 FORMAT = 1
@@ -56,22 +65,54 @@ def fingerprint(
     images: torch.Tensor,
     tokens: torch.Tensor,
     pretrained: str | None = None,
-) -> str:
+) -> tuple[str, dict[str, Any]]:
     """What the trajectory depends on: its config, the starting weights and the training pairs.
 
     The pairs are hashed as the model sees them (``images``, ``tokens``), not
     only by uid: a shard rewritten in place keeps its uids. ``pretrained`` is
     :func:`~pipeline.model.factory.pretrained_identity` (a replaced checkpoint
-    file under the same path is other starting weights).
+    file under the same path is other starting weights). Returns the hash and
+    the same parts one by one, which a refused resume compares to name what
+    changed.
     """
-    h = hashlib.sha256()
+    h, pairs = hashlib.sha256(), hashlib.sha256()
+    fields = cfg.trajectory_fields()
     h.update(TRAINING_VERSION.encode())
-    h.update(json.dumps(cfg.trajectory_fields(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     h.update(json.dumps(pretrained).encode())
-    h.update("\n".join(train_uids).encode())
+    for x in (h, pairs):
+        x.update("\n".join(train_uids).encode())
     for t in (images, tokens):
-        h.update(t.detach().cpu().contiguous().numpy())  # the buffer itself, not a copy
-    return h.hexdigest()
+        buf = t.detach().cpu().contiguous().numpy()  # the buffer itself, not a copy
+        h.update(buf)
+        pairs.update(buf)
+    parts = {
+        "version of diffin": TRAINING_VERSION,
+        **json.loads(json.dumps(fields, default=str)),
+        "pretrained weights": pretrained,
+        "training pairs": pairs.hexdigest(),
+    }
+    return h.hexdigest(), parts
+
+
+def _parts_url(run: RunDir) -> str:
+    return run.path("trajectory", "resume-fingerprint.json")
+
+
+def save_fingerprint_parts(run: RunDir, parts: dict[str, Any]) -> None:
+    """Beside the resume state: what its fingerprint was made of."""
+    write_json(_parts_url(run), parts)
+
+
+def _changed_parts(run: RunDir, parts: dict[str, Any] | None) -> list[str]:
+    url = _parts_url(run)
+    if parts is None or not exists(url):
+        return []
+    try:
+        saved = read_json(url)
+    except ValueError:
+        return []
+    return sorted(k for k in parts.keys() | saved.keys() if parts.get(k) != saved.get(k))
 
 
 @dataclass
@@ -99,8 +140,13 @@ def save_resume(run: RunDir, state: ResumeState) -> None:
     write_bytes_atomic(run.resume_state, _to_bytes(payload))
 
 
-def load_resume(run: RunDir, expect: str) -> ResumeState | None:
-    """The saved state of an unfinished run, or None; refuses one of another config or pool."""
+def load_resume(
+    run: RunDir, expect: str, parts: dict[str, Any] | None = None
+) -> ResumeState | None:
+    """The saved state of an unfinished run, or None; refuses one of another config or pool.
+
+    With ``parts`` (:func:`fingerprint`'s), the refusal names what changed.
+    """
     if not exists(run.resume_state):
         return None
     raw = torch.load(
@@ -109,9 +155,11 @@ def load_resume(run: RunDir, expect: str) -> ResumeState | None:
     if raw.get("format") != FORMAT:
         raise ConfigError(f"resume: {run.resume_state} has format {raw.get('format')!r}")
     if raw["fingerprint"] != expect:
+        changed = _changed_parts(run, parts)
+        what = f" (changed: {', '.join(changed)})" if changed else ""
         raise ConfigError(
             f"resume: {run.resume_state} belongs to a training with another config, pool or "
-            f"version of diffin (this one: {TRAINING_VERSION}); use the same options, "
+            f"version of diffin (this one: {TRAINING_VERSION}){what}; use the same options, "
             "another --run, or --no-resume to start over"
         )
     for c in raw["checkpoints"]:  # a checkpoint changed since it was written: start over
@@ -161,3 +209,4 @@ def remove_stale_checkpoints(run: RunDir, checkpoints: list[dict[str, Any]]) -> 
 
 def clear_resume(run: RunDir) -> None:
     remove(run.resume_state)
+    remove(_parts_url(run))

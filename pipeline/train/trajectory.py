@@ -30,6 +30,7 @@ from pipeline.train.state import (
     fingerprint,
     load_resume,
     remove_stale_checkpoints,
+    save_fingerprint_parts,
 )
 
 __all__ = ["Pool", "load_pool", "train", "optimizer_record", "LR_NOTE"]
@@ -73,10 +74,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.to(torch.float64)
     pool = load_pool(cfg, bundle.preprocess)
     images, tokens = encode(pool.train, bundle)
-    fp = fingerprint(cfg, [s.uid for s in pool.train], images, tokens, pretrained)
+    fp, parts = fingerprint(cfg, [s.uid for s in pool.train], images, tokens, pretrained)
     if not cfg.resume:
         clear_resume(run)
-    load_resume(run, fp)  # refuses a partial run of another config before anything is written
+    # refuses a partial run of another config before anything is written
+    load_resume(run, fp, parts)
+    save_fingerprint_parts(run, parts)
     # From here the run is being rewritten: a trajectory.json left from an earlier
     # training would describe checkpoints and sets this one replaces.
     remove(run.trajectory_json)

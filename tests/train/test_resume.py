@@ -64,7 +64,8 @@ def test_resume_refuses_another_config_and_no_resume_starts_over(interrupted, ti
     step = _killed_at(run)
     other = dataclasses.replace(interrupted["config"], run=run, lr=0.05, seed=1)
     sets = {p: p.read_bytes() for p in sorted((Path(run) / "sets").iterdir())}
-    with pytest.raises(ConfigError, match="^resume: .*another config"):
+    # the refusal names what changed (walkthrough: it did not)
+    with pytest.raises(ConfigError, match=r"^resume: .*another config.*\(changed: lr, seed, "):
         train(other)
     assert _killed_at(run) == step  # left as it was
     # refused before anything is written (the seed would redraw the sets)
