@@ -320,6 +320,10 @@ def test_local_paths_are_recorded_absolute_and_max_samples_is_a_flag(tmp_path, m
     argv = ["train", "--data", "pool/{00000..00002}.tar::s3://b/x.tar", "--run", "r"]
     cfg = train_config(build_parser().parse_args([*argv, "--max-samples", "5000"]))
     assert cfg.data == f"{tmp_path}/pool/{{00000..00002}}.tar::s3://b/x.tar"
+    from pipeline.data.shards import absolute_pattern
+
+    chained = "simplecache::/abs/x.tar::a.tar"  # review: the chain became a path
+    assert absolute_pattern(chained) == f"simplecache::/abs/x.tar::{tmp_path}/a.tar"
     assert cfg.max_samples == 5000
     assert train_config(build_parser().parse_args(argv)).max_samples == 100_000
     fused = PruneConfig(run="r", keep=0.5, fusion={"diffin": 1, "loss": 1}).to_dict()

@@ -40,12 +40,17 @@ def valid_keys(keys: list[str]) -> bool:
 
 # PIL refuses images over twice its MAX_IMAGE_PIXELS (a decompression bomb) before
 # the reader sees their size: a larger pixel cap could not be honoured.
-PIL_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
-PIXEL_CAP_RULE = f"must be >= 1 and at most {PIL_PIXEL_LIMIT} (PIL's decompression-bomb limit)"
+# (None: another library switched PIL's check off.)
+PIL_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+PIXEL_CAP_RULE = (
+    f"must be >= 1 and at most {PIL_PIXEL_LIMIT} (PIL's decompression-bomb limit)"
+    if PIL_PIXEL_LIMIT
+    else "must be >= 1"
+)
 
 
 def pixel_cap_ok(cap: int) -> bool:
-    return 1 <= cap <= PIL_PIXEL_LIMIT
+    return 1 <= cap and (PIL_PIXEL_LIMIT is None or cap <= PIL_PIXEL_LIMIT)
 
 
 def reader_options(

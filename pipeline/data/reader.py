@@ -713,8 +713,13 @@ def _transformed(sample: Sample, transform: Callable[[Image.Image], Any] | None)
             sample.image = transform(sample.image)
         except Exception as exc:
             sample.image = None
-            sample.error = f"preprocess error: {type(exc).__name__}: {_describe(exc)}"
+            sample.error = preprocess_error(exc)
     return sample
+
+
+def preprocess_error(exc: BaseException) -> str:
+    """The error of a row the model's transforms refused (one wording wherever it happens)."""
+    return f"preprocess error: {type(exc).__name__}: {_describe(exc)}"
 
 
 def _encodable(sample: Sample) -> Sample:

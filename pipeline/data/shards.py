@@ -82,7 +82,8 @@ def absolute_pattern(pattern: str | None) -> str | None:
         return None
     items = []
     for item in _split_list(pattern):
-        if item and fsspec.core.split_protocol(item)[0] is None:
+        # A chain ("simplecache::rel/x.tar") is left as given: its last link is not a path.
+        if item and "::" not in item and fsspec.core.split_protocol(item)[0] is None:
             absolute = os.path.abspath(os.path.expanduser(item))
             item = absolute + "/" if item.endswith("/") and absolute != "/" else absolute
         items.append(item)

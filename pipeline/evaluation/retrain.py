@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline.data.keys import recorded_reader_options
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
-from pipeline.data.shards import resolve_shards, shard_stamp
+from pipeline.data.shards import resolve_shards
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.zeroshot import recall_at_k, zero_shot_accuracy
@@ -48,7 +48,12 @@ from pipeline.rundir import (
     write_bytes_atomic,
     write_json,
 )
-from pipeline.score.table import check_scores_current, read_table, scored_config
+from pipeline.score.table import (
+    check_scores_current,
+    read_table,
+    scored_config,
+    table_identity,
+)
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order, train_loop
 
@@ -336,9 +341,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    # Taken before the table is read: the report shows this evaluation only beside the
-    # score table it was made from.
-    scores_stamp = shard_stamp(run.scores)
+    # The report shows this evaluation only beside the score table it was made from.
+    scores_identity = table_identity(run.scores)
     table = read_table(run.scores)
     if cfg.methods is None:
         cfg = replace(cfg, methods=_scored_methods(run, table))
@@ -360,6 +364,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
             f"data: {len(wanted)} scored ok pairs but {len(pool)} of them found in {src.data}"
         )
     images, tokens = encode(pool, bundle)
+    for s in pool:  # encoded: not held twice while retraining
+        s.image = None
     position = {s.uid: i for i, s in enumerate(pool)}
     ev = load_eval_set(src, bundle, options, set(table.column("uid").to_pylist()))
     truth = load_truth(src.truth)
@@ -439,7 +445,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         },
         "eval_pairs": len(ev.captions),
         "pool_pairs": len(pool),
-        "scores_stamp": scores_stamp,
+        "scores": scores_identity,
         "results": rows,
         "seconds": round(time.time() - t0, 1),
         **provenance(),

@@ -2,7 +2,8 @@
 
 Groups need every row's group and score at once, so this rule holds O(rows)
 numbers in memory: a group code, a score key and the uid as two 64-bit
-halves per row, plus sort indices (a few tens of bytes per row, no strings).
+halves per row, plus sort indices (a few tens of bytes per row; clusters also
+hold each row's shard name and an embedding per ok row).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from fsspec.core import split_protocol, url_to_fs
 
 from pipeline.data.reader import ShardReadError, iter_raw, json_uid, normal_name
+from pipeline.data.shards import shard_stamp
 from pipeline.data.tarwriter import ShardWriter, brace_pattern
 from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
@@ -38,10 +39,12 @@ from pipeline.rundir import (
     replace_dir,
     write_json,
 )
+from pipeline.score.merge import recorded_stamps
 from pipeline.score.table import (
     check_scores_current,
-    check_shards_unchanged,
+    fingerprint_hash,
     scored_reader_options,
+    table_metadata,
 )
 
 
@@ -80,7 +83,6 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     if not exists(run.scores):
         raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
     check_scores_current(run)
-    check_shards_unchanged(run)
     selection = plan(cfg, run.scores)  # refuses unknown columns before anything is removed
     if selection.kept == 0:
         # An empty manifest is nothing open_clip can train on: refuse it here,
@@ -89,12 +91,16 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
             f"{cfg.rule}: the rule keeps none of the {selection.scorable} scorable rows "
             f"({selection.rows_error} error rows of {selection.rows})"
         )
+    fp = table_metadata(run.scores).get("fingerprint")
+    stamps = recorded_stamps(run.part("x"), fingerprint_hash(fp)) if fp else {}
     out = run.prune_dir(cfg.manifest_name)
     # Built beside its final place and swapped in whole: a failed rerun
     # leaves the previous manifest as it was.
     build = run.prune_dir(f".{cfg.manifest_name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        manifest = _build(cfg, selection, build, final=out, reader=scored_reader_options(run))
+        manifest = _build(
+            cfg, selection, build, final=out, reader=scored_reader_options(run), stamps=stamps
+        )
     except BaseException:
         remove(build, recursive=True)
         raise
@@ -112,11 +118,17 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
 
 
 def _build(
-    cfg: PruneConfig, selection: Selection, build: str, final: str, reader: dict[str, Any]
+    cfg: PruneConfig,
+    selection: Selection,
+    build: str,
+    final: str,
+    reader: dict[str, Any],
+    stamps: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """Write the manifest directory at ``build``; its paths name ``final``, where it will live.
 
-    ``reader``: the image and text keys the rows were scored with.
+    ``reader``: the image and text keys the rows were scored with; ``stamps``: each
+    scored shard's size and version from its completion record.
     """
     t0 = time.time()
     makedirs(build)
@@ -153,6 +165,7 @@ def _build(
                         if pending is None or pending[0] != shard:
                             if pending is not None:
                                 counts.update(_reshard(writer, *pending, reader))
+                            _check_unchanged(shard, stamps)
                             pending = (shard, set())
                         pending[1].add(normal_name(key))
                 if pending is not None:
@@ -193,15 +206,13 @@ def _build(
     ]
     dropped = {k: counts[f"dropped: {k}"] for k in ("no extension", "dot extension", "pickle")}
     added = {k: n for k, n in sorted(counts.items()) if " added as " in k}
-    unread = {
-        k: n for k, n in sorted(counts.items()) if k.startswith(("open_clip reads", "image in"))
-    }
+    unread = {k: n for k, n in sorted(counts.items()) if k.startswith(_UNREAD)}
     no_uid = counts["no DataComp uid in json"]
     notes = "open_clip needs at least workers x world_size shards; set --shard-size accordingly"
     notes += reader_note
     if unread:
         notes += (
-            f"; {sum(unread.values())} kept samples would be retrained on another caption or "
+            f"; {counts['samples unread']} kept samples would be retrained on another caption or "
             "image than the one scored (open_clip_unread)"
         )
         log.warning(
@@ -301,6 +312,10 @@ def is_pickle(ext: str) -> bool:
 OPEN_CLIP_IMAGES = ("jpg", "png", "jpeg", "webp")
 
 
+# as_open_clip_reads' events that say open_clip would not train on what was scored
+_UNREAD = ("open_clip reads", "image in")
+
+
 def _image_ext(data: bytes) -> str | None:
     """The open_clip image extension that names this image's format, if any."""
     if data[:3] == b"\xff\xd8\xff":
@@ -357,6 +372,25 @@ def _has_json_uid(members: dict[str, bytes]) -> bool:
         return False
 
 
+def _check_unchanged(shard: str, stamps: dict[str, dict[str, Any]]) -> None:
+    """Refuse a shard moved or rewritten since it was scored.
+
+    Its samples are re-read by key: a shard rewritten in place would put pairs
+    that were never scored in the manifest, under the scores of others. Shards
+    without a stamped record (tables written by hand) are not checked.
+    """
+    if shard not in stamps:
+        return
+    now = shard_stamp(shard)
+    if now != stamps[shard]:
+        what = "cannot be found or read" if now is None else "was rewritten"
+        raise ConfigError(
+            f"data: {shard} {what} since it was scored (its size and version differ from its "
+            "completion record); restore it, or run `diffin score` again (it scores changed "
+            "shards anew)"
+        )
+
+
 def _reshard(
     writer: ShardWriter, shard: str, keys: set[str], reader: dict[str, Any]
 ) -> Counter[str]:
@@ -390,6 +424,7 @@ def _reshard(
                     kept, tuple(reader["image_keys"]), tuple(reader["text_keys"])
                 )
                 counts.update(events)
+                counts["samples unread"] += any(e.startswith(_UNREAD) for e in events)
                 counts["no DataComp uid in json"] += not _has_json_uid(members)
                 writer.write(_unique_key(writer, _safe_key(key)), kept)
                 seen.add(key)

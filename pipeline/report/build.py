@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.data.shards import shard_stamp
 from pipeline.errors import ConfigError
 from pipeline.evaluation.retrain import METRICS, load_truth, pool_truth, summarise
 from pipeline.report import page as P
@@ -25,6 +24,7 @@ from pipeline.score.table import (
     read_table,
     scored_config,
     scored_reader_options,
+    table_identity,
     table_metadata,
 )
 
@@ -123,9 +123,9 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     # the rows and the settings shown beside them always come from the same evaluation.
     ev_url = run.path("evaluate", "evaluate.json")
     ev_json = read_json(ev_url) if exists(ev_url) else None
-    if ev_json is not None and ev_json.get("scores_stamp", "unknown") not in (
-        "unknown",
-        shard_stamp(run.scores),
+    if ev_json is not None and ev_json.get("scores", "unknown") not in (
+        "unknown",  # recorded before evaluations said which table they were made from
+        table_identity(run.scores),
     ):
         log.warning("report: %s was made from an earlier score table; not shown", ev_url)
         inner = (

@@ -61,7 +61,7 @@ from pipeline.score.directions import (
 )
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
-from pipeline.score.table import build_part
+from pipeline.score.table import build_part, fingerprint_hash
 from pipeline.score.trajectory import Trajectory, load_trajectory, model_identity
 from pipeline.scorers import ScoreContext, depends_on, get_scorers
 from pipeline.tensors import tensor_shapes
@@ -454,10 +454,6 @@ def _fingerprint(
         # only the chunk size must not rescore.
         fp["self"] = {"hb": cfg.self_hb, **self_size}
     return fp
-
-
-def fingerprint_hash(fp: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_done(run: RunDir, url: str, name: str, fp_hash: str) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -68,26 +69,36 @@ def write_part(table: pa.Table, part_url: str, record: dict[str, Any]) -> dict[s
     return record
 
 
-def recorded_stamps(part_url: str) -> dict[str, dict[str, Any]]:
-    """{shard URL: stamp} from every completion record beside ``part_url``'s that has one.
+def recorded_stamps(part_url: str, fingerprint: str) -> dict[str, dict[str, Any]]:
+    """{shard URL: stamp} from the completion records beside ``part_url``'s written for
+    ``fingerprint`` (those behind the current table; older ones may name the same shard).
 
-    The records are fetched together (one concurrent request on object stores).
+    Each record is read by its own name: ``fs.cat`` of a list would expand a run
+    path holding ``[`` as a glob, and read another run's records.
     """
     done = done_url(part_url).rpartition("/")[0]
     try:
         fs, path = fsspec.core.url_to_fs(done)
         files = [f for f in fs.ls(path, detail=False) if f.endswith(".json")]
-        blobs = fs.cat(files) if files else {}
     except FileNotFoundError:
         return {}
-    out: dict[str, dict[str, Any]] = {}
-    for blob in blobs.values():
+
+    def read(file: str) -> Any:
         try:
-            rec = json.loads(blob)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("stamp"), dict) and "shard" in rec:
-            out[rec["shard"]] = rec["stamp"]
+            return json.loads(fs.cat_file(file))
+        except (OSError, ValueError):  # gone or torn: that shard is not checked
+            return None
+
+    out: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=16) as pool:  # object stores: requests in flight
+        for rec in pool.map(read, files):
+            if (
+                isinstance(rec, dict)
+                and rec.get("fingerprint") == fingerprint
+                and isinstance(rec.get("stamp"), dict)
+                and "shard" in rec
+            ):
+                out[rec["shard"]] = rec["stamp"]
     return out
 
 

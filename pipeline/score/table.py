@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -11,7 +12,6 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.keys import recorded_reader_options
@@ -126,36 +126,27 @@ def check_scores_current(run: RunDir) -> None:
         )
 
 
-def check_shards_unchanged(run: RunDir) -> None:
-    """Refuse a score table whose shards were moved or rewritten since they were scored.
+def fingerprint_hash(fp: dict[str, Any]) -> str:
+    """The short hash of a scoring fingerprint, as completion records hold it."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
-    Later stages re-read the shards by key (resharding, retraining): a shard
-    rewritten in place would put pairs that were never scored in a manifest,
-    under the scores of others. Each shard's size and version now are
-    compared with its completion record's; shards without a stamped record
-    (tables written by hand, or before stamps existed) are not checked.
+
+def table_identity(url: str) -> dict[str, Any]:
+    """What a score table holds, however often it was written: its scoring fingerprint, row
+    count and uids. A rerun that merges the same parts again writes other bytes (new
+    provenance) but the same identity; the scores follow from these (determinism).
     """
-    from pipeline.data.shards import shard_stamps
-    from pipeline.score.merge import recorded_stamps
-
-    recorded = recorded_stamps(run.part("x"))
-    if not recorded:
-        return
-    shards: set[str] = set()
-    with fsspec.open(run.scores, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["shard"]):
-            shards.update(pc.unique(batch.column(0)).to_pylist())
-    checked = sorted(s for s in shards if s in recorded)
-    now = shard_stamps(checked)
-    changed = [s for s in checked if now[s] != recorded[s]]
-    if changed:
-        shown = ", ".join(
-            f"{s} ({'missing' if now[s] is None else 'rewritten'})" for s in changed[:3]
-        ) + (f", ... ({len(changed) - 3} more)" if len(changed) > 3 else "")
-        raise ConfigError(
-            f"data: {len(changed)} shard(s) changed since they were scored: {shown}; "
-            "restore them, or run `diffin score` again (it scores changed shards anew)"
-        )
+    fp = table_metadata(url).get("fingerprint")
+    h, rows = hashlib.sha256(), 0
+    with fsspec.open(url, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["uid"]):
+            rows += batch.num_rows
+            h.update("\n".join(batch.column(0).to_pylist()).encode() + b"\n")
+    return {
+        "fingerprint": fingerprint_hash(fp) if fp else None,
+        "rows": rows,
+        "uids": h.hexdigest()[:16],
+    }
 
 
 def scored_reader_options(run: RunDir) -> dict[str, Any]:

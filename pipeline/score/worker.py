@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.reader import iter_shard
+from pipeline.data.reader import iter_shard, preprocess_error
 from pipeline.data.sample import Sample
 from pipeline.influence.directions import load_directions
 from pipeline.influence.fast import fast_terms, reference_jets
@@ -57,7 +57,7 @@ def _encodes(sample: Sample, bundle: factory.ClipBundle) -> bool:
     try:
         encode([sample], bundle)
     except Exception as e:
-        sample.error = f"preprocess error: {type(e).__name__}: {e}"
+        sample.error = preprocess_error(e)
         return False
     return True
 

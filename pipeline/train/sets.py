@@ -105,7 +105,10 @@ def save_sets(
     images: torch.Tensor,
     tokens: torch.Tensor,
 ) -> None:
-    """Write R, V and the gradient batches; ``images``, ``tokens`` are ``encode(pool.train)``."""
+    """Write R, V and the gradient batches; ``images``, ``tokens`` are ``encode(pool.train)``.
+
+    The pool's samples give up their pixels here: only the encoded tensors are used after.
+    """
     for name, subset in (("reference", pool.reference), ("target", pool.target)):
         _save_set(run, name, subset, bundle)
     n = images.shape[0]
@@ -118,3 +121,5 @@ def save_sets(
         {"images": images[grad_idx], "tokens": tokens[grad_idx]},
         {"k": cfg.grad_batches, "batch_size": cfg.batch_size, "seed": cfg.seed},
     )
+    for s in (*pool.train, *pool.target):  # encoded now: not held twice while training
+        s.image = None

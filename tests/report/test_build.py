@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ from PIL import Image
 
 from pipeline.errors import ConfigError
 from pipeline.report.build import build_report, scorer_columns
+from pipeline.score.table import table_metadata
 from tests.conftest import copy_run
 
 SECTIONS = [
@@ -108,9 +110,13 @@ def test_an_evaluation_of_an_earlier_score_table_is_not_shown(reported, tmp_path
     scorers the new table no longer had."""
     run = copy_run(reported["run"], tmp_path / "run")
     html = open(build_report(run, top=2)).read()
-    assert "diffin@0.5" in html  # a copy keeps the table's size and mtime: still current
+    assert "diffin@0.5" in html
     table = pq.read_table(f"{run}/scores.parquet")
-    pq.write_table(table.drop_columns(["random"]), f"{run}/scores.parquet")  # "scored again"
+    pq.write_table(table, f"{run}/scores.parquet")  # the same table written again: still current
+    assert "diffin@0.5" in open(build_report(run, top=2)).read()
+    fp = {**table_metadata(f"{run}/scores.parquet").get("fingerprint", {}), "methods": ["x"]}
+    meta = {b"diffin": json.dumps({"fingerprint": fp}).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), f"{run}/scores.parquet")  # "rescored"
     html = open(build_report(run, top=2)).read()
     assert "made from an earlier score table" in html
     assert "diffin@0.5" not in html and "random@0.5" not in html
