@@ -367,6 +367,9 @@ def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_
 
     import ray
 
+    from pipeline.errors import ConfigError
+    from pipeline.prune.config import PruneConfig
+    from pipeline.prune.manifest import write_manifest
     from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import run_scoring
 
@@ -385,13 +388,19 @@ def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_
         old = pq.read_table(f"{run}/scores.parquet").to_pydict()
         # The pool's 00001 is rewritten in place with other samples (those of 00005).
         shutil.copy(f"{src}00005.tar", pool / "00001.tar")
+        # prune re-reads the kept samples by key: the rewritten shard is refused, not copied
+        with pytest.raises(ConfigError, match=r"00001.tar was rewritten since it was scored"):
+            write_manifest(PruneConfig(run=run, keep=1.0, method="loss"))
         with caplog.at_level("WARNING", logger="pipeline.score.driver"):
             again = run_scoring(cfg)
         new = pq.read_table(f"{run}/scores.parquet").to_pydict()
+        pruned = write_manifest(PruneConfig(run=run, keep=1.0, method="loss"))
         with caplog.at_level("INFO", logger="pipeline.score.driver"):
             other = run_scoring(dataclasses.replace(cfg, methods=["tracin", "random"]))
+        write_manifest(PruneConfig(run=run, keep=0.5, method="tracin"))  # the new records
     finally:
         ray.shutdown()
+    assert pruned["kept"] == sum(s == "ok" for s in new["status"])
     assert other["shards_scored_now"] == 3
     # what changed is said (was: nothing), and that tracin has no curated target
     assert re.search(
