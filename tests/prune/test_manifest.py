@@ -318,6 +318,34 @@ def _raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tf.addfile(info, io.BytesIO(data))
 
 
+def _scored_run(
+    tmp_path: Path, rows: list[tuple[Path, str, int]], fingerprint: dict | None = None
+) -> Path:
+    """RUN/scores.parquet of ok rows (shard, key, index), scores falling in row order."""
+    import pyarrow.parquet as pq
+
+    n = len(rows)
+    table = pa.table(
+        {
+            "uid": [f"{i:032x}" for i in range(n)],
+            "key": [k for _, k, _ in rows],
+            "shard": [str(s) for s, _, _ in rows],
+            "index": pa.array([i for _, _, i in rows], pa.int32()),
+            "status": ["ok"] * n,
+            "error": pa.array([None] * n, pa.string()),
+            "caption": ["c"] * n,
+            "diffin": pa.array(np.linspace(1, 0, n)),
+        }
+    )
+    if fingerprint is not None:
+        meta = {b"diffin": json.dumps({"fingerprint": fingerprint}).encode()}
+        table = table.replace_schema_metadata(meta)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    pq.write_table(table, run / "scores.parquet")
+    return run
+
+
 def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_path):
     """Keys repeat across input shards and collide once flattened; the output must stay readable."""
     import webdataset as wds
@@ -347,23 +375,7 @@ def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_
         (data / "c.tar", "x_y", 0),
     ]
     n = len(rows)
-    table = pa.table(
-        {
-            "uid": [f"{i:032x}" for i in range(n)],
-            "key": [k for _, k, _ in rows],
-            "shard": [str(s) for s, _, _ in rows],
-            "index": pa.array([i for _, _, i in rows], pa.int32()),
-            "status": ["ok"] * n,
-            "error": pa.array([None] * n, pa.string()),
-            "caption": ["c"] * n,
-            "diffin": pa.array(np.linspace(1, 0, n)),
-        }
-    )
-    run = tmp_path / "run"
-    run.mkdir()
-    import pyarrow.parquet as pq
-
-    pq.write_table(table, run / "scores.parquet")
+    run = _scored_run(tmp_path, rows)
     m = write_manifest(PruneConfig(run=str(run), keep=1.0, shard_size=100))
     assert m["kept"] == m["train_num_samples"] == n
     assert m["members_dropped"] == {"no extension": 1, "dot extension": 1, "pickle": 3}
@@ -396,24 +408,7 @@ def test_a_pool_scored_with_other_keys_is_retrained_on_what_was_scored(tmp_path)
             ("4.jpeg", jpeg), ("4.png", png), ("4.caption", b"cap 4"),
         ],
     )  # fmt: skip
-    n = 5
-    table = pa.table(
-        {
-            "uid": [f"{i:032x}" for i in range(n)],
-            "key": [str(i) for i in range(n)],
-            "shard": [str(shard)] * n,
-            "index": pa.array(range(n), pa.int32()),
-            "status": ["ok"] * n,
-            "error": pa.array([None] * n, pa.string()),
-            "caption": [f"cap {i}" for i in range(n)],
-            "diffin": pa.array(np.linspace(1, 0, n)),
-        }
-    )
-    run = tmp_path / "run"
-    run.mkdir()
-    import pyarrow.parquet as pq
-
-    pq.write_table(table, run / "scores.parquet")
+    run = _scored_run(tmp_path, [(shard, str(i), i) for i in range(5)])
     scored = {"image_keys": ["jpeg", "image"], "text_keys": ["caption"]}
     (run / "run.json").write_text(json.dumps({"score": {"config": scored}}))
     m = write_manifest(PruneConfig(run=str(run), keep=1.0, shard_size=100))
@@ -449,26 +444,8 @@ def _one_shard_run(tmp_path: Path, captions: list[bytes]) -> tuple[Path, Path]:
     _raw_tar(
         shard, [m for i, c in enumerate(captions) for m in ((f"{i}.png", png), (f"{i}.txt", c))]
     )
-    n = len(captions)
-    table = pa.table(
-        {
-            "uid": [f"{i:032x}" for i in range(n)],
-            "key": [str(i) for i in range(n)],
-            "shard": [str(shard)] * n,
-            "index": pa.array(range(n), pa.int32()),
-            "status": ["ok"] * n,
-            "error": pa.array([None] * n, pa.string()),
-            "caption": [c.decode() for c in captions],
-            "diffin": pa.array(np.linspace(1, 0, n)),
-        }
-    )
-    run = tmp_path / "run"
-    run.mkdir(exist_ok=True)
-    import pyarrow.parquet as pq
-
-    meta = {b"diffin": json.dumps({"fingerprint": {"version": "test"}}).encode()}
-    pq.write_table(table.replace_schema_metadata(meta), run / "scores.parquet")
-    return run, shard
+    rows = [(shard, str(i), i) for i in range(len(captions))]
+    return _scored_run(tmp_path, rows, fingerprint={"version": "test"}), shard
 
 
 def test_a_shard_rewritten_or_moved_since_scoring_is_refused_by_prune(tmp_path):
