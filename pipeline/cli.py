@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.data.reader import MAX_IMAGE_PIXELS
-from pipeline.data.shards import absolute_pattern
+from pipeline.data.shards import absolute_pattern, relative_items
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.score.config import SAMPLE_GRADIENTS
@@ -507,7 +508,8 @@ def run(args: argparse.Namespace) -> object:
             target_samples=args.target_samples,
             seed=args.seed,
         )
-        return make_pool(args.out, cfg, overwrite=args.overwrite)
+        # recorded absolute in synth.json: evaluate reads it from anywhere
+        return make_pool(absolute_pattern(args.out), cfg, overwrite=args.overwrite)
     if args.command == "train":
         cfg = train_config(args)
         if args.import_dir is not None:
@@ -676,12 +678,48 @@ def check_patterns(args: argparse.Namespace) -> None:
             raise ConfigError(f"{name}: {exc}") from exc
 
 
+# Options that name files or directories (patterns included).
+PATH_OPTIONS = (
+    "run",
+    "data",
+    "target",
+    "out",
+    "eval_data",
+    "eval_labels",
+    "classes",
+    "truth",
+    "import_dir",
+)
+
+
+def check_job_paths(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> None:
+    """Inside a `ray job submit` entrypoint, refuse relative local paths.
+
+    The job runs in a temporary copy of the submitted working directory: a
+    relative --run would be written there, reported as a success, and lost
+    (walkthrough); a relative --data would be looked for there.
+    """
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in environ:  # set by Ray for job entrypoints
+        return
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        relative = relative_items(value) if isinstance(value, str) else []
+        if relative:
+            flag = {"import_dir": "--import", "out": "out"}.get(name, f"--{name.replace('_', '-')}")
+            raise ConfigError(
+                f"{flag}: {relative[0]!r} is a relative path, and this is a Ray job: it would "
+                "resolve in the job's temporary copy of the working directory (deleted "
+                "afterwards, and not seen by other nodes); give an absolute path or a URL"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline import logs
 
     logs.setup(args.verbose)
     try:
+        check_job_paths(args)
         check_patterns(args)
         result = run(args)
     except ConfigError as exc:

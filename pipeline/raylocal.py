@@ -7,12 +7,38 @@ Train) so both start the same embedded Ray when no cluster is named.
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
+
+from pipeline.errors import ConfigError
 
 # Ray advertises 127.0.0.1 as the machine's network address; another loopback
 # address keeps the embedded cluster's advertised address on loopback.
 LOCAL_NODE_IP = "127.0.0.2"
+
+
+def reachable(address: str, timeout: float = 5.0) -> bool | None:
+    """Whether something accepts connections at a ``[ray://]HOST:PORT`` address; None for
+    other forms ("auto", a bare host), which ray.init resolves itself."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_address(address: str | None) -> None:
+    """Refuse an address nothing answers at: ray.init would retry it for minutes, logging
+    timeouts, while a job shows RUNNING (walkthrough)."""
+    if address and reachable(address) is False:
+        raise ConfigError(
+            f"address: nothing answers at {address} (is the cluster up, and is this its GCS "
+            "address, e.g. 127.0.0.1:6379, or ray://HOST:10001 for Ray Client?)"
+        )
 
 
 def embedded(address: str | None) -> bool:
@@ -26,6 +52,7 @@ def connect(address: str | None, num_cpus: int) -> bool:
         return False
     if address or os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit`, RAY_ADDRESS names the cluster.
+        check_address(address)
         ray.init(address=address, log_to_driver=True)
         return False
     ray.init(

@@ -330,6 +330,22 @@ def test_local_paths_are_recorded_absolute_and_max_samples_is_a_flag(tmp_path, m
     assert fused["method"] is None  # was "diffin", though ranked by the fusion
 
 
+def test_relative_paths_are_refused_inside_a_ray_job(tmp_path, monkeypatch, capsys):
+    """Walkthrough: `jobs/stage.py train --run runs/r3` succeeded, writing the run into the
+    job's temporary copy of the working directory, where it was lost."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for a job
+    _refused(["prune", "--run", "runs/r3", "--keep", "0.5"], capsys, "--run", "Ray job")
+    argv = ["score", "--data", "/abs/{0..1}.tar::rel/x.tar", "--run", "/abs/run"]
+    _refused(argv, capsys, "--data", "'rel/x.tar'", "absolute path or a URL")
+    _refused(["make-data", "pool"], capsys, "out: 'pool'")
+    assert not list(tmp_path.iterdir())
+    # absolute paths and URLs go on (here to the next check: no score table)
+    _refused(["prune", "--run", str(tmp_path / "run"), "--keep", "0.5"], capsys, "score table")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # outside a job, relative is fine
+    _refused(["prune", "--run", "runs/r3", "--keep", "0.5"], capsys, "score table")
+
+
 def test_abbreviated_flags_are_refused(capsys):
     """`score --method diffin` was taken for `--methods diffin` and rewrote the table."""
     with pytest.raises(SystemExit):

@@ -82,12 +82,25 @@ def absolute_pattern(pattern: str | None) -> str | None:
         return None
     items = []
     for item in _split_list(pattern):
-        # A chain ("simplecache::rel/x.tar") is left as given: its last link is not a path.
-        if item and "::" not in item and fsspec.core.split_protocol(item)[0] is None:
+        if _is_local_path(item):
             absolute = os.path.abspath(os.path.expanduser(item))
             item = absolute + "/" if item.endswith("/") and absolute != "/" else absolute
         items.append(item)
     return "::".join(items)
+
+
+def relative_items(pattern: str) -> list[str]:
+    """The items of ``pattern`` that are relative local paths (``~`` counts as absolute)."""
+    return [
+        item
+        for item in _split_list(pattern)
+        if _is_local_path(item) and not os.path.isabs(os.path.expanduser(item))
+    ]
+
+
+def _is_local_path(item: str) -> bool:
+    # A chain ("simplecache::rel/x.tar") is left as given: its last link is not a path.
+    return bool(item) and "::" not in item and fsspec.core.split_protocol(item)[0] is None
 
 
 def _expand_braces(part: str, pattern: str) -> list[str]:

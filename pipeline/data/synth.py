@@ -542,6 +542,17 @@ def _rebased(summary: dict[str, Any], out: str) -> dict[str, Any]:
     return {**move(summary), "out": out}
 
 
+def pool_summary(root: str) -> dict[str, Any] | None:
+    """The ``synth.json`` of the generated pool in directory ``root``, its paths under ``root``
+    (where the pool is now, whatever directory it was made in or from), or None."""
+    url = f"{root.rstrip('/')}/{_SUMMARY_NAME}"
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return _rebased(json.loads(f.read().decode("utf-8")), root.rstrip("/"))
+
+
 def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool, out: str) -> dict | None:
     """The stored summary if this exact pool is already there; refuse to clobber others."""
     summary_path = f"{root}/{_SUMMARY_NAME}"

@@ -30,6 +30,7 @@ from pipeline.data.keys import recorded_reader_options
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards
+from pipeline.data.synth import pool_summary
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.zeroshot import recall_at_k, zero_shot_accuracy
@@ -109,7 +110,9 @@ def locate_sources(cfg: EvaluateConfig, run: RunDir) -> Sources:
     if not data:
         raise ConfigError("data: not given and not recorded by `diffin score`")
     root = _pool_dir(data)
-    summary = read_json(join(root, "synth.json")) if exists(join(root, "synth.json")) else None
+    # Its paths under root: a pool made with a relative --out, or moved since, records
+    # another directory (walkthrough: evaluate inside a Ray job looked in the job's copy).
+    summary = pool_summary(root)
     eval_data = cfg.eval_data
     if eval_data is None:
         if summary is None or not summary["eval"].get("val_data"):

@@ -49,7 +49,7 @@ from pipeline.data.shards import (
 )
 from pipeline.errors import ConfigError
 from pipeline.provenance import provenance
-from pipeline.raylocal import connect, embedded
+from pipeline.raylocal import check_address, connect, embedded
 from pipeline.rundir import RunDir, exists, file_size, read_json, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import (
@@ -744,6 +744,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     ``actor_cls`` replaces :class:`ScoreActor` (tests inject faults with it).
     """
     cfg.validate()
+    check_address(cfg.address)  # before the directions, which may take long
     check_placeable(cfg)
     t0 = time.time()
     shards = resolve_shards(cfg.data)
@@ -751,7 +752,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     run = RunDir(cfg.run)
     traj = load_trajectory(run)
     form = resolve_form(cfg.second_order, traj)
-    if form != cfg.second_order:
+    if form != cfg.second_order and "diffin" in cfg.methods:
         log.info(
             "diffin form: %s (--second-order %s, %s trajectory)",
             form,

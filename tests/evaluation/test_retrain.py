@@ -172,6 +172,27 @@ def test_a_pool_given_as_a_directory_finds_its_truth_and_eval_split(tiny_scored,
         assert src.eval_labels and src.classes, data
 
 
+def test_the_eval_split_of_a_pool_made_or_moved_elsewhere_is_found(tiny_scored, tmp_path):
+    """Walkthrough: `make-data data` recorded `data/eval/...` as typed, and evaluate run in
+    another directory (a Ray job's) looked for the eval split there."""
+    import shutil
+
+    from pipeline.evaluation.retrain import locate_sources
+    from pipeline.rundir import RunDir
+
+    pool = Path(tiny_scored["data"].split("{")[0].rstrip("/"))
+    moved = tmp_path / "moved"
+    shutil.copytree(pool, moved)
+    summary = json.loads((moved / "synth.json").read_text())
+    tail = summary["eval"]["val_data"].removeprefix(summary["out"].rstrip("/"))  # /eval/{..}.tar
+    summary["out"] = "data"  # as make-data recorded a relative --out
+    summary["eval"]["val_data"] = "data" + tail
+    (moved / "synth.json").write_text(json.dumps(summary))
+    src = locate_sources(EvaluateConfig(run=tiny_scored["run"], data=str(moved)), RunDir("x"))
+    assert src.eval_data == f"{moved}{tail}"
+    assert src.eval_labels == f"{moved}/eval/labels.parquet"
+
+
 def test_eval_labels_without_classes_are_refused(tiny_scored, tmp_path):
     """Before: zero-shot was silently n/a."""
     import shutil

@@ -7,8 +7,6 @@ its argument handling and the runtime environment are checked without Ray.
 from __future__ import annotations
 
 import importlib.util
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -87,13 +85,46 @@ def test_entrypoints_run_as_scripts(script, args):
     assert "--run" in out.stdout
 
 
-def test_submit_script_uses_existing_flags():
+def test_submit_script_uses_existing_flags(tmp_path):
+    """Run with a `ray` that records its arguments: every stage's flags parse, and the
+    optional settings reach them (walkthrough: the model was fixed and there was no
+    --target, --steps or --threads)."""
+    import json
+    import os
+
     from pipeline.cli import build_parser
 
-    text = (JOBS / "submit.sh").read_text()
-    calls = re.findall(r"^submit (python jobs/\S+\.py .*)$", text, re.M)
-    assert len(calls) == 3
-    for call in calls:
-        words = shlex.split(re.sub(r"\"\$\{?(\w+)\}?\"", "1", call))
-        argv = words[2:] if words[1] == "jobs/stage.py" else ["score", *words[2:]]
-        build_parser().parse_args(argv)
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+        "DATA": "/abs/pool/{00000..00001}.tar",
+        "RUN": "/abs/run",
+    }
+    for extra in ({}, {"MODEL": "diffin-tiny", "STEPS": "60", "TARGET": "/t.tar", "THREADS": "1"}):
+        log.unlink(missing_ok=True)
+        subprocess.run(["bash", str(JOBS / "submit.sh")], env={**env, **extra}, check=True)
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [c[c.index("--") + 2] for c in calls] == [
+            "jobs/stage.py",
+            "jobs/score.py",
+            "jobs/stage.py",
+            "jobs/stage.py",
+        ]
+        parsed = []
+        for call in calls:
+            words = call[call.index("--") + 2 :]
+            argv = words[1:] if words[0] == "jobs/stage.py" else ["score", *words[1:]]
+            parsed.append(build_parser().parse_args(argv))
+        train, score, prune, report = parsed
+        assert (train.command, prune.command, report.command) == ("train", "prune", "report")
+        assert train.model == extra.get("MODEL", "diffin-small") and score.workers == 4
+        if extra:
+            assert (train.steps, score.target, score.threads) == (60, "/t.tar", 1)

@@ -1,0 +1,46 @@
+"""Connecting to Ray: an address nothing answers at is refused at once, not retried for minutes."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.raylocal import check_address, reachable
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reachable_tells_a_listening_port_from_a_closed_one():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert reachable(f"127.0.0.1:{port}") is True
+        assert reachable(f"ray://127.0.0.1:{port}") is True
+    assert reachable(f"127.0.0.1:{_closed_port()}") is False
+    assert reachable("auto") is None and reachable("127.0.0.1") is None
+
+
+def test_an_address_nothing_answers_at_is_a_config_error_before_any_work(tmp_path, capsys):
+    """Walkthrough: `score --address 127.0.0.1:9999` in a Ray job retried the GCS for more
+    than 5 minutes while the job showed RUNNING."""
+    from pipeline.cli import main
+
+    address = f"127.0.0.1:{_closed_port()}"
+    with pytest.raises(ConfigError, match=f"address: nothing answers at {address}"):
+        check_address(address)
+    check_address(None)
+    check_address("auto")
+    t0 = time.time()
+    argv = ["score", "--data", str(tmp_path), "--run", str(tmp_path / "run"), "--address", address]
+    (tmp_path / "00000.tar").write_bytes(b"")  # a pattern that resolves: the address decides
+    assert main(argv) == 2
+    assert f"nothing answers at {address}" in capsys.readouterr().err
+    assert time.time() - t0 < 30
