@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 
@@ -44,3 +45,13 @@ def test_an_address_nothing_answers_at_is_a_config_error_before_any_work(tmp_pat
     assert main(argv) == 2
     assert f"nothing answers at {address}" in capsys.readouterr().err
     assert time.time() - t0 < 30
+
+
+def test_distributed_training_refuses_the_address_before_reading_the_pool(tmp_path):
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trajectory import train
+
+    address = f"127.0.0.1:{_closed_port()}"
+    cfg = TrainConfig(data=str(tmp_path / "none.tar"), run=str(tmp_path / "r"), workers=1)
+    with pytest.raises(ConfigError, match="^address: nothing answers"):
+        train(dataclasses.replace(cfg, address=address))

@@ -35,7 +35,7 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.model import factory
 from pipeline.model.loss import batch_clip_loss
-from pipeline.raylocal import check_address, connect, embedded
+from pipeline.raylocal import connect, embedded
 from pipeline.rundir import RunDir
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order, core
@@ -141,8 +141,6 @@ def check_placeable(cfg: TrainConfig) -> None:
     start without end; with GPUs each worker takes one. Only for the Ray this
     process starts: an existing cluster may add nodes.
     """
-    if cfg.workers:
-        check_address(cfg.address)  # before the pool is read
     if not cfg.workers or not embedded(cfg.address):
         return
     have = torch.cuda.device_count()

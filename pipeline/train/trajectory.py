@@ -55,8 +55,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()
     factory.model_config(cfg.model)
     if cfg.workers:
+        from pipeline.raylocal import check_address
         from pipeline.train.distributed import check_placeable
 
+        check_address(cfg.address)  # before the pool is read
         check_placeable(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
