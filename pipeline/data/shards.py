@@ -298,6 +298,14 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
                 tars = _list_tars(fs, path)
             except Exception as exc:
                 raise ConfigError(f"shard directory {item!r} cannot be listed: {exc}") from exc
+            twice = [n for n, c in Counter(shard_name(t) for t in tars).items() if c > 1]
+            if twice:
+                both = [posixpath.basename(t) for t in tars if shard_name(t) == twice[0]]
+                raise ConfigError(
+                    f"shard directory {item!r} holds {' and '.join(both)}: the same shard "
+                    "twice (compressed and not?); its rows would be scored twice. Remove one, "
+                    "or list the shards to read"
+                )
             if not tars and check_exists:
                 missing.append(f"{item} (directory without *.tar, *.tar.gz or *.tgz files)")
             resolved.extend(_to_url(fs, p) for p in tars)

@@ -135,6 +135,10 @@ def test_resolve_directory_lists_tar_files_sorted(tmp_path):
     _touch(d / "nested" / "00002.tar")  # not recursive
     assert resolve_shards(str(d)) == expected
     assert resolve_shards(str(d) + "/") == expected
+    # x.tar beside x.tar.gz: the same shard twice, refused (review: it was scored twice)
+    _touch(d / "00010.tar.gz")
+    with pytest.raises(ConfigError, match="holds 00010.tar and 00010.tar.gz: the same shard"):
+        resolve_shards(str(d))
 
 
 def test_resolve_glob_sorted(tmp_path):
