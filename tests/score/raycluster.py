@@ -134,16 +134,27 @@ def worker_port_range() -> int:
     raise RuntimeError("no free worker port range in the band")
 
 
-def node_ports(ip: str) -> list[str]:
+def node_ports(ip: str, taken: set[int] | None = None) -> list[str]:
+    """One node's ports, all different: ports free on two addresses can be one number, and
+    `ray start` refuses a node whose components share one (CI: object manager and dashboard
+    agent both drew 50013)."""
+    taken = set() if taken is None else taken
+
+    def pick(host: str = "127.0.0.1") -> int:
+        while (port := free_port(host)) in taken:
+            pass
+        taken.add(port)
+        return port
+
     low = worker_port_range()
     return [
         f"--node-ip-address={ip}",
-        f"--node-manager-port={free_port(ip)}",
-        f"--object-manager-port={free_port(ip)}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
+        f"--node-manager-port={pick(ip)}",
+        f"--object-manager-port={pick(ip)}",
+        f"--dashboard-agent-listen-port={pick()}",
+        f"--dashboard-agent-grpc-port={pick()}",
+        f"--runtime-env-agent-port={pick()}",
+        f"--metrics-export-port={pick()}",
         f"--min-worker-port={low}",
         f"--max-worker-port={low + WORKER_SPAN}",
     ]
@@ -159,6 +170,7 @@ class Cluster:
         self.nodes: list[RayNode] = []
 
     def start_head(self, num_cpus: int) -> RayNode:
+        client_port = free_port(HEAD_IP)
         node = RayNode(
             [
                 "--head",
@@ -166,10 +178,10 @@ class Cluster:
                 f"--temp-dir={self.temp}",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={free_port(HEAD_IP)}",
+                f"--ray-client-server-port={client_port}",
                 f"--num-cpus={num_cpus}",
                 "--object-store-memory=100000000",
-                *node_ports(HEAD_IP),
+                *node_ports(HEAD_IP, {self.port, self.dashboard_port, client_port}),
             ],
             Path(self.temp).parent / f"{Path(self.temp).name}-head.log",
         )
