@@ -69,6 +69,8 @@ class LOOSetting:
     target_size: int = 60
     reference_size: int = 63  # K reference negatives, drawn from the training set
     noise: float = 0.2  # rate of mismatched captions in the generated pool
+    # V drawn from the clean pairs only (a curated target) instead of from the noisy pool
+    clean_target: bool = False
     batch_size: int = 32
     steps: int = 300
     checkpoints: int = 5
@@ -87,6 +89,8 @@ class LOOSetting:
     # rate pre_lr) before the studied segment; LOO then covers only the segment that follows.
     pre_steps: int = 0
     pre_lr: float = 1.0
+    pre_momentum: float = 0.0
+    pre_warmup: int = 0
 
     def rate(self, step: int) -> float:
         """The learning rate of training step ``step`` of the studied segment."""
@@ -161,7 +165,8 @@ class GroundTruth:
         self.names = [n for n, p in self.init_model.named_parameters() if p.requires_grad]
         if setting.pre_steps:
             pre = copy.deepcopy(self.cfg)
-            pre.steps, pre.lr, pre.warmup, pre.momentum = setting.pre_steps, setting.pre_lr, 0, 0.0
+            pre.steps, pre.lr = setting.pre_steps, setting.pre_lr
+            pre.warmup, pre.momentum = setting.pre_warmup, setting.pre_momentum
             pre_order = batch_order(
                 self.images.shape[0], setting.batch_size, setting.pre_steps, setting.seed + 3
             )
@@ -218,8 +223,12 @@ class GroundTruth:
         rng = random.Random(s.seed)
         order = list(range(len(samples)))
         rng.shuffle(order)
-        target = [samples[i] for i in sorted(order[: s.target_size])]
-        train = [samples[i] for i in sorted(order[s.target_size :])]
+        eligible = [i for i in order if not s.clean_target or defect.get(samples[i].uid) == "clean"]
+        chosen = set(eligible[: s.target_size])
+        if len(chosen) < s.target_size:
+            raise ValueError(f"only {len(chosen)} pairs can be target pairs")
+        target = [samples[i] for i in sorted(chosen)]
+        train = [samples[i] for i in range(len(samples)) if i not in chosen]
         bundle = factory.create(s.model, dtype=self.dtype)
         images, tokens = encode(train, bundle)
         self.images, self.tokens = images.to(self.dtype), tokens
@@ -287,8 +296,14 @@ class GroundTruth:
         return m
 
     # -- scores --------------------------------------------------------------
-    def terms(self, checkpoints: list[tuple[Checkpoint, Params]], chunk: int = 64):
-        """Per-checkpoint fast-form terms of every training sample, as the engine computes them.
+    def terms(
+        self,
+        checkpoints: list[tuple[Checkpoint, Params]],
+        chunk: int = 64,
+        rows: Sequence[int] | None = None,
+    ):
+        """Per-checkpoint fast-form terms of every training sample (or of ``rows``), as the
+        engine computes them.
 
         ``prop_ggn`` / ``prop_hessian`` are <r_t, g_z> of the propagated form
         (``pipeline.influence.propagate``) with the Gauss-Newton or the exact H_B.
@@ -303,12 +318,13 @@ class GroundTruth:
             f"prop_{curvature}": self.propagated(checkpoints, dirs[-1].g_V, curvature)
             for curvature in ("ggn", "hessian")
         }
+        idx = torch.arange(self.n_train) if rows is None else torch.as_tensor(list(rows))
         out: dict[int, dict[str, np.ndarray]] = {}
         for i, ((ckpt, params), d) in enumerate(zip(checkpoints, dirs, strict=True)):
             parts: dict[str, list[np.ndarray]] = {}
-            for start in range(0, self.n_train, chunk):
-                images = self.images[start : start + chunk]
-                tokens = self.tokens[start : start + chunk]
+            for start in range(0, len(idx), chunk):
+                images = self.images[idx[start : start + chunk]]
+                tokens = self.tokens[idx[start : start + chunk]]
                 t = fast_terms(
                     self.fns,
                     params,
@@ -359,7 +375,10 @@ class GroundTruth:
         )
 
     def scores(
-        self, terms: dict[int, dict[str, np.ndarray]], checkpoints: list[Checkpoint]
+        self,
+        terms: dict[int, dict[str, np.ndarray]],
+        checkpoints: list[Checkpoint],
+        rows: Sequence[int] | None = None,
     ) -> dict[str, np.ndarray]:
         """Registry scorers (default options: the propagated form with the Gauss-Newton
         curvature, first order in) plus extra columns: ``diffin_second`` (its second-order
@@ -370,6 +389,7 @@ class GroundTruth:
         ``tracin_removal`` / ``diffin_removal`` (g_z as z's removal gradient)."""
         s = self.setting
         seed, n = s.seed, self.n_train
+        uids = self.uids if rows is None else [self.uids[i] for i in rows]
         checkpoints = attach_block_rates(checkpoints, s.rate)
         ctx = ScoreContext(checkpoints, n, seed, {"first_order": True})
         weights = checkpoint_weights(checkpoints, n)  # derived (their W_first is TracIn's)
@@ -388,12 +408,12 @@ class GroundTruth:
         default_terms = propagated("prop_ggn")
         out: dict[str, np.ndarray] = {}
         for scorer in get_scorers(list(REGISTRY_SCORERS)):
-            out[scorer.name] = scorer.score(default_terms, self.uids, ctx)[scorer.name]
+            out[scorer.name] = scorer.score(default_terms, uids, ctx)[scorer.name]
         diffin = get_scorers(["diffin"])[0]
         out["diffin_second"] = diffin.score(
-            default_terms, self.uids, ScoreContext(checkpoints, n, seed, {"first_order": False})
+            default_terms, uids, ScoreContext(checkpoints, n, seed, {"first_order": False})
         )["diffin"]
-        out["diffin_propagated_hessian"] = diffin.score(propagated("prop_hessian"), self.uids, ctx)[
+        out["diffin_propagated_hessian"] = diffin.score(propagated("prop_hessian"), uids, ctx)[
             "diffin"
         ]
         for name, options in (
@@ -403,7 +423,7 @@ class GroundTruth:
             ("diffin_method_second", {"second_order": "method", "first_order": False}),
         ):
             c2 = ScoreContext(checkpoints, n, seed, options)
-            out[name] = diffin.score(terms, self.uids, c2)["diffin"]
+            out[name] = diffin.score(terms, uids, c2)["diffin"]
         for key in ("hb", "hz", "hv"):
             out[f"diffin_{key}"] = sum(
                 getattr(w, key) * terms[c.step][key]

@@ -74,3 +74,24 @@ def test_removal_changes_the_run():
     assert gt.target_loss(one.final) != gt.target_loss(full.final)
     again = gt.train(removed=gt.mask([0]))
     assert all(torch.equal(one.final[k], again.final[k]) for k in gt.names)
+
+
+def test_a_clean_target_holds_clean_pairs_only_and_rows_score_a_subset(result):
+    torch.set_num_threads(1)
+    gt = GroundTruth(LOOSetting(**TINY, noise=0.4, clean_target=True))
+    assert gt.n_train == 40 and gt.target_images.shape[0] == 16
+    # every pair is either in V or in the training set, and V holds no mismatched caption
+    assert "mismatch" in gt.defects
+    assert gt.defects.count("mismatch") == round(0.4 * 56)
+    full = gt.train(keep_checkpoints=True)
+    ckpts = [c for c, _ in full.checkpoints]
+    everything = gt.scores(gt.terms(full.checkpoints), ckpts)
+    rows = [3, 17, 31]
+    some = gt.scores(gt.terms(full.checkpoints, rows=rows), ckpts, rows=rows)
+    for name in ("diffin", "tracin", "diffin_removal", "loss", "random"):
+        np.testing.assert_allclose(some[name], everything[name][rows], rtol=1e-9, err_msg=name)
+
+
+def test_a_clean_target_needs_enough_clean_pairs():
+    with pytest.raises(ValueError, match="target pairs"):
+        GroundTruth(LOOSetting(**{**TINY, "target_size": 40}, noise=0.5, clean_target=True))
