@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("records", nargs="*", help="with --figure: the JSON records to draw")
     a = p.parse_args(argv)
+    if bool(a.figure) != bool(a.records):
+        p.error("--figure PNG and the JSON records to draw go together")
     if a.figure:
         figure([json.loads(Path(r).read_text()) for r in a.records], a.figure)
         return {}
