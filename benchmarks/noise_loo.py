@@ -17,6 +17,11 @@ If the measured effect itself separates mismatched captions poorly, no faithful
 influence estimate can reach the target; if it separates them well and Diff-In
 does not, the estimator loses what the removal does.
 
+The same retrainings give the ground truth of self-influence (issue 8): the
+measured change of a removed pair's own loss l_z, against which ``diffin_self``
+(the estimated change of z's own loss if z were removed), TracIn
+self-influence and the gradient norm are compared in a second table.
+
 Scope: the removal covers the studied segment only (the warm start trains on
 every pair), as in the LOO settings 1b, 1c and 1f of docs/accuracy.md.
 """
@@ -44,6 +49,8 @@ SCORERS = (
     "loss",
     "clip_score",
 )
+# scored against the measured change of z's own loss
+SELF_SCORERS = ("diffin_self", "diffin_self_second", "tracin_self", "grand", "loss", "diffin")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,18 +132,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     t = time.perf_counter()
     ckpts = [c for c, _ in full.checkpoints]
-    scores = gt.scores(gt.terms(full.checkpoints, rows=removed), ckpts, rows=removed)
+    terms = gt.terms(full.checkpoints, rows=removed, self_influence=True)
+    scores = gt.scores(terms, ckpts, rows=removed)
     timings["scores"] = time.perf_counter() - t
     print(f"scores: {timings['scores']:.0f}s", flush=True)
 
     t = time.perf_counter()
-    actual = []
+    base_self = gt.sample_losses(full.final, removed)
+    actual, actual_self = [], []
     for i, z in enumerate(removed):
-        actual.append(gt.target_loss(gt.train(removed=gt.mask([z])).final) - base)
+        final = gt.train(removed=gt.mask([z])).final
+        actual.append(gt.target_loss(final) - base)
+        actual_self.append(float(gt.sample_losses(final, [z])[0] - base_self[i]))
         if (i + 1) % 10 == 0:
             print(f"  LOO {i + 1}/{len(removed)} ({time.perf_counter() - t:.0f}s)", flush=True)
     timings["loo"] = time.perf_counter() - t
     y = np.asarray(actual)
+    y_self = np.asarray(actual_self)
 
     def auc_ci(s: np.ndarray) -> list[float]:
         return bootstrap_ci(lambda x, m: auroc_low_is_positive(x, m), s, is_mismatch, n=500)
@@ -158,6 +170,25 @@ def main(argv: list[str] | None = None) -> dict:
             }
             for name in SCORERS
         },
+        # own loss: a pair the segment memorised loses most when removed, so a high
+        # measured change => mismatched, and the AUROC is taken of its negative
+        "measured_self_effect": {
+            "auroc_high_is_mismatched": auroc_low_is_positive(-y_self, is_mismatch),
+            "auroc_ci90": auc_ci(-y_self),
+            "mean_mismatch": float(y_self[is_mismatch].mean()),
+            "mean_clean": float(y_self[~is_mismatch].mean()),
+            "positive_fraction": float((y_self > 0).mean()),
+            "spearman_with_measured_target_change": spearman(y_self, y),
+        },
+        "per_self_scorer": {
+            name: {
+                "auroc": auroc_low_is_positive(scores[name], is_mismatch),
+                "auroc_ci90": auc_ci(scores[name]),
+                "spearman_with_measured_self": spearman(scores[name], y_self),
+                "positive_fraction": float((scores[name] > 0).mean()),
+            }
+            for name in SELF_SCORERS
+        },
     }
     timings["total"] = time.perf_counter() - t0
     record = {
@@ -172,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
         "defects": defects[removed].tolist(),
         "measured": y,
         "scores": {k: scores[k] for k in SCORERS},
+        "measured_self": y_self,
+        "base_own_loss": base_self,
+        "self_scores": {k: scores[k] for k in SELF_SCORERS},
         "summary": summary,
         "timings_s": timings,
         "environment": environment(),
@@ -191,28 +225,78 @@ def main(argv: list[str] | None = None) -> dict:
         f"measured mean: mismatched {m['mean_mismatch']:+.2e}, clean {m['mean_clean']:+.2e}; "
         f"total {timings['total']:.0f}s"
     )
+    ms = summary["measured_self_effect"]
+    rows = [
+        [
+            "measured change of l_z (high => mismatched)",
+            ms["auroc_high_is_mismatched"],
+            _ci(ms["auroc_ci90"]),
+            1.0,
+        ],
+        *[
+            [n, r["auroc"], _ci(r["auroc_ci90"]), r["spearman_with_measured_self"]]
+            for n, r in summary["per_self_scorer"].items()
+        ],
+    ]
+    print(md_table(["score", "AUROC mismatch vs clean", "90% CI", "Spearman with own"], rows))
+    print(
+        f"measured own-loss change: mismatched {ms['mean_mismatch']:+.2e}, "
+        f"clean {ms['mean_clean']:+.2e}, positive {ms['positive_fraction']:.2f}"
+    )
     return record
 
 
 def figure(records: list[dict], path: str) -> None:
-    """Per record: the measured change of L_V by class, and the AUROC of each score."""
+    """Per record: the measured change of L_V by class, and the AUROC of each score. Records
+    that also measured the change of the removed pair's own loss get a second figure,
+    ``<path>_self.png``, the same for self-influence."""
+    _draw(
+        records,
+        path,
+        "measured",
+        "measured change of L_V",
+        lambda rec: (
+            [("measured", rec["summary"]["measured_effect"]["auroc"])]
+            + [(n, r["auroc"]) for n, r in rec["summary"]["per_scorer"].items()]
+        ),
+    )
+    with_self = [r for r in records if "measured_self" in r]
+    if with_self:
+        p = Path(path)
+        _draw(
+            with_self,
+            str(p.with_name(f"{p.stem}_self{p.suffix}")),
+            "measured_self",
+            "measured change of own loss l_z",
+            lambda rec: (
+                [
+                    (
+                        "measured (high => mismatched)",
+                        rec["summary"]["measured_self_effect"]["auroc_high_is_mismatched"],
+                    )
+                ]
+                + [(n, r["auroc"]) for n, r in rec["summary"]["per_self_scorer"].items()]
+            ),
+        )
+
+
+def _draw(records: list[dict], path: str, key: str, ylabel: str, aurocs) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(len(records), 2, figsize=(11, 3.4 * len(records)), squeeze=False)
     for (left, right), rec in zip(axes, records, strict=True):
         s = rec["setting"]
         title = f"warm start {s['pre_steps']} steps, segment {s['steps']} steps at lr {s['lr']:g}"
-        y = np.asarray(rec["measured"])
+        if s.get("seed"):
+            title += f", seed {s['seed']}"
+        y = np.asarray(rec[key])
         mis = np.asarray(rec["defects"]) == "mismatch"
         jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(y))
         left.scatter(mis.astype(float) + jitter, y, s=10, c=np.where(mis, "tab:red", "tab:blue"))
         left.set_xticks([0, 1], ["clean", "mismatched"])
         left.axhline(0, lw=0.5, c="k")
-        left.set_ylabel("measured change of L_V")
+        left.set_ylabel(ylabel)
         left.set_title(title, fontsize=9)
-        names = ["measured", *rec["summary"]["per_scorer"]]
-        vals = [rec["summary"]["measured_effect"]["auroc"]] + [
-            r["auroc"] for r in rec["summary"]["per_scorer"].values()
-        ]
+        names, vals = zip(*aurocs(rec), strict=True)
         colors = ["k"] + ["tab:green" if n.startswith("diffin") else "tab:gray" for n in names[1:]]
         right.barh(names[::-1], vals[::-1], color=colors[::-1])
         right.axvline(0.5, lw=0.5, c="k", ls=":")

@@ -48,6 +48,7 @@ from pipeline.influence.estimator import (
 from pipeline.influence.fast import fast_terms
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.influence.propagate import propagated_directions
+from pipeline.influence.selfinf import SelfConfig, SelfInfluenceEngine
 from pipeline.influence.vectors import dot, norm
 from pipeline.model import factory
 from pipeline.model.batches import encode
@@ -58,6 +59,7 @@ from pipeline.train.schedule import checkpoint_steps, lr_at
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REGISTRY_SCORERS = ("diffin", "tracin", "loss", "clip_score", "random")
+SELF_SCORERS = ("diffin_self", "tracin_self", "grand")
 
 
 @dataclass
@@ -275,6 +277,13 @@ class GroundTruth:
                 .mean()
             )
 
+    def sample_losses(self, params: Params, rows: Sequence[int]) -> np.ndarray:
+        """The training pairs' own losses l_z (the loss L_V averages), for self-influence."""
+        idx = torch.as_tensor(list(rows))
+        with torch.no_grad(), derivative_mode():
+            losses = self.fns.sample_losses(params, self.images[idx], self.tokens[idx])
+        return losses.double().numpy()
+
     def perturbed_init_run(self, rel: float = 1e-10, seed: int = 5) -> TrainResult:
         """Retrain from initial weights perturbed by ``rel`` (relative): the chaos floor."""
         saved = self.init_model
@@ -301,12 +310,15 @@ class GroundTruth:
         checkpoints: list[tuple[Checkpoint, Params]],
         chunk: int = 64,
         rows: Sequence[int] | None = None,
+        self_influence: bool = False,
     ):
         """Per-checkpoint fast-form terms of every training sample (or of ``rows``), as the
         engine computes them.
 
         ``prop_ggn`` / ``prop_hessian`` are <r_t, g_z> of the propagated form
         (``pipeline.influence.propagate``) with the Gauss-Newton or the exact H_B.
+        With ``self_influence``, also the self terms of the scalable form at its defaults
+        (``SelfInfluenceEngine``, as the scoring workers build it).
         """
         grad_batches = [(self.images[i], self.tokens[i]) for i in self.grad_idx]
         target = (self.target_images, self.target_tokens)
@@ -322,6 +334,13 @@ class GroundTruth:
         out: dict[int, dict[str, np.ndarray]] = {}
         for i, ((ckpt, params), d) in enumerate(zip(checkpoints, dirs, strict=True)):
             parts: dict[str, list[np.ndarray]] = {}
+            engine = (
+                SelfInfluenceEngine(
+                    self.fns, params, d.g_B, grad_batches, SelfConfig(seed=self.setting.seed)
+                )
+                if self_influence
+                else None
+            )
             for start in range(0, len(idx), chunk):
                 images = self.images[idx[start : start + chunk]]
                 tokens = self.tokens[idx[start : start + chunk]]
@@ -344,6 +363,8 @@ class GroundTruth:
                 t["prop_ggn_removal"] = fast_terms(
                     self.fns_removal, params, d, images, tokens, {"hlin"}, lin=props["prop_ggn"][i]
                 )["hlin"]
+                if engine is not None:
+                    t.update(engine.terms(images, tokens))
                 for k, v in t.items():
                     parts.setdefault(k, []).append(v.double().numpy())
             out[ckpt.step] = {k: np.concatenate(v) for k, v in parts.items()}
@@ -386,7 +407,9 @@ class GroundTruth:
         ``diffin_derived_second`` (the derived expansion), its parts ``diffin_hb``,
         ``diffin_hz``, ``diffin_hv``, ``diffin_method`` / ``diffin_method_second`` (the
         METHOD.md form of the weights), ``tracin_last`` (last checkpoint only), and
-        ``tracin_removal`` / ``diffin_removal`` (g_z as z's removal gradient)."""
+        ``tracin_removal`` / ``diffin_removal`` (g_z as z's removal gradient). With self
+        terms (``terms(self_influence=True)``): the self-influence scorers, and
+        ``diffin_self_second`` (their second-order part)."""
         s = self.setting
         seed, n = s.seed, self.n_train
         uids = self.uids if rows is None else [self.uids[i] for i in rows]
@@ -436,6 +459,12 @@ class GroundTruth:
             for c, w in zip(checkpoints, weights, strict=True)
         )
         out["diffin_removal"] = sum(terms[c.step]["prop_ggn_removal"] for c in checkpoints)
+        if "self_first" in terms[checkpoints[-1].step]:
+            for scorer in get_scorers(list(SELF_SCORERS)):
+                out[scorer.name] = scorer.score(terms, uids, ctx)[scorer.name]
+            out["diffin_self_second"] = get_scorers(["diffin_self"])[0].score(
+                terms, uids, ScoreContext(checkpoints, n, seed, {"first_order": False})
+            )["diffin_self"]
         return out
 
     def expansion_radius(

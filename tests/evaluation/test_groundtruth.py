@@ -95,3 +95,22 @@ def test_a_clean_target_holds_clean_pairs_only_and_rows_score_a_subset(result):
 def test_a_clean_target_needs_enough_clean_pairs():
     with pytest.raises(ValueError, match="target pairs"):
         GroundTruth(LOOSetting(**{**TINY, "target_size": 40}, noise=0.5, clean_target=True))
+
+
+def test_self_influence_scores_and_own_losses_match_the_engine():
+    torch.set_num_threads(1)
+    gt = GroundTruth(LOOSetting(**TINY))
+    full = gt.train(keep_checkpoints=True)
+    ckpts = [c for c, _ in full.checkpoints]
+    everything = gt.scores(gt.terms(full.checkpoints, self_influence=True), ckpts)
+    rows = [2, 11, 29]
+    some = gt.scores(gt.terms(full.checkpoints, rows=rows, self_influence=True), ckpts, rows=rows)
+    for name in ("diffin_self", "diffin_self_second", "tracin_self", "grand"):
+        assert everything[name].shape == (gt.n_train,), name
+        assert np.isfinite(everything[name]).all(), name
+        np.testing.assert_allclose(some[name], everything[name][rows], rtol=1e-8, err_msg=name)
+    # without self terms, no self columns
+    assert "diffin_self" not in gt.scores(gt.terms(full.checkpoints, rows=rows), ckpts, rows=rows)
+    # l_z at the last checkpoint is what the loss scorer stores, negated
+    last = full.checkpoints[-1][1]
+    np.testing.assert_allclose(gt.sample_losses(last, rows), -everything["loss"][rows], rtol=1e-9)
