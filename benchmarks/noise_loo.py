@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
             for name in SCORERS
         },
-        # own loss: a pair the segment memorised loses most when removed, so a high
+        # own loss: removing a pair the segment memorised raises its loss most, so a high
         # measured change => mismatched, and the AUROC is taken of its negative
         "measured_self_effect": {
             "auroc_high_is_mismatched": auroc_low_is_positive(-y_self, is_mismatch),

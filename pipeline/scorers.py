@@ -249,7 +249,10 @@ class DiffInSelf(DiffIn):
     and, like every column, pruned from the bottom: the second-order term is
     negative and dominates (|I| ~ 40 F on the demo pool), most of all for pairs
     with high curvature along their own gradient (mismatched captions, junk).
-    docs/accuracy.md has the measurement behind this choice.
+    docs/accuracy.md has the measurement behind this choice; its section 4c
+    checks the column against leave-one-out: at the CLI's rate it does not
+    follow the measured rise of z's own loss, and at a small rate, where it
+    does, mismatched pairs sit at the top.
     Scalable form and its approximations: pipeline/influence/selfinf.py.
     With the target V = {z}, H_V = H_z, so the derived form's hv term
     <g_z, H_V g_B> is self_hz itself: the key is given twice.

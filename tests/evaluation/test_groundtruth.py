@@ -97,7 +97,7 @@ def test_a_clean_target_needs_enough_clean_pairs():
         GroundTruth(LOOSetting(**{**TINY, "target_size": 40}, noise=0.5, clean_target=True))
 
 
-def test_self_influence_scores_and_own_losses_match_the_engine():
+def test_self_influence_rows_score_a_subset_and_own_losses_are_the_loss_column():
     torch.set_num_threads(1)
     gt = GroundTruth(LOOSetting(**TINY))
     full = gt.train(keep_checkpoints=True)
