@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     gt = G.GroundTruth(setting)
     timings["data_and_warm_start"] = time.perf_counter() - t0
-    start_loss = gt.target_loss({k: v for k, v in gt.init_model.named_parameters()})
+    start_loss = gt.target_loss(dict(gt.init_model.named_parameters()))
     full = gt.train(keep_checkpoints=True)
     base = gt.target_loss(full.final)
     print(f"L_V: {start_loss:.4f} at the segment's start, {base:.4f} at its end", flush=True)
@@ -213,32 +213,25 @@ def main(argv: list[str] | None = None) -> dict:
     if a.out:
         write_json(a.out, record)
     m = summary["measured_effect"]
-    rows = [
-        ["measured change of L_V (ground truth)", m["auroc"], _ci(m["auroc_ci90"]), 1.0],
-        *[
-            [n, r["auroc"], _ci(r["auroc_ci90"]), r["spearman_with_measured"]]
-            for n, r in summary["per_scorer"].items()
-        ],
-    ]
-    print(md_table(["score", "AUROC mismatch vs clean", "90% CI", "Spearman with measured"], rows))
+    _print_table(
+        "measured change of L_V (ground truth)",
+        m["auroc"],
+        m["auroc_ci90"],
+        summary["per_scorer"],
+        "spearman_with_measured",
+    )
     print(
         f"measured mean: mismatched {m['mean_mismatch']:+.2e}, clean {m['mean_clean']:+.2e}; "
         f"total {timings['total']:.0f}s"
     )
     ms = summary["measured_self_effect"]
-    rows = [
-        [
-            "measured change of l_z (high => mismatched)",
-            ms["auroc_high_is_mismatched"],
-            _ci(ms["auroc_ci90"]),
-            1.0,
-        ],
-        *[
-            [n, r["auroc"], _ci(r["auroc_ci90"]), r["spearman_with_measured_self"]]
-            for n, r in summary["per_self_scorer"].items()
-        ],
-    ]
-    print(md_table(["score", "AUROC mismatch vs clean", "90% CI", "Spearman with own"], rows))
+    _print_table(
+        "measured change of l_z (high => mismatched)",
+        ms["auroc_high_is_mismatched"],
+        ms["auroc_ci90"],
+        summary["per_self_scorer"],
+        "spearman_with_measured_self",
+    )
     print(
         f"measured own-loss change: mismatched {ms['mean_mismatch']:+.2e}, "
         f"clean {ms['mean_clean']:+.2e}, positive {ms['positive_fraction']:.2f}"
@@ -308,6 +301,18 @@ def _draw(records: list[dict], path: str, key: str, ylabel: str, aurocs) -> None
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _print_table(
+    measured: str, auroc: float, ci: list[float], per_scorer: dict, spearman_key: str
+) -> None:
+    """The measured effect's row, then one row per scorer."""
+    rows = [[measured, auroc, _ci(ci), 1.0]] + [
+        [n, r["auroc"], _ci(r["auroc_ci90"]), r[spearman_key]] for n, r in per_scorer.items()
+    ]
+    print(
+        md_table(["score", "AUROC mismatch vs clean", "90% CI", f"Spearman ({spearman_key})"], rows)
+    )
 
 
 def _ci(ci: list[float]) -> str:
