@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from fsspec.core import split_protocol, url_to_fs
 
 from pipeline.data.reader import ShardReadError, iter_raw, json_uid, normal_name
-from pipeline.data.shards import shard_stamp
+from pipeline.data.shards import shard_stamps
 from pipeline.data.tarwriter import ShardWriter, brace_pattern
 from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
@@ -93,14 +93,14 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
         )
     fp = table_metadata(run.scores).get("fingerprint")
     stamps = recorded_stamps(run.part("x"), fingerprint_hash(fp)) if fp else {}
+    _refuse_changed_shards(selection, stamps)
     out = run.prune_dir(cfg.manifest_name)
     # Built beside its final place and swapped in whole: a failed rerun
     # leaves the previous manifest as it was.
     build = run.prune_dir(f".{cfg.manifest_name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        manifest = _build(
-            cfg, selection, build, final=out, reader=scored_reader_options(run), stamps=stamps
-        )
+        manifest = _build(cfg, selection, build, final=out, reader=scored_reader_options(run))
+        _refuse_changed_shards(selection, stamps)  # again: one rewritten while it was read
     except BaseException:
         remove(build, recursive=True)
         raise
@@ -123,12 +123,10 @@ def _build(
     build: str,
     final: str,
     reader: dict[str, Any],
-    stamps: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """Write the manifest directory at ``build``; its paths name ``final``, where it will live.
 
-    ``reader``: the image and text keys the rows were scored with; ``stamps``: each
-    scored shard's size and version from its completion record.
+    ``reader``: the image and text keys the rows were scored with.
     """
     t0 = time.time()
     makedirs(build)
@@ -165,7 +163,6 @@ def _build(
                         if pending is None or pending[0] != shard:
                             if pending is not None:
                                 counts.update(_reshard(writer, *pending, reader))
-                            _check_unchanged(shard, stamps)
                             pending = (shard, set())
                         pending[1].add(normal_name(key))
                 if pending is not None:
@@ -372,23 +369,39 @@ def _has_json_uid(members: dict[str, bytes]) -> bool:
         return False
 
 
-def _check_unchanged(shard: str, stamps: dict[str, dict[str, Any]]) -> None:
-    """Refuse a shard moved or rewritten since it was scored.
+def _refuse_changed_shards(selection: Selection, stamps: dict[str, dict[str, Any]]) -> None:
+    """Refuse, before anything is written, a kept sample whose shard moved or was rewritten
+    since it was scored.
 
-    Its samples are re-read by key: a shard rewritten in place would put pairs
-    that were never scored in the manifest, under the scores of others. Shards
-    without a stamped record (tables written by hand) are not checked.
+    Kept samples are re-read by key: a shard rewritten in place would put pairs
+    that were never scored in the manifest, under the scores of others. The
+    shards are asked for with one listing per directory, not one request each
+    (a pool on an object store has thousands). A shard changed but with no kept
+    sample does not matter to this manifest; shards without a stamped record
+    (tables written by hand) are not checked.
     """
-    if shard not in stamps:
+    if not stamps:
         return
-    now = shard_stamp(shard)
-    if now != stamps[shard]:
-        what = "cannot be found or read" if now is None else "was rewritten"
-        raise ConfigError(
-            f"data: {shard} {what} since it was scored (its size and version differ from its "
-            "completion record); restore it, or run `diffin score` again (it scores changed "
-            "shards anew)"
-        )
+    now = shard_stamps(sorted(stamps))
+    changed = {shard for shard, stamp in stamps.items() if now[shard] != stamp}
+    if not changed:
+        return
+    hit: dict[str, None] = {}  # the changed shards holding kept rows, in table order
+    for batch in selection.kept_batches(["shard"]):
+        for shard in pa.compute.unique(batch.column("shard")).to_pylist():
+            if shard in changed:
+                hit.setdefault(shard)
+    if not hit:
+        return
+    first = next(iter(hit))
+    what = "cannot be found or read" if now[first] is None else "was rewritten"
+    others = list(hit)[1:]
+    more = f" (and {len(others)} more kept shard(s), e.g. {others[:3]})" if others else ""
+    raise ConfigError(
+        f"data: {first} {what} since it was scored{more} (its size and version differ from "
+        "its completion record); restore it, or run `diffin score` again (it scores changed "
+        "shards anew)"
+    )
 
 
 def _reshard(

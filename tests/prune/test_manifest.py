@@ -473,6 +473,62 @@ def test_a_shard_rewritten_or_moved_since_scoring_is_refused_by_prune(tmp_path):
     assert not Path(run, "prune", "again").exists()
 
 
+def test_prune_checks_the_scored_shards_with_one_listing_before_writing(tmp_path, monkeypatch):
+    """Stamps were asked for one shard at a time, as each was resharded: one request per
+    kept shard on an object store, and a changed shard found after part of the manifest
+    was written. Now: one listing per directory, and the refusal comes first."""
+    import pipeline.data.shards as shards
+    from pipeline.rundir import RunDir, write_json
+    from pipeline.score.merge import done_url
+    from pipeline.score.table import fingerprint_hash
+
+    png = b"\x89PNG\r\n\x1a\npng-bytes"
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    names = ["00000.tar", "00001.tar", "00002.tar"]
+    for name in names:
+        _raw_tar(pool / name, [(f"{i}.{e}", png) for i in range(2) for e in ("png", "txt")])
+    rows = [(pool / name, str(i), i) for name in names for i in range(2)]
+    run = _scored_run(tmp_path, rows, fingerprint={"version": "test"})
+    fp = fingerprint_hash({"version": "test"})
+    for n, name in enumerate(names):
+        shard = str(pool / name)
+        record = {"shard": shard, "stamp": shards.shard_stamp(shard), "fingerprint": fp}
+        write_json(done_url(RunDir(str(run)).part(f"{n:05d}")), record)
+
+    asked: list[str] = []
+    one_by_one = shards.shard_stamp
+    monkeypatch.setattr(shards, "shard_stamp", lambda url: asked.append(url) or one_by_one(url))
+    # keep 3 of 6 (scores fall in row order): both rows of 00000 and the first of 00001
+    assert write_manifest(PruneConfig(run=str(run), keep=0.5))["kept"] == 3
+    assert asked == []  # the listing said all a local file's stamp says
+    # a shard with no kept row may change: this manifest does not read it
+    _raw_tar(pool / "00002.tar", [("9.png", b"x"), ("9.txt", b"other")])
+    assert write_manifest(PruneConfig(run=str(run), keep=0.5, name="b"))["kept"] == 3
+    # rewritten (same keys, other pairs) while prune copies the first shard: refused too
+    import pipeline.prune.manifest as manifest
+
+    copy = manifest._reshard
+
+    def copy_then_rewrite(writer, shard, keys, reader):
+        out = copy(writer, shard, keys, reader)
+        _raw_tar(pool / "00001.tar", [(f"{i}.{e}", b"other") for i in range(5) for e in "pt"])
+        return out
+
+    monkeypatch.setattr(manifest, "_reshard", copy_then_rewrite)
+    with pytest.raises(ConfigError, match=r"00001.tar was rewritten since it was scored \("):
+        write_manifest(PruneConfig(run=str(run), keep=0.5, name="c"))
+    monkeypatch.setattr(manifest, "_reshard", copy)
+    (pool / "00000.tar").unlink()
+    with pytest.raises(
+        ConfigError,
+        match=r"00000.tar cannot be found or read since it was scored \(and 1 more kept shard",
+    ) as err:
+        write_manifest(PruneConfig(run=str(run), keep=0.5, name="c"))
+    assert "00001.tar" in str(err.value) and "00002.tar" not in str(err.value)
+    assert sorted(p.name for p in Path(run, "prune").iterdir()) == ["b", "diffin-keep0.5"]
+
+
 def test_a_shard_that_no_longer_holds_the_kept_keys_is_a_config_error(tmp_path):
     """Without a completion record to compare with: a clear error, not a RuntimeError."""
     run, shard = _one_shard_run(tmp_path, [b"a red square", b"a blue circle"])
