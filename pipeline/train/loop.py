@@ -131,10 +131,12 @@ def train_loop(
     model.train()
     # disable=None: a bar only on a terminal (in a file or a Ray job log its \r updates
     # are one unreadable line); the checkpoints are logged either way.
+    # The loop visits step == steps to save and checkpoint the end, but trains no step
+    # there: the bar counts trained steps only (it said 400/401 at the end).
     bar = tqdm(
-        range(start, steps + 1), desc="train", unit="step", disable=None if progress else True
+        total=steps, initial=start, desc="train", unit="step", disable=None if progress else True
     )
-    for step in bar:
+    for step in range(start, steps + 1):
         lr = lr_at(step, cfg.lr, cfg.warmup, steps, cfg.schedule)
         if step in ckpts and on_checkpoint is not None:
             on_checkpoint(step, lr, model)
@@ -163,5 +165,7 @@ def train_loop(
         if step % 10 == 0 or step == steps - 1:
             losses.append((step, round(value, 5)))
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
+        bar.update(1)
+    bar.close()
     model.eval()
     return losses

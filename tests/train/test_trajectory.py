@@ -404,3 +404,39 @@ def test_a_run_from_a_pretrained_tag_is_scored_with_that_tags_preprocessing(
     }
     first = by_uid[meta["uids"][0]]
     assert torch.equal(scorer.bundle.preprocess(first.image), ref["images"][0])
+
+
+def test_the_train_bar_counts_trained_steps_from_where_a_resumed_loop_starts(
+    loop_data, monkeypatch
+):
+    """The bar ran over range(start, steps + 1): a finished run said 8/9 steps."""
+    import copy
+    import io
+
+    import pipeline.train.loop as loop
+
+    bars: list = []
+    make_bar = loop.tqdm
+
+    def shown(*args, **kwargs):
+        bar = make_bar(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(loop, "tqdm", shown)
+    images, tokens = loop_data
+    cfg = TrainConfig(data="x", run="x", steps=STEPS, warmup=2, batch_size=BS, lr=0.05)
+    order = batch_order(N, BS, STEPS, seed=0)
+    saved: dict = {}
+
+    def save(step, opt, losses):
+        saved.setdefault(step, (copy.deepcopy(opt.state_dict()), list(losses)))
+
+    torch.manual_seed(0)
+    train_loop(factory.create("diffin-tiny").model, images, tokens, cfg, order,
+               save_steps={3}, on_save=save)  # fmt: skip
+    torch.manual_seed(0)
+    state = loop.LoopState(3, *saved[3])
+    train_loop(factory.create("diffin-tiny").model, images, tokens, cfg, order, state=state)
+    assert [(b.n, b.total) for b in bars] == [(STEPS, STEPS), (STEPS, STEPS)]
+    assert "8/8" in bars[0].fp.getvalue() and "3/8" in bars[1].fp.getvalue()
