@@ -397,6 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="scored columns to compare (comma-separated); default: every scorer of the table",
     )
+    e.add_argument(
+        "--fuse",
+        type=_weights,
+        action="append",
+        default=None,
+        help="also compare a weighted fusion of scorers, kept as `diffin prune --fuse` keeps it, "
+        "e.g. 'diffin_self=1,loss=1' (repeatable: one subset per fusion and keep)",
+    )
+    e.add_argument(
+        "--fusion-norm",
+        choices=["zscore", "rank"],
+        default=None,
+        help="with --fuse: how each scorer is normalised (default: zscore)",
+    )
     e.add_argument("--no-full", dest="full", action="store_false", help="skip the full pool")
     e.add_argument("--data", default=None, help="the scored pool; default: as scored")
     e.add_argument("--eval-data", default=None, help="held-out shards; default: the pool's eval/")
@@ -565,11 +579,15 @@ def run(args: argparse.Namespace) -> object:
         from pipeline.evaluation.config import EvaluateConfig
         from pipeline.evaluation.retrain import run_evaluation
 
+        if args.fusion_norm is not None and not args.fuse:
+            raise ConfigError("--fusion-norm: only used with --fuse")
         summary = run_evaluation(
             EvaluateConfig(
                 run=args.run,
                 keeps=args.keep,
                 methods=args.methods,
+                fusions=args.fuse or [],
+                fusion_norm=args.fusion_norm or "zscore",
                 full=args.full,
                 data=absolute_pattern(args.data),
                 eval_data=absolute_pattern(args.eval_data),

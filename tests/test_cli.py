@@ -182,7 +182,14 @@ def test_make_data_bad_target_samples(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "flag,value,field",
-    [("--keep", "1.5", "keeps"), ("--methods", "nope", "methods"), ("--steps", "0", "steps")],
+    [
+        ("--keep", "1.5", "keeps"),
+        ("--methods", "nope", "methods"),
+        ("--steps", "0", "steps"),
+        ("--fuse", "nope=1,loss", "fusion: no column 'nope'"),
+        ("--fuse", "loss=0", "fusion: weight of 'loss'"),
+        ("--fusion-norm", "rank", "--fusion-norm: only used with --fuse"),
+    ],
 )
 def test_evaluate_refuses_bad_config_before_training(
     tiny_scored, tmp_path, capsys, flag, value, field

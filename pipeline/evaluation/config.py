@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import ConfigError, is_int, is_number
+from pipeline.prune.config import PruneConfig
 
 
 @dataclass
@@ -15,6 +16,10 @@ class EvaluateConfig:
     keeps: list[float] = field(default_factory=lambda: [0.5, 0.7])
     # None: every scorer the table was scored with (`diffin score --methods`)
     methods: list[str] | None = None
+    # Fused rankings to compare too, each as `diffin prune --fuse` keeps it
+    # (scorer column -> weight), all normalised by ``fusion_norm``.
+    fusions: list[dict[str, float]] = field(default_factory=list)
+    fusion_norm: str = "zscore"  # "zscore" or "rank"
     full: bool = True  # also train on every ok pair (the "no pruning" row)
     data: str | None = None  # the scored pool; default: the pattern `diffin score` recorded
     eval_data: str | None = None  # held-out shards; default: the generated pool's eval/ split
@@ -50,6 +55,11 @@ class EvaluateConfig:
             raise ConfigError("methods: give at least one scorer column")
         if self.methods is not None and len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods: duplicates in {self.methods}")
+        for fusion in self.fusions:
+            self.prune_config(fusion, 1.0).validate()
+        spelled = [self.prune_config(f, 1.0).ranking for f in self.fusions]
+        if len(set(spelled)) != len(spelled):
+            raise ConfigError(f"fusions: duplicates in {spelled}")
         for name, low in (("threads", 0), ("steps", 1), ("batch_size", 2)):
             value = getattr(self, name)
             if value is None and name != "threads":
@@ -71,6 +81,10 @@ class EvaluateConfig:
             raise ConfigError(f"optimizer: must be 'sgd' or 'adamw' (got {self.optimizer!r})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: must be > 0 (got {self.lr!r})")
+
+    def prune_config(self, fusion: dict[str, float], keep: float) -> PruneConfig:
+        """The prune rule whose kept rows a fused subset trains on."""
+        return PruneConfig(run=self.run, keep=keep, fusion=fusion, fusion_norm=self.fusion_norm)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,6 +38,7 @@ from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.provenance import provenance
 from pipeline.prune.manifest import select
+from pipeline.prune.select import plan
 from pipeline.rundir import (
     RunDir,
     exists,
@@ -239,10 +240,17 @@ def _scored_methods(run: RunDir, table: pa.Table) -> list[str]:
 
 
 def plan_subsets(
-    cfg: EvaluateConfig, table: pa.Table, batch_size: int | None = None
+    cfg: EvaluateConfig,
+    table: pa.Table,
+    batch_size: int | None = None,
+    table_url: str | None = None,
 ) -> list[dict[str, Any]]:
     """(name, method, keep, uids) of every subset to train on; refuses, before any training,
-    unknown columns and subsets too small for one batch of ``batch_size``."""
+    unknown columns and subsets too small for one batch of ``batch_size``.
+
+    A fused subset is chosen by prune's own planner from ``table_url`` (the file
+    ``table`` was read from), so it holds exactly the rows `diffin prune --fuse` keeps.
+    """
     assert cfg.methods is not None
     missing = [m for m in cfg.methods if m not in table.column_names]
     if missing:
@@ -258,6 +266,16 @@ def plan_subsets(
             kept = select(table, m, keep).column("uid").to_pylist()
             subsets.append(
                 {"name": f"{m}@{keep:g}", "method": m, "keep": float(keep), "uids": kept}
+            )
+        for fusion in cfg.fusions:
+            if table_url is None:
+                raise ValueError("plan_subsets: fused subsets need table_url")
+            rule = cfg.prune_config(fusion, keep)
+            selection = plan(rule, table_url)  # refuses unknown columns
+            kept = [u for b in selection.kept_batches(["uid"]) for u in b.column("uid").to_pylist()]
+            name = rule.ranking
+            subsets.append(
+                {"name": f"{name}@{keep:g}", "method": name, "keep": float(keep), "uids": kept}
             )
     for keep in cfg.keeps:
         # The comparison holds the subset size fixed; a scorer with non-finite scores or a
@@ -351,7 +369,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         cfg = replace(cfg, methods=_scored_methods(run, table))
     src = locate_sources(cfg, run)
     # refuses bad methods and undersized subsets before any training
-    subsets = plan_subsets(cfg, table, train_cfg.batch_size)
+    subsets = plan_subsets(cfg, table, train_cfg.batch_size, run.scores)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()

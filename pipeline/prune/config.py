@@ -121,15 +121,20 @@ class PruneConfig:
         return "fusion" if self.fusion else self.method
 
     @property
+    def ranking(self) -> str:
+        """The ranking score spelled out: the method, or the fusion with its norm and weights."""
+        if not self.fusion:
+            return self.method
+        parts = "+".join(f"{c}{_num(w)}" for c, w in sorted(self.fusion.items()))
+        return f"fusion-{self.fusion_norm}-{parts}"
+
+    @property
     def manifest_name(self) -> str:
         if self.name:
             return self.name
         if self.rule == "fraction" and not self.fusion:
             return f"{self.method}-keep{_num(self.keep)}"  # the original spelling
-        base = self.score_name
-        if self.fusion:
-            parts = "+".join(f"{c}{_num(w)}" for c, w in sorted(self.fusion.items()))
-            base = f"fusion-{self.fusion_norm}-{parts}"
+        base = self.ranking
         if self.rule == "threshold":
             return f"{base}-ge{_num(self.threshold)}"
         if self.rule == "balanced":

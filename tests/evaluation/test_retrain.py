@@ -98,6 +98,10 @@ def test_same_config_gives_the_same_figures(evaluated, tmp_path):
         (dict(seeds=[0, 2**64]), "^seeds: every seed"),
         (dict(seeds=[-1]), "^seeds: every seed"),
         (dict(weight_decay=float("nan")), "^weight_decay"),
+        (dict(fusions=[{"loss": 1.0, "nope": 1.0}]), "^fusion: no column 'nope'"),
+        (dict(fusions=[{"loss": float("nan")}]), "^fusion: weight of 'loss'"),
+        (dict(fusions=[{"loss": 1.0}], fusion_norm="max"), "^fusion_norm"),
+        (dict(fusions=[{"loss": 1.0}, {"loss": 1}]), "^fusions: duplicates"),
         (dict(weight_decay=float("inf")), "^weight_decay"),
         (dict(batch_size=True), "^batch_size"),
     ],
@@ -328,3 +332,42 @@ def test_an_evaluation_that_dies_while_writing_leaves_the_previous_one_whole(
     assert pq.read_table(f"{run}/evaluate/results.parquet").column("subset").to_pylist() == [
         "random@0.5"
     ]
+
+
+def test_a_fused_subset_is_what_prune_keeps_for_that_fusion(tiny_scored, tmp_path):
+    """`evaluate --fuse` could not compare a fusion (issue 8: diffin_self combined with other
+    scores): the fused subset is the z-scored weighted sum's top fraction, ties by uid."""
+    import numpy as np
+
+    from pipeline.evaluation.retrain import plan_subsets
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    fusion = {"loss": 1.0, "diffin": 0.5}
+    cfg = EvaluateConfig(run=run, keeps=[0.5], methods=["loss"], full=False, fusions=[fusion])
+    cfg.validate()
+    table = pq.read_table(f"{run}/scores.parquet")
+    subsets = plan_subsets(cfg, table, table_url=f"{run}/scores.parquet")
+    assert [s["name"] for s in subsets] == ["loss@0.5", "fusion-zscore-diffin0.5+loss1@0.5"]
+    ok = table.to_pandas().query("status == 'ok'")
+    fused = sum(w * (ok[c] - ok[c].mean()) / ok[c].std(ddof=0) for c, w in fusion.items())
+    k = round(0.5 * len(ok))
+    order = np.lexsort((ok.uid.to_numpy(), -fused.to_numpy()))[:k]
+    assert sorted(subsets[1]["uids"]) == sorted(ok.uid.to_numpy()[order])
+    assert len(subsets[1]["uids"]) == len(subsets[0]["uids"])
+    assert sorted(subsets[1]["uids"]) != sorted(subsets[0]["uids"])  # the fusion chose others
+
+
+def test_evaluate_retrains_on_a_fused_subset_beside_the_scorers(tiny_scored, tmp_path):
+    from pipeline import cli
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    argv = ["evaluate", "--run", run, "--keep", "0.5", "--methods", "loss", "--no-full"]
+    argv += ["--fuse", "loss,diffin=0.5", "--fuse", "tracin", "--fusion-norm", "rank"]
+    assert cli.main([*argv, "--steps", "2", "--threads", "1"]) == 0
+    record = json.loads(Path(run, "evaluate", "evaluate.json").read_text())
+    names = [r["subset"] for r in record["results"]]
+    assert names == ["loss@0.5", "fusion-rank-diffin0.5+loss1@0.5", "fusion-rank-tracin1@0.5"]
+    assert len({r["n_train"] for r in record["results"]}) == 1
+    assert record["config"]["fusions"] == [{"loss": 1.0, "diffin": 0.5}, {"tracin": 1.0}]
+    assert record["config"]["fusion_norm"] == "rank"
+    assert "| fusion-rank-tracin1@0.5 |" in Path(run, "evaluate", "results.md").read_text()
