@@ -370,8 +370,8 @@ def _has_json_uid(members: dict[str, bytes]) -> bool:
 
 
 def _refuse_changed_shards(selection: Selection, stamps: dict[str, dict[str, Any]]) -> None:
-    """Refuse, before anything is written, a kept sample whose shard moved or was rewritten
-    since it was scored.
+    """Refuse a kept sample whose shard moved or was rewritten since it was scored
+    (asked before the manifest is built, and again before it is put in place).
 
     Kept samples are re-read by key: a shard rewritten in place would put pairs
     that were never scored in the manifest, under the scores of others. The
