@@ -146,6 +146,23 @@ def replace_dir(src: str, dst: str, last: str | None = None) -> None:
     fs.invalidate_cache(dst_path)
 
 
+def leftovers(parent: str, prefixes: tuple[str, ...]) -> list[str]:
+    """Entries of ``parent`` whose names start with one of ``prefixes``, sorted.
+
+    A stage writes its result beside its place and swaps it in (:func:`replace_dir`);
+    one killed part-way (SIGKILL, a lost node) leaves that build, or the previous
+    result set aside, under such a name, where nothing else would ever remove it.
+    """
+    fs, path = fsspec.core.url_to_fs(parent)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    names = (e.rstrip("/").rpartition("/")[2] for e in entries)
+    return sorted(join(parent, n) for n in names if n.startswith(prefixes))
+
+
 def file_size(url: str) -> int:
     fs, path = fsspec.core.url_to_fs(url)
     fs.invalidate_cache(path)

@@ -43,6 +43,7 @@ from pipeline.rundir import (
     RunDir,
     exists,
     join,
+    leftovers,
     open_atomic,
     read_json,
     remove,
@@ -476,6 +477,12 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     # a results table of one evaluation beside the record of another.
     # On an object store the files are copied one by one, evaluate.json last: the report
     # reads that file alone, and a copy that fails part-way keeps the finished set aside.
+    for left in leftovers(run.url, ("evaluate.tmp-", "evaluate.old-")):
+        log.warning(
+            "evaluate: %s was left by an evaluation that did not finish (partial results, or "
+            "the previous ones set aside); remove it once no other evaluation of this run runs",
+            left,
+        )
     out = run.path(f"evaluate.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open_atomic(join(out, "results.parquet")) as f:

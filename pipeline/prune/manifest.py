@@ -33,6 +33,7 @@ from pipeline.rundir import (
     RunDir,
     exists,
     join,
+    leftovers,
     makedirs,
     open_atomic,
     remove,
@@ -95,6 +96,14 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     stamps = recorded_stamps(run.part("x"), fingerprint_hash(fp)) if fp else {}
     _refuse_changed_shards(selection, stamps)
     out = run.prune_dir(cfg.manifest_name)
+    name = cfg.manifest_name
+    for left in leftovers(run.path("prune"), (f".{name}.tmp-", f"{name}.old-")):
+        log.warning(
+            "prune: %s was left by a prune of %s that did not finish (a partial build, or the "
+            "previous manifest set aside); remove it once no other prune of that name runs",
+            left,
+            name,
+        )
     # Built beside its final place and swapped in whole: a failed rerun
     # leaves the previous manifest as it was.
     build = run.prune_dir(f".{cfg.manifest_name}.tmp-{uuid.uuid4().hex[:8]}")

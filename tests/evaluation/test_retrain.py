@@ -371,3 +371,14 @@ def test_evaluate_retrains_on_a_fused_subset_beside_the_scorers(tiny_scored, tmp
     assert record["config"]["fusions"] == [{"loss": 1.0, "diffin": 0.5}, {"tracin": 1.0}]
     assert record["config"]["fusion_norm"] == "rank"
     assert "| fusion-rank-tracin1@0.5 |" in Path(run, "evaluate", "results.md").read_text()
+
+
+def test_evaluate_names_what_a_killed_evaluation_left_behind(tiny_scored, tmp_path, caplog):
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    left = Path(run, "evaluate.tmp-deadbeef")
+    left.mkdir()
+    cfg = EvaluateConfig(run=run, keeps=[0.5], methods=["random"], full=False, steps=2, threads=1)
+    with caplog.at_level("WARNING", logger="pipeline.evaluation.retrain"):
+        run_evaluation(cfg)
+    said = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
+    assert len(said) == 1 and str(left) in said[0] and left.exists()

@@ -529,6 +529,23 @@ def test_prune_checks_the_scored_shards_with_one_listing_before_writing(tmp_path
     assert sorted(p.name for p in Path(run, "prune").iterdir()) == ["b", "diffin-keep0.5"]
 
 
+def test_prune_names_what_a_killed_prune_of_the_same_name_left_behind(tmp_path, caplog):
+    """A prune killed while building left a hidden copy of the kept data that nothing
+    mentioned or removed (review)."""
+    run, _ = _one_shard_run(tmp_path, [b"a red square", b"a blue circle"])
+    build = Path(run, "prune", ".diffin-keep1.tmp-deadbeef")
+    old = Path(run, "prune", "diffin-keep1.old-cafef00d")
+    other = Path(run, "prune", ".loss-keep1.tmp-0badf00d")  # another rule's: not this one's
+    for d in (build, old, other):
+        d.mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="pipeline.prune.manifest"):
+        assert write_manifest(PruneConfig(run=str(run), keep=1.0))["kept"] == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("did not finish" in m for m in said)
+    assert str(build) in said[0] and str(old) in said[1]
+    assert build.exists() and old.exists()  # named, not removed: another prune may own it
+
+
 def test_a_shard_that_no_longer_holds_the_kept_keys_is_a_config_error(tmp_path):
     """Without a completion record to compare with: a clear error, not a RuntimeError."""
     run, shard = _one_shard_run(tmp_path, [b"a red square", b"a blue circle"])
