@@ -360,7 +360,7 @@ def prepare_directions(
                 warned = True  # Ray keeps an actor no node can host pending, silently
                 log.warning(
                     "the directions actor has waited %.0f s to be placed: does any node have a "
-                    "free GPU (another job may hold them)?",
+                    "free GPU (another job may hold them, or this one's --entrypoint-num-gpus)?",
                     time.monotonic() - started,
                 )
         log.info("directions: on %s", ray.get(ready))
@@ -669,7 +669,8 @@ def schedule(
                     slot.warned_pending = True
                     log.warning(
                         "a scoring actor has waited %.0f s to be placed: does any node have "
-                        "the CPUs and GPUs it asks for (--threads, --gpus-per-worker)?",
+                        "the CPUs and GPUs it asks for (--threads, --gpus-per-worker)? A job "
+                        "submitted with --entrypoint-num-gpus holds GPUs the actors cannot use",
                         waited,
                     )
             for ref in ready:
