@@ -34,6 +34,7 @@ from pipeline.data.synth import pool_summary
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.zeroshot import recall_at_k, zero_shot_accuracy
+from pipeline.memory import available_bytes, human_bytes
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.provenance import provenance
@@ -302,6 +303,28 @@ def plan_subsets(
     return subsets
 
 
+def _check_pool_fits(n_pairs: int, bundle: factory.ClipBundle, full: bool) -> None:
+    """Refuse, before the pool is read, one evaluate could not hold.
+
+    It retrains from memory: every pair of its subsets as a float32 model input,
+    held twice while they are stacked. A pool of millions would otherwise be
+    killed for memory after reading for hours.
+    """
+    size = bundle.preprocess_cfg.get("size")
+    if size is None:
+        return
+    h, w = (size, size) if isinstance(size, int) else size
+    need = 2 * n_pairs * 4 * 3 * int(h) * int(w)
+    room = available_bytes()
+    if room is not None and need > room:
+        lower = "lower --keep" if not full else "--no-full with a lower --keep"
+        raise ConfigError(
+            f"data: evaluate retrains from memory, and the {n_pairs} pairs of its subsets need "
+            f"about {human_bytes(need)} as {h}x{w} model inputs; this machine has {human_bytes(room)} "
+            f"available. Score a sample of the shards as a run of its own, or give {lower}"
+        )
+
+
 def _defects(uids: list[str], truth: pd.DataFrame | None) -> dict[str, int]:
     if truth is None:
         return {d: -1 for d in DEFECTS}
@@ -380,6 +403,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     bundle = factory.create(traj["model"], preprocess_cfg=factory.recorded_preprocess(traj))
     # transformed as read: the pool is held as model inputs, not full-resolution pixels
     options = {**options, "transform": bundle.preprocess}
+    _check_pool_fits(len(wanted), bundle, cfg.full)
     pool = _read_ok(src.data, options, wanted)
     if len(pool) != len(wanted):
         raise ConfigError(

@@ -382,3 +382,29 @@ def test_evaluate_names_what_a_killed_evaluation_left_behind(tiny_scored, tmp_pa
         run_evaluation(cfg)
     said = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
     assert len(said) == 1 and str(left) in said[0] and left.exists()
+
+
+def test_a_pool_larger_than_the_memory_left_is_refused_before_it_is_read(
+    tiny_scored, tmp_path, monkeypatch
+):
+    """evaluate holds its subsets' pairs as model inputs: a pool of millions was read for
+    hours and then killed for memory (review)."""
+    import pipeline.evaluation.retrain as retrain
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    n_ok = int((pq.read_table(f"{run}/scores.parquet").column("status").to_numpy() == "ok").sum())
+    need = 2 * n_ok * 4 * 3 * 32 * 32  # diffin-tiny's 32x32 inputs, held twice while stacked
+    monkeypatch.setattr(retrain, "available_bytes", lambda: need - 1)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the pool was read before the memory check")
+
+    monkeypatch.setattr(retrain, "_read_ok", no_reading)
+    with pytest.raises(ConfigError, match=rf"^data: .* the {n_ok} pairs of its subsets need") as e:
+        run_evaluation(EvaluateConfig(run=run, keeps=[0.5], methods=["random"], steps=2))
+    assert "--no-full with a lower --keep" in str(e.value)
+    assert not Path(f"{run}/evaluate").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(retrain, "available_bytes", lambda: need)  # it fits: read, trained
+    cfg = EvaluateConfig(run=run, keeps=[0.5], methods=["random"], steps=2, threads=1)
+    assert [r["subset"] for r in run_evaluation(cfg)["results"]] == ["full", "random@0.5"]
