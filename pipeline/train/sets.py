@@ -19,6 +19,7 @@ from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards
 from pipeline.errors import ConfigError
+from pipeline.memory import available_bytes, human_bytes
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir
@@ -60,13 +61,27 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
     kept: list[tuple[int, Sample]] = []
     draw = random.Random(f"{cfg.seed}/max_samples")
     read = errors = n_ok = 0
+    room = available_bytes() if transform is not None else None
+    fits: int | None = None  # pairs the memory left can hold (known from the first input)
     for url in tqdm(shards, desc="read pool", unit="shard", leave=False, disable=None):
         for s in iter_shard(url, **cfg.reader_options(), transform=transform):
             read += 1
             if not s.ok:
                 errors += 1
                 continue
+            if fits is None and room is not None and torch.is_tensor(s.image):
+                # each pair held as a model input, then once more while encode stacks them
+                fits = room // (2 * s.image.nbytes)
             if n_ok < cfg.max_samples:
+                if fits is not None and n_ok >= fits:
+                    # refused while reading, before the machine runs out (a pool of
+                    # max_samples large inputs was killed for memory, with no word)
+                    raise ConfigError(
+                        f"max_samples: the proxy trains from memory (up to --max-samples "
+                        f"{cfg.max_samples} pairs), and more than {fits} pairs of "
+                        f"{tuple(s.image.shape)} inputs do not fit in the "
+                        f"{human_bytes(room)} available; give --max-samples {fits} or less"
+                    )
                 kept.append((n_ok, s))
             else:
                 j = draw.randrange(n_ok + 1)
