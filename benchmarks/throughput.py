@@ -32,6 +32,7 @@ and ``*_K1`` (a single reference negative: a lower bound).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -50,6 +51,12 @@ def _data(n: int, seed: int):
     with tempfile.TemporaryDirectory(prefix="diffin-tp-") as d:
         s = make_pool(d, SynthConfig(samples=n, shard_size=n, eval_samples=0, seed=seed))
         return [x for u in resolve_shards(s["train_data"]) for x in iter_shard(u) if x.ok]
+
+
+def _spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x.double().cpu().numpy(), y.double().cpu().numpy())[0])
 
 
 def cd_terms(fns, params, d, images, tokens, h: float):
@@ -83,6 +90,14 @@ def main(argv=None) -> dict:
     p.add_argument("--cd-h", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (one GPU)")
+    p.add_argument(
+        "--precision",
+        choices=["float32", "amp_bf16"],
+        default="float32",
+        help="amp_bf16: the timed scorer passes under bfloat16 autocast, as `diffin score "
+        "--dtype amp_bf16` runs them (weights, directions and the reference forms in float32)",
+    )
     p.add_argument("--out", default="docs/figures/throughput.json")
     p.add_argument("--figures", default="docs/figures")
     a = p.parse_args(argv)
@@ -101,8 +116,21 @@ def main(argv=None) -> dict:
     n_gb = a.grad_batches * a.grad_batch_size
     samples = _data(B + K + n_gb + B, a.seed)
     torch.manual_seed(a.seed)
-    bundle = factory.create(a.model)
+    device = torch.device(a.device)
+    factory.exact_float32(device, torch.float32)  # TF32 off, as the scoring actors
+    bundle = factory.create(a.model, device=device)
     images, tokens = encode(samples, bundle)
+    images, tokens = images.to(device), tokens.to(device)
+
+    def sync() -> None:  # CUDA runs asynchronously: a timer must wait for the kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def amp():  # the timed passes' context: bfloat16 autocast for --precision amp_bf16
+        if a.precision == "amp_bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     batch = (images[:B], tokens[:B])
     ref = (images[B : B + K], tokens[B : B + K])
     gb = [
@@ -158,24 +186,30 @@ def main(argv=None) -> dict:
     rounds: dict[str, list[float]] = {k: [] for k in forms}
     for rep in range(a.repeats + 1):
         for k, fn in forms.items():
+            sync()
             t = time.perf_counter()
-            if k.startswith("forward"):
-                with torch.no_grad(), derivative_mode():
+            with amp():
+                if k.startswith("forward"):
+                    with torch.no_grad(), derivative_mode():
+                        fn()
+                else:
                     fn()
-            else:
-                fn()
+            sync()
             if rep:  # round 0 is the warm-up
                 rounds[k].append(time.perf_counter() - t)
     sec = {k: statistics.median(v) for k, v in rounds.items()}
     # the propagated form's fixed cost: one Gauss-Newton product on the k gradient batches
     # per training step, paid once per run on the driver (not per sample)
+    sync()
     t = time.perf_counter()
     gauss_newton = GaussNewton(fns, params, gb)  # once per checkpoint
+    sync()
     prop_setup = time.perf_counter() - t
     prop_step = []
     for _ in range(3):
         t = time.perf_counter()
         gauss_newton(d.g_V)
+        sync()
         prop_step.append(time.perf_counter() - t)
     per_sample = {k: v / B for k, v in sec.items() if not k.startswith("forward_refs")}
     per_sample["forward"] = sec["forward"] / B
@@ -187,14 +221,33 @@ def main(argv=None) -> dict:
         k: float((cd[k] - nested[k]).abs().max() / nested[k].abs().max()) for k in ("first", "hz")
     }
 
-    # reference forms: per sample, on a few samples
+    # the default scorer's terms under the timed precision against float32 (same batch)
+    default_need = needs["diffin_propagated"]
+    jets_default = reference_jets(fns_rm, params, d, default_need, lin)
+    fp32_terms = fast_terms(fns_rm, params, d, *batch, default_need, jets_default, lin)
+    with amp():
+        timed_terms = fast_terms(fns_rm, params, d, *batch, default_need, jets_default, lin)
+    precision_agreement = {
+        k: {
+            "spearman": _spearman(timed_terms[k], fp32_terms[k]),
+            "max_abs_err_over_max_abs": float(
+                (timed_terms[k].float() - fp32_terms[k]).abs().max() / fp32_terms[k].abs().max()
+            ),
+        }
+        for k in sorted(default_need)
+    }
+
+    # reference forms: per sample, on a few samples, in float32
     m = a.ref_samples
     sub = (batch[0][:m], batch[1][:m])
+    sync()
     t = time.perf_counter()
     fd = finite_difference_terms(fns, params, d, gb, *sub)
+    sync()
     per_sample["reference_fd"] = (time.perf_counter() - t) / m
     t = time.perf_counter()
     ex = exact_terms(fns, params, d, gb, *sub)
+    sync()
     per_sample["reference_exact"] = (time.perf_counter() - t) / m
     ref_err = {
         k: float((fd[k] - nested[k][:m]).abs().max() / nested[k][:m].abs().max())
@@ -244,6 +297,10 @@ def main(argv=None) -> dict:
         "forward_pass_equivalents_vs_loss_K1": fpe_vs_loss_k1,
         "speedups": speedup,
         "targets_met": targets,
+        "precision": a.precision,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        # diffin_propagated_removal's terms (the default scorer) at --precision vs float32
+        "precision_vs_float32": precision_agreement,
         "cd_vs_nested_rel_err": cd_err,
         "fd_reference_vs_fast_rel_err": ref_err,
         "exact_reference_vs_fast_rel_err": ex_err,
@@ -277,7 +334,8 @@ def main(argv=None) -> dict:
         ax.set_ylabel("forward-pass equivalents / sample / ckpt")
         ax.axhline(12, ls="--", c="k", lw=0.7)
         ax.axhline(4, ls=":", c="k", lw=0.7)
-        ax.set_title(f"{a.model}, batch {B}, K={K}, {a.threads} CPU thread(s)")
+        where = f"{a.threads} CPU thread(s)" if device.type == "cpu" else record["device"]
+        ax.set_title(f"{a.model}, batch {B}, K={K}, {a.precision}, {where}")
         plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
         fig.tight_layout()
         fig.savefig(Path(a.figures) / "throughput.png", dpi=110)

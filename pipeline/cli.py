@@ -14,7 +14,7 @@ from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.data.shards import absolute_pattern, relative_items
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
-from pipeline.score.config import SAMPLE_GRADIENTS
+from pipeline.score.config import DTYPE_CHOICES, SAMPLE_GRADIENTS
 from pipeline.scorers import REGISTRY
 from pipeline.train.config import TrainConfig
 
@@ -283,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="g_z of diffin and tracin: 'removal' (z's removal gradient from the references "
         "used as a batch, z's role as a negative included; default: docs/accuracy.md 1g) or "
         "'reference' (gradient of the reference-negative loss, the default before 2026-11-29)",
+    )
+    s.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="float32",
+        help="'float32' (default), 'float64', or 'amp_bf16': float32 weights and directions, "
+        "the per-sample passes under bfloat16 autocast, for GPUs (not the per-sample-gradient "
+        "scorers; docs/accuracy.md section 6)",
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
@@ -558,6 +566,7 @@ def run(args: argparse.Namespace) -> object:
                 second_order=args.second_order,
                 propagate_curvature=args.propagate_curvature,
                 sample_gradient=args.sample_gradient,
+                dtype=args.dtype,
                 seed=args.seed,
                 max_attempts=args.max_attempts,
                 prefetch_batches=args.prefetch_batches,

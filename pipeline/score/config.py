@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import torch
 
 from pipeline.data.keys import (
     IMAGE_KEYS,
@@ -18,12 +21,13 @@ from pipeline.data.keys import (
 from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError, is_int, is_number
 from pipeline.influence.estimator import CURVATURES, FORMS
-from pipeline.influence.selfinf import SelfConfig
+from pipeline.influence.selfinf import SELF_TERMS, SelfConfig
 
 AUTO_FORM = "auto"
 
 
 SAMPLE_GRADIENTS = ("reference", "removal")
+DTYPE_CHOICES = ("float32", "float64", "amp_bf16")
 
 
 # The ScoreConfig fields that count something: integers, never bools or floats.
@@ -71,6 +75,9 @@ class ScoreConfig:
     self_rank: int = 16  # eigenpairs of H_B per checkpoint (self_hb="lanczos")
     self_dim: int = 2048  # count-sketch dimension for diffin_self (self_hb="fisher")
     memory_mb: int = 1024  # per-actor budget for per-sample gradients in flight (diffin_self)
+    # "float32", "float64", or "amp_bf16": float32 weights and direction vectors, the
+    # per-sample work under bfloat16 autocast (as open_clip's --precision amp_bf16), for
+    # GPUs; scores agree with float32 to Spearman 0.98-0.9999 (docs/accuracy.md, 6)
     dtype: str = "float32"
     image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
     text_keys: list[str] = field(default_factory=lambda: list(TEXT_KEYS))
@@ -115,7 +122,7 @@ class ScoreConfig:
             ("image_keys", valid_keys(self.image_keys), KEYS_RULE),
             ("text_keys", valid_keys(self.text_keys), KEYS_RULE),
             ("max_image_pixels", pixel_cap_ok(self.max_image_pixels), PIXEL_CAP_RULE),
-            ("dtype", self.dtype in ("float32", "float64"), "must be float32 or float64"),
+            ("dtype", self.dtype in DTYPE_CHOICES, f"must be one of {DTYPE_CHOICES}"),
             (
                 "second_order",
                 self.second_order in (AUTO_FORM, *FORMS),
@@ -135,6 +142,29 @@ class ScoreConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
+        if self.dtype == "amp_bf16":
+            per_sample = [
+                s.name
+                for s in get_scorers(self.methods)
+                if (s.terms | s.first_terms | s.last_terms) & SELF_TERMS
+            ]
+            if per_sample:
+                # per-sample gradients under autocast were never measured against float32
+                raise ConfigError(
+                    f"dtype: amp_bf16 is for the scorers of one forward-mode pass; "
+                    f"{per_sample} take per-sample gradients: score them in float32"
+                )
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype of the weights and of the stored direction vectors."""
+        return "float32" if self.dtype == "amp_bf16" else self.dtype
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The context the per-sample terms are computed in: bfloat16 autocast for amp_bf16."""
+        if self.dtype == "amp_bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def score_options(self) -> dict[str, Any]:
         """The ``ScoreContext`` options: how the scorers assemble the terms."""

@@ -144,7 +144,7 @@ def ensure_directions(
     propagated = "diffin" in cfg.methods and resolve_form(cfg.second_order, traj) == "propagated"
     if propagated:
         sgd_dynamics(traj)  # refuses a trajectory the propagated form cannot model, up front
-    dtype = DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.storage_dtype]
     bundle = factory.create(traj.model, dtype=dtype, preprocess_cfg=traj.preprocess_cfg)
     t_images, t_tokens, target_info = target_set(cfg, run, bundle, dtype)
     if not needs_directions(cfg, traj):
@@ -172,7 +172,7 @@ def ensure_directions(
                     by_step[ckpt.step],
                     target_info["target_fingerprint"],
                     gb_meta,
-                    cfg.dtype,
+                    cfg.storage_dtype,
                     DIRECTIONS_VERSION,
                 ]
             ).encode()
@@ -191,7 +191,7 @@ def ensure_directions(
                 "fingerprint": fingerprint,
                 "step": ckpt.step,
                 "lr": ckpt.lr,
-                "dtype": cfg.dtype,
+                "dtype": cfg.storage_dtype,
                 "checkpoint_sha256": by_step[ckpt.step],
                 **target_info,
             },
@@ -217,7 +217,7 @@ def self_size(cfg: ScoreConfig, traj: Trajectory, grad_samples: int) -> dict[str
     one asked for, and the scores depend on this size, not on the budget.
     ``grad_samples``: the pairs of the gradient batches (the sketched Fisher holds them)."""
     self_cfg = cfg.self_config()
-    model = factory.create(traj.model, dtype=DTYPES[cfg.dtype]).model
+    model = factory.create(traj.model, dtype=DTYPES[cfg.storage_dtype]).model
     kept = [p for n, p in model.named_parameters() if n not in self_cfg.exclude]
     plan = self_cfg.plan(sum(p.numel() for p in kept), kept[0].element_size(), grad_samples)
     if cfg.self_hb == "lanczos":
@@ -296,7 +296,7 @@ def ensure_propagated(
                 [c["sha256"] for c in traj.record["checkpoints"]],
                 target_info["target_fingerprint"],
                 gb_meta,
-                cfg.dtype,
+                cfg.storage_dtype,
                 momentum,
                 weight_decay,
                 [rate(s) for s in range(steps[-1])],
@@ -309,7 +309,7 @@ def ensure_propagated(
     urls = [propagated_url(run, s) for s in steps]
     if all(_stored(u, fingerprint) for u in urls):
         return
-    dtype = DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.storage_dtype]
     names = [k for k, _ in fns.model.named_parameters()]
     device = next(fns.model.parameters()).device
     loaded: dict[int, Callable[[Params], Params]] = {}
@@ -396,14 +396,21 @@ def ensure_eigenpairs(
     ):
         fingerprint = hashlib.sha256(
             json.dumps(
-                [by_step[ckpt.step], cfg.self_rank, cfg.seed, cfg.dtype, gb_meta, EIGEN_VERSION]
+                [
+                    by_step[ckpt.step],
+                    cfg.self_rank,
+                    cfg.seed,
+                    cfg.storage_dtype,
+                    gb_meta,
+                    EIGEN_VERSION,
+                ]
             ).encode()
         ).hexdigest()[:16]
         url = eigen_url(run, ckpt.step)
         if exists(url) and load_tensors(url)[1].get("fingerprint") == fingerprint:
             continue
         state = load_state_dict(run, traj, ckpt.step)
-        dtype = DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.storage_dtype]
         params = {k: state[k].to(device, dtype) for k in names if k not in DEFAULT_EXCLUDE}
         fixed = {k: state[k].to(device, dtype) for k in names if k in DEFAULT_EXCLUDE}
         vals, vecs = hessian_eigenpairs(fns, params, fixed, grad_batches, cfg.self_rank, cfg.seed)

@@ -75,7 +75,7 @@ class ShardScorer:
         self.traj = load_trajectory(self.run)
         cfg = dataclasses.replace(cfg, second_order=resolve_form(cfg.second_order, self.traj))
         self.cfg = cfg
-        self.dtype = DTYPES[cfg.dtype]
+        self.dtype = DTYPES[cfg.storage_dtype]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         factory.exact_float32(self.device, self.dtype)
         self.bundle = factory.create(
@@ -188,16 +188,19 @@ class ShardScorer:
         images, tokens = images.to(self.device, self.dtype), tokens.to(self.device)
         terms: Terms = {}
         for step, need in self.need.items():
-            t = fast_terms(
-                self.fns,
-                self.params[step],
-                self.directions.get(step),
-                images,
-                tokens,
-                need - SELF_TERMS,
-                self.jets[step],
-                self.lin.get(step),
-            )
+            # amp_bf16: the batch's passes in bfloat16; the references' jets were computed
+            # once in float32, and the terms come out as float32 reductions
+            with self.cfg.autocast(self.device):
+                t = fast_terms(
+                    self.fns,
+                    self.params[step],
+                    self.directions.get(step),
+                    images,
+                    tokens,
+                    need - SELF_TERMS,
+                    self.jets[step],
+                    self.lin.get(step),
+                )
             if need & SELF_TERMS:
                 t.update(self.self_engines[step].terms(images, tokens))
             terms[step] = {k: v.double().cpu().numpy() for k, v in t.items()}
