@@ -149,8 +149,10 @@ def main(argv=None) -> dict:
     fns_rm = ClipFunctions(model, *ref, removal=True)
     params = factory.param_dict(model)
     names = list(params)
+    sync()
     t = time.perf_counter()
     d = compute_directions(fns, params, gb, target).ordered(names)
+    sync()
     directions_s = time.perf_counter() - t
 
     # Interleaved rounds (every form once per round, median over rounds): on a shared
@@ -280,6 +282,13 @@ def main(argv=None) -> dict:
         >= 30,
         "default_tracin_fpe<=4": fpe["tracin_removal"] <= 4,
     }
+    if a.precision != "float32":
+        # the reference forms and the propagation run in float32: ratios of them to the
+        # autocast forms would mix precisions (the float32 run gives them)
+        speedup = {k: None for k in speedup}
+        targets = {k: None if "speedup" in k else v for k, v in targets.items()}
+        for k in ("reference_fd", "reference_exact"):
+            fpe[k] = fpe_vs_loss_k1[k] = None
     record = {
         "command": "python -m benchmarks.throughput "
         + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -289,7 +298,9 @@ def main(argv=None) -> dict:
         "propagate_setup_seconds_per_checkpoint": prop_setup,
         "propagate_seconds_per_training_step": statistics.median(prop_step),
         "propagate_step_in_forward_passes_of_the_batch": statistics.median(prop_step)
-        / sec["forward"],
+        / sec["forward"]
+        if a.precision == "float32"
+        else None,
         "seconds_per_batch": sec,
         "seconds_per_sample": per_sample,
         "samples_per_second": {k: 1 / v for k, v in per_sample.items()},
@@ -324,11 +335,12 @@ def main(argv=None) -> dict:
             "reference_fd",
             "reference_exact",
         ]
+        keys = [k for k in keys if fpe[k] is not None]
         fig, ax = plt.subplots(figsize=(8, 3.8))
         ax.bar(
             keys,
             [fpe[k] for k in keys],
-            color=["gray"] + ["tab:blue"] * 6 + ["tab:cyan"] * 3 + ["tab:red"] * 2,
+            color=(["gray"] + ["tab:blue"] * 6 + ["tab:cyan"] * 3 + ["tab:red"] * 2)[: len(keys)],
         )
         ax.set_yscale("log")
         ax.set_ylabel("forward-pass equivalents / sample / ckpt")
@@ -343,7 +355,7 @@ def main(argv=None) -> dict:
         record["figures"] = [str(Path(a.figures) / "throughput.png")]
     if a.out:
         write_json(a.out, record)
-    rows = [[k, per_sample[k] * 1e3, 1 / per_sample[k], fpe[k]] for k in per_sample]
+    rows = [[k, per_sample[k] * 1e3, 1 / per_sample[k], fpe[k] or ""] for k in per_sample]
     print(md_table(["form", "ms/sample/ckpt", "samples/s", "fwd-pass equiv."], rows))
     print("speedups", speedup, "\ntargets", targets, "\ncd err", cd_err, "\nfd err", ref_err)
     print(f"total {record['total_seconds']:.0f}s")

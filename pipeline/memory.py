@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
 
 def _meminfo_available() -> int | None:
     try:
@@ -21,21 +23,44 @@ def _meminfo_available() -> int | None:
         return None
 
 
-def _cgroup_room() -> int | None:
-    """What a cgroup v2 memory limit leaves (a Ray pod's limit, not the node's memory)."""
-    base = Path("/sys/fs/cgroup")
+def _stat(path: Path, key: str) -> int:
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+def cgroup_room(root: Path = CGROUP_ROOT) -> int | None:
+    """What the container's memory limit leaves (a Ray pod's limit, not the node's memory),
+    or None without a limit. Page cache the kernel can reclaim counts as free: a pod
+    that has read shards sits with its usage, cache included, near the limit.
+
+    cgroup v2 (``memory.max``) or v1 (``memory/memory.limit_in_bytes``), as mounted
+    for this process's namespace.
+    """
     try:
-        limit = (base / "memory.max").read_text().strip()
-        if limit == "max":
+        if (root / "memory.max").exists():
+            limit = (root / "memory.max").read_text().strip()
+            if limit == "max":
+                return None
+            used = int((root / "memory.current").read_text())
+            cache = _stat(root / "memory.stat", "inactive_file")
+            return max(0, int(limit) - (used - cache))
+        v1 = root / "memory"
+        limit = int((v1 / "memory.limit_in_bytes").read_text())
+        if limit >= 1 << 62:  # v1 writes "no limit" as a page-rounded 2**63 - 1
             return None
-        return max(0, int(limit) - int((base / "memory.current").read_text()))
+        used = int((v1 / "memory.usage_in_bytes").read_text())
+        cache = _stat(v1 / "memory.stat", "total_inactive_file")
+        return max(0, limit - (used - cache))
     except (OSError, ValueError):
         return None
 
 
 def available_bytes() -> int | None:
     """Bytes this process can still allocate without swapping or being killed; None if unknown."""
-    known = [b for b in (_meminfo_available(), _cgroup_room()) if b is not None]
+    known = [b for b in (_meminfo_available(), cgroup_room()) if b is not None]
     return min(known) if known else None
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import ConfigError, is_int, is_number
-from pipeline.prune.config import PruneConfig
+from pipeline.prune.config import NORMS, PruneConfig
 
 
 @dataclass
@@ -55,6 +55,10 @@ class EvaluateConfig:
             raise ConfigError("methods: give at least one scorer column")
         if self.methods is not None and len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods: duplicates in {self.methods}")
+        if self.fusion_norm not in NORMS:
+            raise ConfigError(
+                f"fusion_norm: must be one of {', '.join(NORMS)} (got {self.fusion_norm!r})"
+            )
         for fusion in self.fusions:
             self.prune_config(fusion, 1.0).validate()
         spelled = [self.prune_config(f, 1.0).ranking for f in self.fusions]

@@ -404,6 +404,12 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     # transformed as read: the pool is held as model inputs, not full-resolution pixels
     options = {**options, "transform": bundle.preprocess}
     _check_pool_fits(len(wanted), bundle, cfg.full)
+    for left in leftovers(run.url, ("evaluate.tmp-", "evaluate.old-")):
+        log.warning(
+            "evaluate: %s was left by an evaluation that did not finish (partial results, or "
+            "the previous ones set aside); remove it once no other evaluation of this run runs",
+            left,
+        )
     pool = _read_ok(src.data, options, wanted)
     if len(pool) != len(wanted):
         raise ConfigError(
@@ -501,12 +507,6 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     # a results table of one evaluation beside the record of another.
     # On an object store the files are copied one by one, evaluate.json last: the report
     # reads that file alone, and a copy that fails part-way keeps the finished set aside.
-    for left in leftovers(run.url, ("evaluate.tmp-", "evaluate.old-")):
-        log.warning(
-            "evaluate: %s was left by an evaluation that did not finish (partial results, or "
-            "the previous ones set aside); remove it once no other evaluation of this run runs",
-            left,
-        )
     out = run.path(f"evaluate.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open_atomic(join(out, "results.parquet")) as f:

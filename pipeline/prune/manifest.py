@@ -94,7 +94,8 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
         )
     fp = table_metadata(run.scores).get("fingerprint")
     stamps = recorded_stamps(run.part("x"), fingerprint_hash(fp)) if fp else {}
-    _refuse_changed_shards(selection, stamps)
+    kept_shards = _kept_shards(selection) if stamps else []
+    _refuse_changed_shards(kept_shards, stamps)
     out = run.prune_dir(cfg.manifest_name)
     name = cfg.manifest_name
     for left in leftovers(run.path("prune"), (f".{name}.tmp-", f"{name}.old-")):
@@ -109,7 +110,7 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     build = run.prune_dir(f".{cfg.manifest_name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         manifest = _build(cfg, selection, build, final=out, reader=scored_reader_options(run))
-        _refuse_changed_shards(selection, stamps)  # again: one rewritten while it was read
+        _refuse_changed_shards(kept_shards, stamps)  # again: one rewritten while it was read
     except BaseException:
         remove(build, recursive=True)
         raise
@@ -378,33 +379,34 @@ def _has_json_uid(members: dict[str, bytes]) -> bool:
         return False
 
 
-def _refuse_changed_shards(selection: Selection, stamps: dict[str, dict[str, Any]]) -> None:
-    """Refuse a kept sample whose shard moved or was rewritten since it was scored
-    (asked before the manifest is built, and again before it is put in place).
+def _kept_shards(selection: Selection) -> list[str]:
+    """The shards holding kept rows, in table order."""
+    kept: dict[str, None] = {}
+    for batch in selection.kept_batches(["shard"]):
+        for shard in pa.compute.unique(batch.column("shard")).to_pylist():
+            kept.setdefault(shard)
+    return list(kept)
+
+
+def _refuse_changed_shards(kept: list[str], stamps: dict[str, dict[str, Any]]) -> None:
+    """Refuse kept samples whose shard (of ``kept``) moved or was rewritten since it was
+    scored (asked before the manifest is built, and again before it is put in place).
 
     Kept samples are re-read by key: a shard rewritten in place would put pairs
     that were never scored in the manifest, under the scores of others. The
-    shards are asked for with one listing per directory, not one request each
-    (a pool on an object store has thousands). A shard changed but with no kept
-    sample does not matter to this manifest; shards without a stamped record
-    (tables written by hand) are not checked.
+    kept shards are asked for with one listing per directory, not one request
+    each (a pool on an object store has thousands); shards without kept rows, or
+    without a stamped record (tables written by hand), are not asked for.
     """
-    if not stamps:
+    check = [shard for shard in kept if shard in stamps]
+    if not check:
         return
-    now = shard_stamps(sorted(stamps))
-    changed = {shard for shard, stamp in stamps.items() if now[shard] != stamp}
+    now = shard_stamps(check)
+    changed = [shard for shard in check if now[shard] != stamps[shard]]
     if not changed:
         return
-    hit: dict[str, None] = {}  # the changed shards holding kept rows, in table order
-    for batch in selection.kept_batches(["shard"]):
-        for shard in pa.compute.unique(batch.column("shard")).to_pylist():
-            if shard in changed:
-                hit.setdefault(shard)
-    if not hit:
-        return
-    first = next(iter(hit))
+    first, others = changed[0], changed[1:]
     what = "cannot be found or read" if now[first] is None else "was rewritten"
-    others = list(hit)[1:]
     more = f" (and {len(others)} more kept shard(s), e.g. {others[:3]})" if others else ""
     raise ConfigError(
         f"data: {first} {what} since it was scored{more} (its size and version differ from "

@@ -78,6 +78,11 @@ class ShardScorer:
         self.dtype = DTYPES[cfg.storage_dtype]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         factory.exact_float32(self.device, self.dtype)
+        if cfg.dtype == "amp_bf16" and self.device.type == "cpu":
+            log.warning(
+                "dtype amp_bf16 on a CPU: about 6 times slower than float32 on CPUs without "
+                "bfloat16 units (docs/benchmarks.md); it is meant for GPUs"
+            )
         self.bundle = factory.create(
             self.traj.model,
             device=self.device,

@@ -76,11 +76,18 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
                 if fits is not None and n_ok >= fits:
                     # refused while reading, before the machine runs out (a pool of
                     # max_samples large inputs was killed for memory, with no word)
+                    need = cfg.target_size + cfg.batch_size
+                    advice = (
+                        f"give --max-samples {fits} or less"
+                        if fits >= need
+                        else f"that is fewer than target_size + batch_size = {need}: free "
+                        "memory, or train a model with smaller inputs"
+                    )
                     raise ConfigError(
                         f"max_samples: the proxy trains from memory (up to --max-samples "
                         f"{cfg.max_samples} pairs), and more than {fits} pairs of "
                         f"{tuple(s.image.shape)} inputs do not fit in the "
-                        f"{human_bytes(room)} available; give --max-samples {fits} or less"
+                        f"{human_bytes(room)} available; {advice}"
                     )
                 kept.append((n_ok, s))
             else:

@@ -101,6 +101,7 @@ def test_same_config_gives_the_same_figures(evaluated, tmp_path):
         (dict(fusions=[{"loss": 1.0, "nope": 1.0}]), "^fusion: no column 'nope'"),
         (dict(fusions=[{"loss": float("nan")}]), "^fusion: weight of 'loss'"),
         (dict(fusions=[{"loss": 1.0}], fusion_norm="max"), "^fusion_norm"),
+        (dict(fusion_norm="max"), "^fusion_norm"),  # recorded as given, without a fusion
         (dict(fusions=[{"loss": 1.0}, {"loss": 1}]), "^fusions: duplicates"),
         (dict(weight_decay=float("inf")), "^weight_decay"),
         (dict(batch_size=True), "^batch_size"),

@@ -328,7 +328,7 @@ def test_diffin_self_is_the_same_with_or_without_diffin_beside_it(run_copy, tiny
 
 
 def test_amp_bf16_follows_float32_and_reuses_its_direction_vectors(
-    run_copy, tiny_scored, shards, scorer64
+    run_copy, tiny_scored, shards, scorer64, caplog
 ):
     """--dtype amp_bf16: the per-sample passes under bfloat16 autocast (for GPUs), with the
     float32 weights and direction vectors; measured against float32 on the same samples."""
@@ -340,7 +340,9 @@ def test_amp_bf16_follows_float32_and_reuses_its_direction_vectors(
     from pipeline.score.directions import ensure_directions
     from pipeline.score.trajectory import load_trajectory
 
-    amp = _scorer(run_copy, tiny_scored, 64, dtype="amp_bf16")
+    with caplog.at_level("WARNING", logger="pipeline.score.worker"):
+        amp = _scorer(run_copy, tiny_scored, 64, dtype="amp_bf16")
+    assert any("amp_bf16 on a CPU" in r.getMessage() for r in caplog.records)
     samples = list(iter_shard(shards["clean"])) + list(iter_shard(shards["second"]))
     exact, fast = scorer64.score_samples(samples), amp.score_samples(samples)
     assert set(fast) == set(exact)

@@ -465,3 +465,7 @@ def test_a_pool_larger_than_the_memory_left_is_refused_while_it_is_read(tiny_run
     assert read["n"] <= 60  # refused as the 51st pair came, not after the whole pool
     cfg = dataclasses.replace(tiny_run["config"], max_samples=50, target_size=8, batch_size=8)
     assert len(load_pool(cfg, bundle.preprocess).train) == 42  # within the room: read as before
+    # room for fewer pairs than the sets need: no --max-samples would do, and it says so
+    monkeypatch.setattr(sets, "available_bytes", lambda: 2 * per_pair * 10)
+    with pytest.raises(ConfigError, match=r"fewer than target_size \+ batch_size = 16: free"):
+        load_pool(cfg, bundle.preprocess)
