@@ -14,6 +14,7 @@ from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.data.shards import absolute_pattern, relative_items
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import CURVATURES, FORMS
+from pipeline.prune.config import NORMS
 from pipeline.score.config import DTYPE_CHOICES, SAMPLE_GRADIENTS
 from pipeline.scorers import REGISTRY
 from pipeline.train.config import TrainConfig
@@ -108,6 +109,16 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         return self._with_default(action) or action.help or ""
+
+
+def _fusion_norm_arg(parser: argparse.ArgumentParser) -> None:
+    """--fusion-norm, as prune and evaluate share it (their --fuse differ)."""
+    parser.add_argument(
+        "--fusion-norm",
+        choices=list(NORMS),
+        default=None,
+        help="with --fuse: how each scorer is normalised (default: zscore)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,12 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank by a weighted fusion of scorers instead of --method, e.g. "
         "'diffin=1,clip_score=0.5' (a name alone weighs 1)",
     )
-    r.add_argument(
-        "--fusion-norm",
-        choices=["zscore", "rank"],
-        default=None,
-        help="with --fuse: how each scorer is normalised (default: zscore)",
-    )
+    _fusion_norm_arg(r)
 
     e = sub.add_parser(
         "evaluate", help="retrain on each scorer's kept subset and measure the held-out split"
@@ -413,12 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also compare a weighted fusion of scorers, kept as `diffin prune --fuse` keeps it, "
         "e.g. 'diffin_self=1,loss=1' (repeatable: one subset per fusion and keep)",
     )
-    e.add_argument(
-        "--fusion-norm",
-        choices=["zscore", "rank"],
-        default=None,
-        help="with --fuse: how each scorer is normalised (default: zscore)",
-    )
+    _fusion_norm_arg(e)
     e.add_argument("--no-full", dest="full", action="store_false", help="skip the full pool")
     e.add_argument("--data", default=None, help="the scored pool; default: as scored")
     e.add_argument("--eval-data", default=None, help="held-out shards; default: the pool's eval/")
