@@ -421,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _fusion_norm_arg(e)
     e.add_argument("--no-full", dest="full", action="store_false", help="skip the full pool")
+    e.add_argument(
+        "--max-pairs",
+        type=int,
+        default=None,
+        help="for pools too large to retrain on in memory: cut every subset to the same "
+        "fraction, MAX_PAIRS / ok pairs, by a seeded draw (the full pool to MAX_PAIRS)",
+    )
     e.add_argument("--data", default=None, help="the scored pool; default: as scored")
     e.add_argument("--eval-data", default=None, help="held-out shards; default: the pool's eval/")
     e.add_argument("--eval-labels", default=None, help="parquet (uid, label) for zero-shot")
@@ -599,6 +606,7 @@ def run(args: argparse.Namespace) -> object:
                 fusions=args.fuse or [],
                 fusion_norm=args.fusion_norm or "zscore",
                 full=args.full,
+                max_pairs=args.max_pairs,
                 data=absolute_pattern(args.data),
                 eval_data=absolute_pattern(args.eval_data),
                 eval_labels=absolute_pattern(args.eval_labels),

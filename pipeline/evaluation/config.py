@@ -21,6 +21,9 @@ class EvaluateConfig:
     fusions: list[dict[str, float]] = field(default_factory=list)
     fusion_norm: str = "zscore"  # "zscore" or "rank"
     full: bool = True  # also train on every ok pair (the "no pruning" row)
+    # A pool too large to retrain on in memory: every subset is cut to the same fraction,
+    # max_pairs / ok pairs, by a seeded draw on the uids (the full pool to max_pairs pairs)
+    max_pairs: int | None = None
     data: str | None = None  # the scored pool; default: the pattern `diffin score` recorded
     eval_data: str | None = None  # held-out shards; default: the generated pool's eval/ split
     eval_labels: str | None = None  # parquet (uid, label) for zero-shot; default: beside eval
@@ -64,6 +67,8 @@ class EvaluateConfig:
         spelled = [self.prune_config(f, 1.0).ranking for f in self.fusions]
         if len(set(spelled)) != len(spelled):
             raise ConfigError(f"fusions: duplicates in {spelled}")
+        if self.max_pairs is not None and (not is_int(self.max_pairs) or self.max_pairs < 2):
+            raise ConfigError(f"max_pairs: must be an integer >= 2 (got {self.max_pairs!r})")
         for name, low in (("threads", 0), ("steps", 1), ("batch_size", 2)):
             value = getattr(self, name)
             if value is None and name != "threads":

@@ -12,6 +12,7 @@ Writes RUN/evaluate/results.parquet, results.md and evaluate.json.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -279,6 +280,11 @@ def plan_subsets(
             subsets.append(
                 {"name": f"{name}@{keep:g}", "method": name, "keep": float(keep), "uids": kept}
             )
+    if cfg.max_pairs is not None:
+        n_ok = int(pa.compute.sum(pa.compute.equal(table.column("status"), "ok")).as_py() or 0)
+        if n_ok > cfg.max_pairs:
+            for sub in subsets:
+                sub["uids"] = _sample(sub["uids"], cfg.max_pairs / n_ok)
     for keep in cfg.keeps:
         # The comparison holds the subset size fixed; a scorer with non-finite scores or a
         # table that repeats uids would otherwise train on fewer pairs, with no word.
@@ -303,6 +309,16 @@ def plan_subsets(
     return subsets
 
 
+def _sample(uids: list[str], fraction: float) -> list[str]:
+    """``round(fraction * len(uids))`` of ``uids``, in their order: those whose seeded hash
+    is lowest. A uid's place in the draw depends on the uid alone (not on the scorer or
+    the table order), and subsets of one size keep samples of one size."""
+    n = round(fraction * len(uids))
+    rank = sorted(uids, key=lambda u: hashlib.sha256(f"max_pairs\0{u}".encode()).digest())
+    chosen = set(rank[:n])
+    return [u for u in uids if u in chosen]
+
+
 def _check_pool_fits(n_pairs: int, bundle: factory.ClipBundle, full: bool) -> None:
     """Refuse, before the pool is read, one evaluate could not hold.
 
@@ -317,11 +333,11 @@ def _check_pool_fits(n_pairs: int, bundle: factory.ClipBundle, full: bool) -> No
     need = 2 * n_pairs * 4 * 3 * int(h) * int(w)
     room = available_bytes()
     if room is not None and need > room:
-        lower = "lower --keep" if not full else "--no-full with a lower --keep"
         raise ConfigError(
             f"data: evaluate retrains from memory, and the {n_pairs} pairs of its subsets need "
             f"about {human_bytes(need)} as {h}x{w} model inputs; this machine has {human_bytes(room)} "
-            f"available. Score a sample of the shards as a run of its own, or give {lower}"
+            f"available. Give --max-pairs N (every subset cut to the same fraction)"
+            + ("" if not full else ", or --no-full with a lower --keep")
         )
 
 
@@ -479,6 +495,11 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     )
     if truth is None:
         note += " Defect counts are -1: the pool has no truth table."
+    if cfg.max_pairs is not None:
+        note += (
+            f" --max-pairs {cfg.max_pairs}: each subset is a seeded sample of the pairs its "
+            "rule keeps, all cut to the same fraction (n_train)."
+        )
     summary = {
         "config": cfg.to_dict(),
         "sources": src.__dict__,

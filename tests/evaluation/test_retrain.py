@@ -102,6 +102,8 @@ def test_same_config_gives_the_same_figures(evaluated, tmp_path):
         (dict(fusions=[{"loss": float("nan")}]), "^fusion: weight of 'loss'"),
         (dict(fusions=[{"loss": 1.0}], fusion_norm="max"), "^fusion_norm"),
         (dict(fusion_norm="max"), "^fusion_norm"),  # recorded as given, without a fusion
+        (dict(max_pairs=1), "^max_pairs"),
+        (dict(max_pairs=2.5), "^max_pairs"),
         (dict(fusions=[{"loss": 1.0}, {"loss": 1}]), "^fusions: duplicates"),
         (dict(weight_decay=float("inf")), "^weight_decay"),
         (dict(batch_size=True), "^batch_size"),
@@ -409,3 +411,51 @@ def test_a_pool_larger_than_the_memory_left_is_refused_before_it_is_read(
     monkeypatch.setattr(retrain, "available_bytes", lambda: need)  # it fits: read, trained
     cfg = EvaluateConfig(run=run, keeps=[0.5], methods=["random"], steps=2, threads=1)
     assert [r["subset"] for r in run_evaluation(cfg)["results"]] == ["full", "random@0.5"]
+
+
+def test_max_pairs_cuts_every_subset_to_one_fraction_by_a_seeded_draw(tiny_scored, tmp_path):
+    """A pool too large for memory could only be refused; --max-pairs evaluates a seeded
+    miniature of each kept subset instead, the same fraction of each."""
+    from pipeline.evaluation.retrain import plan_subsets
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    table = pq.read_table(f"{run}/scores.parquet")
+    n_ok = int((table.column("status").to_numpy(zero_copy_only=False) == "ok").sum())
+    url = f"{run}/scores.parquet"
+    base = dict(run=run, keeps=[0.5, 0.8], methods=["diffin", "loss"], fusions=[{"loss": 1.0}])
+    whole = plan_subsets(EvaluateConfig(**base), table, table_url=url)
+    cut = plan_subsets(EvaluateConfig(**base, max_pairs=n_ok // 4), table, table_url=url)
+    again = plan_subsets(EvaluateConfig(**base, max_pairs=n_ok // 4), table, table_url=url)
+    assert [s["uids"] for s in cut] == [s["uids"] for s in again]  # seeded
+    fraction = (n_ok // 4) / n_ok
+    for before, after in zip(whole, cut, strict=True):
+        assert after["name"] == before["name"]
+        assert len(after["uids"]) == round(fraction * len(before["uids"]))
+        assert set(after["uids"]) < set(before["uids"])
+    assert len(cut[0]["uids"]) == n_ok // 4  # the full pool, to max_pairs
+    # a pair's place in the draw depends on its uid alone: the lowest seeded hashes
+    import hashlib
+
+    def drawn(uids, n):
+        return set(
+            sorted(uids, key=lambda u: hashlib.sha256(f"max_pairs\0{u}".encode()).digest())[:n]
+        )
+
+    for before, after in zip(whole, cut, strict=True):
+        assert set(after["uids"]) == drawn(before["uids"], len(after["uids"]))
+    # a pool within max_pairs is not cut
+    within = plan_subsets(EvaluateConfig(**base, max_pairs=n_ok), table, table_url=url)
+    assert [s["uids"] for s in within] == [s["uids"] for s in whole]
+
+
+def test_evaluate_with_max_pairs_trains_on_the_cut_subsets_and_says_so(tiny_scored, tmp_path):
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    cfg = EvaluateConfig(
+        run=run, keeps=[0.5], methods=["random"], steps=2, threads=1, max_pairs=80, batch_size=8
+    )
+    rows = run_evaluation(cfg)["results"]
+    assert [(r["subset"], r["n_train"]) for r in rows] == [("full", 80), ("random@0.5", 40)]
+    assert (
+        "--max-pairs 80: each subset is a seeded sample"
+        in Path(run, "evaluate", "results.md").read_text()
+    )
