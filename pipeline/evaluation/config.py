@@ -62,9 +62,10 @@ class EvaluateConfig:
             raise ConfigError(
                 f"fusion_norm: must be one of {', '.join(NORMS)} (got {self.fusion_norm!r})"
             )
-        for fusion in self.fusions:
-            self.prune_config(fusion, 1.0).validate()
-        spelled = [self.prune_config(f, 1.0).ranking for f in self.fusions]
+        rules = [self.prune_config(fusion, 1.0) for fusion in self.fusions]
+        for rule in rules:
+            rule.validate()
+        spelled = [rule.ranking for rule in rules]
         if len(set(spelled)) != len(spelled):
             raise ConfigError(f"fusions: duplicates in {spelled}")
         if self.max_pairs is not None and (not is_int(self.max_pairs) or self.max_pairs < 2):

@@ -283,8 +283,10 @@ def plan_subsets(
     if cfg.max_pairs is not None:
         n_ok = int(pa.compute.sum(pa.compute.equal(table.column("status"), "ok")).as_py() or 0)
         if n_ok > cfg.max_pairs:
+            # each uid hashed once, not once per subset it is in
+            key = {u: _draw_key(u) for sub in subsets for u in sub["uids"]}
             for sub in subsets:
-                sub["uids"] = _sample(sub["uids"], cfg.max_pairs / n_ok)
+                sub["uids"] = _sample(sub["uids"], cfg.max_pairs / n_ok, key)
     for keep in cfg.keeps:
         # The comparison holds the subset size fixed; a scorer with non-finite scores or a
         # table that repeats uids would otherwise train on fewer pairs, with no word.
@@ -309,13 +311,17 @@ def plan_subsets(
     return subsets
 
 
-def _sample(uids: list[str], fraction: float) -> list[str]:
-    """``round(fraction * len(uids))`` of ``uids``, in their order: those whose seeded hash
-    is lowest. A uid's place in the draw depends on the uid alone (not on the scorer or
+def _draw_key(uid: str) -> bytes:
+    """A uid's place in the --max-pairs draw: its seeded hash, and nothing else."""
+    return hashlib.sha256(f"max_pairs\0{uid}".encode()).digest()
+
+
+def _sample(uids: list[str], fraction: float, key: dict[str, bytes]) -> list[str]:
+    """``round(fraction * len(uids))`` of ``uids``, in their order: those of lowest
+    ``key`` (:func:`_draw_key`). The draw depends on the uids alone (not on the scorer or
     the table order), and subsets of one size keep samples of one size."""
     n = round(fraction * len(uids))
-    rank = sorted(uids, key=lambda u: hashlib.sha256(f"max_pairs\0{u}".encode()).digest())
-    chosen = set(rank[:n])
+    chosen = set(sorted(uids, key=key.__getitem__)[:n])
     return [u for u in uids if u in chosen]
 
 
