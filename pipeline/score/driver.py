@@ -280,6 +280,9 @@ def steady_rate(finished: list[tuple[float, str, int]]) -> float | None:
 # The loopback test cluster's "GPU" node declares a GPU it does not have; everywhere else a
 # task that holds a GPU but sees no CUDA device must fail, not compute for hours on a CPU.
 REQUIRE_CUDA = True
+# How long an actor may wait to be placed before the log asks why: an existing
+# cluster may be adding a node, so waiting is not an error.
+PENDING_WARNING_S = 120.0
 
 
 class DirectionsActor:
@@ -322,7 +325,7 @@ def prepare_directions(
     run: RunDir,
     traj: Trajectory,
     sets: dict[str, str],
-    pending_warning_s: float = 120.0,
+    pending_warning_s: float | None = None,
 ) -> dict[str, Any]:
     """The per-run work before scoring (directions, propagation, eigenpairs); returns the target.
 
@@ -353,6 +356,8 @@ def prepare_directions(
     actor = ray.remote(num_gpus=1, num_cpus=1, max_restarts=0)(DirectionsActor).remote()
     try:
         ready = actor.ready.remote()
+        if pending_warning_s is None:
+            pending_warning_s = PENDING_WARNING_S
         started = time.monotonic()
         warned = False
         while not ray.wait([ready], timeout=5.0)[0]:
@@ -894,6 +899,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
                 on_failed,
                 progress,
                 prefetch=cfg.prefetch_batches > 0,
+                pending_warning_s=PENDING_WARNING_S,
             )
         finally:
             if started:

@@ -419,3 +419,57 @@ def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_
         assert [x for x, u in zip(new["loss"], new["shard"], strict=True) if name in u] == [
             x for x, u in zip(old["loss"], old["shard"], strict=True) if name in u
         ]
+
+
+def test_an_actor_no_node_can_place_is_reported_and_starts_once_a_node_joins(
+    ray_cluster, score_run, tmp_path, caplog, monkeypatch
+):
+    """An existing cluster may be adding a node: a pending actor is named in the log, not refused."""
+    import logging
+    import threading
+
+    import ray
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import run_scoring
+
+    monkeypatch.setattr("pipeline.score.driver.PENDING_WARNING_S", 2.0)
+    run = fresh_run(score_run, tmp_path / "run")
+    cfg = ScoreConfig(
+        data=score_run["data"].split("{")[0] + "{00000..00002}.tar",
+        run=run,
+        methods=["random"],
+        address=ray_cluster.address,
+        workers=1,
+        threads=3,  # the head has 2 CPUs: no node can place the actor yet
+        batch_size=8,
+    )
+    before = ray_cluster.alive_nodes()
+    added: list = []
+
+    def add_a_node_once_warned() -> None:
+        deadline = time.time() + WAIT
+        while time.time() < deadline and "has waited" not in caplog.text:
+            time.sleep(0.5)
+        added.append(ray_cluster.add_node(num_cpus=3))
+
+    joiner = threading.Thread(target=add_a_node_once_warned, daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.score.driver"):
+            joiner.start()
+            summary = run_scoring(cfg)
+    finally:
+        ray.shutdown()
+        joiner.join(timeout=WAIT)
+        for node in added:
+            node.kill()
+        deadline = time.time() + 120  # later tests must not find this node's CPUs
+        while ray_cluster.alive_nodes() != before and time.time() < deadline:
+            time.sleep(1)
+    assert ray_cluster.alive_nodes() == before, "the added node is still in the cluster"
+    warnings = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once per actor, not once per poll
+    assert "(--threads, --gpus-per-worker)" in warnings[0]
+    assert "--entrypoint-num-gpus" in warnings[0]
+    assert summary["shards_scored_now"] == 3 and not summary["shards_failed"]
+    assert [a["node"] for a in summary["actors"]] == [NODE_IP]  # placed on the new node
