@@ -37,7 +37,7 @@ from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.zeroshot import recall_at_k, zero_shot_accuracy
 from pipeline.memory import available_bytes, human_bytes
 from pipeline.model import factory
-from pipeline.model.batches import encode
+from pipeline.model.batches import encode, encode_pool, input_bytes, pool_transform
 from pipeline.provenance import provenance
 from pipeline.prune.manifest import select
 from pipeline.prune.select import plan
@@ -328,20 +328,23 @@ def _sample(uids: list[str], fraction: float, key: dict[str, bytes]) -> list[str
 def _check_pool_fits(n_pairs: int, bundle: factory.ClipBundle, full: bool) -> None:
     """Refuse, before the pool is read, one evaluate could not hold.
 
-    It retrains from memory: every pair of its subsets as a float32 model input,
-    held twice while they are stacked. A pool of millions would otherwise be
+    It retrains from memory: every pair of its subsets as uint8 pixels (float32
+    model inputs for a preprocess ``pixel_steps`` cannot split), held twice
+    while they are stacked. A pool of millions would otherwise be
     killed for memory after reading for hours.
     """
     size = bundle.preprocess_cfg.get("size")
     if size is None:
         return
     h, w = (size, size) if isinstance(size, int) else size
-    need = 2 * n_pairs * 4 * 3 * int(h) * int(w)
+    per_value = input_bytes(bundle)
+    need = 2 * n_pairs * per_value * 3 * int(h) * int(w)
+    held = "uint8 pixels" if per_value == 1 else "float32 model inputs"
     room = available_bytes()
     if room is not None and need > room:
         raise ConfigError(
             f"data: evaluate retrains from memory, and the {n_pairs} pairs of its subsets need "
-            f"about {human_bytes(need)} as {h}x{w} model inputs; this machine has {human_bytes(room)} "
+            f"about {human_bytes(need)} as {h}x{w} {held}; this machine has {human_bytes(room)} "
             f"available. Give --max-pairs N (every subset cut to the same fraction)"
             + ("" if not full else ", or --no-full with a lower --keep")
         )
@@ -423,8 +426,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     options = recorded_reader_options(recorded, proxy.reader_options())
     wanted = set().union(*(s["uids"] for s in subsets))
     bundle = factory.create(traj["model"], preprocess_cfg=factory.recorded_preprocess(traj))
-    # transformed as read: the pool is held as model inputs, not full-resolution pixels
-    options = {**options, "transform": bundle.preprocess}
+    # transformed as read: the pool is held as small pixels, not at full resolution
+    options = {**options, "transform": pool_transform(bundle)}
     _check_pool_fits(len(wanted), bundle, cfg.full)
     for left in leftovers(run.url, ("evaluate.tmp-", "evaluate.old-")):
         log.warning(
@@ -437,7 +440,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         raise ConfigError(
             f"data: {len(wanted)} scored ok pairs but {len(pool)} of them found in {src.data}"
         )
-    images, tokens = encode(pool, bundle)
+    images, tokens = encode_pool(pool, bundle)
     for s in pool:  # encoded: not held twice while retraining
         s.image = None
     position = {s.uid: i for i, s in enumerate(pool)}
@@ -466,7 +469,12 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         model = factory.create(traj["model"]).model
         order = batch_order(len(idx), train_cfg.batch_size, steps, seed)
         curve = train_loop(
-            model, images[idx], tokens[idx], replace(train_cfg, seed=seed), order, progress=False
+            model,
+            images.subset(idx),
+            tokens[idx],
+            replace(train_cfg, seed=seed),
+            order,
+            progress=False,
         )
         metrics = measure(model, ev)
         rows.append(

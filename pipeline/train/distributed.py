@@ -34,6 +34,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.model import factory
+from pipeline.model.batches import Inputs
 from pipeline.model.loss import batch_clip_loss
 from pipeline.raylocal import connect, embedded
 from pipeline.rundir import RunDir
@@ -153,7 +154,7 @@ def check_placeable(cfg: TrainConfig) -> None:
 
 def train_distributed(
     cfg: TrainConfig,
-    images: torch.Tensor,
+    images: Inputs,
     tokens: torch.Tensor,
     initial: dict[str, torch.Tensor],
     ckpt_steps: list[int],

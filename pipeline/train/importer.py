@@ -40,7 +40,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.model import factory
-from pipeline.model.batches import encode
+from pipeline.model.batches import encode_pool, pool_transform
 from pipeline.provenance import provenance
 from pipeline.rundir import RunDir, join, read_bytes, remove, write_json
 from pipeline.train.config import TrainConfig
@@ -227,7 +227,7 @@ def import_open_clip_run(
 
     torch.manual_seed(cfg.seed)
     bundle = factory.create(name, preprocess_cfg=open_clip_preprocess(oc, name))
-    pool = load_pool(cfg, bundle.preprocess)
+    pool = load_pool(cfg, pool_transform(bundle))
 
     # Checkpoints first: a wrong step count is refused before the (slower) sets are built.
     # An interrupted training's resume state is kept until a checkpoint is written.
@@ -259,7 +259,7 @@ def import_open_clip_run(
         saved.append(save_checkpoint(run, bundle.model, step, oc.lr(step, total)))
         sources.append({"epoch": epoch, "url": url, "sha256": digest, "saved_lr": last})
 
-    save_sets(cfg, run, pool, bundle, *encode(pool.train, bundle))
+    save_sets(cfg, run, pool, bundle, *encode_pool(pool.train, bundle))
 
     opt = str(oc.params.get("opt", "adamw"))
     settings = {"weight_decay": oc.params.get("wd")}

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.model.batches import Inputs
 from pipeline.model.loss import MAX_LOGIT_SCALE, batch_clip_loss
 from pipeline.train.config import TrainConfig
 from pipeline.train.schedule import lr_at
@@ -83,7 +84,7 @@ def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractC
 
 def train_loop(
     model: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | Inputs,
     tokens: torch.Tensor,
     cfg: TrainConfig,
     order: list[torch.Tensor],

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pipeline.model.batches import Inputs
 from pipeline.rundir import RunDir
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import BatchLoss, LoopState, clip_loss, core, train_loop
@@ -29,7 +30,7 @@ def save_steps(cfg: TrainConfig, ckpt_steps: list[int]) -> set[int]:
 
 def run_resumable(
     model: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | Inputs,
     tokens: torch.Tensor,
     cfg: TrainConfig,
     order: list[torch.Tensor],

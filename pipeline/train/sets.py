@@ -21,7 +21,7 @@ from pipeline.data.shards import resolve_shards
 from pipeline.errors import ConfigError
 from pipeline.memory import available_bytes, human_bytes
 from pipeline.model import factory
-from pipeline.model.batches import encode
+from pipeline.model.batches import Inputs, encode
 from pipeline.rundir import RunDir
 from pipeline.tensors import save_tensors
 from pipeline.train.config import TrainConfig
@@ -47,9 +47,9 @@ class Pool:
 def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -> Pool:
     """Read the pool's decodable pairs and split off the held-out target set, seeded.
 
-    ``transform`` (the model's eval transform) is applied as each pair is read,
-    so the reservoir holds model inputs, not up to ``max_samples`` images at
-    full resolution.
+    ``transform`` (``pool_transform``: the model's eval transform up to its
+    uint8 pixels) is applied as each pair is read, so the reservoir holds
+    small pixels, not up to ``max_samples`` images at full resolution.
     """
     try:
         shards = resolve_shards(cfg.data)
@@ -70,7 +70,7 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
                 errors += 1
                 continue
             if fits is None and room is not None and torch.is_tensor(s.image):
-                # each pair held as a model input, then once more while encode stacks them
+                # each pair held as read, then once more while encode_pool stacks them
                 fits = room // (2 * s.image.nbytes)
             if n_ok < cfg.max_samples:
                 if fits is not None and n_ok >= fits:
@@ -124,10 +124,10 @@ def save_sets(
     run: RunDir,
     pool: Pool,
     bundle: factory.ClipBundle,
-    images: torch.Tensor,
+    images: Inputs,
     tokens: torch.Tensor,
 ) -> None:
-    """Write R, V and the gradient batches; ``images``, ``tokens`` are ``encode(pool.train)``.
+    """Write R, V and the gradient batches; ``images``, ``tokens`` are ``encode_pool(pool.train)``.
 
     The pool's samples give up their pixels here: only the encoded tensors are used after.
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.model.batches import Inputs
 from pipeline.rundir import (
     RunDir,
     exists,
@@ -62,7 +64,7 @@ def save_checkpoint(run: RunDir, model: nn.Module, step: int, lr: float) -> dict
 def fingerprint(
     cfg: TrainConfig,
     train_uids: list[str],
-    images: torch.Tensor,
+    images: Inputs | torch.Tensor,
     tokens: torch.Tensor,
     pretrained: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
@@ -82,7 +84,10 @@ def fingerprint(
     h.update(json.dumps(pretrained).encode())
     for x in (h, pairs):
         x.update("\n".join(train_uids).encode())
-    for t in (images, tokens):
+    # Hashed as model inputs, batch by batch: pixels held as uint8 hash as the float
+    # inputs they give, so a run keeps its fingerprint however its pool is held.
+    chunks = images.batches() if isinstance(images, Inputs) else [images]
+    for t in itertools.chain(chunks, [tokens]):  # one batch of float inputs at a time
         buf = t.detach().cpu().contiguous().numpy()  # the buffer itself, not a copy
         h.update(buf)
         pairs.update(buf)

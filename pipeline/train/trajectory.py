@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.model import factory
-from pipeline.model.batches import encode
+from pipeline.model.batches import encode_pool, pool_transform
 from pipeline.provenance import provenance
 from pipeline.rundir import RunDir, remove, write_json
 from pipeline.train.config import TrainConfig
@@ -74,8 +74,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = bundle.model
     if cfg.precision == "fp64":
         model.to(torch.float64)
-    pool = load_pool(cfg, bundle.preprocess)
-    images, tokens = encode(pool.train, bundle)
+    pool = load_pool(cfg, pool_transform(bundle))
+    images, tokens = encode_pool(pool.train, bundle)
     fp, parts = fingerprint(cfg, [s.uid for s in pool.train], images, tokens, pretrained)
     if not cfg.resume:
         clear_resume(run)

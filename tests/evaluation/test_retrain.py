@@ -396,7 +396,7 @@ def test_a_pool_larger_than_the_memory_left_is_refused_before_it_is_read(
 
     run = copy_run(tiny_scored["run"], tmp_path / "run")
     n_ok = int((pq.read_table(f"{run}/scores.parquet").column("status").to_numpy() == "ok").sum())
-    need = 2 * n_ok * 4 * 3 * 32 * 32  # diffin-tiny's 32x32 inputs, held twice while stacked
+    need = 2 * n_ok * 3 * 32 * 32  # diffin-tiny's 32x32 uint8 pixels, held twice while stacked
     monkeypatch.setattr(retrain, "available_bytes", lambda: need - 1)
 
     def no_reading(*args, **kwargs):
@@ -406,6 +406,7 @@ def test_a_pool_larger_than_the_memory_left_is_refused_before_it_is_read(
     with pytest.raises(ConfigError, match=rf"^data: .* the {n_ok} pairs of its subsets need") as e:
         run_evaluation(EvaluateConfig(run=run, keeps=[0.5], methods=["random"], steps=2))
     assert "--no-full with a lower --keep" in str(e.value)
+    assert "as 32x32 uint8 pixels" in str(e.value)
     assert not Path(f"{run}/evaluate").exists()
     monkeypatch.undo()
     monkeypatch.setattr(retrain, "available_bytes", lambda: need)  # it fits: read, trained

@@ -443,13 +443,15 @@ def test_the_train_bar_counts_trained_steps_from_where_a_resumed_loop_starts(
 
 
 def test_a_pool_larger_than_the_memory_left_is_refused_while_it_is_read(tiny_run, monkeypatch):
-    """The reservoir holds up to max_samples model inputs: at 224 px the default 100,000
-    is 60 GB, and training was killed for memory after reading, with no word (review)."""
+    """The reservoir holds up to max_samples pairs as uint8 pixels: at 224 px the default
+    100,000 is 15 GB, and training was killed for memory after reading, with no word (review)."""
     import pipeline.train.sets as sets
     from pipeline.model import factory
+    from pipeline.model.batches import pool_transform
 
     bundle = factory.create(tiny_run["config"].model)
-    per_pair = 4 * 3 * 32 * 32  # diffin-tiny's float32 inputs
+    transform = pool_transform(bundle)
+    per_pair = 3 * 32 * 32  # diffin-tiny's uint8 pixels, a quarter of its float32 inputs
     monkeypatch.setattr(sets, "available_bytes", lambda: 2 * per_pair * 50)  # room for 50
     read = {"n": 0}
     iter_shard = sets.iter_shard
@@ -461,11 +463,11 @@ def test_a_pool_larger_than_the_memory_left_is_refused_while_it_is_read(tiny_run
 
     monkeypatch.setattr(sets, "iter_shard", counted)
     with pytest.raises(ConfigError, match=r"^max_samples: .* more than 50 pairs of \(3, 32, 32\)"):
-        load_pool(tiny_run["config"], bundle.preprocess)
+        load_pool(tiny_run["config"], transform)
     assert read["n"] <= 60  # refused as the 51st pair came, not after the whole pool
     cfg = dataclasses.replace(tiny_run["config"], max_samples=50, target_size=8, batch_size=8)
-    assert len(load_pool(cfg, bundle.preprocess).train) == 42  # within the room: read as before
+    assert len(load_pool(cfg, transform).train) == 42  # within the room: read as before
     # room for fewer pairs than the sets need: no --max-samples would do, and it says so
     monkeypatch.setattr(sets, "available_bytes", lambda: 2 * per_pair * 10)
     with pytest.raises(ConfigError, match=r"fewer than target_size \+ batch_size = 16: free"):
-        load_pool(cfg, bundle.preprocess)
+        load_pool(cfg, transform)
