@@ -211,7 +211,7 @@ def _build(
         "--train-num-samples",
         str(sum(sizes.values())),
     ]
-    dropped = {k: counts[f"dropped: {k}"] for k in ("no extension", "dot extension", "pickle")}
+    dropped = {k: counts[f"dropped: {k}"] for k in DROPPED}
     added = {k: n for k, n in sorted(counts.items()) if " added as " in k}
     unread = {k: n for k, n in sorted(counts.items()) if k.startswith(_UNREAD)}
     no_uid = counts["no DataComp uid in json"]
@@ -312,6 +312,44 @@ def is_pickle(ext: str) -> bool:
     while len(parts) > 1 and parts[-1] == "gz":
         parts.pop()
     return parts[-1] in PICKLE_EXTENSIONS
+
+
+# open_clip_train decodes *every* member of a sample (wds.decode("pilrgb")), by the
+# last part of its extension, before it picks the image and caption it trains on.
+# From webdataset 0.2.86's autodecode: PIL opens these with no format list and no
+# pixel cap (``eps`` runs Ghostscript), ...
+DECODED_AS_IMAGES = frozenset(
+    "blp bmp dib bufr cur pcx dcx dds ps eps fit fits fli flc ftc ftu gbr gif grib h5 hdf "
+    "png apng jp2 j2k jpc jpf jpx j2c icns ico im iim tif tiff jfif jpe jpg jpeg mpg mpeg "
+    "msp pcd pxr pbm pgm ppm pnm psd bw rgb rgba sgi ras tga icb vda vst webp wmf emf xbm "
+    "xpm".split()
+)
+# ... these are parsed by their own decoders (tensors, msgpack, cbor, numpy), and
+# ``.gz`` members are gunzipped whole in memory first (a few KB can hide GBs).
+DECODED_AS_DATA = frozenset({"cbor", "mp", "msg", "npy", "npz", "ten", "tb"})
+# Left as they are, or decoded as text, JSON or an int: harmless.
+
+
+def unsafe_member(ext: str) -> str | None:
+    """Why open_clip's loader must not decode an (unscored) member with this extension, or None.
+
+    The scored image passed the reader's checks (format list, pixel cap), so
+    it is kept; any other member open_clip would decode unchecked is not.
+    """
+    if is_pickle(ext):
+        return "pickle"
+    last = ext.lower().rsplit(".", 1)[-1]
+    if last == "gz":
+        return "gzip"
+    if last in DECODED_AS_IMAGES:
+        return "unscored image"
+    if last in DECODED_AS_DATA:
+        return "decoded data"
+    return None
+
+
+# the reasons members are left out of a manifest, as manifest.json counts them
+DROPPED = ("no extension", "dot extension", "pickle", "gzip", "unscored image", "decoded data")
 
 
 # open_clip_train.data keeps samples with a ``txt`` member and one of these, then
@@ -420,10 +458,11 @@ def _reshard(
 ) -> Counter[str]:
     """Copy the kept samples of one input shard, every member byte for byte, in tar order.
 
-    Three kinds of member are left out, and counted: those with no extension
-    (no WebDataset reader groups them into a sample), those whose extension
-    starts with a dot (``0..bak``: no writer names them unambiguously) and
-    pickled ones. Where open_clip would not read the scored caption or image,
+    Left out, and counted: members with no extension (no WebDataset reader
+    groups them into a sample), those whose extension starts with a dot
+    (``0..bak``: no writer names them unambiguously), and those open_clip's
+    loader would decode unchecked (:func:`unsafe_member`: pickles, gzipped
+    members, images other than the scored one, binary data). Where open_clip would not read the scored caption or image,
     they are added under its names (:func:`as_open_clip_reads`), and counted.
     Samples whose json has no DataComp uid are counted too (``uids.npy``
     then holds diffin's hash of shard and key for them).
@@ -435,13 +474,15 @@ def _reshard(
         for key, members in iter_raw(shard):
             if key in keys and key not in seen:  # a repeated key was an error row
                 kept = {}
+                scored = next((k for k in reader["image_keys"] if k in members), None)
                 for ext, data in members.items():
+                    why = unsafe_member(ext) if ext != scored else None
                     if not ext:
                         counts["dropped: no extension"] += 1
                     elif ext.startswith("."):
                         counts["dropped: dot extension"] += 1
-                    elif is_pickle(ext):
-                        counts["dropped: pickle"] += 1
+                    elif why is not None:
+                        counts[f"dropped: {why}"] += 1
                     else:
                         kept[ext] = data
                 kept, events = as_open_clip_reads(

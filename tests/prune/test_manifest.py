@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from pipeline.data.sample import Sample
 from pipeline.data.shards import expand_pattern
@@ -378,7 +379,14 @@ def test_reshard_keeps_keys_unique_and_leaves_pickles_and_stray_members_out(tmp_
     run = _scored_run(tmp_path, rows)
     m = write_manifest(PruneConfig(run=str(run), keep=1.0, shard_size=100))
     assert m["kept"] == m["train_num_samples"] == n
-    assert m["members_dropped"] == {"no extension": 1, "dot extension": 1, "pickle": 3}
+    assert m["members_dropped"] == {
+        "no extension": 1,
+        "dot extension": 1,
+        "pickle": 3,
+        "gzip": 0,
+        "unscored image": 0,
+        "decoded data": 0,
+    }
     (tar,) = sorted(Path(m["dir"], "shards").glob("*.tar"))
     samples = _tar_samples(tar)
     keys = [k for k, _ in samples]
@@ -416,10 +424,12 @@ def test_a_pool_scored_with_other_keys_is_retrained_on_what_was_scored(tmp_path)
     assert m["open_clip_unread"] == {
         "image in a format open_clip reads under no extension": 1,
         "open_clip reads another caption (txt)": 1,
-        "open_clip reads another image (png)": 1,
     }
+    # 4.png is not the scored image: open_clip would decode it unchecked, so it is left
+    # out (it was written, and open_clip trained on it instead of the scored 4.jpeg)
+    assert m["members_dropped"]["unscored image"] == 1
     assert m["kept_without_datacomp_uid"] == 4 and "DataComp's resharder" in m["note"]
-    assert "3 kept samples would be retrained on another caption or image" in m["note"]
+    assert "2 kept samples would be retrained on another caption or image" in m["note"]
     # What open_clip_train.data's pipeline trains on: its filter, then its rename.
     (tar,) = sorted(Path(m["dir"], "shards").glob("*.tar"))
     got = wds.DataPipeline(
@@ -433,8 +443,67 @@ def test_a_pool_scored_with_other_keys_is_retrained_on_what_was_scored(tmp_path)
         "0": (jpeg, b"cap 0"),
         "1": (png, b"cap 1"),
         "2": (jpeg, b"another caption"),  # written as it is, and counted above
-        "4": (png, b"cap 4"),
+        "4": (jpeg, b"cap 4"),
     }
+
+
+def test_members_open_clip_would_decode_unchecked_are_left_out(tmp_path):
+    """Review: open_clip's loader decodes every member of a sample. An extra .eps went to
+    Ghostscript, a .gz was gunzipped whole, a 144-Mpx .png was decoded past the reader's cap;
+    only the scored image had been checked."""
+    import webdataset as wds
+    from open_clip_train.data import filter_no_caption_or_no_image
+
+    from pipeline.prune.manifest import unsafe_member
+
+    def png(size: tuple[int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    scored = png((8, 8))
+    shard = tmp_path / "pool.tar"
+    extras = [
+        ("eps", b"%!PS-Adobe-3.0 EPSF-3.0\n"),
+        ("cls.gz", gzip.compress(b"1" * 100_000)),
+        ("webp", png((64, 64))),  # another image, unchecked
+        ("b.tif", b"II*\x00"),
+        ("npy", b"\x93NUMPY"),
+        ("ten", b"x"),
+        ("pyd", b"\x80evil"),
+    ]
+    kept_extras = [("json", b'{"uid": "' + b"ab" * 16 + b'"}'), ("cls", b"3"), ("meta", b"raw")]
+    members = [("0.png", scored), ("0.txt", b"a red square")]
+    members += [(f"0.{ext}", data) for ext, data in extras + kept_extras]
+    _raw_tar(shard, members)
+    run = _scored_run(tmp_path, [(shard, "0", 0)])
+    m = write_manifest(PruneConfig(run=str(run), keep=1.0, shard_size=100))
+    assert m["members_dropped"] == {
+        "no extension": 0,
+        "dot extension": 0,
+        "pickle": 1,
+        "gzip": 1,
+        "unscored image": 3,
+        "decoded data": 2,
+    }
+    (tar,) = sorted(Path(m["dir"], "shards").glob("*.tar"))
+    ((_, written),) = _tar_samples(tar)
+    assert written == {"png": scored, "txt": b"a red square", **dict(kept_extras)}
+    # open_clip_train's own pipeline decodes the sample whole, and trains on the scored pair
+    got = wds.DataPipeline(
+        wds.SimpleShardList(str(tar)),
+        wds.tarfile_to_samples(),
+        wds.select(filter_no_caption_or_no_image),
+        wds.decode("pilrgb"),
+        wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+    )
+    ((sample),) = list(got)
+    assert sample["image"].size == (8, 8) and sample["text"] == "a red square"
+    assert sample["cls"] == 3 and sample["json"]["uid"] == "ab" * 16
+    for ext in ("EPS", "x.gz", "txt.gz", "JPEG", "webp", "npz", "msg", "cbor", "tb"):
+        assert unsafe_member(ext) is not None, ext
+    for ext in ("txt", "json", "jsn", "cls", "id", "caption", "meta", "text"):
+        assert unsafe_member(ext) is None, ext
 
 
 def _one_shard_run(tmp_path: Path, captions: list[bytes]) -> tuple[Path, Path]:
