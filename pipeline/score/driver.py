@@ -283,6 +283,10 @@ REQUIRE_CUDA = True
 # How long an actor may wait to be placed before the log asks why: an existing
 # cluster may be adding a node, so waiting is not an error.
 PENDING_WARNING_S = 120.0
+# Shards recorded as failed in a row, none scored in between, that stop a run: a
+# failure every shard hits (out of GPU memory at --batch-size, a bug) would else
+# spend max_attempts tries on each shard of the pool, then publish a table of errors.
+FAILED_IN_A_ROW = 5
 
 
 class DirectionsActor:
@@ -626,6 +630,8 @@ def schedule(
     max_failing_starts = workers * max_attempts
     last_start_error = ""
     max_starts = max_actor_starts or workers * (max_attempts + 2) + len(todo)
+    failed_in_a_row = 0
+    max_failed_in_a_row = max(FAILED_IN_A_ROW, 2 * workers)
     stats = {"retries": 0, "actors_replaced": 0, "actor_start_failures": 0, "actors": []}
 
     def start() -> None:
@@ -724,6 +730,14 @@ def schedule(
                             queue_.append((url, name))
                     else:
                         on_failed(url, name, reason, attempts[name])
+                        failed_in_a_row += 1
+                        if failed_in_a_row >= max_failed_in_a_row:
+                            raise RuntimeError(
+                                f"{failed_in_a_row} shards in a row failed after {max_attempts} "
+                                f"attempt(s) each, none scored in between; stopping before the "
+                                f"rest fail the same way (last: {reason}). Nothing was merged; "
+                                "the shards scored so far are kept for the next run"
+                            ) from exc
                     continue
                 if kind == "ready":
                     failing_starts = 0
@@ -733,6 +747,7 @@ def schedule(
                     continue
                 url, name = slot.job
                 slot.job = None
+                failed_in_a_row = 0
                 on_done(url, name, value)
     finally:
         for slot in list(slots):

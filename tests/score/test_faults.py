@@ -7,6 +7,7 @@ no duplicates, rows in = rows out.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -258,6 +259,47 @@ def test_actors_that_never_start_stop_the_run_with_the_reason(ray_cluster, score
     finally:
         ray.shutdown()
     assert not os.path.exists(f"{run}/scores.parquet")
+
+
+def test_a_failure_every_shard_hits_stops_the_run_before_it_publishes(
+    ray_cluster, score_run, tmp_path
+):
+    """Review: with every score call raising (out of GPU memory at --batch-size) the run spent
+    max_attempts tries on each of the pool's shards, then published a table of error rows."""
+    import ray
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import ScoreActor, run_scoring
+
+    class OutOfMemory(ScoreActor):
+        def score(self, url, name, next_url=None, last_try=True):
+            if name >= "00002":
+                raise RuntimeError("CUDA out of memory")
+            return super().score(url, name, next_url, last_try)
+
+    run = fresh_run(score_run, tmp_path / "run")
+    cfg = ScoreConfig(
+        data=score_run["data"],  # 72 shards
+        run=run,
+        methods=["random"],
+        address=ray_cluster.address,
+        workers=1,
+        max_attempts=2,
+    )
+    try:
+        with pytest.raises(
+            RuntimeError, match=r"^5 shards in a row failed after 2 attempt\(s\) each, none scored"
+        ) as err:
+            run_scoring(cfg, actor_cls=OutOfMemory)
+        assert "CUDA out of memory" in str(err.value)
+        assert not os.path.exists(f"{run}/scores.parquet")  # nothing published
+        assert _done(run) == 2  # the shards scored before it are kept
+        again = run_scoring(
+            dataclasses.replace(cfg, data=score_run["data"].split("{")[0] + "{00000..00003}.tar")
+        )
+    finally:
+        ray.shutdown()
+    assert again["shards_resumed"] == 2 and again["shards_scored_now"] == 2
 
 
 def test_a_shard_that_cannot_be_read_is_tried_again_before_it_becomes_rows(
