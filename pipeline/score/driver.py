@@ -53,6 +53,9 @@ from pipeline.raylocal import check_address, connect, embedded
 from pipeline.rundir import RunDir, exists, file_size, read_json, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import (
+    DIRECTIONS_VERSION,
+    EIGEN_VERSION,
+    PROPAGATED_VERSION,
     ensure_directions,
     needs_directions,
     resolve_form,
@@ -458,6 +461,10 @@ def _fingerprint(
     fp["options"] = {k: getattr(cfg, k) for k in sorted(uses - {"target", "self_hb"})}
     if "target" in uses:
         fp["target"] = target["target_fingerprint"]
+    if "target" in uses or self_size is not None:
+        # A new version of the per-run work recomputes its files; the parts scored
+        # with the old ones must go too (eigen-v2 changed diffin_self's values).
+        fp["per_run_work"] = [DIRECTIONS_VERSION, PROPAGATED_VERSION, EIGEN_VERSION]
     if self_size is not None:
         # The size actually used, not the budget: a roomier budget that changes
         # only the chunk size must not rescore.

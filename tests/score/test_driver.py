@@ -297,7 +297,7 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
     assert h(cfg=dataclasses.replace(cfg, memory_mb=4096)) == base
 
 
-def test_the_fingerprint_holds_only_the_options_the_requested_scorers_use():
+def test_the_fingerprint_holds_only_the_options_the_requested_scorers_use(monkeypatch):
     """A loss-only rerun with another --sample-gradient or target used to rescore (review)."""
     from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import _fingerprint, fingerprint_hash
@@ -340,6 +340,15 @@ def test_the_fingerprint_holds_only_the_options_the_requested_scorers_use():
     assert h(["diffin"], second_order="propagated", propagate_curvature="hessian") != propagated
     assert h(["diffin"], second_order="propagated", first_order=False) != propagated
     assert h(["random"], seed=7) != h(["random"])
+
+    # A new version of the directions, propagation or eigenpairs rescores the scorers
+    # that read them (review: eigen-v2 changed diffin_self and kept its old parts).
+    loss, diffin = h(["loss"]), h(["diffin"])
+    for version in ("DIRECTIONS_VERSION", "PROPAGATED_VERSION", "EIGEN_VERSION"):
+        with monkeypatch.context() as m:
+            m.setattr(f"pipeline.score.driver.{version}", "next")
+            assert h(["diffin"]) != diffin and h(["tracin"]) != tracin, version
+            assert h(["loss"]) == loss, version
 
 
 def test_the_self_influence_size_in_the_fingerprint_is_the_one_the_budget_allows():
