@@ -46,6 +46,14 @@ INT_FIELDS = (
 )
 
 
+
+def _ray_gpus(gpus: float) -> bool:
+    """Whether Ray accepts ``num_gpus=gpus`` (it refuses the others only when an actor is
+    made, after the per-run work, which can take hours)."""
+    if gpus == 0 or (gpus > 1 and float(gpus).is_integer()):
+        return True
+    return 0 < gpus <= 1 and abs(gpus * 10_000 - round(gpus * 10_000)) < 1e-6
+
 @dataclass
 class ScoreConfig:
     data: str  # shard pattern of the pool to score
@@ -116,8 +124,9 @@ class ScoreConfig:
             ("prefetch_batches", self.prefetch_batches >= 0, "must be >= 0"),
             (
                 "gpus_per_worker",
-                self.gpus_per_worker is None or self.gpus_per_worker >= 0,
-                "must be >= 0",
+                self.gpus_per_worker is None or _ray_gpus(self.gpus_per_worker),
+                "must be 0, a fraction of one GPU in steps of 0.0001, or a whole number "
+                "(what Ray can place)",
             ),
             ("image_keys", valid_keys(self.image_keys), KEYS_RULE),
             ("text_keys", valid_keys(self.text_keys), KEYS_RULE),

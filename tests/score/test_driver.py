@@ -493,6 +493,9 @@ def test_the_steady_rate_leaves_out_each_actors_start_up():
         (dict(seed=2**64), "seed"),
         (dict(gpus_per_worker=float("inf")), "gpus_per_worker"),
         (dict(gpus_per_worker=float("nan")), "gpus_per_worker"),
+        # Ray refuses these only when the actors are made, after the per-run work (review)
+        (dict(gpus_per_worker=1e-5), "gpus_per_worker"),
+        (dict(gpus_per_worker=1.5), "gpus_per_worker"),
         (dict(batch_size=2.5), "batch_size"),  # never equal to a batch's length
         (dict(workers=2.5), "workers"),
         (dict(self_rank=True), "self_rank"),
@@ -507,6 +510,13 @@ def test_score_config_types_and_ranges_are_checked_up_front(change, field):
 
     with pytest.raises(ConfigError, match=f"^{field}: "):
         ScoreConfig(data="d", run="r", methods=["diffin", "random"], **change).validate()
+
+
+@pytest.mark.parametrize("gpus", [None, 0, 0.25, 0.3333, 1, 2, 8.0])
+def test_gpu_shares_ray_can_place_are_accepted(gpus):
+    from pipeline.score.config import ScoreConfig
+
+    ScoreConfig(data="d", run="r", methods=["random"], gpus_per_worker=gpus).validate()
 
 
 def test_a_record_vouches_only_for_the_shard_file_it_stamped():
