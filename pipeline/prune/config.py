@@ -65,26 +65,25 @@ class PruneConfig:
             value = getattr(self, name)
             if not is_int(value) or value < low:
                 raise ConfigError(f"{name}: must be an integer >= {low} (got {value!r})")
-        if self.name is not None and (
-            not self.name
-            or self.name.startswith(".")
-            or any(c in self.name for c in _NAME_REFUSED)
-            or "::" in self.name
-            or any(c.isspace() for c in self.name)
-        ):
-            # open_clip's loader expands braces, splits on '::' and substitutes
-            # ${VAR} in --train-data: such a name would point at other directories.
-            raise ConfigError(
-                "name: must be a plain directory name, without '/', braces, '$', '::', glob "
-                f"characters or spaces (got {self.name!r})"
-            )
+        if self.name is not None and not (isinstance(self.name, str) and _plain(self.name)):
+            raise ConfigError(f"name: must be {_PLAIN} (got {self.name!r})")
         if self.rule == "threshold":
-            if self.threshold is None or not math.isfinite(self.threshold):
+            if (
+                self.threshold is None
+                or not is_number(self.threshold)
+                or not math.isfinite(self.threshold)
+            ):
                 raise ConfigError(
                     f"threshold: rule 'threshold' needs a finite threshold (got {self.threshold!r})"
                 )
         elif self.threshold is not None:
             raise ConfigError(f"threshold: only used by rule 'threshold' (rule is {self.rule!r})")
+        if self.name is None and isinstance(self.method, str) and not _plain(self.manifest_name):
+            # spelled from column names, which a score table may hold in any form
+            raise ConfigError(
+                f"name: the manifest name made from the rule, {self.manifest_name!r}, is not "
+                f"{_PLAIN}; give one (--name)"
+            )
         if self.rule == "balanced":
             if not self.balance_by:
                 raise ConfigError(
@@ -156,6 +155,19 @@ class PruneConfig:
 # braces, $ and :: for open_clip's --train-data; * ? [ ] for the shards_url given back
 # as a shard pattern, where they would glob
 _NAME_REFUSED = frozenset("/{}$*?[]")
+_PLAIN = "a plain directory name, without '/', braces, '$', '::', glob characters or spaces"
+
+
+def _plain(name: str) -> bool:
+    # open_clip's loader expands braces, splits on '::' and substitutes ${VAR} in
+    # --train-data: a name with them would point at other directories.
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and not any(c in name for c in _NAME_REFUSED)
+        and "::" not in name
+        and not any(c.isspace() for c in name)
+    )
 
 
 def _num(x: float) -> str:

@@ -222,6 +222,36 @@ def test_bad_manifest_name_is_refused(pruned, name):
     assert sorted(p.name for p in Path(pruned["run"], "prune").iterdir()) == before
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [
+        dict(method="src/{a,b}"),
+        dict(fusion={"x/y": 1.0, "diffin": 1.0}),
+        dict(rule="balanced", balance_by="source::{a}"),
+        dict(rule="threshold", threshold=0.5, method="two words"),
+    ],
+)
+def test_a_manifest_name_made_from_odd_column_names_is_refused(rule):
+    """Review: only a given --name was checked; one spelled from a column named 'src/{a,b}'
+    nested the manifest and pointed open_clip's --train-data at directories not written."""
+    with pytest.raises(ConfigError, match=r"^name: the manifest name made from the rule, .*--name"):
+        PruneConfig(run="r", **{"keep": 0.5, **rule}).validate()
+    PruneConfig(run="r", **{"keep": 0.5, **rule}, name="plain").validate()  # named: fine
+
+
+@pytest.mark.parametrize(
+    "change", [dict(rule="threshold", threshold="0.5"), dict(rule="threshold", threshold=True)]
+)
+def test_a_threshold_that_is_not_a_number_is_refused_by_name(change):
+    with pytest.raises(ConfigError, match=r"^threshold: "):
+        PruneConfig(run="r", **change).validate()
+
+
+def test_a_name_that_is_not_a_string_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^name: must be a plain directory name, .*got 5"):
+        PruneConfig(run="r", name=5).validate()
+
+
 def test_default_names_of_different_rules_differ():
     """Before: 6 significant digits, so close rules shared (and replaced) one manifest."""
     a, b = PruneConfig(run="r", keep=0.3333331), PruneConfig(run="r", keep=0.3333334)
