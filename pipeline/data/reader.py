@@ -24,12 +24,16 @@ are skipped; a leading ``./`` (``tar -cf shard.tar .``) is not part of a key.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
+import lzma
 import re
 import sys
 import tarfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -251,6 +255,69 @@ def _end_state(tar: _WatchedTarFile) -> None:
     raise ShardReadError("corrupt tar", f"bad member header ({_describe(err)})")
 
 
+class _Head:
+    """A stream with its first bytes read ahead (to see its compression), given back first."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.head = f.read(6)
+        self.failed = False  # whether reading the file itself raised: an I/O error
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n is None or n < 0:
+                out, self.head = self.head + self._read(-1), b""
+                return out
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self._read(n)
+
+    def _read(self, n: int) -> bytes:
+        try:
+            return self.f.read(n)
+        except BaseException:
+            self.failed = True
+            raise
+
+
+class _Decompressed:
+    """A compressed shard, decompressed whole: every gzip member or bzip2 stream (tarfile's
+    stream mode reads only the first), with gzip's CRC and length checked (it checks none).
+
+    Damage in the compressed data is a corrupt tar; an error reading the file stays one.
+    """
+
+    def __init__(self, raw: _Head, kind: str) -> None:
+        self.raw, self.kind = raw, kind
+        opener = {"gzip": gzip.GzipFile, "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}[kind]
+        self.dec = opener(fileobj=raw, mode="rb") if kind == "gzip" else opener(raw, mode="rb")
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.dec.read(n)
+        except (EOFError, tarfile.TarError):
+            raise
+        except (zlib.error, lzma.LZMAError, OSError) as exc:
+            if self.raw.failed:
+                raise  # the file, not its content
+            raise tarfile.ReadError(f"bad {self.kind} data ({_describe(exc)})") from exc
+
+    def close(self) -> None:
+        self.dec.close()
+
+
+def _decompressed(f: Any) -> Any:
+    """``f`` as a plain tar stream: gzip, bzip2 and xz shards decompressed."""
+    raw = _Head(f)
+    if raw.head[:2] == b"\x1f\x8b":
+        return _Decompressed(raw, "gzip")
+    if raw.head[:3] == b"BZh":
+        return _Decompressed(raw, "bzip2")
+    if raw.head[:6] == b"\xfd7zXZ\x00":
+        return _Decompressed(raw, "xz")
+    return raw
+
+
 def _as_shard_error(exc: Exception) -> ShardReadError:
     if isinstance(exc, ShardReadError):
         return exc
@@ -332,9 +399,11 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
             # UTF-8 whatever the locale: names that are not UTF-8 arrive as lone
             # surrogates (escaped by normal_name), never as mojibake.
             tar = _WatchedTarFile.open(
-                fileobj=f, mode="r|*", encoding="utf-8", errors="surrogateescape"
+                fileobj=_decompressed(f), mode="r|", encoding="utf-8", errors="surrogateescape"
             )
-        except (tarfile.TarError, EOFError) as exc:
+        except EOFError as exc:  # a compressed shard cut short before its first header
+            raise ShardReadError("truncated tar", _describe(exc)) from exc
+        except tarfile.TarError as exc:
             raise ShardReadError("not a tar file", _describe(exc)) from exc
         except Exception as exc:
             raise _io_error(exc) from exc

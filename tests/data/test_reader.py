@@ -465,6 +465,77 @@ def test_gzipped_tar_is_read(tmp_path, good_members, helpers):
     assert [r.ok for r in _rows(str(path))] == [True, True, True]
 
 
+def test_a_gzipped_shard_whose_content_changed_is_a_corrupt_tar(tmp_path, good_members, helpers):
+    """Review: tarfile's stream mode checks no gzip CRC: a changed caption was an ok row, and
+    the shard raised no error. The CRC covers the whole stream, so it is known at its end:
+    the shard's row says so (rows already read stay as they were read)."""
+    raw = helpers.tar_bytes(good_members)
+    stored = bytearray(gzip.compress(raw, compresslevel=0, mtime=0))  # the tar bytes as they are
+    at = bytes(stored).index(b"png one")
+    stored[at : at + 7] = b"PNG ONE"
+    bad_trailer = bytearray(gzip.compress(raw, mtime=0))
+    bad_trailer[-8] ^= 0xFF  # the CRC32
+    for name, data in (("content", stored), ("trailer", bad_trailer)):
+        path = tmp_path / f"{name}.tar.gz"
+        path.write_bytes(bytes(data))
+        rows = _rows(str(path))
+        assert [r.key for r in rows][:3] == ["000000000", "000000001", "000000002"], name
+        assert rows[-1].key == "__shard__" and len(rows) == 4
+        assert (
+            rows[-1].error.startswith("unreadable shard: corrupt tar") and "gzip" in rows[-1].error
+        )
+        assert "CRC" in rows[-1].error, rows[-1].error
+
+
+@pytest.mark.parametrize("kind", ["gzip", "bzip2", "xz"])
+def test_a_compressed_shard_is_read_whole_across_its_members(tmp_path, good_members, helpers, kind):
+    """Review: only the first gzip member was read (bgzip and pbzip2 write many), and the rest
+    of the samples were reported as a truncated tar."""
+    import bz2
+    import lzma
+
+    compress = {
+        "gzip": lambda b: gzip.compress(b, mtime=0),
+        "bzip2": bz2.compress,
+        "xz": lzma.compress,
+    }[kind]
+    raw = helpers.tar_bytes(good_members)
+    cut = len(raw) // 2
+    path = tmp_path / "00000.tar.x"
+    members = compress(raw[:cut]) + compress(raw[cut:])
+    path.write_bytes(members if kind != "xz" else compress(raw))  # xz: one stream
+    rows = _rows(str(path))
+    assert [r.ok for r in rows] == [True, True, True]
+    assert [r.caption for r in rows] == [r.caption for r in _rows(_plain(tmp_path, raw))]
+    path.write_bytes(compress(raw)[:-20])  # cut short
+    rows = _rows(str(path))
+    assert rows[-1].key == "__shard__" and "truncated tar" in rows[-1].error, rows[-1].error
+
+
+def _plain(tmp_path, raw: bytes) -> str:
+    path = tmp_path / "plain.tar"
+    path.write_bytes(raw)
+    return str(path)
+
+
+def test_an_error_reading_a_compressed_shard_stays_an_io_error(good_members, helpers):
+    """Decompressing must not turn a dropped connection into "corrupt" (that is not retried)."""
+    import io
+
+    from pipeline.data.reader import _decompressed
+
+    class Dropped(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > 40:
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(min(n, 16) if n and n > 0 else 16)
+
+    stream = _decompressed(Dropped(gzip.compress(helpers.tar_bytes(good_members))))
+    with pytest.raises(ConnectionResetError):
+        while stream.read(4096):
+            pass
+
+
 # --- fsspec URLs ----------------------------------------------------------------------
 
 
