@@ -464,8 +464,9 @@ def _read_groups(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
                         continue
                     current.size += member.size
                     handle = tar.extractfile(member)
-                    # At most cap + 1 bytes, whatever the header said.
-                    data = handle.read(max_member_bytes + 1) if handle is not None else b""
+                    # The size the header says (already under the cap): asking for the
+                    # cap itself made the buffered reader reserve it for every member.
+                    data = handle.read(member.size) if handle is not None else b""
                     if len(data) != member.size:
                         raise tarfile.ReadError("unexpected end of data")
                 except Exception as exc:

@@ -270,6 +270,10 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
             fs, path = fsspec.core.url_to_fs(item)
         except Exception as exc:  # unknown protocol, missing driver, bad URL
             raise ConfigError(f"shard {item!r} (from {pattern!r}): {exc}") from exc
+        if _is_local(fs):
+            # One file, one string: '/d/./x.tar' and '/d//x.tar' hashed to other uids,
+            # and the same shard listed both ways was scored twice (review).
+            path = posixpath.normpath(path)
 
         if _has_glob(path):
             try:

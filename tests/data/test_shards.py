@@ -200,6 +200,23 @@ def test_duplicate_shards_refused(tmp_path):
         resolve_shards(f"{tmp_path}::{tmp_path}/00001.tar")
 
 
+def test_a_local_shard_is_one_string_however_its_path_is_spelled(tmp_path):
+    """Review: '/d/./x.tar' was another string than '/d/x.tar' (so other fallback uids), and
+    the same shard listed both ways was scored twice; '/d//x.tar' was reported missing."""
+    _touch(tmp_path / "00000.tar")
+    (tmp_path / "sub").mkdir()
+    plain = str(tmp_path / "00000.tar")
+    for spelled in (
+        f"{tmp_path}/./00000.tar",
+        f"{tmp_path}/sub/../00000.tar",
+        f"{tmp_path}//00000.tar",
+    ):
+        assert resolve_shards(spelled) == [plain], spelled
+    assert resolve_shards(f"{tmp_path}/./*.tar") == [plain]
+    with pytest.raises(ConfigError, match="more than once"):
+        resolve_shards(f"{plain}::{tmp_path}/./00000.tar")
+
+
 # --- resolve_shards: fsspec memory filesystem ------------------------------------------
 
 
