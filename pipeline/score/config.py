@@ -46,13 +46,13 @@ INT_FIELDS = (
 )
 
 
-
 def _ray_gpus(gpus: float) -> bool:
     """Whether Ray accepts ``num_gpus=gpus`` (it refuses the others only when an actor is
     made, after the per-run work, which can take hours)."""
     if gpus == 0 or (gpus > 1 and float(gpus).is_integer()):
         return True
     return 0 < gpus <= 1 and abs(gpus * 10_000 - round(gpus * 10_000)) < 1e-6
+
 
 @dataclass
 class ScoreConfig:

@@ -11,8 +11,9 @@ Exactly once, from the reader's side:
 * rows in (the completion records) = rows out (the table), or nothing is
   published.
 
-Memory holds one part at a time plus 8 bytes per row (a uid hash, to count
-duplicate uids); the table is streamed to a temporary file and only then
+Memory holds one part being merged and the next ``FETCH_AHEAD`` being read
+(on an object store, requests in flight), plus 8 bytes per row (a uid hash,
+to count duplicate uids); the table is streamed to a temporary file and only then
 published (renamed into place locally, uploaded in one piece elsewhere).
 """
 
@@ -23,7 +24,8 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -129,6 +131,35 @@ def _check_part(url: str, data: bytes, table: pa.Table, rec: dict[str, Any] | No
     return 0
 
 
+# Parts fetched ahead of the one being merged: on an object store each part is two
+# or three requests, and 10,000 shards read one after another would take about half an
+# hour at 50 ms a request.
+FETCH_AHEAD = 16
+
+
+def _fetch(url: str) -> tuple[dict[str, Any] | None, bytes | BaseException]:
+    rec = read_record(url)
+    try:
+        return rec, read_bytes(url)
+    except Exception as exc:  # raised where the merge reaches this part, as before
+        return rec, exc
+
+
+def _fetched(parts: Sequence[str]) -> Iterator[tuple[str, dict[str, Any] | None, bytes]]:
+    """(url, record, bytes) of each part in order, up to FETCH_AHEAD of them in flight."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ahead: deque = deque()
+        todo = iter(parts)
+        while True:
+            while len(ahead) < FETCH_AHEAD and (url := next(todo, None)) is not None:
+                ahead.append((url, pool.submit(_fetch, url)))
+            if not ahead:
+                return
+            url, future = ahead.popleft()
+            rec, data = future.result()
+            yield url, rec, data  # type: ignore[misc]
+
+
 def merge_parts(
     parts: Sequence[str],
     out_url: str,
@@ -151,8 +182,7 @@ def merge_parts(
     tmp = os.path.join(tmp_dir, "scores.parquet")
     writer: pq.ParquetWriter | None = None
     try:
-        for url in parts:
-            rec = read_record(url)
+        for url, rec, data in _fetched(parts):
             if rec is None and require_records:
                 raise MergeError(f"part {url} has no completion record: not trusted")
             if (
@@ -161,7 +191,8 @@ def merge_parts(
                 and rec.get("fingerprint") != fingerprint
             ):
                 raise MergeError(f"part {url} was written for another configuration")
-            data = read_bytes(url)
+            if isinstance(data, BaseException):
+                raise data
             table = pq.read_table(io.BytesIO(data))
             _check_part(url, data, table, rec)
             rows_in += rec["rows"] if rec is not None else table.num_rows

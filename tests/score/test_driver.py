@@ -519,6 +519,28 @@ def test_gpu_shares_ray_can_place_are_accepted(gpus):
     ScoreConfig(data="d", run="r", methods=["random"], gpus_per_worker=gpus).validate()
 
 
+def test_a_resumed_run_asks_for_its_completion_records_many_at_a_time(tmp_path, monkeypatch):
+    """Review: three or four requests per shard, one shard after another, before a resumed
+    run scored anything (half an hour for 10,000 shards on an object store)."""
+    from test_merge import _InFlight, _part
+
+    import pipeline.score.driver as driver
+    from pipeline.rundir import RunDir
+
+    run = str(tmp_path)
+    names = [f"{i:05d}" for i in range(40)]
+    for name in names[:30]:
+        _part(run, name, 2)
+    shards = [f"/pool/{n}.tar" for n in names]
+    spy = _InFlight(driver.read_record)
+    monkeypatch.setattr(driver, "read_record", spy)
+    records = driver.completion_records(RunDir(run), shards, names, "fp")
+    assert list(records) == shards and spy.most > 1
+    assert [r is not None for r in records.values()] == [True] * 30 + [False] * 10
+    assert records[shards[3]] == driver.is_done(RunDir(run), shards[3], names[3], "fp")
+    assert driver.completion_records(RunDir(run), shards, names, "other") == dict.fromkeys(shards)
+
+
 def test_a_record_vouches_only_for_the_shard_file_it_stamped():
     from pipeline.score.driver import same_shard
 

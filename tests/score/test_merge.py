@@ -38,7 +38,8 @@ def _part(run: str, name: str, n: int, errors: int = 0, fp: str = "fp") -> str:
 
     table = build_part(samples, {c: np.array(v) for c, v in scores.items()}, COLS)
     url = f"{run}/scores/parts/{name}.parquet"
-    write_part(table, url, {"status": "ok", "name": name, "fingerprint": fp})
+    record = {"status": "ok", "name": name, "shard": f"/pool/{name}.tar", "fingerprint": fp}
+    write_part(table, url, record)
     return url
 
 
@@ -143,3 +144,44 @@ def test_the_summary_counts_nonfinite_scores_of_ok_rows(tmp_path):
     assert res["nonfinite_scores"] == {"diffin": 2}
     clean = _part(str(tmp_path / "clean"), "00000", 5, errors=2)
     assert merge_parts([clean], f"{tmp_path}/clean.parquet", {})["nonfinite_scores"] == {}
+
+
+class _InFlight:
+    """Counts the calls in flight at once, each taking a moment, as requests to a store do."""
+
+    def __init__(self, fn):
+        import threading
+
+        self.fn, self.now, self.most, self.lock = fn, 0, 0, threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            time.sleep(0.02)
+            return self.fn(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_the_merge_reads_parts_ahead_in_order_and_a_missing_one_still_fails(tmp_path, monkeypatch):
+    """Review: each part was two or three requests, one part after another: 10,000 shards on
+    an object store would take half an hour before the table was written."""
+    import pipeline.score.merge as merge
+
+    run = str(tmp_path)
+    parts = [_part(run, f"{i:05d}", 3) for i in range(40)]
+    spy = _InFlight(merge.read_bytes)
+    monkeypatch.setattr(merge, "read_bytes", spy)
+    out = f"{run}/scores.parquet"
+    res = merge_parts(parts, out, {}, require_records=True, fingerprint="fp")
+    assert res["rows"] == 120 and 1 < spy.most <= merge.FETCH_AHEAD
+    shards = pq.read_table(out).column("shard").to_pylist()
+    assert shards == [f"/pool/{i:05d}.tar" for i in range(40) for _ in range(3)]  # in order
+    os.remove(parts[7])  # a part gone behind its record: the merge stops there, as before
+    with pytest.raises(FileNotFoundError):
+        merge_parts(parts, out, {}, require_records=True, fingerprint="fp")
