@@ -13,8 +13,9 @@ Exactly once, from the reader's side:
 
 Memory holds one part being merged and the next ``FETCH_AHEAD`` being read
 (on an object store, requests in flight), plus 8 bytes per row (a uid hash,
-to count duplicate uids); the table is streamed to a temporary file and only then
-published (renamed into place locally, uploaded in one piece elsewhere).
+to count duplicate uids); the table is streamed to a file beside its place
+and renamed into it when whole and checked (locally; on an object store an
+upload completed only then), so a failed merge leaves the earlier table.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +32,16 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.rundir import exists, read_bytes, read_json, remove, write_bytes_atomic, write_json
+from pipeline.rundir import (
+    exists,
+    open_atomic,
+    read_bytes,
+    read_json,
+    remove,
+    write_bytes_atomic,
+    write_json,
+)
 
 
 class MergeError(RuntimeError):
@@ -178,57 +184,54 @@ def merge_parts(
     nonfinite: dict[str, int] = {}
     shards_seen: set[str] = set()
     uid_hashes: list[np.ndarray] = []
-    tmp_dir = tempfile.mkdtemp(prefix="diffin-merge-")
-    tmp = os.path.join(tmp_dir, "scores.parquet")
-    writer: pq.ParquetWriter | None = None
-    try:
-        for url, rec, data in _fetched(parts):
-            if rec is None and require_records:
-                raise MergeError(f"part {url} has no completion record: not trusted")
-            if (
-                rec is not None
-                and fingerprint is not None
-                and rec.get("fingerprint") != fingerprint
-            ):
-                raise MergeError(f"part {url} was written for another configuration")
-            if isinstance(data, BaseException):
-                raise data
-            table = pq.read_table(io.BytesIO(data))
-            _check_part(url, data, table, rec)
-            rows_in += rec["rows"] if rec is not None else table.num_rows
-            table, n_dropped = _dedupe(url, table, shards_seen)
-            dropped += n_dropped
-            status = table.column("status").to_numpy(zero_copy_only=False)
-            rows_out += table.num_rows
-            ok += int((status == "ok").sum())
-            errors += int((status == "error").sum())
-            for name, n in _nonfinite(table, status == "ok").items():
-                nonfinite[name] = nonfinite.get(name, 0) + n
-            uid_hashes.append(_uid_hash(table.column("uid").to_pylist()))
+    # Streamed into its final place (open_atomic: beside it and renamed, fsynced; an
+    # upload completed only at the end on an object store): any error below leaves
+    # no table and the earlier one as it was. (It was first written whole to the
+    # system's temporary directory, then copied: twice its size on disk.)
+    with open_atomic(out_url) as sink:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for url, rec, data in _fetched(parts):
+                if rec is None and require_records:
+                    raise MergeError(f"part {url} has no completion record: not trusted")
+                if (
+                    rec is not None
+                    and fingerprint is not None
+                    and rec.get("fingerprint") != fingerprint
+                ):
+                    raise MergeError(f"part {url} was written for another configuration")
+                if isinstance(data, BaseException):
+                    raise data
+                table = pq.read_table(io.BytesIO(data))
+                _check_part(url, data, table, rec)
+                rows_in += rec["rows"] if rec is not None else table.num_rows
+                table, n_dropped = _dedupe(url, table, shards_seen)
+                dropped += n_dropped
+                status = table.column("status").to_numpy(zero_copy_only=False)
+                rows_out += table.num_rows
+                ok += int((status == "ok").sum())
+                errors += int((status == "error").sum())
+                for name, n in _nonfinite(table, status == "ok").items():
+                    nonfinite[name] = nonfinite.get(name, 0) + n
+                uid_hashes.append(_uid_hash(table.column("uid").to_pylist()))
+                if writer is None:
+                    schema = table.schema.with_metadata(
+                        {b"diffin": json.dumps(metadata, default=str).encode()}
+                    )
+                    writer = pq.ParquetWriter(sink, schema)
+                writer.write_table(table.cast(writer.schema))
+                del table, data
             if writer is None:
-                schema = table.schema.with_metadata(
-                    {b"diffin": json.dumps(metadata, default=str).encode()}
-                )
-                writer = pq.ParquetWriter(tmp, schema)
-            writer.write_table(table.cast(writer.schema))
-            del table, data
-        if writer is None:
-            raise MergeError("no parts to merge")
-        writer.close()
-        writer = None
+                raise MergeError("no parts to merge")
+        finally:
+            if writer is not None:
+                writer.close()  # its footer; the file itself is open_atomic's
         if ok + errors != rows_out:
             raise MergeError(f"rows do not add up: {rows_out} rows, {ok} ok, {errors} errors")
         if rows_out + dropped != rows_in:
             raise MergeError(
                 f"rows do not add up: {rows_in} rows in, {rows_out} out, {dropped} duplicates dropped"
             )
-        _publish(tmp, out_url)
-    finally:
-        if writer is not None:
-            writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        os.rmdir(tmp_dir)
     hashes = np.sort(np.concatenate(uid_hashes)) if uid_hashes else np.zeros(0, np.uint64)
     dup_uids = int((hashes[1:] == hashes[:-1]).sum()) if len(hashes) else 0
     return {
@@ -294,15 +297,3 @@ def _uid_hash(uids: list[str]) -> np.ndarray:
         ],
         dtype=np.uint64,
     )
-
-
-def _publish(tmp: str, out_url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(out_url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        staged = f"{path}.tmp-{os.getpid()}"
-        fs.put_file(tmp, staged)
-        os.replace(staged, path)
-    else:  # an object becomes visible only when its upload completes
-        fs.put_file(tmp, path)

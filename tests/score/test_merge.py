@@ -185,3 +185,26 @@ def test_the_merge_reads_parts_ahead_in_order_and_a_missing_one_still_fails(tmp_
     os.remove(parts[7])  # a part gone behind its record: the merge stops there, as before
     with pytest.raises(FileNotFoundError):
         merge_parts(parts, out, {}, require_records=True, fingerprint="fp")
+
+
+def test_a_failed_merge_leaves_the_earlier_table_and_nothing_else(tmp_path, monkeypatch):
+    """The table is streamed beside its place (it was written whole under the system's
+    temporary directory, twice its size on disk, then copied): a failed merge leaves the
+    earlier table and no file of its own, here or there."""
+    import tempfile
+
+    run = str(tmp_path / "run")
+    parts = [_part(run, "00000", 4), _part(run, "00001", 4)]
+    out = f"{run}/scores.parquet"
+    merge_parts(parts, out, {"first": 1}, require_records=True)
+    before = open(out, "rb").read()
+    elsewhere = tmp_path / "system-tmp"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    t = pq.read_table(parts[1]).slice(0, 3)
+    pq.write_table(t, parts[1])  # the second part no longer matches its record
+    with pytest.raises(MergeError, match="sha256"):
+        merge_parts(parts, out, {"second": 1}, require_records=True)
+    assert open(out, "rb").read() == before
+    assert sorted(os.listdir(run)) == ["scores", "scores.parquet"]
+    assert not list(elsewhere.iterdir())  # nothing staged outside the run either
