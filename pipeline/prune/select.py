@@ -6,8 +6,9 @@ scorer's column or a z-score fusion, never hold more than a batch plus a
 65,536-bin histogram: the exact cut of a top fraction is found by radix
 selection on an order-preserving 64-bit key of the score (16 bits per pass;
 it stops as soon as the boundary bucket holds few rows, which are then
-sorted exactly), so the result is the same as a full sort with ties broken
-by uid. Rank fusion and the balanced rules need global ranks or groups and
+sorted exactly; many rows tied at the cut's exact score go through the same
+radix on their uid and row position), so the result is the same as a full
+sort with ties broken by uid. Rank fusion and the balanced rules need global ranks or groups and
 hold O(rows) numbers (not strings) in memory; they say so in the manifest.
 
 :func:`plan` returns a :class:`Selection`; :meth:`Selection.kept_batches`
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
 from pipeline.prune.config import NON_SCORE_COLUMNS, PruneConfig
+from pipeline.prune.datacomp import uid_halves
 
 BATCH_ROWS = 1 << 18
 _DIGIT_BITS = 16
@@ -302,6 +304,96 @@ def plan(cfg: PruneConfig, table_url: str, batch_rows: int = BATCH_ROWS) -> Sele
     return Selection(**sel, kept=k, _mask=top)
 
 
+def _tied_rows(
+    table: Table, cols: list[str], score: Callable, key: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(uid hi, uid lo, row position) of the ok rows whose score key is ``key``, a batch at a time."""
+    offset = 0
+    for b in table.batches(["status", "uid", *cols]):
+        s = score(b, offset)
+        use = _ok(b) & np.isfinite(s)
+        idx = np.flatnonzero(use & (score_keys(np.where(use, s, 0.0)) == np.uint64(key)))
+        if len(idx):
+            uids = b.column("uid").take(pa.array(idx)).to_pylist()
+            hi, lo = uid_halves(uids)
+            yield hi, lo, (offset + idx).astype(np.uint64)
+        offset += b.num_rows
+
+
+def _cut_among_ties(
+    table: Table, cols: list[str], score: Callable, key: int, k: int
+) -> tuple[str, int, int] | None:
+    """(uid, row position, passes) of the k-th of the rows tied at ``key``, by uid then
+    position, as :func:`_radix_cut` selects scores: 16 bits of (uid, position) a pass,
+    then the few rows left sorted exactly. None when a uid is not 32 hex digits (the
+    candidate pass then sorts the uid strings)."""
+    fixed: list[int] = []  # the parts of (hi, lo, pos) already known
+    passes = 0
+    for part in range(3):
+        prefix, shift = 0, 64 - _DIGIT_BITS
+        while True:
+            hist = np.zeros(_BINS, np.int64)
+            passes += 1
+            try:
+                for rows in _tied_rows(table, cols, score, key):
+                    v = _matching(rows, fixed, part, prefix, shift)
+                    hist += np.bincount(
+                        ((v >> np.uint64(shift)) & np.uint64(_BINS - 1)).astype(np.int64),
+                        minlength=_BINS,
+                    )
+            except ValueError:  # not a 32-hex uid
+                return None
+            cum = np.cumsum(hist)
+            digit = int(np.searchsorted(cum, k))  # first bucket from below reaching k
+            k -= int(cum[digit] - hist[digit])
+            prefix = (prefix << _DIGIT_BITS) | digit
+            if hist[digit] <= _CANDIDATE_CAP:
+                return _exact_tie(table, cols, score, key, fixed, part, prefix, shift, k, passes)
+            if shift == 0:
+                break
+            shift -= _DIGIT_BITS
+        fixed.append(prefix)
+    hi, lo, pos = fixed  # pragma: no cover - positions are unique: a bucket of one
+    return f"{hi:016x}{lo:016x}", pos, passes
+
+
+def _matching(rows: tuple, fixed: list[int], part: int, prefix: int, shift: int) -> np.ndarray:
+    """Part ``part`` of the tied rows that match the known parts and ``prefix`` above ``shift``."""
+    keep = np.ones(len(rows[0]), bool)
+    for i, value in enumerate(fixed):
+        keep &= rows[i] == np.uint64(value)
+    v = rows[part][keep]
+    if shift + _DIGIT_BITS < 64:  # the digits chosen above this one
+        v = v[(v >> np.uint64(shift + _DIGIT_BITS)) == np.uint64(prefix)]
+    return v
+
+
+def _exact_tie(
+    table: Table,
+    cols: list[str],
+    score: Callable,
+    key: int,
+    fixed: list[int],
+    part: int,
+    prefix: int,
+    shift: int,
+    k: int,
+    passes: int,
+) -> tuple[str, int, int]:
+    """The candidate pass of :func:`_cut_among_ties`: its boundary bucket sorted exactly."""
+    found = []
+    for rows in _tied_rows(table, cols, score, key):
+        keep = np.ones(len(rows[0]), bool)
+        for i, value in enumerate(fixed):
+            keep &= rows[i] == np.uint64(value)
+        keep &= (rows[part] >> np.uint64(shift)) == np.uint64(prefix)
+        found.append(np.stack([r[keep] for r in rows], axis=1))
+    cand = np.concatenate(found)
+    order = np.lexsort((cand[:, 2], cand[:, 1], cand[:, 0]))  # uid, then position
+    hi, lo, pos = (int(x) for x in cand[order[k - 1]])
+    return f"{hi:016x}{lo:016x}", pos, passes + 1
+
+
 def _radix_cut(
     table: Table, cols: list[str], score: Callable, hist: np.ndarray, k: int
 ) -> tuple[int, str, int, int]:
@@ -316,7 +408,15 @@ def _radix_cut(
         digit = _BINS - 1 - idx
         above += int(cum[idx] - hist[digit])
         prefix = (prefix << _DIGIT_BITS) | digit
-        if hist[digit] <= _CANDIDATE_CAP or shift == 0:
+        if hist[digit] <= _CANDIDATE_CAP:
+            break
+        if shift == 0:
+            # More than the cap share the cut's exact score: the uid breaks the tie,
+            # selected by the same radix on it (holding every tied uid took ~250
+            # bytes a row: 2.5 GB for ten million rows of a bucketed score).
+            tied = _cut_among_ties(table, cols, score, prefix, k - above)
+            if tied is not None:
+                return prefix, tied[0], tied[1], passes + tied[2]
             break
         shift -= _DIGIT_BITS
         hist = np.zeros(_BINS, np.int64)

@@ -81,6 +81,44 @@ def test_streaming_fraction_equals_in_memory_sort(tmp_path, monkeypatch, ties, k
     assert sel.info["selection_passes"] >= 2
 
 
+@pytest.mark.parametrize("uids", ["hex", "repeated", "not hex"])
+def test_rows_tied_past_the_cap_are_cut_by_uid_without_holding_their_uids(
+    tmp_path, monkeypatch, uids
+):
+    """Review: rows sharing the cut's exact score (a bucketed or rounded column) were all
+    held as uid strings, ~250 bytes a row; the uid now goes through the same radix.
+    Repeated uids fall back on the row position; uids that are not 32 hex digits on the
+    candidate sort as before."""
+    monkeypatch.setattr(selmod, "_CANDIDATE_CAP", 8)
+    rng = np.random.default_rng(3)
+    n = 3000
+    ids = rng.integers(0, 2**62, n)
+    spelled = {
+        "hex": [f"{int(i):032x}" for i in ids],
+        # one hi half for many, and exact repeats: every part of (uid, position) is used
+        "repeated": [f"{int(i) % 7:016x}{int(i) % 5:016x}" for i in ids],
+        "not hex": [f"uid-{int(i)}" for i in ids],
+    }[uids]
+    score = rng.choice([0.0, 1.0, 2.0], n, p=[0.6, 0.3, 0.1])
+    table = pa.table(
+        {
+            "uid": spelled,
+            "key": [str(i) for i in range(n)],
+            "status": ["ok"] * n,
+            "diffin": score,
+        }
+    )
+    run = _write(table, tmp_path, row_group=250)
+    for keep in (0.05, 0.3, 0.5, 0.77):
+        sel = plan(PruneConfig(run, keep, "diffin"), f"{run}/scores.parquet", batch_rows=97)
+        got = _kept(sel, ("key",)).column("key").to_pylist()
+        k = int(round(keep * n))
+        order = sorted(range(n), key=lambda i: (-score[i], spelled[i], i))
+        assert sorted(got, key=int) == sorted((str(i) for i in order[:k]), key=int), keep
+        if uids != "not hex":
+            assert sel.info["selection_passes"] > 5  # the cut went through the uid's digits
+
+
 def test_threshold_rule(tmp_path):
     table = _table(3000, seed=1)
     run = _write(table, tmp_path)
