@@ -73,9 +73,13 @@ class Progress:
         self.bar.update(1)
         self._refresh()
 
-    def retry(self, actor_replaced: bool) -> None:
+    def retry(self) -> None:
         self.retries += 1
-        self.actors_replaced += actor_replaced
+        self._refresh()
+
+    def actor_replaced(self) -> None:
+        # counted apart from retries: an actor dying on a shard's last try is replaced too
+        self.actors_replaced += 1
         self._refresh()
 
     def tick(self) -> None:

@@ -178,7 +178,8 @@ def test_progress_rate_eta_and_snapshot_file(tmp_path):
     p = Progress(10, resumed_shards=2, resumed_samples=20, json_url=url, clock=lambda: now[0])
     now[0] += 4
     p.shard_done(rows=10, errors=1)
-    p.retry(actor_replaced=True)
+    p.actor_replaced()
+    p.retry()
     now[0] += 4
     p.shard_done(rows=10, errors=0)
     p.shard_failed()

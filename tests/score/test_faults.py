@@ -217,6 +217,9 @@ def test_poison_shards_are_recorded_as_failed(ray_cluster, score_run, tmp_path):
     assert set(summary["shards_failed"]) == {"00001", "00003"}
     assert "ValueError" in summary["shards_failed"]["00003"]
     assert summary["actors_replaced"] == 2 and summary["retries"] == 2
+    # progress.json too (it counted only the deaths that left a try: 1, review)
+    progress = json.load(open(f"{run}/scores/progress.json"))
+    assert (progress["actors_replaced"], progress["retries"]) == (2, 2)
     t = pq.read_table(f"{run}/scores.parquet").to_pydict()
     errors = [
         (k, e) for k, e, s in zip(t["key"], t["error"], t["status"], strict=True) if s == "error"
