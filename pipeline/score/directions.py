@@ -244,12 +244,11 @@ def sgd_dynamics(traj: Trajectory) -> tuple[float, float, Callable[[int], float]
             "propagated form models SGD (momentum, weight decay). Use --second-order derived"
         )
     recorded = recorded_rate(traj.record)
-    if recorded is not None:
+    # A recorded schedule the checkpoints' own rates disagree with is not used, as by
+    # the other forms (load_trajectory has said so): it was refused here alone.
+    if recorded is not None and not schedule_disagreement(traj.checkpoints, recorded):
         rate = recorded
-        problem = schedule_disagreement(traj.checkpoints, rate)
-        if problem:
-            raise ConfigError(problem)
-    else:  # no schedule on record: each checkpoint's rate over the steps it stands for
+    else:  # no usable schedule: each checkpoint's rate over the steps it stands for
         owner = {
             s: ck.lr
             for ck, block in zip(

@@ -129,6 +129,24 @@ def test_rates_follow_the_recorded_schedule(prop):
     assert [rate(ck.step) for ck in traj.checkpoints] == [ck.lr for ck in traj.checkpoints]
 
 
+def test_a_schedule_the_checkpoints_disagree_with_is_not_used_by_the_propagation(
+    prop, tmp_path, caplog
+):
+    """As for the other forms, each checkpoint's own rate stands for its block, with the
+    log saying why; the propagated form alone refused the run."""
+    run = copy_run(prop["run"], tmp_path / "other-schedule")
+    path = Path(run) / "trajectory" / "trajectory.json"
+    record = json.loads(path.read_text())
+    record["config"]["lr"] *= 2  # the schedule says twice what the checkpoints recorded
+    path.write_text(json.dumps(record))
+    with caplog.at_level("WARNING"):
+        traj = load_trajectory(RunDir(run))
+    assert "recorded schedule gives lr" in caplog.text
+    rate = sgd_dynamics(traj)[2]
+    steps = [c.step for c in traj.checkpoints]
+    assert [rate(s) for s in steps[:-1]] == [c.lr for c in traj.checkpoints[:-1]]
+
+
 def test_an_adamw_trajectory_is_refused_before_any_work(prop, tmp_path):
     run = as_adamw(prop["run"], tmp_path / "adamw")
     for f in (Path(run) / "directions").iterdir():
