@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -171,8 +172,10 @@ def load_eval_set(
     bundle: factory.ClipBundle,
     options: dict[str, Any],
     pool_uids: set[str] | None = None,
+    target_uids: set[str] | None = None,
 ) -> EvalSet:
-    """The held-out pairs; refused when any of them is a pair of the scored pool."""
+    """The held-out pairs; refused when any of them is a pair of the scored pool, or of
+    the target the influence scores were computed toward."""
     samples = _read_ok(src.eval_data, options)
     if len(samples) < 2:
         raise ConfigError(f"eval_data: {len(samples)} decodable pairs in {src.eval_data}")
@@ -184,6 +187,14 @@ def load_eval_set(
             f"eval_data: {len(shared)} of its pairs are in the scored pool (uid {shared[0]}, "
             f"...); give held-out shards"
         )
+    aimed = sorted({s.uid for s in samples} & (target_uids or set()))
+    if aimed:
+        # diffin and tracin chose their subsets to lower the loss on these very pairs:
+        # measured on them, they would win by construction (review)
+        raise ConfigError(
+            f"eval_data: {len(aimed)} of its pairs are in the --target the scores were "
+            f"computed toward (uid {aimed[0]}, ...); give held-out shards the scores did not see"
+        )
     images, tokens = encode(samples, bundle)
     captions = [s.caption or "" for s in samples]
     labels = class_tokens = None
@@ -191,6 +202,10 @@ def load_eval_set(
         classes = read_json(src.classes)
         names = list(classes["classnames"])
         templates = list(classes.get("templates") or ["{}"])
+        blind = [t for t in templates if "{}" not in t]
+        if blind:
+            # every class would get the same prompt: top-1 would be whichever class is first
+            raise ConfigError(f"classes: template {blind[0]!r} has no {{}} for the class name")
         by_uid = dict(
             zip(
                 *read_table(src.eval_labels, columns=["uid", "label"]).to_pydict().values(),
@@ -258,6 +273,16 @@ def plan_subsets(
     missing = [m for m in cfg.methods if m not in table.column_names]
     if missing:
         raise ConfigError(f"methods: no column {missing} in the score table")
+    ok_uids = table.filter(pa.compute.equal(table.column("status"), "ok")).column("uid")
+    repeated = len(ok_uids) - pa.compute.count_distinct(ok_uids).as_py()
+    if repeated:
+        # The pool is read back by uid: every subset would train on the first ok copy of a
+        # uid, whichever of its rows the scorer kept (review).
+        raise ConfigError(
+            f"data: the score table repeats {repeated} uid(s) among its ok rows (the score "
+            "summary's duplicate_uids); evaluate reads the pool back by uid and could not "
+            "train on the row a scorer kept. Give each pair its own uid"
+        )
     subsets = []
     if cfg.full:
         ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
@@ -325,6 +350,24 @@ def _sample(uids: list[str], fraction: float, key: dict[str, bytes]) -> list[str
     return [u for u in uids if u in chosen]
 
 
+def _target_uids(scored: dict[str, Any], options: dict[str, Any]) -> set[str] | None:
+    """The uids of the ``--target`` the run was scored toward (None without one, or when
+    it cannot be read here, which is said)."""
+    target = scored.get("target")
+    if not target:
+        return None
+    try:
+        return {s.uid for s in _read_ok(target, {**options, "transform": None})}
+    except (ConfigError, OSError) as exc:
+        log.warning(
+            "evaluate: the scored --target %s cannot be read here (%s): the eval "
+            "set is not checked against it",
+            target,
+            exc,
+        )
+        return None
+
+
 def _check_pool_fits(n_pairs: int, bundle: factory.ClipBundle, full: bool) -> None:
     """Refuse, before the pool is read, one evaluate could not hold.
 
@@ -374,6 +417,18 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
         else:
             out[col] = mean
     return out[["subset", "keep", "n_train", *METRICS, *keep_cols[3:], "final_train_loss"]]
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as null: JSON has neither (strict parsers refuse the
+    ``NaN`` json.dumps writes, e.g. zero-shot without labels)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -444,7 +499,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     for s in pool:  # encoded: not held twice while retraining
         s.image = None
     position = {s.uid: i for i, s in enumerate(pool)}
-    ev = load_eval_set(src, bundle, options, set(table.column("uid").to_pylist()))
+    target_uids = _target_uids(recorded, options)
+    ev = load_eval_set(src, bundle, options, set(table.column("uid").to_pylist()), target_uids)
     truth = load_truth(src.truth)
     log.info(
         "evaluate: %d subsets, %d pool pairs, %d eval pairs, %d steps of batch %d each",
@@ -549,7 +605,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         write_bytes_atomic(
             join(out, "results.md"), (note + "\n\n" + markdown_table(summarise(frame))).encode()
         )
-        write_json(join(out, "evaluate.json"), summary)
+        write_json(join(out, "evaluate.json"), _json_safe(summary))
     except BaseException:
         remove(out, recursive=True)
         raise

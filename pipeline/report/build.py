@@ -135,6 +135,9 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
         )
     elif ev_json is not None:
         res = pd.DataFrame(ev_json["results"])
+        for col in (*METRICS, "final_train_loss"):  # null in the file (no zero-shot) is NaN
+            if col in res:
+                res[col] = pd.to_numeric(res[col], errors="coerce").astype(float)
         table = summarise(res)
         cols = list(table.columns)
         # curves: the mean over seeds of each subset

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -460,3 +461,65 @@ def test_evaluate_with_max_pairs_trains_on_the_cut_subsets_and_says_so(tiny_scor
         "--max-pairs 80: each subset is a seeded sample"
         in Path(run, "evaluate", "results.md").read_text()
     )
+
+
+def test_a_table_that_repeats_uids_is_refused_before_training(tiny_scored, tmp_path):
+    """Review: the pool is read back by uid, so every subset trained on the first ok copy of
+    a repeated uid, whichever row the scorer kept; docs/results.md said it was refused."""
+    from pipeline.evaluation.retrain import plan_subsets
+
+    table = pq.read_table(f"{tiny_scored['run']}/scores.parquet")
+    uids = table.column("uid").to_pylist()
+    ok = [i for i, s in enumerate(table.column("status").to_pylist()) if s == "ok"]
+    uids[ok[1]] = uids[ok[0]]
+    repeated = table.set_column(table.schema.get_field_index("uid"), "uid", pa.array(uids))
+    cfg = EvaluateConfig(run="r", keeps=[0.5], methods=["loss"], full=False)
+    with pytest.raises(ConfigError, match=r"^data: the score table repeats 1 uid"):
+        plan_subsets(cfg, repeated)
+    assert plan_subsets(cfg, table)  # the table as scored: fine
+
+
+def test_an_eval_set_the_scores_were_aimed_at_is_refused(tiny_scored, tmp_path):
+    """Review: `diffin score --target EVAL` then `diffin evaluate` measured the influence
+    scorers on the very pairs they chose subsets to help, without a word."""
+    from pipeline.evaluation.retrain import locate_sources
+    from pipeline.rundir import RunDir
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    cfg = EvaluateConfig(run=run, keeps=[0.5], methods=["random"], steps=2, threads=1)
+    eval_data = locate_sources(cfg, RunDir(run)).eval_data
+    path = Path(run, "run.json")
+    record = json.loads(path.read_text()) if path.exists() else {}
+    score = record.setdefault("score", {}).setdefault("config", {})
+    score.setdefault("data", locate_sources(cfg, RunDir(run)).data)
+    score["target"] = eval_data
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"^eval_data: \d+ of its pairs are in the --target"):
+        run_evaluation(cfg)
+    assert not Path(run, "evaluate").exists()
+
+
+def test_non_finite_results_are_written_as_null():
+    """Review: without zero-shot labels evaluate.json held a bare NaN, which strict JSON
+    parsers refuse."""
+    from pipeline.evaluation.retrain import _json_safe
+
+    got = _json_safe({"a": [float("nan"), 1.5, {"b": float("inf")}], "c": (2, float("-inf"))})
+    assert got == {"a": [None, 1.5, {"b": None}], "c": [2, None]}
+    json.loads(json.dumps(got), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+
+def test_a_template_without_a_place_for_the_class_name_is_refused(tiny_scored, tmp_path):
+    """Every class would get the same prompt, and top-1 would be the first class (review)."""
+    from pipeline.evaluation.retrain import locate_sources
+    from pipeline.rundir import RunDir
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    cfg = EvaluateConfig(run=run, keeps=[0.5], methods=["random"], steps=2, threads=1)
+    src = locate_sources(cfg, RunDir(run))
+    classes = json.loads(Path(src.classes).read_text())
+    blind = tmp_path / "classes.json"
+    blind.write_text(json.dumps({**classes, "templates": ["a photo of {}", "a photo"]}))
+    bad = EvaluateConfig(**{**cfg.to_dict(), "classes": str(blind), "eval_labels": src.eval_labels})
+    with pytest.raises(ConfigError, match=r"^classes: template 'a photo' has no \{\}"):
+        run_evaluation(bad)

@@ -105,6 +105,20 @@ def test_the_evaluation_section_comes_from_evaluate_json_alone(reported, tmp_pat
     assert f"evaluated on {record['eval_pairs']} held-out pairs" in html
 
 
+def test_an_evaluation_without_zero_shot_is_shown_from_its_nulls(reported, tmp_path):
+    """evaluate.json writes a missing zero-shot as null (it wrote a bare NaN, not JSON)."""
+    import json
+
+    run = copy_run(reported["run"], tmp_path / "run")
+    path = tmp_path / "run" / "evaluate" / "evaluate.json"
+    record = json.loads(path.read_text())
+    for row in record["results"]:
+        row["zeroshot_top1"] = None
+    path.write_text(json.dumps(record))
+    html = open(build_report(run, top=2)).read()
+    assert "diffin@0.5" in html and "n/a" in html
+
+
 def test_an_evaluation_of_an_earlier_score_table_is_not_shown(reported, tmp_path):
     """Walkthrough: after a rescore, the report showed the old evaluation's rows, for
     scorers the new table no longer had."""
