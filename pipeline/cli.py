@@ -548,7 +548,7 @@ def run(args: argparse.Namespace) -> object:
             from pipeline.train.importer import import_open_clip_run, read_open_clip_run
 
             oc = read_open_clip_run(args.import_dir)
-            batch = oc.global_batch if args.batch_size is None else args.batch_size
+            batch = oc.step_batch if args.batch_size is None else args.batch_size
             cfg = dataclasses.replace(cfg, batch_size=batch)
             record = import_open_clip_run(oc, cfg, args.model, args.steps_per_epoch)
         else:

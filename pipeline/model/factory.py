@@ -8,6 +8,7 @@ so that every open_clip code path (including ``open_clip_train.main`` through
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -198,6 +199,21 @@ def pretrained_identity(pretrained: str | None) -> str | None:
     if not Path(path).is_file():
         return pretrained
     return f"sha256:{sha256(path)}"
+
+
+def starting_weights(model: str, pretrained: str | None) -> str | None:
+    """:func:`pretrained_identity`, and for a ``local-dir:DIR`` model (whose weights open_clip
+    loads from DIR, with no ``--pretrained``) the sha256 of DIR's files: weights replaced
+    in DIR are other starting weights (review: the name alone was fingerprinted)."""
+    if pretrained is not None or not model.startswith("local-dir:"):
+        return pretrained_identity(pretrained)
+    folder = Path(os.path.expanduser(model.removeprefix("local-dir:")))
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(f"{f.name}\0{sha256(str(f))}\n".encode())
+    return f"local-dir-sha256:{digest.hexdigest()}"
 
 
 def _local_path(pretrained: str) -> str:

@@ -736,11 +736,12 @@ def schedule(
                     )
                     if actor_died:
                         stats["actors_replaced"] += 1
+                        progress.actor_replaced()
                         retire(slot)
                         start()
                     if attempts[name] < max_attempts:
                         stats["retries"] += 1
-                        progress.retry(actor_died)
+                        progress.retry()
                         # Actor death: retry at once (on the next free actor). A task
                         # error: behind the queue, so another actor likely takes it.
                         if actor_died:

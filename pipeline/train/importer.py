@@ -78,7 +78,14 @@ class OpenClipRun:
 
     @property
     def global_batch(self) -> int:
+        """Pairs in one loader batch over all processes (``--batch-size`` x world size)."""
         return int(self.params["batch_size"]) * int(self.params.get("world_size") or 1)
+
+    @property
+    def step_batch(self) -> int:
+        """Pairs in one optimizer step: with ``--accum-freq`` open_clip_train computes the
+        contrastive loss over every accumulated micro-batch's features at once."""
+        return self.global_batch * int(self.params.get("accum_freq") or 1)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch, as open_clip_train's webdataset loader counts them."""
@@ -219,7 +226,13 @@ def import_open_clip_run(
     name = resolve_model(oc, model)
     cfg = dataclasses.replace(cfg, model=name)
     cfg.validate()
-    spe = steps_per_epoch or oc.steps_per_epoch()
+    if steps_per_epoch is not None and (
+        isinstance(steps_per_epoch, bool)
+        or not isinstance(steps_per_epoch, int)
+        or steps_per_epoch < 1
+    ):
+        raise ConfigError(f"steps_per_epoch: must be an integer >= 1 (got {steps_per_epoch!r})")
+    spe = steps_per_epoch if steps_per_epoch is not None else oc.steps_per_epoch()
     total = spe * int(oc.params["epochs"])
     run = RunDir(cfg.run)
     if cfg.threads:  # the sets are encoded and the checkpoints checked in this process
@@ -227,32 +240,19 @@ def import_open_clip_run(
 
     torch.manual_seed(cfg.seed)
     bundle = factory.create(name, preprocess_cfg=open_clip_preprocess(oc, name))
+    # The first checkpoint is checked before the pool is read (hours on a large pool): a
+    # wrong step count or model is refused at once (review: it was refused after reading).
+    if oc.checkpoints:
+        epoch, url = next(iter(oc.checkpoints.items()))
+        _checked_epoch(oc, epoch, url, spe, total, bundle)
     pool = load_pool(cfg, pool_transform(bundle))
 
-    # Checkpoints first: a wrong step count is refused before the (slower) sets are built.
-    # An interrupted training's resume state is kept until a checkpoint is written.
+    # Checkpoints before the sets are built. An interrupted training's resume state is
+    # kept until a checkpoint is written.
     saved, sources = [], []
     for epoch, url in oc.checkpoints.items():
-        ckpt, digest = _load_epoch(url)
+        digest, last = _checked_epoch(oc, epoch, url, spe, total, bundle)
         step = epoch * spe
-        last = _last_lr(ckpt)
-        want = oc.lr(step - 1, total)
-        # With --accum-freq, loader batches left over at the end of an epoch (not a whole
-        # optimizer step) set the next step's rate before the checkpoint is saved.
-        also = oc.lr(step, total) if int(oc.params.get("accum_freq") or 1) > 1 else want
-        if last is not None and not any(
-            math.isclose(last, w, rel_tol=1e-6, abs_tol=1e-12) for w in (want, also)
-        ):
-            raise ConfigError(
-                f"import: {url} was saved with lr {last:.6g}, but step {step - 1} of the "
-                f"reconstructed schedule has {want:.6g}: {spe} steps per epoch is wrong; "
-                "pass --steps-per-epoch"
-            )
-        state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-        try:
-            bundle.model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ConfigError(f"import: {url} does not fit model {name!r}: {exc}") from exc
         if not saved:  # the run is rewritten from here: its old record and state no longer hold
             remove(run.trajectory_json)
             clear_resume(run)
@@ -275,8 +275,8 @@ def import_open_clip_run(
         "optimizer": optimizer_record(opt, **settings),
         "lr_note": LR_NOTE,
         "spacing": "epochs",
-        "n_train": int(oc.params.get("train_num_samples") or spe * oc.global_batch),
-        "batch_size": oc.global_batch,
+        "n_train": int(oc.params.get("train_num_samples") or spe * oc.step_batch),
+        "batch_size": oc.step_batch,
         "steps": total,
         "checkpoints": saved,
         "loss_curve": [],
@@ -300,6 +300,34 @@ def import_open_clip_run(
     run.update_run_json("train", {"imported_from": oc.url, "config": record["config"]})
     log.info("imported %d checkpoints (%d steps) from %s", len(saved), total, oc.url)
     return record
+
+
+def _checked_epoch(
+    oc: OpenClipRun, epoch: int, url: str, spe: int, total: int, bundle: factory.ClipBundle
+) -> tuple[str, float | None]:
+    """Load an epoch's checkpoint into ``bundle.model`` after checking its saved rate against
+    the schedule; returns its sha256 and that rate. Refuses a wrong step count or model."""
+    ckpt, digest = _load_epoch(url)
+    step = epoch * spe
+    last = _last_lr(ckpt)
+    want = oc.lr(step - 1, total)
+    # With --accum-freq, loader batches left over at the end of an epoch (not a whole
+    # optimizer step) set the next step's rate before the checkpoint is saved.
+    also = oc.lr(step, total) if int(oc.params.get("accum_freq") or 1) > 1 else want
+    if last is not None and not any(
+        math.isclose(last, w, rel_tol=1e-6, abs_tol=1e-12) for w in (want, also)
+    ):
+        raise ConfigError(
+            f"import: {url} was saved with lr {last:.6g}, but step {step - 1} of the "
+            f"reconstructed schedule has {want:.6g}: {spe} steps per epoch is wrong; "
+            "pass --steps-per-epoch"
+        )
+    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    try:
+        bundle.model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"import: {url} does not fit model {bundle.name!r}: {exc}") from exc
+    return digest, last
 
 
 def _jsonable(v: Any) -> bool:

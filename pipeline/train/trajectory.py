@@ -69,7 +69,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     # Hashed before it is loaded: a file replaced while the pool is read must not be
     # fingerprinted as the weights training started from.
-    pretrained = factory.pretrained_identity(cfg.pretrained)
+    pretrained = factory.starting_weights(cfg.model, cfg.pretrained)
     bundle = factory.create(cfg.model, pretrained=cfg.pretrained)
     model = bundle.model
     if cfg.precision == "fp64":

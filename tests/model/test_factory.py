@@ -175,3 +175,22 @@ def test_runs_recorded_before_preprocess_cfg_fall_back_to_their_tag(monkeypatch)
     assert factory.recorded_preprocess({**old, "pretrained": None}) is None
     new = {**old, "preprocess_cfg": {"mean": [0.1] * 3}}
     assert factory.recorded_preprocess(new) == {"mean": [0.1] * 3}
+
+
+def test_the_starting_weights_of_a_local_dir_model_are_its_files(tmp_path):
+    """Review: a local-dir: model loads its weights from DIR with no --pretrained, and only
+    its name was fingerprinted: weights replaced in DIR resumed a training as if the same."""
+    folder = factory.save_config_dir("diffin-tiny", tmp_path / "m")
+    name = f"local-dir:{folder}"
+    first = factory.starting_weights(name, None)
+    assert first is not None and first == factory.starting_weights(name, None)
+    (folder / "open_clip_pytorch_model.bin").write_bytes(b"weights one")
+    with_weights = factory.starting_weights(name, None)
+    (folder / "open_clip_pytorch_model.bin").write_bytes(b"weights two")
+    assert len({first, with_weights, factory.starting_weights(name, None)}) == 3
+    assert factory.starting_weights("diffin-tiny", None) is None
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"x")
+    assert factory.starting_weights("diffin-tiny", str(ckpt)) == factory.pretrained_identity(
+        str(ckpt)
+    )

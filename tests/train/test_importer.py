@@ -133,7 +133,13 @@ def test_import_records_open_clip_steps_rates_and_weights(oc_run, tmp_path):
         assert Path(RunDir(run).set_file(name)).is_file()
 
 
-def test_wrong_steps_per_epoch_is_refused(oc_run, tmp_path):
+def test_wrong_steps_per_epoch_is_refused(oc_run, tmp_path, monkeypatch):
+    import pipeline.train.importer as importer
+
+    def no_reading(*args, **kwargs):  # refused before the pool is read (hours, at scale)
+        raise AssertionError("the pool was read before the first checkpoint was checked")
+
+    monkeypatch.setattr(importer, "load_pool", no_reading)
     cfg = TrainConfig(data=oc_run["data"], run=str(tmp_path / "run"), **SETS)
     # An interrupted training in the same run: a refused import must leave it resumable.
     resume = Path(RunDir(cfg.run).resume_state)
@@ -214,6 +220,36 @@ def test_an_accum_freq_run_with_leftover_batches_is_imported(tmp_path):
     record = import_open_clip_run(str(tmp_path / "logs" / "oc"), cfg)
     steps = math.ceil(samples / batch) // accum
     assert [c["step"] for c in record["checkpoints"]] == [steps]
+    # One optimizer step's loss is over all accum micro-batches: that is the batch g_B and
+    # H_B stand for (was 8: the loader's batch, review)
+    assert record["batch_size"] == batch * accum
+
+
+def test_the_default_gradient_batch_of_an_accum_freq_import_is_one_optimizer_step():
+    from pipeline.train.importer import OpenClipRun
+
+    params = {"batch_size": 16, "world_size": 2, "accum_freq": 4}
+    oc = OpenClipRun("r", params, {})
+    assert (oc.global_batch, oc.step_batch) == (32, 128)
+    assert OpenClipRun("r", {"batch_size": 16}, {}).step_batch == 16
+
+
+@pytest.mark.parametrize("spe", [0, -3, 2.5, True])
+def test_a_steps_per_epoch_that_is_not_a_count_is_refused_before_the_pool_is_read(
+    tmp_path, spe, monkeypatch
+):
+    """Review: 0 was silently replaced by the computed count, and -3 gave steps -3 and -6."""
+    import pipeline.train.importer as importer
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the pool was read")
+
+    monkeypatch.setattr(importer, "load_pool", no_reading)
+    params = {"batch_size": 8, "epochs": 1, "model": "diffin-tiny", "lr": 1e-3}
+    oc = importer.OpenClipRun("r", params, {1: "x"})
+    cfg = TrainConfig(data="d", run=str(tmp_path / "run"), **SETS)
+    with pytest.raises(ConfigError, match=r"^steps_per_epoch: must be an integer >= 1"):
+        import_open_clip_run(oc, cfg, steps_per_epoch=spe)
 
 
 def test_open_clip_schedules_at_the_edges():
