@@ -14,9 +14,22 @@ train=(--model "$MODEL") score=() common=()
 if [ -n "${STEPS:-}" ]; then train+=(--steps "$STEPS"); fi
 if [ -n "${TARGET:-}" ]; then score+=(--target "$TARGET"); fi
 if [ -n "${THREADS:-}" ]; then common+=(--threads "$THREADS"); fi
-submit() { ray job submit --address "$RAY_API" --runtime-env jobs/runtime_env.yaml -- "$@"; }
-submit python jobs/stage.py train --data "$DATA" --run "$RUN" "${train[@]}" "${common[@]}"
+submit() {
+  local id
+  id="diffin-$(date +%s)-$RANDOM"
+  ray job submit --address "$RAY_API" --submission-id "$id" \
+      --runtime-env jobs/runtime_env.yaml -- "$@"
+  # `ray job submit` exits 0 for a job stopped with `ray job stop` too: go on only after
+  # a stage that succeeded.
+  if ! ray job status --address "$RAY_API" "$id" | grep -q SUCCEEDED; then
+    echo "submit.sh: job $id ($*) did not succeed; stopping before the next stage" >&2
+    exit 1
+  fi
+}
+# ${a[@]+"${a[@]}"}: an empty array under set -u, which bash before 4.4 (macOS) refuses
+submit python jobs/stage.py train --data "$DATA" --run "$RUN" "${train[@]}" \
+    ${common[@]+"${common[@]}"}
 submit python jobs/score.py --data "$DATA" --run "$RUN" --workers "$WORKERS" --max-attempts 3 \
-    "${score[@]}" "${common[@]}"
+    ${score[@]+"${score[@]}"} ${common[@]+"${common[@]}"}
 submit python jobs/stage.py prune --run "$RUN" --keep "$KEEP" --method diffin
 submit python jobs/stage.py report --run "$RUN"

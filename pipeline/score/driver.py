@@ -341,7 +341,8 @@ def prepare_directions(
     - this process's GPU when it runs alone (no cluster named, no Ray job): the
       machine is its own, and the memory is released before the actors start;
     - one Ray task holding a GPU when this process joins a cluster that has
-      GPUs. Ray does not hide a node's GPUs from a process that asked for none,
+      GPUs, or that has none yet but ``--gpus-per-worker`` asks for them (an
+      autoscaler adds GPU nodes for the actors that wait). Ray does not hide a node's GPUs from a process that asked for none,
       so a GPU this process can see may be another job's or an actor's;
     - else this process's CPU, as with ``--gpus-per-worker 0``.
 
@@ -359,7 +360,11 @@ def prepare_directions(
             _release_gpu()
     connect(cfg.address, cfg.workers * cfg.threads)
     if ray.cluster_resources().get("GPU", 0) < 1:
-        return ensure_directions(cfg, run, traj, sets)
+        if cfg.gpus_per_worker is None:  # no GPU asked for, none here: this CPU
+            return ensure_directions(cfg, run, traj, sets)
+        # --gpus-per-worker asks for GPUs the cluster has none of yet: an autoscaler adds
+        # GPU nodes for actors that ask (review: this ran on the head's CPU, for hours)
+        log.info("directions: waiting for a GPU node (--gpus-per-worker %g)", cfg.gpus_per_worker)
     log.info("directions: computed by a Ray actor holding a GPU")
     actor = ray.remote(num_gpus=1, num_cpus=1, max_restarts=0)(DirectionsActor).remote()
     try:

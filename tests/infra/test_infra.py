@@ -79,6 +79,11 @@ def test_kuberay_manifests(name):
     for group in spec["workerGroupSpecs"]:
         (c,) = group["template"]["spec"]["containers"]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == group["rayStartParams"]["num-gpus"]
+        if int(group["rayStartParams"]["num-gpus"]):  # tainted GPU nodes (review: rayjob's)
+            tolerated = group["template"]["spec"].get("tolerations", [])
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in (
+                tolerated
+            ), name
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     if doc["kind"] == "RayJob":
         _check_score_command(doc["spec"]["entrypoint"])
@@ -104,7 +109,15 @@ def test_dockerfile_installs_the_package_with_pinned_torch():
         doc = _load(name)
         spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
         assert spec.get("rayVersion", doc["spec"].get("rayVersion")) == ray_pin, name
+    # and the package itself, so a driver speaks the cluster's Ray (review)
+    assert f"ray[default]=={ray_pin}" in deps
     assert re.search(r"^WORKDIR /opt/diffin$", text, re.M)
+    # Ray refuses a node whose Python differs in the patch release: the base is pinned
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11\.\d+-", text, re.M)
+    # KubeRay's default probes run wget; the cluster launcher needs rsync, ssh and boto3
+    for tool in ("wget", "rsync", "openssh-client"):
+        assert re.search(rf"apt-get install[^\n]*(\n\s+[^\n]*)*\b{tool}\b", text), tool
+    assert "boto3" in text
     assert re.search(r"^FROM ", text, re.M)
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
     assert exposed == set(PORTS.values())

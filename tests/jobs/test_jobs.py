@@ -97,8 +97,13 @@ def test_submit_script_uses_existing_flags(tmp_path):
     log = tmp_path / "calls.jsonl"
     fake = tmp_path / "bin" / "ray"
     fake.parent.mkdir()
+    status = tmp_path / "status"
+    status.write_text("SUCCEEDED")
     fake.write_text(
         f"#!{sys.executable}\nimport json, sys\n"
+        "if sys.argv[1:3] == ['job', 'status']:\n"
+        f"    print('Status for job: ' + open({str(status)!r}).read())\n"
+        "    sys.exit(0)\n"
         f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
     )
     fake.chmod(0o755)
@@ -128,3 +133,11 @@ def test_submit_script_uses_existing_flags(tmp_path):
         assert train.model == extra.get("MODEL", "diffin-small") and score.workers == 4
         if extra:
             assert (train.steps, score.target, score.threads) == (60, "/t.tar", 1)
+    # A stage stopped with `ray job stop` (submit exits 0 for it): the next is not submitted
+    status.write_text("STOPPED")
+    log.unlink()
+    done = subprocess.run(
+        ["bash", str(JOBS / "submit.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "did not succeed" in done.stderr
+    assert len(log.read_text().splitlines()) == 1

@@ -103,3 +103,61 @@ def test_a_driver_alone_uses_its_own_gpu_and_gives_the_memory_back(score_run, mo
     driver.prepare_directions(off, rd, traj, {})
     assert calls == [()]  # --gpus-per-worker 0: the CPU, nothing to release
     assert not ray.is_initialized()  # deciding needed no Ray
+
+
+def test_directions_wait_for_the_gpu_node_an_autoscaler_adds(
+    ray_cluster, score_run, tmp_path, caplog, monkeypatch
+):
+    """Review: on a KubeRay cluster whose GPU group had scaled to zero, the directions ran on
+    the head's CPU (hours at scale) although --gpus-per-worker asked for GPUs. Now the
+    directions actor asks for one, is reported while it waits, and runs once a node joins."""
+    import threading
+
+    import ray
+
+    from pipeline.rundir import RunDir
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.directions import set_hashes
+    from pipeline.score.driver import prepare_directions
+    from pipeline.score.trajectory import load_trajectory
+
+    monkeypatch.setattr("pipeline.score.driver.REQUIRE_CUDA", False)  # the GPU is declared
+    monkeypatch.setattr("pipeline.score.driver.PENDING_WARNING_S", 2.0)
+    run = fresh_run(score_run, tmp_path / "run")
+    shutil.rmtree(Path(run) / "directions")
+    before = ray_cluster.alive_nodes()
+    cfg = ScoreConfig(
+        data=score_run["data"],
+        run=run,
+        methods=["diffin"],
+        address=ray_cluster.address,
+        workers=1,
+        threads=1,
+        gpus_per_worker=1,
+    )
+    added: list = []
+
+    def scale_up_once_waiting() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and "has waited" not in caplog.text:
+            time.sleep(0.5)
+        added.append(ray_cluster.add_node(num_cpus=1, num_gpus=1))
+
+    joiner = threading.Thread(target=scale_up_once_waiting, daemon=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="pipeline.score.driver"):
+            joiner.start()
+            rd = RunDir(run)
+            prepare_directions(cfg, rd, load_trajectory(rd), set_hashes(rd))
+    finally:
+        ray.shutdown()
+        joiner.join(timeout=300)
+        for node in added:
+            node.kill()
+        deadline = time.time() + 120
+        while ray_cluster.alive_nodes() != before and time.time() < deadline:
+            time.sleep(1)
+    assert ray_cluster.alive_nodes() == before, "the GPU node is still in the cluster"
+    assert "directions: waiting for a GPU node (--gpus-per-worker 1)" in caplog.text
+    assert "the directions actor has waited" in caplog.text
+    assert f"directions: done on {NODE_IP} (cpu)" in caplog.text
