@@ -33,10 +33,13 @@ def reachable(address: str, timeout: float = 5.0) -> bool | None:
 
 def check_address(address: str | None) -> None:
     """Refuse an address nothing answers at: ray.init would retry it for minutes, logging
-    timeouts, while a job shows RUNNING (walkthrough)."""
-    if address and reachable(address) is False:
+    timeouts, while a job shows RUNNING (walkthrough). Without ``address``, the
+    ``RAY_ADDRESS`` ray.init would use (a stale export in a shell, review)."""
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given and reachable(given) is False:
+        where = "address" if address else "address (from RAY_ADDRESS)"
         raise ConfigError(
-            f"address: nothing answers at {address} (is the cluster up, and is this its GCS "
+            f"{where}: nothing answers at {given} (is the cluster up, and is this its GCS "
             "address, e.g. 127.0.0.1:6379, or ray://HOST:10001 for Ray Client?)"
         )
 

@@ -55,3 +55,18 @@ def test_distributed_training_refuses_the_address_before_reading_the_pool(tmp_pa
     cfg = TrainConfig(data=str(tmp_path / "none.tar"), run=str(tmp_path / "r"), workers=1)
     with pytest.raises(ConfigError, match="^address: nothing answers"):
         train(dataclasses.replace(cfg, address=address))
+
+
+def test_a_stale_ray_address_in_the_environment_is_refused_by_name(monkeypatch):
+    """Review: only --address was checked; a RAY_ADDRESS exported in a shell and long dead
+    gave the minutes of ray.init retries the check exists to prevent."""
+    stale = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", stale)
+    with pytest.raises(
+        ConfigError, match=rf"^address \(from RAY_ADDRESS\): nothing answers at {stale}"
+    ):
+        check_address(None)
+    with socket.socket() as server:  # an explicit --address is the one asked
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_address(f"127.0.0.1:{server.getsockname()[1]}")
