@@ -20,11 +20,46 @@ import torch.nn.functional as F
 def zero_shot_accuracy(
     image_features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor
 ) -> float:
-    """Top-1 accuracy of argmax cosine similarity between images and class embeddings."""
+    """Top-1 accuracy of the nearest class embedding (cosine similarity).
+
+    A class tied with the true one at the top counts as a random tie-break would
+    (1/t for t tied): argmax gave the lowest index, so a collapsed model scored the
+    share of class 0, not chance (review).
+    """
     img = F.normalize(image_features.double(), dim=-1)
     cls = F.normalize(class_features.double(), dim=-1)
-    pred = (img @ cls.T).argmax(dim=1)
-    return float((pred == labels).double().mean())
+    sim = img @ cls.T
+    true = sim.gather(1, labels.long()[:, None])
+    above = (sim > true).sum(dim=1)
+    tied = (sim == true).sum(dim=1)
+    return float(torch.where(above == 0, 1.0 / tied.double(), 0.0).mean())
+
+
+def _hit_probability(sim: torch.Tensor, match: torch.Tensor, k: int) -> torch.Tensor:
+    """For each query (row), the probability that a matching candidate is among its k
+    nearest when ties are broken at random: exact, so tied scores earn chance, not the
+    luck of candidate order."""
+    best = torch.where(match, sim, torch.tensor(float("-inf"), dtype=sim.dtype)).amax(dim=1)
+    above = (sim > best[:, None]).sum(dim=1)
+    at_best = sim == best[:, None]
+    tied = at_best.sum(dim=1)
+    hits = (match & at_best).sum(dim=1)
+    slots = k - above  # places left in the top k for the candidates tied at ``best``
+    # P(no match among the first ``slots`` of ``tied`` in random order) = C(t-m, r) / C(t, r)
+    t, m, r = tied.double(), hits.double(), slots.clamp(min=0).double()
+    possible = (t - m) >= r
+    lg = torch.lgamma
+    miss = torch.where(
+        possible,
+        torch.exp(
+            lg((t - m + 1).clamp(min=1))
+            - lg((t - m - r + 1).clamp(min=1))
+            - lg(t + 1)
+            + lg((t - r + 1).clamp(min=1))
+        ),
+        torch.zeros_like(t),
+    )
+    return torch.where(slots <= 0, torch.zeros_like(t), 1.0 - miss)
 
 
 def caption_ids(captions: Sequence[Hashable]) -> torch.Tensor:
@@ -43,9 +78,9 @@ def recall_at_k(
 
     Row i of both feature matrices is pair i; ``captions[i]`` is its caption
     (a string, or the token row as a tuple). A query is a hit at k when one
-    of its k nearest candidates has the query's caption. Equal captions have
-    equal text features, so how torch.topk orders such ties does not change
-    the figure.
+    of its k nearest candidates has the query's caption; candidates tied in
+    similarity count as a random tie-break would (a collapsed model scores
+    chance, k/n), and equal captions, whose text features are equal, all match.
     """
     n = len(captions)
     if image_features.shape[0] != n or text_features.shape[0] != n:
@@ -54,11 +89,9 @@ def recall_at_k(
     sim = (
         F.normalize(image_features.double(), dim=-1) @ F.normalize(text_features.double(), dim=-1).T
     )
+    match = ids[:, None] == ids[None, :]  # symmetric: the same for both directions
     out: dict[str, float] = {}
     for k in ks:
-        kk = min(k, n)
-        i2t = ids[sim.topk(kk, dim=1).indices]  # caption ids of each image's top texts
-        t2i = ids[sim.T.topk(kk, dim=1).indices]
-        out[f"i2t_r{k}"] = float((i2t == ids[:, None]).any(dim=1).double().mean())
-        out[f"t2i_r{k}"] = float((t2i == ids[:, None]).any(dim=1).double().mean())
+        out[f"i2t_r{k}"] = float(_hit_probability(sim, match, k).mean())
+        out[f"t2i_r{k}"] = float(_hit_probability(sim.T, match, k).mean())
     return out

@@ -40,3 +40,67 @@ def test_recall_counts_an_identical_caption_as_a_match():
 def test_recall_refuses_mismatched_lengths():
     with pytest.raises(ValueError):
         recall_at_k(torch.eye(3), torch.eye(2), ["a", "b", "c"])
+
+
+def test_a_collapsed_model_scores_chance_not_the_first_index():
+    """Review: argmax and topk break ties by index, so a model whose features collapsed to
+    one point scored the share of class 0 at zero-shot, and what the candidates' order gave
+    at retrieval."""
+    n_cls, n = 4, 10
+    labels = torch.tensor([0] * 5 + [1, 2, 3, 3, 3])  # class 0 is half the eval set
+    same = torch.ones(n, 8)
+    assert zero_shot_accuracy(same, torch.ones(n_cls, 8), labels) == pytest.approx(1 / n_cls)
+    r = recall_at_k(same, same, [f"c{i}" for i in range(n)], ks=(1, 5))
+    assert r == pytest.approx({"i2t_r1": 0.1, "t2i_r1": 0.1, "i2t_r5": 0.5, "t2i_r5": 0.5})
+
+
+def _by_every_tie_break(sim: torch.Tensor, ids: torch.Tensor, k: int) -> float:
+    """Recall@k averaged over every order of the candidates as the tie-break (exact)."""
+    import itertools
+
+    n = sim.shape[1]
+    total, count = 0.0, 0
+    for perm in itertools.permutations(range(n)):
+        rank = torch.tensor(perm, dtype=torch.double)
+        hits = 0
+        for q in range(sim.shape[0]):
+            order = sorted(range(n), key=lambda c: (-float(sim[q, c]), float(rank[c])))
+            hits += any(int(ids[c]) == int(ids[q]) for c in order[:k])
+        total += hits / sim.shape[0]
+        count += 1
+    return total / count
+
+
+def test_recall_with_ties_is_the_average_over_every_tie_break():
+    from pipeline.evaluation.zeroshot import _hit_probability
+
+    # 6 pairs; similarities on a coarse grid so that many tie, two captions repeated
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randint(0, 3, (6, 6), generator=g).double()
+    ids = torch.tensor([0, 1, 1, 2, 3, 0])
+    match = ids[:, None] == ids[None, :]
+    for k in (1, 2, 3):
+        got = float(_hit_probability(sim, match, k).mean())
+        assert got == pytest.approx(_by_every_tie_break(sim, ids, k), abs=1e-12), k
+
+
+def test_without_ties_recall_is_the_top_k_count():
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(50, 16, generator=g), torch.randn(50, 16, generator=g)
+    caps = [f"c{i % 45}" for i in range(50)]  # some repeated captions (equal ids)
+    txt[45:] = txt[:5]  # ... with equal text features, as equal token rows have
+    got = recall_at_k(img, txt, caps, ks=(1, 5))
+    ids = caption_ids(caps)
+    sim = (
+        torch.nn.functional.normalize(img.double(), dim=-1)
+        @ torch.nn.functional.normalize(txt.double(), dim=-1).T
+    )
+    for k in (1, 5):
+        i2t = ids[sim.topk(k, dim=1).indices]
+        t2i = ids[sim.T.topk(k, dim=1).indices]
+        assert got[f"i2t_r{k}"] == pytest.approx(
+            float((i2t == ids[:, None]).any(1).double().mean())
+        )
+        assert got[f"t2i_r{k}"] == pytest.approx(
+            float((t2i == ids[:, None]).any(1).double().mean())
+        )
