@@ -1,6 +1,7 @@
 """Peak memory of the prune selection on a score table of 10 million rows.
 
     .venv/bin/python benchmarks/prune_memory.py [--rows 10000000] [--keep 0.3] [--naive]
+        [--scores normal|tied] [--out benchmarks/results/prune_memory.json]
 
 1. writes a Parquet score table (uid, key, shard, index, status, error,
    caption, diffin) in row groups of 500,000 rows, never holding more than
@@ -12,6 +13,9 @@
    right after imports, so the difference is what selection costs;
 3. with ``--naive``, the same in a fresh process with the whole table read
    into memory and sorted (``pipeline.prune.manifest.select``), for contrast.
+
+``--scores tied`` gives every row the same score (a bucketed or rounded
+column at its worst): the cut is then decided by the uid alone.
 
 Results go to benchmarks/results/prune_memory.json and are written up in
 docs/benchmarks.md.
@@ -63,7 +67,7 @@ def _rss_now_mb() -> float:
     return float("nan")
 
 
-def generate(path: str, rows: int, seed: int = 0) -> None:
+def generate(path: str, rows: int, seed: int = 0, scores: str = "normal") -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -91,7 +95,7 @@ def generate(path: str, rows: int, seed: int = 0) -> None:
                 "",
             )
             err = rng.random(n) < 0.02
-            score = rng.normal(size=n)
+            score = rng.normal(size=n) if scores == "normal" else np.zeros(n)
             table = pa.table(
                 {
                     "uid": uid,
@@ -182,6 +186,8 @@ def main() -> None:
     ap.add_argument("--naive", action="store_true", help="also measure the in-memory selection")
     ap.add_argument("--dir", default=None, help="where to write the table (default: a temp dir)")
     ap.add_argument("--table", default=None, help="reuse (or create and keep) the table at PATH")
+    ap.add_argument("--scores", choices=["normal", "tied"], default="normal")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_memory.json"))
     ap.add_argument("--child", choices=["streaming", "naive"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -195,7 +201,7 @@ def main() -> None:
         t0 = time.perf_counter()
         reused = os.path.exists(path)
         if not reused:
-            generate(path, args.rows)
+            generate(path, args.rows, scores=args.scores)
         gen = {
             "reused_table": reused,
             "rows": args.rows,
@@ -205,7 +211,7 @@ def main() -> None:
             "generator_peak_rss_mb": round(_rss_mb(), 1),
         }
         print("generated:", json.dumps(gen), flush=True)
-        results = {"table": gen, "keep": args.keep}
+        results = {"table": {**gen, "scores": args.scores}, "keep": args.keep}
         for mode in ["streaming"] + (["naive"] if args.naive else []):
             proc = subprocess.run(
                 [
@@ -225,7 +231,7 @@ def main() -> None:
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             results[mode].pop("_", None)
             print(f"{mode}:", json.dumps(results[mode]), flush=True)
-    out = ROOT / "benchmarks" / "results" / "prune_memory.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print("wrote", out)
