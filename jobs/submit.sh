@@ -21,7 +21,10 @@ submit() {
       --runtime-env jobs/runtime_env.yaml -- "$@"
   # `ray job submit` exits 0 for a job stopped with `ray job stop` too: go on only after
   # a stage that succeeded.
-  if ! ray job status --address "$RAY_API" "$id" | grep -q SUCCEEDED; then
+  # (the output captured first: grep -q closing the pipe early fails it under pipefail)
+  local status
+  status=$(ray job status --address "$RAY_API" "$id")
+  if [[ "$status" != *SUCCEEDED* ]]; then
     echo "submit.sh: job $id ($*) did not succeed; stopping before the next stage" >&2
     exit 1
   fi

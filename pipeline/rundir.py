@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 
 def join(base: str, *parts: str) -> str:
@@ -55,7 +56,11 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
     Local: written to a temporary name beside it, fsynced, renamed. Object
     stores have no rename, but an object becomes visible only when its upload
     completes, so the final name is written directly; on an exception the
-    upload is abandoned (s3fs ``discard``) instead of completed. Use this for
+    upload is abandoned (``discard`` of fsspec's buffered files: s3fs, gcsfs)
+    instead of completed. A store whose files cannot be abandoned (memory://,
+    sftp, HDFS)
+    is written under a temporary name and moved into place at the end (a
+    failed merge published a truncated table there, review). Use this for
     outputs too large to build in memory first.
     """
     fs, path = fsspec.core.url_to_fs(url)
@@ -74,22 +79,40 @@ def open_atomic(url: str) -> Iterator[IO[bytes]]:
             if os.path.exists(tmp):
                 os.remove(tmp)
         return
-    f = fs.open(path, "wb")
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    f = fs.open(tmp, "wb")
+    if isinstance(f, AbstractBufferedFile):  # an upload (s3fs, gcsfs): nothing until closed
+        _abandon(f)
+        f = fs.open(path, "wb")
+    else:  # memory://'s files are in place from the open, and their discard does nothing
+        try:
+            yield f
+            f.close()
+            fs.mv(tmp, path)
+        finally:
+            if not f.closed:
+                f.close()
+            with contextlib.suppress(FileNotFoundError):
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+        fs.invalidate_cache(parent or path)
+        return
     try:
         yield f
     except BaseException:
-        discard = getattr(f, "discard", None)
-        if callable(discard):
-            discard()
-            with contextlib.suppress(AttributeError):
-                f.closed = True  # s3fs leaves it "open"; its __del__ would upload
-        else:
-            f.close()
+        _abandon(f)
         raise
     else:
         f.close()
     # A listing cached before the write would hide the new object.
     fs.invalidate_cache(parent or path)
+
+
+def _abandon(f: Any) -> None:
+    """Drop an object-store upload instead of completing it."""
+    f.discard()
+    with contextlib.suppress(AttributeError):
+        f.closed = True  # s3fs leaves it "open"; its __del__ would upload
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:

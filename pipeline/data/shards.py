@@ -203,6 +203,13 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def _tidy(path: str) -> str:
+    """A local path without '.' segments or repeated '/'. '..' is left as written: after a
+    symbolic link it is not the parent the text names (normpath read another file)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return ("/" if path.startswith("/") else "") + "/".join(parts)
+
+
 def _to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The canonical string for a file: a plain absolute path locally, else a URL.
 
@@ -273,7 +280,7 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
         if _is_local(fs):
             # One file, one string: '/d/./x.tar' and '/d//x.tar' hashed to other uids,
             # and the same shard listed both ways was scored twice (review).
-            path = posixpath.normpath(path)
+            path = _tidy(path)
 
         if _has_glob(path):
             try:

@@ -202,7 +202,7 @@ def load_eval_set(
         classes = read_json(src.classes)
         names = list(classes["classnames"])
         templates = list(classes.get("templates") or ["{}"])
-        blind = [t for t in templates if "{}" not in t]
+        blind = [t for t in templates if _prompt(t, "a") == _prompt(t, "b")]
         if blind:
             # every class would get the same prompt: top-1 would be whichever class is first
             raise ConfigError(f"classes: template {blind[0]!r} has no {{}} for the class name")
@@ -350,14 +350,23 @@ def _sample(uids: list[str], fraction: float, key: dict[str, bytes]) -> list[str
     return [u for u in uids if u in chosen]
 
 
+def _prompt(template: str, name: str) -> str | None:
+    try:
+        return template.format(name)  # "{}" or "{0}", as zero-shot fills it
+    except (IndexError, KeyError, ValueError):
+        return None
+
+
 def _target_uids(scored: dict[str, Any], options: dict[str, Any]) -> set[str] | None:
     """The uids of the ``--target`` the run was scored toward (None without one, or when
     it cannot be read here, which is said)."""
     target = scored.get("target")
     if not target:
         return None
+    # uids only: no image decoded or held (the pool already fills the memory evaluate has)
+    listing = {**options, "transform": None, "decode_images": False}
     try:
-        return {s.uid for s in _read_ok(target, {**options, "transform": None})}
+        return {s.uid for url in resolve_shards(target) for s in iter_shard(url, **listing)}
     except (ConfigError, OSError) as exc:
         log.warning(
             "evaluate: the scored --target %s cannot be read here (%s): the eval "

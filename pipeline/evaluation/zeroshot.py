@@ -29,6 +29,8 @@ def zero_shot_accuracy(
     img = F.normalize(image_features.double(), dim=-1)
     cls = F.normalize(class_features.double(), dim=-1)
     sim = img @ cls.T
+    if not torch.isfinite(sim).all():
+        return float("nan")  # a diverged model: no accuracy to report (not 1/0)
     true = sim.gather(1, labels.long()[:, None])
     above = (sim > true).sum(dim=1)
     tied = (sim == true).sum(dim=1)
@@ -89,6 +91,8 @@ def recall_at_k(
     sim = (
         F.normalize(image_features.double(), dim=-1) @ F.normalize(text_features.double(), dim=-1).T
     )
+    if not torch.isfinite(sim).all():  # a diverged model: NaN, not a perfect score
+        return {f"{d}_r{k}": float("nan") for k in ks for d in ("i2t", "t2i")}
     match = ids[:, None] == ids[None, :]  # symmetric: the same for both directions
     out: dict[str, float] = {}
     for k in ks:

@@ -78,12 +78,6 @@ class PruneConfig:
                 )
         elif self.threshold is not None:
             raise ConfigError(f"threshold: only used by rule 'threshold' (rule is {self.rule!r})")
-        if self.name is None and isinstance(self.method, str) and not _plain(self.manifest_name):
-            # spelled from column names, which a score table may hold in any form
-            raise ConfigError(
-                f"name: the manifest name made from the rule, {self.manifest_name!r}, is not "
-                f"{_PLAIN}; give one (--name)"
-            )
         if self.rule == "balanced":
             if not self.balance_by:
                 raise ConfigError(
@@ -113,6 +107,13 @@ class PruneConfig:
                 raise ConfigError(
                     f"fusion_norm: must be one of {', '.join(NORMS)} (got {self.fusion_norm!r})"
                 )
+        # last: the name is spelled from the fields checked above
+        if self.name is None and isinstance(self.method, str) and not _plain(self.manifest_name):
+            # spelled from column names, which a score table may hold in any form
+            raise ConfigError(
+                f"name: the manifest name made from the rule, {self.manifest_name!r}, is not "
+                f"{_PLAIN}; give one (--name)"
+            )
 
     @property
     def score_name(self) -> str:

@@ -51,7 +51,7 @@ def _ray_gpus(gpus: float) -> bool:
     made, after the per-run work, which can take hours)."""
     if gpus == 0 or (gpus > 1 and float(gpus).is_integer()):
         return True
-    return 0 < gpus <= 1 and abs(gpus * 10_000 - round(gpus * 10_000)) < 1e-6
+    return 1e-4 <= gpus <= 1  # Ray counts shares in units of 1e-4 of a GPU
 
 
 @dataclass
@@ -125,7 +125,7 @@ class ScoreConfig:
             (
                 "gpus_per_worker",
                 self.gpus_per_worker is None or _ray_gpus(self.gpus_per_worker),
-                "must be 0, a fraction of one GPU in steps of 0.0001, or a whole number "
+                "must be 0, a share of one GPU of at least 0.0001, or a whole number "
                 "(what Ray can place)",
             ),
             ("image_keys", valid_keys(self.image_keys), KEYS_RULE),

@@ -287,9 +287,10 @@ REQUIRE_CUDA = True
 # How long an actor may wait to be placed before the log asks why: an existing
 # cluster may be adding a node, so waiting is not an error.
 PENDING_WARNING_S = 120.0
-# Shards recorded as failed in a row, none scored in between, that stop a run: a
-# failure every shard hits (out of GPU memory at --batch-size, a bug) would else
-# spend max_attempts tries on each shard of the pool, then publish a table of errors.
+# Distinct shards that failed an attempt in a row, none scored in between, that stop
+# a run: a failure every shard hits (out of GPU memory at --batch-size, a bug) would
+# else spend max_attempts tries on each shard of the pool, then publish a table of
+# errors. Distinct: one poison shard retried at once on a fresh actor counts once.
 FAILED_IN_A_ROW = 5
 
 
@@ -654,8 +655,8 @@ def schedule(
     max_failing_starts = workers * max_attempts
     last_start_error = ""
     max_starts = max_actor_starts or workers * (max_attempts + 2) + len(todo)
-    failed_in_a_row = 0
-    max_failed_in_a_row = max(FAILED_IN_A_ROW, 2 * workers)
+    failing: set[str] = set()  # shards that failed an attempt since the last shard scored
+    max_failing = max(FAILED_IN_A_ROW, 2 * workers)
     stats = {"retries": 0, "actors_replaced": 0, "actor_start_failures": 0, "actors": []}
 
     def start() -> None:
@@ -739,6 +740,14 @@ def schedule(
                         max_attempts,
                         reason,
                     )
+                    failing.add(name)
+                    if len(failing) >= max_failing:
+                        raise RuntimeError(
+                            f"{len(failing)} shards in a row failed an attempt, none scored in "
+                            f"between; stopping before the rest of the pool fails the same way "
+                            f"(last: {reason}). Nothing was merged; the shards scored so far "
+                            "are kept for the next run"
+                        ) from exc
                     if actor_died:
                         stats["actors_replaced"] += 1
                         progress.actor_replaced()
@@ -755,14 +764,6 @@ def schedule(
                             queue_.append((url, name))
                     else:
                         on_failed(url, name, reason, attempts[name])
-                        failed_in_a_row += 1
-                        if failed_in_a_row >= max_failed_in_a_row:
-                            raise RuntimeError(
-                                f"{failed_in_a_row} shards in a row failed after {max_attempts} "
-                                f"attempt(s) each, none scored in between; stopping before the "
-                                f"rest fail the same way (last: {reason}). Nothing was merged; "
-                                "the shards scored so far are kept for the next run"
-                            ) from exc
                     continue
                 if kind == "ready":
                     failing_starts = 0
@@ -772,7 +773,7 @@ def schedule(
                     continue
                 url, name = slot.job
                 slot.job = None
-                failed_in_a_row = 0
+                failing.clear()
                 on_done(url, name, value)
     finally:
         for slot in list(slots):

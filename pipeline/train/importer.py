@@ -242,16 +242,20 @@ def import_open_clip_run(
     bundle = factory.create(name, preprocess_cfg=open_clip_preprocess(oc, name))
     # The first checkpoint is checked before the pool is read (hours on a large pool): a
     # wrong step count or model is refused at once (review: it was refused after reading).
+    first: tuple[int, tuple[str, float | None]] | None = None
     if oc.checkpoints:
         epoch, url = next(iter(oc.checkpoints.items()))
-        _checked_epoch(oc, epoch, url, spe, total, bundle)
+        first = (epoch, _checked_epoch(oc, epoch, url, spe, total, bundle))
     pool = load_pool(cfg, pool_transform(bundle))
 
     # Checkpoints before the sets are built. An interrupted training's resume state is
     # kept until a checkpoint is written.
     saved, sources = [], []
     for epoch, url in oc.checkpoints.items():
-        digest, last = _checked_epoch(oc, epoch, url, spe, total, bundle)
+        if first is not None and epoch == first[0]:
+            digest, last = first[1]  # loaded into bundle.model above, not read again
+        else:
+            digest, last = _checked_epoch(oc, epoch, url, spe, total, bundle)
         step = epoch * spe
         if not saved:  # the run is rewritten from here: its old record and state no longer hold
             remove(run.trajectory_json)

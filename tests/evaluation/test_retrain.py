@@ -523,3 +523,7 @@ def test_a_template_without_a_place_for_the_class_name_is_refused(tiny_scored, t
     bad = EvaluateConfig(**{**cfg.to_dict(), "classes": str(blind), "eval_labels": src.eval_labels})
     with pytest.raises(ConfigError, match=r"^classes: template 'a photo' has no \{\}"):
         run_evaluation(bad)
+    numbered = tmp_path / "numbered.json"  # "{0}" fills the name as "{}" does: accepted
+    numbered.write_text(json.dumps({**classes, "templates": ["a photo of {0}"]}))
+    ok = EvaluateConfig(**{**bad.to_dict(), "classes": str(numbered), "methods": ["random"]})
+    assert run_evaluation(ok)["results"]

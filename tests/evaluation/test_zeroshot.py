@@ -104,3 +104,15 @@ def test_without_ties_recall_is_the_top_k_count():
         assert got[f"t2i_r{k}"] == pytest.approx(
             float((t2i == ids[:, None]).any(1).double().mean())
         )
+
+
+def test_a_diverged_model_has_no_figures_not_perfect_ones():
+    """Review: NaN features left no similarity tied at the best, and the tie count gave a
+    recall of 1.0 and a zero-shot accuracy of 1/0."""
+    import math
+
+    nan = torch.full((4, 3), float("nan"))
+    assert math.isnan(zero_shot_accuracy(nan, torch.eye(3), torch.tensor([0, 1, 2, 0])))
+    r = recall_at_k(nan, torch.randn(4, 3), ["a", "b", "c", "d"], ks=(1, 5))
+    assert set(r) == {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"}
+    assert all(math.isnan(v) for v in r.values())

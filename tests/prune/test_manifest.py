@@ -247,6 +247,14 @@ def test_a_threshold_that_is_not_a_number_is_refused_by_name(change):
         PruneConfig(run="r", **change).validate()
 
 
+@pytest.mark.parametrize("fusion", [["diffin"], {"diffin": "1"}, {"diffin": None}])
+def test_bad_fusion_weights_are_still_config_errors_before_the_name_is_spelled(fusion):
+    """Review: the derived-name check spelled the name from the weights before they were
+    checked: an AttributeError, ValueError or TypeError instead of the field's error."""
+    with pytest.raises(ConfigError, match=r"^fusion: "):
+        PruneConfig(run="r", fusion=fusion).validate()
+
+
 def test_a_name_that_is_not_a_string_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"^name: must be a plain directory name, .*got 5"):
         PruneConfig(run="r", name=5).validate()

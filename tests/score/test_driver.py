@@ -513,7 +513,7 @@ def test_score_config_types_and_ranges_are_checked_up_front(change, field):
         ScoreConfig(data="d", run="r", methods=["diffin", "random"], **change).validate()
 
 
-@pytest.mark.parametrize("gpus", [None, 0, 0.25, 0.3333, 1, 2, 8.0])
+@pytest.mark.parametrize("gpus", [None, 0, 0.25, 0.3333, 1 / 3, 0.03125, 1, 2, 8.0])
 def test_gpu_shares_ray_can_place_are_accepted(gpus):
     from pipeline.score.config import ScoreConfig
 

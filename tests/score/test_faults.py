@@ -274,8 +274,12 @@ def test_a_failure_every_shard_hits_stops_the_run_before_it_publishes(
     from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import ScoreActor, run_scoring
 
+    calls = tmp_path / "calls"  # one line per score call, from the actor's process
+
     class OutOfMemory(ScoreActor):
         def score(self, url, name, next_url=None, last_try=True):
+            with open(calls, "a") as f:
+                f.write(name + "\n")
             if name >= "00002":
                 raise RuntimeError("CUDA out of memory")
             return super().score(url, name, next_url, last_try)
@@ -291,10 +295,13 @@ def test_a_failure_every_shard_hits_stops_the_run_before_it_publishes(
     )
     try:
         with pytest.raises(
-            RuntimeError, match=r"^5 shards in a row failed after 2 attempt\(s\) each, none scored"
+            RuntimeError, match=r"^5 shards in a row failed an attempt, none scored in between"
         ) as err:
             run_scoring(cfg, actor_cls=OutOfMemory)
         assert "CUDA out of memory" in str(err.value)
+        # stopped at the fifth shard's first attempt, not after every shard's (review: a
+        # failed shard goes to the back of the queue, so the last attempts came last)
+        assert calls.read_text().split() == [f"{i:05d}" for i in range(7)]
         assert not os.path.exists(f"{run}/scores.parquet")  # nothing published
         assert _done(run) == 2  # the shards scored before it are kept
         again = run_scoring(

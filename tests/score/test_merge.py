@@ -208,3 +208,29 @@ def test_a_failed_merge_leaves_the_earlier_table_and_nothing_else(tmp_path, monk
     assert open(out, "rb").read() == before
     assert sorted(os.listdir(run)) == ["scores", "scores.parquet"]
     assert not list(elsewhere.iterdir())  # nothing staged outside the run either
+
+
+def test_a_failed_merge_on_a_store_that_cannot_abandon_a_file_keeps_the_earlier_table():
+    """Review: on memory:// (and sftp, HDFS) closing a file commits it, so the merge's
+    error path published a truncated table that read as valid over the earlier one."""
+    import uuid
+
+    import fsspec
+
+    name = f"merge-{uuid.uuid4().hex[:8]}"
+    run = f"memory://{name}/r"
+    parts = [_part(run, "00000", 4), _part(run, "00001", 4)]
+    out = f"{run}/scores.parquet"
+    merge_parts(parts, out, {"first": 1}, require_records=True)
+    fs = fsspec.filesystem("memory")
+    before = fs.cat_file(f"/{name}/r/scores.parquet")
+    with fsspec.open(parts[1], "rb") as f:
+        t = pq.read_table(f).slice(0, 3)
+    with fsspec.open(parts[1], "wb") as f:
+        pq.write_table(t, f)  # no longer the part its record describes
+    with pytest.raises(MergeError, match="sha256"):
+        merge_parts(parts, out, {"second": 1}, require_records=True)
+    assert fs.cat_file(f"/{name}/r/scores.parquet") == before
+    left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"/{name}/r", detail=False))
+    fs.rm(f"/{name}", recursive=True)
+    assert left == ["scores", "scores.parquet"]
