@@ -9,6 +9,7 @@ command line names the temp dir.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,7 +17,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +228,35 @@ class Cluster:
                     raise RuntimeError(f"ray start exited: {node.log.read_text()[-2000:]}")
             time.sleep(1)
         raise TimeoutError(f"{n} Ray node(s) not up after {timeout}s")
+
+    @contextlib.contextmanager
+    def node_added_when(
+        self, said: Callable[[], bool], num_cpus: int, num_gpus: int = 0, timeout: float = 300
+    ) -> Iterator[None]:
+        """Add a node once ``said()`` (an autoscaler answering a pending actor), from a thread;
+        on leaving, remove it and wait until the cluster is as before (later tests must not
+        find its CPUs or GPUs)."""
+        before = self.alive_nodes()
+        added: list[RayNode] = []
+
+        def join() -> None:
+            deadline = time.time() + timeout
+            while time.time() < deadline and not said():
+                time.sleep(0.5)
+            added.append(self.add_node(num_cpus=num_cpus, num_gpus=num_gpus))
+
+        joiner = threading.Thread(target=join, daemon=True)
+        joiner.start()
+        try:
+            yield
+        finally:
+            joiner.join(timeout=timeout)
+            for node in added:
+                node.kill()
+            deadline = time.time() + 120
+            while self.alive_nodes() != before and time.time() < deadline:
+                time.sleep(1)
+        assert self.alive_nodes() == before, "the added node is still in the cluster"
 
     def stop(self) -> None:
         for node in reversed(self.nodes):

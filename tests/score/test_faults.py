@@ -478,7 +478,6 @@ def test_an_actor_no_node_can_place_is_reported_and_starts_once_a_node_joins(
 ):
     """An existing cluster may be adding a node: a pending actor is named in the log, not refused."""
     import logging
-    import threading
 
     import ray
 
@@ -496,29 +495,14 @@ def test_an_actor_no_node_can_place_is_reported_and_starts_once_a_node_joins(
         threads=3,  # the head has 2 CPUs: no node can place the actor yet
         batch_size=8,
     )
-    before = ray_cluster.alive_nodes()
-    added: list = []
-
-    def add_a_node_once_warned() -> None:
-        deadline = time.time() + WAIT
-        while time.time() < deadline and "has waited" not in caplog.text:
-            time.sleep(0.5)
-        added.append(ray_cluster.add_node(num_cpus=3))
-
-    joiner = threading.Thread(target=add_a_node_once_warned, daemon=True)
     try:
-        with caplog.at_level(logging.WARNING, logger="pipeline.score.driver"):
-            joiner.start()
+        with (
+            caplog.at_level(logging.WARNING, logger="pipeline.score.driver"),
+            ray_cluster.node_added_when(lambda: "has waited" in caplog.text, num_cpus=3),
+        ):
             summary = run_scoring(cfg)
     finally:
         ray.shutdown()
-        joiner.join(timeout=WAIT)
-        for node in added:
-            node.kill()
-        deadline = time.time() + 120  # later tests must not find this node's CPUs
-        while ray_cluster.alive_nodes() != before and time.time() < deadline:
-            time.sleep(1)
-    assert ray_cluster.alive_nodes() == before, "the added node is still in the cluster"
     warnings = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
     assert len(warnings) == 1, warnings  # once per actor, not once per poll
     assert "(--threads, --gpus-per-worker)" in warnings[0]

@@ -111,8 +111,6 @@ def test_directions_wait_for_the_gpu_node_an_autoscaler_adds(
     """Review: on a KubeRay cluster whose GPU group had scaled to zero, the directions ran on
     the head's CPU (hours at scale) although --gpus-per-worker asked for GPUs. Now the
     directions actor asks for one, is reported while it waits, and runs once a node joins."""
-    import threading
-
     import ray
 
     from pipeline.rundir import RunDir
@@ -125,7 +123,6 @@ def test_directions_wait_for_the_gpu_node_an_autoscaler_adds(
     monkeypatch.setattr("pipeline.score.driver.PENDING_WARNING_S", 2.0)
     run = fresh_run(score_run, tmp_path / "run")
     shutil.rmtree(Path(run) / "directions")
-    before = ray_cluster.alive_nodes()
     cfg = ScoreConfig(
         data=score_run["data"],
         run=run,
@@ -135,29 +132,15 @@ def test_directions_wait_for_the_gpu_node_an_autoscaler_adds(
         threads=1,
         gpus_per_worker=1,
     )
-    added: list = []
-
-    def scale_up_once_waiting() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and "has waited" not in caplog.text:
-            time.sleep(0.5)
-        added.append(ray_cluster.add_node(num_cpus=1, num_gpus=1))
-
-    joiner = threading.Thread(target=scale_up_once_waiting, daemon=True)
     try:
-        with caplog.at_level(logging.INFO, logger="pipeline.score.driver"):
-            joiner.start()
+        with (
+            caplog.at_level(logging.INFO, logger="pipeline.score.driver"),
+            ray_cluster.node_added_when(lambda: "has waited" in caplog.text, 1, num_gpus=1),
+        ):
             rd = RunDir(run)
             prepare_directions(cfg, rd, load_trajectory(rd), set_hashes(rd))
     finally:
         ray.shutdown()
-        joiner.join(timeout=300)
-        for node in added:
-            node.kill()
-        deadline = time.time() + 120
-        while ray_cluster.alive_nodes() != before and time.time() < deadline:
-            time.sleep(1)
-    assert ray_cluster.alive_nodes() == before, "the GPU node is still in the cluster"
     assert "directions: waiting for a GPU node (--gpus-per-worker 1)" in caplog.text
     assert "the directions actor has waited" in caplog.text
     assert f"directions: done on {NODE_IP} (cpu)" in caplog.text
