@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline.data.keys import recorded_reader_options
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
-from pipeline.data.shards import resolve_shards
+from pipeline.data.shards import expand_pattern, resolve_shards
 from pipeline.data.synth import pool_summary
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
@@ -88,12 +88,14 @@ class Sources:
 
 
 def _pool_dir(pattern: str) -> str:
-    """The directory of a pool's shards, where a generated pool keeps its truth and summary."""
-    if not any(c in pattern for c in "{*?[") and "::" not in pattern:
-        fs, path = fsspec.core.url_to_fs(pattern)
+    """The directory of a pool's shards, where a generated pool keeps its truth and summary
+    (of a list of patterns, the first one's: its whole text ended in another directory)."""
+    first = expand_pattern(pattern)[0]
+    if not any(c in first for c in "*?[") and "::" not in first:
+        fs, path = fsspec.core.url_to_fs(first)
         if fs.isdir(path):  # `--data pool/` and `--data pool` name the directory itself
-            return pattern.rstrip("/")
-    return pattern.rsplit("/", 1)[0]
+            return first.rstrip("/")
+    return first.rsplit("/", 1)[0]
 
 
 def pool_truth(data: str) -> str | None:

@@ -527,3 +527,16 @@ def test_a_template_without_a_place_for_the_class_name_is_refused(tiny_scored, t
     numbered.write_text(json.dumps({**classes, "templates": ["a photo of {0}"]}))
     ok = EvaluateConfig(**{**bad.to_dict(), "classes": str(numbered), "methods": ["random"]})
     assert run_evaluation(ok)["results"]
+
+
+def test_the_directory_of_a_list_of_patterns_is_the_first_ones(tmp_path):
+    """Review: of 'a/{0..1}.tar::b/{0..1}.tar' the directory was 'a/{0..1}.tar::b', so the
+    labels.parquet and classes.json beside the eval shards were missed (zero-shot n/a)."""
+    from pipeline.evaluation.retrain import _pool_dir
+
+    (tmp_path / "a").mkdir()
+    assert _pool_dir(f"{tmp_path}/a/{{0..1}}.tar::{tmp_path}/b/{{0..1}}.tar") == f"{tmp_path}/a"
+    assert _pool_dir(f"{tmp_path}/a/{{0..1}}.tar") == f"{tmp_path}/a"
+    assert _pool_dir(f"{tmp_path}/a/") == f"{tmp_path}/a"  # the directory itself
+    assert _pool_dir(f"{tmp_path}/a") == f"{tmp_path}/a"
+    assert _pool_dir(f"{tmp_path}/a/*.tar") == f"{tmp_path}/a"

@@ -116,3 +116,14 @@ def test_a_diverged_model_has_no_figures_not_perfect_ones():
     r = recall_at_k(nan, torch.randn(4, 3), ["a", "b", "c", "d"], ks=(1, 5))
     assert set(r) == {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"}
     assert all(math.isnan(v) for v in r.values())
+
+
+def test_recall_in_blocks_of_queries_equals_the_whole_matrix():
+    """Queries go a block at a time (memory block x n, not n x n: review, 80 GB at 100k)."""
+    g = torch.Generator().manual_seed(2)
+    img = torch.randint(0, 3, (23, 4), generator=g).double()  # coarse: many ties
+    txt = torch.randint(0, 3, (23, 4), generator=g).double()
+    caps = [f"c{i % 17}" for i in range(23)]
+    whole = recall_at_k(img, txt, caps, ks=(1, 5), block=10_000)
+    for block in (1, 4, 7):
+        assert recall_at_k(img, txt, caps, ks=(1, 5), block=block) == pytest.approx(whole)
