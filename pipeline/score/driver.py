@@ -343,8 +343,9 @@ def prepare_directions(
       machine is its own, and the memory is released before the actors start;
     - one Ray task holding a GPU when this process joins a cluster that has
       GPUs, or that has none yet but ``--gpus-per-worker`` asks for them (an
-      autoscaler adds GPU nodes for the actors that wait). Ray does not hide a node's GPUs from a process that asked for none,
-      so a GPU this process can see may be another job's or an actor's;
+      autoscaler adds GPU nodes for the actors that wait). Ray does not hide
+      a node's GPUs from a process that asked for none, so a GPU this process
+      can see may be another job's or an actor's;
     - else this process's CPU, as with ``--gpus-per-worker 0``.
 
     The propagation is one Gauss-Newton product per training step, serial in the
