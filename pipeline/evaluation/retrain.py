@@ -287,10 +287,7 @@ def plan_subsets(
         )
     subsets = []
     if cfg.full:
-        ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
-        subsets.append(
-            {"name": "full", "method": "full", "keep": 1.0, "uids": ok.column("uid").to_pylist()}
-        )
+        subsets.append({"name": "full", "method": "full", "keep": 1.0, "uids": ok_uids.to_pylist()})
     for keep in cfg.keeps:
         for m in cfg.methods:
             kept = select(table, m, keep).column("uid").to_pylist()
@@ -308,7 +305,7 @@ def plan_subsets(
                 {"name": f"{name}@{keep:g}", "method": name, "keep": float(keep), "uids": kept}
             )
     if cfg.max_pairs is not None:
-        n_ok = int(pa.compute.sum(pa.compute.equal(table.column("status"), "ok")).as_py() or 0)
+        n_ok = len(ok_uids)
         if n_ok > cfg.max_pairs:
             # each uid hashed once, not once per subset it is in
             key = {u: _draw_key(u) for sub in subsets for u in sub["uids"]}

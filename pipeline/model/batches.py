@@ -112,11 +112,12 @@ class Inputs:
             yield self[i : i + size]
 
 
-def _as_input(image: Any, bundle: ClipBundle) -> torch.Tensor:
+def _as_input(image: Any, bundle: ClipBundle, finish: _Finish | None) -> torch.Tensor:
+    """One sample's model input; ``finish`` is ``_finish(bundle)``, found once per call of
+    :func:`encode`, not once per sample."""
     if not torch.is_tensor(image):
         return bundle.preprocess(image)
     if image.dtype == torch.uint8:  # read with pool_transform
-        finish = _finish(bundle)
         if finish is None:
             raise ValueError("uint8 pixels, but the model's preprocess cannot finish them")
         return finish(image)
@@ -131,7 +132,8 @@ def encode(samples: Sequence[Sample], bundle: ClipBundle) -> tuple[torch.Tensor,
     """
     if not samples:
         raise ValueError("encode needs at least one sample")
-    images = torch.stack([_as_input(s.image, bundle) for s in samples])
+    finish = _finish(bundle)
+    images = torch.stack([_as_input(s.image, bundle, finish) for s in samples])
     tokens = bundle.tokenizer([s.caption for s in samples])
     return images, tokens
 
@@ -145,7 +147,7 @@ def encode_pool(samples: Sequence[Sample], bundle: ClipBundle) -> tuple[Inputs, 
         data = torch.stack([s.image for s in samples])
         inputs = Inputs(data, _finish(bundle))
     else:
-        inputs = Inputs(torch.stack([_as_input(s.image, bundle) for s in samples]))
+        inputs = Inputs(torch.stack([_as_input(s.image, bundle, _finish(bundle)) for s in samples]))
     return inputs, bundle.tokenizer([s.caption for s in samples])
 
 

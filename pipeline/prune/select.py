@@ -357,12 +357,17 @@ def _cut_among_ties(
     return f"{hi:016x}{lo:016x}", pos, passes
 
 
-def _matching(rows: tuple, fixed: list[int], part: int, prefix: int, shift: int) -> np.ndarray:
-    """Part ``part`` of the tied rows that match the known parts and ``prefix`` above ``shift``."""
+def _known(rows: tuple, fixed: list[int]) -> np.ndarray:
+    """Which tied rows have the parts of (hi, lo, pos) already chosen."""
     keep = np.ones(len(rows[0]), bool)
     for i, value in enumerate(fixed):
         keep &= rows[i] == np.uint64(value)
-    v = rows[part][keep]
+    return keep
+
+
+def _matching(rows: tuple, fixed: list[int], part: int, prefix: int, shift: int) -> np.ndarray:
+    """Part ``part`` of the tied rows that match the known parts and ``prefix`` above ``shift``."""
+    v = rows[part][_known(rows, fixed)]
     if shift + _DIGIT_BITS < 64:  # the digits chosen above this one
         v = v[(v >> np.uint64(shift + _DIGIT_BITS)) == np.uint64(prefix)]
     return v
@@ -383,10 +388,7 @@ def _exact_tie(
     """The candidate pass of :func:`_cut_among_ties`: its boundary bucket sorted exactly."""
     found = []
     for rows in _tied_rows(table, cols, score, key):
-        keep = np.ones(len(rows[0]), bool)
-        for i, value in enumerate(fixed):
-            keep &= rows[i] == np.uint64(value)
-        keep &= (rows[part] >> np.uint64(shift)) == np.uint64(prefix)
+        keep = _known(rows, fixed) & ((rows[part] >> np.uint64(shift)) == np.uint64(prefix))
         found.append(np.stack([r[keep] for r in rows], axis=1))
     cand = np.concatenate(found)
     order = np.lexsort((cand[:, 2], cand[:, 1], cand[:, 0]))  # uid, then position

@@ -636,7 +636,7 @@ def schedule(
     progress: Progress,
     prefetch: bool = True,
     max_actor_starts: int | None = None,
-    pending_warning_s: float = 120.0,
+    pending_warning_s: float | None = None,
 ) -> dict[str, Any]:
     """Stream ``todo`` (url, name) through a pool of ``workers`` actors; returns retry counts.
 
@@ -644,6 +644,8 @@ def schedule(
     ``score(url, name, next_url)``. ``on_done(url, name, record)`` and
     ``on_failed(url, name, reason, tries)`` are called as shards finish.
     """
+    if pending_warning_s is None:
+        pending_warning_s = PENDING_WARNING_S
     queue_: deque[tuple[str, str]] = deque(todo)
     attempts: dict[str, int] = {}
     refs: dict[Any, tuple[str, _Slot]] = {}
@@ -941,7 +943,6 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
                 on_failed,
                 progress,
                 prefetch=cfg.prefetch_batches > 0,
-                pending_warning_s=PENDING_WARNING_S,
             )
         finally:
             if started:

@@ -38,7 +38,7 @@ from typing import Any
 import fsspec
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, is_int
 from pipeline.model import factory
 from pipeline.model.batches import encode_pool, pool_transform
 from pipeline.provenance import provenance
@@ -226,11 +226,7 @@ def import_open_clip_run(
     name = resolve_model(oc, model)
     cfg = dataclasses.replace(cfg, model=name)
     cfg.validate()
-    if steps_per_epoch is not None and (
-        isinstance(steps_per_epoch, bool)
-        or not isinstance(steps_per_epoch, int)
-        or steps_per_epoch < 1
-    ):
+    if steps_per_epoch is not None and (not is_int(steps_per_epoch) or steps_per_epoch < 1):
         raise ConfigError(f"steps_per_epoch: must be an integer >= 1 (got {steps_per_epoch!r})")
     spe = steps_per_epoch if steps_per_epoch is not None else oc.steps_per_epoch()
     total = spe * int(oc.params["epochs"])
