@@ -11,21 +11,27 @@ import numpy as np
 
 
 def rankdata(x: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Ranks from 1, ties given their average rank (as scipy.stats.rankdata 'average')."""
+    """Ranks from 1, ties given their average rank (as scipy.stats.rankdata 'average').
+
+    Any NaN makes every rank NaN (scipy's ``nan_policy='propagate'``), so a
+    figure computed from a score with a NaN is NaN rather than a number that
+    depends on where the sort happened to put it.
+    """
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 1:
         raise ValueError("rankdata needs a 1-d array")
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a), dtype=np.float64)
-    sorted_a = a[order]
-    i = 0
     n = len(a)
-    while i < n:
-        j = i
-        while j + 1 < n and sorted_a[j + 1] == sorted_a[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
+    if np.isnan(a).any():
+        return np.full(n, np.nan)
+    if n == 0:
+        return np.empty(0, dtype=np.float64)
+    order = np.argsort(a, kind="mergesort")
+    sorted_a = a[order]
+    starts_group = np.r_[True, sorted_a[1:] != sorted_a[:-1]]
+    first = np.flatnonzero(starts_group)
+    last = np.r_[first[1:], n] - 1
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = (0.5 * (first + last) + 1.0)[np.cumsum(starts_group) - 1]
     return ranks
 
 
@@ -43,7 +49,7 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
 
 
 def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation; nan when either side is constant."""
+    """Spearman rank correlation; nan when either side is constant or holds a NaN."""
     a = np.asarray(x, dtype=np.float64)
     b = np.asarray(y, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:

@@ -18,6 +18,24 @@ def test_rankdata_averages_ties():
     assert rankdata([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
 
 
+def test_rankdata_matches_scipy_on_many_ties():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 2, 7, 500):
+        a = rng.integers(0, 6, n).astype(float)
+        a[: n // 3] = -0.0  # -0.0 ties with 0.0
+        assert rankdata(a).tolist() == scipy_stats.rankdata(a).tolist()
+
+
+def test_a_nan_makes_every_figure_nan():
+    # scipy's propagate policy: a NaN score cannot be ranked, so no figure is.
+    x = [0.3, np.nan, 0.1, 0.2]
+    assert np.isnan(rankdata(x)).all()
+    assert np.isnan(spearman(x, [1, 2, 3, 4]))
+    assert np.isnan(auroc(x, [True, False, True, False]))
+    assert np.isnan(auroc_low_is_positive(x, [True, False, True, False]))
+
+
 def test_spearman_known_values():
     x = np.arange(10.0)
     assert spearman(x, x**3) == pytest.approx(1.0)
