@@ -77,6 +77,28 @@ def test_error_rows_are_counted_per_shard(tiny_scored, tmp_path):
     assert "<td>2</td>" in row and "decode: image file is truncated" in row
 
 
+def test_a_shard_changed_since_scoring_shows_no_other_pairs_pixels(tiny_scored, tmp_path):
+    # The gallery reads pixels back from the shards by (shard, index); when the
+    # uid there is no longer the scored one, that row's image is not shown.
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    table = pq.read_table(f"{run}/scores.parquet")
+    frame = table.to_pandas()
+    lowest = frame[frame.status == "ok"].sort_values(["loss", "uid"]).index[0]
+    frame.loc[lowest, "uid"] = "0" * 32  # what a rewritten shard looks like from the table
+    frame.loc[lowest, "index"] = 10**6  # and a row the shard no longer has
+    second = frame[frame.status == "ok"].sort_values(["loss", "uid"]).index[1]
+    frame.loc[second, "uid"] = "f" * 32
+    pq.write_table(
+        table.from_pandas(frame, schema=table.schema, preserve_index=False), f"{run}/scores.parquet"
+    )
+    html = open(build_report(run, method="loss", top=3)).read()
+    harmful = html.split("Most harmful pairs (by loss)")[1].split("Most helpful pairs")[0]
+    assert "the shard changed since scoring" in harmful
+    assert "the shard no longer holds this row" in harmful
+    assert len(_images(harmful)) == 1  # the third pair is still the scored one
+    assert len(_images(html)) == 1 + 1 + 3
+
+
 def test_unknown_method_is_refused(tiny_scored):
     with pytest.raises(ConfigError, match="no column"):
         build_report(tiny_scored["run"], method="nope")
