@@ -68,9 +68,7 @@ def _pairs(
     ok = frame[(frame.status == "ok") & np.isfinite(frame[method])]
     # ties by uid, as the prune stage breaks them
     chosen = ok.sort_values([method, "uid"], ascending=[lowest, True]).head(n)
-    thumbs = thumbnails(
-        list(zip(chosen.shard, chosen["index"], chosen.uid, strict=True)), options
-    )
+    thumbs = thumbnails(list(zip(chosen.shard, chosen["index"], chosen.uid, strict=True)), options)
     items = []
     for r in chosen.itertuples(index=False):
         jpeg, caption = thumbs.get((r.shard, int(r.index)), (None, ""))
