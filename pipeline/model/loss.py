@@ -88,21 +88,43 @@ def _as_negative(
     z's text joins r's image-to-text row and z's image joins r's text-to-image
     row: each adds 1/2 log(1 + exp(a - LSE_R(r))) = 1/2 softplus(a - LSE_R(r)).
     When z is R's member k it is already in every row, so its removal takes
-    -1/2 log(1 - exp(a - LSE_R(r))) from each other row, and row k (z's own
-    loss) is not a batch mate's.
+    from each other row -1/2 log(1 - exp(a - LSE_R(r))), which is the same
+    1/2 softplus(a - LSE_{R-z}(r)) with z left out of the row's sum; row k
+    (z's own loss) is not a batch mate's. The second spelling is the one
+    computed: the first is -inf or NaN once z's logit dominates a row (a
+    mismatched reference pair at a large logit scale), where a - LSE rounds
+    to 0 or above.
     """
     rr = s * ref_img @ ref_txt.T  # (K, K): x_r . t_c
+    # sums over K terms in float32 at least (bfloat16 autocast leaves rr in bf16)
+    rr = rr.to(torch.promote_types(rr.dtype, torch.float32))
     d_i2t = z_txt_vs_x - torch.logsumexp(rr, 1)[None]  # z's text in row r's image-to-text
     d_t2i = z_img_vs_t - torch.logsumexp(rr, 0)[None]  # z's image in row r's text-to-image
     added = 0.5 * (F.softplus(d_i2t) + F.softplus(d_t2i)).sum(1)
     if exclude is None:
         return added
-    inside = exclude.any(1, keepdim=True)
-    others = inside & ~exclude
-    # Clamp what is not used before exp and log1p: a NaN in the unused branch of a
-    # where() still poisons its derivative.
-    far = torch.full_like(d_i2t, -30.0)
-    in_i2t, in_t2i = torch.where(others, d_i2t, far), torch.where(others, d_t2i, far)
-    taken = -0.5 * (torch.log1p(-torch.exp(in_i2t)) + torch.log1p(-torch.exp(in_t2i)))
-    taken = taken.masked_fill(~others, 0.0).sum(1)
-    return torch.where(inside[:, 0], taken, added)
+    inside = exclude.any(1)
+    if rr.shape[0] < 2:  # z is all of R: no other row to take from
+        return torch.where(inside, torch.zeros_like(added), added)
+    k = exclude.to(torch.uint8).argmax(1)  # z's place in R (its first, if R repeats it)
+    without_i2t = _logsumexp_leaving_out(rr, 1).T[k]  # (B, K): row r's sum without column k
+    without_t2i = _logsumexp_leaving_out(rr, 0)[k]  # (B, K): column r's sum without row k
+    taken = 0.5 * (F.softplus(z_txt_vs_x - without_i2t) + F.softplus(z_img_vs_t - without_t2i))
+    taken = taken.masked_fill(~(inside[:, None] & ~exclude), 0.0).sum(1)
+    return torch.where(inside, taken, added)
+
+
+def _logsumexp_leaving_out(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """out[..., k, ...] = logsumexp of ``x`` along ``dim`` with entry k left out (size >= 2).
+
+    From exclusive prefix and suffix sums, so nothing is subtracted (no
+    cancellation) and no -inf enters (whose derivatives are NaN).
+    """
+    x = x.movedim(dim, -1)
+    before = x.logcumsumexp(-1)  # before[k]: entries 0..k
+    after = x.flip(-1).logcumsumexp(-1).flip(-1)  # after[k]: entries k..K-1
+    out = torch.cat(
+        [after[..., 1:2], torch.logaddexp(before[..., :-2], after[..., 2:]), before[..., -2:-1]],
+        dim=-1,
+    )
+    return out.movedim(-1, dim)

@@ -402,8 +402,10 @@ def start_ray(cfg: ScoreConfig) -> bool:
 
 # Bumped when the scorers' values change for the same inputs, so that older parts are
 # rescored: v2 leaves a pair that is one of the references out of its own negatives; v3
-# weighs each checkpoint by the rates of the steps it stands for (estimator.BlockRates).
-SCORES_VERSION = "scores-v3"
+# weighs each checkpoint by the rates of the steps it stands for (estimator.BlockRates);
+# v4 computes a reference member's removal loss without cancellation (it was inf or NaN
+# where the member dominates a row) and its sums over R in float32 under bfloat16.
+SCORES_VERSION = "scores-v4"
 # Trajectory fields the scores depend on beyond the checkpoints' bytes: the
 # estimator's weights (step, lr, n_train) and the propagated form's dynamics.
 _TRAINING_FIELDS = ("optimizer", "steps", "spacing", "batch_size", "n_train")

@@ -150,3 +150,57 @@ def test_the_removal_loss_is_what_taking_z_out_of_a_batch_of_references_changes(
         - (k - 1) * batch_clip_loss(ref_img[rest], ref_txt[rest], ls3)
     ).backward()
     torch.testing.assert_close(ls2.grad, ls3.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_logsumexp_leaving_out_matches_a_direct_sum(k, dim):
+    from pipeline.model.loss import _logsumexp_leaving_out
+
+    x = torch.randn(k, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64) * 30
+    got = _logsumexp_leaving_out(x, dim)
+    for i in range(k):
+        rest = [j for j in range(k) if j != i]
+        want = x.index_select(dim, torch.tensor(rest)).logsumexp(dim)
+        torch.testing.assert_close(got.select(dim, i), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_reference_member_whose_caption_dominates_another_row_has_a_finite_removal_loss():
+    # Reference 1's image matches reference 2's caption far better than its own
+    # (a mismatched pair): in row 1, z = reference 2 holds all the mass, and
+    # log(1 - exp(a - LSE)) was log(0) in float32.
+    g = torch.Generator().manual_seed(0)
+    k = 6
+    ref_img, ref_txt = _unit(k, 16, g), _unit(k, 16, g)
+    ref_img[1] = F.normalize(
+        ref_txt[2] + 0.01 * torch.randn(16, generator=g, dtype=torch.float64), dim=0
+    )
+    ls = torch.tensor(math.log(100.0), dtype=torch.float64)
+    exclude = torch.zeros(1, k, dtype=torch.bool)
+    exclude[0, 2] = True
+    rest = [r for r in range(k) if r != 2]
+
+    def definition(ri, rt, scale):  # K L(R) - (K-1) L(R - z), in float64
+        return k * batch_clip_loss(ri, rt, scale) - (k - 1) * batch_clip_loss(
+            ri[rest], rt[rest], scale
+        )
+
+    want = definition(ref_img, ref_txt, ls)
+    ri32, rt32 = ref_img.float().requires_grad_(True), ref_txt.float()
+    ls32 = ls.float().requires_grad_(True)
+    got = per_sample_loss(ri32[2:3], rt32[2:3], ri32, rt32, ls32, exclude, True)[0]
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    got.backward()
+    assert torch.isfinite(ri32.grad).all() and torch.isfinite(ls32.grad)
+    # the second derivative the fast form takes (a nested JVP) is finite too
+    from torch.func import jvp
+
+    ri = ri32.detach()
+
+    def f(scale):
+        return per_sample_loss(ri[2:3], rt32[2:3], ri, rt32, scale, exclude, True)[0]
+
+    one = torch.ones((), dtype=torch.float32)
+    _, second = jvp(lambda q: jvp(f, (q,), (one,))[1], (ls32.detach(),), (one,))
+    assert torch.isfinite(second)
