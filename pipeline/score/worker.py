@@ -17,8 +17,8 @@ import torch
 
 from pipeline.data.reader import iter_shard, preprocess_error
 from pipeline.data.sample import Sample
-from pipeline.influence.directions import load_directions
-from pipeline.influence.fast import fast_terms, reference_jets
+from pipeline.influence.directions import KINDS, Directions, load_directions
+from pipeline.influence.fast import DIRECTIONAL, fast_terms, reference_jets
 from pipeline.influence.functional import ClipFunctions
 from pipeline.influence.selfinf import SELF_TERMS, SelfInfluenceEngine
 from pipeline.model import factory
@@ -62,6 +62,23 @@ def _encodes(sample: Sample, bundle: factory.ClipBundle) -> bool:
     return True
 
 
+def _on_device(directions: Directions, need: set[str], device: torch.device) -> Directions:
+    """The vectors the terms in ``need`` read, on ``device``; the others left empty."""
+    used = {
+        "g_V": bool(need & DIRECTIONAL),  # reference_jets takes its JVP for any of them
+        "g_B": bool("hz" in need or need & SELF_TERMS),
+        "w": "hb" in need,
+        "u": "hv" in need,
+    }
+    return Directions(
+        *(
+            {k: v.to(device) for k, v in getattr(directions, kind).items()} if used[kind] else {}
+            for kind in KINDS
+        ),
+        directions.meta,
+    )
+
+
 class ShardScorer:
     def __init__(self, run_url: str, cfg: ScoreConfig, device: str | None = None) -> None:
         """``device``: where to score ("cuda", "cpu"); default: a GPU when one is visible.
@@ -101,7 +118,12 @@ class ShardScorer:
             self.traj.checkpoints, self.traj.n_train, cfg.seed, cfg.score_options()
         )
         names = [n for n, _ in self.bundle.model.named_parameters()]
-        self.params, self.directions, self.need = {}, {}, {}
+        # hb and hv only enter as W_hb hb + W_hv hv: one JVP along W_hb w + W_hv u (fast.py);
+        # the propagated form's I_t is one JVP along r_t - W_first g_V.
+        weights = dict(
+            zip([c.step for c in self.traj.checkpoints], self.ctx.weights(), strict=True)
+        )
+        self.params, self.directions, self.need, self.lin = {}, {}, {}, {}
         for c in self.traj.checkpoints:
             need = needed_terms(self.scorers, c, self.ctx)
             if not need:
@@ -110,21 +132,15 @@ class ShardScorer:
             self.params[c.step] = {k: state[k].to(self.device, self.dtype) for k in names}
             self.need[c.step] = need
             if need & DIRECTION_TERMS:  # the same test ensure_directions used
-                self.directions[c.step] = load_directions(
-                    self.run.directions(c.step), self.device
-                ).ordered(names)
-        # hb and hv only enter as W_hb hb + W_hv hv: one JVP along W_hb w + W_hv u (fast.py);
-        # the propagated form's I_t is one JVP along r_t - W_first g_V.
-        weights = dict(
-            zip([c.step for c in self.traj.checkpoints], self.ctx.weights(), strict=True)
-        )
-        self.lin = {
-            step: lin_direction(
-                self.run, step, self.directions[step], weights[step], self.ctx.second_order
-            )
-            for step, need in self.need.items()
-            if "hlin" in need
-        }
+                # read on the host: only the vectors this checkpoint's terms use go to the
+                # device (each is the model's size; the default diffin needs g_V alone)
+                host = load_directions(self.run.directions(c.step)).ordered(names)
+                if "hlin" in need:
+                    lin = lin_direction(
+                        self.run, c.step, host, weights[c.step], self.ctx.second_order
+                    )
+                    self.lin[c.step] = {k: v.to(self.device) for k, v in lin.items()}
+                self.directions[c.step] = _on_device(host, need, self.device)
         # The references' embeddings and their derivatives, once per checkpoint (fast.py).
         self.jets = {
             step: reference_jets(

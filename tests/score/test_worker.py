@@ -225,6 +225,7 @@ def test_scorer_refuses_unknown_method(run_copy, tiny_scored):
 def test_engine_diffin_equals_the_separate_term_assembly(run_copy, tiny_scored, shards):
     """The worker's one-JVP hlin gives the same diffin as hb and hv computed apart (float32),
     for the derived expansion (the propagated form: tests/score/test_propagated.py)."""
+    from pipeline.influence.directions import load_directions
     from pipeline.influence.estimator import diffin_components
     from pipeline.influence.fast import fast_terms
     from pipeline.model.batches import encode
@@ -239,7 +240,8 @@ def test_engine_diffin_equals_the_separate_term_assembly(run_copy, tiny_scored, 
         t = fast_terms(
             scorer64.fns,
             scorer64.params[c.step],
-            scorer64.directions[c.step],
+            # the worker holds only g_V and g_B for these terms (w and u are folded into lin)
+            load_directions(scorer64.run.directions(c.step)).ordered(list(scorer64.params[c.step])),
             images,
             tokens,
             {"first", "hb", "hz", "hv"},
@@ -248,6 +250,30 @@ def test_engine_diffin_equals_the_separate_term_assembly(run_copy, tiny_scored, 
         _, second = diffin_components(t["first"], t["hb"], t["hz"], t["hv"], w)
         scale = np.abs(second).max()
         assert np.abs(got[f"diffin_second_t{c.step}"] - second).max() <= 1e-4 * scale, c.step
+
+
+@pytest.mark.parametrize(
+    "methods, form, held",
+    [
+        (["diffin"], "propagated", {"g_V"}),  # plus lin: r_t - W_first g_V
+        (["tracin"], "propagated", {"g_V"}),
+        (["diffin"], "derived", {"g_V", "g_B"}),  # hz; w and u only as lin
+        (["loss", "random"], "propagated", set()),
+    ],
+)
+def test_each_checkpoint_holds_only_the_vectors_its_terms_read(
+    run_copy, tiny_scored, methods, form, held
+):
+    # every vector is the model's size: on a GPU, the unread ones were 3 of 4
+    cfg = dataclasses.replace(
+        tiny_scored["config"], run=run_copy, methods=methods, second_order=form
+    )
+    scorer = ShardScorer(run_copy, cfg)
+    for step in scorer.need:
+        d = scorer.directions.get(step)
+        got = {kind for kind in ("g_B", "g_V", "w", "u") if d is not None and getattr(d, kind)}
+        assert got == held, step
+        assert (step in scorer.lin) == ("diffin" in methods)
 
 
 def test_a_sample_the_transforms_refuse_becomes_an_error_row(scorer64, shards, monkeypatch):
