@@ -181,8 +181,13 @@ def recorded_preprocess(record: dict[str, Any]) -> dict[str, Any] | None:
 def exact_float32(device: str | torch.device, dtype: torch.dtype) -> None:
     """float32 must mean float32 on a GPU: cuDNN convolutions (the ViT patch embedding)
     and matmuls default to TF32 on Ampere and later, about 1e-3 relative error, which
-    the influence terms' differences and the propagation's long products amplify."""
-    if torch.device(device).type == "cuda" and dtype == torch.float32:
+    the influence terms' differences and the propagation's long products amplify.
+    cuDNN is also held to deterministic algorithms (whatever the dtype): a convolution
+    whose algorithm varies between runs would move a sample's score between actors."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cudnn.deterministic = True
+    if dtype == torch.float32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
 

@@ -93,6 +93,7 @@ def _worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    factory.exact_float32(device, DTYPES[cfg.precision])  # as the scoring actors do
     images, tokens = ray.get(config["images"]), ray.get(config["tokens"])
     torch.manual_seed(cfg.seed)
     model = factory.create(cfg.model, dtype=DTYPES[cfg.precision]).model

@@ -194,3 +194,28 @@ def test_the_starting_weights_of_a_local_dir_model_are_its_files(tmp_path):
     assert factory.starting_weights("diffin-tiny", str(ckpt)) == factory.pretrained_identity(
         str(ckpt)
     )
+
+
+@pytest.mark.parametrize(
+    "device, dtype, tf32_off, deterministic",
+    [
+        ("cuda", torch.float32, True, True),
+        ("cuda", torch.bfloat16, False, True),
+        ("cpu", torch.float32, False, False),
+    ],
+)
+def test_exact_float32_sets_the_gpu_flags_float32_needs(device, dtype, tf32_off, deterministic):
+    # The flags are plain process settings: they can be checked without a GPU.
+    # (torch's cuBLAS flag module defeats monkeypatch: saved and restored by hand.)
+    from pipeline.model.factory import exact_float32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32)
+    try:
+        cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32 = True, False, True
+        exact_float32(torch.device(device), dtype)
+        assert cudnn.allow_tf32 is not tf32_off
+        assert matmul.allow_tf32 is not tf32_off
+        assert cudnn.deterministic is deterministic
+    finally:
+        cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32 = saved
