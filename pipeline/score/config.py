@@ -48,10 +48,9 @@ INT_FIELDS = (
 
 def _ray_gpus(gpus: float) -> bool:
     """Whether Ray accepts ``num_gpus=gpus`` (it refuses the others only when an actor is
-    made, after the per-run work, which can take hours)."""
-    if gpus == 0 or (gpus > 1 and float(gpus).is_integer()):
-        return True
-    return 1e-4 <= gpus <= 1  # Ray counts shares in units of 1e-4 of a GPU
+    made, after the per-run work, which can take hours) and an actor uses what it holds:
+    a scoring actor computes on one device, so a second GPU would sit idle."""
+    return gpus == 0 or 1e-4 <= gpus <= 1  # Ray counts shares in units of 1e-4 of a GPU
 
 
 @dataclass
@@ -125,8 +124,8 @@ class ScoreConfig:
             (
                 "gpus_per_worker",
                 self.gpus_per_worker is None or _ray_gpus(self.gpus_per_worker),
-                "must be 0, a share of one GPU of at least 0.0001, or a whole number "
-                "(what Ray can place)",
+                "must be 0 or a share of one GPU from 0.0001 (Ray's unit) to 1: an actor "
+                "scores on one GPU, so use more --workers for more GPUs",
             ),
             ("image_keys", valid_keys(self.image_keys), KEYS_RULE),
             ("text_keys", valid_keys(self.text_keys), KEYS_RULE),

@@ -163,8 +163,27 @@ class RetryableShardError(RuntimeError):
 
 
 def actor_device(gpu_ids: list) -> str:
-    """The device of a scoring actor: a GPU only when Ray assigned it one."""
-    return "cuda" if gpu_ids else "cpu"
+    """The device of a scoring actor: a GPU only when Ray assigned it one, and one torch
+    can use (else a clear error, not torch's own at the first CUDA call)."""
+    if not gpu_ids:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"the scoring actor holds GPU(s) {gpu_ids} on {ray.util.get_node_ip_address()} "
+            "but torch sees no CUDA device there (is the node's NVIDIA driver older than "
+            "torch's CUDA build?); --gpus-per-worker 0 scores on CPUs"
+        )
+    return "cuda"
+
+
+def actors_that_fit(workers: int, gpus: float, cluster_gpus: float) -> int:
+    """How many of ``workers`` actors of ``gpus`` GPUs each a fixed cluster can place at
+    once (at least one: a cluster short of even that is refused or reported elsewhere)."""
+    if not gpus:
+        return workers
+    return max(1, min(workers, int(cluster_gpus / gpus + 1e-9)))
 
 
 class ScoreActor:
@@ -921,8 +940,25 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         started = start_ray(cfg)
         try:
             gpus = cfg.gpus_per_worker
+            cluster_gpus = ray.cluster_resources().get("GPU", 0)
             if gpus is None:
-                gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+                gpus = 1 if cluster_gpus >= 1 else 0
+            workers = cfg.workers
+            if started:  # the embedded Ray has this machine's GPUs and no more, ever
+                workers = actors_that_fit(cfg.workers, gpus, cluster_gpus)
+                if workers < cfg.workers:
+                    log.warning(
+                        "%d of --workers %d scoring actors fit this machine's %g GPU(s) at "
+                        "%g each: scoring with %d (a share such as --gpus-per-worker %g puts "
+                        "all %d on them)",
+                        workers,
+                        cfg.workers,
+                        cluster_gpus,
+                        gpus,
+                        workers,
+                        cluster_gpus / cfg.workers,
+                        cfg.workers,
+                    )
             options: dict[str, Any] = {
                 "num_cpus": cfg.threads,
                 "max_restarts": 0,
@@ -939,7 +975,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             stats = schedule(
                 todo,
                 make_actor,
-                cfg.workers,
+                workers,
                 cfg.max_attempts,
                 on_done,
                 on_failed,

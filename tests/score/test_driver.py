@@ -395,10 +395,27 @@ def test_gpus_the_embedded_ray_cannot_offer_are_refused_up_front(monkeypatch):
 def test_an_actor_scores_on_a_gpu_only_when_ray_gave_it_one():
     # Recent Ray leaves CUDA_VISIBLE_DEVICES alone for actors that asked for no GPU,
     # so torch would see every GPU of the node; Ray's assignment decides instead.
+    import torch
+
     from pipeline.score.driver import actor_device
 
     assert actor_device([]) == "cpu"
-    assert actor_device([0]) == "cuda"
+    if torch.cuda.is_available():
+        assert actor_device([0]) == "cuda"
+    else:  # a GPU Ray gave but torch cannot use: said plainly, at the actor's start
+        with pytest.raises(RuntimeError, match="torch sees no CUDA device there"):
+            actor_device([0])
+
+
+@pytest.mark.parametrize(
+    "workers, gpus, cluster, fit",
+    [(2, 1, 1, 1), (2, 1, 2, 2), (4, 0.5, 1, 2), (3, 1 / 3, 1, 3), (2, 0, 0, 2), (2, 1, 0, 1)],
+)
+def test_the_embedded_ray_starts_only_the_actors_its_gpus_can_hold(workers, gpus, cluster, fit):
+    # The default --workers 2 on a one-GPU machine left one actor waiting for ever.
+    from pipeline.score.driver import actors_that_fit
+
+    assert actors_that_fit(workers, gpus, cluster) == fit
 
 
 def _slots(n: int, ready: bool = True):
@@ -497,6 +514,8 @@ def test_the_steady_rate_leaves_out_each_actors_start_up():
         # Ray refuses these only when the actors are made, after the per-run work (review)
         (dict(gpus_per_worker=1e-5), "gpus_per_worker"),
         (dict(gpus_per_worker=1.5), "gpus_per_worker"),
+        # an actor scores on one device: a second GPU would sit idle (GPU-path review)
+        (dict(gpus_per_worker=2), "gpus_per_worker"),
         (dict(batch_size=2.5), "batch_size"),  # never equal to a batch's length
         (dict(workers=2.5), "workers"),
         (dict(self_rank=True), "self_rank"),
@@ -513,7 +532,7 @@ def test_score_config_types_and_ranges_are_checked_up_front(change, field):
         ScoreConfig(data="d", run="r", methods=["diffin", "random"], **change).validate()
 
 
-@pytest.mark.parametrize("gpus", [None, 0, 0.25, 0.3333, 1 / 3, 0.03125, 1, 2, 8.0])
+@pytest.mark.parametrize("gpus", [None, 0, 0.25, 0.3333, 1 / 3, 0.03125, 1, 1.0])
 def test_gpu_shares_ray_can_place_are_accepted(gpus):
     from pipeline.score.config import ScoreConfig
 
