@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-worker",
         type=float,
         default=None,
-        help="GPUs per scoring actor; default: 1 when the cluster has GPUs, else 0",
+        help="GPUs per scoring actor, at most 1 (0.5: two actors share one); default: 1 "
+        "when the cluster has GPUs, else 0",
     )
     _add_reader_keys(s)
     s.add_argument(
