@@ -186,6 +186,14 @@ def actors_that_fit(workers: int, gpus: float, cluster_gpus: float) -> int:
     return max(1, min(workers, int(cluster_gpus / gpus + 1e-9)))
 
 
+def poisons_the_process(exc: BaseException) -> bool:
+    """A CUDA error that leaves the process's device context unusable (an illegal memory
+    access, a lost device: torch raises them as AcceleratorError); out of memory is not."""
+    import torch
+
+    return isinstance(exc, torch.AcceleratorError)
+
+
 class ScoreActor:
     """Holds one ShardScorer (model, checkpoints, directions loaded once) and a prefetch thread."""
 
@@ -241,6 +249,14 @@ class ScoreActor:
                 for s in batch:  # keep rows, not decoded pixels
                     s.image = None
                 samples.extend(batch)
+        except Exception as exc:
+            if poisons_the_process(exc):
+                # Every later CUDA call of this process fails the same way, at once: kept,
+                # the actor would take shard after shard and fail them all. Dying, it is
+                # replaced by Ray on a fresh process, and the shard is tried again there.
+                log.error("%s: %s; this scoring actor exits to be replaced", name, exc)
+                os._exit(1)
+            raise
         finally:
             stream.cancel.set()
         import numpy as np

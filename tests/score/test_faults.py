@@ -312,6 +312,51 @@ def test_a_failure_every_shard_hits_stops_the_run_before_it_publishes(
     assert again["shards_resumed"] == 2 and again["shards_scored_now"] == 2
 
 
+def test_an_actor_whose_gpu_context_broke_is_replaced_not_kept(ray_cluster, score_run, tmp_path):
+    """GPU-path review: after an illegal memory access every CUDA call of the process fails
+    at once, so a kept actor took shard after shard and failed them all (a healthy actor's
+    successes kept resetting the breaker). It now exits and Ray gives a fresh process."""
+    import ray
+    import torch
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import ScoreActor, run_scoring
+
+    marker = tmp_path / "context-broke-once"
+
+    class BrokenContext(ScoreActor):
+        def __init__(self, *args):
+            super().__init__(*args)
+            score_samples = self.scorer.score_samples
+
+            def once(batch):
+                if not marker.exists():
+                    marker.touch()
+                    raise torch.AcceleratorError(
+                        "CUDA error: an illegal memory access was encountered"
+                    )
+                return score_samples(batch)
+
+            self.scorer.score_samples = once
+
+    run = fresh_run(score_run, tmp_path / "run")
+    cfg = ScoreConfig(
+        data=score_run["data"].split("{")[0] + "{00000..00005}.tar",
+        run=run,
+        methods=["random"],
+        address=ray_cluster.address,
+        workers=1,
+        max_attempts=2,
+    )
+    try:
+        summary = run_scoring(cfg, actor_cls=BrokenContext)
+    finally:
+        ray.shutdown()
+    assert marker.exists() and summary["actors_replaced"] == 1
+    assert summary["shards_scored_now"] == 6 and not summary["shards_failed"]
+    assert summary["rows_error"] == 0
+
+
 def test_a_shard_that_cannot_be_read_is_tried_again_before_it_becomes_rows(
     ray_cluster, score_run, tmp_path
 ):
