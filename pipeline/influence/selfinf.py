@@ -97,15 +97,23 @@ class SelfConfig:
 class CountSketch:
     """Seeded count-sketch of model-sized vectors: coordinate i -> bucket h(i), sign s(i)."""
 
-    def __init__(self, shapes: dict[str, torch.Size], dim: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        shapes: dict[str, torch.Size],
+        dim: int,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        # Drawn on the host (the same tables whatever the device), then kept on ``device``:
+        # 12 bytes a parameter, which a copy per call would move again for every chunk.
         gen = torch.Generator().manual_seed(seed)
         self.dim = dim
         self.buckets: dict[str, torch.Tensor] = {}
         self.signs: dict[str, torch.Tensor] = {}
         for name, shape in shapes.items():
             n = int(torch.Size(shape).numel())
-            self.buckets[name] = torch.randint(0, dim, (n,), generator=gen)
-            self.signs[name] = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+            self.buckets[name] = torch.randint(0, dim, (n,), generator=gen).to(device)
+            self.signs[name] = (torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1).to(device)
 
     def __call__(self, grads: Params) -> torch.Tensor:
         """(chunk, *shape) per-sample tensors -> (chunk, dim) sketches."""
@@ -324,7 +332,10 @@ class SelfInfluenceEngine:
         self.refs = FrozenReferences.at(fns, params, cfg.exclude)
         if cfg.hb == "fisher":
             self.sketch = CountSketch(
-                {k: v.shape for k, v in self.params.items()}, self.plan["dim"], cfg.seed
+                {k: v.shape for k, v in self.params.items()},
+                self.plan["dim"],
+                cfg.seed,
+                next(iter(self.params.values())).device,
             )
             grad_images = torch.cat([b[0] for b in grad_batches])
             grad_tokens = torch.cat([b[1] for b in grad_batches])

@@ -250,3 +250,15 @@ def test_precomputed_eigenpairs_are_cut_to_the_budget_rank(micro):
     )
     assert cut.plan["rank"] == 1 and len(cut.eigenvalues) == 1
     assert cut.eigenvalues[0].abs() == full.eigenvalues.abs().max()
+
+
+def test_the_sketch_tables_are_drawn_once_on_the_host_and_kept_on_the_device():
+    # GPU-path review: they were copied to the GPU on every call (1.5 GB for ViT-B-32).
+    shapes = {"a": torch.Size([3, 4]), "b": torch.Size([5])}
+    host = CountSketch(shapes, 8, seed=3)
+    meta = CountSketch(shapes, 8, seed=3, device="meta")
+    assert all(t.device.type == "meta" for t in [*meta.buckets.values(), *meta.signs.values()])
+    again = CountSketch(shapes, 8, seed=3, device=torch.device("cpu"))
+    for name in shapes:  # the same seeded tables whatever the device
+        assert torch.equal(host.buckets[name], again.buckets[name])
+        assert torch.equal(host.signs[name], again.signs[name])
