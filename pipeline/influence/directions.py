@@ -21,7 +21,7 @@ from torch.func import grad, jvp, vjp
 from pipeline.influence.estimator import CURVATURES
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.influence.vectors import dot
-from pipeline.model.loss import scale_of
+from pipeline.model.loss import per_sample_loss, scale_of
 from pipeline.tensors import load_tensors, save_tensors
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images, tokens)
@@ -157,10 +157,19 @@ def curvature_operator(
     return exact
 
 
+# Pairs per double backward in the target's gradient and Hessian-vector product: the
+# memory of those passes grows with it (ViT-B-32: about 0.24 GiB a pair), not with K.
+TARGET_CHUNK = 64
+
+
 def target_gradient(
-    fns: ClipFunctions, params: Params, images: torch.Tensor, tokens: torch.Tensor, chunk: int = 256
+    fns: ClipFunctions,
+    params: Params,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk: int = TARGET_CHUNK,
 ) -> Params:
-    """grad of L_V = mean_v l_v, accumulated in chunks to bound memory."""
+    """grad of L_V = mean_v l_v (see :func:`target_gradient_and_hvp`)."""
     return target_gradient_and_hvp(fns, params, images, tokens, None, chunk)[0]
 
 
@@ -170,29 +179,74 @@ def target_gradient_and_hvp(
     images: torch.Tensor,
     tokens: torch.Tensor,
     vector: Params | None,
-    chunk: int = 256,
+    chunk: int = TARGET_CHUNK,
 ) -> tuple[Params, Params | None]:
-    """grad L_V and, if ``vector`` is given, H_V @ vector (double backward), in chunks."""
+    """grad L_V and, if ``vector`` is given, H_V @ vector, exactly, ``chunk`` pairs at a time.
+
+    L_V depends on theta through the embeddings E of the targets and of the K
+    references, and through the logit scale s: L_V = F(E(theta), s). So
+
+        grad L_V = J' a + (dF/ds) e_s                  with a = dF/dE
+        H_V v    = J' (d a) + sum_i a_i H_{E_i} v + (d dF/ds) e_s
+
+    where d a is F's Hessian (in E and s, a few numbers a pair) applied to
+    (J v, v_s). E and J v come from forward passes (no graph), a and d a from
+    F alone, and each chunk of pairs then needs one double backward of
+    <E_c, a_c>, whatever K. Differentiating the whole loss at once instead
+    took every chunk of targets together with all K references (88 GiB for
+    ViT-B-32 at the defaults).
+    """
+    if fns.ref_images is None or fns.ref_tokens is None:
+        raise ValueError("the target loss needs reference negatives")
+    n = images.shape[0]
+    ref_images = fns.ref_images.to(images)
+    ref_tokens = fns.ref_tokens.to(tokens.device)
+    exclude = fns.self_mask(images, tokens)
+    all_images = torch.cat([images, ref_images])
+    all_tokens = torch.cat([tokens, ref_tokens])
+    spans = [slice(i, i + chunk) for i in range(0, all_images.shape[0], chunk)]
+
+    def embed(p: Params, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return fns.embed(p, all_images[span], all_tokens[span])
+
+    with torch.no_grad(), derivative_mode():
+        emb = [embed(params, span) for span in spans]
+        d_emb = (
+            [jvp(lambda p, span=span: embed(p, span), (params,), (vector,))[1] for span in spans]
+            if vector is not None
+            else None
+        )
+    e_img = torch.cat([e[0] for e in emb]).requires_grad_(True)
+    e_txt = torch.cat([e[1] for e in emb]).requires_grad_(True)
+    scale = params["logit_scale"].detach().requires_grad_(True)
+    loss = per_sample_loss(e_img[:n], e_txt[:n], e_img[n:], e_txt[n:], scale, exclude).sum() / n
+    a_img, a_txt, a_s = torch.autograd.grad(
+        loss, (e_img, e_txt, scale), create_graph=vector is not None
+    )
+    if vector is not None:
+        assert d_emb is not None
+        along = (
+            (a_img * torch.cat([d[0] for d in d_emb])).sum()
+            + (a_txt * torch.cat([d[1] for d in d_emb])).sum()
+            + (a_s * vector["logit_scale"]).sum()
+        )
+        da_img, da_txt, da_s = torch.autograd.grad(along, (e_img, e_txt, scale))
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     h_total = {k: torch.zeros_like(v) for k, v in params.items()} if vector is not None else None
-    n = images.shape[0]
-    for start in range(0, n, chunk):
+    for span in spans:
         p = _leaves(params)
         with derivative_mode():
-            losses = fns.sample_losses(
-                p, images[start : start + chunk], tokens[start : start + chunk]
-            )
+            img, txt = embed(p, span)
+            pulled = (img * a_img[span].detach()).sum() + (txt * a_txt[span].detach()).sum()
             grads = torch.autograd.grad(
-                losses.sum() / n,
-                list(p.values()),
-                allow_unused=True,
-                create_graph=vector is not None,
+                pulled, list(p.values()), allow_unused=True, create_graph=vector is not None
             )
             if vector is not None:
-                gv = sum(
+                second = sum(
                     (g * vector[k]).sum() for g, k in zip(grads, p, strict=True) if g is not None
                 )
-                hv = torch.autograd.grad(gv, list(p.values()), allow_unused=True)
+                second = second + (img * da_img[span]).sum() + (txt * da_txt[span]).sum()
+                hv = torch.autograd.grad(second, list(p.values()), allow_unused=True)
         for g, k in zip(grads, p, strict=True):
             if g is not None:
                 total[k] += g.detach()
@@ -200,6 +254,9 @@ def target_gradient_and_hvp(
             for h, k in zip(hv, p, strict=True):
                 if h is not None:
                     h_total[k] += h.detach()
+    total["logit_scale"] += a_s.detach()
+    if h_total is not None:
+        h_total["logit_scale"] += da_s.detach()
     return total, h_total
 
 

@@ -96,3 +96,39 @@ def test_combined_term_is_the_weighted_sum_of_hb_and_hv(setup):
     assert _rel(got["hlin"], a * sep["hb"] + b * sep["hv"]) < 1e-10
     with pytest.raises(ValueError, match="hlin"):
         fast_terms(fns, params, directions, images, tokens, {"hlin"})
+
+
+def _direct_target_gradient_and_hvp(fns, params, images, tokens, vector):
+    """The whole target loss, R embedded with it, differentiated twice (the former method)."""
+    from pipeline.influence.functional import derivative_mode
+
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    with derivative_mode():
+        loss = fns.sample_losses(p, images, tokens).mean()
+        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True, allow_unused=True)
+        gv = sum((g * vector[k]).sum() for g, k in zip(grads, p, strict=True) if g is not None)
+        hv = torch.autograd.grad(gv, list(p.values()), allow_unused=True)
+    zero = torch.zeros_like
+    return (
+        {k: zero(p[k]) if g is None else g.detach() for g, k in zip(grads, p, strict=True)},
+        {k: zero(p[k]) if h is None else h for h, k in zip(hv, p, strict=True)},
+    )
+
+
+@pytest.mark.parametrize("chunk", [3, 5, 64])
+def test_the_chunked_target_derivatives_equal_the_whole_loss_differentiated(setup, chunk):
+    """GPU-path review: each chunk of targets was differentiated together with all K
+    references (88 GiB for ViT-B-32). Now the chain rule through the embeddings takes
+    ``chunk`` pairs at a time, whatever K; it must be the same gradient and H_V v. One
+    target is a reference pair itself (its self-match leaves it out of its negatives)."""
+    from pipeline.influence.directions import target_gradient_and_hvp
+
+    fns, params, directions, _, _, (images, tokens) = setup
+    images = torch.cat([images, fns.ref_images[2:3]])
+    tokens = torch.cat([tokens, fns.ref_tokens[2:3]])
+    assert fns.self_mask(images, tokens) is not None
+    g, h = target_gradient_and_hvp(fns, params, images, tokens, directions.g_B, chunk)
+    g0, h0 = _direct_target_gradient_and_hvp(fns, params, images, tokens, directions.g_B)
+    assert float(norm({k: g[k] - g0[k] for k in params}) / norm(g0)) < 1e-10
+    assert float(norm({k: h[k] - h0[k] for k in params}) / norm(h0)) < 1e-10
+    assert float(h["logit_scale"]) != 0.0 and float(g["logit_scale"]) != 0.0
