@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.data.shards import absolute_pattern
 from pipeline.data.synth import SynthConfig, make_pool
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
@@ -145,9 +146,11 @@ def mismatch_kept(
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    synth_cfg, train_cfg, score_cfg, prune_cfg, eval_cfg = stage_configs(
-        cfg
-    )  # refuse bad configs first
+    stage_configs(cfg)  # refuse bad configs first
+    # Every path the stages record absolute, as the CLI records them: evaluate and report
+    # then find the pool from any directory (a relative run gave relative data paths).
+    cfg = replace(cfg, run=absolute_pattern(cfg.run))
+    synth_cfg, train_cfg, score_cfg, prune_cfg, eval_cfg = stage_configs(cfg)
     t0 = time.time()
     run = RunDir(cfg.run)
     data = join(cfg.run, "data")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def demo(tmp_path_factory):
 
     run = tmp_path_factory.mktemp("demo") / "run"
     cfg = DemoConfig(
-        run=str(run),
+        run="run",  # relative, as `make demo` gives it: run from the directory above
         samples=300,
         shard_size=100,
         steps=30,
@@ -38,9 +39,12 @@ def demo(tmp_path_factory):
         eval_samples=20,
         target_samples=24,
     )
+    here = os.getcwd()
+    os.chdir(run.parent)
     try:
         summary = run_demo(cfg)
     finally:
+        os.chdir(here)
         if ray.is_initialized():
             ray.shutdown()
     assert not ray.is_initialized()
@@ -104,6 +108,18 @@ def test_demo_json_and_summary(demo):
         assert m in text
     run_json = json.loads((demo["run"] / "run.json").read_text())
     assert {"train", "score", "evaluate"} <= set(run_json)
+
+
+def test_the_demo_records_absolute_paths_whatever_directory_it_ran_from(demo):
+    """Walkthrough: a demo run from runs/demo recorded runs/demo/data/..., so evaluate or
+    report on a copy, or from another directory, could not find the pool."""
+    run_json = json.loads((demo["run"] / "run.json").read_text())
+    recorded = [
+        run_json["train"]["config"]["data"],
+        run_json["score"]["config"]["data"],
+        run_json["score"]["config"]["target"],
+    ]
+    assert all(p.startswith(str(demo["run"]) + "/") for p in recorded), recorded
 
 
 def test_demo_scores_toward_the_curated_target_split(demo):
