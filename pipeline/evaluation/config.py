@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import ConfigError, is_int, is_number
-from pipeline.prune.config import NORMS, PruneConfig
+from pipeline.prune.config import NORMS, PruneConfig, check_rank_column
 
 
 @dataclass
@@ -58,6 +58,8 @@ class EvaluateConfig:
             raise ConfigError("methods: give at least one scorer column")
         if self.methods is not None and len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods: duplicates in {self.methods}")
+        for method in self.methods or []:
+            check_rank_column("methods", method)
         if self.fusion_norm not in NORMS:
             raise ConfigError(
                 f"fusion_norm: must be one of {', '.join(NORMS)} (got {self.fusion_norm!r})"

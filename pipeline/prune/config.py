@@ -32,6 +32,16 @@ NORMS = ("zscore", "rank")
 BALANCES = ("proportional", "equal")
 # Columns of the score table that are not scores.
 NON_SCORE_COLUMNS = ("uid", "key", "shard", "index", "status", "error", "caption")
+# Score columns that break "higher = keep first": ranked by, they keep the worst pairs.
+NOT_KEEP_FIRST = {"loss_raw": "is the loss itself, higher = worse; rank by `loss`, its negative"}
+
+
+def check_rank_column(field: str, column: str) -> None:
+    """Refuse ranking by a column that is no score, or whose high values are the worst."""
+    if column in NON_SCORE_COLUMNS:
+        raise ConfigError(f"{field}: {column!r} is not a score column")
+    if column in NOT_KEEP_FIRST:
+        raise ConfigError(f"{field}: {column!r} {NOT_KEEP_FIRST[column]}")
 
 
 @dataclass
@@ -57,8 +67,8 @@ class PruneConfig:
             raise ConfigError(f"keep: must be a number in (0, 1] (got {self.keep!r})")
         if not 0 < self.keep <= 1:
             raise ConfigError(f"keep: must be in (0, 1] (got {self.keep!r})")
-        if self.fusion is None and self.method in NON_SCORE_COLUMNS:
-            raise ConfigError(f"method: {self.method!r} is not a score column")
+        if self.fusion is None:
+            check_rank_column("method", self.method)
         # Integers, not bools or floats: each fails only after the table is read otherwise
         # (k-means' seed after every ok row is embedded).
         for name, low in (("shard_size", 1), ("clusters", 1), ("cluster_seed", 0)):

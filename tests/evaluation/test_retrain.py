@@ -108,6 +108,9 @@ def test_same_config_gives_the_same_figures(evaluated, tmp_path):
         (dict(fusions=[{"loss": 1.0}, {"loss": 1}]), "^fusions: duplicates"),
         (dict(weight_decay=float("inf")), "^weight_decay"),
         (dict(batch_size=True), "^batch_size"),
+        # ranked by shard position, or by the loss itself (keeps the worst; walkthrough)
+        (dict(methods=["index"]), "^methods: 'index' is not a score column"),
+        (dict(methods=["loss", "loss_raw"]), "^methods: 'loss_raw' is the loss itself"),
     ],
 )
 def test_config_errors_are_refused_before_training(

@@ -365,10 +365,12 @@ def test_proportional_quotas_add_up_to_the_fraction_rule():
     assert quotas(np.array([0, 0]), 0.5, "proportional").tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("method", ["index", "caption", "source"])
+@pytest.mark.parametrize("method", ["index", "caption", "source", "loss_raw"])
 def test_a_column_that_is_not_a_score_is_refused(tmp_path, method):
+    # loss_raw is the loss (higher = worse): ranked by, it kept the noisy pairs
     run = _write(_table(200), tmp_path)
-    with pytest.raises(ConfigError, match="method"):
+    why = "is the loss itself" if method == "loss_raw" else "method"
+    with pytest.raises(ConfigError, match=why):
         write_manifest(PruneConfig(run, 0.5, method))
     assert not (Path(run) / "prune").exists()
 
