@@ -108,7 +108,32 @@ def load_truth(url: str | None) -> pd.DataFrame | None:
     """uid -> defect, indexed by uid (None without a truth table)."""
     if not url:
         return None
-    return read_table(url, columns=["uid", "defect"]).to_pandas().set_index("uid")
+    return _columns("truth", url, ["uid", "defect"]).to_pandas().set_index("uid")
+
+
+def _columns(field: str, url: str, columns: list[str]) -> pa.Table:
+    """``columns`` of the Parquet file ``url`` given as ``field``, or a ConfigError naming it."""
+    try:
+        return read_table(url, columns=columns)
+    except (pa.ArrowException, KeyError, ValueError) as e:
+        raise ConfigError(
+            f"{field}: {url} is not a Parquet table with columns {columns} ({e})"
+        ) from e
+
+
+def _classes(url: str) -> tuple[list[str], list[str]]:
+    """(classnames, templates) of an open_clip-style classes JSON, or a ConfigError."""
+    try:
+        classes = read_json(url)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"classes: {url} is not a JSON file ({e})") from e
+    names = classes.get("classnames") if isinstance(classes, dict) else None
+    templates = classes.get("templates") or ["{}"] if isinstance(classes, dict) else None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"classes: {url} has no `classnames` list of strings")
+    if not (isinstance(templates, list) and all(isinstance(t, str) for t in templates)):
+        raise ConfigError(f"classes: {url}: `templates` must be a list of strings")
+    return names, templates
 
 
 def locate_sources(cfg: EvaluateConfig, run: RunDir) -> Sources:
@@ -201,16 +226,14 @@ def load_eval_set(
     captions = [s.caption or "" for s in samples]
     labels = class_tokens = None
     if src.eval_labels and src.classes:
-        classes = read_json(src.classes)
-        names = list(classes["classnames"])
-        templates = list(classes.get("templates") or ["{}"])
+        names, templates = _classes(src.classes)
         blind = [t for t in templates if _prompt(t, "a") == _prompt(t, "b")]
         if blind:
             # every class would get the same prompt: top-1 would be whichever class is first
             raise ConfigError(f"classes: template {blind[0]!r} has no {{}} for the class name")
         by_uid = dict(
             zip(
-                *read_table(src.eval_labels, columns=["uid", "label"]).to_pydict().values(),
+                *_columns("eval_labels", src.eval_labels, ["uid", "label"]).to_pydict().values(),
                 strict=True,
             )
         )

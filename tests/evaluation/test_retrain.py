@@ -543,3 +543,34 @@ def test_the_directory_of_a_list_of_patterns_is_the_first_ones(tmp_path):
     assert _pool_dir(f"{tmp_path}/a/") == f"{tmp_path}/a"  # the directory itself
     assert _pool_dir(f"{tmp_path}/a") == f"{tmp_path}/a"
     assert _pool_dir(f"{tmp_path}/a/*.tar") == f"{tmp_path}/a"
+
+
+@pytest.mark.parametrize(
+    "field, content, match",
+    [
+        ("classes", b'{"names": ["a"]}', "^classes: .* has no `classnames` list"),
+        ("classes", b"PAR1\x00\xff\xfe binary", "^classes: .* is not a JSON file"),
+        ("classes", b'{"classnames": ["a", "b"], "templates": "{}"}', "^classes: .*templates"),
+        ("truth", None, r"^truth: .* is not a Parquet table with columns \['uid', 'defect'\]"),
+    ],
+)
+def test_a_wrong_classes_or_truth_file_is_a_config_error_naming_it(
+    tiny_scored, tmp_path, monkeypatch, field, content, match
+):
+    """Walkthrough: these were a KeyError, a UnicodeDecodeError and an ArrowInvalid."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    path = tmp_path / f"{field}.file"
+    if content is None:  # a Parquet file, but without the defect column
+        pq.write_table(pa.table({"uid": ["a"], "label": [0]}), path)
+    else:
+        path.write_bytes(content)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the config error was found")
+
+    monkeypatch.setattr("pipeline.evaluation.retrain.train_loop", no_training)
+    with pytest.raises(ConfigError, match=match):
+        run_evaluation(EvaluateConfig(run=run, steps=2, **{field: str(path)}))
