@@ -271,12 +271,16 @@ class ScoreActor:
         table = build_part(samples, scores, columns)
         errors = sum(not s.ok for s in samples)
         found = sum(s.key != SHARD_KEY for s in samples)
+        # corrupt, truncated, not a tar: the rows before the damage are kept, and the
+        # shard's own error row says why; the driver names such shards in its summary
+        damaged = transient or next((s.error for s in samples if s.key == SHARD_KEY), None)
         record = write_part(
             table,
             self.run.part(name),
             {
                 "status": "partial" if transient else "ok",
                 **({"reason": transient} if transient else {}),
+                **({"damaged": damaged} if damaged else {}),
                 "shard": url,
                 "stamp": stream.stamp,
                 "name": name,
@@ -878,6 +882,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
 
     short: dict[str, dict[str, int]] = {}
     empty: list[str] = []
+    damaged: dict[str, str] = {}
 
     def check_counts(name: str, record: dict[str, Any]) -> None:
         """Shards with fewer samples than img2dataset wrote, or none (a valid, empty tar)."""
@@ -893,6 +898,14 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         if record.get("rows") == 0:  # an unreadable shard has its __shard__ row
             log.warning("shard %s holds no samples", name)
             empty.append(name)
+        if record.get("damaged") and record.get("status") != "partial":  # partial: logged
+            log.warning(
+                "shard %s could not be read to its end: %s (its rows before the damage are "
+                "scored; its error rows say why)",
+                name,
+                record["damaged"],
+            )
+            damaged[name] = record["damaged"]
 
     todo: list[tuple[str, str]] = []
     resumed_rows = 0
@@ -1030,6 +1043,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         "shards_failed": failed,
         "shards_partial": partial,
         "shards_short": short,  # fewer samples than img2dataset's _stats.json counts
+        # corrupt, truncated or not a tar, and not worth another try: name -> the reason
+        "shards_damaged": damaged,
         "shards_empty": empty,
         "retries": stats["retries"],
         "actors_replaced": stats["actors_replaced"],

@@ -357,6 +357,44 @@ def test_an_actor_whose_gpu_context_broke_is_replaced_not_kept(ray_cluster, scor
     assert summary["rows_error"] == 0
 
 
+def test_damaged_shards_are_named_in_the_summary_and_the_log(
+    ray_cluster, score_run, tmp_path, caplog
+):
+    """Walkthrough: a pool with a shard that is no tar and one cut short logged "4/4 shards
+    (0 failed, 0 retries)"; only rows_error hinted that pairs were lost."""
+    import ray
+
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import run_scoring
+
+    good = score_run["data"].split("{")[0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "00010.tar").write_bytes(b"<html>404 Not Found</html>" * 40)
+    whole = open(f"{good}00001.tar", "rb").read()
+    (bad / "00011.tar").write_bytes(whole[: len(whole) // 2])
+    cfg = ScoreConfig(
+        data=f"{good}00000.tar::{bad}/00010.tar::{bad}/00011.tar",
+        run=fresh_run(score_run, tmp_path / "run"),
+        methods=["random"],
+        address=ray_cluster.address,
+        workers=1,
+        max_attempts=2,
+    )
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.score.driver"):
+            summary = run_scoring(cfg)
+        again = run_scoring(cfg)  # resumed: still named
+    finally:
+        ray.shutdown()
+    damaged = summary["shards_damaged"]
+    assert sorted(damaged) == ["00010", "00011"]
+    assert "not a tar file" in damaged["00010"] and "truncated tar" in damaged["00011"]
+    assert not summary["shards_failed"] and not summary["shards_partial"]
+    assert "shard 00011 could not be read to its end: unreadable shard" in caplog.text
+    assert again["shards_resumed"] == 3 and again["shards_damaged"] == damaged
+
+
 def test_a_shard_that_cannot_be_read_is_tried_again_before_it_becomes_rows(
     ray_cluster, score_run, tmp_path
 ):
