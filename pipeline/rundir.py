@@ -169,6 +169,18 @@ def replace_dir(src: str, dst: str, last: str | None = None) -> None:
     fs.invalidate_cache(dst_path)
 
 
+def copy_dir(src: str, dst: str) -> None:
+    """Copy the files under ``src`` to the same relative paths under ``dst``."""
+    fs, src_path = fsspec.core.url_to_fs(src)
+    _, dst_path = fsspec.core.url_to_fs(dst)
+    src_path, dst_path = src_path.rstrip("/"), dst_path.rstrip("/")
+    fs.invalidate_cache(src_path)
+    for path in fs.find(src_path):
+        target = f"{dst_path}/{path[len(src_path) + 1 :]}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.copy(path, target)
+
+
 def leftovers(parent: str, prefixes: tuple[str, ...]) -> list[str]:
     """Entries of ``parent`` whose names start with one of ``prefixes``, sorted.
 

@@ -44,6 +44,7 @@ from pipeline.prune.manifest import select
 from pipeline.prune.select import plan
 from pipeline.rundir import (
     RunDir,
+    copy_dir,
     exists,
     join,
     leftovers,
@@ -640,6 +641,15 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     except BaseException:
         remove(out, recursive=True)
         raise
+    earlier = run.path("evaluate")
+    if exists(join(earlier, "evaluate.json")):
+        # Retrainings can take hours: an evaluation of other keeps, fusions or settings
+        # must not cost the earlier one (the report shows the latest).
+        kept = run.path(
+            "evaluate-history", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{out[-8:]}"
+        )
+        copy_dir(earlier, kept)
+        log.info("evaluate: the earlier evaluation is kept in %s", kept)
     try:
         replace_dir(out, run.path("evaluate"), last="evaluate.json")
     except Exception:

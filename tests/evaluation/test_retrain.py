@@ -574,3 +574,25 @@ def test_a_wrong_classes_or_truth_file_is_a_config_error_naming_it(
     monkeypatch.setattr("pipeline.evaluation.retrain.train_loop", no_training)
     with pytest.raises(ConfigError, match=match):
         run_evaluation(EvaluateConfig(run=run, steps=2, **{field: str(path)}))
+
+
+def test_a_second_evaluation_keeps_the_first_in_the_history(tiny_scored, tmp_path):
+    """Walkthrough: each evaluate replaced evaluate/ whole; one small follow-up run threw
+    away the demo's 11 retrainings."""
+    import json
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    base = dict(run=run, keeps=[0.5], steps=2, threads=1, full=False)
+    run_evaluation(EvaluateConfig(methods=["random"], **base))
+    first = Path(f"{run}/evaluate/evaluate.json").read_bytes()
+    assert not Path(f"{run}/evaluate-history").exists()
+    second = run_evaluation(EvaluateConfig(methods=["loss"], **base))
+    assert [r["subset"] for r in second["results"]] == ["loss@0.5"]
+    (kept,) = Path(f"{run}/evaluate-history").iterdir()
+    assert (kept / "evaluate.json").read_bytes() == first
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "evaluate.json",
+        "results.md",
+        "results.parquet",
+    ]
+    assert json.loads(first)["results"][0]["subset"] == "random@0.5"
