@@ -143,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="clean pairs in OUT/target/, a curated target set for `diffin score --target`",
     )
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the .tar, .parquet and sizes.json files in OUT (and OUT/eval, OUT/target) "
+        "first, whoever wrote them",
+    )
 
     t = sub.add_parser(
         "train",

@@ -564,13 +564,16 @@ def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool, out: s
         if not overwrite:
             raise ConfigError(
                 f"out: {root} already holds a pool made with a different config; "
-                "choose another directory or pass --overwrite"
+                "choose another directory, or pass --overwrite to delete its .tar, .parquet and "
+                "sizes.json files (eval/ and target/ too) and write the pool"
             )
     elif not overwrite:
         if fs.glob(f"{root}/*.tar"):
             raise ConfigError(
                 f"out: {root} already contains tar shards but no {_SUMMARY_NAME} "
-                "(foreign data, or an unfinished run); pass --overwrite to replace them"
+                "(foreign data, or an unfinished run); choose another directory, or pass "
+                "--overwrite to delete every .tar, .parquet and sizes.json file there "
+                "(eval/ and target/ too) and write the pool"
             )
         return None  # nothing of ours, and nothing we would clobber but by name
     # Remove what a previous (possibly larger or unfinished) pool left behind,
