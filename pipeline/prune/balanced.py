@@ -8,6 +8,7 @@ hold each row's shard name and an embedding per ok row).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
 from pipeline.prune.datacomp import uid_halves
 from pipeline.prune.select import Selection, Table, _ok, score_keys
+
+log = logging.getLogger(__name__)
 
 
 def quotas(
@@ -153,7 +156,14 @@ def plan_balanced(
         code, cinfo = cluster_rows(cfg, table.url, shard, index, ok)
         info = {**info, "clusters": cinfo}
         extra["cluster"] = code.astype(np.int32)  # -1 where not scorable
-        names = np.arange(max(cfg.clusters, 1))
+        if cinfo["k"] < cfg.clusters:
+            log.warning(
+                "balance_by cluster: %d clusters, not the %d asked for: k-means makes at most "
+                "one a scorable row (the manifest's name keeps the number asked for)",
+                cinfo["k"],
+                cfg.clusters,
+            )
+        names = np.arange(max(cinfo["k"], 1))
     else:
         # The groups that hold ranked rows, in name order, coded 0..G-1 (-1: not ranked).
         seen = np.concatenate(codes) if codes else np.zeros(0, np.int64)
@@ -164,6 +174,13 @@ def plan_balanced(
         recode = np.full(len(labels), -1, np.int64)
         recode[present] = np.arange(len(present))
         code = np.where(ok, recode[seen] if len(seen) else seen, -1)
+    if by != "cluster" and len(names) > 1 and len(names) == int(ok.sum()):
+        log.warning(
+            "balance_by %s: every scorable row is a group of its own (%d groups), so each "
+            "group's quota rounds keep x 1: balance by a column that groups rows",
+            by,
+            len(names),
+        )
     sizes = np.bincount(code[ok], minlength=len(names)) if ok.any() else np.zeros(len(names), int)
     idx = np.flatnonzero(ok)
     order = idx[np.lexsort((lo[idx], hi[idx], ~key[idx], code[idx]))]  # group, score desc, uid

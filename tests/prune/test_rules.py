@@ -278,6 +278,26 @@ def test_manifest_balanced_by_cluster_on_a_scored_run(tiny_scored, tmp_path):
     )
 
 
+def test_balancing_that_cannot_group_says_so(tiny_scored, tmp_path, caplog):
+    """Walkthrough: --clusters 1000 on a few hundred rows used fewer clusters and listed
+    empty groups up to 1000, with no word; a column of unique values was taken as groups."""
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_scored["run"], run)
+    n_ok = int((read_table(f"{run}/scores.parquet").column("status").to_numpy() == "ok").sum())
+    cfg = PruneConfig(
+        run, 0.5, "diffin", rule="balanced", balance_by="cluster", clusters=5000, shard_size=40
+    )
+    with caplog.at_level("WARNING", logger="pipeline.prune.balanced"):
+        m = write_manifest(cfg)
+    k = m["selection"]["clusters"]["k"]
+    assert k <= n_ok < 5000 and len(m["selection"]["groups"]) == k
+    assert f"{k} clusters, not the 5000 asked for" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.prune.balanced"):
+        write_manifest(PruneConfig(run, 0.5, "diffin", rule="balanced", balance_by="uid"))
+    assert "balance_by uid: every scorable row is a group of its own" in caplog.text
+
+
 def test_legacy_fraction_manifest_on_a_scored_run(tiny_scored, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(tiny_scored["run"], run)
