@@ -160,6 +160,8 @@ class PruneConfig:
         out = asdict(self)
         if self.fusion:
             out["method"] = None  # ranked by the fusion: a recorded method would mislead
+        if self.rule == "threshold":
+            out["keep"] = None  # the threshold decides how many: keep was not used
         return out
 
 

@@ -129,6 +129,8 @@ def test_threshold_rule(tmp_path):
     kept = _kept(sel, ["uid", "tracin"])
     assert kept.num_rows == int((np.nan_to_num(scores, nan=-9) >= 0.5).sum()) > 0
     assert min(kept.column("tracin").to_pylist()) >= 0.5
+    # keep is not used by this rule, so it is not recorded as if it were (walkthrough)
+    assert sel.cfg.to_dict()["keep"] is None and sel.cfg.to_dict()["threshold"] == 0.5
 
 
 @pytest.mark.parametrize("norm", ["zscore", "rank"])
