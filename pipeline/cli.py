@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffin", description="Diff-In data pruning for CLIP pretraining"
     )
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    p.add_argument("--version", action="version", version=f"diffin {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("make-data", help="generate an image-text pool with known defects")
@@ -491,7 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         command.allow_abbrev = False
         command.formatter_class = _Help
+        # also after the subcommand (`diffin prune ... -v`); SUPPRESS keeps the one before
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logs"
+        )
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffin")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

@@ -38,6 +38,17 @@ def test_score_help_names_every_registered_scorer(capsys):
     assert "scorers: " + ", ".join(sorted(REGISTRY)) in out
 
 
+def test_verbose_goes_before_or_after_the_subcommand_and_version_is_printed(capsys):
+    # walkthrough: `diffin prune ... -v` was an unrecognised argument, --version unknown
+    parse = build_parser().parse_args
+    assert parse(["-v", "prune", "--run", "r"]).verbose is True
+    assert parse(["prune", "--run", "r", "-v"]).verbose is True
+    assert parse(["prune", "--run", "r"]).verbose is False
+    with pytest.raises(SystemExit) as e:
+        parse(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("diffin ")
+
+
 def test_missing_subcommand_and_bad_choice_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as info:
         main([])

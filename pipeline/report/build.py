@@ -93,6 +93,13 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     meta = table_metadata(run.scores)
     columns = _columns(run.scores)
     methods = scorer_columns(columns, meta)
+    if method is None and "diffin" not in methods:
+        log.warning(
+            "report: the table has no diffin column; the galleries rank by %s (--method to "
+            "choose another of %s)",
+            methods[0],
+            methods,
+        )
     method = method or ("diffin" if "diffin" in methods else methods[0])
     if method not in columns or method in BASE:
         raise ConfigError(f"method: no column {method!r} in the score table; scorers: {methods}")
