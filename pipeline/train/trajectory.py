@@ -97,6 +97,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         if cfg.precision == "amp":
             log.warning("precision amp applies to CUDA workers (--workers); training in fp32")
+        if torch.cuda.is_available():
+            log.warning(
+                "a GPU is visible, but training in this process runs on the CPU; --workers 1 "
+                "trains on one GPU (Ray Train), --workers N on N"
+            )
         order = batch_order(n, cfg.batch_size, cfg.steps, cfg.seed)
         state = run_resumable(model, images, tokens, cfg, order, ckpt_steps, run, fp)
     assert state is not None and state.step == cfg.steps
