@@ -117,14 +117,18 @@ def _as_negative(
 def _logsumexp_leaving_out(x: torch.Tensor, dim: int) -> torch.Tensor:
     """out[..., k, ...] = logsumexp of ``x`` along ``dim`` with entry k left out (size >= 2).
 
-    From exclusive prefix and suffix sums, so nothing is subtracted (no
-    cancellation) and no -inf enters (whose derivatives are NaN).
+    Shifted by the top entry t: for k != t the sum without k still holds exp(0) = 1,
+    so S - exp(x_k - x_t) >= 1 and nothing cancels to zero; for k = t, a logsumexp
+    with t masked. (Not logcumsumexp: torch 2.14's forward-mode derivative of it is
+    wrong once entries lie some 30 below the maximum, pytorch/pytorch#196705.)
     """
     x = x.movedim(dim, -1)
-    before = x.logcumsumexp(-1)  # before[k]: entries 0..k
-    after = x.flip(-1).logcumsumexp(-1).flip(-1)  # after[k]: entries k..K-1
-    out = torch.cat(
-        [after[..., 1:2], torch.logaddexp(before[..., :-2], after[..., 2:]), before[..., -2:-1]],
-        dim=-1,
-    )
+    top = x.detach().max(-1, keepdim=True).values  # a shift: the sums do not depend on it
+    is_top = F.one_hot(x.detach().argmax(-1), x.shape[-1]).bool()
+    e = torch.exp(x - top)
+    rest = e.sum(-1, keepdim=True) - e
+    # the top's own entry comes from the masked sum; 1 keeps log's derivative finite there
+    rest = torch.where(is_top, torch.ones_like(rest), rest)
+    without_top = x.masked_fill(is_top, -math.inf).logsumexp(-1, keepdim=True)
+    out = torch.where(is_top, without_top.expand_as(rest), top + torch.log(rest))
     return out.movedim(-1, dim)
