@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -180,10 +181,17 @@ def actor_device(gpu_ids: list) -> str:
 
 def actors_that_fit(workers: int, gpus: float, cluster_gpus: float) -> int:
     """How many of ``workers`` actors of ``gpus`` GPUs each a fixed cluster can place at
-    once (at least one: a cluster short of even that is refused or reported elsewhere)."""
+    once (at least one: a cluster short of even that is refused or reported elsewhere).
+    Ray puts a share below 1 on one GPU: the spare quarters of four GPUs hold no 0.75."""
     if not gpus:
         return workers
-    return max(1, min(workers, int(cluster_gpus / gpus + 1e-9)))
+    per_gpu = math.floor(1 / gpus + 1e-9)  # gpus <= 1 (ScoreConfig)
+    return max(1, min(workers, math.floor(cluster_gpus + 1e-9) * per_gpu))
+
+
+def fitting_share(workers: int, cluster_gpus: float) -> float:
+    """The largest share of one GPU that lets ``workers`` actors fit ``cluster_gpus``."""
+    return 1 / math.ceil(workers / max(1, math.floor(cluster_gpus + 1e-9)))
 
 
 def poisons_the_process(exc: BaseException) -> bool:
@@ -985,7 +993,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
                         cluster_gpus,
                         gpus,
                         workers,
-                        cluster_gpus / cfg.workers,
+                        fitting_share(cfg.workers, cluster_gpus),
                         cfg.workers,
                     )
             options: dict[str, Any] = {

@@ -409,13 +409,24 @@ def test_an_actor_scores_on_a_gpu_only_when_ray_gave_it_one():
 
 @pytest.mark.parametrize(
     "workers, gpus, cluster, fit",
-    [(2, 1, 1, 1), (2, 1, 2, 2), (4, 0.5, 1, 2), (3, 1 / 3, 1, 3), (2, 0, 0, 2), (2, 1, 0, 1)],
+    [
+        (2, 1, 1, 1),
+        (2, 1, 2, 2),
+        (4, 0.5, 1, 2),
+        (3, 1 / 3, 1, 3),
+        (2, 0, 0, 2),
+        (2, 1, 0, 1),
+        (4, 0.75, 3, 3),  # a share sits on one GPU: three spare quarters hold no 0.75
+        (4, 0.3, 1, 3),
+    ],
 )
 def test_the_embedded_ray_starts_only_the_actors_its_gpus_can_hold(workers, gpus, cluster, fit):
     # The default --workers 2 on a one-GPU machine left one actor waiting for ever.
-    from pipeline.score.driver import actors_that_fit
+    from pipeline.score.driver import actors_that_fit, fitting_share
 
     assert actors_that_fit(workers, gpus, cluster) == fit
+    if cluster >= 1:  # the share the warning suggests does fit every worker
+        assert actors_that_fit(workers, fitting_share(workers, cluster), cluster) == workers
 
 
 def _slots(n: int, ready: bool = True):
