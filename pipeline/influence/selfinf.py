@@ -107,7 +107,8 @@ class CountSketch:
         # Drawn on the host (the same tables whatever the device), then kept on ``device``:
         # 12 bytes a parameter, which a copy per call would move again for every chunk.
         gen = torch.Generator().manual_seed(seed)
-        self.dim = dim
+        self.dim, self.seed = dim, seed
+        self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
         self.buckets: dict[str, torch.Tensor] = {}
         self.signs: dict[str, torch.Tensor] = {}
         for name, shape in shapes.items():
@@ -320,8 +321,11 @@ class SelfInfluenceEngine:
         grad_batches: list[tuple[torch.Tensor, torch.Tensor]],
         cfg: SelfConfig,
         eigenpairs: tuple[torch.Tensor, Params] | None = None,
+        sketch: CountSketch | None = None,
     ) -> None:
-        """``eigenpairs`` (hb="lanczos") may come precomputed from the directions stage."""
+        """``eigenpairs`` (hb="lanczos") may come precomputed from the directions stage;
+        ``sketch`` (hb="fisher"): another checkpoint's, whose tables are the same (same
+        parameters, dimension and seed), so a worker holds them once."""
         self.fns = fns
         self.params = {k: v for k, v in params.items() if k not in cfg.exclude}
         self.g_B = {k: g_B[k] for k in self.params}
@@ -331,12 +335,17 @@ class SelfInfluenceEngine:
         )
         self.refs = FrozenReferences.at(fns, params, cfg.exclude)
         if cfg.hb == "fisher":
-            self.sketch = CountSketch(
-                {k: v.shape for k, v in self.params.items()},
+            shapes = {k: v.shape for k, v in self.params.items()}
+            same = sketch is not None and (sketch.dim, sketch.seed, sketch.shapes) == (
                 self.plan["dim"],
                 cfg.seed,
-                next(iter(self.params.values())).device,
+                shapes,
             )
+            if not same:
+                sketch = CountSketch(
+                    shapes, self.plan["dim"], cfg.seed, next(iter(self.params.values())).device
+                )
+            self.sketch = sketch
             grad_images = torch.cat([b[0] for b in grad_batches])
             grad_tokens = torch.cat([b[1] for b in grad_batches])
             fisher = fisher_sketch(

@@ -178,6 +178,10 @@ class ShardScorer:
                         grad_batches,
                         self_cfg,
                         eigen,
+                        # the fisher form's sketch tables, the same at every checkpoint: once
+                        sketch=getattr(
+                            next(iter(self.self_engines.values()), None), "sketch", None
+                        ),
                     )
             plan = next(iter(self.self_engines.values())).config
             log.info(

@@ -410,3 +410,17 @@ def test_amp_bf16_follows_float32_and_reuses_its_direction_vectors(
 def test_amp_bf16_is_refused_for_the_per_sample_gradient_scorers(tiny_scored, change, match):
     with pytest.raises(ConfigError, match=match):
         dataclasses.replace(tiny_scored["config"], **change).validate()
+
+
+def test_the_fisher_sketch_tables_are_held_once_per_worker(run_copy, tiny_scored, shards):
+    # diff review: every checkpoint's engine drew the same tables again (on a GPU, 12 bytes
+    # a parameter per checkpoint, outside the memory budget)
+    cfg = dataclasses.replace(
+        tiny_scored["config"], run=run_copy, methods=["diffin_self"], self_hb="fisher"
+    )
+    scorer = ShardScorer(run_copy, cfg)
+    engines = list(scorer.self_engines.values())
+    assert len(engines) >= 2
+    assert all(e.sketch is engines[0].sketch for e in engines)
+    samples = [s for s in iter_shard(shards["clean"]) if s.ok][:4]
+    assert np.isfinite(scorer.score_samples(samples)["diffin_self"]).all()
