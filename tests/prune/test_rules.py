@@ -392,6 +392,10 @@ def test_a_column_that_is_not_a_score_is_refused(tmp_path, method):
     # loss_raw is the loss (higher = worse): ranked by, it kept the noisy pairs
     run = _write(_table(200), tmp_path)
     why = "is the loss itself" if method == "loss_raw" else "method"
+    if method == "loss_raw":  # as a fusion's part too, unless weighed negatively
+        with pytest.raises(ConfigError, match="^fusion: 'loss_raw' is the loss itself"):
+            PruneConfig(run, 0.5, fusion={"tracin": 1.0, "loss_raw": 0.5}).validate()
+        PruneConfig(run, 0.5, fusion={"tracin": 1.0, "loss_raw": -0.5}).validate()
     with pytest.raises(ConfigError, match=why):
         write_manifest(PruneConfig(run, 0.5, method))
     assert not (Path(run) / "prune").exists()
