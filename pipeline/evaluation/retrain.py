@@ -642,15 +642,15 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         remove(out, recursive=True)
         raise
     earlier = run.path("evaluate")
-    if exists(join(earlier, "evaluate.json")):
-        # Retrainings can take hours: an evaluation of other keeps, fusions or settings
-        # must not cost the earlier one (the report shows the latest).
-        kept = run.path(
-            "evaluate-history", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{out[-8:]}"
-        )
-        copy_dir(earlier, kept)
-        log.info("evaluate: the earlier evaluation is kept in %s", kept)
     try:
+        if exists(join(earlier, "evaluate.json")):
+            # Retrainings can take hours: an evaluation of other keeps, fusions or settings
+            # must not cost the earlier one (the report shows the latest). STAMP: when it
+            # was set aside.
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            kept = run.path("evaluate-history", f"{stamp}-{out[-8:]}")
+            copy_dir(earlier, kept)
+            log.info("evaluate: the earlier evaluation is kept in %s", kept)
         replace_dir(out, run.path("evaluate"), last="evaluate.json")
     except Exception:
         log.error("evaluate: the finished results stay in %s (not put in place)", out)

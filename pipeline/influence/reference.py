@@ -68,8 +68,9 @@ def exact_terms(
 ) -> dict[str, torch.Tensor]:
     """first = <g_V, g_z>, hb = <g_V, H_B g_z>, hz = <g_V, H_z g_B>, by double backward;
     hv = <g_z, H_V g_B> = <g_z, u> with the u of ``directions`` (which
-    ``directions.target_gradient_and_hvp`` computes by double backward; the
-    tests check u against a difference of target gradients)."""
+    ``directions.target_gradient_and_hvp`` computes exactly, by the chain rule through
+    the embeddings and a double backward per chunk of pairs; the tests check u
+    against a difference of target gradients and the whole loss differentiated twice)."""
     return _exact(fns, params, directions, grad_batches, images, tokens, self_influence=False)
 
 

@@ -261,7 +261,7 @@ class ScoreActor:
             if poisons_the_process(exc):
                 # Every later CUDA call of this process fails the same way, at once: kept,
                 # the actor would take shard after shard and fail them all. Dying, it is
-                # replaced by Ray on a fresh process, and the shard is tried again there.
+                # replaced by the driver (a fresh process), and the shard tried again there.
                 log.error("%s: %s; this scoring actor exits to be replaced", name, exc)
                 os._exit(1)
             raise
