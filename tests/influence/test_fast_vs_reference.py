@@ -132,3 +132,22 @@ def test_the_chunked_target_derivatives_equal_the_whole_loss_differentiated(setu
     assert float(norm({k: g[k] - g0[k] for k in params}) / norm(g0)) < 1e-10
     assert float(norm({k: h[k] - h0[k] for k in params}) / norm(h0)) < 1e-10
     assert float(h["logit_scale"]) != 0.0 and float(g["logit_scale"]) != 0.0
+
+
+def test_no_pass_of_the_target_derivatives_takes_more_than_a_chunk_of_pairs(setup, monkeypatch):
+    # what bounds the memory: the former method embedded each chunk of targets together
+    # with all K references in one differentiated pass
+    from pipeline.influence.directions import target_gradient_and_hvp
+
+    fns, params, directions, _, _, (images, tokens) = setup
+    sizes = []
+    embed = fns.embed
+
+    def counted(p, imgs, toks):
+        sizes.append(imgs.shape[0])
+        return embed(p, imgs, toks)
+
+    monkeypatch.setattr(fns, "embed", counted)
+    target_gradient_and_hvp(fns, params, images, tokens, directions.g_B, chunk=3)
+    k = fns.ref_images.shape[0]
+    assert max(sizes) == 3 < k and sum(sizes) == 3 * (images.shape[0] + k)  # E, J v, passes
