@@ -321,6 +321,10 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
                 missing.append(f"{item} (directory without *.tar, *.tar.gz or *.tgz files)")
             resolved.extend(_to_url(fs, p) for p in tars)
             continue
+        if item.endswith("/"):  # written as a directory: not a shard file of that name
+            if check_exists:
+                missing.append(f"{item} (no such directory)")
+            continue
 
         url = _to_url(fs, path)
         resolved.append(url)

@@ -180,6 +180,15 @@ def test_missing_parent_directory(tmp_path):
         resolve_shards(f"{tmp_path}/nope/{{0..1}}.tar")
 
 
+def test_a_missing_directory_is_named_as_a_directory(tmp_path):
+    # walkthrough: `--data nodir/` said "1 shard(s) ... missing: .../nodir"
+    with pytest.raises(ConfigError, match=r"nodir/ \(no such directory\)"):
+        resolve_shards(f"{tmp_path}/nodir/")
+    _touch(tmp_path / "00000.tar")
+    with pytest.raises(ConfigError, match=r"1 shard\(s\) .*nodir/ \(no such directory\)"):
+        resolve_shards(f"{tmp_path}/00000.tar::{tmp_path}/nodir/")
+
+
 def test_nothing_matches(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no shards match"):
