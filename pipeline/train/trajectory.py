@@ -17,7 +17,7 @@ import torch
 from pipeline.model import factory
 from pipeline.model.batches import encode_pool, pool_transform
 from pipeline.provenance import provenance
-from pipeline.rundir import RunDir, remove, write_json
+from pipeline.rundir import RunDir, exists, read_json, remove, write_json
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order
 from pipeline.train.runner import run_resumable
@@ -50,6 +50,19 @@ def optimizer_record(name: str, **settings: Any) -> dict[str, Any]:
     return {"name": name, **settings, "lr_in_weights": lr_in_weights}
 
 
+def _already_trained(run: RunDir, fp: str) -> dict[str, Any] | None:
+    """The finished record of a training with fingerprint ``fp``, when its files are all
+    there (a real proxy trains for hours: the same training again is wasted)."""
+    if not exists(run.trajectory_json):
+        return None
+    record = read_json(run.trajectory_json)
+    files = [run.checkpoint(int(c["step"])) for c in record.get("checkpoints", [])]
+    files += [run.set_file(name) for name in ("reference", "target", "grad_batches")]
+    if record.get("fingerprint") != fp or not all(exists(f) for f in files):
+        return None
+    return record
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run proxy training; returns the trajectory record (also RUN/trajectory/trajectory.json)."""
     cfg.validate()
@@ -77,6 +90,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     pool = load_pool(cfg, pool_transform(bundle))
     images, tokens = encode_pool(pool.train, bundle)
     fp, parts = fingerprint(cfg, [s.uid for s in pool.train], images, tokens, pretrained)
+    done = _already_trained(run, fp) if cfg.resume else None
+    if done is not None:
+        log.info(
+            "already trained: %s holds this config's %d steps over the same pool and "
+            "starting weights (--no-resume trains again)",
+            run.url,
+            cfg.steps,
+        )
+        return done
     if not cfg.resume:
         clear_resume(run)
     # refuses a partial run of another config before anything is written
@@ -127,6 +149,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "precision": cfg.precision,
         "resumed_at": state.resumed_at,
         "config": cfg.to_dict(),
+        # what a rerun compares to find the run already trained (config, pool, weights)
+        "fingerprint": fp,
         "seconds": round(time.time() - t0, 2),
         **provenance(),
     }

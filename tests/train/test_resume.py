@@ -194,3 +194,31 @@ def test_stale_checkpoints_are_found_by_listing_not_by_a_glob_of_the_run_path(tm
         "trajectory.json",
     ]
     assert len(list((tmp_path / "exp1" / "trajectory").iterdir())) == 3  # another run: untouched
+
+
+def test_the_same_training_again_is_not_trained_twice(tiny_run, tmp_path, caplog):
+    """Walkthrough: rerunning a finished `diffin train` trained it all again (hours on a
+    real proxy) to the same bytes."""
+    run = _copy(tiny_run["run"], tmp_path / "run")
+    cfg = dataclasses.replace(tiny_run["config"], run=run)
+    ckpts = sorted((Path(run) / "trajectory").glob("ckpt-*.pt"))
+    mtimes = [p.stat().st_mtime_ns for p in ckpts]
+    with caplog.at_level("INFO", logger="pipeline.train.trajectory"):
+        rec = train(cfg)
+    assert "already trained" in caplog.text
+    assert rec == json.loads(Path(RunDir(run).trajectory_json).read_text())
+    assert rec["checkpoints"] == tiny_run["record"]["checkpoints"]
+    assert [p.stat().st_mtime_ns for p in ckpts] == mtimes  # nothing rewritten
+    # another config, or --no-resume, trains
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.train.trajectory"):
+        again = train(dataclasses.replace(cfg, resume=False))
+    assert "already trained" not in caplog.text
+    assert [c["sha256"] for c in again["checkpoints"]] == [
+        c["sha256"] for c in tiny_run["record"]["checkpoints"]
+    ]
+    Path(RunDir(run).checkpoint(again["checkpoints"][0]["step"])).unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.train.trajectory"):
+        train(cfg)  # a checkpoint gone: trained again, not "already trained"
+    assert "already trained" not in caplog.text
