@@ -77,3 +77,25 @@ def test_lds_of_an_exactly_additive_model_is_one():
     assert subset_predictions(scores, masks) == pytest.approx(masks @ scores)
     assert lds(scores, masks, actual) == pytest.approx(1.0)
     assert lds(-scores, masks, actual) == pytest.approx(-1.0)
+
+
+def test_bootstrap_ci_resamples_rows_jointly_and_nests_its_levels():
+    # test audit: every 90% interval of the leave-one-out benchmarks came from an untested
+    # function
+    from pipeline.evaluation.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=200)
+    # a statistic of the pairing itself: only a joint resample keeps a == b
+    assert bootstrap_ci(lambda x, y: float(np.mean(x == y)), a, a.copy(), n=200) == (1.0, 1.0)
+    assert bootstrap_ci(lambda x: 3.0, a, n=50) == (3.0, 3.0)
+    lo90, hi90 = bootstrap_ci(np.mean, a, n=400, level=0.9)
+    lo50, hi50 = bootstrap_ci(np.mean, a, n=400, level=0.5)
+    assert lo90 < lo50 < np.mean(a) < hi50 < hi90
+    # the mean's interval is about +-1.645 standard errors wide
+    se = a.std() / np.sqrt(len(a))
+    assert abs((hi90 - lo90) / (2 * 1.645 * se) - 1) < 0.25
+    assert all(np.isnan(bootstrap_ci(lambda x: float("nan"), a, n=20)))
+    # reproducible with its seed, and the seed is used
+    assert bootstrap_ci(np.mean, a, n=100, seed=3) == bootstrap_ci(np.mean, a, n=100, seed=3)
+    assert bootstrap_ci(np.mean, a, n=100, seed=3) != bootstrap_ci(np.mean, a, n=100, seed=4)

@@ -129,6 +129,21 @@ def test_threshold_rule(tmp_path):
     kept = _kept(sel, ["uid", "tracin"])
     assert kept.num_rows == int((np.nan_to_num(scores, nan=-9) >= 0.5).sum()) > 0
     assert min(kept.column("tracin").to_pylist()) >= 0.5
+    # the boundary itself: a score equal to the threshold is kept, the next one below is not
+    # (test audit: no score sat on it, so > passed as >=)
+    ok = np.flatnonzero(np.array(table.column("status").to_pylist()) == "ok")
+    at, below = int(ok[0]), int(ok[1])
+    edge = scores.copy()
+    edge[at], edge[below] = 0.5, np.nextafter(0.5, 0)
+    (tmp_path / "edge").mkdir()
+    run2 = _write(table.set_column(8, "tracin", pa.array(edge)), tmp_path / "edge")
+    sel2 = plan(
+        PruneConfig(run2, method="tracin", rule="threshold", threshold=0.5),
+        f"{run2}/scores.parquet",
+    )
+    kept2 = set(_kept(sel2, ["uid"]).column("uid").to_pylist())
+    uids = table.column("uid").to_pylist()
+    assert uids[at] in kept2 and uids[below] not in kept2
     # keep is not used by this rule, so it is not recorded as if it were (walkthrough)
     assert sel.cfg.to_dict()["keep"] is None and sel.cfg.to_dict()["threshold"] == 0.5
 
@@ -220,6 +235,9 @@ def test_kmeans_is_seeded_and_separates_blobs():
     a, _ = kmeans(x, 3, seed=1)
     b, _ = kmeans(x, 3, seed=1)
     assert (a == b).all()
+    # the seed is used (test audit: each seed was compared only with itself); on blobs the
+    # partition is the same, the cluster numbering is what the seeded start decides
+    assert any((kmeans(x, 3, seed=s)[0] != a).any() for s in range(2, 12))
     assert all(len(set(a[i * 40 : (i + 1) * 40])) == 1 for i in range(3))
     assert len(set(a)) == 3
 
@@ -251,6 +269,25 @@ def test_config_errors_refused_before_anything_changes(tmp_path):
         with pytest.raises(ConfigError, match=field_name):
             write_manifest(PruneConfig(run, **kwargs))
     assert not (Path(run) / "prune").exists()
+
+
+def test_the_cluster_seed_reaches_kmeans(tiny_scored, tmp_path, monkeypatch):
+    # test audit: a seed left out of the call (always 0) passed every cluster test
+    import pipeline.prune.clusters as clusters
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_scored["run"], run)
+    seeds = []
+    kmeans_ = clusters.kmeans
+    monkeypatch.setattr(
+        clusters, "kmeans", lambda x, k, seed: seeds.append(seed) or kmeans_(x, k, seed)
+    )
+    m = write_manifest(
+        PruneConfig(
+            run, 0.5, "diffin", rule="balanced", balance_by="cluster", clusters=3, cluster_seed=7
+        )
+    )
+    assert seeds == [7] and m["selection"]["clusters"]["seed"] == 7
 
 
 def test_manifest_balanced_by_cluster_on_a_scored_run(tiny_scored, tmp_path):
