@@ -596,3 +596,32 @@ def test_a_second_evaluation_keeps_the_first_in_the_history(tiny_scored, tmp_pat
         "results.parquet",
     ]
     assert json.loads(first)["results"][0]["subset"] == "random@0.5"
+
+
+def test_each_model_trains_on_the_pairs_its_scorer_kept(tiny_scored, tmp_path, monkeypatch):
+    """Test audit: sizes and defect counts came from the planned uids, so training every
+    subset on the pool's first rows passed every test."""
+    import pipeline.evaluation.retrain as retrain
+    from pipeline.model.batches import Inputs
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    pools, trained = [], []
+    read_ok, subset = retrain._read_ok, Inputs.subset
+    monkeypatch.setattr(retrain, "_read_ok", lambda *a: pools.append(read_ok(*a)) or pools[-1])
+    monkeypatch.setattr(
+        Inputs, "subset", lambda self, idx: trained.append(idx) or subset(self, idx)
+    )
+    out = run_evaluation(
+        EvaluateConfig(run=run, keeps=[0.5], methods=["diffin", "random"], steps=2, threads=1)
+    )
+    pool = pools[0]  # the pool (the eval set is read after it)
+    got = [{pool[int(i)].uid for i in idx} for idx in trained]
+    table = pq.read_table(f"{run}/scores.parquet")
+    ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
+    want = [
+        set(ok.column("uid").to_pylist()),  # the full pool
+        set(select(table, "diffin", 0.5).column("uid").to_pylist()),
+        set(select(table, "random", 0.5).column("uid").to_pylist()),
+    ]
+    assert [r["subset"] for r in out["results"]] == ["full", "diffin@0.5", "random@0.5"]
+    assert got == want and want[1] != want[2]
