@@ -229,3 +229,32 @@ def test_a_long_propagation_logs_how_far_it_has_got(prop, tmp_path, monkeypatch,
     assert lines[0] == f"propagating g_V: 1 of {last} steps"
     assert lines[-1] == f"propagating g_V: {last} of {last} steps"
     shutil.rmtree(run.url)
+
+
+def test_the_propagation_takes_the_recorded_momentum_and_weight_decay(prop, tmp_path, monkeypatch):
+    """Test audit: the fixture trains without weight decay, so a weight decay dropped on
+    the way (read as 0) compared 0 with 0; nothing checked what reaches the propagation."""
+    import pipeline.score.directions as directions
+
+    run = copy_run(prop["run"], tmp_path / "wd")
+    path = Path(run) / "trajectory" / "trajectory.json"
+    record = json.loads(path.read_text())
+    record["optimizer"].update(momentum=0.8, weight_decay=0.01)
+    path.write_text(json.dumps(record))
+    for f in (Path(run) / "directions").glob("*-propagated.safetensors"):
+        f.unlink()
+    traj = load_trajectory(RunDir(run))
+    assert sgd_dynamics(traj)[:2] == (0.8, 0.01)
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def spy(hvp, steps, rate, g_V, n_train, momentum, weight_decay, progress=None):
+        seen.append((momentum, weight_decay))
+        raise Reached
+
+    monkeypatch.setattr(directions, "propagated_directions", spy)
+    with pytest.raises(Reached):
+        ensure_directions(dataclasses.replace(prop["cfg"], run=run), RunDir(run), traj)
+    assert seen == [(0.8, 0.01)]
