@@ -66,6 +66,20 @@ def test_removing_nothing_reproduces_the_full_run(result):
     assert result.noise_floor["empty_mask_target_loss_diff"] == 0.0
 
 
+def test_the_measured_effects_are_the_target_loss_with_the_pairs_removed_minus_without(result):
+    """Test audit: actual and subset_actual were checked for shape and finiteness only, so a
+    sign flip (base - removed) passed; the benchmarks' Spearman and LDS rest on them."""
+    torch.set_num_threads(1)
+    gt = GroundTruth(LOOSetting(**TINY))
+    base = gt.target_loss(gt.train().final)
+    assert base == result.base_target_loss
+    z = result.removed[0]
+    gone = gt.target_loss(gt.train(removed=gt.mask([z])).final)
+    assert result.actual[0] == gone - base
+    subset = torch.from_numpy(result.subsets[0])
+    assert result.subset_actual[0] == gt.target_loss(gt.train(removed=subset).final) - base
+
+
 def test_removal_changes_the_run():
     torch.set_num_threads(1)
     gt = GroundTruth(LOOSetting(**TINY))
