@@ -271,3 +271,21 @@ def fresh_run(score_run: dict[str, Any], dst: Path) -> str:
     """A copy of the scored-ready run without any scores (directions included)."""
     shutil.copytree(score_run["run"], dst, ignore=shutil.ignore_patterns("scores*"))
     return str(dst)
+
+
+def one_actor_config(
+    score_run: dict[str, Any], run: str, address: str, shards: str, **changes: Any
+) -> Any:
+    """The fault tests' scoring config: ``shards`` (a brace range such as
+    ``"{00000..00005}"``) of the pool, scored with ``random`` by one actor on the cluster
+    at ``address``; ``changes`` adds to it or overrides it."""
+    from pipeline.score.config import ScoreConfig
+
+    base: dict[str, Any] = dict(
+        data=score_run["data"].split("{")[0] + shards + ".tar",
+        run=run,
+        methods=["random"],
+        address=address,
+        workers=1,
+    )
+    return ScoreConfig(**{**base, **changes})

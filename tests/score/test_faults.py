@@ -20,7 +20,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from raycluster import NODE_IP, REPO, fresh_run, kill_all, tree
+from raycluster import NODE_IP, REPO, fresh_run, kill_all, one_actor_config, tree
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -188,7 +188,6 @@ def test_poison_shards_are_recorded_as_failed(ray_cluster, score_run, tmp_path):
     """One shard kills its actor every time, another raises: their samples end as error rows."""
     import ray
 
-    from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import ScoreActor, run_scoring
 
     class PoisonActor(ScoreActor):
@@ -200,13 +199,12 @@ def test_poison_shards_are_recorded_as_failed(ray_cluster, score_run, tmp_path):
             return super().score(url, name, next_url, last_try)
 
     run = fresh_run(score_run, tmp_path / "run")
-    data = score_run["data"].split("{")[0] + "{00000..00005}.tar"
-    cfg = ScoreConfig(
-        data=data,
-        run=run,
+    cfg = one_actor_config(
+        score_run,
+        run,
+        ray_cluster.address,
+        "{00000..00005}",
         methods=["diffin", "random"],
-        address=ray_cluster.address,
-        workers=1,
         batch_size=8,
         max_attempts=2,
     )
@@ -319,7 +317,6 @@ def test_an_actor_whose_gpu_context_broke_is_replaced_not_kept(ray_cluster, scor
     import ray
     import torch
 
-    from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import ScoreActor, run_scoring
 
     marker = tmp_path / "context-broke-once"
@@ -340,14 +337,7 @@ def test_an_actor_whose_gpu_context_broke_is_replaced_not_kept(ray_cluster, scor
             self.scorer.score_samples = once
 
     run = fresh_run(score_run, tmp_path / "run")
-    cfg = ScoreConfig(
-        data=score_run["data"].split("{")[0] + "{00000..00005}.tar",
-        run=run,
-        methods=["random"],
-        address=ray_cluster.address,
-        workers=1,
-        max_attempts=2,
-    )
+    cfg = one_actor_config(score_run, run, ray_cluster.address, "{00000..00005}", max_attempts=2)
     try:
         summary = run_scoring(cfg, actor_cls=BrokenContext)
     finally:
@@ -401,7 +391,6 @@ def test_a_shard_that_cannot_be_read_is_tried_again_before_it_becomes_rows(
     """Shard 00002 is unreachable on its first try only; 00004 on every try."""
     import ray
 
-    from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import ScoreActor, is_done, run_scoring
     from pipeline.score.merge import read_record
 
@@ -420,13 +409,11 @@ def test_a_shard_that_cannot_be_read_is_tried_again_before_it_becomes_rows(
                 os.rename(url + ".away", url)
 
     run = fresh_run(score_run, tmp_path / "run")
-    data = score_run["data"].split("{")[0] + "{00000..00005}.tar"
-    cfg = ScoreConfig(
-        data=data,
-        run=run,
-        methods=["random"],
-        address=ray_cluster.address,
-        workers=1,
+    cfg = one_actor_config(
+        score_run,
+        run,
+        ray_cluster.address,
+        "{00000..00005}",
         batch_size=8,
         max_attempts=2,
         prefetch_batches=0,  # each shard is opened inside its own score() call
@@ -564,17 +551,15 @@ def test_an_actor_no_node_can_place_is_reported_and_starts_once_a_node_joins(
 
     import ray
 
-    from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import run_scoring
 
     monkeypatch.setattr("pipeline.score.driver.PENDING_WARNING_S", 2.0)
     run = fresh_run(score_run, tmp_path / "run")
-    cfg = ScoreConfig(
-        data=score_run["data"].split("{")[0] + "{00000..00002}.tar",
-        run=run,
-        methods=["random"],
-        address=ray_cluster.address,
-        workers=1,
+    cfg = one_actor_config(
+        score_run,
+        run,
+        ray_cluster.address,
+        "{00000..00002}",
         threads=3,  # the head has 2 CPUs: no node can place the actor yet
         batch_size=8,
     )
