@@ -525,7 +525,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     pool = _read_ok(src.data, options, wanted)
     if len(pool) != len(wanted):
         raise ConfigError(
-            f"data: {len(wanted)} scored ok pairs but {len(pool)} of them found in {src.data}"
+            f"data: the subsets to train on hold {len(wanted)} scored ok pairs, of which "
+            f"{len(pool)} were found in {src.data} (another pool, or shards changed since "
+            "scoring?)"
         )
     images, tokens = encode_pool(pool, bundle)
     for s in pool:  # encoded: not held twice while retraining
