@@ -694,6 +694,8 @@ def _prune_config(args: argparse.Namespace):  # -> PruneConfig (imported late: l
     if args.balance_by != "cluster":
         used -= {"--clusters", "--cluster-seed"}
     ignored = [flag for flag, value in given.items() if value is not None and flag not in used]
+    if "--fusion-norm" in ignored and not args.fuse:  # as evaluate words it
+        raise ConfigError("--fusion-norm: only used with --fuse")
     if ignored:
         why = f"--rule {args.rule}" + (" with --fuse" if args.fuse else "")
         if args.rule == "balanced" and args.balance_by != "cluster":

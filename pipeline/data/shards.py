@@ -49,6 +49,9 @@ _GLOB_CHARS = ("*", "?")
 # Suffixes that make an entry a shard file without asking the filesystem
 # whether it is a directory (one request per shard is slow on object stores).
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Files that sit beside shards (img2dataset, DataComp, diffin make-data) and are never one:
+# given as a shard, each gave a single "not a tar" error row and "0 decodable pairs".
+_NOT_SHARDS = (".json", ".parquet", ".npy", ".txt", ".csv", ".md")
 
 
 def _split_list(pattern: str) -> list[str]:
@@ -326,6 +329,11 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
                 missing.append(f"{item} (no such directory)")
             continue
 
+        if base.lower().endswith(_NOT_SHARDS):
+            raise ConfigError(
+                f"shard {item!r} is a {base.rsplit('.', 1)[-1]} file, not a tar shard; give "
+                "the shards (a brace pattern, a glob or their directory)"
+            )
         url = _to_url(fs, path)
         resolved.append(url)
         if check_exists:

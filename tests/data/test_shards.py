@@ -142,14 +142,16 @@ def test_resolve_directory_lists_tar_files_sorted(tmp_path):
 
 
 def test_resolve_glob_sorted(tmp_path):
-    for n in ("b-1.tar", "a-2.tar", "a-1.tar", "a-x.parquet"):
+    # a-x.shard: a name without a shard suffix, taken as given when listed explicitly
+    # (a .parquet, .json ... file is refused as a shard: test below)
+    for n in ("b-1.tar", "a-2.tar", "a-1.tar", "a-x.shard"):
         _touch(tmp_path / n)
     assert resolve_shards(f"{tmp_path}/a-?.tar") == [
         str(tmp_path / "a-1.tar"),
         str(tmp_path / "a-2.tar"),
     ]
-    assert resolve_shards(f"{tmp_path}/*.tar::{tmp_path}/a-x.parquet")[-1] == str(
-        tmp_path / "a-x.parquet"
+    assert resolve_shards(f"{tmp_path}/*.tar::{tmp_path}/a-x.shard")[-1] == str(
+        tmp_path / "a-x.shard"
     )
 
 
@@ -187,6 +189,16 @@ def test_a_missing_directory_is_named_as_a_directory(tmp_path):
     _touch(tmp_path / "00000.tar")
     with pytest.raises(ConfigError, match=r"1 shard\(s\) .*nodir/ \(no such directory\)"):
         resolve_shards(f"{tmp_path}/00000.tar::{tmp_path}/nodir/")
+
+
+@pytest.mark.parametrize("name", ["sizes.json", "truth.parquet", "uids.npy", "00000_stats.json"])
+def test_a_file_that_sits_beside_shards_is_refused_as_one(tmp_path, name):
+    # walkthrough: `--data pool/sizes.json` gave one "not a tar" row and "0 decodable pairs"
+    _touch(tmp_path / name)
+    with pytest.raises(ConfigError, match=r"is a \w+ file, not a tar shard"):
+        resolve_shards(f"{tmp_path}/{name}")
+    _touch(tmp_path / "00000.tar")
+    assert resolve_shards(str(tmp_path)) == [str(tmp_path / "00000.tar")]  # a listing skips it
 
 
 def test_nothing_matches(tmp_path):
