@@ -113,10 +113,8 @@ class PruneConfig:
                         f"fusion: weight of {col!r} must be a finite, non-zero number "
                         f"(got {w!r}); leave a column out to ignore it"
                     )
-                if col in NOT_KEEP_FIRST and w > 0:  # a negative weight ranks it as a score
-                    raise ConfigError(
-                        f"fusion: {col!r} {NOT_KEEP_FIRST[col]} (or weigh it negatively)"
-                    )
+                if w > 0:  # the refusals of --method; a negative weight ranks loss_raw right
+                    check_rank_column("fusion", col)
             if self.fusion_norm not in NORMS:
                 raise ConfigError(
                     f"fusion_norm: must be one of {', '.join(NORMS)} (got {self.fusion_norm!r})"
