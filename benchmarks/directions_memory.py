@@ -1,21 +1,33 @@
-"""Peak memory of the target's gradient and Hessian-vector product (the directions stage).
+"""Peak memory of the directions stage's derivatives: former methods against chunked ones.
 
-    .venv/bin/python benchmarks/directions_memory.py [--model diffin-small] [--refs 255]
-        [--targets 128] [--chunk 64] [--out docs/figures/directions_memory.json]
+    .venv/bin/python benchmarks/directions_memory.py [--stage target|batch|ggn]
+        [--model diffin-small] [--refs 255] [--targets 128] [--batch 512] [--chunk 64]
+        [--out docs/figures/directions_memory[_STAGE].json]
 
-g_V = grad L_V and u = H_V g_B are computed once per checkpoint, by double
-backward. L_V ties every target to all K reference negatives, so the former
-method differentiated each chunk of up to 256 targets together with all K
-references: its memory grew with chunk + K pairs (the review's estimate for
-ViT-B-32 at the defaults, 128 targets and 255 references: 88 GiB). The
-current one (``directions.target_gradient_and_hvp``) applies the chain rule
-through the embeddings and differentiates ``--chunk`` pairs at a time.
+The direction vectors are computed once per checkpoint by double backward,
+and the propagated form applies a Gauss-Newton product at every training
+step. Three stages, each with its former method and the current one:
+
+- ``target``: g_V = grad L_V and u = H_V g_B. L_V ties every target to all
+  K reference negatives, so the former method differentiated each chunk of
+  up to 256 targets together with all K references (the review's estimate
+  for ViT-B-32 at the defaults, 128 targets and 255 references: 88 GiB).
+- ``batch``: g_B and w = H_B g_V on one gradient batch of ``--batch`` pairs;
+  the former method differentiated the batch whole (about 250 GiB for
+  ViT-B-32 at a batch of 512).
+- ``ggn``: five products G_B v on one batch of ``--batch`` pairs; the former
+  operator kept the batch's graph (``--ggn-kept-pairs`` at least the batch),
+  the chunked one applies it through the embeddings (``--ggn-kept-pairs 0``).
+
+The current methods (``directions.chained_gradient_and_hvp`` and the
+Gauss-Newton operator's chunked batches) apply the chain rule through the
+embeddings and differentiate ``--chunk`` pairs at a time.
 
 Each method runs in a fresh process (same model, seed, pairs and vector),
 which reports its peak RSS above the RSS after set-up (``VmHWM``) and its
-wall time; the parent checks the two give the same g_V and u (relative
-difference of the vectors) and writes the ratios. Memory on a GPU follows
-the same tensors; this measures the host.
+wall time; the parent checks the two give the same vectors (relative
+difference) and writes the ratios. Memory on a GPU follows the same
+tensors; this measures the host.
 """
 
 from __future__ import annotations
@@ -35,6 +47,9 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import environment, md_table, one_thread, write_json  # noqa: E402
 
 FORMER_CHUNK = 256  # targets per pass in the former method, each with all K references
+STAGES = ("target", "batch", "ggn")
+GGN_PRODUCTS = 5
+NAMES = {"target": ("g_V", "H_V v"), "batch": ("g_B", "H_B v"), "ggn": ("G_B v", "G_B v")}
 
 
 def _peak_mb() -> float:
@@ -73,10 +88,43 @@ def _former(fns, params, images, tokens, vector):
     return total, h_total
 
 
+def _former_batch(fns, params, images, tokens, vector):
+    """The former method: the gradient batch's loss differentiated twice, whole."""
+    import torch
+
+    from pipeline.influence.functional import derivative_mode
+
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    with derivative_mode():
+        loss = fns.batch_loss(p, images, tokens)
+        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+        gv = sum((g * vector[k]).sum() for g, k in zip(grads, p, strict=True))
+        hv = torch.autograd.grad(gv, list(p.values()), allow_unused=True)
+    zero = torch.zeros_like
+    return (
+        {k: g.detach() for g, k in zip(grads, p, strict=True)},
+        {k: zero(p[k]) if h is None else h for h, k in zip(hv, p, strict=True)},
+    )
+
+
+def _ggn(fns, params, images, tokens, vector, kept_pairs, chunk, timing):
+    """Products of the Gauss-Newton operator, built once (as per checkpoint)."""
+    from pipeline.influence.directions import GaussNewton
+
+    t0 = time.perf_counter()
+    ggn = GaussNewton(fns, params, [(images, tokens)], kept_pairs, chunk)
+    timing["build_seconds"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    for _ in range(GGN_PRODUCTS):
+        out = ggn(vector)
+    timing["seconds_per_product"] = round((time.perf_counter() - t0) / GGN_PRODUCTS, 3)
+    return out, out
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from pipeline.influence.directions import target_gradient_and_hvp
+    from pipeline.influence.directions import batch_gradient_and_hvp, target_gradient_and_hvp
     from pipeline.influence.functional import ClipFunctions
     from pipeline.model import factory
 
@@ -94,28 +142,44 @@ def child(args: argparse.Namespace) -> None:
         )
 
     ref, target = pairs(args.refs), pairs(args.targets)
+    batch = pairs(args.batch)
     fns = ClipFunctions(bundle.model, *ref)
     params = factory.param_dict(bundle.model)
     vector = {k: torch.randn(v.shape, generator=g) / v.numel() ** 0.5 for k, v in params.items()}
     base = _peak_mb()
     t0 = time.perf_counter()
-    if args.child == "former":
-        grad, hvp = _former(fns, params, *target, vector)
+    former = args.child == "former"
+    timing: dict[str, float] = {}
+    if args.stage == "target":
+        if former:
+            grad, hvp = _former(fns, params, *target, vector)
+        else:
+            grad, hvp = target_gradient_and_hvp(fns, params, *target, vector, args.chunk)
+    elif args.stage == "batch":
+        if former:
+            grad, hvp = _former_batch(fns, params, *batch, vector)
+        else:
+            grad, hvp = batch_gradient_and_hvp(fns, params, [batch], vector, args.chunk)
     else:
-        grad, hvp = target_gradient_and_hvp(fns, params, *target, vector, args.chunk)
+        kept = args.batch if former else 0
+        grad, hvp = _ggn(fns, params, *batch, vector, kept, args.chunk, timing)
     seconds = time.perf_counter() - t0
     torch.save({"grad": grad, "hvp": hvp}, args.vectors)
-    print(json.dumps({"peak_mb": round(_peak_mb() - base, 1), "seconds": round(seconds, 2)}))
+    print(
+        json.dumps({"peak_mb": round(_peak_mb() - base, 1), "seconds": round(seconds, 2), **timing})
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage", choices=STAGES, default="target")
     ap.add_argument("--model", default="diffin-small")
     ap.add_argument("--refs", type=int, default=255)
     ap.add_argument("--targets", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=512, help="pairs of the gradient batch")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="docs/figures/directions_memory.json")
+    ap.add_argument("--out", help="default: docs/figures/directions_memory[_STAGE].json")
     ap.add_argument("--child", choices=["former", "chunked"], help=argparse.SUPPRESS)
     ap.add_argument("--vectors", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -125,7 +189,12 @@ def main() -> None:
 
     import torch
 
+    args.out = args.out or "docs/figures/directions_memory{}.json".format(
+        "" if args.stage == "target" else f"_{args.stage}"
+    )
     out: dict = {
+        "stage": args.stage,
+        "batch": args.batch,
         "model": args.model,
         "refs": args.refs,
         "targets": args.targets,
@@ -138,7 +207,7 @@ def main() -> None:
         for method in ("former", "chunked"):
             path = f"{tmp}/{method}.pt"
             cmd = [sys.executable, __file__, "--child", method, "--vectors", path]
-            for flag in ("model", "refs", "targets", "chunk", "threads"):
+            for flag in ("stage", "model", "refs", "targets", "batch", "chunk", "threads"):
                 cmd += [f"--{flag}", str(getattr(args, flag))]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             out[method] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -151,21 +220,28 @@ def main() -> None:
         den = sum(float(b[k].double().pow(2).sum()) for k in b) ** 0.5
         return num / den
 
-    out["relative_difference"] = {"g_V": rel("grad"), "H_V v": rel("hvp")}
+    first, second = NAMES[args.stage]
+    out["relative_difference"] = {first: rel("grad"), second: rel("hvp")}
     out["memory_ratio_former_over_chunked"] = round(
         out["former"]["peak_mb"] / max(out["chunked"]["peak_mb"], 1e-9), 2
     )
     out["time_ratio_chunked_over_former"] = round(
         out["chunked"]["seconds"] / max(out["former"]["seconds"], 1e-9), 2
     )
+    if args.stage == "ggn":  # the propagation builds once per checkpoint, multiplies per step
+        out["product_time_ratio_chunked_over_former"] = round(
+            out["chunked"]["seconds_per_product"] / out["former"]["seconds_per_product"], 2
+        )
     write_json(args.out, out)
     print(
         md_table(
-            ["method", "pairs per double backward", "peak MiB above set-up", "seconds"],
+            ["method", "pairs per differentiated pass", "peak MiB above set-up", "seconds"],
             [
                 [
                     "former",
-                    min(args.targets, FORMER_CHUNK) + args.refs,
+                    min(args.targets, FORMER_CHUNK) + args.refs
+                    if args.stage == "target"
+                    else args.batch,
                     out["former"]["peak_mb"],
                     out["former"]["seconds"],
                 ],

@@ -13,6 +13,7 @@ from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.data.shards import absolute_pattern, relative_items
 from pipeline.errors import ConfigError
+from pipeline.influence.directions import GGN_KEPT_PAIRS, PAIRS_PER_PASS
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.prune.config import NORMS
 from pipeline.score.config import DTYPE_CHOICES, SAMPLE_GRADIENTS
@@ -344,6 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="diffin_self: per-actor budget for per-sample gradients in flight",
     )
+    s.add_argument(
+        "--directions-chunk",
+        type=int,
+        default=PAIRS_PER_PASS,
+        help="pairs per differentiated pass when the direction vectors are computed (once per "
+        "checkpoint): lower it if that stage runs out of memory on a large model",
+    )
+    s.add_argument(
+        "--ggn-kept-pairs",
+        type=int,
+        default=GGN_KEPT_PAIRS,
+        help="propagated form: gradient-batch pairs whose graphs the Gauss-Newton products keep "
+        "(faster); the rest are recomputed --directions-chunk pairs at a time (0: none kept)",
+    )
 
     r = sub.add_parser("prune", help="keep the best fraction and write the manifest")
     r.add_argument("--run", required=True)
@@ -603,6 +618,8 @@ def run(args: argparse.Namespace) -> object:
                 self_rank=args.self_rank,
                 self_dim=args.self_dim,
                 memory_mb=args.memory_mb,
+                directions_chunk=args.directions_chunk,
+                ggn_kept_pairs=args.ggn_kept_pairs,
                 image_keys=args.image_key,
                 text_keys=args.text_key,
                 max_image_pixels=args.max_image_pixels,

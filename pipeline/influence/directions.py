@@ -10,6 +10,7 @@ them, and broadcast to every scoring worker.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +22,10 @@ from torch.func import grad, jvp, vjp
 from pipeline.influence.estimator import CURVATURES
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.influence.vectors import dot
-from pipeline.model.loss import per_sample_loss, scale_of
+from pipeline.model.loss import batch_clip_loss, per_sample_loss, scale_of
 from pipeline.tensors import load_tensors, save_tensors
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images, tokens)
 KINDS = ("g_B", "g_V", "w", "u")
@@ -66,30 +69,181 @@ def _leaves(params: Params) -> Params:
     return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
 
 
-def batch_gradient_and_hvp(
-    fns: ClipFunctions, params: Params, batches: Sequence[Batch], vector: Params | None
+# Pairs per differentiated pass in the directions stage (targets with their K references,
+# and each gradient batch): the memory of those passes grows with it (ViT-B-32: about
+# 0.24 GiB a pair), not with K or --batch-size.
+PAIRS_PER_PASS = 64
+
+EmbeddingLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _whole_gradient_and_hvp(
+    fns: ClipFunctions,
+    params: Params,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    loss_of: EmbeddingLoss,
+    vector: Params | None,
+    fixed: Params,
 ) -> tuple[Params, Params | None]:
-    """Mean over batches of grad L(B) and, if ``vector`` is given, of H_B @ vector (double backward)."""
+    """The same, all pairs in one differentiated pass: for pairs that fit in one chunk, half
+    the time of the chained passes (the proxy's default batch of 64 on diffin-small)."""
+    p = _leaves(params)
+    with derivative_mode():
+        full = {**fixed, **p}
+        loss = loss_of(*fns.embed(full, images, tokens), full["logit_scale"])
+        grads = torch.autograd.grad(
+            loss, list(p.values()), allow_unused=True, create_graph=vector is not None
+        )
+        if vector is not None:
+            gv = sum((g * vector[k]).sum() for g, k in zip(grads, p, strict=True) if g is not None)
+            hv = torch.autograd.grad(gv, list(p.values()), allow_unused=True)
+    zero = torch.zeros_like
+    g = {
+        k: zero(v) if d is None else d.detach() for d, (k, v) in zip(grads, p.items(), strict=True)
+    }
+    if vector is None:
+        return g, None
+    return g, {k: zero(v) if d is None else d for d, (k, v) in zip(hv, p.items(), strict=True)}
+
+
+def chained_gradient_and_hvp(
+    fns: ClipFunctions,
+    params: Params,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    loss_of: EmbeddingLoss,
+    vector: Params | None,
+    chunk: int = PAIRS_PER_PASS,
+    fixed: Params | None = None,
+) -> tuple[Params, Params | None]:
+    """grad L and, if ``vector`` is given, H_L @ vector, for L = loss_of(E(theta), E_t(theta),
+    logit_scale), a loss that couples the pairs only through their embeddings; exactly,
+    ``chunk`` pairs per differentiated pass.
+
+    With E the embeddings of all the pairs, s the logit scale and L = F(E, s):
+
+        grad L = J' a + (dF/ds) e_s                  with a = dF/dE
+        H v    = J' (d a) + sum_i a_i H_{E_i} v + (d dF/ds) e_s
+
+    where d a is F's Hessian (in E and s, a few numbers a pair) applied to
+    (J v, v_s). E and J v come from forward passes without a graph, a and d a
+    from F alone, and each chunk of pairs then needs one double backward of
+    <E_c, a_c>. Differentiating L whole holds the graph of every pair at once;
+    pairs that fit in one chunk are differentiated so, which is faster.
+    ``fixed``: parameters held constant (the derivatives are in ``params``).
+    """
+    fixed = fixed or {}
+    if images.shape[0] <= chunk:
+        return _whole_gradient_and_hvp(fns, params, images, tokens, loss_of, vector, fixed)
+    spans = [slice(i, i + chunk) for i in range(0, images.shape[0], chunk)]
+
+    def embed(p: Params, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return fns.embed({**fixed, **p}, images[span], tokens[span])
+
+    with torch.no_grad(), derivative_mode():
+        emb = [embed(params, span) for span in spans]
+        d_emb = (
+            [jvp(lambda p, span=span: embed(p, span), (params,), (vector,))[1] for span in spans]
+            if vector is not None
+            else None
+        )
+    e_img = torch.cat([e[0] for e in emb]).requires_grad_(True)
+    e_txt = torch.cat([e[1] for e in emb]).requires_grad_(True)
+    learns_scale = "logit_scale" in params
+    scale = {**fixed, **params}["logit_scale"].detach().requires_grad_(learns_scale)
+    loss = loss_of(e_img, e_txt, scale)
+    inputs = (e_img, e_txt, scale) if learns_scale else (e_img, e_txt)
+    a = torch.autograd.grad(loss, inputs, create_graph=vector is not None)
+    if vector is not None:
+        assert d_emb is not None
+        along = (a[0] * torch.cat([d[0] for d in d_emb])).sum() + (
+            a[1] * torch.cat([d[1] for d in d_emb])
+        ).sum()
+        if learns_scale:
+            along = along + (a[2] * vector["logit_scale"]).sum()
+        da = torch.autograd.grad(along, inputs)
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    h_total = {k: torch.zeros_like(v) for k, v in params.items()} if vector is not None else None
+    for span in spans:
+        p = _leaves(params)
+        with derivative_mode():
+            img, txt = embed(p, span)
+            pulled = (img * a[0][span].detach()).sum() + (txt * a[1][span].detach()).sum()
+            grads = torch.autograd.grad(
+                pulled, list(p.values()), allow_unused=True, create_graph=vector is not None
+            )
+            if vector is not None:
+                second = sum(
+                    (g * vector[k]).sum() for g, k in zip(grads, p, strict=True) if g is not None
+                )
+                second = second + (img * da[0][span]).sum() + (txt * da[1][span]).sum()
+                hv = torch.autograd.grad(second, list(p.values()), allow_unused=True)
+        for g, k in zip(grads, p, strict=True):
+            if g is not None:
+                total[k] += g.detach()
+        if h_total is not None:
+            for h, k in zip(hv, p, strict=True):
+                if h is not None:
+                    h_total[k] += h.detach()
+    if learns_scale:
+        total["logit_scale"] += a[2].detach()
+        if h_total is not None:
+            h_total["logit_scale"] += da[2].detach()
+    return total, h_total
+
+
+def batch_gradient_and_hvp(
+    fns: ClipFunctions,
+    params: Params,
+    batches: Sequence[Batch],
+    vector: Params | None,
+    chunk: int = PAIRS_PER_PASS,
+    fixed: Params | None = None,
+) -> tuple[Params, Params | None]:
+    """Mean over batches of grad L(B) and, if ``vector`` is given, of H_B @ vector, exactly,
+    ``chunk`` pairs of a batch at a time (:func:`chained_gradient_and_hvp`).
+
+    ``fixed``: parameters held constant; the derivatives are taken in ``params`` only.
+    """
     g_sum = {k: torch.zeros_like(v) for k, v in params.items()}
     h_sum = {k: torch.zeros_like(v) for k, v in params.items()} if vector is not None else None
     for images, tokens in batches:
-        p = _leaves(params)
-        with derivative_mode():
-            loss = fns.batch_loss(p, images, tokens)
-            grads = torch.autograd.grad(loss, list(p.values()), create_graph=vector is not None)
-            if vector is not None:
-                gv = sum((g * vector[k]).sum() for g, k in zip(grads, p, strict=True))
-                hv = torch.autograd.grad(gv, list(p.values()), allow_unused=True)
-        for g, k in zip(grads, p, strict=True):
-            g_sum[k] += g.detach()
-        if h_sum is not None:
-            for h, k in zip(hv, p, strict=True):
-                if h is not None:
-                    h_sum[k] += h.detach()
+        g, h = chained_gradient_and_hvp(
+            fns, params, images, tokens, batch_clip_loss, vector, chunk, fixed
+        )
+        for k in g_sum:
+            g_sum[k] += g[k]
+            if h_sum is not None:
+                assert h is not None
+                h_sum[k] += h[k]
     n = len(batches)
     g = {k: v / n for k, v in g_sum.items()}
     h = {k: v / n for k, v in h_sum.items()} if h_sum is not None else None
     return g, h
+
+
+def _logits_of(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    return scale_of(logit_scale) * img @ txt.T
+
+
+def _loss_of_logits(logits: torch.Tensor) -> torch.Tensor:
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+# Pairs of gradient batches whose graphs the Gauss-Newton operator keeps (k = 4 batches of
+# 128; the proxy's default batch is 64): 2.3 times faster products than the batches beyond,
+# applied a chunk at a time, but about 0.13 GiB a pair for ViT-B-32 (docs/benchmarks.md).
+GGN_KEPT_PAIRS = 512
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device; None for the host, whose free memory says little about
+    what this process may take (the kept pairs bound it there)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
 
 
 class GaussNewton:
@@ -100,31 +254,77 @@ class GaussNewton:
     damps a displacement and drops the negative curvature of the network
     itself, along which a linearised trajectory grows without bound.
 
-    Built once per checkpoint: the forward pass and its pullback J' are kept,
-    and J v is the pullback's own transpose (a VJP of the linear map u -> J' u),
-    so each product costs two backward passes and no forward pass (1.8 times
-    faster than a JVP plus a VJP per product on diffin-small).
+    Built once per checkpoint. For the first ``kept_pairs`` pairs of batches,
+    the forward pass and its pullback J' are kept, and J v is the pullback's
+    own transpose (a VJP of the linear map u -> J' u), so each product costs
+    two backward passes and no forward pass (1.8 times faster than a JVP plus
+    a VJP per product on diffin-small). Their graphs take memory in
+    proportion to those pairs, so the batches beyond are applied through
+    their embeddings instead (as in :func:`chained_gradient_and_hvp`): J_E v by
+    forward-mode passes, H_logits in embedding space, and J_E' by a forward
+    and a backward pass per ``chunk`` pairs. On a GPU, graphs stop being kept
+    early when less than twice one batch's graph is left free (the products
+    need room), or when keeping one runs out of memory.
     """
 
-    def __init__(self, fns: ClipFunctions, params: Params, batches: Sequence[Batch]) -> None:
+    def __init__(
+        self,
+        fns: ClipFunctions,
+        params: Params,
+        batches: Sequence[Batch],
+        kept_pairs: int = GGN_KEPT_PAIRS,
+        chunk: int = PAIRS_PER_PASS,
+    ) -> None:
+        self.fns, self.params, self.chunk = fns, params, chunk
         self.names = list(params)
-        self.ops = []
+        self.ops = []  # (logits, pull, push, loss_grad) of the batches kept whole
+        self.chunked = []  # (images, tokens, img, txt) of the others: their embeddings only
+        kept, keeping, graph_bytes = 0, True, 0
+        for images, tokens in batches:
+            if keeping and kept + images.shape[0] <= kept_pairs:
+                free = _free_bytes(images.device)
+                if free is not None and free < 2 * graph_bytes:
+                    # the products need room too: about one batch's graph of temporaries
+                    keeping = False
+                    log.info("Gauss-Newton: %d pairs kept (GPU memory); the rest chunked", kept)
+                else:
+                    try:
+                        self.ops.append(self._kept(images, tokens))
+                    except torch.OutOfMemoryError:
+                        keeping = False
+                        torch.cuda.empty_cache()
+                        log.warning(
+                            "Gauss-Newton: out of GPU memory keeping a batch's graph after %d "
+                            "pairs; the rest are chunked (lower --ggn-kept-pairs to skip this)",
+                            kept,
+                        )
+                    else:
+                        kept += images.shape[0]
+                        after = _free_bytes(images.device)
+                        if free is not None and after is not None:
+                            graph_bytes = max(graph_bytes, free - after)
+                        continue
+            self.chunked.append(self._embedded(images, tokens))
+
+    def _kept(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
+        fns = self.fns
+
+        def logits_of(p: Params) -> torch.Tensor:
+            return _logits_of(*fns.embed(p, images, tokens), p["logit_scale"])
+
         with derivative_mode():
-            for images, tokens in batches:
-                labels = torch.arange(images.shape[0], device=images.device)
+            logits, pull = vjp(logits_of, self.params)
+            _, push = vjp(lambda u: pull(u)[0], torch.zeros_like(logits))
+        return logits.detach(), pull, push, grad(_loss_of_logits)
 
-                def logits_of(p: Params, images=images, tokens=tokens) -> torch.Tensor:
-                    img, txt = fns.embed(p, images, tokens)
-                    return scale_of(p["logit_scale"]) * img @ txt.T
-
-                def loss_of(logits: torch.Tensor, labels=labels) -> torch.Tensor:
-                    return 0.5 * (
-                        F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
-                    )
-
-                logits, pull = vjp(logits_of, params)
-                _, push = vjp(lambda u, pull=pull: pull(u)[0], torch.zeros_like(logits))
-                self.ops.append((logits.detach(), pull, push, grad(loss_of)))
+    def _embedded(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
+        c = self.chunk
+        with torch.no_grad(), derivative_mode():
+            emb = [
+                self.fns.embed(self.params, images[i : i + c], tokens[i : i + c])
+                for i in range(0, images.shape[0], c)
+            ]
+        return images, tokens, torch.cat([e[0] for e in emb]), torch.cat([e[1] for e in emb])
 
     def __call__(self, vector: Params) -> Params:
         vector = {k: vector[k] for k in self.names}  # torch.func matches dicts by key order
@@ -136,30 +336,77 @@ class GaussNewton:
                 (g,) = pull(h_j_v.detach())
                 for k in out:
                     out[k] += g[k].detach()
-        return {k: v / len(self.ops) for k, v in out.items()}
+            for batch in self.chunked:
+                self._add_chunked(out, vector, *batch)
+        return {k: v / (len(self.ops) + len(self.chunked)) for k, v in out.items()}
+
+    def _add_chunked(
+        self,
+        out: Params,
+        vector: Params,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+    ) -> None:
+        params, spans = (
+            self.params,
+            [slice(i, i + self.chunk) for i in range(0, len(img), self.chunk)],
+        )
+
+        def embed(p: Params, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.fns.embed(p, images[span], tokens[span])
+
+        with torch.no_grad():
+            d = [
+                jvp(lambda p, span=span: embed(p, span), (params,), (vector,))[1] for span in spans
+            ]
+        scale = params["logit_scale"]
+        at, along = (
+            (img, txt, scale),
+            (
+                torch.cat([e[0] for e in d]),
+                torch.cat([e[1] for e in d]),
+                vector["logit_scale"],
+            ),
+        )
+        logits, j_v = jvp(_logits_of, at, along)
+        _, h_j_v = jvp(grad(_loss_of_logits), (logits,), (j_v,))
+        _, pull = vjp(_logits_of, *at)
+        y_img, y_txt, y_s = pull(h_j_v)
+        for span in spans:
+            p = _leaves(params)
+            e_img, e_txt = embed(p, span)
+            pulled = (e_img * y_img[span]).sum() + (e_txt * y_txt[span]).sum()
+            for g, k in zip(
+                torch.autograd.grad(pulled, list(p.values()), allow_unused=True), p, strict=True
+            ):
+                if g is not None:
+                    out[k] += g
+        out["logit_scale"] += y_s.detach()
 
 
 def curvature_operator(
-    fns: ClipFunctions, params: Params, batches: Sequence[Batch], kind: str
+    fns: ClipFunctions,
+    params: Params,
+    batches: Sequence[Batch],
+    kind: str,
+    kept_pairs: int = GGN_KEPT_PAIRS,
+    chunk: int = PAIRS_PER_PASS,
 ) -> Callable[[Params], Params]:
     """v -> C v with C the mean over batches of the Gauss-Newton part (``ggn``) or the exact
     Hessian (``hessian``) of the in-batch loss: the propagated form's curvature."""
     if kind == "ggn":
-        return GaussNewton(fns, params, batches)
+        return GaussNewton(fns, params, batches, kept_pairs, chunk)
     if kind != "hessian":
         raise ValueError(f"curvature {kind!r}: expected one of {CURVATURES}")
 
     def exact(v: Params) -> Params:
-        _, h = batch_gradient_and_hvp(fns, params, batches, v)
+        _, h = batch_gradient_and_hvp(fns, params, batches, v, chunk)
         assert h is not None
         return h
 
     return exact
-
-
-# Pairs per double backward in the target's gradient and Hessian-vector product: the
-# memory of those passes grows with it (ViT-B-32: about 0.24 GiB a pair), not with K.
-TARGET_CHUNK = 64
 
 
 def target_gradient(
@@ -167,7 +414,7 @@ def target_gradient(
     params: Params,
     images: torch.Tensor,
     tokens: torch.Tensor,
-    chunk: int = TARGET_CHUNK,
+    chunk: int = PAIRS_PER_PASS,
 ) -> Params:
     """grad of L_V = mean_v l_v (see :func:`target_gradient_and_hvp`)."""
     return target_gradient_and_hvp(fns, params, images, tokens, None, chunk)[0]
@@ -179,85 +426,32 @@ def target_gradient_and_hvp(
     images: torch.Tensor,
     tokens: torch.Tensor,
     vector: Params | None,
-    chunk: int = TARGET_CHUNK,
+    chunk: int = PAIRS_PER_PASS,
 ) -> tuple[Params, Params | None]:
     """grad L_V and, if ``vector`` is given, H_V @ vector, exactly, ``chunk`` pairs at a time.
 
-    L_V depends on theta through the embeddings E of the targets and of the K
-    references, and through the logit scale s: L_V = F(E(theta), s). So
-
-        grad L_V = J' a + (dF/ds) e_s                  with a = dF/dE
-        H_V v    = J' (d a) + sum_i a_i H_{E_i} v + (d dF/ds) e_s
-
-    where d a is F's Hessian (in E and s, a few numbers a pair) applied to
-    (J v, v_s). E and J v come from forward passes (no graph), a and d a from
-    F alone, and each chunk of pairs then needs one double backward of
-    <E_c, a_c>, whatever K. Differentiating the whole loss at once instead
-    took every chunk of targets together with all K references (88 GiB for
-    ViT-B-32 at the defaults).
+    L_V ties every target to all K reference negatives; differentiating it
+    whole took each chunk of targets together with all K references (88 GiB
+    for ViT-B-32 at the defaults). Through the embeddings, the passes take
+    ``chunk`` pairs whatever K.
     """
     if fns.ref_images is None or fns.ref_tokens is None:
         raise ValueError("the target loss needs reference negatives")
     n = images.shape[0]
-    ref_images = fns.ref_images.to(images)
-    ref_tokens = fns.ref_tokens.to(tokens.device)
     exclude = fns.self_mask(images, tokens)
-    all_images = torch.cat([images, ref_images])
-    all_tokens = torch.cat([tokens, ref_tokens])
-    spans = [slice(i, i + chunk) for i in range(0, all_images.shape[0], chunk)]
 
-    def embed(p: Params, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return fns.embed(p, all_images[span], all_tokens[span])
+    def target_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(img[:n], txt[:n], img[n:], txt[n:], scale, exclude).sum() / n
 
-    with torch.no_grad(), derivative_mode():
-        emb = [embed(params, span) for span in spans]
-        d_emb = (
-            [jvp(lambda p, span=span: embed(p, span), (params,), (vector,))[1] for span in spans]
-            if vector is not None
-            else None
-        )
-    e_img = torch.cat([e[0] for e in emb]).requires_grad_(True)
-    e_txt = torch.cat([e[1] for e in emb]).requires_grad_(True)
-    scale = params["logit_scale"].detach().requires_grad_(True)
-    loss = per_sample_loss(e_img[:n], e_txt[:n], e_img[n:], e_txt[n:], scale, exclude).sum() / n
-    a_img, a_txt, a_s = torch.autograd.grad(
-        loss, (e_img, e_txt, scale), create_graph=vector is not None
+    return chained_gradient_and_hvp(
+        fns,
+        params,
+        torch.cat([images, fns.ref_images.to(images)]),
+        torch.cat([tokens, fns.ref_tokens.to(tokens.device)]),
+        target_loss,
+        vector,
+        chunk,
     )
-    if vector is not None:
-        assert d_emb is not None
-        along = (
-            (a_img * torch.cat([d[0] for d in d_emb])).sum()
-            + (a_txt * torch.cat([d[1] for d in d_emb])).sum()
-            + (a_s * vector["logit_scale"]).sum()
-        )
-        da_img, da_txt, da_s = torch.autograd.grad(along, (e_img, e_txt, scale))
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    h_total = {k: torch.zeros_like(v) for k, v in params.items()} if vector is not None else None
-    for span in spans:
-        p = _leaves(params)
-        with derivative_mode():
-            img, txt = embed(p, span)
-            pulled = (img * a_img[span].detach()).sum() + (txt * a_txt[span].detach()).sum()
-            grads = torch.autograd.grad(
-                pulled, list(p.values()), allow_unused=True, create_graph=vector is not None
-            )
-            if vector is not None:
-                second = sum(
-                    (g * vector[k]).sum() for g, k in zip(grads, p, strict=True) if g is not None
-                )
-                second = second + (img * da_img[span]).sum() + (txt * da_txt[span]).sum()
-                hv = torch.autograd.grad(second, list(p.values()), allow_unused=True)
-        for g, k in zip(grads, p, strict=True):
-            if g is not None:
-                total[k] += g.detach()
-        if h_total is not None:
-            for h, k in zip(hv, p, strict=True):
-                if h is not None:
-                    h_total[k] += h.detach()
-    total["logit_scale"] += a_s.detach()
-    if h_total is not None:
-        h_total["logit_scale"] += da_s.detach()
-    return total, h_total
 
 
 def compute_directions(
@@ -266,11 +460,12 @@ def compute_directions(
     grad_batches: Sequence[Batch],
     target: Batch,
     meta: dict[str, Any] | None = None,
+    chunk: int = PAIRS_PER_PASS,
 ) -> Directions:
-    g_V = target_gradient(fns, params, *target)
-    g_B, w = batch_gradient_and_hvp(fns, params, grad_batches, g_V)
+    g_V = target_gradient(fns, params, *target, chunk=chunk)
+    g_B, w = batch_gradient_and_hvp(fns, params, grad_batches, g_V, chunk)
     assert w is not None
-    _, u = target_gradient_and_hvp(fns, params, *target, g_B)
+    _, u = target_gradient_and_hvp(fns, params, *target, g_B, chunk)
     assert u is not None
     info = dict(meta or {})
     info.update(

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+from pipeline.influence.directions import PAIRS_PER_PASS, batch_gradient_and_hvp
 from pipeline.influence.functional import ClipFunctions, Params, derivative_mode
 from pipeline.model.loss import per_sample_loss
 
@@ -246,22 +247,17 @@ def hessian_eigenpairs(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     rank: int,
     seed: int = 0,
+    chunk: int = PAIRS_PER_PASS,
 ) -> tuple[torch.Tensor, Params]:
     """Top-``rank`` eigenpairs (by magnitude) of H_B restricted to ``params``, by Lanczos
     (scipy's eigsh) on exact double-backward Hessian-vector products of the batch loss."""
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    from pipeline.influence.directions import batch_gradient_and_hvp
-
     names = list(params)
     shapes = [params[k].shape for k in names]
     sizes = [params[k].numel() for k in names]
     n = sum(sizes)
-
-    class _Fns:  # batch loss as a function of the differentiated subset only
-        def batch_loss(self, p: Params, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-            return fns.batch_loss({**fixed, **p}, images, tokens)
 
     def unflat(v: torch.Tensor) -> Params:
         return {k: t.reshape(sh) for k, t, sh in zip(names, v.split(sizes), shapes, strict=True)}
@@ -270,7 +266,7 @@ def hessian_eigenpairs(
 
     def matvec(x: np.ndarray) -> np.ndarray:
         v = unflat(torch.as_tensor(np.asarray(x).reshape(-1), dtype=dtype, device=device))
-        _, hv = batch_gradient_and_hvp(_Fns(), params, batches, v)  # type: ignore[arg-type]
+        _, hv = batch_gradient_and_hvp(fns, params, batches, v, chunk, fixed)
         assert hv is not None
         return torch.cat([hv[k].reshape(-1) for k in names]).double().cpu().numpy()
 

@@ -20,6 +20,7 @@ from pipeline.data.keys import (
 )
 from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError, is_int, is_number
+from pipeline.influence.directions import GGN_KEPT_PAIRS, PAIRS_PER_PASS
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.influence.selfinf import SELF_TERMS, SelfConfig
 
@@ -41,6 +42,8 @@ INT_FIELDS = (
     "self_rank",
     "self_dim",
     "memory_mb",
+    "directions_chunk",
+    "ggn_kept_pairs",
     "prefetch_batches",
     "max_image_pixels",
 )
@@ -82,6 +85,12 @@ class ScoreConfig:
     self_rank: int = 16  # eigenpairs of H_B per checkpoint (self_hb="lanczos")
     self_dim: int = 2048  # count-sketch dimension for diffin_self (self_hb="fisher")
     memory_mb: int = 1024  # per-actor budget for per-sample gradients in flight (diffin_self)
+    # Pairs per differentiated pass of the directions stage: its memory grows with this, not
+    # with K or the proxy's batch size (about 0.24 GiB a pair for ViT-B-32 on the host).
+    directions_chunk: int = PAIRS_PER_PASS
+    # Pairs of gradient batches whose graphs the propagated form's Gauss-Newton operator keeps
+    # (faster products); the batches beyond are recomputed a chunk at a time (0: none kept).
+    ggn_kept_pairs: int = GGN_KEPT_PAIRS
     # "float32", "float64", or "amp_bf16": float32 weights and direction vectors, the
     # per-sample work under bfloat16 autocast (as open_clip's --precision amp_bf16), for
     # GPUs; scores agree with float32 to Spearman 0.98-0.9999 (docs/accuracy.md, 6)
@@ -120,6 +129,8 @@ class ScoreConfig:
             ("self_hb", self.self_hb in ("lanczos", "fisher"), "must be 'lanczos' or 'fisher'"),
             ("self_rank", self.self_rank >= 1, "must be >= 1"),
             ("memory_mb", self.memory_mb >= 16, "must be >= 16"),
+            ("directions_chunk", self.directions_chunk >= 1, "must be >= 1"),
+            ("ggn_kept_pairs", self.ggn_kept_pairs >= 0, "must be >= 0"),
             ("prefetch_batches", self.prefetch_batches >= 0, "must be >= 0"),
             (
                 "gpus_per_worker",

@@ -195,6 +195,7 @@ def ensure_directions(
                 "checkpoint_sha256": by_step[ckpt.step],
                 **target_info,
             },
+            chunk=cfg.directions_chunk,
         )
         save_directions(d, url)
         log.info(
@@ -321,7 +322,14 @@ def ensure_propagated(
             loaded.clear()
             state = load_state_dict(run, traj, steps[i])
             params = {k: state[k].to(device, dtype) for k in names}
-            loaded[i] = curvature_operator(fns, params, grad_batches, cfg.propagate_curvature)
+            loaded[i] = curvature_operator(
+                fns,
+                params,
+                grad_batches,
+                cfg.propagate_curvature,
+                cfg.ggn_kept_pairs,
+                cfg.directions_chunk,
+            )
         return loaded[i](v)
 
     g_V = load_directions(run.directions(steps[-1]), device).ordered(names).g_V
@@ -412,7 +420,9 @@ def ensure_eigenpairs(
         dtype = DTYPES[cfg.storage_dtype]
         params = {k: state[k].to(device, dtype) for k in names if k not in DEFAULT_EXCLUDE}
         fixed = {k: state[k].to(device, dtype) for k in names if k in DEFAULT_EXCLUDE}
-        vals, vecs = hessian_eigenpairs(fns, params, fixed, grad_batches, cfg.self_rank, cfg.seed)
+        vals, vecs = hessian_eigenpairs(
+            fns, params, fixed, grad_batches, cfg.self_rank, cfg.seed, cfg.directions_chunk
+        )
         save_tensors(
             url,
             {"eigenvalues": vals, **{f"v/{k}": v for k, v in vecs.items()}},

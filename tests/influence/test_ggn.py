@@ -33,8 +33,10 @@ def setup(tiny64):
     return fns, params, batches, vecs
 
 
-def test_quadratic_form_equals_the_logit_hessian_along_jv(setup):
-    """<v, G v> = (J v)' H_logits (J v), with H_logits formed explicitly by torch.func.hessian."""
+@pytest.mark.parametrize("kept_pairs", [512, 5, 0])
+def test_quadratic_form_equals_the_logit_hessian_along_jv(setup, kept_pairs):
+    """<v, G v> = (J v)' H_logits (J v), with H_logits formed explicitly by torch.func.hessian;
+    the batches whose graphs are kept, those applied through their embeddings, and a mix."""
     fns, params, batches, (v, _) = setup
     want = 0.0
     for images, tokens in batches:
@@ -51,7 +53,7 @@ def test_quadratic_form_equals_the_logit_hessian_along_jv(setup):
             logits, jv = jvp(logits_of, (params,), (v,))
         h = hessian(loss_of)(logits).reshape(logits.numel(), logits.numel())
         want += float(jv.reshape(-1) @ h @ jv.reshape(-1)) / len(batches)
-    got = float(dot(v, GaussNewton(fns, params, batches)(v)))
+    got = float(dot(v, GaussNewton(fns, params, batches, kept_pairs, chunk=2)(v)))
     assert got == pytest.approx(want, rel=1e-9)
     assert got > 0
 
@@ -64,3 +66,63 @@ def test_symmetric_and_positive_where_the_hessian_is_not(setup):
     # the exact Hessian differs from its Gauss-Newton part by the network's own curvature
     _, hv = batch_gradient_and_hvp(fns, params, batches, v)
     assert float(dot(v, hv)) != pytest.approx(float(dot(v, gv)), rel=1e-3)
+
+
+def test_batches_beyond_the_kept_pairs_give_the_same_product(setup, monkeypatch):
+    """A large --batch-size kept the graphs of all k batches. Beyond ``kept_pairs`` they are
+    applied a chunk at a time: the same G v, and no pass of more than a chunk of pairs."""
+    fns, params, batches, (v, _) = setup
+    want = GaussNewton(fns, params, batches)(v)
+    sizes = []
+    embed = fns.embed
+
+    def counted(p, imgs, toks):
+        sizes.append(imgs.shape[0])
+        return embed(p, imgs, toks)
+
+    monkeypatch.setattr(fns, "embed", counted)
+    ggn = GaussNewton(fns, params, batches, kept_pairs=0, chunk=2)
+    assert not ggn.ops and len(ggn.chunked) == len(batches)
+    got = ggn(v)
+    num = sum(float((got[k] - want[k]).pow(2).sum()) for k in want) ** 0.5
+    den = sum(float(want[k].pow(2).sum()) for k in want) ** 0.5
+    assert num / den < 1e-10
+    assert max(sizes) == 2
+
+
+def test_on_a_full_gpu_the_graphs_stop_being_kept(setup, monkeypatch):
+    """No GPU here: the device's free memory is given. After the first batch's graph took
+    90 of 100 bytes, 10 are left, less than twice a graph (the products need room)."""
+    import pipeline.influence.directions as directions
+
+    fns, params, batches, (v, _) = setup
+    free = iter([100, 10, 10])
+    monkeypatch.setattr(directions, "_free_bytes", lambda device: next(free))
+    ggn = GaussNewton(fns, params, batches)
+    assert len(ggn.ops) == 1 and len(ggn.chunked) == 1
+    want = GaussNewton(fns, params, batches, kept_pairs=0)(v)
+    got = ggn(v)
+    assert max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want) < 1e-9
+
+
+def test_running_out_of_memory_keeping_a_graph_chunks_the_rest(setup, monkeypatch, caplog):
+    import pipeline.influence.directions as directions
+
+    fns, params, batches, (v, _) = setup
+    want = GaussNewton(fns, params, batches)(v)
+    calls = []
+
+    def vjp(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second batch's forward pass (two VJPs a kept batch)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return directions_vjp(*args, **kwargs)
+
+    directions_vjp = directions.vjp
+    monkeypatch.setattr(directions, "vjp", vjp)
+    with caplog.at_level("WARNING"):
+        ggn = GaussNewton(fns, params, batches)
+    assert len(ggn.ops) == 1 and len(ggn.chunked) == 1
+    assert "out of GPU memory" in caplog.text and "--ggn-kept-pairs" in caplog.text
+    got = ggn(v)
+    assert max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want) < 1e-9

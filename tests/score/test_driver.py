@@ -531,6 +531,9 @@ def test_the_steady_rate_leaves_out_each_actors_start_up():
         (dict(workers=2.5), "workers"),
         (dict(self_rank=True), "self_rank"),
         (dict(memory_mb=float("inf")), "memory_mb"),
+        (dict(directions_chunk=0), "directions_chunk"),
+        (dict(directions_chunk=2.5), "directions_chunk"),
+        (dict(ggn_kept_pairs=-1), "ggn_kept_pairs"),
         (dict(first_order="no"), "first_order"),  # truthy: the first-order term stayed in
     ],
 )

@@ -258,3 +258,43 @@ def test_the_propagation_takes_the_recorded_momentum_and_weight_decay(prop, tmp_
     with pytest.raises(Reached):
         ensure_directions(dataclasses.replace(prop["cfg"], run=run), RunDir(run), traj)
     assert seen == [(0.8, 0.01)]
+
+
+def test_the_directions_chunk_and_kept_pairs_change_memory_not_the_vectors(prop, tmp_path):
+    """--directions-chunk and --ggn-kept-pairs reach the directions stage (each pass takes
+    at most that many pairs, no batch graph kept) and give the same stored vectors."""
+    src = RunDir(prop["run"])
+    run = copy_run(prop["run"], tmp_path / "chunked")
+    for f in (Path(run) / "directions").glob("*.safetensors"):
+        f.unlink()
+    cfg = dataclasses.replace(prop["cfg"], run=run, directions_chunk=2, ggn_kept_pairs=0)
+    import pipeline.influence.directions as directions
+
+    sizes, kept = [], []
+    embed = directions.ClipFunctions.embed
+    init = directions.GaussNewton.__init__
+
+    def counted(self, p, images, tokens):
+        sizes.append(images.shape[0])
+        return embed(self, p, images, tokens)
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        kept.append(len(self.ops))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(directions.ClipFunctions, "embed", counted)
+        mp.setattr(directions.GaussNewton, "__init__", spy)
+        ensure_directions(cfg, RunDir(run), load_trajectory(RunDir(run)))
+    assert max(sizes) == 2 and kept and set(kept) == {0}
+    new = RunDir(run)
+    for c in load_trajectory(src).checkpoints:
+        for a, b in [
+            (src.directions(c.step), new.directions(c.step)),
+            (propagated_url(src, c.step), propagated_url(new, c.step)),
+        ]:
+            want, got = load_tensors(a)[0], load_tensors(b)[0]
+            assert set(got) == set(want)
+            for k in want:
+                scale = float(want[k].abs().max()) or 1.0
+                assert float((got[k] - want[k]).abs().max()) / scale < 1e-9, (b, k)
