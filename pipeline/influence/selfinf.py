@@ -24,8 +24,9 @@ per-sample gradient along g_B), with no projection. ||g_z||^2 is exact under (1)
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -95,6 +96,27 @@ class SelfConfig:
         }
 
 
+@contextlib.contextmanager
+def deterministic_on(device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms for the block on a CUDA device, as they were after it.
+
+    CUDA's index_add_ adds with atomics, in no fixed order, so a sketch (and
+    the score) would move in the last bits from run to run; its deterministic
+    algorithm sorts the indices first. Scoped: cuBLAS refuses to run under the
+    global flag without a workspace setting.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 class CountSketch:
     """Seeded count-sketch of model-sized vectors: coordinate i -> bucket h(i), sign s(i)."""
 
@@ -123,7 +145,8 @@ class CountSketch:
         out = torch.zeros(first.shape[0], self.dim, dtype=first.dtype, device=first.device)
         for name, g in grads.items():
             flat = g.reshape(g.shape[0], -1) * self.signs[name].to(g.device, g.dtype)
-            out.index_add_(1, self.buckets[name].to(g.device), flat)
+            with deterministic_on(g.device):
+                out.index_add_(1, self.buckets[name].to(g.device), flat)
         return out
 
 

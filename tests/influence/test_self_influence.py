@@ -262,3 +262,38 @@ def test_the_sketch_tables_are_drawn_once_on_the_host_and_kept_on_the_device():
     for name in shapes:  # the same seeded tables whatever the device
         assert torch.equal(host.buckets[name], again.buckets[name])
         assert torch.equal(host.signs[name], again.signs[name])
+
+
+def test_cuda_sketches_add_under_deterministic_algorithms_and_restore_the_flag(monkeypatch):
+    """CUDA's index_add_ adds with atomics in no fixed order (GPU-path review): the sketch
+    runs under deterministic algorithms there, scoped, since cuBLAS refuses the global flag
+    without a workspace setting. No GPU here: the flag itself is what is checked."""
+    import contextlib
+
+    import pipeline.influence.selfinf as selfinf
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    with selfinf.deterministic_on(torch.device("cuda")):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+    with selfinf.deterministic_on(torch.device("cpu")):
+        assert not torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a user's own setting is kept
+    try:
+        with selfinf.deterministic_on(torch.device("cuda")):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recorded(device):
+        seen.append(device)
+        yield
+
+    monkeypatch.setattr(selfinf, "deterministic_on", recorded)
+    sketch = CountSketch({"a": torch.Size([3]), "b": torch.Size([2, 2])}, 4, seed=1)
+    sketch({"a": torch.ones(5, 3), "b": torch.ones(5, 2, 2)})
+    assert seen == [torch.device("cpu")] * 2
