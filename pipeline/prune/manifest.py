@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from fsspec.core import split_protocol, url_to_fs
 
 from pipeline.data.reader import ShardReadError, iter_raw, json_uid, normal_name
-from pipeline.data.shards import shard_stamps
+from pipeline.data.shards import absolute_pattern, shard_stamps
 from pipeline.data.tarwriter import ShardWriter, brace_pattern
 from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
@@ -124,7 +124,7 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     run.update_run_json(
         f"prune/{cfg.manifest_name}", {"config": cfg.to_dict(), "kept": manifest["kept"]}
     )
-    return {**manifest, "dir": out}
+    return {**manifest, "dir": absolute_pattern(out)}
 
 
 def _build(
@@ -199,7 +199,8 @@ def _build(
     n_shards, sizes = len(writer.shards), writer.sizes
 
     n_uids = save_uid_halves(join(build, "uids.npy"), uid_hi, uid_lo)
-    shards_dir = join(final, "shards")
+    # absolute: the manifest is read from wherever open_clip or the user runs
+    shards_dir = absolute_pattern(join(final, "shards"))
     pattern = brace_pattern(shards_dir, 0, n_shards - 1, digits) if n_shards else ""
     train_data, reader_note = open_clip_train_data(pattern)
     rule: dict[str, Any] = {"kind": cfg.rule, **cfg.to_dict()}

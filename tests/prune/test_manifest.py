@@ -775,3 +775,20 @@ def test_scores_of_a_run_trained_again_are_refused_downstream(tiny_run, tiny_sco
             ConfigError, match="another trajectory.*trained or imported again.*diffin score"
         ):
             stage()
+
+
+def test_a_run_given_by_a_relative_path_gets_absolute_shard_urls(
+    tiny_scored, tmp_path, monkeypatch
+):
+    """Walkthrough: shards_url and the returned dir were relative to where prune ran, so
+    they named no shards from anywhere else (train_data alone was made absolute)."""
+    shutil.copytree(tiny_scored["run"], tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    result = write_manifest(PruneConfig(run="run", keep=KEEP, shard_size=SHARD_SIZE))
+    out = tmp_path / "run" / "prune" / Path(result["dir"]).name
+    assert result["dir"] == str(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards_url"].startswith(f"{out}/shards/{{")
+    assert manifest["train_data"] == manifest["shards_url"]
+    monkeypatch.chdir("/")
+    assert len(expand_pattern(manifest["shards_url"])) == manifest["shards"]
