@@ -192,14 +192,16 @@ def main() -> None:
     args.out = args.out or "docs/figures/directions_memory{}.json".format(
         "" if args.stage == "target" else f"_{args.stage}"
     )
+    sizes = (
+        {"refs": args.refs, "targets": args.targets, "former_chunk": FORMER_CHUNK}
+        if args.stage == "target"
+        else {"batch": args.batch}
+    )
     out: dict = {
         "stage": args.stage,
-        "batch": args.batch,
         "model": args.model,
-        "refs": args.refs,
-        "targets": args.targets,
+        **sizes,
         "chunk": args.chunk,
-        "former_chunk": FORMER_CHUNK,
         "environment": environment(),
     }
     vectors = {}

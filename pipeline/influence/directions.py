@@ -66,12 +66,14 @@ class Directions:
 
 
 def _leaves(params: Params) -> Params:
-    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    # detached views, not copies: a model-sized copy per chunk would be waste (nothing
+    # writes to them in place)
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
 
 # Pairs per differentiated pass in the directions stage (targets with their K references,
-# and each gradient batch): the memory of those passes grows with it (ViT-B-32: about
-# 0.24 GiB a pair), not with K or --batch-size.
+# and each gradient batch): the memory of those passes grows with it (ViT-B-32: 0.15 to
+# 0.2 GiB a pair on the host, docs/benchmarks.md), not with K or --batch-size.
 PAIRS_PER_PASS = 64
 
 EmbeddingLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -86,8 +88,9 @@ def _whole_gradient_and_hvp(
     vector: Params | None,
     fixed: Params,
 ) -> tuple[Params, Params | None]:
-    """The same, all pairs in one differentiated pass: for pairs that fit in one chunk, half
-    the time of the chained passes (the proxy's default batch of 64 on diffin-small)."""
+    """The same, all pairs in one differentiated pass, for pairs that fit in one chunk: the
+    chained passes took 2.2 times as long and 1.4 times the memory on the proxy's default
+    batch of 64 (diffin-small, ``benchmarks/directions_memory.py --stage batch --batch 64``)."""
     p = _leaves(params)
     with derivative_mode():
         full = {**fixed, **p}
@@ -134,6 +137,8 @@ def chained_gradient_and_hvp(
     ``fixed``: parameters held constant (the derivatives are in ``params``).
     """
     fixed = fixed or {}
+    if vector is not None:
+        vector = {k: vector[k] for k in params}  # torch.func matches dicts by key order
     if images.shape[0] <= chunk:
         return _whole_gradient_and_hvp(fns, params, images, tokens, loss_of, vector, fixed)
     spans = [slice(i, i + chunk) for i in range(0, images.shape[0], chunk)]
@@ -186,6 +191,9 @@ def chained_gradient_and_hvp(
             for h, k in zip(hv, p, strict=True):
                 if h is not None:
                     h_total[k] += h.detach()
+            del hv, second
+        # before the next chunk's passes: this chunk's graph and model-sized results
+        del grads, p, img, txt, pulled
     if learns_scale:
         total["logit_scale"] += a[2].detach()
         if h_total is not None:
@@ -238,12 +246,19 @@ def _loss_of_logits(logits: torch.Tensor) -> torch.Tensor:
 GGN_KEPT_PAIRS = 512
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device; None for the host, whose free memory says little about
-    what this process may take (the kept pairs bound it there)."""
+def _room(device: torch.device) -> int | None:
+    """Bytes this process can still allocate on a CUDA device: the device's free memory and
+    what PyTorch's caching allocator holds unused (a previous checkpoint's graphs); None for
+    the host, whose free memory says little about what this process may take (the kept pairs
+    bound it there)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)[0]
+    free = torch.cuda.mem_get_info(device)[0]
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 class GaussNewton:
@@ -264,7 +279,8 @@ class GaussNewton:
     forward-mode passes, H_logits in embedding space, and J_E' by a forward
     and a backward pass per ``chunk`` pairs. On a GPU, graphs stop being kept
     early when less than twice one batch's graph is left free (the products
-    need room), or when keeping one runs out of memory.
+    need room), or when keeping one runs out of memory (kept batches are then
+    chunked until there is that room).
     """
 
     def __init__(
@@ -277,34 +293,48 @@ class GaussNewton:
     ) -> None:
         self.fns, self.params, self.chunk = fns, params, chunk
         self.names = list(params)
-        self.ops = []  # (logits, pull, push, loss_grad) of the batches kept whole
+        self.ops = []  # (images, tokens, logits, pull, push, loss_grad): the batches kept
         self.chunked = []  # (images, tokens, img, txt) of the others: their embeddings only
         kept, keeping, graph_bytes = 0, True, 0
         for images, tokens in batches:
+            device = images.device
             if keeping and kept + images.shape[0] <= kept_pairs:
-                free = _free_bytes(images.device)
-                if free is not None and free < 2 * graph_bytes:
+                room = _room(device)
+                if room is not None and room < 2 * graph_bytes:
                     # the products need room too: about one batch's graph of temporaries
                     keeping = False
                     log.info("Gauss-Newton: %d pairs kept (GPU memory); the rest chunked", kept)
                 else:
+                    before, failed = _allocated(device), False
                     try:
-                        self.ops.append(self._kept(images, tokens))
+                        self.ops.append((images, tokens, *self._kept(images, tokens)))
                     except torch.OutOfMemoryError:
-                        keeping = False
-                        torch.cuda.empty_cache()
-                        log.warning(
-                            "Gauss-Newton: out of GPU memory keeping a batch's graph after %d "
-                            "pairs; the rest are chunked (lower --ggn-kept-pairs to skip this)",
-                            kept,
-                        )
-                    else:
+                        failed = True
+                    if not failed:
                         kept += images.shape[0]
-                        after = _free_bytes(images.device)
-                        if free is not None and after is not None:
-                            graph_bytes = max(graph_bytes, free - after)
+                        graph_bytes = max(graph_bytes, _allocated(device) - before)
                         continue
+                    keeping = False
+                    kept -= self._make_room(device, graph_bytes)
+                    log.warning(
+                        "Gauss-Newton: out of GPU memory keeping a batch's graph; %d pairs kept, "
+                        "the rest chunked (lower --ggn-kept-pairs to skip this)",
+                        kept,
+                    )
             self.chunked.append(self._embedded(images, tokens))
+
+    def _make_room(self, device: torch.device, graph_bytes: int) -> int:
+        """After running out of memory (outside the ``except``, whose traceback held the
+        partial graph): release the cache, then chunk kept batches until the products have
+        twice a graph of room. Returns the pairs no longer kept."""
+        torch.cuda.empty_cache()
+        moved = 0
+        while self.ops and (room := _room(device)) is not None and room < 2 * graph_bytes:
+            images, tokens, *_ = self.ops.pop()
+            self.chunked.append(self._embedded(images, tokens))
+            moved += images.shape[0]
+            torch.cuda.empty_cache()
+        return moved
 
     def _kept(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
         fns = self.fns
@@ -330,7 +360,7 @@ class GaussNewton:
         vector = {k: vector[k] for k in self.names}  # torch.func matches dicts by key order
         out = {k: torch.zeros_like(v) for k, v in vector.items()}
         with derivative_mode():
-            for logits, pull, push, loss_grad in self.ops:
+            for _, _, logits, pull, push, loss_grad in self.ops:
                 (j_v,) = push(vector)
                 _, h_j_v = jvp(loss_grad, (logits,), (j_v.detach(),))
                 (g,) = pull(h_j_v.detach())
@@ -383,6 +413,7 @@ class GaussNewton:
             ):
                 if g is not None:
                     out[k] += g
+            del p, e_img, e_txt, pulled  # before the next chunk's passes
         out["logit_scale"] += y_s.detach()
 
 

@@ -1069,5 +1069,32 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         "steady_samples_per_second": steady_rate(finished),
         "target": target,
     }
+    earlier = _earlier_scoring(run, summary)
+    if earlier:
+        summary["earlier_scoring"] = earlier
     run.update_run_json("score", {"config": cfg.to_dict(), "summary": summary})
     return summary
+
+
+# what a run that scored measured, which a rerun that scored nothing cannot
+RATE_KEYS = (
+    "seconds",
+    "scoring_seconds",
+    "samples_scored_now",
+    "samples_per_second",
+    "steady_samples_per_second",
+    "actors",
+)
+
+
+def _earlier_scoring(run: RunDir, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The rates of the last run that scored, kept through reruns that scored nothing (which
+    replaced them in run.json with nulls; walkthrough)."""
+    if summary["samples_scored_now"] or not exists(run.run_json):
+        return None
+    before = read_json(run.run_json).get("score", {}).get("summary") or {}
+    if before.get("earlier_scoring"):
+        return before["earlier_scoring"]
+    if before.get("samples_scored_now"):
+        return {k: before.get(k) for k in RATE_KEYS}
+    return None

@@ -36,14 +36,19 @@ def test_fast_equals_exact_double_backward(setup):
         assert _rel(fast[term], exact[term]) < 1e-6, term
 
 
-def test_u_is_the_target_hessian_along_g_B(setup):
-    """u = H_V g_B (double backward) against a central difference of target gradients."""
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_u_is_the_target_hessian_along_g_B(setup, chunk):
+    """u = H_V g_B (double backward) against a central difference of target gradients; by
+    the chain rule through the embeddings (chunk 4 of 12 pairs) and whole (64)."""
+    from pipeline.influence.directions import target_gradient_and_hvp
+
     fns, params, directions, _, _, target = setup
+    _, u = target_gradient_and_hvp(fns, params, *target, directions.g_B, chunk)
     h = 1e-5 / float(norm(directions.g_B))
-    plus = target_gradient(fns, axpy(h, directions.g_B, params), *target)
-    minus = target_gradient(fns, axpy(-h, directions.g_B, params), *target)
+    plus = target_gradient(fns, axpy(h, directions.g_B, params), *target, chunk=chunk)
+    minus = target_gradient(fns, axpy(-h, directions.g_B, params), *target, chunk=chunk)
     diff = {k: (plus[k] - minus[k]) / (2 * h) for k in params}
-    err = float(norm({k: diff[k] - directions.u[k] for k in params}) / norm(directions.u))
+    err = float(norm({k: diff[k] - u[k] for k in params}) / norm(u))
     assert err < 1e-6, err
 
 
@@ -193,12 +198,19 @@ def test_the_chunked_batch_derivatives_equal_the_whole_batch_differentiated(setu
     assert float(h["logit_scale"]) != 0.0 and float(g["logit_scale"]) != 0.0
 
 
-def test_the_chunked_batch_derivatives_in_a_subset_hold_the_rest_fixed(setup):
-    # the self-influence's Lanczos differentiates a subset of the layers (logit scale fixed)
+@pytest.mark.parametrize("learned_scale", [False, True])
+def test_the_chunked_batch_derivatives_in_a_subset_hold_the_rest_fixed(setup, learned_scale):
+    # the self-influence's Lanczos differentiates a subset of the layers: without the logit
+    # scale, or (its default split) everything but the token embedding
     from pipeline.influence.directions import batch_gradient_and_hvp
 
     fns, params, directions, grad_batches, _, _ = setup
-    names = [k for k in params if k.startswith("visual.") or k == "text_projection"]
+    names = (
+        [k for k in params if k != "token_embedding.weight"]
+        if learned_scale
+        else [k for k in params if k.startswith("visual.") or k == "text_projection"]
+    )
+    assert ("logit_scale" in names) == learned_scale and "token_embedding.weight" in params
     sub = {k: params[k] for k in names}
     fixed = {k: v for k, v in params.items() if k not in sub}
     vector = {k: directions.g_V[k] for k in names}

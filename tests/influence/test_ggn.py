@@ -90,22 +90,31 @@ def test_batches_beyond_the_kept_pairs_give_the_same_product(setup, monkeypatch)
     assert max(sizes) == 2
 
 
+def _rel(got, want):
+    return max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want)
+
+
 def test_on_a_full_gpu_the_graphs_stop_being_kept(setup, monkeypatch):
-    """No GPU here: the device's free memory is given. After the first batch's graph took
-    90 of 100 bytes, 10 are left, less than twice a graph (the products need room)."""
+    """No GPU here: the device's memory is given. The first batch's graph took 50 bytes;
+    60 are left, less than twice a graph (the products need room), though more than one."""
     import pipeline.influence.directions as directions
 
     fns, params, batches, (v, _) = setup
-    free = iter([100, 10, 10])
-    monkeypatch.setattr(directions, "_free_bytes", lambda device: next(free))
+    room, allocated = iter([100, 60]), iter([0, 50])
+    monkeypatch.setattr(directions, "_room", lambda device: next(room))
+    monkeypatch.setattr(directions, "_allocated", lambda device: next(allocated))
     ggn = GaussNewton(fns, params, batches)
     assert len(ggn.ops) == 1 and len(ggn.chunked) == 1
-    want = GaussNewton(fns, params, batches, kept_pairs=0)(v)
-    got = ggn(v)
-    assert max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want) < 1e-9
+    assert _rel(ggn(v), GaussNewton(fns, params, batches, kept_pairs=0)(v)) < 1e-9
 
 
-def test_running_out_of_memory_keeping_a_graph_chunks_the_rest(setup, monkeypatch, caplog):
+@pytest.mark.parametrize("room_after", [None, 10])
+def test_running_out_of_memory_keeping_a_graph_chunks_the_rest(
+    setup, monkeypatch, caplog, room_after
+):
+    """The second batch's graph runs out of memory. The first stays kept while the products
+    have room (None: the host, no figure); with 10 bytes against a graph of 50 it is chunked
+    too."""
     import pipeline.influence.directions as directions
 
     fns, params, batches, (v, _) = setup
@@ -120,9 +129,14 @@ def test_running_out_of_memory_keeping_a_graph_chunks_the_rest(setup, monkeypatc
 
     directions_vjp = directions.vjp
     monkeypatch.setattr(directions, "vjp", vjp)
+    rooms = iter([None if room_after is None else 1000] * 2 + [room_after] * 9)
+    monkeypatch.setattr(directions, "_room", lambda device: next(rooms))
+    allocated = iter([0, 50, 50])
+    monkeypatch.setattr(directions, "_allocated", lambda device: next(allocated))
     with caplog.at_level("WARNING"):
         ggn = GaussNewton(fns, params, batches)
-    assert len(ggn.ops) == 1 and len(ggn.chunked) == 1
+    kept = 0 if room_after == 10 else 1
+    assert len(ggn.ops) == kept and len(ggn.chunked) == 2 - kept
     assert "out of GPU memory" in caplog.text and "--ggn-kept-pairs" in caplog.text
-    got = ggn(v)
-    assert max(float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want) < 1e-9
+    assert f"{5 * kept} pairs kept" in caplog.text
+    assert _rel(ggn(v), want) < 1e-9

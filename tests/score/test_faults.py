@@ -470,6 +470,7 @@ def test_shards_with_fewer_samples_than_img2dataset_wrote_are_reported(
     try:
         summary = run_scoring(cfg)
         again = run_scoring(cfg)  # everything resumed: the summary still says so
+        third = run_scoring(cfg)
     finally:
         ray.shutdown()
     for s in (summary, again):
@@ -480,6 +481,15 @@ def test_shards_with_fewer_samples_than_img2dataset_wrote_are_reported(
     assert (
         summary["samples_per_second"] > 0 and again["samples_per_second"] is None
     )  # none measured
+    # walkthrough: a rerun that scored nothing replaced the scoring run's rates in run.json;
+    # they are kept beside it, through any number of such reruns
+    earlier = {k: summary[k] for k in ("seconds", "samples_per_second", "actors")}
+    for s in (again, third):
+        assert {k: s["earlier_scoring"][k] for k in earlier} == earlier
+    with open(os.path.join(run, "run.json")) as f:
+        stored = json.load(f)["score"]["summary"]["earlier_scoring"]
+    assert stored["samples_per_second"] == summary["samples_per_second"]
+    assert "earlier_scoring" not in summary
 
 
 def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_path, caplog):
