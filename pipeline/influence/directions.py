@@ -72,8 +72,8 @@ def _leaves(params: Params) -> Params:
 
 
 # Pairs per differentiated pass in the directions stage (targets with their K references,
-# and each gradient batch): the memory of those passes grows with it (ViT-B-32: 0.15 to
-# 0.2 GiB a pair on the host, docs/benchmarks.md), not with K or --batch-size.
+# and each gradient batch): the memory of those passes grows with it (ViT-B-32: 0.2 to
+# 0.25 GiB a pair on the host, docs/benchmarks.md), not with K or --batch-size.
 PAIRS_PER_PASS = 64
 
 EmbeddingLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -241,8 +241,8 @@ def _loss_of_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 # Pairs of gradient batches whose graphs the Gauss-Newton operator keeps (k = 4 batches of
-# 128; the proxy's default batch is 64): 2.3 times faster products than the batches beyond,
-# applied a chunk at a time, but about 0.13 GiB a pair for ViT-B-32 (docs/benchmarks.md).
+# 128; the proxy's default batch is 64): 1.8 times faster products than the batches beyond,
+# applied a chunk at a time, but about 0.14 GiB a pair for ViT-B-32 (docs/benchmarks.md).
 GGN_KEPT_PAIRS = 512
 
 

@@ -86,7 +86,7 @@ class ScoreConfig:
     self_dim: int = 2048  # count-sketch dimension for diffin_self (self_hb="fisher")
     memory_mb: int = 1024  # per-actor budget for per-sample gradients in flight (diffin_self)
     # Pairs per differentiated pass of the directions stage: its memory grows with this, not
-    # with K or the proxy's batch size (0.15 to 0.2 GiB a pair for ViT-B-32 on the host).
+    # with K or the proxy's batch size (0.2 to 0.25 GiB a pair for ViT-B-32 on the host).
     directions_chunk: int = PAIRS_PER_PASS
     # Pairs of gradient batches whose graphs the propagated form's Gauss-Newton operator keeps
     # (faster products); the batches beyond are recomputed a chunk at a time (0: none kept).
