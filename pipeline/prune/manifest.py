@@ -122,7 +122,8 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
         log.error("prune: the new manifest could not be moved to %s; it is whole in %s", out, build)
         raise
     run.update_run_json(
-        f"prune/{cfg.manifest_name}", {"config": cfg.to_dict(), "kept": manifest["kept"]}
+        f"prune/{cfg.manifest_name}",
+        {"config": cfg.to_dict(), "kept": manifest["kept"], "seconds": manifest["seconds"]},
     )
     return {**manifest, "dir": absolute_pattern(out)}
 

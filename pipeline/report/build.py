@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
 from pipeline.evaluation.retrain import METRICS, load_truth, pool_truth, summarise
+from pipeline.prune.config import NOT_KEEP_FIRST, check_rank_column
 from pipeline.report import page as P
 from pipeline.report.plots import metric_vs_keep, score_histograms
 from pipeline.report.thumbnails import thumbnails
@@ -93,14 +94,21 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     meta = table_metadata(run.scores)
     columns = _columns(run.scores)
     methods = scorer_columns(columns, meta)
-    if method is None and "diffin" not in methods:
+    # the galleries rank high = helpful, as prune keeps: never by a column whose high values
+    # are the worst (walkthrough: loss_raw showed the cleanest pairs as the most harmful)
+    rankable = [m for m in methods if m not in NOT_KEEP_FIRST]
+    if method is not None:
+        check_rank_column("method", method)
+    elif "diffin" not in methods:
+        if not rankable:
+            raise ConfigError(f"method: no column of {methods} ranks high = keep first")
         log.warning(
             "report: the table has no diffin column; the galleries rank by %s (--method to "
             "choose another of %s)",
-            methods[0],
-            methods,
+            rankable[0],
+            rankable,
         )
-    method = method or ("diffin" if "diffin" in methods else methods[0])
+    method = method or ("diffin" if "diffin" in methods else rankable[0])
     if method not in columns or method in BASE:
         raise ConfigError(f"method: no column {method!r} in the score table; scorers: {methods}")
     # captions come from the shards for the few rows shown, not from the whole table
@@ -193,7 +201,12 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
 
     prov_rows = []
     for stage, value in sorted(record.items()):
-        seconds = value.get("seconds") if isinstance(value, dict) else None
+        # the score stage keeps its seconds in its summary (walkthrough: the row was blank)
+        seconds = (
+            value.get("seconds", (value.get("summary") or {}).get("seconds"))
+            if isinstance(value, dict)
+            else None
+        )
         prov_rows.append([stage, "" if seconds is None else seconds])
     traj = read_json(run.trajectory_json) if exists(run.trajectory_json) else {}
     ckpts = [[c["step"], c["lr"], c["sha256"]] for c in traj.get("checkpoints", [])]

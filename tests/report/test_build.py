@@ -104,6 +104,16 @@ def test_unknown_method_is_refused(tiny_scored):
         build_report(tiny_scored["run"], method="nope")
 
 
+@pytest.mark.parametrize(
+    "method, why", [("loss_raw", "higher = worse"), ("index", "not a score column")]
+)
+def test_galleries_refuse_columns_prune_refuses(tiny_scored, method, why):
+    """Walkthrough: --method loss_raw titled the cleanest pairs "most harmful" (its high
+    values are the worst); index was called missing, though it is in the table."""
+    with pytest.raises(ConfigError, match=f"^method: '{method}' .*{why}"):
+        build_report(tiny_scored["run"], method=method)
+
+
 def test_scorer_columns_leave_out_per_checkpoint_components():
     cols = ["uid", "status", "diffin", "diffin_first_t10", "tracin", "tracin_t10", "loss_raw"]
     assert scorer_columns(cols, {}) == ["diffin", "tracin", "loss_raw"]
@@ -156,3 +166,26 @@ def test_an_evaluation_of_an_earlier_score_table_is_not_shown(reported, tmp_path
     html = open(build_report(run, top=2)).read()
     assert "made from an earlier score table" in html
     assert "diffin@0.5" not in html and "random@0.5" not in html
+
+
+def test_the_provenance_table_gives_the_seconds_of_score_and_prune(tiny_scored, tmp_path):
+    """Walkthrough: the score row was blank (its seconds are in its summary) and so were the
+    prune rows (run.json held only their config and count)."""
+    import json
+    import re
+
+    from pipeline.prune.config import PruneConfig
+    from pipeline.prune.manifest import write_manifest
+
+    from pipeline.rundir import RunDir
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    # the fixture's table was merged without the driver: its record, as the driver writes it
+    RunDir(run).update_run_json("score", {"config": {}, "summary": {"seconds": 12.5}})
+    write_manifest(PruneConfig(run=run, keep=0.5, name="half"))
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["prune/half"]["seconds"] >= 0
+    html = open(build_report(run, top=2)).read()
+    rows = dict(re.findall(r'<tr><td class="text">([^<]+)</td><td>([^<]*)</td></tr>', html))
+    assert float(rows["score"]) == pytest.approx(record["score"]["summary"]["seconds"])
+    assert float(rows["prune/half"]) == pytest.approx(record["prune/half"]["seconds"])
