@@ -144,9 +144,21 @@ def create(
         if pretrained is None:
             raise
         # open_clip reports another architecture's weights with an assert or a
-        # state-dict error: name the file and the model instead.
+        # state-dict error, and a file that is no checkpoint with a pickle error:
+        # name the file, the model and what is expected instead.
+        detail = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}"
+        )
+        if isinstance(exc, pickle.UnpicklingError):
+            # torch's own text suggests weights_only=False, which diffin never uses
+            detail = (
+                "torch.load(weights_only=True) refused it: it is no checkpoint, or it pickles "
+                "objects other than tensors"
+            )
         raise ConfigError(
-            f"pretrained: cannot load {pretrained!r} into {name!r}: {type(exc).__name__}: {exc}"
+            f"pretrained: cannot load {pretrained!r} into {name!r}: {detail} (expected an "
+            "open_clip checkpoint, a state dict saved with torch.save, or a .safetensors file, "
+            "of this architecture)"
         ) from exc
     finally:
         root.setLevel(level)

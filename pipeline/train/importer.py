@@ -170,7 +170,9 @@ def resolve_model(oc: OpenClipRun, model: str | None) -> str:
         if factory.model_config(candidate) == want:
             return candidate
     raise ConfigError(
-        f"import: the run's model {name!r} matches no registered architecture; pass --model"
+        f"import: the run's model {name!r} matches no registered architecture; pass --model "
+        f"{name} (the same directory, readable from every scoring node) or a registered name "
+        "with the same architecture"
     )
 
 

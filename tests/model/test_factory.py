@@ -151,8 +151,9 @@ def test_pretrained_files_named_like_run_paths_and_damaged_files(tmp_path, monke
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
     cut = (tmp_path / "w.safetensors").read_bytes()[:5]
     (tmp_path / "cut.safetensors").write_bytes(cut)
-    for bad in ("empty.pt", "cut.safetensors"):
-        with pytest.raises(ConfigError, match=f"pretrained: cannot load .*{bad}"):
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")  # walkthrough: "KeyError: 101"
+    for bad in ("empty.pt", "cut.safetensors", "notes.pt"):
+        with pytest.raises(ConfigError, match=f"pretrained: cannot load .*{bad}.*expected an"):
             factory.create("diffin-tiny", pretrained=str(tmp_path / bad))
     cfg_dir = factory.save_config_dir("diffin-tiny", tmp_path / "cfg")
     with pytest.raises(ConfigError, match="not used with hf-hub: or local-dir:"):

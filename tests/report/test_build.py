@@ -176,7 +176,6 @@ def test_the_provenance_table_gives_the_seconds_of_score_and_prune(tiny_scored, 
 
     from pipeline.prune.config import PruneConfig
     from pipeline.prune.manifest import write_manifest
-
     from pipeline.rundir import RunDir
 
     run = copy_run(tiny_scored["run"], tmp_path / "run")

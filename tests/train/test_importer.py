@@ -266,3 +266,23 @@ def test_open_clip_schedules_at_the_edges():
     csv = OpenClipRun("r", {**base, "train_data": "/d/train.csv"}, {})
     with pytest.raises(ConfigError, match="pass --steps-per-epoch"):
         csv.steps_per_epoch()
+
+
+def test_an_unregistered_local_dir_model_is_named_in_the_fix(tmp_path):
+    """Walkthrough: 'pass --model' did not say that the run's own local-dir: value is
+    accepted, so a user with their own architecture was stuck."""
+    import json
+
+    from pipeline.errors import ConfigError
+    from pipeline.model import factory
+    from pipeline.train.importer import OpenClipRun, resolve_model
+
+    cfg_dir = factory.save_config_dir("diffin-tiny", tmp_path / "custom")
+    path = cfg_dir / "open_clip_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["model_cfg"]["embed_dim"] += 16  # an architecture no registered name has
+    path.write_text(json.dumps(cfg))
+    oc = OpenClipRun("oc", {"model": f"local-dir:{cfg_dir}"}, {1: "oc/checkpoints/epoch_1.pt"})
+    with pytest.raises(ConfigError, match=f"pass --model local-dir:{cfg_dir} "):
+        resolve_model(oc, None)
+    assert resolve_model(oc, f"local-dir:{cfg_dir}") == f"local-dir:{cfg_dir}"
