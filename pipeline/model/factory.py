@@ -146,9 +146,8 @@ def create(
         # open_clip reports another architecture's weights with an assert or a
         # state-dict error, and a file that is no checkpoint with a pickle error:
         # name the file, the model and what is expected instead.
-        detail = (
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}"
-        )
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
         if isinstance(exc, pickle.UnpicklingError):
             # torch's own text suggests weights_only=False, which diffin never uses
             detail = (
