@@ -7,6 +7,7 @@ importing an external run (importer.py) build them the same way.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pipeline.model.batches import Inputs, encode
 from pipeline.rundir import RunDir
 from pipeline.tensors import save_tensors
 from pipeline.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,6 +109,14 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
     rng.shuffle(order)
     target = [ok[i] for i in sorted(order[: cfg.target_size])]
     train = [ok[i] for i in sorted(order[cfg.target_size :])]
+    if len(train) < cfg.reference_size:
+        # the record's pool.reference says how many; the config still says what was asked
+        log.warning(
+            "reference: the training split has %d pairs, fewer than --reference-size %d; "
+            "R is all of them",
+            len(train),
+            cfg.reference_size,
+        )
     ref_idx = sorted(rng.sample(range(len(train)), min(cfg.reference_size, len(train))))
     return Pool(train, target, [train[i] for i in ref_idx], read, errors)
 

@@ -471,3 +471,17 @@ def test_a_pool_larger_than_the_memory_left_is_refused_while_it_is_read(tiny_run
     monkeypatch.setattr(sets, "available_bytes", lambda: 2 * per_pair * 10)
     with pytest.raises(ConfigError, match=r"fewer than target_size \+ batch_size = 16: free"):
         load_pool(cfg, transform)
+
+
+def test_a_reference_set_cut_to_the_training_split_is_said(tiny_run, caplog):
+    """Walkthrough: a 320-pair pool silently gave 192 references for --reference-size 255."""
+    import dataclasses
+
+    cfg = tiny_run["config"]
+    n_train = len(load_pool(cfg).train)
+    with caplog.at_level("WARNING"):
+        pool = load_pool(dataclasses.replace(cfg, reference_size=n_train + 5))
+    assert len(pool.reference) == n_train
+    assert f"training split has {n_train} pairs, fewer than --reference-size {n_train + 5}" in (
+        caplog.text
+    )
