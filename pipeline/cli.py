@@ -541,7 +541,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         steps = training.get("steps", TrainConfig.steps)
         training["warmup"] = min(TrainConfig.warmup, max(0, steps // 10))
     return TrainConfig(
-        data=absolute_pattern(args.data),
+        data=args.data,
         run=args.run,
         model=args.model or TrainConfig.model,
         batch_size=TrainConfig.batch_size if args.batch_size is None else args.batch_size,
@@ -574,7 +574,7 @@ def run(args: argparse.Namespace) -> object:
             seed=args.seed,
         )
         # recorded absolute in synth.json: evaluate reads it from anywhere
-        return make_pool(absolute_pattern(args.out), cfg, overwrite=args.overwrite)
+        return make_pool(args.out, cfg, overwrite=args.overwrite)
     if args.command == "train":
         cfg = train_config(args)
         if args.import_dir is not None:
@@ -597,10 +597,10 @@ def run(args: argparse.Namespace) -> object:
 
         return run_scoring(
             ScoreConfig(
-                data=absolute_pattern(args.data),
+                data=args.data,
                 run=args.run,
                 methods=args.methods,
-                target=absolute_pattern(args.target),
+                target=args.target,
                 address=args.address,
                 workers=args.workers,
                 threads=args.threads,
@@ -644,11 +644,11 @@ def run(args: argparse.Namespace) -> object:
                 fusion_norm=args.fusion_norm or "zscore",
                 full=args.full,
                 max_pairs=args.max_pairs,
-                data=absolute_pattern(args.data),
-                eval_data=absolute_pattern(args.eval_data),
-                eval_labels=absolute_pattern(args.eval_labels),
-                classes=absolute_pattern(args.classes),
-                truth=absolute_pattern(args.truth),
+                data=args.data,
+                eval_data=args.eval_data,
+                eval_labels=args.eval_labels,
+                classes=args.classes,
+                truth=args.truth,
                 steps=args.steps,
                 batch_size=args.batch_size,
                 optimizer=args.optimizer,
@@ -767,6 +767,19 @@ PATH_OPTIONS = (
 )
 
 
+def absolute_paths(args: argparse.Namespace) -> None:
+    """Local paths made absolute before anything records them: a run records what it was
+    given, and later stages and the report read it from wherever they run (walkthrough:
+    --run, --import and --pretrained were recorded as typed). URLs stay as given."""
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, absolute_pattern(value))
+    pretrained = getattr(args, "pretrained", None)  # a file, or an open_clip tag
+    if pretrained and os.path.isfile(os.path.expanduser(pretrained)):
+        args.pretrained = os.path.abspath(os.path.expanduser(pretrained))
+
+
 def check_job_paths(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> None:
     """Inside a `ray job submit` entrypoint, refuse relative local paths.
 
@@ -795,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.verbose)
     try:
         check_job_paths(args)
+        absolute_paths(args)
         check_patterns(args)
         result = run(args)
     except ConfigError as exc:

@@ -331,12 +331,14 @@ def test_train_sizes_its_warm_up_from_the_steps_unless_given():
 def test_local_paths_are_recorded_absolute_and_max_samples_is_a_flag(tmp_path, monkeypatch):
     """Walkthrough: `--data pool/...` was recorded as typed, so evaluate and report run from
     another directory looked for the pool there; the 100,000-pair cap had no flag."""
-    from pipeline.cli import train_config
+    from pipeline.cli import absolute_paths, train_config
     from pipeline.prune.config import PruneConfig
 
     monkeypatch.chdir(tmp_path)
     argv = ["train", "--data", "pool/{00000..00002}.tar::s3://b/x.tar", "--run", "r"]
-    cfg = train_config(build_parser().parse_args([*argv, "--max-samples", "5000"]))
+    args = build_parser().parse_args([*argv, "--max-samples", "5000"])
+    absolute_paths(args)  # as main does, before any config is made
+    cfg = train_config(args)
     assert cfg.data == f"{tmp_path}/pool/{{00000..00002}}.tar::s3://b/x.tar"
     from pipeline.data.shards import absolute_pattern
 
@@ -394,3 +396,28 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     assert "(default: 1000)" in capsys.readouterr().out
+
+
+def test_local_paths_are_made_absolute_before_anything_records_them(tmp_path, monkeypatch):
+    """Walkthrough: --run, --import and --pretrained were recorded as typed ("runs/imp",
+    "oclogs/ocrun", "~/w.pt"), so run.json and the report named no file from elsewhere."""
+    from pipeline.cli import absolute_paths, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "w.pt").write_bytes(b"x")
+    parse = build_parser().parse_args
+    args = parse(["train", "--import", "oclogs/ocrun", "--data", "pool/{0..1}.tar", "--run", "r"])
+    absolute_paths(args)
+    assert (args.import_dir, args.run) == (f"{tmp_path}/oclogs/ocrun", f"{tmp_path}/r")
+    assert args.data == f"{tmp_path}/pool/{{0..1}}.tar"
+    for given, recorded in [
+        ("~/w.pt", f"{tmp_path}/home/w.pt"),
+        ("openai", "openai"),  # an open_clip tag, no file of that name here
+        ("s3://b/w.pt", "s3://b/w.pt"),
+    ]:
+        args = parse(["train", "--data", "s3://b/{0..1}.tar", "--run", "s3://b/r"])
+        args.pretrained = given
+        absolute_paths(args)
+        assert (args.pretrained, args.data, args.run) == (recorded, "s3://b/{0..1}.tar", "s3://b/r")
