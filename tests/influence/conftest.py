@@ -41,3 +41,22 @@ class Tiny64:
 @pytest.fixture(scope="session")
 def tiny64() -> type[Tiny64]:
     return Tiny64
+
+
+@pytest.fixture
+def count_pairs(monkeypatch) -> Callable:
+    """``count_pairs(fns)``: the list that will hold the pairs of each pass through
+    ``fns.embed`` (what bounds a chunked method's memory)."""
+
+    def install(fns) -> list[int]:
+        sizes: list[int] = []
+        embed = fns.embed
+
+        def counted(p, imgs, toks):
+            sizes.append(imgs.shape[0])
+            return embed(p, imgs, toks)
+
+        monkeypatch.setattr(fns, "embed", counted)
+        return sizes
+
+    return install

@@ -139,20 +139,13 @@ def test_the_chunked_target_derivatives_equal_the_whole_loss_differentiated(setu
     assert float(h["logit_scale"]) != 0.0 and float(g["logit_scale"]) != 0.0
 
 
-def test_no_pass_of_the_target_derivatives_takes_more_than_a_chunk_of_pairs(setup, monkeypatch):
+def test_no_pass_of_the_target_derivatives_takes_more_than_a_chunk_of_pairs(setup, count_pairs):
     # what bounds the memory: the former method embedded each chunk of targets together
     # with all K references in one differentiated pass
     from pipeline.influence.directions import target_gradient_and_hvp
 
     fns, params, directions, _, _, (images, tokens) = setup
-    sizes = []
-    embed = fns.embed
-
-    def counted(p, imgs, toks):
-        sizes.append(imgs.shape[0])
-        return embed(p, imgs, toks)
-
-    monkeypatch.setattr(fns, "embed", counted)
+    sizes = count_pairs(fns)
     target_gradient_and_hvp(fns, params, images, tokens, directions.g_B, chunk=3)
     k = fns.ref_images.shape[0]
     assert max(sizes) == 3 < k and sum(sizes) == 3 * (images.shape[0] + k)  # E, J v, passes
@@ -221,18 +214,11 @@ def test_the_chunked_batch_derivatives_in_a_subset_hold_the_rest_fixed(setup, le
     assert float(norm({k: h[k] - h0[k] for k in names}) / norm(h0)) < 1e-10
 
 
-def test_no_pass_of_the_batch_derivatives_takes_more_than_a_chunk_of_pairs(setup, monkeypatch):
+def test_no_pass_of_the_batch_derivatives_takes_more_than_a_chunk_of_pairs(setup, count_pairs):
     from pipeline.influence.directions import batch_gradient_and_hvp
 
     fns, params, directions, grad_batches, _, _ = setup
-    sizes = []
-    embed = fns.embed
-
-    def counted(p, imgs, toks):
-        sizes.append(imgs.shape[0])
-        return embed(p, imgs, toks)
-
-    monkeypatch.setattr(fns, "embed", counted)
+    sizes = count_pairs(fns)
     batch_gradient_and_hvp(fns, params, grad_batches, directions.g_V, chunk=4)
     pairs = sum(b[0].shape[0] for b in grad_batches)
     assert max(sizes) == 4 < grad_batches[0][0].shape[0] and sum(sizes) == 3 * pairs

@@ -68,19 +68,12 @@ def test_symmetric_and_positive_where_the_hessian_is_not(setup):
     assert float(dot(v, hv)) != pytest.approx(float(dot(v, gv)), rel=1e-3)
 
 
-def test_batches_beyond_the_kept_pairs_give_the_same_product(setup, monkeypatch):
+def test_batches_beyond_the_kept_pairs_give_the_same_product(setup, count_pairs):
     """A large --batch-size kept the graphs of all k batches. Beyond ``kept_pairs`` they are
     applied a chunk at a time: the same G v, and no pass of more than a chunk of pairs."""
     fns, params, batches, (v, _) = setup
     want = GaussNewton(fns, params, batches)(v)
-    sizes = []
-    embed = fns.embed
-
-    def counted(p, imgs, toks):
-        sizes.append(imgs.shape[0])
-        return embed(p, imgs, toks)
-
-    monkeypatch.setattr(fns, "embed", counted)
+    sizes = count_pairs(fns)
     ggn = GaussNewton(fns, params, batches, kept_pairs=0, chunk=2)
     assert not ggn.ops and len(ggn.chunked) == len(batches)
     got = ggn(v)
