@@ -379,10 +379,8 @@ class GaussNewton:
         img: torch.Tensor,
         txt: torch.Tensor,
     ) -> None:
-        params, spans = (
-            self.params,
-            [slice(i, i + self.chunk) for i in range(0, len(img), self.chunk)],
-        )
+        params = self.params
+        spans = [slice(i, i + self.chunk) for i in range(0, len(img), self.chunk)]
 
         def embed(p: Params, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
             return self.fns.embed(p, images[span], tokens[span])
