@@ -296,6 +296,8 @@ def test_the_fingerprint_covers_what_the_scores_depend_on_and_not_paths():
     # budget that changes only the chunk size does not change the scores.
     assert h(cfg=dataclasses.replace(cfg, self_dim=4096)) == base
     assert h(cfg=dataclasses.replace(cfg, memory_mb=4096)) == base
+    # memory knobs of the directions stage: the same vectors (tests/score/test_propagated.py)
+    assert h(cfg=dataclasses.replace(cfg, directions_chunk=8, ggn_kept_pairs=0)) == base
 
 
 def test_the_fingerprint_holds_only_the_options_the_requested_scorers_use(monkeypatch):
