@@ -280,7 +280,8 @@ class GaussNewton:
     and a backward pass per ``chunk`` pairs. On a GPU, graphs stop being kept
     early when less than twice one batch's graph is left free (the products
     need room), or when keeping one runs out of memory (kept batches are then
-    chunked until there is that room).
+    chunked until there is that room); a product that runs out of memory chunks
+    one more kept batch and starts again.
     """
 
     def __init__(
@@ -358,6 +359,23 @@ class GaussNewton:
 
     def __call__(self, vector: Params) -> Params:
         vector = {k: vector[k] for k in self.names}  # torch.func matches dicts by key order
+        while True:
+            try:
+                return self._product(vector)
+            except torch.OutOfMemoryError:
+                if not self.ops:
+                    raise
+            # outside the except, whose traceback holds the failed product's tensors
+            images, tokens, *_ = self.ops.pop()
+            torch.cuda.empty_cache()
+            self.chunked.append(self._embedded(images, tokens))
+            log.warning(
+                "Gauss-Newton: out of GPU memory in a product; one more batch chunked (%d "
+                "kept; lower --ggn-kept-pairs to skip this)",
+                len(self.ops),
+            )
+
+    def _product(self, vector: Params) -> Params:
         out = {k: torch.zeros_like(v) for k, v in vector.items()}
         with derivative_mode():
             for _, _, logits, pull, push, loss_grad in self.ops:

@@ -133,3 +133,37 @@ def test_running_out_of_memory_keeping_a_graph_chunks_the_rest(
     assert "out of GPU memory" in caplog.text and "--ggn-kept-pairs" in caplog.text
     assert f"{5 * kept} pairs kept" in caplog.text
     assert _rel(ggn(v), want) < 1e-9
+
+
+def test_a_product_that_runs_out_of_memory_chunks_a_kept_batch_and_starts_again(
+    setup, monkeypatch, caplog
+):
+    import pipeline.influence.directions as directions
+
+    fns, params, batches, (v, _) = setup
+    ggn = GaussNewton(fns, params, batches)
+    want = ggn(v)
+    assert len(ggn.ops) == 2
+    calls = []
+
+    def jvp(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second kept batch's logit-Hessian product
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return directions_jvp(*args, **kwargs)
+
+    directions_jvp = directions.jvp
+    monkeypatch.setattr(directions, "jvp", jvp)
+    with caplog.at_level("WARNING"):
+        got = ggn(v)
+    assert len(ggn.ops) == 1 and len(ggn.chunked) == 1
+    assert "out of GPU memory in a product" in caplog.text
+    assert _rel(got, want) < 1e-9
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    ggn = GaussNewton(fns, params, batches, kept_pairs=0)
+    monkeypatch.setattr(directions, "jvp", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # nothing kept to give up: raised, no loop
+        ggn(v)
