@@ -559,6 +559,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> object:
+    absolute_paths(args)  # first: every stage below records what it is given
     # Imports are deferred so that `diffin --help` and config errors stay fast.
     if args.command == "make-data":
         from pipeline.data.synth import SynthConfig, make_pool
@@ -770,14 +771,12 @@ PATH_OPTIONS = (
 def absolute_paths(args: argparse.Namespace) -> None:
     """Local paths made absolute before anything records them: a run records what it was
     given, and later stages and the report read it from wherever they run (walkthrough:
-    --run, --import and --pretrained were recorded as typed). URLs stay as given."""
+    --run and --import were recorded as typed). URLs stay as given. Not --pretrained: its
+    string is in the training fingerprint (a finished run would train again)."""
     for name in PATH_OPTIONS:
         value = getattr(args, name, None)
         if isinstance(value, str):
             setattr(args, name, absolute_pattern(value))
-    pretrained = getattr(args, "pretrained", None)  # a file, or an open_clip tag
-    if pretrained and os.path.isfile(os.path.expanduser(pretrained)):
-        args.pretrained = os.path.abspath(os.path.expanduser(pretrained))
 
 
 def check_job_paths(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> None:
@@ -808,7 +807,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.verbose)
     try:
         check_job_paths(args)
-        absolute_paths(args)
         check_patterns(args)
         result = run(args)
     except ConfigError as exc:

@@ -331,7 +331,7 @@ class GaussNewton:
         torch.cuda.empty_cache()
         moved = 0
         while self.ops and (room := _room(device)) is not None and room < 2 * graph_bytes:
-            images, tokens, *_ = self.ops.pop()
+            images, tokens = self.ops.pop()[:2]  # the graph goes with the popped entry
             self.chunked.append(self._embedded(images, tokens))
             moved += images.shape[0]
             torch.cuda.empty_cache()
@@ -366,7 +366,7 @@ class GaussNewton:
                 if not self.ops:
                     raise
             # outside the except, whose traceback holds the failed product's tensors
-            images, tokens, *_ = self.ops.pop()
+            images, tokens = self.ops.pop()[:2]  # the graph goes with the popped entry
             torch.cuda.empty_cache()
             self.chunked.append(self._embedded(images, tokens))
             log.warning(

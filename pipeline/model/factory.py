@@ -154,10 +154,14 @@ def create(
                 "torch.load(weights_only=True) refused it: it is no checkpoint, or it pickles "
                 "objects other than tensors"
             )
+        expected = (
+            ""
+            if isinstance(exc, OSError)  # unreadable, or a tag's download: not its content
+            else " (expected an open_clip checkpoint, a state dict saved with torch.save, or a "
+            ".safetensors file, of this architecture)"
+        )
         raise ConfigError(
-            f"pretrained: cannot load {pretrained!r} into {name!r}: {detail} (expected an "
-            "open_clip checkpoint, a state dict saved with torch.save, or a .safetensors file, "
-            "of this architecture)"
+            f"pretrained: cannot load {pretrained!r} into {name!r}: {detail}{expected}"
         ) from exc
     finally:
         root.setLevel(level)
