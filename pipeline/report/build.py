@@ -85,6 +85,29 @@ def _pairs(
     return items
 
 
+def gallery_method(methods: list[str], method: str | None) -> str:
+    """The column the galleries rank by: ``method``, else diffin, else the first scorer.
+
+    High = helpful, as prune keeps: never a column whose high values are the worst
+    (walkthrough: loss_raw showed the cleanest pairs as the most harmful).
+    """
+    if method is not None:
+        check_rank_column("method", method)
+        return method
+    if "diffin" in methods:
+        return "diffin"
+    rankable = [m for m in methods if m not in NOT_KEEP_FIRST]
+    if not rankable:
+        raise ConfigError(f"method: no column of {methods} ranks high = keep first")
+    log.warning(
+        "report: the table has no diffin column; the galleries rank by %s (--method to "
+        "choose another of %s)",
+        rankable[0],
+        rankable,
+    )
+    return rankable[0]
+
+
 def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     """Write RUN/report/index.html; returns its path."""
     run = RunDir(run_url)
@@ -94,21 +117,7 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     meta = table_metadata(run.scores)
     columns = _columns(run.scores)
     methods = scorer_columns(columns, meta)
-    # the galleries rank high = helpful, as prune keeps: never by a column whose high values
-    # are the worst (walkthrough: loss_raw showed the cleanest pairs as the most harmful)
-    rankable = [m for m in methods if m not in NOT_KEEP_FIRST]
-    if method is not None:
-        check_rank_column("method", method)
-    elif "diffin" not in methods:
-        if not rankable:
-            raise ConfigError(f"method: no column of {methods} ranks high = keep first")
-        log.warning(
-            "report: the table has no diffin column; the galleries rank by %s (--method to "
-            "choose another of %s)",
-            rankable[0],
-            rankable,
-        )
-    method = method or ("diffin" if "diffin" in methods else rankable[0])
+    method = gallery_method(methods, method)
     if method not in columns or method in BASE:
         raise ConfigError(f"method: no column {method!r} in the score table; scorers: {methods}")
     # captions come from the shards for the few rows shown, not from the whole table

@@ -188,3 +188,15 @@ def test_the_provenance_table_gives_the_seconds_of_score_and_prune(tiny_scored, 
     rows = dict(re.findall(r'<tr><td class="text">([^<]+)</td><td>([^<]*)</td></tr>', html))
     assert float(rows["score"]) == pytest.approx(record["score"]["summary"]["seconds"])
     assert float(rows["prune/half"]) == pytest.approx(record["prune/half"]["seconds"])
+
+
+def test_without_diffin_the_galleries_rank_by_the_first_column_that_keeps_high(caplog):
+    from pipeline.report.build import gallery_method
+
+    with caplog.at_level("WARNING"):
+        assert gallery_method(["loss_raw", "loss", "tracin"], None) == "loss"
+    assert "rank by loss" in caplog.text
+    assert gallery_method(["loss_raw", "diffin"], None) == "diffin"
+    assert gallery_method(["loss_raw", "diffin"], "tracin") == "tracin"  # checked later
+    with pytest.raises(ConfigError, match="no column of"):
+        gallery_method(["loss_raw"], None)
