@@ -299,7 +299,10 @@ def import_open_clip_run(
     }
     write_json(run.trajectory_json, record)
     remove_stale_checkpoints(run, record["checkpoints"])
-    run.update_run_json("train", {"imported_from": oc.url, "config": record["config"]})
+    run.update_run_json(
+        "train",
+        {"imported_from": oc.url, "config": record["config"], "seconds": record["seconds"]},
+    )
     log.info("imported %d checkpoints (%d steps) from %s", len(saved), total, oc.url)
     return record
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import subprocess
@@ -103,6 +104,8 @@ def test_import_records_open_clip_steps_rates_and_weights(oc_run, tmp_path):
     per_epoch = SAMPLES // BATCH
     total = per_epoch * EPOCHS
     assert rec["model"] == "diffin-tiny"  # the local-dir architecture, by its registered name
+    recorded = json.loads(Path(run, "run.json").read_text())["train"]
+    assert recorded["seconds"] == rec["seconds"]  # walkthrough: the report's row was blank
     assert rec["steps"] == total and rec["n_train"] == SAMPLES and rec["batch_size"] == BATCH
     assert [c["step"] for c in rec["checkpoints"]] == [per_epoch * k for k in (1, 2)]
     assert rec["optimizer"]["name"] == "adamw"
