@@ -79,6 +79,24 @@ PAIRS_PER_PASS = 64
 EmbeddingLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+Embed = Callable[[Params, slice], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _in_chunks(
+    embed: Embed, params: Params, spans: list[slice], vector: Params | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image and text embeddings of every span, or (``vector``) their JVP along it:
+    forward passes without a graph, one span at a time."""
+    with torch.no_grad(), derivative_mode():
+        if vector is None:
+            parts = [embed(params, span) for span in spans]
+        else:
+            parts = [
+                jvp(lambda p, span=span: embed(p, span), (params,), (vector,))[1] for span in spans
+            ]
+    return torch.cat([e[0] for e in parts]), torch.cat([e[1] for e in parts])
+
+
 def _whole_gradient_and_hvp(
     fns: ClipFunctions,
     params: Params,
@@ -146,15 +164,8 @@ def chained_gradient_and_hvp(
     def embed(p: Params, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return fns.embed({**fixed, **p}, images[span], tokens[span])
 
-    with torch.no_grad(), derivative_mode():
-        emb = [embed(params, span) for span in spans]
-        d_emb = (
-            [jvp(lambda p, span=span: embed(p, span), (params,), (vector,))[1] for span in spans]
-            if vector is not None
-            else None
-        )
-    e_img = torch.cat([e[0] for e in emb]).requires_grad_(True)
-    e_txt = torch.cat([e[1] for e in emb]).requires_grad_(True)
+    e_img, e_txt = (e.requires_grad_(True) for e in _in_chunks(embed, params, spans))
+    d_emb = _in_chunks(embed, params, spans, vector) if vector is not None else None
     learns_scale = "logit_scale" in params
     scale = {**fixed, **params}["logit_scale"].detach().requires_grad_(learns_scale)
     loss = loss_of(e_img, e_txt, scale)
@@ -162,9 +173,7 @@ def chained_gradient_and_hvp(
     a = torch.autograd.grad(loss, inputs, create_graph=vector is not None)
     if vector is not None:
         assert d_emb is not None
-        along = (a[0] * torch.cat([d[0] for d in d_emb])).sum() + (
-            a[1] * torch.cat([d[1] for d in d_emb])
-        ).sum()
+        along = (a[0] * d_emb[0]).sum() + (a[1] * d_emb[1]).sum()
         if learns_scale:
             along = along + (a[2] * vector["logit_scale"]).sum()
         da = torch.autograd.grad(along, inputs)
@@ -349,13 +358,12 @@ class GaussNewton:
         return logits.detach(), pull, push, grad(_loss_of_logits)
 
     def _embedded(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
-        c = self.chunk
-        with torch.no_grad(), derivative_mode():
-            emb = [
-                self.fns.embed(self.params, images[i : i + c], tokens[i : i + c])
-                for i in range(0, images.shape[0], c)
-            ]
-        return images, tokens, torch.cat([e[0] for e in emb]), torch.cat([e[1] for e in emb])
+        spans = [slice(i, i + self.chunk) for i in range(0, images.shape[0], self.chunk)]
+
+        def embed(p: Params, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.fns.embed(p, images[span], tokens[span])
+
+        return images, tokens, *_in_chunks(embed, self.params, spans)
 
     def __call__(self, vector: Params) -> Params:
         vector = {k: vector[k] for k in self.names}  # torch.func matches dicts by key order
@@ -403,19 +411,8 @@ class GaussNewton:
         def embed(p: Params, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
             return self.fns.embed(p, images[span], tokens[span])
 
-        with torch.no_grad():
-            d = [
-                jvp(lambda p, span=span: embed(p, span), (params,), (vector,))[1] for span in spans
-            ]
-        scale = params["logit_scale"]
-        at, along = (
-            (img, txt, scale),
-            (
-                torch.cat([e[0] for e in d]),
-                torch.cat([e[1] for e in d]),
-                vector["logit_scale"],
-            ),
-        )
+        at = (img, txt, params["logit_scale"])
+        along = (*_in_chunks(embed, params, spans, vector), vector["logit_scale"])
         logits, j_v = jvp(_logits_of, at, along)
         _, h_j_v = jvp(grad(_loss_of_logits), (logits,), (j_v,))
         _, pull = vjp(_logits_of, *at)
