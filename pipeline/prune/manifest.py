@@ -45,6 +45,7 @@ from pipeline.score.table import (
     check_scores_current,
     fingerprint_hash,
     scored_reader_options,
+    table_identity,
     table_metadata,
 )
 
@@ -84,6 +85,8 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     if not exists(run.scores):
         raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
     check_scores_current(run)
+    # which table the manifest ranks, so a rescore shows the manifest is out of date
+    scores = table_identity(run.scores)
     selection = plan(cfg, run.scores)  # refuses unknown columns before anything is removed
     if selection.kept == 0:
         # An empty manifest is nothing open_clip can train on: refuse it here,
@@ -109,7 +112,9 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     # leaves the previous manifest as it was.
     build = run.prune_dir(f".{cfg.manifest_name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        manifest = _build(cfg, selection, build, final=out, reader=scored_reader_options(run))
+        manifest = _build(
+            cfg, selection, build, final=out, reader=scored_reader_options(run), scores=scores
+        )
         _refuse_changed_shards(kept_shards, stamps)  # again: one rewritten while it was read
     except BaseException:
         remove(build, recursive=True)
@@ -123,7 +128,12 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
         raise
     run.update_run_json(
         f"prune/{cfg.manifest_name}",
-        {"config": cfg.to_dict(), "kept": manifest["kept"], "seconds": manifest["seconds"]},
+        {
+            "config": cfg.to_dict(),
+            "kept": manifest["kept"],
+            "seconds": manifest["seconds"],
+            "scores": scores,
+        },
     )
     return {**manifest, "dir": absolute_pattern(out)}
 
@@ -134,10 +144,12 @@ def _build(
     build: str,
     final: str,
     reader: dict[str, Any],
+    scores: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the manifest directory at ``build``; its paths name ``final``, where it will live.
 
-    ``reader``: the image and text keys the rows were scored with.
+    ``reader``: the image and text keys the rows were scored with; ``scores``: the score
+    table's identity (:func:`pipeline.score.table.table_identity`).
     """
     t0 = time.time()
     makedirs(build)
@@ -235,6 +247,7 @@ def _build(
     manifest = {
         "rule": rule,
         "score": cfg.score_name,
+        "scores": scores,
         "rows_in_table": selection.rows,
         "rows_ok": selection.rows_ok,
         "rows_error": selection.rows_error,

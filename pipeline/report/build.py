@@ -25,6 +25,7 @@ from pipeline.score.table import (
     read_table,
     scored_config,
     scored_reader_options,
+    stale_manifests,
     table_identity,
     table_metadata,
 )
@@ -147,9 +148,10 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     # the rows and the settings shown beside them always come from the same evaluation.
     ev_url = run.path("evaluate", "evaluate.json")
     ev_json = read_json(ev_url) if exists(ev_url) else None
+    identity = table_identity(run.scores)
     if ev_json is not None and ev_json.get("scores", "unknown") not in (
         "unknown",  # recorded before evaluations said which table they were made from
-        table_identity(run.scores),
+        identity,
     ):
         log.warning("report: %s was made from an earlier score table; not shown", ev_url)
         inner = (
@@ -220,8 +222,20 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     traj = read_json(run.trajectory_json) if exists(run.trajectory_json) else {}
     ckpts = [[c["step"], c["lr"], c["sha256"]] for c in traj.get("checkpoints", [])]
     versions = traj.get("versions") or meta.get("versions") or {}
+    stale = stale_manifests(run, identity)
+    if stale:
+        log.warning("report: the prune manifests %s rank an earlier score table", stale)
+    stale_note = (
+        "<p>The prune manifests "
+        + P.esc(", ".join(stale))
+        + " were made from an earlier score table (the run was scored again since): run "
+        "<code>diffin prune</code> again for each before retraining on them.</p>"
+        if stale
+        else ""
+    )
     prov = (
-        P.table(["stage", "seconds"], prov_rows)
+        stale_note
+        + P.table(["stage", "seconds"], prov_rows)
         + P.table(["checkpoint step", "lr", "sha256"], ckpts, text_cols=0)
         + P.table(["package", "version"], sorted(versions.items()))
         + f"<pre>{P.esc(json.dumps(record, indent=1, sort_keys=True, default=str))}</pre>"

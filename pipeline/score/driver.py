@@ -66,7 +66,7 @@ from pipeline.score.directions import (
 )
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
-from pipeline.score.table import build_part, fingerprint_hash
+from pipeline.score.table import build_part, fingerprint_hash, stale_manifests
 from pipeline.score.trajectory import Trajectory, load_trajectory, model_identity
 from pipeline.scorers import ScoreContext, depends_on, get_scorers
 from pipeline.tensors import tensor_shapes
@@ -1069,6 +1069,14 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         "steady_samples_per_second": steady_rate(finished),
         "target": target,
     }
+    stale = stale_manifests(run)
+    if stale:
+        summary["stale_manifests"] = stale
+        log.warning(
+            "score: the prune manifests %s rank an earlier score table; run `diffin prune` "
+            "again for each before retraining on them",
+            ", ".join(stale),
+        )
     earlier = _earlier_scoring(run, summary)
     if earlier:
         summary["earlier_scoring"] = earlier

@@ -149,6 +149,26 @@ def table_identity(url: str) -> dict[str, Any]:
     }
 
 
+def stale_manifests(run: RunDir, identity: dict[str, Any] | None = None) -> list[str]:
+    """The prune manifests in run.json made from another score table than RUN/scores.parquet.
+
+    A rescore replaces the table but not RUN/prune/NAME/, which would go on retraining on
+    the old ranking. Manifests written before prune recorded its table are not listed.
+    ``identity``: the table's :func:`table_identity`, when the caller has it.
+    """
+    if not exists(run.run_json) or not exists(run.scores):
+        return []
+    made = {
+        stage.removeprefix("prune/"): value["scores"]
+        for stage, value in read_json(run.run_json).items()
+        if stage.startswith("prune/") and isinstance(value, dict) and value.get("scores")
+    }
+    if not made:
+        return []
+    current = identity or table_identity(run.scores)
+    return sorted(name for name, scores in made.items() if scores != current)
+
+
 def scored_reader_options(run: RunDir) -> dict[str, Any]:
     """How the scored shards were read (image and text keys, pixel cap): re-read them the same way."""
     return recorded_reader_options(scored_config(run))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -148,6 +149,32 @@ def test_uids_npy_is_datacomp_format(pruned):
 def test_run_json_records_the_prune(pruned):
     run_json = json.loads((Path(pruned["run"]) / "run.json").read_text())
     assert run_json["prune/diffin-keep0.7"]["kept"] == pruned["manifest"]["kept"]
+
+
+def test_a_rescore_leaves_the_manifest_marked_as_made_from_an_earlier_table(pruned, tmp_path):
+    """The manifest said nothing of the table it ranked: after a rescore, RUN/prune/NAME/
+    went on retraining on the old ranking without a word."""
+    from pipeline.rundir import RunDir
+    from pipeline.score.table import stale_manifests, table_identity, table_metadata
+
+    run = str(tmp_path / "run")
+    shutil.copytree(pruned["run"], run)
+    scores = f"{run}/scores.parquet"
+    identity = table_identity(scores)
+    assert pruned["manifest"]["scores"] == identity
+    run_json = json.loads(Path(f"{run}/run.json").read_text())
+    assert run_json["prune/diffin-keep0.7"]["scores"] == identity
+    assert stale_manifests(RunDir(run)) == []
+    table = read_table(scores)
+    recorded = table_metadata(scores)
+    recorded["fingerprint"] = {**recorded.get("fingerprint", {}), "methods": ["other"]}
+    meta = {**table.schema.metadata, b"diffin": json.dumps(recorded).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), scores)  # "rescored"
+    assert stale_manifests(RunDir(run)) == sorted(
+        k.removeprefix("prune/") for k in run_json if k.startswith("prune/")
+    )
+    write_manifest(PruneConfig(run=run, keep=KEEP, shard_size=SHARD_SIZE))
+    assert "diffin-keep0.7" not in stale_manifests(RunDir(run))
 
 
 @pytest.mark.parametrize("keep", [0.0, -0.1, 1.01, 2.0])

@@ -168,6 +168,22 @@ def test_an_evaluation_of_an_earlier_score_table_is_not_shown(reported, tmp_path
     assert "diffin@0.5" not in html and "random@0.5" not in html
 
 
+def test_manifests_of_an_earlier_score_table_are_named_in_the_provenance(tiny_scored, tmp_path):
+    from pipeline.prune.config import PruneConfig
+    from pipeline.prune.manifest import write_manifest
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    write_manifest(PruneConfig(run=run, keep=0.5, name="half"))
+    assert "rank an earlier score table" not in open(build_report(run, top=2)).read()
+    table = pq.read_table(f"{run}/scores.parquet")
+    recorded = table_metadata(f"{run}/scores.parquet")
+    recorded["fingerprint"] = {**recorded.get("fingerprint", {}), "methods": ["x"]}
+    meta = {**table.schema.metadata, b"diffin": json.dumps(recorded).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), f"{run}/scores.parquet")  # "rescored"
+    html = open(build_report(run, top=2)).read()
+    assert "The prune manifests half were made from an earlier score table" in html
+
+
 def test_the_provenance_table_gives_the_seconds_of_score_and_prune(tiny_scored, tmp_path):
     """Walkthrough: the score row was blank (its seconds are in its summary) and so were the
     prune rows (run.json held only their config and count)."""

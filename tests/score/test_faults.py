@@ -534,6 +534,10 @@ def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_
         ray.shutdown()
     assert pruned["kept"] == sum(s == "ok" for s in new["status"])
     assert other["shards_scored_now"] == 3
+    # the loss manifest (loss-keep1) ranks the table the tracin rescore replaced: said, not left silent
+    assert "stale_manifests" not in again
+    assert other["stale_manifests"] == ["loss-keep1"]
+    assert "prune manifests loss-keep1 rank an earlier score table" in caplog.text
     # what changed is said (was: nothing), and that tracin has no curated target
     assert re.search(
         r"inputs changed since the last score run \(methods, options[^)]*\)", caplog.text
