@@ -291,10 +291,37 @@ class _Decompressed:
         self.raw, self.kind = raw, kind
         opener = {"gzip": gzip.GzipFile, "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}[kind]
         self.dec = opener(fileobj=raw, mode="rb") if kind == "gzip" else opener(raw, mode="rb")
+        self.pending: BaseException | None = None  # the damage, after the bytes before it
 
     def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes, fewer only at the end or before damage.
+
+        A shard cut short or damaged yields the bytes decompressed before the damage first,
+        then the error: the decompressors' ``read(n)`` raised and dropped up to ``n`` bytes
+        (tarfile asks for 10 KiB), losing complete samples an uncompressed shard keeps.
+        """
+        if self.pending is not None:
+            raise self.pending
+        if n is None or n < 0:
+            return self._read(self.dec.read)
+        parts, got = [], 0
+        while got < n:
+            try:
+                part = self._read(self.dec.read1, n - got)
+            except (EOFError, tarfile.TarError, OSError) as exc:
+                if not parts:
+                    raise
+                self.pending = exc
+                break
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+
+    def _read(self, read: Callable[..., bytes], *n: int) -> bytes:
         try:
-            return self.dec.read(n)
+            return read(*n)
         except (EOFError, tarfile.TarError):
             raise
         except (zlib.error, lzma.LZMAError, OSError) as exc:

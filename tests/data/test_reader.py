@@ -512,6 +512,44 @@ def test_a_compressed_shard_is_read_whole_across_its_members(tmp_path, good_memb
     assert rows[-1].key == "__shard__" and "truncated tar" in rows[-1].error, rows[-1].error
 
 
+@pytest.mark.parametrize("kind", ["gzip", "xz"])
+def test_a_compressed_shard_cut_short_keeps_what_an_uncompressed_one_keeps(tmp_path, helpers, kind):
+    """Review: the decompressor's read(10240) raised at the cut and dropped what it had
+    decompressed: complete samples before the damage were lost, and one was called
+    incomplete (and lost its json uid)."""
+    import lzma
+    import zlib
+
+    members = []
+    for i in range(60):  # a caption each, so the compressed stream grows with the samples
+        caption = f"{i} " + os.urandom(300).hex()
+        members += helpers.sample_members(f"{i:04d}", caption=caption, meta={"uid": f"{i:032x}"})
+    raw = helpers.tar_bytes(members)
+    packed = gzip.compress(raw, mtime=0) if kind == "gzip" else lzma.compress(raw)
+    cut = packed[: len(packed) // 3]
+    # the bytes a decompressor can give back from the cut stream
+    prefix = (
+        zlib.decompressobj(31).decompress(cut)
+        if kind == "gzip"
+        else lzma.LZMADecompressor().decompress(cut)
+    )
+    assert 10240 < len(prefix) < len(raw)
+    path = tmp_path / "00000.tar"
+    path.write_bytes(cut)
+    rows = _rows(str(path))
+    plain = _rows(_plain(tmp_path, prefix))
+
+    def seen(r):  # an error row's uid hashes its shard's path, which differs here
+        return r.key, r.ok, r.uid if r.ok else None
+
+    assert [seen(r) for r in rows[:-1]] == [seen(r) for r in plain[:-1]]
+    assert [r.error for r in rows[:-1]] == [r.error for r in plain[:-1]]
+    kept = sum(r.ok for r in rows)
+    assert kept >= 3
+    assert rows[-1].key == SHARD_KEY
+    assert rows[-1].error.startswith(f"unreadable shard: truncated tar after {kept} samples")
+
+
 def _plain(tmp_path, raw: bytes) -> str:
     path = tmp_path / "plain.tar"
     path.write_bytes(raw)
