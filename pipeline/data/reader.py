@@ -51,6 +51,7 @@ __all__ = [
     "MAX_MEMBER_BYTES",
     "RETRYABLE_KINDS",
     "SHARD_KEY",
+    "shard_row_uid",
     "ShardReadError",
     "count_samples",
     "iter_raw",
@@ -127,6 +128,12 @@ def _md5(text: str) -> str:
     # surrogateescape: tar member names that are not valid UTF-8 arrive as
     # lone surrogates and must still hash (identically to .encode() otherwise).
     return hashlib.md5(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def shard_row_uid(url: str) -> str:
+    """The uid of a shard's ``__shard__`` row: a tar name holds no NUL, so no sample's
+    hashed uid (URL, NUL, key) is this one, not even a sample keyed ``__shard__``."""
+    return _md5(f"{url}\0\0{SHARD_KEY}")
 
 
 class ShardReadError(Exception):
@@ -735,7 +742,7 @@ RETRYABLE_KINDS = ("cannot open", "read error")
 
 def retryable(sample: Sample) -> bool:
     """Whether ``sample`` is the ``__shard__`` row of a failure worth another try."""
-    return sample.key == SHARD_KEY and any(
+    return sample.whole_shard and any(
         (sample.error or "").startswith(f"unreadable shard: {kind}") for kind in RETRYABLE_KINDS
     )
 
@@ -746,7 +753,12 @@ def _shard_row(url: str, index: int, exc: ShardReadError, samples: int) -> Sampl
     else:
         reason = f"unreadable shard: {exc.kind} after {samples} samples: {exc.detail}"
     return Sample(
-        uid=_md5(f"{url}\0{SHARD_KEY}"), key=SHARD_KEY, shard=url, index=index, error=reason
+        uid=shard_row_uid(url),
+        key=SHARD_KEY,
+        shard=url,
+        index=index,
+        error=reason,
+        whole_shard=True,
     )
 
 
@@ -786,11 +798,12 @@ def iter_shard(
         # Later stages reopen a shard by the name in its rows (resharding,
         # thumbnails), and the escaped name would not open: refuse it whole.
         yield Sample(
-            uid=_md5(f"{shown}\0{SHARD_KEY}"),
+            uid=shard_row_uid(shown),
             key=SHARD_KEY,
             shard=shown,
             index=0,
             error="unreadable shard: shard path is not UTF-8 (shown escaped; rename the file)",
+            whole_shard=True,
         )
         return
     opts = dict(

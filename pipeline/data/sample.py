@@ -25,6 +25,9 @@ class Sample:
     caption: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # the decoded KEY.json
     error: str | None = None  # None when ok
+    # The row of a shard's own failure (key ``__shard__``), not a sample: a real sample
+    # may be keyed ``__shard__`` too. Not a table column.
+    whole_shard: bool = False
 
     @property
     def ok(self) -> bool:

@@ -22,7 +22,6 @@ the run finishes and rows in = rows out still holds.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ from typing import Any
 import ray
 import torch
 
-from pipeline.data.reader import SHARD_KEY, escape_utf8, iter_shard, retryable
+from pipeline.data.reader import SHARD_KEY, escape_utf8, iter_shard, retryable, shard_row_uid
 from pipeline.data.sample import Sample
 from pipeline.data.shards import (
     expected_samples,
@@ -278,10 +277,10 @@ class ScoreActor:
             raise RetryableShardError(transient)
         table = build_part(samples, scores, columns)
         errors = sum(not s.ok for s in samples)
-        found = sum(s.key != SHARD_KEY for s in samples)
+        found = sum(not s.whole_shard for s in samples)
         # corrupt, truncated, not a tar: the rows before the damage are kept, and the
         # shard's own error row says why; the driver names such shards in its summary
-        damaged = transient or next((s.error for s in samples if s.key == SHARD_KEY), None)
+        damaged = transient or next((s.error for s in samples if s.whole_shard), None)
         record = write_part(
             table,
             self.run.part(name),
@@ -593,16 +592,15 @@ def failed_part(
         s if not s.ok else dataclasses.replace(s, error=failure, image=None)
         for s in iter_shard(url, decode_images=False, **(reader_options or {}))
     ]
-    if not rows or all(s.key == SHARD_KEY for s in rows):
+    if not rows or all(s.whole_shard for s in rows):
         rows = [
             Sample(
-                uid=hashlib.md5(
-                    f"{url}\0{SHARD_KEY}".encode("utf-8", "surrogateescape")
-                ).hexdigest(),
+                uid=shard_row_uid(url),
                 key=SHARD_KEY,
                 shard=escape_utf8(url),  # the table's strings must be UTF-8
                 index=0,
                 error=failure,
+                whole_shard=True,
             )
         ]
     table = build_part(rows, {}, columns)

@@ -291,7 +291,8 @@ def test_truncated_mid_member_keeps_complete_samples(tmp_path, helpers):
     assert all(r.ok for r in rows[:3])
     assert rows[3].error == "incomplete sample: shard damaged while reading 00003.jpg"
     assert rows[4].error.startswith("unreadable shard: truncated tar after 3 samples: ")
-    assert rows[4].uid == _md5(f"{path}\0__shard__")
+    assert rows[4].uid == _md5(f"{path}\0\0__shard__") and rows[4].whole_shard
+    assert not any(r.whole_shard for r in rows[:4])
     with pytest.raises(ShardReadError):
         count_samples(str(path))
     got = []
@@ -300,6 +301,19 @@ def test_truncated_mid_member_keeps_complete_samples(tmp_path, helpers):
             got.append(key)
     assert got == ["00000", "00001", "00002"]
     assert info.value.kind == "truncated tar"
+
+
+def test_a_sample_keyed_like_the_shard_row_keeps_its_own_uid_and_is_no_shard_row(tmp_path, helpers):
+    """Review: a real sample keyed ``__shard__`` (no json uid) shared its hashed uid with
+    the shard's error row, and the driver took it for that row."""
+    data = helpers.tar_bytes(helpers.sample_members(SHARD_KEY) + _five_samples(helpers))
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[: len(data) // 2])
+    rows = _rows(str(path))
+    assert rows[0].key == rows[-1].key == SHARD_KEY
+    assert rows[0].ok and not rows[0].whole_shard and rows[-1].whole_shard
+    assert rows[0].uid == _md5(f"{path}\0{SHARD_KEY}") != rows[-1].uid
+    assert len({r.uid for r in rows}) == len(rows)
 
 
 def test_truncated_at_member_boundary_is_detected(tmp_path, helpers):
@@ -451,7 +465,7 @@ def test_missing_file_gives_one_shard_row(tmp_path):
     url = str(tmp_path / "nope.tar")
     (row,) = _rows(url)
     assert row.key == SHARD_KEY
-    assert row.uid == _md5(f"{url}\0__shard__")
+    assert row.uid == _md5(f"{url}\0\0__shard__") and row.whole_shard
     assert row.error.startswith("unreadable shard: cannot open: FileNotFoundError")
 
 

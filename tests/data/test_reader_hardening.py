@@ -116,7 +116,7 @@ def test_non_utf8_shard_path_gives_one_writable_shard_row(tmp_path):
     assert row.key == SHARD_KEY and row.index == 0
     assert row.shard == f"{tmp_path}/caf\\xe9.tar"
     assert row.error.startswith("unreadable shard: shard path is not UTF-8")
-    assert row.uid == _md5(f"{row.shard}\0{SHARD_KEY}")
+    assert row.uid == _md5(f"{row.shard}\0\0{SHARD_KEY}") and row.whole_shard
 
 
 # --- 2. which members make samples ----------------------------------------------------

@@ -361,7 +361,9 @@ def test_damaged_shards_are_named_in_the_summary_and_the_log(
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "00010.tar").write_bytes(b"<html>404 Not Found</html>" * 40)
-    whole = open(f"{good}00001.tar", "rb").read()
+    # its first sample keyed like the shard's own error row (review: the shard went
+    # unnamed, and the two rows shared a uid)
+    whole = _first_sample_keyed(open(f"{good}00001.tar", "rb").read(), "__shard__")
     (bad / "00011.tar").write_bytes(whole[: len(whole) // 2])
     cfg = ScoreConfig(
         data=f"{good}00000.tar::{bad}/00010.tar::{bad}/00011.tar",
@@ -383,6 +385,27 @@ def test_damaged_shards_are_named_in_the_summary_and_the_log(
     assert not summary["shards_failed"] and not summary["shards_partial"]
     assert "shard 00011 could not be read to its end: unreadable shard" in caplog.text
     assert again["shards_resumed"] == 3 and again["shards_damaged"] == damaged
+    table = pq.read_table(f"{cfg.run}/scores.parquet").to_pydict()
+    keyed = [i for i, k in enumerate(table["key"]) if k == "__shard__"]
+    assert sorted(table["status"][i] for i in keyed) == ["error", "error", "ok"]
+    assert len(set(table["uid"])) == len(table["uid"])
+
+
+def _first_sample_keyed(raw: bytes, key: str) -> bytes:
+    """The tar ``raw`` with its first sample's members renamed to ``key``."""
+    import io
+    import tarfile
+
+    src, out = tarfile.open(fileobj=io.BytesIO(raw)), io.BytesIO()
+    members = src.getmembers()
+    first = members[0].name.split(".", 1)[0]
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as dst:
+        for m in members:
+            data = src.extractfile(m).read()
+            stem, ext = m.name.split(".", 1)
+            m.name = f"{key}.{ext}" if stem == first else m.name
+            dst.addfile(m, io.BytesIO(data))
+    return out.getvalue()
 
 
 def test_a_shard_that_cannot_be_read_is_tried_again_before_it_becomes_rows(
