@@ -11,12 +11,14 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
 from pipeline.data.reader import iter_shard
+from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards
 from pipeline.errors import ConfigError
 from pipeline.influence.directions import (
@@ -73,21 +75,32 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
         uids = meta["uids"]
         source = "held-out sample of the pool"
     else:
-        samples = []
+        samples: list[Sample] = []
+        unusable: Counter[str] = Counter()  # error rows by the first word of their reason
+        damaged: dict[str, str] = {}  # shard -> why it could not be read to its end
         for url in resolve_shards(cfg.target):
             for s in iter_shard(url, **cfg.reader_options(), transform=bundle.preprocess):
                 if s.ok:
                     samples.append(s)
+                elif s.whole_shard:
+                    damaged[url] = s.error or ""
+                else:
+                    unusable[(s.error or "").split(":", 1)[0]] += 1
                 if len(samples) >= cfg.target_max:
                     break
             if len(samples) >= cfg.target_max:
                 break
+        said = _unusable_target(unusable, damaged)
         if not samples:
-            raise ConfigError(f"target: no decodable pairs in {cfg.target!r}")
+            raise ConfigError(f"target: no decodable pairs in {cfg.target!r}{said}")
+        if said:
+            log.warning("target: %d decodable pairs used%s", len(samples), said)
         images, tokens = encode(samples, bundle)
         images = images.to(dtype)
         uids = [s.uid for s in samples]
         source = cfg.target
+        problems = {"target_rows_error": sum(unusable.values()), "target_errors": dict(unusable)}
+        problems |= {"target_shards_damaged": damaged} if damaged else {}
     # The pairs themselves, as the model sees them: a target rewritten in place keeps its
     # uids (md5 of path and key), and its directions and scores must not be reused (review).
     h = hashlib.sha256("\n".join(uids).encode())
@@ -97,8 +110,26 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
     return (
         images,
         tokens,
-        {"target_fingerprint": fp, "target_source": source, "target_size": len(uids)},
+        {
+            "target_fingerprint": fp,
+            "target_source": source,
+            "target_size": len(uids),
+            **(problems if cfg.target is not None else {}),
+        },
     )
+
+
+def _unusable_target(unusable: Counter[str], damaged: dict[str, str]) -> str:
+    """What of a --target could not be used, for the log and the error (empty if nothing)."""
+    said = ""
+    if unusable:
+        reasons = ", ".join(f"{n} {why}" for why, n in unusable.most_common(3))
+        said += f"; {sum(unusable.values())} rows unusable ({reasons})"
+    if damaged:
+        url, why = next(iter(damaged.items()))
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        said += f"; {len(damaged)} shard(s) not read to the end ({url}: {why}{more})"
+    return said
 
 
 # The per-sample terms that read a checkpoint's direction file.

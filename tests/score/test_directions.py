@@ -7,6 +7,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipeline.data.reader import iter_shard
 from pipeline.rundir import RunDir
@@ -109,3 +110,46 @@ def test_a_target_rewritten_in_place_gets_another_fingerprint(tiny_run, tiny_sco
         prints.append((info["target_fingerprint"], info["target_size"]))
     assert prints[0][1] == prints[1][1] == 16  # the same pairs by uid ...
     assert prints[0][0] != prints[1][0]  # ... with other captions
+
+
+def test_unusable_target_rows_and_damaged_target_shards_are_counted_and_said(
+    tiny_run, tiny_scored, tmp_path, caplog
+):
+    """Review: a --target holding error rows and damaged shards recorded only its size; the
+    rows it could not use were dropped without a word."""
+    import io
+    import tarfile
+
+    import torch
+
+    from pipeline.errors import ConfigError
+    from pipeline.model import factory
+    from pipeline.score.directions import target_set
+
+    good = tmp_path / "good.tar"
+    out = io.BytesIO()
+    with tarfile.open(tiny_scored["shards"][0]) as tin, tarfile.open(fileobj=out, mode="w") as tout:
+        spoilt = 0
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            if m.name.endswith(".jpg") and spoilt < 3:  # three samples without an image
+                data, spoilt = b"not an image", spoilt + 1
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    good.write_bytes(out.getvalue())
+    (tmp_path / "html.tar").write_bytes(b"<html>404</html>" * 64)
+    run = RunDir(tiny_run["run"])
+    bundle = factory.create(load_trajectory(run).model)
+    cfg = ScoreConfig(
+        data=tiny_run["data"], run=run.url, target=f"{good}::{tmp_path}/html.tar", target_max=999
+    )
+    with caplog.at_level("WARNING", logger="pipeline.score.directions"):
+        _, _, info = target_set(cfg, run, bundle, torch.float32)
+    assert info["target_rows_error"] == 3
+    assert info["target_errors"] == {"undecodable image": 3}
+    assert list(info["target_shards_damaged"]) == [f"{tmp_path}/html.tar"]
+    assert "not a tar file" in info["target_shards_damaged"][f"{tmp_path}/html.tar"]
+    assert "3 rows unusable (3 undecodable image); 1 shard(s) not read to the end" in caplog.text
+    bad = dataclasses.replace(cfg, target=f"{tmp_path}/html.tar")
+    with pytest.raises(ConfigError, match=r"no decodable pairs .*not read to the end.*not a tar"):
+        target_set(bad, run, bundle, torch.float32)
