@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards
+from pipeline.data.unusable import Unusable
 from pipeline.errors import ConfigError
 from pipeline.influence.directions import (
     Directions,
@@ -76,31 +76,26 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
         source = "held-out sample of the pool"
     else:
         samples: list[Sample] = []
-        unusable: Counter[str] = Counter()  # error rows by the first word of their reason
-        damaged: dict[str, str] = {}  # shard -> why it could not be read to its end
+        unusable = Unusable()
         for url in resolve_shards(cfg.target):
             for s in iter_shard(url, **cfg.reader_options(), transform=bundle.preprocess):
                 if s.ok:
                     samples.append(s)
-                elif s.whole_shard:
-                    damaged[url] = s.error or ""
                 else:
-                    unusable[(s.error or "").split(":", 1)[0]] += 1
+                    unusable.add(s)
                 if len(samples) >= cfg.target_max:
                     break
             if len(samples) >= cfg.target_max:
                 break
-        said = _unusable_target(unusable, damaged)
         if not samples:
-            raise ConfigError(f"target: no decodable pairs in {cfg.target!r}{said}")
-        if said:
-            log.warning("target: %d decodable pairs used%s", len(samples), said)
+            raise ConfigError(f"target: no decodable pairs in {cfg.target!r}{unusable.said()}")
+        if unusable.said():
+            log.warning("target: %d decodable pairs used%s", len(samples), unusable.said())
         images, tokens = encode(samples, bundle)
         images = images.to(dtype)
         uids = [s.uid for s in samples]
         source = cfg.target
-        problems = {"target_rows_error": sum(unusable.values()), "target_errors": dict(unusable)}
-        problems |= {"target_shards_damaged": damaged} if damaged else {}
+        problems = {"target_rows_error": unusable.rows, **unusable.record("target_")}
     # The pairs themselves, as the model sees them: a target rewritten in place keeps its
     # uids (md5 of path and key), and its directions and scores must not be reused (review).
     h = hashlib.sha256("\n".join(uids).encode())
@@ -117,19 +112,6 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
             **(problems if cfg.target is not None else {}),
         },
     )
-
-
-def _unusable_target(unusable: Counter[str], damaged: dict[str, str]) -> str:
-    """What of a --target could not be used, for the log and the error (empty if nothing)."""
-    said = ""
-    if unusable:
-        reasons = ", ".join(f"{n} {why}" for why, n in unusable.most_common(3))
-        said += f"; {sum(unusable.values())} rows unusable ({reasons})"
-    if damaged:
-        url, why = next(iter(damaged.items()))
-        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-        said += f"; {len(damaged)} shard(s) not read to the end ({url}: {why}{more})"
-    return said
 
 
 # The per-sample terms that read a checkpoint's direction file.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
 from pipeline.data.shards import resolve_shards
+from pipeline.data.unusable import Unusable
 from pipeline.errors import ConfigError
 from pipeline.memory import available_bytes, human_bytes
 from pipeline.model import factory
@@ -37,11 +38,13 @@ class Pool:
     reference: list[Sample]
     read: int  # rows read, errors included
     errors: int
+    unusable: Unusable = field(default_factory=Unusable)
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, Any]:
         return {
             "rows_read": self.read,
             "errors": self.errors,
+            **self.unusable.record(),
             "target": len(self.target),
             "reference": len(self.reference),
         }
@@ -64,6 +67,7 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
     kept: list[tuple[int, Sample]] = []
     draw = random.Random(f"{cfg.seed}/max_samples")
     read = errors = n_ok = 0
+    unusable = Unusable()
     room = available_bytes() if transform is not None else None
     fits: int | None = None  # pairs the memory left can hold (known from the first input)
     for url in tqdm(shards, desc="read pool", unit="shard", leave=False, disable=None):
@@ -71,6 +75,7 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
             read += 1
             if not s.ok:
                 errors += 1
+                unusable.add(s)
                 continue
             if fits is None and room is not None and torch.is_tensor(s.image):
                 # each pair held as read, then once more while encode_pool stacks them
@@ -103,8 +108,12 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
     need = cfg.target_size + cfg.batch_size
     if len(ok) < need:
         raise ConfigError(
-            f"data: {len(ok)} decodable pairs; need at least target_size + batch_size = {need}"
+            f"data: {len(ok)} decodable pairs of {read} rows read; need at least "
+            f"target_size + batch_size = {need}{unusable.said()}"
         )
+    if errors:
+        # the score table will list each; here they would go unsaid (review)
+        log.warning("read pool: %d decodable pairs of %d rows%s", n_ok, read, unusable.said())
     order = list(range(len(ok)))
     rng.shuffle(order)
     target = [ok[i] for i in sorted(order[: cfg.target_size])]
@@ -118,7 +127,7 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
             cfg.reference_size,
         )
     ref_idx = sorted(rng.sample(range(len(train)), min(cfg.reference_size, len(train))))
-    return Pool(train, target, [train[i] for i in ref_idx], read, errors)
+    return Pool(train, target, [train[i] for i in ref_idx], read, errors, unusable)
 
 
 def _save_set(run: RunDir, name: str, samples: list[Sample], bundle: factory.ClipBundle) -> None:

@@ -146,7 +146,7 @@ def test_unusable_target_rows_and_damaged_target_shards_are_counted_and_said(
     with caplog.at_level("WARNING", logger="pipeline.score.directions"):
         _, _, info = target_set(cfg, run, bundle, torch.float32)
     assert info["target_rows_error"] == 3
-    assert info["target_errors"] == {"undecodable image": 3}
+    assert info["target_error_reasons"] == {"undecodable image": 3}
     assert list(info["target_shards_damaged"]) == [f"{tmp_path}/html.tar"]
     assert "not a tar file" in info["target_shards_damaged"][f"{tmp_path}/html.tar"]
     assert "3 rows unusable (3 undecodable image); 1 shard(s) not read to the end" in caplog.text

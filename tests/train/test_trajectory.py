@@ -82,6 +82,31 @@ def test_pool_counts_and_target_held_out(tiny_run, tiny_pool):
     assert gb_meta["k"] == cfg.grad_batches
 
 
+def test_unusable_pool_rows_and_damaged_shards_are_said_and_recorded(
+    tiny_run, tiny_pool, tmp_path, caplog
+):
+    """Review: `diffin train` over a pool with error rows and damaged shards logged only how
+    many pairs it trained on; a pool of damaged shards gave "0 decodable pairs" alone."""
+    first = tiny_pool["train_data"].split("{")[0] + "00000.tar"
+    cut = Path(first).read_bytes()
+    (tmp_path / "cut.tar").write_bytes(cut[: len(cut) // 2])
+    (tmp_path / "html.tar").write_bytes(b"<html>404</html>" * 64)
+    cfg = dataclasses.replace(
+        tiny_run["config"],
+        data=f"{tiny_pool['train_data']}::{tmp_path}/cut.tar::{tmp_path}/html.tar",
+    )
+    with caplog.at_level("WARNING", logger="pipeline.train.sets"):
+        pool = load_pool(cfg)
+    counts = pool.counts()
+    assert set(counts["shards_damaged"]) == {f"{tmp_path}/cut.tar", f"{tmp_path}/html.tar"}
+    assert "not a tar file" in counts["shards_damaged"][f"{tmp_path}/html.tar"]
+    assert sum(counts["error_reasons"].values()) + 2 == counts["errors"]
+    assert "2 shard(s) not read to the end" in caplog.text
+    bad = dataclasses.replace(cfg, data=f"{tmp_path}/html.tar")
+    with pytest.raises(ConfigError, match=r"0 decodable pairs of 1 rows read.*not a tar file"):
+        load_pool(bad)
+
+
 def test_same_seed_gives_byte_identical_checkpoints(tiny_run, tmp_path):
     cfg = dataclasses.replace(tiny_run["config"], run=str(tmp_path / "again"))
     rec = train(cfg)
