@@ -421,7 +421,18 @@ def as_open_clip_reads(
             events.append(f"image added as {ext}")
     elif members[read] != members[image]:
         events.append(f"open_clip reads another image ({read})")
+    if image is not None and _sixteen_bit_gray(members[image]):
+        # diffin scores its tones scaled to 8 bits; PIL's convert("RGB"), open_clip's
+        # decoder, clips them to 255: the retrained image is mostly white (review)
+        events.append("open_clip reads a 16-bit grayscale image clipped to white")
     return out, events
+
+
+def _sixteen_bit_gray(data: bytes) -> bool:
+    """A PNG of 16-bit grayscale (IHDR bit depth 16, colour type 0)."""
+    return (
+        data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24:26] == b"\x10\x00"
+    )
 
 
 def _has_json_uid(members: dict[str, bytes]) -> bool:

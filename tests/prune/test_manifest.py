@@ -571,6 +571,36 @@ def test_members_open_clip_would_decode_unchecked_are_left_out(tmp_path):
         assert unsafe_member(ext) is None, ext
 
 
+def test_a_16_bit_grayscale_image_open_clip_would_clip_is_counted_unread(tmp_path):
+    """Review: diffin scores a 16-bit grayscale PNG's tones scaled to 8 bits, open_clip's
+    decoder (PIL's convert) clips them to white; the manifest said nothing."""
+    import webdataset as wds
+
+    from pipeline.data.reader import iter_shard
+
+    tones = np.random.default_rng(0).integers(0, 65535, (32, 32)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(tones).save(buf, format="PNG")
+    deep, plain = buf.getvalue(), io.BytesIO()
+    Image.fromarray((tones >> 8).astype(np.uint8)).save(plain, format="PNG")
+    shard = tmp_path / "pool.tar"
+    _raw_tar(
+        shard,
+        [("0.png", deep), ("0.txt", b"deep"), ("1.png", plain.getvalue()), ("1.txt", b"plain")],
+    )
+    scored = [np.asarray(s.image).mean() for s in iter_shard(str(shard))]
+    run = _scored_run(tmp_path, [(shard, "0", 0), (shard, "1", 1)])
+    m = write_manifest(PruneConfig(run=str(run), keep=1.0, shard_size=100))
+    assert m["open_clip_unread"] == {"open_clip reads a 16-bit grayscale image clipped to white": 1}
+    (tar,) = sorted(Path(m["dir"], "shards").glob("*.tar"))
+    got = wds.DataPipeline(
+        wds.SimpleShardList(str(tar)), wds.tarfile_to_samples(), wds.decode("pilrgb")
+    )
+    trained = {s["__key__"]: np.asarray(s["png"]).mean() for s in got}
+    assert abs(trained["1"] - scored[1]) < 1  # the 8-bit image: what was scored
+    assert trained["0"] > 250 > scored[0] + 100  # the 16-bit one: clipped, as flagged
+
+
 def _one_shard_run(tmp_path: Path, captions: list[bytes]) -> tuple[Path, Path]:
     png = b"\x89PNG\r\n\x1a\npng-bytes"
     shard = tmp_path / "pool" / "00000.tar"
