@@ -345,13 +345,17 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
             # Object-store filesystems cache listings; shards written by
             # another process since the last listing must not look missing.
             fs.invalidate_cache(parent)
-            present = {p.rstrip("/") for p in fs.ls(parent, detail=False)}
+            present = {e["name"].rstrip("/"): e.get("type") for e in fs.ls(parent, detail=True)}
         except FileNotFoundError:
-            present = set()
+            present = {}
         except Exception:
             # Listing refused (e.g. no ListBucket permission): ask per file.
-            present = {p for _, p, _ in entries if fs.exists(p)}
-        missing.extend(url for _, path, url in entries if path not in present)
+            present = {p: None for _, p, _ in entries if fs.exists(p)}
+        for _, path, url in entries:
+            if path not in present:
+                missing.append(url)
+            elif present[path] == "directory":  # refused now, not after --max-attempts reads
+                missing.append(f"{url} (a directory, not a shard file)")
 
     if not resolved:
         detail = f": {_summarise(missing)}" if missing else ""

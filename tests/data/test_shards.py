@@ -191,6 +191,20 @@ def test_a_missing_directory_is_named_as_a_directory(tmp_path):
         resolve_shards(f"{tmp_path}/00000.tar::{tmp_path}/nodir/")
 
 
+def test_a_directory_named_like_a_shard_is_refused_before_reading(tmp_path, memfs):
+    """Review: `--data x.tar` naming a directory passed, then failed at read time after
+    --max-attempts tries, as a partial shard."""
+    _touch(tmp_path / "00000.tar")
+    (tmp_path / "00001.tar").mkdir()
+    with pytest.raises(ConfigError, match=r"00001.tar \(a directory, not a shard file\)"):
+        resolve_shards(f"{tmp_path}/{{00000..00001}}.tar")
+    memfs.pipe("/pool/00000.tar", b"x")
+    memfs.makedirs("/pool/00001.tar", exist_ok=True)
+    memfs.pipe("/pool/00001.tar/inner", b"x")
+    with pytest.raises(ConfigError, match=r"00001.tar \(a directory, not a shard file\)"):
+        resolve_shards("memory://pool/{00000..00001}.tar")
+
+
 @pytest.mark.parametrize("name", ["sizes.json", "truth.parquet", "uids.npy", "00000_stats.json"])
 def test_a_file_that_sits_beside_shards_is_refused_as_one(tmp_path, name):
     # walkthrough: `--data pool/sizes.json` gave one "not a tar" row and "0 decodable pairs"
