@@ -588,6 +588,14 @@ def count_samples(url: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> int:
     return sum(1 for _ in iter_raw(url, max_member_bytes=max_member_bytes))
 
 
+def _dotted(members: dict[str, bytes], keys: tuple[str, ...]) -> str:
+    """Why a member named like an expected one was not taken: a dot in its key (review)."""
+    found = next((e for e in members if any(e.endswith(f".{k}") for k in keys)), None)
+    if found is None:
+        return ""
+    return f"; found extension {found}: WebDataset's key ends at the first dot of a name"
+
+
 def _to_8bit(im: Image.Image) -> Image.Image:
     """A 16/32-bit grayscale image ("I;16*", "I", "F") as 8-bit "L", tones kept.
 
@@ -700,7 +708,10 @@ def _decode_group(
     image_ext = next((k for k in image_keys if k in members), None)
     if image_ext is None:
         if not group.refused.intersection(image_keys):  # else a problem above says why
-            errors.append(f"missing image (expected one of {', '.join(image_keys)})")
+            errors.append(
+                f"missing image (expected one of {', '.join(image_keys)}"
+                f"{_dotted(members, image_keys)})"
+            )
     elif decode_images:
         image, problem = _decode_image(members[image_ext], max_image_pixels, max_aspect_ratio)
         if problem:
@@ -710,7 +721,7 @@ def _decode_group(
     text_ext = next((k for k in text_keys if k in members), None)
     if text_ext is None:
         if not group.refused.intersection(text_keys):
-            errors.append(f"missing caption ({', '.join(text_keys)})")
+            errors.append(f"missing caption ({', '.join(text_keys)}{_dotted(members, text_keys)})")
     else:
         try:
             # utf-8-sig: strict UTF-8 that also drops a leading byte-order mark.

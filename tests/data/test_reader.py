@@ -104,6 +104,8 @@ def test_webdataset_key_convention_and_ignored_members(make_tar, helpers):
     assert [r.key for r in rows] == ["pool/abc", "pool/_meta", "pool/lnk", "pool/x.y/k2"]
     # "def.jpg" is not "jpg": the first sample has no image under the default keys ...
     assert rows[0].error.startswith("missing image")
+    # ... and says why the member named like one was not taken (review)
+    assert "found extension def.jpg: WebDataset's key ends at the first dot" in rows[0].error
     # ... but its extension was lowercased and is reachable by name.
     assert _rows(url, image_keys=("def.jpg",))[0].ok
     assert rows[1].error.startswith("invalid json")
