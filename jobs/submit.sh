@@ -22,9 +22,11 @@ submit() {
   # `ray job submit` exits 0 for a job stopped with `ray job stop` too: go on only after
   # a stage that succeeded.
   # (the output captured first: grep -q closing the pipe early fails it under pipefail)
+  # Ray 2.60 prints "Job 'ID' succeeded" (earlier: "Status for job 'ID': SUCCEEDED"); the
+  # job's own message, printed after a failure, cannot name its ID in those words.
   local status
   status=$(ray job status --address "$RAY_API" "$id")
-  if [[ "$status" != *SUCCEEDED* ]]; then
+  if [[ "$status" != *"Job '$id' succeeded"* && "$status" != *"job '$id': SUCCEEDED"* ]]; then
     echo "submit.sh: job $id ($*) did not succeed; stopping before the next stage" >&2
     exit 1
   fi

@@ -118,6 +118,8 @@ def test_dockerfile_installs_the_package_with_pinned_torch():
     for tool in ("wget", "rsync", "openssh-client"):
         assert re.search(rf"apt-get install[^\n]*(\n\s+[^\n]*)*\b{tool}\b", text), tool
     assert "boto3" in text
+    # S3 manifests' train_data is `pipe:aws s3 cp ...`: open_clip_train in the image runs it
+    assert re.search(r'^RUN pip install \.[^\n]*"awscli', text, re.M)
     assert re.search(r"^FROM ", text, re.M)
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
     assert exposed == set(PORTS.values())
@@ -171,3 +173,20 @@ def test_a_plain_install_carries_the_small_model_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {p.name for p in (REPO / "pipeline" / "model" / "configs").glob("*.json")}
     assert configs and {f"pipeline/model/configs/{c}" for c in configs} <= names
+
+
+def test_nothing_pins_the_job_driver_to_one_thread():
+    """Walkthrough: OMP_NUM_THREADS=1, meant for the scoring actors (Ray sets it in each to
+    its CPUs anyway), reached the job's driver too, where `diffin train` and the directions
+    stage ran on one thread."""
+    runtime = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    job = yaml.safe_load(_load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"])
+    for where, env in (("runtime_env.yaml", runtime), ("rayjob.yaml", job)):
+        assert not {"OMP_NUM_THREADS", "MKL_NUM_THREADS"} & set(env.get("env_vars", {})), where
+    cluster = _load("kuberay/raycluster.yaml")["spec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for c in group["template"]["spec"]["containers"]:
+            assert "OMP_NUM_THREADS" not in {e["name"] for e in c.get("env", [])}
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert not re.search(r"^ENV[^#]*(\n\s+[^#\n]*)*OMP_NUM_THREADS", dockerfile, re.M)
+    assert "OMP_NUM_THREADS" not in (REPO / "infra" / "cluster.yaml").read_text()

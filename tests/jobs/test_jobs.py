@@ -99,10 +99,17 @@ def test_submit_script_uses_existing_flags(tmp_path):
     fake.parent.mkdir()
     status = tmp_path / "status"
     status.write_text("SUCCEEDED")
+    # `ray job status` as Ray prints it: its own function, given the status (walkthrough:
+    # a fake "Status for job: SUCCEEDED" hid that Ray 2.60 prints "Job 'ID' succeeded",
+    # which the script took for a failure after the first stage)
     fake.write_text(
-        f"#!{sys.executable}\nimport json, sys\n"
+        f"#!{sys.executable}\nimport json, sys, types\n"
         "if sys.argv[1:3] == ['job', 'status']:\n"
-        f"    print('Status for job: ' + open({str(status)!r}).read())\n"
+        "    from ray.dashboard.modules.job.cli import _log_job_status\n"
+        "    from ray.job_submission import JobStatus\n"
+        f"    now = JobStatus[open({str(status)!r}).read()]\n"
+        "    info = types.SimpleNamespace(status=now, message='train succeeded, then died')\n"
+        "    _log_job_status(types.SimpleNamespace(get_job_info=lambda _: info), sys.argv[-1])\n"
         "    sys.exit(0)\n"
         f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
     )
@@ -133,11 +140,13 @@ def test_submit_script_uses_existing_flags(tmp_path):
         assert train.model == extra.get("MODEL", "diffin-small") and score.workers == 4
         if extra:
             assert (train.steps, score.target, score.threads) == (60, "/t.tar", 1)
-    # A stage stopped with `ray job stop` (submit exits 0 for it): the next is not submitted
-    status.write_text("STOPPED")
-    log.unlink()
-    done = subprocess.run(
-        ["bash", str(JOBS / "submit.sh")], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 1 and "did not succeed" in done.stderr
-    assert len(log.read_text().splitlines()) == 1
+    # A stage stopped with `ray job stop` (submit exits 0 for it), or failed with a message
+    # that says "succeeded": the next is not submitted
+    for end in ("STOPPED", "FAILED"):
+        status.write_text(end)
+        log.unlink()
+        done = subprocess.run(
+            ["bash", str(JOBS / "submit.sh")], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 1 and "did not succeed" in done.stderr
+        assert len(log.read_text().splitlines()) == 1
