@@ -31,16 +31,47 @@ def reachable(address: str, timeout: float = 5.0) -> bool | None:
     return True
 
 
+def speaks_http(address: str, timeout: float = 2.0) -> bool:
+    """Whether the server at ``[ray://]HOST:PORT`` answers an HTTP/1 request: Ray's dashboard
+    and Jobs API do, its GCS and Ray Client servers (gRPC) do not."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            conn.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            return conn.recv(5) == b"HTTP/"
+    except OSError:
+        return False
+
+
 def check_address(address: str | None) -> None:
-    """Refuse an address nothing answers at: ray.init would retry it for minutes, logging
-    timeouts, while a job shows RUNNING (walkthrough). Without ``address``, the
-    ``RAY_ADDRESS`` ray.init would use (a stale export in a shell, review)."""
+    """Refuse an address ray.init cannot use, before any work: one nothing answers at (it
+    would retry for minutes, logging timeouts, while a job shows RUNNING; walkthrough), one
+    of the wrong form, or the dashboard's HTTP port (it would wait without end). Without
+    ``address``, the ``RAY_ADDRESS`` ray.init would use (a stale export in a shell, review)."""
     given = address or os.environ.get("RAY_ADDRESS")
-    if given and reachable(given) is False:
-        where = "address" if address else "address (from RAY_ADDRESS)"
+    if not given or given in ("auto", "local"):
+        return
+    where = "address" if address else "address (from RAY_ADDRESS)"
+    wanted = "the cluster's GCS address, e.g. 127.0.0.1:6379, or ray://HOST:10001 for Ray Client"
+    scheme, sep, _ = given.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        raise ConfigError(
+            f"{where}: {given} is an HTTP address (Ray's dashboard and Jobs API, which "
+            f"`ray job submit` takes); give {wanted}"
+        )
+    if (sep and scheme != "ray") or reachable(given) is None:
+        raise ConfigError(
+            f"{where}: {given} is not HOST:PORT, ray://HOST:PORT or auto; give {wanted}"
+        )
+    if reachable(given) is False:
         raise ConfigError(
             f"{where}: nothing answers at {given} (is the cluster up, and is this its GCS "
             "address, e.g. 127.0.0.1:6379, or ray://HOST:10001 for Ray Client?)"
+        )
+    if speaks_http(given):
+        raise ConfigError(
+            f"{where}: {given} answers HTTP: that is Ray's dashboard and Jobs API (which `ray "
+            f"job submit` takes), not the cluster; give {wanted}"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import time
 
@@ -70,3 +71,38 @@ def test_a_stale_ray_address_in_the_environment_is_refused_by_name(monkeypatch):
         server.bind(("127.0.0.1", 0))
         server.listen()
         check_address(f"127.0.0.1:{server.getsockname()[1]}")
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("http://127.0.0.1:8265", "is an HTTP address"),
+        ("https://head:8265", "is an HTTP address"),
+        ("127.0.0.1", "is not HOST:PORT"),
+        ("grpc://127.0.0.1:6379", "is not HOST:PORT"),
+    ],
+)
+def test_an_address_of_the_wrong_form_is_a_config_error(address, says):
+    """Walkthrough: these ended in Ray's own ValueError traceback (an HTTP --address was
+    blamed on RAY_ADDRESS), exit 1 rather than a configuration error."""
+    with pytest.raises(ConfigError, match=f"^address: {re.escape(address)} {says}"):
+        check_address(address)
+
+
+def test_the_dashboard_port_is_refused_not_waited_on():
+    """Walkthrough: --address HOST:8265 (the port the docs give `ray job submit`) answered,
+    and ray.init waited on it for more than 7 minutes."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ConfigError, match="answers HTTP: that is Ray's dashboard"):
+            check_address(address)
+        with pytest.raises(ConfigError, match="answers HTTP"):
+            check_address(f"ray://{address}")
+    finally:
+        server.shutdown()
+        server.server_close()
