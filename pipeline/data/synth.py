@@ -563,14 +563,14 @@ def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool, out: s
             return _rebased(summary, out)
         if not overwrite:
             raise ConfigError(
-                f"out: {root} already holds a pool made with a different config; "
+                f"out: {out} already holds a pool made with a different config; "
                 "choose another directory, or pass --overwrite to delete its .tar, .parquet and "
                 "sizes.json files (eval/ and target/ too) and write the pool"
             )
     elif not overwrite:
         if fs.glob(f"{root}/*.tar"):
             raise ConfigError(
-                f"out: {root} already contains tar shards but no {_SUMMARY_NAME} "
+                f"out: {out} already contains tar shards but no {_SUMMARY_NAME} "
                 "(foreign data, or an unfinished run); choose another directory, or pass "
                 "--overwrite to delete every .tar, .parquet and sizes.json file there "
                 "(eval/ and target/ too) and write the pool"

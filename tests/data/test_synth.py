@@ -246,6 +246,9 @@ def test_memory_url() -> None:
             assert json.loads(f.read())["classnames"] == list(SHAPES)
         with fs.open(f"{url}/truth.parquet", "rb") as f:
             assert pq.read_table(f).num_rows == 12
+        # the refusal names the URL as given (walkthrough: s3://B/pool was "B/pool")
+        with pytest.raises(ConfigError, match=f"^out: {url} already holds a pool"):
+            make_pool(url, replace(cfg, seed=2))
     finally:
         fsspec.filesystem("memory").rm(url.removeprefix("memory://").split("/")[0], recursive=True)
 
