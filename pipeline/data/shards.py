@@ -348,9 +348,15 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
             present = {e["name"].rstrip("/"): e.get("type") for e in fs.ls(parent, detail=True)}
         except FileNotFoundError:
             present = {}
-        except Exception:
+        except Exception as listing:
             # Listing refused (e.g. no ListBucket permission): ask per file.
-            present = {p: None for _, p, _ in entries if fs.exists(p)}
+            try:
+                present = {p: None for _, p, _ in entries if fs.exists(p)}
+            except Exception as exc:  # the store itself unreachable: say so, in one line
+                raise ConfigError(
+                    f"shards in {_to_url(fs, parent)} cannot be listed ({_short(listing)}) "
+                    f"nor checked ({_short(exc)})"
+                ) from exc
         for _, path, url in entries:
             if path not in present:
                 missing.append(url)
@@ -369,6 +375,10 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
             f"{len(dups)} shard(s) listed more than once in {pattern!r}: {_summarise(dups)}"
         )
     return resolved
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

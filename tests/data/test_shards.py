@@ -191,6 +191,25 @@ def test_a_missing_directory_is_named_as_a_directory(tmp_path):
         resolve_shards(f"{tmp_path}/00000.tar::{tmp_path}/nodir/")
 
 
+def test_a_store_that_cannot_be_reached_is_one_line_not_a_traceback(memfs, monkeypatch):
+    """Walkthrough: an S3 endpoint that did not answer ended `diffin score` in a 220-line
+    botocore traceback from the existence check."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    def down(self, *args, **kwargs):
+        raise ConnectionError("Could not connect to the endpoint URL\nmore detail")
+
+    monkeypatch.setattr(MemoryFileSystem, "ls", down)
+    monkeypatch.setattr(MemoryFileSystem, "exists", down)
+    with pytest.raises(ConfigError) as info:
+        resolve_shards("memory://pool/{00000..00001}.tar")
+    assert re.fullmatch(
+        r"shards in memory:/+pool cannot be listed \(ConnectionError: Could not connect to the "
+        r"endpoint URL\) nor checked \(ConnectionError: Could not connect to the endpoint URL\)",
+        str(info.value),
+    )
+
+
 def test_a_directory_named_like_a_shard_is_refused_before_reading(tmp_path, memfs):
     """Review: `--data x.tar` naming a directory passed, then failed at read time after
     --max-attempts tries, as a partial shard."""
