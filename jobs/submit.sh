@@ -3,17 +3,18 @@
 #   RAY_API=http://127.0.0.1:8265 DATA='s3://bucket/pool/{00000..00099}.tar' RUN=s3://bucket/runs/r1 \
 #     TARGET='s3://bucket/curated/{00000..00003}.tar' jobs/submit.sh
 # Optional: MODEL (default diffin-small), STEPS (default: diffin train's), WORKERS (4),
-# THREADS (torch threads per process; default: diffin's), KEEP (0.7), TARGET (a curated
+# THREADS (torch threads and Ray CPUs per scoring actor: at most a worker node's CPUs;
+# default: diffin's; the training driver keeps its node's cores), KEEP (0.7), TARGET (a curated
 # target set: recommended, docs/accuracy.md section 2). DATA, RUN and TARGET must be
 # absolute paths or URLs: a job runs in a temporary copy of this directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${RAY_API:=http://127.0.0.1:8265}" "${DATA:?set DATA}" "${RUN:?set RUN}"
 : "${WORKERS:=4}" "${KEEP:=0.7}" "${MODEL:=diffin-small}"
-train=(--model "$MODEL") score=() common=()
+train=(--model "$MODEL") score=()
 if [ -n "${STEPS:-}" ]; then train+=(--steps "$STEPS"); fi
 if [ -n "${TARGET:-}" ]; then score+=(--target "$TARGET"); fi
-if [ -n "${THREADS:-}" ]; then common+=(--threads "$THREADS"); fi
+if [ -n "${THREADS:-}" ]; then score+=(--threads "$THREADS"); fi
 submit() {
   local id
   id="diffin-$(date +%s)-$RANDOM"
@@ -32,9 +33,8 @@ submit() {
   fi
 }
 # ${a[@]+"${a[@]}"}: an empty array under set -u, which bash before 4.4 (macOS) refuses
-submit python jobs/stage.py train --data "$DATA" --run "$RUN" "${train[@]}" \
-    ${common[@]+"${common[@]}"}
+submit python jobs/stage.py train --data "$DATA" --run "$RUN" "${train[@]}"
 submit python jobs/score.py --data "$DATA" --run "$RUN" --workers "$WORKERS" --max-attempts 3 \
-    ${score[@]+"${score[@]}"} ${common[@]+"${common[@]}"}
+    ${score[@]+"${score[@]}"}
 submit python jobs/stage.py prune --run "$RUN" --keep "$KEEP" --method diffin
 submit python jobs/stage.py report --run "$RUN"

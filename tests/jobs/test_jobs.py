@@ -140,6 +140,7 @@ def test_submit_script_uses_existing_flags(tmp_path):
         assert train.model == extra.get("MODEL", "diffin-small") and score.workers == 4
         if extra:
             assert (train.steps, score.target, score.threads) == (60, "/t.tar", 1)
+            assert train.threads == 0  # an actor's share is no size for the training driver
     # A stage stopped with `ray job stop` (submit exits 0 for it), or failed with a message
     # that says "succeeded": the next is not submitted
     for end in ("STOPPED", "FAILED"):
