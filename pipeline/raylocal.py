@@ -59,11 +59,12 @@ def check_address(address: str | None) -> None:
             f"{where}: {given} is an HTTP address (Ray's dashboard and Jobs API, which "
             f"`ray job submit` takes); give {wanted}"
         )
-    if (sep and scheme != "ray") or reachable(given) is None:
+    answers = reachable(given) if not sep or scheme == "ray" else None
+    if answers is None:
         raise ConfigError(
             f"{where}: {given} is not HOST:PORT, ray://HOST:PORT or auto; give {wanted}"
         )
-    if reachable(given) is False:
+    if not answers:
         raise ConfigError(
             f"{where}: nothing answers at {given} (is the cluster up, and is this its GCS "
             "address, e.g. 127.0.0.1:6379, or ray://HOST:10001 for Ray Client?)"
