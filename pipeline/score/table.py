@@ -163,6 +163,8 @@ def stale_manifests(run: RunDir, identity: dict[str, Any] | None = None) -> list
         for stage, value in read_json(run.run_json).items()
         if stage.startswith("prune/") and isinstance(value, dict) and value.get("scores")
     }
+    # a manifest removed since is no longer there to retrain on (walkthrough)
+    made = {n: s for n, s in made.items() if exists(f"{run.prune_dir(n)}/manifest.json")}
     if not made:
         return []
     current = identity or table_identity(run.scores)

@@ -173,6 +173,9 @@ def test_a_rescore_leaves_the_manifest_marked_as_made_from_an_earlier_table(prun
     assert stale_manifests(RunDir(run)) == sorted(
         k.removeprefix("prune/") for k in run_json if k.startswith("prune/")
     )
+    stale = stale_manifests(RunDir(run))
+    shutil.rmtree(f"{run}/prune/diffin-keep0.7")  # removed by hand: nothing to retrain on
+    assert stale_manifests(RunDir(run)) == [n for n in stale if n != "diffin-keep0.7"]
     write_manifest(PruneConfig(run=run, keep=KEEP, shard_size=SHARD_SIZE))
     assert "diffin-keep0.7" not in stale_manifests(RunDir(run))
 
