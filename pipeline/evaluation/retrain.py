@@ -17,6 +17,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -109,7 +110,29 @@ def load_truth(url: str | None) -> pd.DataFrame | None:
     """uid -> defect, indexed by uid (None without a truth table)."""
     if not url:
         return None
-    return _columns("truth", url, ["uid", "defect"]).to_pandas().set_index("uid")
+    truth = _columns("truth", url, ["uid", "defect"]).to_pandas()
+    truth["uid"] = truth["uid"].str.lower()  # as the reader gives json uids
+    return truth.set_index("uid")
+
+
+def check_truth(truth: pd.DataFrame | None, url: str | None, ok_uids: Sequence[str]) -> None:
+    """Refuse a truth table that names none of the scored pairs: every subset would show 0
+    defects kept, read as a perfect cleaning (walkthrough); warn when it names only some."""
+    if truth is None:
+        return
+    matched = len(truth.index.intersection(pd.Index(ok_uids)))
+    if not matched:
+        raise ConfigError(
+            f"truth: none of the {len(truth)} uids of {url} is a uid of the score table's "
+            f"{len(ok_uids)} ok rows (another pool's truth table?)"
+        )
+    if matched < len(ok_uids):
+        log.warning(
+            "truth: %s names %d of the %d scored ok pairs; the defect counts cover those only",
+            url,
+            matched,
+            len(ok_uids),
+        )
 
 
 def _columns(field: str, url: str, columns: list[str]) -> pa.Table:
@@ -117,8 +140,9 @@ def _columns(field: str, url: str, columns: list[str]) -> pa.Table:
     try:
         return read_table(url, columns=columns)
     except (pa.ArrowException, KeyError, ValueError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise ConfigError(
-            f"{field}: {url} is not a Parquet table with columns {columns} ({e})"
+            f"{field}: {url} is not a Parquet table with columns {columns} ({first})"
         ) from e
 
 
@@ -160,26 +184,31 @@ def locate_sources(cfg: EvaluateConfig, run: RunDir) -> Sources:
             raise ConfigError(f"{name}: {exc}") from exc
     eval_root = _pool_dir(eval_data)
 
-    def beside(given: str | None, url: str) -> str | None:
+    def beside(given: str | None, url: str, field: str) -> str | None:
         if given is not None:
             if not exists(given):
-                raise ConfigError(f"{url.rsplit('/', 1)[-1]}: {given} does not exist")
+                raise ConfigError(f"{field}: {given} does not exist")
             return given
         return url if exists(url) else None
 
-    labels = beside(cfg.eval_labels, join(eval_root, "labels.parquet"))
-    classes = beside(cfg.classes, join(eval_root, "classes.json"))
+    labels = beside(cfg.eval_labels, join(eval_root, "labels.parquet"), "eval_labels")
+    classes = beside(cfg.classes, join(eval_root, "classes.json"), "classes")
     if (cfg.eval_labels or cfg.classes) and not (labels and classes):
-        raise ConfigError(
-            "eval_labels: zero-shot needs both --eval-labels and --classes (neither "
-            f"labels.parquet nor classes.json found beside {eval_data} for the other)"
+        given, other = (
+            ("--eval-labels", "classes.json") if labels else ("--classes", "labels.parquet")
         )
+        raise ConfigError(
+            f"eval_labels: zero-shot needs both --eval-labels and --classes; {given} was "
+            f"given, and no {other} was found beside {eval_data} for the other"
+        )
+    if labels and classes:
+        _classes(classes)  # refused now, not after the pool is read
     return Sources(
         data=data,
         eval_data=eval_data,
         eval_labels=labels,
         classes=classes,
-        truth=beside(cfg.truth, join(root, "truth.parquet")) if cfg.truth else pool_truth(data),
+        truth=beside(cfg.truth, "", "truth") if cfg.truth else pool_truth(data),
     )
 
 
@@ -506,6 +535,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     src = locate_sources(cfg, run)
     # refuses bad methods and undersized subsets before any training
     subsets = plan_subsets(cfg, table, train_cfg.batch_size, run.scores)
+    truth = load_truth(src.truth)  # checked before the pool is read
+    ok_uids = table.filter(pa.compute.equal(table.column("status"), "ok")).column("uid")
+    check_truth(truth, src.truth, ok_uids.to_pylist())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
@@ -535,7 +567,6 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     position = {s.uid: i for i, s in enumerate(pool)}
     target_uids = _target_uids(recorded, options)
     ev = load_eval_set(src, bundle, options, set(table.column("uid").to_pylist()), target_uids)
-    truth = load_truth(src.truth)
     log.info(
         "evaluate: %d subsets, %d pool pairs, %d eval pairs, %d steps of batch %d each",
         len(subsets),
@@ -597,13 +628,22 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         + f"; zero-shot and recall on {len(ev.captions)} held-out pairs "
         "(retrieval counts identical captions as matches)."
     )
+    # said in results.md and, from evaluate.json, in the report (walkthrough: its table
+    # showed -1 defect counts and smaller n_train without a word)
+    notes = []
     if truth is None:
-        note += " Defect counts are -1: the pool has no truth table."
-    if cfg.max_pairs is not None:
-        note += (
-            f" --max-pairs {cfg.max_pairs}: each subset is a seeded sample of the pairs its "
+        notes.append("Defect counts are -1: the pool has no truth table.")
+    if cfg.max_pairs is not None and len(ok_uids) > cfg.max_pairs:
+        notes.append(
+            f"--max-pairs {cfg.max_pairs}: each subset is a seeded sample of the pairs its "
             "rule keeps, all cut to the same fraction (n_train)."
         )
+    elif cfg.max_pairs is not None:
+        notes.append(
+            f"--max-pairs {cfg.max_pairs}: not reached by the {len(ok_uids)} ok pairs; no "
+            "subset was cut."
+        )
+    note = " ".join([note, *notes])
     summary = {
         "config": cfg.to_dict(),
         "sources": src.__dict__,
@@ -623,6 +663,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         "eval_pairs": len(ev.captions),
         "pool_pairs": len(pool),
         "scores": scores_identity,
+        "notes": notes,
         "results": rows,
         "seconds": round(time.time() - t0, 1),
         **provenance(),

@@ -180,6 +180,7 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
             f"{P.esc(ev_json.get('eval_pairs'))} held-out pairs"
             + (" (mean ± sd over seeds)" if len(seeds) > 1 else "")
             + ".</p>"
+            + "".join(f"<p>{P.esc(n)}</p>" for n in ev_json.get("notes", []))
             + P.table(cols, table[cols].itertuples(index=False))
             + P.img(metric_vs_keep(res, "zeroshot_top1"), "zero-shot accuracy versus keep")
             + P.img(metric_vs_keep(res, "i2t_r5"), "image-to-text recall@5 versus keep")

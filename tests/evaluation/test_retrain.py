@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -222,8 +223,15 @@ def test_eval_labels_without_classes_are_refused(tiny_scored, tmp_path):
         eval_data=str(bare),
         eval_labels=f"{pool}/eval/labels.parquet",
     )
-    with pytest.raises(ConfigError, match="^eval_labels: zero-shot needs both"):
+    with pytest.raises(ConfigError, match="^eval_labels: zero-shot needs both") as info:
         locate_sources(cfg, RunDir("x"))
+    # what was given, and what is missing (walkthrough: "neither ... found")
+    assert "--eval-labels was given, and no classes.json was found beside" in str(info.value)
+    # a flag naming no file is refused by its own name (was: by the default file's)
+    for field in ("eval_labels", "classes", "truth"):
+        missing = dataclasses.replace(cfg, **{"eval_labels": None, field: str(tmp_path / "x")})
+        with pytest.raises(ConfigError, match=f"^{field}: .*x does not exist"):
+            locate_sources(missing, RunDir("x"))
 
 
 def test_a_uid_seen_twice_in_the_pool_is_read_once(tiny_scored, tmp_path):
@@ -464,6 +472,16 @@ def test_evaluate_with_max_pairs_trains_on_the_cut_subsets_and_says_so(tiny_scor
         "--max-pairs 80: each subset is a seeded sample"
         in Path(run, "evaluate", "results.md").read_text()
     )
+    # the report shows the evaluation's notes too (walkthrough: only results.md had them)
+    from pipeline.report.build import build_report
+
+    html = Path(build_report(run, top=2)).read_text()
+    assert "--max-pairs 80: each subset is a seeded sample" in html
+    # a cap the pool does not reach cuts nothing, and says so (was: "a seeded sample")
+    summary = run_evaluation(dataclasses.replace(cfg, max_pairs=10**6))
+    assert summary["notes"] == [
+        f"--max-pairs {10**6}: not reached by the {summary['pool_pairs']} ok pairs; no subset was cut."
+    ]
 
 
 def test_a_table_that_repeats_uids_is_refused_before_training(tiny_scored, tmp_path):
@@ -552,6 +570,8 @@ def test_the_directory_of_a_list_of_patterns_is_the_first_ones(tmp_path):
         ("classes", b"PAR1\x00\xff\xfe binary", "^classes: .* is not a JSON file"),
         ("classes", b'{"classnames": ["a", "b"], "templates": "{}"}', "^classes: .*templates"),
         ("truth", None, r"^truth: .* is not a Parquet table with columns \['uid', 'defect'\]"),
+        # walkthrough: another pool's truth showed 0 defects kept, a perfect cleaning
+        ("truth", "other", r"^truth: none of the 1 uids of .* is a uid of the score table"),
     ],
 )
 def test_a_wrong_classes_or_truth_file_is_a_config_error_naming_it(
@@ -565,6 +585,8 @@ def test_a_wrong_classes_or_truth_file_is_a_config_error_naming_it(
     path = tmp_path / f"{field}.file"
     if content is None:  # a Parquet file, but without the defect column
         pq.write_table(pa.table({"uid": ["a"], "label": [0]}), path)
+    elif content == "other":  # a truth table of pairs the run never scored
+        pq.write_table(pa.table({"uid": ["f" * 32], "defect": ["mismatch"]}), path)
     else:
         path.write_bytes(content)
 
@@ -572,8 +594,22 @@ def test_a_wrong_classes_or_truth_file_is_a_config_error_naming_it(
         raise AssertionError("trained before the config error was found")
 
     monkeypatch.setattr("pipeline.evaluation.retrain.train_loop", no_training)
-    with pytest.raises(ConfigError, match=match):
+    monkeypatch.setattr("pipeline.evaluation.retrain._read_ok", no_training)  # nor read
+    with pytest.raises(ConfigError, match=match) as info:
         run_evaluation(EvaluateConfig(run=run, steps=2, **{field: str(path)}))
+    assert "\n" not in str(info.value)  # one line, not Arrow's schema dump (walkthrough)
+
+
+def test_a_truth_table_with_upper_case_uids_is_read_as_the_pool_s(tiny_scored, tmp_path):
+    """The reader lowercases json uids; a truth table in upper case matched none of them."""
+    import pyarrow.parquet as pq
+
+    from pipeline.evaluation.retrain import load_truth, pool_truth
+
+    truth = pq.read_table(pool_truth(tiny_scored["data"])).to_pandas()
+    upper = tmp_path / "truth.parquet"
+    truth.assign(uid=truth.uid.str.upper()).to_parquet(upper)
+    assert load_truth(str(upper)).index.tolist() == truth.uid.tolist()
 
 
 def test_a_second_evaluation_keeps_the_first_in_the_history(tiny_scored, tmp_path):
