@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -511,7 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logs"
         )
+        # argparse takes "-1e-7" for an option ("--threshold: expected one argument"), as it
+        # takes any "-" word but plain decimals; TracIn scores are that small (walkthrough)
+        command._negative_number_matcher = NEGATIVE_NUMBER
     return p
+
+
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _version() -> str:

@@ -373,6 +373,18 @@ def test_abbreviated_flags_are_refused(capsys):
     assert "unrecognized arguments: --method" in capsys.readouterr().err
 
 
+def test_negative_numbers_in_scientific_notation_are_values_not_options():
+    """Walkthrough: `--threshold -1e-7` (TracIn scores are that small) was "expected one
+    argument"; only plain decimals such as -0.5 were taken as numbers."""
+    for value in ("-1e-7", "-2.5E+3", "-.5", "-3", "-0.0000001"):
+        args = build_parser().parse_args(
+            ["prune", "--run", "r", "--rule", "threshold", "--threshold", value]
+        )
+        assert args.threshold == float(value)
+    with pytest.raises(SystemExit):  # an option is still an option
+        build_parser().parse_args(["prune", "--run", "r", "--threshold", "-v2"])
+
+
 def test_an_interrupted_command_says_how_to_continue(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt

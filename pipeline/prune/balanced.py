@@ -159,7 +159,7 @@ def plan_balanced(
         if cinfo["k"] < cfg.clusters:
             log.warning(
                 "balance_by cluster: %d clusters, not the %d asked for: k-means makes at most "
-                "one a scorable row (the manifest's name keeps the number asked for)",
+                "one per scorable row (the manifest's name keeps the number asked for)",
                 cinfo["k"],
                 cfg.clusters,
             )

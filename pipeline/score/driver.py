@@ -1040,6 +1040,15 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     )
     for column, n in merged["nonfinite_scores"].items():
         log.warning("%s: %d of %d ok rows are NaN or infinite", column, n, merged["rows_ok"])
+    if merged["duplicate_uids"]:
+        # prune keeps such rows and counts unique_uids; evaluate refuses them (walkthrough:
+        # only the summary said so)
+        log.warning(
+            "scores: %d rows repeat another row's uid (a pool that repeats uids, or a shard "
+            "copied under another name): prune keeps them (uids.npy names each uid once), "
+            "`diffin evaluate` refuses ok rows that repeat uids",
+            merged["duplicate_uids"],
+        )
     elapsed = time.time() - t0
     rows_now = sum(r["rows"] for r in scored.values())
     summary = {

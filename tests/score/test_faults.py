@@ -365,8 +365,10 @@ def test_damaged_shards_are_named_in_the_summary_and_the_log(
     # unnamed, and the two rows shared a uid)
     whole = _first_sample_keyed(open(f"{good}00001.tar", "rb").read(), "__shard__")
     (bad / "00011.tar").write_bytes(whole[: len(whole) // 2])
+    # and a good shard copied under another name: its uids on two rows each
+    (bad / "00012.tar").write_bytes(open(f"{good}00000.tar", "rb").read())
     cfg = ScoreConfig(
-        data=f"{good}00000.tar::{bad}/00010.tar::{bad}/00011.tar",
+        data=f"{good}00000.tar::{bad}/00010.tar::{bad}/00011.tar::{bad}/00012.tar",
         run=fresh_run(score_run, tmp_path / "run"),
         methods=["random"],
         address=ray_cluster.address,
@@ -384,11 +386,18 @@ def test_damaged_shards_are_named_in_the_summary_and_the_log(
     assert "not a tar file" in damaged["00010"] and "truncated tar" in damaged["00011"]
     assert not summary["shards_failed"] and not summary["shards_partial"]
     assert "shard 00011 could not be read to its end: unreadable shard" in caplog.text
-    assert again["shards_resumed"] == 3 and again["shards_damaged"] == damaged
+    assert again["shards_resumed"] == 4 and again["shards_damaged"] == damaged
+    from pipeline.data.reader import iter_shard
+
+    copied = sum(1 for _ in iter_shard(f"{good}00000.tar", decode_images=False))
+    assert summary["duplicate_uids"] == copied
+    assert (
+        f"scores: {copied} rows repeat another row's uid" in caplog.text
+    )  # said, not only counted
     table = pq.read_table(f"{cfg.run}/scores.parquet").to_pydict()
     keyed = [i for i, k in enumerate(table["key"]) if k == "__shard__"]
     assert sorted(table["status"][i] for i in keyed) == ["error", "error", "ok"]
-    assert len(set(table["uid"])) == len(table["uid"])
+    assert len({table["uid"][i] for i in keyed}) == 3
 
 
 def _first_sample_keyed(raw: bytes, key: str) -> bytes:
