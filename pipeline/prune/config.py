@@ -159,11 +159,19 @@ class PruneConfig:
         return f"{base}-keep{_num(self.keep)}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as recorded (manifest, run.json): a setting the rule did not use is
+        null, not its default, which would read as if it applied (walkthrough)."""
         out = asdict(self)
         if self.fusion:
             out["method"] = None  # ranked by the fusion: a recorded method would mislead
+        else:
+            out["fusion_norm"] = None
         if self.rule == "threshold":
             out["keep"] = None  # the threshold decides how many: keep was not used
+        if self.rule != "balanced":
+            out["balance"] = None
+        if self.balance_by != "cluster":
+            out["clusters"] = out["cluster_seed"] = None
         return out
 
 

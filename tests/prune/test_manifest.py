@@ -149,6 +149,15 @@ def test_uids_npy_is_datacomp_format(pruned):
 def test_run_json_records_the_prune(pruned):
     run_json = json.loads((Path(pruned["run"]) / "run.json").read_text())
     assert run_json["prune/diffin-keep0.7"]["kept"] == pruned["manifest"]["kept"]
+    # settings the fraction rule does not use are null, not defaults that read as applied
+    rule = pruned["manifest"]["rule"]
+    assert run_json["prune/diffin-keep0.7"]["config"] == {k: rule[k] for k in rule if k != "kind"}
+    unused = ("threshold", "balance_by", "balance", "clusters", "cluster_seed", "fusion")
+    assert all(rule[k] is None for k in (*unused, "fusion_norm"))
+    balanced = PruneConfig(run="r", keep=0.5, rule="balanced", balance_by="cluster", clusters=3)
+    assert balanced.to_dict()["clusters"] == 3 and balanced.to_dict()["balance"] == "proportional"
+    fused = PruneConfig(run="r", keep=0.5, fusion={"loss": 1.0}, fusion_norm="rank").to_dict()
+    assert fused["fusion_norm"] == "rank" and fused["method"] is None
 
 
 def test_a_rescore_leaves_the_manifest_marked_as_made_from_an_earlier_table(pruned, tmp_path):
