@@ -91,6 +91,10 @@ def connect(address: str | None, num_cpus: int) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     ray.init(
+        # "local": a Ray of its own, even where /tmp/ray/ray_current_cluster names another
+        # (a `ray start` cluster on the machine, or a stale file after one was killed),
+        # which a plain ray.init() joins, or fails on ("num_cpus must not be provided")
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         _node_ip_address=LOCAL_NODE_IP,

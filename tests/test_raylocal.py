@@ -106,3 +106,28 @@ def test_the_dashboard_port_is_refused_not_waited_on():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_embedded_ray_is_its_own_whatever_ray_current_cluster_names():
+    """A plain ray.init() joins the cluster /tmp/ray/ray_current_cluster names (a `ray start`
+    on the machine), and with num_cpus fails: "When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided" (a killed cluster leaves that file behind)."""
+    from pathlib import Path
+
+    import ray
+
+    from pipeline.raylocal import connect
+
+    stale = Path("/tmp/ray/ray_current_cluster")
+    before = stale.read_bytes() if stale.exists() else None
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text(f"127.0.0.1:{_closed_port()}")
+    try:
+        assert connect(None, num_cpus=1) is True
+        assert ray.cluster_resources()["CPU"] == 1
+    finally:
+        ray.shutdown()
+        if before is None:
+            stale.unlink(missing_ok=True)
+        else:
+            stale.write_bytes(before)
