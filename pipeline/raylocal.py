@@ -35,12 +35,15 @@ def speaks_http(address: str, timeout: float = 2.0) -> bool:
     """Whether the server at ``[ray://]HOST:PORT`` answers an HTTP/1 request: Ray's dashboard
     and Jobs API do, its GCS and Ray Client servers (gRPC) do not."""
     host, _, port = address.split("://", 1)[-1].rpartition(":")
+    got = b""
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
             conn.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
-            return conn.recv(5) == b"HTTP/"
+            while len(got) < 5 and (part := conn.recv(5 - len(got))):
+                got += part
     except OSError:
-        return False
+        pass
+    return got == b"HTTP/"
 
 
 def check_address(address: str | None) -> None:
@@ -69,7 +72,8 @@ def check_address(address: str | None) -> None:
             f"{where}: nothing answers at {given} (is the cluster up, and is this its GCS "
             "address, e.g. 127.0.0.1:6379, or ray://HOST:10001 for Ray Client?)"
         )
-    if speaks_http(given):
+    # not ray://: a Ray Client port behind a gateway (Envoy, nginx) may answer HTTP too
+    if not sep and speaks_http(given):
         raise ConfigError(
             f"{where}: {given} answers HTTP: that is Ray's dashboard and Jobs API (which `ray "
             f"job submit` takes), not the cluster; give {wanted}"

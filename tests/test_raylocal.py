@@ -101,8 +101,7 @@ def test_the_dashboard_port_is_refused_not_waited_on():
         address = f"127.0.0.1:{server.server_address[1]}"
         with pytest.raises(ConfigError, match="answers HTTP: that is Ray's dashboard"):
             check_address(address)
-        with pytest.raises(ConfigError, match="answers HTTP"):
-            check_address(f"ray://{address}")
+        check_address(f"ray://{address}")  # a Ray Client gateway may speak HTTP: not probed
     finally:
         server.shutdown()
         server.server_close()

@@ -345,7 +345,12 @@ def resolve_shards(pattern: str, check_exists: bool = True) -> list[str]:
             # Object-store filesystems cache listings; shards written by
             # another process since the last listing must not look missing.
             fs.invalidate_cache(parent)
-            present = {e["name"].rstrip("/"): e.get("type") for e in fs.ls(parent, detail=True)}
+            present = {}
+            for e in fs.ls(parent, detail=True):
+                # an object store may list an object and a prefix of the same name: the
+                # object is the shard
+                name = e["name"].rstrip("/")
+                present[name] = "file" if present.get(name) == "file" else e.get("type")
         except FileNotFoundError:
             present = {}
         except Exception as listing:

@@ -111,7 +111,7 @@ def load_truth(url: str | None) -> pd.DataFrame | None:
     if not url:
         return None
     truth = _columns("truth", url, ["uid", "defect"]).to_pandas()
-    truth["uid"] = truth["uid"].str.lower()  # as the reader gives json uids
+    truth["uid"] = truth["uid"].astype(str).str.lower()  # as the reader gives json uids
     return truth.set_index("uid")
 
 
@@ -124,7 +124,8 @@ def check_truth(truth: pd.DataFrame | None, url: str | None, ok_uids: Sequence[s
     if not matched:
         raise ConfigError(
             f"truth: none of the {len(truth)} uids of {url} is a uid of the score table's "
-            f"{len(ok_uids)} ok rows (another pool's truth table?)"
+            f"{len(ok_uids)} ok rows (another pool's truth table? A truth.parquet found "
+            "beside --data is used unless --truth names another)"
         )
     if matched < len(ok_uids):
         log.warning(

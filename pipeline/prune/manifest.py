@@ -421,10 +421,12 @@ def as_open_clip_reads(
             events.append(f"image added as {ext}")
     elif members[read] != members[image]:
         events.append(f"open_clip reads another image ({read})")
-    if image is not None and _sixteen_bit_gray(members[image]):
-        # diffin scores its tones scaled to 8 bits; PIL's convert("RGB"), open_clip's
-        # decoder, clips them to 255: the retrained image is mostly white (review)
-        events.append("open_clip reads a 16-bit grayscale image clipped to white")
+    shown = next((k for k in OPEN_CLIP_IMAGES if k in out), None)  # what open_clip reads
+    if image is not None and shown is not None and out[shown] == members[image]:
+        if _sixteen_bit_gray(members[image]):
+            # diffin scores its tones scaled to 8 bits; PIL's convert("RGB"), open_clip's
+            # decoder, clips them to 255: the retrained image is mostly white (review)
+            events.append("open_clip reads a 16-bit grayscale image clipped to white")
     return out, events
 
 

@@ -148,11 +148,11 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     # the rows and the settings shown beside them always come from the same evaluation.
     ev_url = run.path("evaluate", "evaluate.json")
     ev_json = read_json(ev_url) if exists(ev_url) else None
-    identity = table_identity(run.scores)
-    if ev_json is not None and ev_json.get("scores", "unknown") not in (
-        "unknown",  # recorded before evaluations said which table they were made from
-        identity,
-    ):
+    # "unknown": recorded before evaluations said which table they were made from. The
+    # identity reads the whole uid column: only when something is to be compared with it.
+    ev_scores = "unknown" if ev_json is None else ev_json.get("scores", "unknown")
+    identity = table_identity(run.scores) if ev_scores != "unknown" else None
+    if ev_scores not in ("unknown", identity):
         log.warning("report: %s was made from an earlier score table; not shown", ev_url)
         inner = (
             "<p>The last evaluation was made from an earlier score table (the run was scored "

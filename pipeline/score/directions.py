@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -70,6 +71,7 @@ def load_set(run: RunDir, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype: torch.dtype):
     """(images, tokens, fingerprint): a curated target if --target was given, else the held-out sample."""
+    problems: dict[str, Any] = {}  # what of a --target could not be used
     if cfg.target is None:
         images, tokens, meta = load_set(run, "target", dtype)
         uids = meta["uids"]
@@ -109,7 +111,7 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
             "target_fingerprint": fp,
             "target_source": source,
             "target_size": len(uids),
-            **(problems if cfg.target is not None else {}),
+            **problems,
         },
     )
 

@@ -1045,8 +1045,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         # only the summary said so)
         log.warning(
             "scores: %d rows repeat another row's uid (a pool that repeats uids, or a shard "
-            "copied under another name): prune keeps them (uids.npy names each uid once), "
-            "`diffin evaluate` refuses ok rows that repeat uids",
+            "copied under another name): prune keeps such ok rows (uids.npy names each uid "
+            "once), `diffin evaluate` refuses them",
             merged["duplicate_uids"],
         )
     elapsed = time.time() - t0

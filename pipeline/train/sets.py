@@ -108,7 +108,8 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
     need = cfg.target_size + cfg.batch_size
     if len(ok) < need:
         raise ConfigError(
-            f"data: {len(ok)} decodable pairs of {read} rows read; need at least "
+            f"data: {len(ok)} decodable pairs of {read - len(unusable.damaged)} samples read; "
+            "need at least "
             f"target_size + batch_size = {need}{unusable.said()}"
         )
     if errors:

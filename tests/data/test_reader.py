@@ -590,6 +590,37 @@ def test_an_error_reading_a_compressed_shard_stays_an_io_error(good_members, hel
             pass
 
 
+def test_an_error_mid_stream_is_raised_after_the_bytes_before_it_and_not_read_past(
+    good_members, helpers
+):
+    """Review: the bytes decompressed before an I/O error come first, then the error; the
+    broken stream must not be read again (a dropped connection that "recovers" would hand
+    the decompressor bytes from an unknown offset)."""
+    import io
+
+    from pipeline.data.reader import _decompressed
+
+    raw = helpers.tar_bytes(good_members)
+
+    class DropsOnce(io.BytesIO):
+        dropped = False
+
+        def read(self, n=-1):
+            if self.tell() > 40 and not self.dropped:
+                self.dropped = True
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(min(n, 16) if n and n > 0 else 16)
+
+    stream = _decompressed(DropsOnce(gzip.compress(raw, mtime=0)))
+    got = b""
+    with pytest.raises(ConnectionResetError):
+        while part := stream.read(10240):
+            got += part
+    assert got and raw.startswith(got)
+    with pytest.raises(ConnectionResetError):  # again, not a read past the failure
+        stream.read(10240)
+
+
 # --- fsspec URLs ----------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from pipeline.data.reader import iter_shard
 from pipeline.data.shards import resolve_shards, shard_stamp, shard_stamps
 from pipeline.data.synth import SynthConfig, make_pool
 from pipeline.data.tarwriter import ShardWriter
+from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
 from pipeline.prune.datacomp import array_to_uids, load_uids
 from pipeline.prune.manifest import write_manifest
@@ -75,6 +76,20 @@ def test_shard_stamps_on_s3_see_a_shard_rewritten_in_place(s3_bucket):
     write_bytes_atomic(urls[0], b"b" * 10)  # same name, same size, other bytes
     assert shard_stamp(urls[0]) != stamps[urls[0]]
     assert shard_stamps(urls)[urls[0]] == shard_stamp(urls[0])  # no stale listing
+
+
+def test_on_s3_an_object_beside_a_prefix_of_its_name_is_a_shard_and_a_prefix_alone_not(
+    s3_bucket,
+):
+    """Review: s3fs lists an object and a prefix of the same name as a file and a directory;
+    the directory entry hid the shard. A prefix alone is no shard (walkthrough)."""
+    write_bytes_atomic(f"{s3_bucket}/both/00000.tar", b"x")
+    write_bytes_atomic(f"{s3_bucket}/both/00000.tar/inner", b"y")
+    write_bytes_atomic(f"{s3_bucket}/both/00001.tar/inner", b"y")
+    urls = resolve_shards(f"{s3_bucket}/both/00000.tar")
+    assert urls == [f"{s3_bucket}/both/00000.tar"]
+    with pytest.raises(ConfigError, match=r"00001.tar \(a directory, not a shard file\)"):
+        resolve_shards(f"{s3_bucket}/both/{{00000..00001}}.tar")
 
 
 def test_pipeline_end_to_end_on_s3(s3_bucket):

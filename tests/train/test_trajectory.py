@@ -103,7 +103,7 @@ def test_unusable_pool_rows_and_damaged_shards_are_said_and_recorded(
     assert sum(counts["error_reasons"].values()) + 2 == counts["errors"]
     assert "2 shard(s) not read to the end" in caplog.text
     bad = dataclasses.replace(cfg, data=f"{tmp_path}/html.tar")
-    with pytest.raises(ConfigError, match=r"0 decodable pairs of 1 rows read.*not a tar file"):
+    with pytest.raises(ConfigError, match=r"0 decodable pairs of 0 samples read.*not a tar file"):
         load_pool(bad)
 
 
