@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import ray
 
@@ -80,6 +81,19 @@ def check_address(address: str | None) -> None:
         )
 
 
+def _token_hint() -> str:
+    """Why a cluster that answers may still refuse us: Ray 2.60's `ray start --head` turns
+    token authentication on where ~/.ray/auth_token exists (any local ray.init writes it),
+    and a client given an address enables it only with RAY_AUTH_MODE=token (walkthrough:
+    74 s of retries, the missing token said only in warnings)."""
+    if os.environ.get("RAY_AUTH_MODE") or not (Path.home() / ".ray" / "auth_token").exists():
+        return ""
+    return (
+        "; if the cluster was started with token authentication (`ray start --head` turns "
+        "it on where ~/.ray/auth_token exists), run with RAY_AUTH_MODE=token"
+    )
+
+
 def embedded(address: str | None) -> bool:
     """Whether :func:`connect` would start a Ray of its own (sized for this machine)."""
     return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
@@ -92,7 +106,10 @@ def connect(address: str | None, num_cpus: int) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         # Inside `ray job submit`, RAY_ADDRESS names the cluster.
         check_address(address)
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as exc:
+            raise ConfigError(f"address: {exc}{_token_hint()}") from exc
         return False
     ray.init(
         # "local": a Ray of its own, even where /tmp/ray/ray_current_cluster names another

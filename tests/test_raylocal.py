@@ -130,3 +130,61 @@ def test_the_embedded_ray_is_its_own_whatever_ray_current_cluster_names():
             stale.unlink(missing_ok=True)
         else:
             stale.write_bytes(before)
+
+
+def test_a_token_auth_cluster_refusing_us_says_how_to_authenticate(tmp_path):
+    """Walkthrough: `ray start --head` turns token auth on where ~/.ray/auth_token exists
+    (any local ray.init writes it); `diffin score --address` then retried for 74 s and ended
+    in "Failed to connect", the missing token said only in warnings."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.score.raycluster import HEAD_IP, RAY, free_port, kill_all, procs_naming, tree
+
+    temp = tempfile.mkdtemp(prefix="diffin-ray-")
+    address = f"{HEAD_IP}:{free_port(HEAD_IP)}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    head = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--num-cpus=1",
+            f"--node-ip-address={HEAD_IP}",
+            f"--port={address.rsplit(':', 1)[1]}",
+            f"--temp-dir={temp}",
+            "--include-dashboard=false",
+        ],
+        env={**env, "RAY_AUTH_MODE": "token"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while not reachable(address, timeout=1) and time.time() < deadline:
+            time.sleep(0.5)
+        client = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from pipeline.raylocal import connect; connect({address!r}, 1)",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        kill_all(tree(head.pid) + procs_naming(temp))
+    from pathlib import Path
+
+    assert (Path.home() / ".ray" / "auth_token").exists()  # written by the head if not before
+    assert client.returncode != 0
+    last = client.stderr.strip().splitlines()[-1]
+    assert last.startswith("pipeline.errors.ConfigError: address: "), last
+    assert "run with RAY_AUTH_MODE=token" in last, last
