@@ -19,14 +19,23 @@ from pipeline.errors import ConfigError
 LOCAL_NODE_IP = "127.0.0.2"
 
 
-def reachable(address: str, timeout: float = 5.0) -> bool | None:
-    """Whether something accepts connections at a ``[ray://]HOST:PORT`` address; None for
-    other forms ("auto", a bare host), which ray.init resolves itself."""
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``[ray://]HOST:PORT`` address (IPv6 hosts in brackets); None for
+    other forms."""
     host, sep, port = address.split("://", 1)[-1].rpartition(":")
     if not sep or not host or not port.isdigit():
         return None
+    return host.strip("[]"), int(port)
+
+
+def reachable(address: str, timeout: float = 5.0) -> bool | None:
+    """Whether something accepts connections at a ``[ray://]HOST:PORT`` address; None for
+    other forms ("auto", a bare host), which ray.init resolves itself."""
+    where = _host_port(address)
+    if where is None:
+        return None
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection(where, timeout=timeout).close()
     except OSError:
         return False
     return True
@@ -35,10 +44,12 @@ def reachable(address: str, timeout: float = 5.0) -> bool | None:
 def speaks_http(address: str, timeout: float = 2.0) -> bool:
     """Whether the server at ``[ray://]HOST:PORT`` answers an HTTP/1 request: Ray's dashboard
     and Jobs API do, its GCS and Ray Client servers (gRPC) do not."""
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    where = _host_port(address)
     got = b""
+    if where is None:
+        return False
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+        with socket.create_connection(where, timeout=timeout) as conn:
             conn.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
             while len(got) < 5 and (part := conn.recv(5 - len(got))):
                 got += part

@@ -432,9 +432,7 @@ def as_open_clip_reads(
 
 def _sixteen_bit_gray(data: bytes) -> bool:
     """A PNG of 16-bit grayscale (IHDR bit depth 16, colour type 0)."""
-    return (
-        data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24:26] == b"\x10\x00"
-    )
+    return _image_ext(data) == "png" and data[12:16] == b"IHDR" and data[24:26] == b"\x10\x00"
 
 
 def _has_json_uid(members: dict[str, bytes]) -> bool:
