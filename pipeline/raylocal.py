@@ -6,6 +6,7 @@ Train) so both start the same embedded Ray when no cluster is named.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -17,6 +18,17 @@ from pipeline.errors import ConfigError
 # Ray advertises 127.0.0.1 as the machine's network address; another loopback
 # address keeps the embedded cluster's advertised address on loopback.
 LOCAL_NODE_IP = "127.0.0.2"
+# Ray Train's placement-group cleaner asks the dashboard's state API whether the training
+# controller still lives; the embedded Ray has no dashboard (nothing listening beyond what
+# Ray needs), so it warned every few seconds for the whole training (walkthrough).
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_embedded_workers() -> None:
+    """Worker setup hook of the embedded Ray: silence the cleaner's state-API warning. Its
+    job (removing a dead controller's placement group) is done there by the cluster ending
+    with this process."""
+    logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -132,5 +144,6 @@ def connect(address: str | None, num_cpus: int) -> bool:
         _node_ip_address=LOCAL_NODE_IP,
         log_to_driver=True,
         configure_logging=False,
+        runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_embedded_workers"},
     )
     return True

@@ -41,13 +41,16 @@ def _state(run: str, step: int) -> dict[str, torch.Tensor]:
     return torch.load(RunDir(run).checkpoint(step), map_location="cpu", weights_only=True)
 
 
-def test_two_workers_reach_the_single_process_checkpoints(local_ray, tiny_run, tmp_path):
+def test_two_workers_reach_the_single_process_checkpoints(local_ray, tiny_run, tmp_path, capfd):
     one_cfg = dataclasses.replace(
         tiny_run["config"], run=str(tmp_path / "one"), precision="fp64", lr=0.02
     )
     one = train(one_cfg)
     two = train(dataclasses.replace(one_cfg, run=str(tmp_path / "two"), workers=2))
     assert two["workers"] == 2 and two["precision"] == "fp64"
+    # the embedded Ray has no dashboard: Ray Train's placement-group cleaner warned that the
+    # state API was unavailable every few seconds of the training (walkthrough)
+    assert "State API may be temporarily unavailable" not in capfd.readouterr().err
     assert [(c["step"], c["lr"]) for c in two["checkpoints"]] == [
         (c["step"], c["lr"]) for c in one["checkpoints"]
     ]
