@@ -24,6 +24,7 @@ one run on an accelerator are in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 import time
@@ -85,6 +86,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    # the pipeline's own progress, timestamped: a run cut short by its time limit shows
+    # which stage it was in (the first accelerator run lost that)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
     from pipeline.data.synth import SynthConfig, make_pool
