@@ -819,6 +819,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"diffin {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        # the proxy's loss went NaN (training says at which step and what to change): the
+        # message is the whole story, a traceback would bury it (walkthrough)
+        print(f"diffin {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Every stage writes atomically and resumes, so a traceback would only alarm.
         print(

@@ -396,6 +396,20 @@ def test_an_interrupted_command_says_how_to_continue(monkeypatch, capsys):
     assert "interrupted; run the same command again" in err and "Traceback" not in err
 
 
+def test_a_diverged_training_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """Walkthrough: "training diverged at step 0 (loss nan); lower --lr" came at the end of
+    a traceback."""
+
+    def diverged(args):
+        raise FloatingPointError("training diverged at step 0 (loss nan); lower --lr")
+
+    monkeypatch.setattr("pipeline.cli.check_patterns", lambda args: None)
+    monkeypatch.setattr("pipeline.cli.run", diverged)
+    assert main(["train", "--data", "d", "--run", "r"]) == 1
+    err = capsys.readouterr().err
+    assert err == "diffin train: training diverged at step 0 (loss nan); lower --lr\n"
+
+
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["score", "--help"])

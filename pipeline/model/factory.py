@@ -20,12 +20,12 @@ from typing import Any
 import fsspec
 import open_clip
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.rundir import sha256
 
+log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "configs"
 _registered = False
 
@@ -45,7 +45,10 @@ def small_config_names() -> list[str]:
 def model_config(name: str) -> dict[str, Any]:
     """The architecture config of an open_clip model name, as a plain dict."""
     register_small_configs()
-    cfg = open_clip.get_model_config(name)
+    try:
+        cfg = open_clip.get_model_config(name)
+    except (OSError, ValueError) as exc:  # a local-dir: folder that is gone or has no config
+        raise ConfigError(f"model: {name!r}: {exc}") from None
     if cfg is None:
         raise ConfigError(
             f"model: unknown open_clip model {name!r}; small configs: {small_config_names()}"
@@ -89,28 +92,40 @@ def create(
 ) -> ClipBundle:
     """Build an open_clip model, randomly initialised unless ``pretrained`` is given.
 
-    ``pretrained`` is a checkpoint file (loaded by open_clip with
-    ``weights_only=True``) or an open_clip pretrained tag (downloaded by
-    open_clip, so only where the network allows it). ``preprocess_cfg`` (a
+    ``pretrained`` is a checkpoint file (:func:`load_weights`: ``weights_only=True``, every
+    key, shape and value checked) or an open_clip pretrained tag (downloaded by
+    open_clip, so only where the network allows it); a ``local-dir:`` model's weights
+    file is loaded as a checkpoint file is. ``preprocess_cfg`` (a
     run's recorded ``ClipBundle.preprocess_cfg``) sets the image transform's
     mean, std, interpolation and resize mode, so a later stage preprocesses
     as the run's training did, whatever tag it was trained from.
     """
     model_config(name)  # refuses unknown names before anything is built
+    schema, where = open_clip.factory.parse_model_name(name)
+    tag = weights = None  # an open_clip tag (open_clip loads it), or a file (loaded here)
+    flag = "pretrained"
     if pretrained is not None:
         pretrained = _local_path(pretrained)
-        if open_clip.factory.parse_model_name(name)[0] is not None:
+        if schema is not None:
             # open_clip ignores `pretrained` for these (with a warning we would hide):
             # the weights would silently stay random
             raise ConfigError(
                 f"pretrained: {name!r} takes its weights from its own location; "
                 "--pretrained is not used with hf-hub: or local-dir: models"
             )
-        if not Path(pretrained).is_file() and not open_clip.get_pretrained_cfg(name, pretrained):
-            # get_pretrained_cfg normalises tags as open_clip does (case, '-' and '_')
+        if Path(pretrained).is_file():
+            weights = pretrained
+        elif open_clip.get_pretrained_cfg(name, pretrained):
+            tag = pretrained  # get_pretrained_cfg normalises tags as open_clip does
+        else:
             raise ConfigError(
                 f"pretrained: {pretrained!r} is neither a file nor an open_clip tag for {name!r}"
             )
+    elif schema == "local-dir":
+        flag = "model"
+        weights = open_clip.factory._find_checkpoint_in_dir(Path(where))
+        if weights is None:
+            log.info("model: %s holds no weights file: randomly initialised", where)
     # open_clip logs every creation step on the root logger, and warns about
     # random initialisation, which is what diffin asks for when no weights are given.
     root = logging.getLogger()
@@ -124,51 +139,148 @@ def create(
         }
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
-            pretrained=pretrained,
+            pretrained=tag,
+            load_weights=weights is None,  # a file is loaded below, checked, never reshaped
             device=device,
             output_dict=True,
             weights_only=True,
             **forced,
         )
         tokenizer = open_clip.get_tokenizer(name)
-    except (
-        AssertionError,
-        KeyError,
-        RuntimeError,
-        ValueError,
-        EOFError,  # an empty file
-        OSError,  # unreadable
-        pickle.UnpicklingError,
-        SafetensorError,  # a damaged .safetensors
-    ) as exc:
-        if pretrained is None:
+    except Exception as exc:
+        if tag is None:
+            if schema == "local-dir" and isinstance(exc, OSError | ValueError):
+                raise ConfigError(f"model: {name!r}: {exc}") from exc
             raise
-        # open_clip reports another architecture's weights with an assert or a
-        # state-dict error, and a file that is no checkpoint with a pickle error:
-        # name the file, the model and what is expected instead.
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        # a tag's weights are downloaded (Hugging Face Hub or the tag's URL)
+        raise ConfigError(
+            f"pretrained: cannot get open_clip's {tag!r} weights for {name!r}: "
+            f"{_first_line(exc)}; open_clip downloads them: where the network is closed, "
+            "download the file elsewhere and pass its path (HF_HUB_OFFLINE=1 makes this "
+            "fail at once instead of retrying)"
+        ) from exc
+    finally:
+        root.setLevel(level)
+    if weights is not None:
+        load_weights(model, weights, name, flag)
+    model = model.to(dtype=dtype)
+    model.eval()
+    recorded = {k: _plain(v) for k, v in open_clip.get_model_preprocess_cfg(model).items()}
+    return ClipBundle(name, model, preprocess, tokenizer, recorded)
+
+
+def _first_line(exc: BaseException, limit: int = 500) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0][:limit] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint file's parameters by name: an open_clip_train checkpoint (its
+    ``state_dict``, DDP's ``module.`` prefix dropped), a state dict saved with torch.save,
+    or a ``.safetensors`` file. torch.load runs with ``weights_only=True``: a file that
+    pickles anything but tensors and plain containers is refused, never run."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(path, device="cpu")
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError("it holds no state dict (a non-empty dict of parameter names to tensors)")
+    odd = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise ValueError(f"{len(odd)} of its entries are not named tensors, e.g. {odd[0]!r}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def _as_open_clip(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_clip.load_checkpoint's conversions of other layouts, without its resizing of
+    position embeddings (which fits another image size or context length silently)."""
+    state = open_clip.factory.convert_state_dict(model, state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = open_clip.factory.convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if key in state and own is not None and own.ndim != state[key].ndim:
+            state[key] = state[key].reshape(own.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+        if "logit_scale" in state:
+            state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    state.pop("text.transformer.embeddings.position_ids", None)
+    return state
+
+
+def _names(keys: Any, n: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` would not load into ``model`` exactly, in words (keys missing or
+    unknown, shapes that differ, NaN or infinite values); None when it fits."""
+    own = model.state_dict()
+    problems = []
+    shapes = sorted(k for k in own.keys() & state.keys() if state[k].shape != own[k].shape)
+    if shapes:
+        problems.append(
+            "shapes differ: "
+            + "; ".join(
+                f"{k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+                for k in shapes[:3]
+            )
+            + (f" (and {len(shapes) - 3} more)" if len(shapes) > 3 else "")
+        )
+    if own.keys() - state.keys():
+        problems.append(f"missing: {_names(own.keys() - state.keys())}")
+    if state.keys() - own.keys():
+        problems.append(f"not in the model: {_names(state.keys() - own.keys())}")
+    if not problems:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            problems.append(f"NaN or infinite values in {_names(bad)}")
+    return "; ".join(problems) or None
+
+
+def load_weights(model: nn.Module, path: str, name: str, flag: str = "pretrained") -> None:
+    """Load a checkpoint file into ``model`` exactly: every key, every shape, finite values,
+    or a ConfigError that says what differs (``flag``: the option that named the file)."""
+    if Path(path).suffix in (".npz", ".npy"):  # big_vision's SigLIP weights: open_clip's own
+        try:
+            open_clip.factory.load_checkpoint(model, path)
+        except Exception as exc:
+            raise ConfigError(
+                f"{flag}: cannot load {path!r} into {name!r}: {_first_line(exc)} (numpy weights "
+                "are big_vision SigLIP checkpoints)"
+            ) from exc
+        return
+    try:
+        state = _as_open_clip(model, read_state_dict(path))
+    except Exception as exc:  # the file's content: whatever it holds, say so plainly
+        detail = _first_line(exc)
         if isinstance(exc, pickle.UnpicklingError):
             # torch's own text suggests weights_only=False, which diffin never uses
             detail = (
                 "torch.load(weights_only=True) refused it: it is no checkpoint, or it pickles "
                 "objects other than tensors"
             )
-        expected = (
-            ""
-            if isinstance(exc, OSError)  # unreadable, or a tag's download: not its content
-            else " (expected an open_clip checkpoint, a state dict saved with torch.save, or a "
-            ".safetensors file, of this architecture)"
-        )
         raise ConfigError(
-            f"pretrained: cannot load {pretrained!r} into {name!r}: {detail}{expected}"
+            f"{flag}: cannot load {path!r} into {name!r}: {detail} (expected an open_clip "
+            "checkpoint, a state dict saved with torch.save, or a .safetensors file, of this "
+            "architecture)"
         ) from exc
-    finally:
-        root.setLevel(level)
-    model = model.to(dtype=dtype)
-    model.eval()
-    recorded = {k: _plain(v) for k, v in open_clip.get_model_preprocess_cfg(model).items()}
-    return ClipBundle(name, model, preprocess, tokenizer, recorded)
+    problem = state_dict_mismatch(model, state)
+    if problem:
+        raise ConfigError(
+            f"{flag}: cannot load {path!r} into {name!r}: {problem} (a checkpoint of another "
+            "architecture, image size or context length? --model names the one it was "
+            "trained as)"
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def preprocess_fields(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -121,7 +121,14 @@ def open_clip_preprocess(oc: OpenClipRun, name: str) -> dict[str, Any]:
 
     schema, where = open_clip.factory.parse_model_name(str(oc.params.get("model", "")))
     if schema == "local-dir":
-        raw = json.loads(read_bytes(join(str(where), "open_clip_config.json")).decode())
+        try:
+            raw = json.loads(read_bytes(join(str(where), "open_clip_config.json")).decode())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"import: the run's model folder {where} (local-dir:, params.txt) is not "
+                f"readable here ({type(exc).__name__}: {exc}); its open_clip_config.json "
+                "records the run's preprocessing: restore the folder at that path"
+            ) from None
         cfg = factory.preprocess_fields(raw.get("preprocess_cfg") or {})
     elif schema is None:
         cfg = factory.tag_preprocess(name, oc.params.get("pretrained"))
@@ -138,8 +145,17 @@ def read_open_clip_run(url: str) -> OpenClipRun:
     url = url.rstrip("/")
     try:
         params = parse_params(read_bytes(join(url, "params.txt")).decode())
-    except FileNotFoundError:
-        raise ConfigError(f"import: no params.txt in {url} (an open_clip_train run?)") from None
+    except (FileNotFoundError, NotADirectoryError):
+        fs, path = fsspec.core.url_to_fs(url)
+        if fs.isfile(path):
+            why = "it is a file; --import takes the folder holding params.txt and checkpoints/"
+            if url.endswith(".pt"):
+                why += " (a checkpoint file alone is --pretrained)"
+        elif not fs.exists(path):
+            why = "no such folder"
+        else:
+            why = "no params.txt in it (an open_clip_train run's folder?)"
+        raise ConfigError(f"import: {url}: {why}") from None
     for key in ("lr", "batch_size", "epochs"):
         if key not in params:
             raise ConfigError(f"import: {url}/params.txt has no {key!r}")
@@ -163,7 +179,13 @@ def resolve_model(oc: OpenClipRun, model: str | None) -> str:
     if not name.startswith("local-dir:"):
         factory.model_config(name)
         return name
-    want = factory.model_config(name)  # reads DIR/open_clip_config.json
+    try:
+        want = factory.model_config(name)  # reads DIR/open_clip_config.json
+    except ConfigError as exc:
+        raise ConfigError(
+            f"import: {exc}; the run trained a local-dir: model: restore that folder, and "
+            "pass --model NAME for a registered architecture that is the same"
+        ) from None
     import open_clip
 
     for candidate in factory.small_config_names() + open_clip.list_models():
@@ -181,7 +203,14 @@ def _load_epoch(url: str) -> tuple[dict[str, Any], str]:
     try:
         ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # an unpickler refusal names the offending global
-        raise ConfigError(f"import: {url} does not load with weights_only=True: {exc}") from exc
+        # torch's text goes on to suggest weights_only=False, which diffin never uses: keep
+        # the line that names what was refused
+        text = str(exc)
+        found = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+        detail = found.group(1) if found else (text.strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"import: {url} does not load with weights_only=True: {type(exc).__name__}: {detail}"
+        ) from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"import: {url} is not an open_clip_train checkpoint (no state_dict)")
     return ckpt, hashlib.sha256(raw).hexdigest()
@@ -231,6 +260,21 @@ def import_open_clip_run(
     if steps_per_epoch is not None and (not is_int(steps_per_epoch) or steps_per_epoch < 1):
         raise ConfigError(f"steps_per_epoch: must be an integer >= 1 (got {steps_per_epoch!r})")
     spe = steps_per_epoch if steps_per_epoch is not None else oc.steps_per_epoch()
+    if steps_per_epoch is not None:
+        try:
+            implied = oc.steps_per_epoch()
+        except ConfigError:
+            implied = None
+        if implied is not None and implied != steps_per_epoch:
+            # a warning, not a refusal: --steps-per-epoch is also the way around a count
+            # params.txt gets wrong; the saved learning rates check it where they can
+            log.warning(
+                "import: --steps-per-epoch %d, but params.txt implies %d (train_num_samples, "
+                "batch size, workers): every checkpoint is placed at %d x its epoch",
+                steps_per_epoch,
+                implied,
+                steps_per_epoch,
+            )
     total = spe * int(oc.params["epochs"])
     run = RunDir(cfg.run)
     if cfg.threads:  # the sets are encoded and the checkpoints checked in this process
@@ -319,6 +363,16 @@ def _checked_epoch(
     # With --accum-freq, loader batches left over at the end of an epoch (not a whole
     # optimizer step) set the next step's rate before the checkpoint is saved.
     also = oc.lr(step, total) if int(oc.params.get("accum_freq") or 1) > 1 else want
+    if last is None or _rate_blind(oc, epoch, spe, want):
+        log.warning(
+            "import: %s: %s cannot confirm %d steps per epoch; the checkpoints' steps (and "
+            "with them every score's weights) rest on that count unchecked",
+            url,
+            "no optimizer state saved: its learning rate"
+            if last is None
+            else "the learning rate, the same at nearby step counts,",
+            spe,
+        )
     if last is not None and not any(
         math.isclose(last, w, rel_tol=1e-6, abs_tol=1e-12) for w in (want, also)
     ):
@@ -328,11 +382,23 @@ def _checked_epoch(
             "pass --steps-per-epoch"
         )
     state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    try:
-        bundle.model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(f"import: {url} does not fit model {bundle.name!r}: {exc}") from exc
+    problem = factory.state_dict_mismatch(bundle.model, state)
+    if problem:
+        raise ConfigError(f"import: {url} does not fit model {bundle.name!r}: {problem}")
+    bundle.model.load_state_dict(state, strict=True)
     return digest, last
+
+
+def _rate_blind(oc: OpenClipRun, epoch: int, spe: int, want: float) -> bool:
+    """Whether the saved rate at ``epoch`` could not tell ``spe`` steps per epoch from one
+    more or one fewer (a constant schedule, or a flat stretch of it)."""
+    epochs = int(oc.params["epochs"])
+    for other in (spe - 1, spe + 1):
+        if other >= 1 and math.isclose(
+            oc.lr(epoch * other - 1, other * epochs), want, rel_tol=1e-6, abs_tol=1e-12
+        ):
+            return True
+    return False
 
 
 def _jsonable(v: Any) -> bool:

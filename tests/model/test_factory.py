@@ -220,3 +220,71 @@ def test_exact_float32_sets_the_gpu_flags_float32_needs(device, dtype, tf32_off,
         assert cudnn.deterministic is deterministic
     finally:
         cudnn.allow_tf32, cudnn.deterministic, matmul.allow_tf32 = saved
+
+
+def _saved(tmp_path, name: str, obj) -> str:
+    path = tmp_path / name
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_checkpoints_of_another_image_size_or_context_length_are_refused(tmp_path):
+    """Walkthrough: open_clip resized the position embeddings of such a checkpoint to fit
+    --model, without a word, and trained another model than the file's."""
+    factory.register_small_configs()
+    for force in ({"force_image_size": 64}, {"force_context_length": 77}):
+        other = open_clip.create_model("diffin-tiny", **force)
+        path = _saved(tmp_path, "other.pt", {"epoch": 1, "state_dict": other.state_dict()})
+        with pytest.raises(ConfigError, match=r"positional_embedding is \(.*\) in the file"):
+            factory.create("diffin-tiny", pretrained=path)
+
+
+def test_weights_that_do_not_fit_are_named_and_odd_files_refused(tmp_path):
+    """Walkthrough: torch's key list was cut off after its first line, and an empty dict,
+    a list or an empty state_dict raised StopIteration or AttributeError tracebacks."""
+    good = factory.create("diffin-tiny").model.state_dict()
+    missing = _saved(tmp_path, "missing.pt", {k: v for k, v in good.items() if k != "logit_scale"})
+    extra = _saved(tmp_path, "extra.pt", {**good, "head.extra": torch.zeros(2)})
+    nan = _saved(tmp_path, "nan.pt", {**good, "logit_scale": torch.tensor(float("nan"))})
+    cases = {
+        missing: r"missing: logit_scale",
+        extra: r"not in the model: head\.extra",
+        nan: r"NaN or infinite values in logit_scale",
+        _saved(tmp_path, "empty.pt", {}): "holds no state dict",
+        _saved(tmp_path, "empty_sd.pt", {"state_dict": {}}): "holds no state dict",
+        _saved(tmp_path, "list.pt", [1, 2, 3]): "holds no state dict",
+        _saved(tmp_path, "ints.pt", {"a": 1}): "not named tensors, e.g. 'a'",
+    }
+    for path, want in cases.items():
+        with pytest.raises(ConfigError, match=f"^pretrained: cannot load .*: .*{want}"):
+            factory.create("diffin-tiny", pretrained=path)
+    # what open_clip_train writes under DDP loads exactly
+    ddp = {"epoch": 2, "state_dict": {f"module.{k}": v for k, v in good.items()}}
+    got = factory.create("diffin-tiny", pretrained=_saved(tmp_path, "ddp.pt", ddp)).model
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in good.items())
+
+
+def test_local_dir_models_gone_or_with_unfit_weights_are_configuration_errors(tmp_path):
+    """Walkthrough: a missing folder raised FileNotFoundError, weights of another
+    architecture in it an AssertionError, each with a traceback."""
+    with pytest.raises(ConfigError, match="^model: 'local-dir:.*gone'"):
+        factory.create(f"local-dir:{tmp_path / 'gone'}")
+    folder = factory.save_config_dir("diffin-small", tmp_path / "m")
+    torch.save(factory.create("diffin-tiny").model.state_dict(), folder / "open_clip_model.bin")
+    with pytest.raises(ConfigError, match=r"^model: cannot load .*open_clip_model\.bin"):
+        factory.create(f"local-dir:{folder}")
+    small = factory.create("diffin-small").model.state_dict()
+    torch.save(small, folder / "open_clip_model.bin")
+    got = factory.create(f"local-dir:{folder}").model.state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in small.items())
+
+
+def test_a_tag_that_cannot_be_downloaded_says_so(monkeypatch):
+    """Walkthrough: a failed download was reported as a file of the wrong architecture,
+    cut at 300 characters, after a minute of retries: HF_HUB_OFFLINE=1 is named."""
+    entry = {"unreachable": {"url": "http://127.0.0.1:9/weights.pt"}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "diffin-tiny", entry)
+    with pytest.raises(ConfigError, match="cannot get open_clip's 'unreachable'") as info:
+        factory.create("diffin-tiny", pretrained="unreachable")
+    assert "HF_HUB_OFFLINE=1" in str(info.value)
+    assert "of this architecture" not in str(info.value)

@@ -98,9 +98,11 @@ def test_parse_params():
     }
 
 
-def test_import_records_open_clip_steps_rates_and_weights(oc_run, tmp_path):
+def test_import_records_open_clip_steps_rates_and_weights(oc_run, tmp_path, caplog):
     run = str(tmp_path / "run")
-    rec = import_open_clip_run(oc_run["dir"], TrainConfig(data=oc_run["data"], run=run, **SETS))
+    with caplog.at_level("WARNING", logger="pipeline.train.importer"):
+        rec = import_open_clip_run(oc_run["dir"], TrainConfig(data=oc_run["data"], run=run, **SETS))
+    assert "cannot confirm" not in caplog.text  # the cosine rates tell the step count
     per_epoch = SAMPLES // BATCH
     total = per_epoch * EPOCHS
     assert rec["model"] == "diffin-tiny"  # the local-dir architecture, by its registered name
@@ -289,3 +291,53 @@ def test_an_unregistered_local_dir_model_is_named_in_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=f"pass --model local-dir:{cfg_dir} "):
         resolve_model(oc, None)
     assert resolve_model(oc, f"local-dir:{cfg_dir}") == f"local-dir:{cfg_dir}"
+
+
+def test_import_paths_that_are_no_run_folder_are_named(tmp_path):
+    """Walkthrough: a checkpoint file given to --import raised NotADirectoryError."""
+    from pipeline.train.importer import read_open_clip_run
+
+    ckpt = tmp_path / "epoch_3.pt"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"it is a file; .*\(a checkpoint file alone is --pre"):
+        read_open_clip_run(str(ckpt))
+    with pytest.raises(ConfigError, match="no such folder"):
+        read_open_clip_run(str(tmp_path / "gone"))
+    with pytest.raises(ConfigError, match="no params.txt in it"):
+        read_open_clip_run(str(tmp_path))
+
+
+def test_a_run_whose_local_dir_model_folder_is_gone_is_a_configuration_error(tmp_path):
+    """Walkthrough: a moved or copied run (its local-dir: folder gone) raised
+    FileNotFoundError, with --model and without."""
+    from pipeline.train.importer import OpenClipRun, open_clip_preprocess, resolve_model
+
+    gone = tmp_path / "gone-small"
+    oc = OpenClipRun("oc", {"model": f"local-dir:{gone}"}, {1: "oc/checkpoints/epoch_1.pt"})
+    with pytest.raises(ConfigError, match="restore that folder, and pass --model NAME"):
+        resolve_model(oc, None)
+    assert resolve_model(oc, "diffin-tiny") == "diffin-tiny"
+    with pytest.raises(ConfigError, match=f"model folder {gone} .* is not readable here"):
+        open_clip_preprocess(oc, "diffin-tiny")
+
+
+def test_a_step_count_the_saved_rates_cannot_check_is_warned_about(oc_run, tmp_path, caplog):
+    """Walkthrough: without the optimizer's state (or on a constant schedule) any
+    --steps-per-epoch was taken silently, even one params.txt contradicts."""
+    import shutil
+
+    src = Path(oc_run["dir"])
+    copy = tmp_path / "oc"
+    shutil.copytree(src, copy)
+    for ckpt in (copy / "checkpoints").glob("epoch_*.pt"):
+        state = torch.load(ckpt, weights_only=True)
+        state.pop("optimizer")
+        torch.save(state, ckpt)
+    cfg = TrainConfig(data=oc_run["data"], run=str(tmp_path / "run"), **SETS)
+    per_epoch = SAMPLES // BATCH
+    with caplog.at_level("WARNING", logger="pipeline.train.importer"):
+        rec = import_open_clip_run(str(copy), cfg, steps_per_epoch=per_epoch + 1)
+    assert [c["step"] for c in rec["checkpoints"]] == [(per_epoch + 1) * k for k in (1, 2)]
+    text = caplog.text
+    assert f"--steps-per-epoch {per_epoch + 1}, but params.txt implies {per_epoch}" in text
+    assert "no optimizer state saved: its learning rate cannot confirm" in text
