@@ -281,6 +281,7 @@ def load_weights(model: nn.Module, path: str, name: str, flag: str = "pretrained
             "trained as)"
         )
     model.load_state_dict(state, strict=True)
+    log.info("%s: loaded %s into %s (%d tensors)", flag, path, name, len(state))
 
 
 def preprocess_fields(cfg: dict[str, Any]) -> dict[str, Any]:

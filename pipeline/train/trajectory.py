@@ -132,6 +132,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "model": cfg.model,
         "model_config": factory.model_config(cfg.model),
         "pretrained": cfg.pretrained,
+        # what the weights were (a file's sha256, a tag, a local-dir: folder's files), as
+        # typed paths do not say (walkthrough)
+        "starting_weights": pretrained,
         # how the sets were preprocessed; later stages preprocess the same way
         "preprocess_cfg": bundle.preprocess_cfg,
         "optimizer": optimizer_record(

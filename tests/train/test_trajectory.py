@@ -417,6 +417,11 @@ def test_a_run_from_a_pretrained_tag_is_scored_with_that_tags_preprocessing(
         data=tiny_pool["train_data"], run=run, **{**TINY_TRAIN, "steps": 10, "warmup": 2}
     )
     rec = train(dataclasses.replace(cfg, pretrained="localtag"))
+    assert rec["starting_weights"] == "localtag"
+    # a file is identified by its content, not by the path as typed (walkthrough)
+    from_file = train(dataclasses.replace(cfg, run=str(tmp_path / "f"), pretrained=str(weights)))
+    assert from_file["starting_weights"] == factory.pretrained_identity(str(weights))
+    assert from_file["starting_weights"].startswith("sha256:")
     assert rec["preprocess_cfg"]["mean"] == [0.5] * 3
     assert rec["preprocess_cfg"]["resize_mode"] == "squash"
 
