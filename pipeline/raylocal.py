@@ -122,8 +122,12 @@ def embedded(address: str | None) -> bool:
     return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
 
 
-def connect(address: str | None, num_cpus: int) -> bool:
-    """Connect to ``address`` (or the job's cluster) or start an embedded Ray; True if we started it."""
+def connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool = False) -> bool:
+    """Connect to ``address`` (or the job's cluster) or start an embedded Ray; True if we started it.
+
+    ``quiet_train_cleaner``: an embedded Ray for Ray Train runs :func:`quiet_embedded_workers`
+    in its workers. Only there: a job-level runtime_env keeps Ray's prestarted workers from
+    serving the first tasks (about 2 s more at every start, review)."""
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):
@@ -144,6 +148,8 @@ def connect(address: str | None, num_cpus: int) -> bool:
         _node_ip_address=LOCAL_NODE_IP,
         log_to_driver=True,
         configure_logging=False,
-        runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_embedded_workers"},
+        runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_embedded_workers"}
+        if quiet_train_cleaner
+        else None,
     )
     return True

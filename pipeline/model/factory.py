@@ -20,6 +20,7 @@ from typing import Any
 import fsspec
 import open_clip
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from pipeline.errors import ConfigError
@@ -89,13 +90,17 @@ def create(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     preprocess_cfg: dict[str, Any] | None = None,
+    folder_weights: bool = False,
 ) -> ClipBundle:
     """Build an open_clip model, randomly initialised unless ``pretrained`` is given.
 
     ``pretrained`` is a checkpoint file (:func:`load_weights`: ``weights_only=True``, every
     key, shape and value checked) or an open_clip pretrained tag (downloaded by
-    open_clip, so only where the network allows it); a ``local-dir:`` model's weights
-    file is loaded as a checkpoint file is. ``preprocess_cfg`` (a
+    open_clip, so only where the network allows it). A ``local-dir:`` model's weights
+    file is loaded as a checkpoint file is, with ``folder_weights`` (training starts from
+    it); the stages that load a run's checkpoints into the model build the architecture
+    alone (review: a starting file of another shape refused the import of a run whose
+    checkpoints fit). ``preprocess_cfg`` (a
     run's recorded ``ClipBundle.preprocess_cfg``) sets the image transform's
     mean, std, interpolation and resize mode, so a later stage preprocesses
     as the run's training did, whatever tag it was trained from.
@@ -121,11 +126,14 @@ def create(
             raise ConfigError(
                 f"pretrained: {pretrained!r} is neither a file nor an open_clip tag for {name!r}"
             )
-    elif schema == "local-dir":
+    folder_file = None
+    if schema == "local-dir":
         flag = "model"
-        weights = open_clip.factory._find_checkpoint_in_dir(Path(where))
-        if weights is None:
-            log.info("model: %s holds no weights file: randomly initialised", where)
+        folder_file = open_clip.factory._find_checkpoint_in_dir(Path(where))
+        if folder_weights:
+            weights = folder_file
+            if weights is None:
+                log.info("model: %s holds no weights file: randomly initialised", where)
     # open_clip logs every creation step on the root logger, and warns about
     # random initialisation, which is what diffin asks for when no weights are given.
     root = logging.getLogger()
@@ -140,7 +148,12 @@ def create(
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
             pretrained=tag,
-            load_weights=weights is None,  # a file is loaded below, checked, never reshaped
+            # a file is loaded below, checked, never reshaped; a folder's only if asked
+            load_weights=weights is None and folder_file is None,
+            # an HF text tower's own pretrained weights only where open_clip fetched them
+            # before: for a model with no CLIP weights of its own (review: they were
+            # downloaded for a file that then replaced them)
+            pretrained_text=weights is None and folder_file is None,
             device=device,
             output_dict=True,
             weights_only=True,
@@ -152,13 +165,21 @@ def create(
             if schema == "local-dir" and isinstance(exc, OSError | ValueError):
                 raise ConfigError(f"model: {name!r}: {exc}") from exc
             raise
-        # a tag's weights are downloaded (Hugging Face Hub or the tag's URL)
-        raise ConfigError(
-            f"pretrained: cannot get open_clip's {tag!r} weights for {name!r}: "
-            f"{_first_line(exc)}; open_clip downloads them: where the network is closed, "
-            "download the file elsewhere and pass its path (HF_HUB_OFFLINE=1 makes this "
-            "fail at once instead of retrying)"
-        ) from exc
+        if isinstance(exc, OSError) or "download" in str(exc).lower():
+            # a tag's weights are downloaded (Hugging Face Hub or the tag's URL)
+            raise ConfigError(
+                f"pretrained: cannot get open_clip's {tag!r} weights for {name!r}: "
+                f"{_first_line(exc)}; open_clip downloads them: where the network is closed, "
+                "download the file elsewhere and pass its path (HF_HUB_OFFLINE=1 makes this "
+                "fail at once instead of retrying)"
+            ) from exc
+        if isinstance(exc, pickle.UnpicklingError | EOFError | SafetensorError):
+            raise ConfigError(
+                f"pretrained: open_clip's cached file of {tag!r} for {name!r} does not load "
+                f"({type(exc).__name__}): delete it from the cache (Hugging Face's or "
+                "open_clip's) to download it again"
+            ) from exc
+        raise
     finally:
         root.setLevel(level)
     if weights is not None:
@@ -235,8 +256,10 @@ def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str
             )
             + (f" (and {len(shapes) - 3} more)" if len(shapes) > 3 else "")
         )
-    if own.keys() - state.keys():
-        problems.append(f"missing: {_names(own.keys() - state.keys())}")
+    # BatchNorm supplies a missing step counter itself (torch's strict load accepts it)
+    missing = {k for k in own.keys() - state.keys() if not k.endswith(".num_batches_tracked")}
+    if missing:
+        problems.append(f"missing: {_names(missing)}")
     if state.keys() - own.keys():
         problems.append(f"not in the model: {_names(state.keys() - own.keys())}")
     if not problems:
@@ -275,11 +298,13 @@ def load_weights(model: nn.Module, path: str, name: str, flag: str = "pretrained
         ) from exc
     problem = state_dict_mismatch(model, state)
     if problem:
-        raise ConfigError(
-            f"{flag}: cannot load {path!r} into {name!r}: {problem} (a checkpoint of another "
-            "architecture, image size or context length? --model names the one it was "
-            "trained as)"
+        hint = (
+            ""
+            if problem.startswith("NaN")  # the only problem: not a question of architecture
+            else " (a checkpoint of another architecture, image size or context length? "
+            "--model names the one it was trained as)"
         )
+        raise ConfigError(f"{flag}: cannot load {path!r} into {name!r}: {problem}{hint}")
     model.load_state_dict(state, strict=True)
     log.info("%s: loaded %s into %s (%d tensors)", flag, path, name, len(state))
 

@@ -166,7 +166,7 @@ def train_distributed(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     threads = max(1, cfg.threads)
-    started = connect(cfg.address, cfg.workers * threads)
+    started = connect(cfg.address, cfg.workers * threads, quiet_train_cleaner=True)
     storage = tempfile.mkdtemp(prefix="diffin-train-")  # Ray Train's own bookkeeping only
     try:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1

@@ -284,7 +284,7 @@ def import_open_clip_run(
     bundle = factory.create(name, preprocess_cfg=open_clip_preprocess(oc, name))
     # The first checkpoint is checked before the pool is read (hours on a large pool): a
     # wrong step count or model is refused at once (review: it was refused after reading).
-    first: tuple[int, tuple[str, float | None]] | None = None
+    first: tuple[int, tuple[str, float | None, bool]] | None = None
     if oc.checkpoints:
         epoch, url = next(iter(oc.checkpoints.items()))
         first = (epoch, _checked_epoch(oc, epoch, url, spe, total, bundle))
@@ -292,12 +292,13 @@ def import_open_clip_run(
 
     # Checkpoints before the sets are built. An interrupted training's resume state is
     # kept until a checkpoint is written.
-    saved, sources = [], []
+    saved, sources, confirmations = [], [], []
     for epoch, url in oc.checkpoints.items():
         if first is not None and epoch == first[0]:
-            digest, last = first[1]  # loaded into bundle.model above, not read again
+            digest, last, confirmed = first[1]  # loaded into bundle.model above
         else:
-            digest, last = _checked_epoch(oc, epoch, url, spe, total, bundle)
+            digest, last, confirmed = _checked_epoch(oc, epoch, url, spe, total, bundle)
+        confirmations.append(confirmed)
         step = epoch * spe
         if not saved:  # the run is rewritten from here: its old record and state no longer hold
             remove(run.trajectory_json)
@@ -305,6 +306,17 @@ def import_open_clip_run(
         saved.append(save_checkpoint(run, bundle.model, step, oc.lr(step, total)))
         sources.append({"epoch": epoch, "url": url, "sha256": digest, "saved_lr": last})
 
+    if not any(confirmations):
+        # the step count is one number: one checkpoint's rate that tells it is enough
+        log.warning(
+            "import: no checkpoint's saved learning rate confirms %d steps per epoch (%s); "
+            "the checkpoints' steps, and with them every score's weights, rest on that "
+            "count unchecked",
+            spe,
+            "no optimizer state saved"
+            if all(s["saved_lr"] is None for s in sources)
+            else "the schedule's rate is the same at one step more or fewer",
+        )
     save_sets(cfg, run, pool, bundle, *encode_pool(pool.train, bundle))
 
     opt = str(oc.params.get("opt", "adamw"))
@@ -353,9 +365,10 @@ def import_open_clip_run(
 
 def _checked_epoch(
     oc: OpenClipRun, epoch: int, url: str, spe: int, total: int, bundle: factory.ClipBundle
-) -> tuple[str, float | None]:
+) -> tuple[str, float | None, bool]:
     """Load an epoch's checkpoint into ``bundle.model`` after checking its saved rate against
-    the schedule; returns its sha256 and that rate. Refuses a wrong step count or model."""
+    the schedule; returns its sha256, that rate, and whether the rate confirms ``spe``.
+    Refuses a wrong step count or model."""
     ckpt, digest = _load_epoch(url)
     step = epoch * spe
     last = _last_lr(ckpt)
@@ -363,19 +376,8 @@ def _checked_epoch(
     # With --accum-freq, loader batches left over at the end of an epoch (not a whole
     # optimizer step) set the next step's rate before the checkpoint is saved.
     also = oc.lr(step, total) if int(oc.params.get("accum_freq") or 1) > 1 else want
-    if last is None or _rate_blind(oc, epoch, spe, want):
-        log.warning(
-            "import: %s: %s cannot confirm %d steps per epoch; the checkpoints' steps (and "
-            "with them every score's weights) rest on that count unchecked",
-            url,
-            "no optimizer state saved: its learning rate"
-            if last is None
-            else "the learning rate, the same at nearby step counts,",
-            spe,
-        )
-    if last is not None and not any(
-        math.isclose(last, w, rel_tol=1e-6, abs_tol=1e-12) for w in (want, also)
-    ):
+    confirmed = last is not None and not _rate_blind(oc, epoch, spe, want)
+    if last is not None and not any(_same_rate(last, w) for w in (want, also)):
         raise ConfigError(
             f"import: {url} was saved with lr {last:.6g}, but step {step - 1} of the "
             f"reconstructed schedule has {want:.6g}: {spe} steps per epoch is wrong; "
@@ -384,21 +386,28 @@ def _checked_epoch(
     state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
     problem = factory.state_dict_mismatch(bundle.model, state)
     if problem:
-        raise ConfigError(f"import: {url} does not fit model {bundle.name!r}: {problem}")
+        what = "is not usable" if problem.startswith("NaN") else f"does not fit {bundle.name!r}"
+        raise ConfigError(f"import: {url} {what}: {problem}")
     bundle.model.load_state_dict(state, strict=True)
-    return digest, last
+    return digest, last, confirmed
+
+
+def _same_rate(saved: float, rebuilt: float) -> bool:
+    """The rate a checkpoint saved against diffin's reconstruction of open_clip_train's
+    schedule: both are the same double-precision arithmetic, equal to about 1e-16, so a
+    tight tolerance (no absolute one) still tells a cosine schedule's neighbouring step
+    counts apart near its end (review: 1e-6 and 1e-12 absolute could not)."""
+    return math.isclose(saved, rebuilt, rel_tol=1e-9, abs_tol=0.0)
 
 
 def _rate_blind(oc: OpenClipRun, epoch: int, spe: int, want: float) -> bool:
     """Whether the saved rate at ``epoch`` could not tell ``spe`` steps per epoch from one
     more or one fewer (a constant schedule, or a flat stretch of it)."""
     epochs = int(oc.params["epochs"])
-    for other in (spe - 1, spe + 1):
-        if other >= 1 and math.isclose(
-            oc.lr(epoch * other - 1, other * epochs), want, rel_tol=1e-6, abs_tol=1e-12
-        ):
-            return True
-    return False
+    return any(
+        other >= 1 and _same_rate(oc.lr(epoch * other - 1, other * epochs), want)
+        for other in (spe - 1, spe + 1)
+    )
 
 
 def _jsonable(v: Any) -> bool:

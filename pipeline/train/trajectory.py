@@ -83,7 +83,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Hashed before it is loaded: a file replaced while the pool is read must not be
     # fingerprinted as the weights training started from.
     pretrained = factory.starting_weights(cfg.model, cfg.pretrained)
-    bundle = factory.create(cfg.model, pretrained=cfg.pretrained)
+    bundle = factory.create(cfg.model, pretrained=cfg.pretrained, folder_weights=True)
     model = bundle.model
     if cfg.precision == "fp64":
         model.to(torch.float64)

@@ -41,7 +41,10 @@ def _state(run: str, step: int) -> dict[str, torch.Tensor]:
     return torch.load(RunDir(run).checkpoint(step), map_location="cpu", weights_only=True)
 
 
-def test_two_workers_reach_the_single_process_checkpoints(local_ray, tiny_run, tmp_path, capfd):
+def test_two_workers_reach_the_single_process_checkpoints(tiny_run, tmp_path, capfd):
+    # no local_ray: train starts its own embedded Ray, as `diffin train --workers 2` does
+    if ray.is_initialized():  # the module's Ray, where another test ran first
+        ray.shutdown()
     one_cfg = dataclasses.replace(
         tiny_run["config"], run=str(tmp_path / "one"), precision="fp64", lr=0.02
     )

@@ -340,4 +340,21 @@ def test_a_step_count_the_saved_rates_cannot_check_is_warned_about(oc_run, tmp_p
     assert [c["step"] for c in rec["checkpoints"]] == [(per_epoch + 1) * k for k in (1, 2)]
     text = caplog.text
     assert f"--steps-per-epoch {per_epoch + 1}, but params.txt implies {per_epoch}" in text
-    assert "no optimizer state saved: its learning rate cannot confirm" in text
+    assert "no checkpoint's saved learning rate confirms" in text
+    assert "(no optimizer state saved)" in text and text.count("confirms") == 1  # once
+
+
+def test_which_schedules_tell_the_step_count():
+    """A constant schedule's rate is the same one step later; a cosine's differs even where
+    it is tiny (the end of a long run), which a 1e-12 absolute tolerance missed (review)."""
+    from pipeline.train.importer import OpenClipRun, _rate_blind
+
+    def blind(scheduler: str, spe: int, epochs: int, epoch: int, warmup: int = 0) -> bool:
+        params = {"lr": 5e-4, "warmup": warmup, "lr_scheduler": scheduler, "epochs": epochs}
+        oc = OpenClipRun("r", params, {})
+        return _rate_blind(oc, epoch, spe, oc.lr(epoch * spe - 1, epochs * spe))
+
+    assert blind("const", 100, 4, 2)
+    assert not blind("cosine", 100, 4, 2)
+    assert not blind("cosine", 12000, 32, 32, warmup=2000)  # the rate is below 1e-12 there
+    assert not blind("cosine", 1000, 32, 1)  # no warm-up: moves by ~1/(E spe^2) a step
