@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import ray
 import torch
 
@@ -1024,9 +1025,13 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         failed_part(run, url, name, reason, columns, fp_hash, tries, cfg.reader_options())
     snap = progress.close()
 
+    # A table that scored nothing must not replace one that did (walkthrough: a mistyped
+    # --data file turned a good table into one error row, exit 0): merged beside it first.
+    previous = exists(run.scores)
+    target = run.path("scores.new.parquet") if previous else run.scores
     merged = merge_parts(
         [run.part(n) for n in names],
-        run.scores,
+        target,
         metadata={
             "score": cfg.to_dict(),
             "fingerprint": fp,
@@ -1038,6 +1043,22 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         require_records=True,
         fingerprint=fp_hash,
     )
+    if merged["rows"] and not merged["rows_ok"]:
+        kept = run.path("scores-failed.parquet")
+        if previous:
+            _move(target, kept)
+        reasons = list(dict.fromkeys([*damaged.values(), *failed.values(), *partial.values()]))
+        raise ConfigError(
+            f"data: no sample of the {len(shards)} shard(s) could be scored "
+            f"({'; '.join(reasons[:3]) or 'every row is an error row'}): is --data the pool? "
+            + (
+                f"The earlier score table is kept; this run's error rows are in {kept}"
+                if previous
+                else f"The error rows are in {run.scores}"
+            )
+        )
+    if previous:
+        _move(target, run.scores)
     for column, n in merged["nonfinite_scores"].items():
         log.warning("%s: %d of %d ok rows are NaN or infinite", column, n, merged["rows_ok"])
     if merged["duplicate_uids"]:
@@ -1089,6 +1110,12 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         summary["earlier_scoring"] = earlier
     run.update_run_json("score", {"config": cfg.to_dict(), "summary": summary})
     return summary
+
+
+def _move(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` (replacing it) on the filesystem of both."""
+    fs, path = fsspec.core.url_to_fs(src)
+    fs.mv(path, fsspec.core.url_to_fs(dst)[1])
 
 
 # what a run that scored measured, which a rerun that scored nothing cannot

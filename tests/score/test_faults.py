@@ -347,6 +347,47 @@ def test_an_actor_whose_gpu_context_broke_is_replaced_not_kept(ray_cluster, scor
     assert summary["rows_error"] == 0
 
 
+def test_a_pool_that_scores_nothing_fails_and_keeps_the_earlier_table(
+    ray_cluster, score_run, tmp_path
+):
+    """Walkthrough: `--data afile` (an empty file, a typo) replaced a scored table with one
+    error row, and the command exited 0."""
+    import dataclasses
+
+    import ray
+
+    from pipeline.errors import ConfigError
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import run_scoring
+
+    run = fresh_run(score_run, tmp_path / "run")
+    good = ScoreConfig(
+        data=score_run["data"].split("{")[0] + "00000.tar",
+        run=run,
+        methods=["random"],
+        address=ray_cluster.address,
+        workers=1,
+    )
+    typo = tmp_path / "afile"
+    typo.write_bytes(b"")
+    bad = dataclasses.replace(good, data=str(typo), max_attempts=1)
+    try:
+        run_scoring(good)
+        before = pq.read_table(f"{run}/scores.parquet")
+        with pytest.raises(ConfigError, match=r"^data: no sample of the 1 shard\(s\) could be sc"):
+            run_scoring(bad)
+        fresh = fresh_run(score_run, tmp_path / "fresh")
+        with pytest.raises(ConfigError, match="The error rows are in"):
+            run_scoring(dataclasses.replace(bad, run=fresh))
+    finally:
+        ray.shutdown()
+    assert pq.read_table(f"{run}/scores.parquet").equals(before)
+    failed = pq.read_table(f"{run}/scores-failed.parquet").to_pydict()
+    assert failed["status"] == ["error"] and "not a tar file" in failed["error"][0]
+    assert not os.path.exists(f"{run}/scores.new.parquet")
+    assert pq.read_table(f"{fresh}/scores.parquet").num_rows == 1  # rows in = rows out
+
+
 def test_damaged_shards_are_named_in_the_summary_and_the_log(
     ray_cluster, score_run, tmp_path, caplog
 ):
