@@ -20,11 +20,14 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractBufferedFile
+
+from pipeline.errors import ConfigError
 
 
 def join(base: str, *parts: str) -> str:
@@ -42,6 +45,21 @@ def exists(url: str) -> bool:
     # (a Ray worker) may have written the object since.
     fs.invalidate_cache(path.rsplit("/", 1)[0] if "/" in path else path)
     return fs.exists(path)
+
+
+def check_dir_target(url: str, flag: str) -> None:
+    """Refuse, before any work, a ``flag`` directory that cannot be one here: a file of
+    that name, or a local parent that cannot be created (walkthrough: NotADirectoryError
+    after the pool was read and encoded)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.isfile(path):
+        raise ConfigError(f"{flag}: {url} is a file; {flag} names a directory")
+    if isinstance(fs, LocalFileSystem):
+        parent = Path(path).parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag}: cannot create {url} ({parent} is not a writable folder)")
 
 
 def makedirs(url: str) -> None:

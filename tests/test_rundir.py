@@ -64,3 +64,23 @@ def test_a_copy_that_fails_on_an_object_store_loses_neither_version(monkeypatch)
     assert _tree(fs, f"{root}/new") == NEW  # the new version is whole where it was built
     assert _tree(fs, f"{root}/old")["manifest.json"] == b"old"  # not yet replaced: copied last
     assert set(_tree(fs, f"{root}/old")) >= set(OLD)  # nothing of the old one deleted yet
+
+
+def test_a_directory_target_that_is_a_file_is_refused_before_the_work(tmp_path):
+    """Walkthrough: `train --run FILE` failed with NotADirectoryError after the pool was read
+    and encoded; `make-data FILE` with FileExistsError."""
+    from pipeline.data.synth import SynthConfig, make_pool
+    from pipeline.errors import ConfigError
+    from pipeline.rundir import check_dir_target
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trajectory import train
+
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^run: .*afile is a file; run names a directory"):
+        train(TrainConfig(data=str(tmp_path / "none.tar"), run=str(afile)))
+    with pytest.raises(ConfigError, match=r"^out: .*afile is a file"):
+        make_pool(str(afile), SynthConfig(samples=10, eval_samples=0, target_samples=0))
+    with pytest.raises(ConfigError, match=r"^run: cannot create .*afile/sub/run"):
+        check_dir_target(str(afile / "sub" / "run"), "run")
+    check_dir_target(str(tmp_path / "new" / "run"), "run")  # a parent to create is fine

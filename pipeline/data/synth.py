@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.data.tarwriter import ShardWriter, brace_pattern
 from pipeline.errors import ConfigError
+from pipeline.rundir import check_dir_target
 
 __all__ = [
     "BACKGROUNDS",
@@ -595,6 +596,7 @@ def make_pool(out: str, cfg: SynthConfig, *, overwrite: bool = False) -> dict[st
     pool, or foreign shards, is refused unless ``overwrite`` is set.
     """
     cfg.validate()
+    check_dir_target(out, "out")
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
