@@ -491,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="score toward the pool's clean target/ split (default) or the held-out pool sample",
     )
     m.add_argument(
+        "--second-order",
+        choices=("auto", *FORMS),
+        default="auto",
+        help="form of Diff-In, as `diffin score --second-order` ('derived' where the "
+        "propagation of a short proxy on a small pool diverges)",
+    )
+    m.add_argument(
         "--no-evaluate",
         dest="evaluate",
         action="store_false",
@@ -688,6 +695,7 @@ def run(args: argparse.Namespace) -> object:
                 target=args.demo_target,
                 evaluate=args.evaluate,
                 resume=args.resume,
+                second_order=args.second_order,
             )
         )
         print(format_summary(summary))

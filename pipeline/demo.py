@@ -8,6 +8,7 @@ still holds, and the path of the HTML report.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -23,13 +24,14 @@ from pipeline.model import factory
 from pipeline.prune.config import PruneConfig
 from pipeline.prune.manifest import select, write_manifest
 from pipeline.report.build import build_report
-from pipeline.rundir import RunDir, join, remove, write_json
+from pipeline.rundir import RunDir, copy_dir, exists, join, read_json, remove, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.driver import run_scoring
 from pipeline.score.table import read_table
 from pipeline.train.config import TrainConfig
 from pipeline.train.trajectory import train
 
+log = logging.getLogger(__name__)
 TARGETS = ("curated", "held-out")
 
 
@@ -62,6 +64,9 @@ class DemoConfig:
     target_samples: int = 256
     evaluate: bool = True  # retrain on each scorer's kept subset (diffin evaluate)
     eval_keeps: list[float] = field(default_factory=lambda: [0.5, 0.7])
+    # Diff-In's form (ScoreConfig.second_order): "derived" where the propagation of a
+    # short proxy on a small pool diverges, as its error advises (walkthrough)
+    second_order: str = "auto"
 
 
 def stage_configs(
@@ -92,7 +97,12 @@ def stage_configs(
         seed=cfg.seed,
     )
     score = ScoreConfig(
-        data="", run=cfg.run, methods=cfg.methods, workers=cfg.workers, seed=cfg.seed
+        data="",
+        run=cfg.run,
+        methods=cfg.methods,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        second_order=cfg.second_order,
     )
     prune = PruneConfig(run=cfg.run, keep=cfg.keep, method=cfg.method, shard_size=cfg.shard_size)
     evaluate = EvaluateConfig(
@@ -145,6 +155,25 @@ def mismatch_kept(
     return out
 
 
+def set_aside_evaluation(run: RunDir) -> str | None:
+    """Move an earlier evaluation out of the run: into ``evaluate-history/`` as `diffin
+    evaluate` keeps it, and out of run.json (walkthrough: it was deleted, while run.json
+    still listed it). Returns where it was kept."""
+    earlier = run.path("evaluate")
+    kept = None
+    if exists(join(earlier, "evaluate.json")):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        kept = run.path("evaluate-history", f"{stamp}-demo")
+        copy_dir(earlier, kept)
+        log.info("demo: the earlier evaluation is kept in %s", kept)
+    remove(earlier, recursive=True)
+    if exists(run.run_json):
+        recorded = read_json(run.run_json)
+        if recorded.pop("evaluate", None) is not None:
+            write_json(run.run_json, recorded)
+    return kept
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stage_configs(cfg)  # refuse bad configs first
     # Every path the stages record absolute, as the CLI records them: evaluate and report
@@ -157,7 +186,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     # An earlier demo's evaluation describes other scores: with --no-evaluate the report
     # would show it as this run's (review).
-    remove(run.path("evaluate"), recursive=True)
+    set_aside_evaluation(run)
 
     t = time.time()
     pool = make_pool(data, synth_cfg, overwrite=True)

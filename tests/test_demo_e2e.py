@@ -196,3 +196,22 @@ def test_an_earlier_evaluation_is_not_shown_as_this_runs(demo, tmp_path):
     assert summary["evaluation"] == [] and not (run / "evaluate").exists()
     html = Path(summary["outputs"]["report"]).read_text()
     assert "Not evaluated yet" in html
+    # set aside as `diffin evaluate` sets it aside, and out of run.json (walkthrough: it
+    # was deleted, while run.json and the report's provenance still listed it)
+    (kept,) = (run / "evaluate-history").iterdir()
+    assert (kept / "evaluate.json").is_file()
+    assert "evaluate" not in json.loads((run / "run.json").read_text())
+
+
+def test_demo_takes_the_form_its_divergence_error_advises(monkeypatch):
+    """Walkthrough: a diverging propagation advised `--second-order derived`, which demo
+    did not have."""
+    from pipeline import cli, demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: seen.append(cfg) or {})
+    monkeypatch.setattr(demo, "format_summary", lambda s: "")
+    assert cli.main(["demo", "--second-order", "derived", "--no-evaluate"]) == 0
+    assert seen[0].second_order == "derived"
+    score = demo.stage_configs(seen[0])[2]
+    assert score.second_order == "derived"
