@@ -367,7 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", type=float, default=None, help="fraction to keep (not used by --rule threshold)"
     )
     r.add_argument("--method", default=None, help="score column to rank by (default: diffin)")
-    r.add_argument("--name", default=None)
+    r.add_argument(
+        "--name",
+        default=None,
+        help="the manifest's folder under RUN/prune/ (default from the rule, e.g. "
+        "diffin-keep0.7, diffin-ge0.01, diffin-keep0.7-proportional-cluster8); a name used "
+        "before is replaced",
+    )
     r.add_argument("--shard-size", type=int, default=1000)
     r.add_argument(
         "--rule",

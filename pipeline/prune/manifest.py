@@ -36,6 +36,7 @@ from pipeline.rundir import (
     leftovers,
     makedirs,
     open_atomic,
+    read_json,
     remove,
     replace_dir,
     write_json,
@@ -119,6 +120,23 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     except BaseException:
         remove(build, recursive=True)
         raise
+    if exists(join(out, "manifest.json")):
+        # a reused --name: said, since the earlier manifest is gone once this one is in place
+        # (walkthrough: replaced without a word)
+        rule = read_json(join(out, "manifest.json")).get("rule") or {}
+
+        def setting(r: dict) -> dict:
+            return {k: v for k, v in r.items() if k not in ("run", "name")}
+
+        if setting(rule) != setting(manifest.get("rule") or {}):
+            log.warning(
+                "prune: %s replaces the manifest of that name, built with other settings "
+                "(rule %s, method %s, keep %s); --name keeps manifests apart",
+                name,
+                rule.get("rule"),
+                rule.get("method"),
+                rule.get("keep"),
+            )
     try:
         replace_dir(build, out, last="manifest.json")
     except BaseException:

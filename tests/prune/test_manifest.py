@@ -208,17 +208,22 @@ def test_missing_score_table_is_refused(tmp_path):
         write_manifest(PruneConfig(run=str(tmp_path / "empty"), keep=0.5))
 
 
-def test_rerun_replaces_the_manifest(pruned):
+def test_rerun_replaces_the_manifest(pruned, caplog):
     name = "rerun"
-    first = write_manifest(
-        PruneConfig(run=pruned["run"], keep=0.5, method="random", name=name, shard_size=20)
-    )
+    first_cfg = PruneConfig(run=pruned["run"], keep=0.5, method="random", name=name, shard_size=20)
+    first = write_manifest(first_cfg)
     out = Path(first["dir"])
     assert first["shards"] > 3
     (out / "stray.txt").write_text("left over")
-    second = write_manifest(
-        PruneConfig(run=pruned["run"], keep=0.3, method="random", name=name, shard_size=100)
-    )
+    with caplog.at_level("WARNING", logger="pipeline.prune.manifest"):
+        write_manifest(first_cfg)  # the same settings again: nothing to say
+        assert "replaces the manifest" not in caplog.text
+        second = write_manifest(
+            PruneConfig(run=pruned["run"], keep=0.3, method="random", name=name, shard_size=100)
+        )
+    # another rule under a name used before: said (walkthrough: replaced without a word)
+    assert "rerun replaces the manifest of that name, built with other settings" in caplog.text
+    assert "method random, keep 0.5" in caplog.text
     assert second["dir"] == first["dir"]
     tars = sorted(p.name for p in (out / "shards").glob("*.tar"))
     assert tars == [f"{i:05d}.tar" for i in range(second["shards"])]
