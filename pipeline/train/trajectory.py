@@ -107,6 +107,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     save_fingerprint_parts(run, parts)
     # From here the run is being rewritten: a trajectory.json left from an earlier
     # training would describe checkpoints and sets this one replaces.
+    if exists(run.trajectory_json):
+        # said (walkthrough: replaced without a word); the later stages refuse what the
+        # old trajectory produced until it is made again
+        log.warning(
+            "train: %s held a finished training of another config (or pool, or starting "
+            "weights): it is replaced; its scores, manifests and evaluation describe the old "
+            "one, and `diffin score` must run again before prune and evaluate",
+            run.url,
+        )
     remove(run.trajectory_json)
     save_sets(cfg, run, pool, bundle, images, tokens)
     n = images.shape[0]

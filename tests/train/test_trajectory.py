@@ -238,15 +238,18 @@ def test_more_workers_than_gpus_is_refused_before_ray_train_waits_forever(tmp_pa
     check_placeable(cfg)  # CPU workers: the embedded Ray is sized for them
 
 
-def test_a_rerun_that_dies_leaves_no_record_of_the_run_it_replaces(tiny_run, tmp_path):
+def test_a_rerun_that_dies_leaves_no_record_of_the_run_it_replaces(tiny_run, tmp_path, caplog):
     """Before: the old trajectory.json stayed beside the new run's sets (review)."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run["run"], run)
     assert Path(RunDir(str(run)).trajectory_json).exists()
     diverging = dataclasses.replace(tiny_run["config"], run=str(run), seed=1, lr=1e12)
-    with pytest.raises(FloatingPointError):
-        train(diverging)
+    with caplog.at_level("WARNING", logger="pipeline.train.trajectory"):
+        with pytest.raises(FloatingPointError):
+            train(diverging)
     assert not Path(RunDir(str(run)).trajectory_json).exists()
+    # the replaced training is said (walkthrough: not a word)
+    assert "held a finished training of another config" in caplog.text
 
 
 # -- the loop on in-memory tensors ----------------------------------------------
