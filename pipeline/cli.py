@@ -123,6 +123,9 @@ def _fusion_norm_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+RUN_HELP = "the run directory every stage reads and writes (a local path or an fsspec URL)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffin", description="Diff-In data pruning for CLIP pretraining"
@@ -132,13 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("make-data", help="generate an image-text pool with known defects")
-    d.add_argument("out")
-    d.add_argument("--samples", type=int, default=2000)
-    d.add_argument("--shard-size", type=int, default=256)
+    d.add_argument("out", help="folder of the pool (a local path or an fsspec URL)")
+    d.add_argument("--samples", type=int, default=2000, help="image-text pairs in the pool")
+    d.add_argument("--shard-size", type=int, default=256, help="pairs per .tar shard")
     d.add_argument("--noise", type=float, default=0.2, help="rate of mismatched captions")
-    d.add_argument("--duplicates", type=float, default=0.02)
+    d.add_argument(
+        "--duplicates", type=float, default=0.02, help="fraction of exact duplicate pairs"
+    )
     d.add_argument("--junk", type=float, default=0.02, help="rate of pure-noise images")
-    d.add_argument("--eval-samples", type=int, default=500)
+    d.add_argument(
+        "--eval-samples", type=int, default=500, help="pairs of the held-out eval/ split"
+    )
     d.add_argument(
         "--target-samples",
         type=int,
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the proxy CLIP and keep m checkpoints (or --import an open_clip_train run)",
     )
     t.add_argument("--data", required=True, help="shard pattern, e.g. 'pool/{00000..00007}.tar'")
-    t.add_argument("--run", required=True)
+    t.add_argument("--run", required=True, help=RUN_HELP)
     t.add_argument(
         "--model",
         default=None,
@@ -214,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the proxy trains in memory on at most this many pairs of the pool, a seeded "
         "sample of it (the sets come from them too); scoring covers the whole pool",
     )
-    t.add_argument("--threads", type=int, default=0, help="torch threads (per worker)")
+    t.add_argument(
+        "--threads", type=int, default=0, help="torch threads (per worker; 0: torch's default)"
+    )
     t.add_argument(
         "--workers",
         type=int,
@@ -266,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reader_keys(t)
 
     s = sub.add_parser("score", help="score every sample on a pool of Ray actors")
-    s.add_argument("--data", required=True)
-    s.add_argument("--run", required=True)
+    s.add_argument("--data", required=True, help="shard pattern of the pool to score")
+    s.add_argument("--run", required=True, help=RUN_HELP)
     s.add_argument(
         "--methods", type=_methods, default=["diffin", "tracin", "random"], help=METHODS_HELP
     )
@@ -276,9 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster address; default: embedded local Ray"
     )
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per actor")
     s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--no-first-order", dest="first_order", action="store_false")
+    s.add_argument(
+        "--no-first-order",
+        dest="first_order",
+        action="store_false",
+        help="diffin without its first-order (TracIn) term: the second-order part alone",
+    )
     s.add_argument(
         "--second-order",
         choices=("auto", *FORMS),
@@ -362,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     r = sub.add_parser("prune", help="keep the best fraction and write the manifest")
-    r.add_argument("--run", required=True)
+    r.add_argument("--run", required=True, help=RUN_HELP)
     r.add_argument(
         "--keep", type=float, default=None, help="fraction to keep (not used by --rule threshold)"
     )
@@ -430,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "evaluate", help="retrain on each scorer's kept subset and measure the held-out split"
     )
-    e.add_argument("--run", required=True)
+    e.add_argument("--run", required=True, help=RUN_HELP)
     e.add_argument(
         "--keep", type=float, nargs="+", default=[0.5, 0.7], help="keep fractions to compare"
     )
@@ -475,16 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="one retraining per subset and seed"
     )
-    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
     rp = sub.add_parser("report", help="write RUN/report/index.html")
-    rp.add_argument("--run", required=True)
+    rp.add_argument("--run", required=True, help=RUN_HELP)
     rp.add_argument("--method", default=None, help="scorer of the galleries; default: diffin")
     rp.add_argument("--top", type=_positive, default=12, help="pairs in each gallery")
 
     m = sub.add_parser("demo", help="the whole pipeline on a generated pool")
-    m.add_argument("--run", default="runs/demo")
-    m.add_argument("--samples", type=int, default=2000)
+    m.add_argument("--run", default="runs/demo", help=RUN_HELP)
+    m.add_argument("--samples", type=int, default=2000, help="pairs in the generated pool")
     m.add_argument("--steps", type=int, default=400)
     m.add_argument("--workers", type=int, default=2)
     m.add_argument("--keep", type=float, default=0.7)

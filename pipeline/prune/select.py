@@ -137,7 +137,9 @@ def _score_fn(cfg: PruneConfig, table: Table) -> tuple[list[str], Callable, dict
         if c not in table.columns:
             field_name = "fusion" if cfg.fusion else "method"
             raise ConfigError(
-                f"{field_name}: no column {c!r} in the score table; columns: {scored}"
+                f"{field_name}: no column {c!r} in the score table; columns: {scored} (to "
+                f"score it, name it in `diffin score --methods` with the scorers to keep: a "
+                "rescore's table holds only the scorers it is given)"
             )
     for c in cols:
         kind = table.schema.field(c).type
