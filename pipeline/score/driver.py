@@ -877,11 +877,15 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     earlier = read_json(fp_url) if exists(fp_url) else None
     if earlier is not None and earlier.get("hash") != fp_hash:
         now = json.loads(json.dumps(fp, default=str))  # as it reads back from the file
-        changed = sorted(k for k in {*now, *earlier} - {"hash"} if now.get(k) != earlier.get(k))
+        # an input the new scorers do not use is absent, not changed (walkthrough: the
+        # target was listed when clip_score alone was asked for)
+        changed = sorted(k for k in set(now) - {"hash"} if now.get(k) != earlier.get(k))
+        dropped = [m for m in earlier.get("methods") or [] if m not in cfg.methods]
         log.info(
             "the scores' inputs changed since the last score run (%s): shards scored with "
-            "the earlier inputs are scored again",
-            ", ".join(changed),
+            "the earlier inputs are scored again%s",
+            ", ".join(changed) or "what the new scorers do not use",
+            f"; the new table holds no {', '.join(dropped)} (not in --methods)" if dropped else "",
         )
     write_json(fp_url, {**fp, "hash": fp_hash})
     ctx = ScoreContext(traj.checkpoints, traj.n_train, cfg.seed, cfg.score_options())

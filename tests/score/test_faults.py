@@ -616,6 +616,7 @@ def test_a_shard_rewritten_in_place_is_scored_again(ray_cluster, score_run, tmp_
         r"inputs changed since the last score run \(methods, options[^)]*\)", caplog.text
     )
     assert "no --target: the influence scores point toward a held-out sample" in caplog.text
+    assert "the new table holds no loss (not in --methods)" in caplog.text  # walkthrough
     assert first["shards_scored_now"] == 3
     assert again["shards_resumed"] == 2 and again["shards_scored_now"] == 1
     assert "shard 00001 changed since it was scored" in caplog.text
