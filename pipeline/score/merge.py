@@ -42,6 +42,7 @@ from pipeline.rundir import (
     write_bytes_atomic,
     write_json,
 )
+from pipeline.score.table import table_from_bytes
 
 
 class MergeError(RuntimeError):
@@ -202,7 +203,7 @@ def merge_parts(
                     raise MergeError(f"part {url} was written for another configuration")
                 if isinstance(data, BaseException):
                     raise data
-                table = pq.read_table(io.BytesIO(data))
+                table = table_from_bytes(data)
                 _check_part(url, data, table, rec)
                 rows_in += rec["rows"] if rec is not None else table.num_rows
                 table, n_dropped = _dedupe(url, table, shards_seen)

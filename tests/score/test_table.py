@@ -135,3 +135,42 @@ def test_scores_are_checked_against_the_current_trajectory(tiny_scored, tmp_path
     Path(rd.resume_state).write_bytes(b"a training under way")
     with pytest.raises(ConfigError, match="trained again"):
         check_scores_current(rd)
+
+
+def test_reading_a_table_leaves_no_work_that_aborts_the_interpreter_at_exit(tmp_path):
+    """Walkthrough: `diffin evaluate` exited 134 ("terminate called without an active
+    exception") about one run in four after reading the table from an in-memory buffer,
+    pyarrow's thread pools still busy at shutdown (apache/arrow#33975)."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    n = 2000
+    path = tmp_path / "scores.parquet"
+    rng = np.random.default_rng(0)
+    pq.write_table(
+        pa.table(
+            {
+                "uid": [f"{i:032x}" for i in range(n)],
+                "status": ["ok"] * n,
+                "diffin": rng.random(n),
+                "loss": rng.random(n),
+            }
+        ),
+        path,
+    )
+    code = (
+        "import sys; from pipeline.score.table import read_table, table_from_bytes; "
+        "read_table(sys.argv[1]); table_from_bytes(open(sys.argv[1], 'rb').read())"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root}
+    codes = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(path)], env=env, capture_output=True
+        ).returncode
+        for _ in range(8)
+    ]
+    assert codes == [0] * 8
