@@ -62,6 +62,23 @@ def check_dir_target(url: str, flag: str) -> None:
             raise ConfigError(f"{flag}: cannot create {url} ({parent} is not a writable folder)")
 
 
+def check_apart(url: str, flag: str, kind: str) -> None:
+    """Refuse a ``flag`` directory that already holds the other kind: a pool's shards where
+    a run directory goes (``kind="run"``), or a run where a pool goes (``kind="pool"``).
+    They share file names (``*.parquet``): `make-data --overwrite` in a run directory
+    deleted its score table (walkthrough)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    if kind == "run" and (fs.exists(f"{path}/synth.json") or fs.glob(f"{path}/*.tar")):
+        raise ConfigError(
+            f"{flag}: {url} holds a pool (.tar shards); a run directory is a folder of its own"
+        )
+    if kind == "pool" and (fs.exists(f"{path}/run.json") or fs.exists(f"{path}/trajectory.json")):
+        raise ConfigError(
+            f"{flag}: {url} is a run directory (run.json); a pool goes in a folder of its own"
+        )
+
+
 def makedirs(url: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path, exist_ok=True)

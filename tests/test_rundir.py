@@ -84,3 +84,24 @@ def test_a_directory_target_that_is_a_file_is_refused_before_the_work(tmp_path):
     with pytest.raises(ConfigError, match=r"^run: cannot create .*afile/sub/run"):
         check_dir_target(str(afile / "sub" / "run"), "run")
     check_dir_target(str(tmp_path / "new" / "run"), "run")  # a parent to create is fine
+
+
+def test_a_pool_and_a_run_do_not_share_a_folder(tmp_path):
+    """Walkthrough: `train --run POOL` was accepted, and `make-data --overwrite` in that
+    folder then deleted the run's scores.parquet (both write *.parquet)."""
+    from pipeline.data.synth import SynthConfig, make_pool
+    from pipeline.errors import ConfigError
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trajectory import train
+
+    cfg = SynthConfig(samples=20, shard_size=10, eval_samples=0, target_samples=0)
+    pool = make_pool(str(tmp_path / "pool"), cfg)
+    with pytest.raises(ConfigError, match=r"^run: .*pool holds a pool \(\.tar shards\)"):
+        train(TrainConfig(data=pool["train_data"], run=str(tmp_path / "pool")))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "scores.parquet").write_bytes(b"the run's table")
+    with pytest.raises(ConfigError, match=r"^out: .*run is a run directory"):
+        make_pool(str(run), cfg, overwrite=True)
+    assert (run / "scores.parquet").read_bytes() == b"the run's table"

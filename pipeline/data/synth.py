@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.data.tarwriter import ShardWriter, brace_pattern
 from pipeline.errors import ConfigError
-from pipeline.rundir import check_dir_target
+from pipeline.rundir import check_apart, check_dir_target
 
 __all__ = [
     "BACKGROUNDS",
@@ -597,6 +597,7 @@ def make_pool(out: str, cfg: SynthConfig, *, overwrite: bool = False) -> dict[st
     """
     cfg.validate()
     check_dir_target(out, "out")
+    check_apart(out, "out", "pool")
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)

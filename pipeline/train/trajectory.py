@@ -17,7 +17,15 @@ import torch
 from pipeline.model import factory
 from pipeline.model.batches import encode_pool, pool_transform
 from pipeline.provenance import provenance
-from pipeline.rundir import RunDir, check_dir_target, exists, read_json, remove, write_json
+from pipeline.rundir import (
+    RunDir,
+    check_apart,
+    check_dir_target,
+    exists,
+    read_json,
+    remove,
+    write_json,
+)
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order
 from pipeline.train.runner import run_resumable
@@ -77,6 +85,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.run)
     check_dir_target(cfg.run, "run")
+    check_apart(cfg.run, "run", "run")
     t0 = time.time()
     # The model first: a pretrained file that does not load is refused before the
     # pool is read. (load_pool draws from its own seeded generator, not torch's.)
