@@ -625,7 +625,8 @@ def run(args: argparse.Namespace) -> object:
             from pipeline.train.trajectory import train
 
             record = train(cfg)
-        return {k: record[k] for k in ("model", "n_train", "steps", "checkpoints", "seconds")}
+        keys = ("model", "n_train", "steps", "checkpoints", "seconds", "already_trained")
+        return {k: record[k] for k in keys if k in record}
     if args.command == "score":
         from pipeline.score.config import ScoreConfig
         from pipeline.score.driver import run_scoring

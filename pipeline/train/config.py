@@ -126,6 +126,12 @@ class TrainConfig:
             ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
             ("resume_every", self.resume_every >= 0, "must be >= 0"),
             ("max_failures", self.max_failures >= 0, "must be >= 0"),
+            (
+                "address",
+                self.address is None or self.workers > 0,
+                "is the Ray cluster of --workers N (Ray Train); without --workers training "
+                "runs in this process and would ignore it",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:

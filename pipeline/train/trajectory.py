@@ -108,7 +108,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             run.url,
             cfg.steps,
         )
-        return done
+        # "seconds" is the earlier training's: flagged, as this call trained nothing
+        return {**done, "already_trained": True}
     if not cfg.resume:
         clear_resume(run)
     # refuses a partial run of another config before anything is written

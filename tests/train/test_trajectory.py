@@ -197,6 +197,7 @@ def test_train_refuses_bad_config_before_any_work(tmp_path):
         (dict(batch_size=64.0), "batch_size"),
         (dict(steps=True), "steps"),
         (dict(resume_every=3.5), "resume_every"),
+        (dict(address="auto"), "address"),  # walkthrough: ignored without --workers
     ],
 )
 def test_config_values_that_failed_only_after_the_pool_was_read_are_refused(
