@@ -211,7 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=_default(TrainConfig.schedule),
     )
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--target-size", type=int, default=128, help="|V| held out of training")
+    t.add_argument(
+        "--target-size",
+        type=int,
+        default=128,
+        help="|V|: pool pairs held out of training, the target of `diffin score` without "
+        "--target (held out even when score is given one: keep it small on a small pool)",
+    )
     t.add_argument("--reference-size", type=int, default=255, help="K reference negatives")
     t.add_argument("--grad-batches", type=int, default=4, help="k batches for g_B and H_B")
     t.add_argument(
