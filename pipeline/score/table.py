@@ -116,7 +116,20 @@ def check_scores_current(run: RunDir) -> None:
     rescored; pruning or evaluating on it would rank by the old proxy without
     a word. Tables that record no checkpoints (written by hand) are not checked.
     """
-    recorded = table_metadata(run.scores).get("checkpoints")
+    meta = table_metadata(run.scores)
+    last = run.path("scores", "fingerprint.json")
+    if meta.get("fingerprint") and exists(last):
+        if read_json(last).get("hash") != fingerprint_hash(meta["fingerprint"]):
+            # walkthrough: after an interrupted rescore, prune and report went on with the
+            # older table without a word
+            log.warning(
+                "scores: the last `diffin score` of %s, with other inputs, did not write this "
+                "table (interrupted, or it failed): %s is the earlier run's; run that score "
+                "again to replace it",
+                run.url,
+                run.scores,
+            )
+    recorded = meta.get("checkpoints")
     if not recorded:
         return
     if not exists(run.trajectory_json):

@@ -348,7 +348,7 @@ def test_an_actor_whose_gpu_context_broke_is_replaced_not_kept(ray_cluster, scor
 
 
 def test_a_pool_that_scores_nothing_fails_and_keeps_the_earlier_table(
-    ray_cluster, score_run, tmp_path
+    ray_cluster, score_run, tmp_path, caplog
 ):
     """Walkthrough: `--data afile` (an empty file, a typo) replaced a scored table with one
     error row, and the command exited 0."""
@@ -370,12 +370,24 @@ def test_a_pool_that_scores_nothing_fails_and_keeps_the_earlier_table(
     )
     typo = tmp_path / "afile"
     typo.write_bytes(b"")
-    bad = dataclasses.replace(good, data=str(typo), max_attempts=1)
+    # other scorers too: a rescore that did not write its table (its inputs are recorded)
+    bad = dataclasses.replace(good, data=str(typo), max_attempts=1, methods=["loss"])
+    from pipeline.rundir import RunDir
+    from pipeline.score.table import check_scores_current
+
     try:
         run_scoring(good)
         before = pq.read_table(f"{run}/scores.parquet")
+        with caplog.at_level("WARNING", logger="pipeline.score.table"):
+            check_scores_current(RunDir(run))
+        assert "did not write this table" not in caplog.text
         with pytest.raises(ConfigError, match=r"^data: no sample of the 1 shard\(s\) could be sc"):
             run_scoring(bad)
+        # prune, evaluate and report now say the table is the earlier run's (walkthrough:
+        # after an interrupted rescore they went on without a word)
+        with caplog.at_level("WARNING", logger="pipeline.score.table"):
+            check_scores_current(RunDir(run))
+        assert "with other inputs, did not write this table" in caplog.text
         fresh = fresh_run(score_run, tmp_path / "fresh")
         with pytest.raises(ConfigError, match="The error rows are in"):
             run_scoring(dataclasses.replace(bad, run=fresh))
