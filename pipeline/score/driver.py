@@ -376,6 +376,23 @@ def _release_gpu() -> None:
     torch.cuda.empty_cache()
 
 
+def warn_about_target(cfg: ScoreConfig) -> None:
+    """Say when --target is missing where it matters, or given where nothing uses it (a
+    walkthrough found it accepted silently with clip_score and random alone)."""
+    uses = "target" in depends_on(get_scorers(cfg.methods))
+    if cfg.target is not None and not uses:
+        log.warning(
+            "--target: none of %s points toward a target; it is not used",
+            ",".join(cfg.methods),
+        )
+    if cfg.target is None and uses:
+        log.warning(
+            "no --target: the influence scores point toward a held-out sample of the pool, "
+            "noisy pairs included, which finds mismatched pairs near chance on a noisy pool "
+            "(docs/accuracy.md section 2); give --target a clean, curated set"
+        )
+
+
 def prepare_directions(
     cfg: ScoreConfig,
     run: RunDir,
@@ -865,12 +882,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     if "diffin_self" in cfg.methods:
         k, batch = tensor_shapes(run.set_file("grad_batches"))["images"][:2]
         size = self_size(cfg, traj, k * batch)
-    if cfg.target is None and "target" in depends_on(get_scorers(cfg.methods)):
-        log.warning(
-            "no --target: the influence scores point toward a held-out sample of the pool, "
-            "noisy pairs included, which finds mismatched pairs near chance on a noisy pool "
-            "(docs/accuracy.md section 2); give --target a clean, curated set"
-        )
+    warn_about_target(cfg)
     fp = _fingerprint(cfg, traj.record, target, sets, size)
     fp_hash = fingerprint_hash(fp)
     fp_url = run.path("scores", "fingerprint.json")

@@ -586,3 +586,15 @@ def test_a_record_vouches_only_for_the_shard_file_it_stamped():
     assert not same_shard({"stamp": stamp}, None)  # the shard cannot be asked now: rescore
     assert same_shard({}, None)  # a record from before stamps existed is trusted
     assert not same_shard({"stamp": None}, stamp)  # not stamped then: rescored once it can be
+
+
+def test_a_target_nothing_uses_is_said(caplog):
+    """Walkthrough: `--target` with clip_score and random alone was accepted silently."""
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import warn_about_target
+
+    with caplog.at_level("WARNING", logger="pipeline.score.driver"):
+        warn_about_target(ScoreConfig(data="d", run="r", methods=["clip_score"], target="t"))
+        warn_about_target(ScoreConfig(data="d", run="r", methods=["tracin"], target="t"))
+    assert caplog.text.count("it is not used") == 1
+    assert "none of clip_score points toward a target" in caplog.text
