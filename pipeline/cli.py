@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-first-order",
         dest="first_order",
         action="store_false",
-        help="diffin without its first-order (TracIn) term: the second-order part alone",
+        help="diffin (and diffin_self) without the first-order (TracIn) term: the "
+        "second-order part alone",
     )
     s.add_argument(
         "--second-order",

@@ -55,11 +55,13 @@ def check_dir_target(url: str, flag: str) -> None:
     if fs.isfile(path):
         raise ConfigError(f"{flag}: {url} is a file; {flag} names a directory")
     if isinstance(fs, LocalFileSystem):
-        parent = Path(path).parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag}: cannot create {url} ({parent} is not a writable folder)")
+        # the nearest folder that exists, the target itself included (review: a writable
+        # mount whose parent is not was refused)
+        where = Path(path)
+        while not where.exists():
+            where = where.parent
+        if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag}: cannot create {url} ({where} is not a writable folder)")
 
 
 def check_apart(url: str, flag: str, kind: str) -> None:
@@ -69,7 +71,10 @@ def check_apart(url: str, flag: str, kind: str) -> None:
     deleted its score table (walkthrough)."""
     fs, path = fsspec.core.url_to_fs(url)
     path = path.rstrip("/")
-    if kind == "run" and (fs.exists(f"{path}/synth.json") or fs.glob(f"{path}/*.tar")):
+    if kind == "run" and (
+        fs.exists(f"{path}/synth.json")
+        or any(p.endswith(".tar") for p in (fs.ls(path, detail=False) if fs.isdir(path) else []))
+    ):
         raise ConfigError(
             f"{flag}: {url} holds a pool (.tar shards); a run directory is a folder of its own"
         )

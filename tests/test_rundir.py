@@ -86,6 +86,22 @@ def test_a_directory_target_that_is_a_file_is_refused_before_the_work(tmp_path):
     check_dir_target(str(tmp_path / "new" / "run"), "run")  # a parent to create is fine
 
 
+def test_a_writable_run_folder_under_a_closed_parent_is_taken(tmp_path, monkeypatch):
+    """Review: a mounted, writable --run whose parent is not writable was refused."""
+    import os
+
+    from pipeline.errors import ConfigError
+    from pipeline.rundir import check_dir_target
+
+    mount = tmp_path / "mnt" / "run"
+    mount.mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: str(p) == str(mount) and access(p, m))
+    check_dir_target(str(mount), "run")
+    with pytest.raises(ConfigError, match="is not a writable folder"):
+        check_dir_target(str(mount.parent / "other"), "run")
+
+
 def test_a_pool_and_a_run_do_not_share_a_folder(tmp_path):
     """Walkthrough: `train --run POOL` was accepted, and `make-data --overwrite` in that
     folder then deleted the run's scores.parquet (both write *.parquet)."""

@@ -125,8 +125,8 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
         # (walkthrough: replaced without a word)
         rule = read_json(join(out, "manifest.json")).get("rule") or {}
 
-        def setting(r: dict) -> dict:
-            return {k: v for k, v in r.items() if k not in ("run", "name")}
+        def setting(r: dict) -> dict:  # what selects the rows (not where, not how cut)
+            return {k: v for k, v in r.items() if k not in ("run", "name", "shard_size")}
 
         if setting(rule) != setting(manifest.get("rule") or {}):
             log.warning(

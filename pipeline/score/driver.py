@@ -52,7 +52,7 @@ from pipeline.data.shards import (
 from pipeline.errors import ConfigError
 from pipeline.provenance import provenance
 from pipeline.raylocal import check_address, connect, embedded
-from pipeline.rundir import RunDir, exists, file_size, read_json, write_json
+from pipeline.rundir import RunDir, exists, file_size, read_json, remove, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import (
     DIRECTIONS_VERSION,
@@ -66,7 +66,7 @@ from pipeline.score.directions import (
 )
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
-from pipeline.score.table import build_part, fingerprint_hash, stale_manifests
+from pipeline.score.table import build_part, fingerprint_hash, read_table, stale_manifests
 from pipeline.score.trajectory import Trajectory, load_trajectory, model_identity
 from pipeline.scorers import ScoreContext, depends_on, get_scorers
 from pipeline.tensors import tensor_shapes
@@ -1044,10 +1044,10 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     # A table that scored nothing must not replace one that did (walkthrough: a mistyped
     # --data file turned a good table into one error row, exit 0): merged beside it first.
     previous = exists(run.scores)
-    target = run.path("scores.new.parquet") if previous else run.scores
+    table_url = run.path("scores.new.parquet") if previous else run.scores
     merged = merge_parts(
         [run.part(n) for n in names],
-        target,
+        table_url,
         metadata={
             "score": cfg.to_dict(),
             "fingerprint": fp,
@@ -1059,22 +1059,28 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         require_records=True,
         fingerprint=fp_hash,
     )
+    failed_table = run.path("scores-failed.parquet")
     if merged["rows"] and not merged["rows_ok"]:
-        kept = run.path("scores-failed.parquet")
-        if previous:
-            _move(target, kept)
         reasons = list(dict.fromkeys([*damaged.values(), *failed.values(), *partial.values()]))
+        if not reasons:  # per-sample reasons (keys, pixel cap): the rows say them
+            errors = read_table(table_url, columns=["error"]).column("error").to_pylist()
+            reasons = list(dict.fromkeys(e for e in errors if e))
+        if previous:
+            _move(table_url, failed_table)
         raise ConfigError(
             f"data: no sample of the {len(shards)} shard(s) could be scored "
-            f"({'; '.join(reasons[:3]) or 'every row is an error row'}): is --data the pool? "
+            f"({'; '.join(reasons[:3]) or 'every row is an error row'}): is --data the pool, "
+            "read with the right --image-keys and --text-keys? "
             + (
-                f"The earlier score table is kept; this run's error rows are in {kept}"
+                f"The earlier score table is kept; this run's error rows are in {failed_table}"
                 if previous
                 else f"The error rows are in {run.scores}"
             )
         )
     if previous:
-        _move(target, run.scores)
+        _move(table_url, run.scores)
+        merged["table"] = run.scores
+    remove(failed_table)  # a failed run's rows, now superseded
     for column, n in merged["nonfinite_scores"].items():
         log.warning("%s: %d of %d ok rows are NaN or infinite", column, n, merged["rows_ok"])
     if merged["duplicate_uids"]:

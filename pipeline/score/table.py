@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,8 +89,9 @@ def table_from_bytes(data: bytes, columns: Sequence[str] | None = None) -> pa.Ta
 
 
 def read_table(url: str, columns: Sequence[str] | None = None) -> pa.Table:
-    if is_local(url):  # pyarrow's own file: threaded, and a clean exit
-        return pq.read_table(fsspec.core.url_to_fs(url)[1], columns=columns)
+    path = fsspec.core.url_to_fs(url)[1]
+    if is_local(url) and os.path.isfile(path):  # pyarrow's own file: threaded, clean exit
+        return pq.read_table(path, columns=columns)
     return table_from_bytes(read_bytes(url), columns)
 
 

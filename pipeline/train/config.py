@@ -63,7 +63,7 @@ class TrainConfig:
     warmup: int = 40
     schedule: str = "constant"  # "constant" or "cosine" after warm-up
     seed: int = 0
-    target_size: int = 128  # |V|, held out of training when no --target is given
+    target_size: int = 128  # |V|, held out of training; score's target when it has no --target
     reference_size: int = 255  # K reference negatives (METHOD.md section 2)
     grad_batches: int = 4  # k batches averaged into g_B and H_B
     max_samples: int = 100_000  # the proxy trains in memory on at most this many pairs

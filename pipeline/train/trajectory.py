@@ -117,9 +117,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     save_fingerprint_parts(run, parts)
     # From here the run is being rewritten: a trajectory.json left from an earlier
     # training would describe checkpoints and sets this one replaces.
-    if exists(run.trajectory_json):
+    if exists(run.trajectory_json) and read_json(run.trajectory_json).get("fingerprint") != fp:
         # said (walkthrough: replaced without a word); the later stages refuse what the
-        # old trajectory produced until it is made again
+        # old trajectory produced until it is made again. The same config trained again
+        # (--no-resume, a checkpoint file gone) is no other training (review).
         log.warning(
             "train: %s held a finished training of another config (or pool, or starting "
             "weights): it is replaced; its scores, manifests and evaluation describe the old "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -217,6 +218,7 @@ def test_rerun_replaces_the_manifest(pruned, caplog):
     (out / "stray.txt").write_text("left over")
     with caplog.at_level("WARNING", logger="pipeline.prune.manifest"):
         write_manifest(first_cfg)  # the same settings again: nothing to say
+        write_manifest(dataclasses.replace(first_cfg, shard_size=25))  # nor other cuts
         assert "replaces the manifest" not in caplog.text
         second = write_manifest(
             PruneConfig(run=pruned["run"], keep=0.3, method="random", name=name, shard_size=100)

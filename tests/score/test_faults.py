@@ -383,6 +383,9 @@ def test_a_pool_that_scores_nothing_fails_and_keeps_the_earlier_table(
         assert "did not write this table" not in caplog.text
         with pytest.raises(ConfigError, match=r"^data: no sample of the 1 shard\(s\) could be sc"):
             run_scoring(bad)
+        assert pq.read_table(f"{run}/scores.parquet").equals(before)
+        failed = pq.read_table(f"{run}/scores-failed.parquet").to_pydict()
+        assert failed["status"] == ["error"] and "not a tar file" in failed["error"][0]
         # prune, evaluate and report now say the table is the earlier run's (walkthrough:
         # after an interrupted rescore they went on without a word)
         with caplog.at_level("WARNING", logger="pipeline.score.table"):
@@ -391,11 +394,17 @@ def test_a_pool_that_scores_nothing_fails_and_keeps_the_earlier_table(
         fresh = fresh_run(score_run, tmp_path / "fresh")
         with pytest.raises(ConfigError, match="The error rows are in"):
             run_scoring(dataclasses.replace(bad, run=fresh))
+        # every row an error for a per-sample reason: the reason is in the message (review)
+        keys = fresh_run(score_run, tmp_path / "keys")
+        with pytest.raises(ConfigError, match=r"could be scored \(missing image"):
+            run_scoring(dataclasses.replace(good, run=keys, image_keys=["webp"]))
+        again = run_scoring(good)  # a later good run: the table and its summary as before
     finally:
         ray.shutdown()
-    assert pq.read_table(f"{run}/scores.parquet").equals(before)
-    failed = pq.read_table(f"{run}/scores-failed.parquet").to_pydict()
-    assert failed["status"] == ["error"] and "not a tar file" in failed["error"][0]
+    # review: the merge path had taken the name of the target's description
+    assert "target_fingerprint" in again["target"]
+    assert again["table"] == f"{run}/scores.parquet"
+    assert not os.path.exists(f"{run}/scores-failed.parquet")  # superseded
     assert not os.path.exists(f"{run}/scores.new.parquet")
     assert pq.read_table(f"{fresh}/scores.parquet").num_rows == 1  # rows in = rows out
 

@@ -171,6 +171,6 @@ def test_reading_a_table_leaves_no_work_that_aborts_the_interpreter_at_exit(tmp_
         subprocess.run(
             [sys.executable, "-c", code, str(path)], env=env, capture_output=True
         ).returncode
-        for _ in range(8)
+        for _ in range(12)  # about 1 in 5 aborted before: 12 clean runs by chance, 6%
     ]
-    assert codes == [0] * 8
+    assert codes == [0] * 12

@@ -218,6 +218,7 @@ def test_the_same_training_again_is_not_trained_twice(tiny_run, tmp_path, caplog
     with caplog.at_level("INFO", logger="pipeline.train.trajectory"):
         again = train(dataclasses.replace(cfg, resume=False))
     assert "already trained" not in caplog.text
+    assert "another config" not in caplog.text  # the same training again (review)
     assert [c["sha256"] for c in again["checkpoints"]] == [
         c["sha256"] for c in tiny_run["record"]["checkpoints"]
     ]
