@@ -8,7 +8,6 @@ still holds, and the path of the HTML report.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -19,19 +18,18 @@ from pipeline.data.shards import absolute_pattern
 from pipeline.data.synth import SynthConfig, make_pool
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
-from pipeline.evaluation.retrain import run_evaluation
+from pipeline.evaluation.retrain import keep_earlier_evaluation, run_evaluation
 from pipeline.model import factory
 from pipeline.prune.config import PruneConfig
 from pipeline.prune.manifest import select, write_manifest
 from pipeline.report.build import build_report
-from pipeline.rundir import RunDir, copy_dir, exists, join, read_json, remove, write_json
+from pipeline.rundir import RunDir, exists, join, read_json, remove, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.driver import run_scoring
 from pipeline.score.table import read_table
 from pipeline.train.config import TrainConfig
 from pipeline.train.trajectory import train
 
-log = logging.getLogger(__name__)
 TARGETS = ("curated", "held-out")
 
 
@@ -159,14 +157,8 @@ def set_aside_evaluation(run: RunDir) -> str | None:
     """Move an earlier evaluation out of the run: into ``evaluate-history/`` as `diffin
     evaluate` keeps it, and out of run.json (walkthrough: it was deleted, while run.json
     still listed it). Returns where it was kept."""
-    earlier = run.path("evaluate")
-    kept = None
-    if exists(join(earlier, "evaluate.json")):
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        kept = run.path("evaluate-history", f"{stamp}-demo")
-        copy_dir(earlier, kept)
-        log.info("demo: the earlier evaluation is kept in %s", kept)
-    remove(earlier, recursive=True)
+    kept = keep_earlier_evaluation(run, "demo")
+    remove(run.path("evaluate"), recursive=True)
     if exists(run.run_json):
         recorded = read_json(run.run_json)
         if recorded.pop("evaluate", None) is not None:

@@ -84,6 +84,12 @@ def check_apart(url: str, flag: str, kind: str) -> None:
         )
 
 
+def move(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``, replacing it (an object store copies, then deletes)."""
+    fs, path = fsspec.core.url_to_fs(src)
+    fs.mv(path, fsspec.core.url_to_fs(dst)[1])
+
+
 def makedirs(url: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path, exist_ok=True)

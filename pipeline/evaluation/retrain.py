@@ -507,6 +507,19 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([head, rule, *rows]) + "\n"
 
 
+def keep_earlier_evaluation(run: RunDir, tag: str) -> str | None:
+    """Copy the run's evaluation, if any, to ``evaluate-history/STAMP-TAG`` (STAMP: when it
+    was set aside, UTC) before something replaces it; returns where."""
+    earlier = run.path("evaluate")
+    if not exists(join(earlier, "evaluate.json")):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = run.path("evaluate-history", f"{stamp}-{tag}")
+    copy_dir(earlier, kept)
+    log.info("the earlier evaluation is kept in %s", kept)
+    return kept
+
+
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     """Train on every planned subset and write the results; returns the summary."""
     cfg.validate()
@@ -685,16 +698,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     except BaseException:
         remove(out, recursive=True)
         raise
-    earlier = run.path("evaluate")
     try:
-        if exists(join(earlier, "evaluate.json")):
-            # Retrainings can take hours: an evaluation of other keeps, fusions or settings
-            # must not cost the earlier one (the report shows the latest). STAMP: when it
-            # was set aside.
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            kept = run.path("evaluate-history", f"{stamp}-{out[-8:]}")
-            copy_dir(earlier, kept)
-            log.info("evaluate: the earlier evaluation is kept in %s", kept)
+        # Retrainings can take hours: an evaluation of other keeps, fusions or settings
+        # must not cost the earlier one (the report shows the latest).
+        keep_earlier_evaluation(run, out[-8:])
         replace_dir(out, run.path("evaluate"), last="evaluate.json")
     except Exception:
         log.error("evaluate: the finished results stay in %s (not put in place)", out)

@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import ray
 import torch
 
@@ -52,7 +51,7 @@ from pipeline.data.shards import (
 from pipeline.errors import ConfigError
 from pipeline.provenance import provenance
 from pipeline.raylocal import check_address, connect, embedded
-from pipeline.rundir import RunDir, exists, file_size, read_json, remove, write_json
+from pipeline.rundir import RunDir, exists, file_size, move, read_json, remove, write_json
 from pipeline.score.config import ScoreConfig
 from pipeline.score.directions import (
     DIRECTIONS_VERSION,
@@ -1066,7 +1065,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             errors = read_table(table_url, columns=["error"]).column("error").to_pylist()
             reasons = list(dict.fromkeys(e for e in errors if e))
         if previous:
-            _move(table_url, failed_table)
+            move(table_url, failed_table)
         raise ConfigError(
             f"data: no sample of the {len(shards)} shard(s) could be scored "
             f"({'; '.join(reasons[:3]) or 'every row is an error row'}): is --data the pool, "
@@ -1078,7 +1077,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             )
         )
     if previous:
-        _move(table_url, run.scores)
+        move(table_url, run.scores)
         merged["table"] = run.scores
     remove(failed_table)  # a failed run's rows, now superseded
     for column, n in merged["nonfinite_scores"].items():
@@ -1132,12 +1131,6 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         summary["earlier_scoring"] = earlier
     run.update_run_json("score", {"config": cfg.to_dict(), "summary": summary})
     return summary
-
-
-def _move(src: str, dst: str) -> None:
-    """Rename ``src`` to ``dst`` (replacing it) on the filesystem of both."""
-    fs, path = fsspec.core.url_to_fs(src)
-    fs.mv(path, fsspec.core.url_to_fs(dst)[1])
 
 
 # what a run that scored measured, which a rerun that scored nothing cannot

@@ -14,11 +14,12 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.data.keys import recorded_reader_options
 from pipeline.data.sample import Sample
 from pipeline.errors import ConfigError
-from pipeline.rundir import RunDir, exists, is_local, read_bytes, read_json, write_bytes_atomic
+from pipeline.rundir import RunDir, exists, read_bytes, read_json, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ def table_from_bytes(data: bytes, columns: Sequence[str] | None = None) -> pa.Ta
 
 
 def read_table(url: str, columns: Sequence[str] | None = None) -> pa.Table:
-    path = fsspec.core.url_to_fs(url)[1]
-    if is_local(url) and os.path.isfile(path):  # pyarrow's own file: threaded, clean exit
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem) and os.path.isfile(path):  # threaded, clean exit
         return pq.read_table(path, columns=columns)
     return table_from_bytes(read_bytes(url), columns)
 
