@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import json
 import os
 import re
 import sys
+import typing
 from collections.abc import Mapping, Sequence
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
@@ -126,10 +128,55 @@ def _fusion_norm_arg(parser: argparse.ArgumentParser) -> None:
 RUN_HELP = "the run directory every stage reads and writes (a local path or an fsspec URL)"
 
 
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that suggests the nearest command for a typo (Python 3.11's does not)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        typed = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if typed:
+            message += _did_you_mean(typed.group(1), re.findall(r"'([^']*)'", typed.group(2)))
+        super().error(message)
+
+
+def _subcommand(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def _unknown_options(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> str:
+    """'unrecognized arguments' with the nearest flag of the subcommand for each typo."""
+    options = [s for s in _option_strings(_subcommand(parser, command)) if s.startswith("--")]
+    named = []
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        named.append(arg + (_did_you_mean(flag, options) if flag.startswith("--") else ""))
+    return "unrecognized arguments: " + " ".join(named)
+
+
+def _as_flag(parser: argparse.ArgumentParser, command: str, message: str) -> str:
+    """A config check names the dataclass field ("batch_size: ..."); on the command line
+    the user typed the flag, so name that (jobs and specs keep the field name)."""
+    field = re.match(r"([a-z][a-z0-9_]*):", message)
+    if field:
+        flag = "--" + field.group(1).replace("_", "-")
+        if flag in _option_strings(_subcommand(parser, command)):
+            return flag + message[field.end() - 1 :]
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="diffin", description="Diff-In data pruning for CLIP pretraining"
-    )
+    p = _Parser(prog="diffin", description="Diff-In data pruning for CLIP pretraining")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     p.add_argument("--version", action="version", version=f"diffin {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -844,7 +891,10 @@ def check_job_paths(args: argparse.Namespace, environ: Mapping[str, str] = os.en
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _subcommand(parser, args.command).error(_unknown_options(parser, args.command, extra))
     from pipeline import logs
 
     logs.setup(args.verbose)
@@ -853,7 +903,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_patterns(args)
         result = run(args)
     except ConfigError as exc:
-        print(f"diffin {args.command}: configuration error: {exc}", file=sys.stderr)
+        message = _as_flag(parser, args.command, str(exc))
+        print(f"diffin {args.command}: configuration error: {message}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         # the proxy's loss went NaN (training says at which step and what to change): the

@@ -59,6 +59,30 @@ def test_missing_subcommand_and_bad_choice_are_usage_errors(capsys):
     assert "spacing" in capsys.readouterr().err
 
 
+def test_typos_get_the_nearest_command_or_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["scroe"])
+    assert info.value.code == 2
+    assert "did you mean 'score'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["score", "--data", "d", "--run", "r", "--metods=loss", "--bach-size", "8"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: diffin score" in err
+    assert "--metods=loss (did you mean '--methods'?)" in err
+    assert "--bach-size (did you mean '--batch-size'?) 8" in err
+
+
+def test_config_errors_name_the_flag_the_user_typed(tmp_path, capsys):
+    (tmp_path / "0.tar").write_bytes(b"")
+    data = str(tmp_path / "0.tar")
+    err = _refused(
+        ["train", "--data", data, "--run", str(tmp_path / "r"), "--batch-size", "1"], capsys
+    )
+    assert "configuration error: --batch-size: must be >= 2" in err
+    assert not (tmp_path / "r").exists()
+
+
 def _refused(argv: list[str], capsys, *words: str) -> str:
     t0 = time.time()
     rc = main(argv)
@@ -187,7 +211,7 @@ def test_demo_target_is_a_choice_not_a_shard_pattern(tmp_path, capsys, target):
 
 def test_make_data_bad_target_samples(tmp_path, capsys):
     out = tmp_path / "pool"
-    _refused(["make-data", str(out), "--target-samples", "-1"], capsys, "target_samples")
+    _refused(["make-data", str(out), "--target-samples", "-1"], capsys, "--target-samples")
     assert _empty(out)
 
 
