@@ -22,8 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     # -v is diffin's own flag, before the subcommand; accept it anywhere
     verbose = [a for a in args if a in ("-v", "--verbose")][:1]
     args = [a for a in args if a not in ("-v", "--verbose")]
+    usage = f"usage: python jobs/stage.py [-v] {{{','.join(STAGES)}}} ARGS...  (STAGE --help: its flags)"
+    if args in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if not args or args[0] not in STAGES:
-        print(f"usage: python jobs/stage.py [-v] {{{','.join(STAGES)}}} ARGS...", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     return diffin([*verbose, *args])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import tomllib
@@ -45,6 +46,15 @@ def test_all_yaml_parses():
         assert isinstance(yaml.safe_load(f.read_text()), dict), f
 
 
+def test_cluster_launcher_config_matches_rays_schema():
+    """What `ray up` checks first (ray/autoscaler/_private/util.py validate_config)."""
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(_load("cluster.yaml"), schema)
+
+
 def test_cluster_launcher_config():
     c = _load("cluster.yaml")
     for key in ("cluster_name", "provider", "available_node_types", "head_node_type"):
@@ -52,6 +62,8 @@ def test_cluster_launcher_config():
     types = c["available_node_types"]
     assert c["head_node_type"] in types
     gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
+    # the launcher attaches a profile to the head only: scoring workers reach S3 (review)
+    assert all(t["node_config"]["IamInstanceProfile"]["Arn"] for t in gpu)
     assert gpu and all(t["max_workers"] >= t["min_workers"] for t in types.values())
     head = " ".join(c["head_start_ray_commands"])
     assert f"--port={PORTS['gcs']}" in head and f"--dashboard-port={PORTS['dashboard']}" in head
@@ -76,6 +88,13 @@ def test_kuberay_manifests(name):
     ports = _pod_ports(head["template"])
     assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
     assert head["rayStartParams"]["dashboard-port"] == str(PORTS["dashboard"])
+    # Review: the Jobs API and GCS took unauthenticated code from any pod, and no pod had
+    # S3 credentials; the service account is where IRSA / Pod Identity attach them.
+    assert spec["authOptions"] == {"mode": "token"}, name
+    for group in [head, *spec["workerGroupSpecs"]]:
+        assert group["template"]["spec"]["serviceAccountName"] == "diffin", name
+        env = group["template"]["spec"]["containers"][0].get("env", [])
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & {e["name"] for e in env}
     for group in spec["workerGroupSpecs"]:
         (c,) = group["template"]["spec"]["containers"]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == group["rayStartParams"]["num-gpus"]
@@ -185,10 +204,13 @@ def test_nothing_pins_the_job_driver_to_one_thread():
     job = yaml.safe_load(_load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"])
     for where, env in (("runtime_env.yaml", runtime), ("rayjob.yaml", job)):
         assert not {"OMP_NUM_THREADS", "MKL_NUM_THREADS"} & set(env.get("env_vars", {})), where
+    # The KubeRay head may say how many threads its pod has (torch would count the node's
+    # cores, not the pod's CPU limit: review), but no fewer.
     cluster = _load("kuberay/raycluster.yaml")["spec"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         for c in group["template"]["spec"]["containers"]:
-            assert "OMP_NUM_THREADS" not in {e["name"] for e in c.get("env", [])}
+            threads = {e["name"]: e.get("value") for e in c.get("env", [])}.get("OMP_NUM_THREADS")
+            assert threads is None or threads == c["resources"]["limits"]["cpu"], c["name"]
     dockerfile = (INFRA / "Dockerfile").read_text()
     assert not re.search(r"^ENV[^#]*(\n\s+[^#\n]*)*OMP_NUM_THREADS", dockerfile, re.M)
     assert "OMP_NUM_THREADS" not in (REPO / "infra" / "cluster.yaml").read_text()

@@ -58,6 +58,7 @@ def test_stage_entrypoint(monkeypatch, capsys):
     for stage in ("make-data", "train", "evaluate", "report"):
         assert mod.main([stage, "--run", "r"]) == 0 and seen[-1] == [stage, "--run", "r"]
     assert mod.main(["score"]) == 2 and "usage" in capsys.readouterr().err
+    assert mod.main(["--help"]) == 0 and "train" in capsys.readouterr().out  # review
     assert mod.main(["-v", "prune", "--run", "r"]) == 0 and seen[-1] == [
         "-v",
         "prune",
@@ -102,15 +103,22 @@ def test_submit_script_uses_existing_flags(tmp_path):
     # `ray job status` as Ray prints it: its own function, given the status (walkthrough:
     # a fake "Status for job: SUCCEEDED" hid that Ray 2.60 prints "Job 'ID' succeeded",
     # which the script took for a failure after the first stage)
+    # The status file holds the states the job goes through, one per `ray job status` call
+    # (the last one stays). `ray job logs --follow` fails when LOGS_DROP is set: a tunnel
+    # that closed while the job went on (review).
     fake.write_text(
-        f"#!{sys.executable}\nimport json, sys, types\n"
+        f"#!{sys.executable}\nimport json, os, sys, types\n"
         "if sys.argv[1:3] == ['job', 'status']:\n"
         "    from ray.dashboard.modules.job.cli import _log_job_status\n"
         "    from ray.job_submission import JobStatus\n"
-        f"    now = JobStatus[open({str(status)!r}).read()]\n"
-        "    info = types.SimpleNamespace(status=now, message='train succeeded, then died')\n"
+        f"    states = open({str(status)!r}).read().split()\n"
+        f"    open({str(status)!r}, 'w').write(' '.join(states[1:] or states))\n"
+        "    info = types.SimpleNamespace(status=JobStatus[states[0]], message='train succeeded, then died')\n"
         "    _log_job_status(types.SimpleNamespace(get_job_info=lambda _: info), sys.argv[-1])\n"
         "    sys.exit(0)\n"
+        "if sys.argv[1:3] == ['job', 'logs']:\n"
+        "    sys.exit(1 if os.environ.get('LOGS_DROP') else 0)\n"
+        "assert sys.argv[1:4] == ['job', 'submit', '--no-wait'], sys.argv\n"
         f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
     )
     fake.chmod(0o755)
@@ -119,8 +127,10 @@ def test_submit_script_uses_existing_flags(tmp_path):
         "PATH": f"{fake.parent}:{os.environ['PATH']}",
         "DATA": "/abs/pool/{00000..00001}.tar",
         "RUN": "/abs/run",
+        "POLL": "0",
     }
-    for extra in ({}, {"MODEL": "diffin-tiny", "STEPS": "60", "TARGET": "/t.tar", "THREADS": "1"}):
+    full = {"MODEL": "diffin-tiny", "STEPS": "60", "TARGET": "/t.tar", "THREADS": "1", "GPUS": "1"}
+    for extra in ({}, full):
         log.unlink(missing_ok=True)
         subprocess.run(["bash", str(JOBS / "submit.sh")], env={**env, **extra}, check=True)
         calls = [json.loads(line) for line in log.read_text().splitlines()]
@@ -141,6 +151,9 @@ def test_submit_script_uses_existing_flags(tmp_path):
         if extra:
             assert (train.steps, score.target, score.threads) == (60, "/t.tar", 1)
             assert train.threads == 0  # an actor's share is no size for the training driver
+            assert score.gpus_per_worker == 1
+        else:
+            assert score.gpus_per_worker is None
     # A stage stopped with `ray job stop` (submit exits 0 for it), or failed with a message
     # that says "succeeded": the next is not submitted
     for end in ("STOPPED", "FAILED"):
@@ -151,3 +164,23 @@ def test_submit_script_uses_existing_flags(tmp_path):
         )
         assert done.returncode == 1 and "did not succeed" in done.stderr
         assert len(log.read_text().splitlines()) == 1
+    # The log stream drops while the job is still running: the script waits for its end
+    # and goes on after a success (it stopped with "did not succeed", review)
+    status.write_text("PENDING RUNNING RUNNING SUCCEEDED")
+    log.unlink()
+    done = subprocess.run(
+        ["bash", str(JOBS / "submit.sh")],
+        env={**env, "LOGS_DROP": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "lost the log stream" in done.stderr
+    assert len(log.read_text().splitlines()) == 4
+    status.write_text("RUNNING FAILED")
+    log.unlink()
+    done = subprocess.run(
+        ["bash", str(JOBS / "submit.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "did not succeed" in done.stderr
+    assert len(log.read_text().splitlines()) == 1
