@@ -392,6 +392,24 @@ def warn_about_target(cfg: ScoreConfig) -> None:
         )
 
 
+def warn_about_another_pool(cfg: ScoreConfig, run: RunDir) -> None:
+    """Say when the last score run of this run directory scored another --data: the new
+    table holds this pool's shards only, and a shard of the same name is scored again
+    over the earlier part (a walkthrough found the earlier table replaced silently)."""
+    if not exists(run.run_json):
+        return
+    earlier = (read_json(run.run_json).get("score") or {}).get("config") or {}
+    if earlier.get("data") not in (None, cfg.data):
+        log.warning(
+            "the last score run of %s scored --data %s; this one scores %s, and "
+            "scores.parquet will hold its shards only (score into another --run to keep "
+            "both tables)",
+            cfg.run,
+            earlier["data"],
+            cfg.data,
+        )
+
+
 def prepare_directions(
     cfg: ScoreConfig,
     run: RunDir,
@@ -882,6 +900,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         k, batch = tensor_shapes(run.set_file("grad_batches"))["images"][:2]
         size = self_size(cfg, traj, k * batch)
     warn_about_target(cfg)
+    warn_about_another_pool(cfg, run)
     fp = _fingerprint(cfg, traj.record, target, sets, size)
     fp_hash = fingerprint_hash(fp)
     fp_url = run.path("scores", "fingerprint.json")

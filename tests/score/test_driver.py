@@ -598,3 +598,22 @@ def test_a_target_nothing_uses_is_said(caplog):
         warn_about_target(ScoreConfig(data="d", run="r", methods=["tracin"], target="t"))
     assert caplog.text.count("it is not used") == 1
     assert "none of clip_score points toward a target" in caplog.text
+
+
+def test_scoring_another_pool_into_a_run_is_said(tmp_path, caplog):
+    """Walkthrough: scoring another --data into a scored run replaced its table silently."""
+    from pipeline.rundir import RunDir
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import warn_about_another_pool
+
+    run = RunDir(str(tmp_path))
+    cfg = ScoreConfig(data="/p/{0..1}.tar", run=str(tmp_path), methods=["loss"])
+    with caplog.at_level("WARNING", logger="pipeline.score.driver"):
+        warn_about_another_pool(cfg, run)  # no run.json yet
+        run.update_run_json("train", {"steps": 3})
+        warn_about_another_pool(cfg, run)  # never scored
+        run.update_run_json("score", {"config": cfg.to_dict()})
+        warn_about_another_pool(cfg, run)  # the same pool
+        assert caplog.text == ""
+        warn_about_another_pool(dataclasses.replace(cfg, data="/q/{0..1}.tar"), run)
+    assert "scored --data /p/{0..1}.tar; this one scores /q/{0..1}.tar" in caplog.text
