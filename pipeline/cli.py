@@ -8,14 +8,16 @@ import difflib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Mapping, Sequence
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.data.shards import absolute_pattern, relative_items
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Terminated, raise_terminated
 from pipeline.influence.directions import GGN_KEPT_PAIRS, PAIRS_PER_PASS
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.prune.config import NORMS
@@ -898,6 +900,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline import logs
 
     logs.setup(args.verbose)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)  # again after ray.init: raylocal
     try:
         check_job_paths(args)
         check_patterns(args)
@@ -911,14 +915,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # message is the whole story, a traceback would bury it (walkthrough)
         print(f"diffin {args.command}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Every stage writes atomically and resumes, so a traceback would only alarm.
+        terminated = isinstance(exc, Terminated)
         print(
-            f"diffin {args.command}: interrupted; run the same command again to continue "
-            "(finished work is kept)",
+            f"diffin {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
+            "run the same command again to continue (finished work is kept)",
             file=sys.stderr,
         )
-        return 130
+        return 143 if terminated else 130
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

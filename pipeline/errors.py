@@ -5,6 +5,16 @@ class ConfigError(ValueError):
     """A bad option or input specification; the message names the field."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, Kubernetes, Slurm, `ray job stop`): stop as an
+    interrupt does, since every stage writes atomically and resumes."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler (see :class:`Terminated`)."""
+    raise Terminated()
+
+
 # What the config checks accept as a count and as a number: JSON and argparse give bools
 # where a flag was meant, and bool is an int subclass, so they are refused explicitly.
 def is_int(value: object) -> bool:

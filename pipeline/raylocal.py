@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 import ray
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, raise_terminated
 
 # Ray advertises 127.0.0.1 as the machine's network address; another loopback
 # address keeps the embedded cluster's advertised address on loopback.
@@ -137,6 +139,7 @@ def connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool = Fals
             ray.init(address=address, log_to_driver=True)
         except ConnectionError as exc:
             raise ConfigError(f"address: {exc}{_token_hint()}") from exc
+        stop_cleanly_on_sigterm()
         return False
     ray.init(
         # "local": a Ray of its own, even where /tmp/ray/ray_current_cluster names another
@@ -152,4 +155,13 @@ def connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool = Fals
         if quiet_train_cleaner
         else None,
     )
+    stop_cleanly_on_sigterm()
     return True
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """Ray's core worker takes SIGTERM over in the driver: a C++ stack dump and an abort
+    (exit 134) instead of the interrupt path (walkthrough: `timeout`, `kill`, `ray job
+    stop`). Set after ray.init, so ours is the handler that runs."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)

@@ -420,6 +420,28 @@ def test_an_interrupted_command_says_how_to_continue(monkeypatch, capsys):
     assert "interrupted; run the same command again" in err and "Traceback" not in err
 
 
+def test_sigterm_takes_the_interrupt_path(monkeypatch, capsys):
+    """`kill`, `timeout`, Kubernetes and `ray job stop` send SIGTERM (walkthrough)."""
+    import os
+    import signal
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr("pipeline.cli.check_patterns", lambda args: None)
+    monkeypatch.setattr("pipeline.cli.run", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        t0 = time.time()
+        assert main(["score", "--data", "d", "--run", "r"]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert time.time() - t0 < 4
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM); run the same command again" in err
+
+
 def test_a_diverged_training_is_one_line_not_a_traceback(monkeypatch, capsys):
     """Walkthrough: "training diverged at step 0 (loss nan); lower --lr" came at the end of
     a traceback."""

@@ -183,6 +183,43 @@ def test_driver_killed_then_rerun_resumes(ray_cluster, score_run, tmp_path):
     _check_table(run, score_run["data"], score_run["samples"])
 
 
+def test_a_driver_sent_sigterm_stops_cleanly_and_the_rerun_resumes(
+    ray_cluster, score_run, tmp_path
+):
+    """Walkthrough: SIGTERM (`kill`, `timeout`, Kubernetes, `ray job stop`) met Ray's
+    handler in the driver: a C++ stack dump and exit 134 instead of the interrupt path."""
+    run = fresh_run(score_run, tmp_path / "run")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "score",
+        *_score_args(score_run["data"], run, workers=1),
+        "--address",
+        ray_cluster.address,
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    first = subprocess.Popen(
+        cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        _wait(lambda: _done(run) >= 2, WAIT, "some shards scored")
+        first.send_signal(signal.SIGTERM)
+        err = first.communicate(timeout=60)[1].decode()
+    finally:
+        kill_all(tree(first.pid))
+    assert first.returncode == 143, err[-3000:]
+    assert "terminated (SIGTERM); run the same command again" in err
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    assert not os.path.exists(f"{run}/scores.parquet")
+    before = _done(run)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["shards_resumed"] == before > 0
+    _check_table(run, score_run["data"], score_run["samples"])
+
+
 @pytest.mark.slow  # about 3 minutes on 2 busy cores (five actor start-ups)
 def test_poison_shards_are_recorded_as_failed(ray_cluster, score_run, tmp_path):
     """One shard kills its actor every time, another raises: their samples end as error rows."""
