@@ -15,7 +15,7 @@ th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; }
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
 td:not(.text) { white-space: nowrap; } .scroll { overflow-x: auto; } section > img { max-width: 100%; height: auto; }
 .grid { display: flex; flex-wrap: wrap; gap: 0.7rem; }
-figure { width: 150px; margin: 0; font-size: 0.75rem; }
+figure { width: 150px; margin: 0; font-size: 0.75rem; overflow-wrap: anywhere; }
 figure img { width: 96px; height: 96px; image-rendering: pixelated; border: 1px solid #aaa; }
 .tag { color: #b00; font-weight: bold; } .muted { color: #777; }
 pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; font-size: 0.75rem; }
@@ -62,18 +62,27 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: int 
     )
 
 
+# Web captions can be pages of text (alt text dumps, URLs): a gallery cell shows the start.
+CAPTION_CHARS = 300
+
+
+def short_caption(text: str) -> str:
+    return text if len(text) <= CAPTION_CHARS else text[: CAPTION_CHARS - 1] + "\u2026"
+
+
 def gallery(items: Sequence[dict[str, Any]]) -> str:
     """Thumbnails with caption, score and (when known) the injected defect."""
     cells = []
     for it in items:
+        caption = short_caption(it["caption"])
         pic = (
-            f'<img src="{data_uri(it["jpeg"], "image/jpeg")}" alt="{esc(it["caption"])}">'
+            f'<img src="{data_uri(it["jpeg"], "image/jpeg")}" alt="{esc(caption)}">'
             if it.get("jpeg")
             else '<span class="muted">(no image)</span>'
         )
         tag = f' <span class="tag">{esc(it["defect"])}</span>' if it.get("defect") else ""
         cells.append(
-            f"<figure>{pic}<figcaption>{esc(it['caption'])}<br>"
+            f"<figure>{pic}<figcaption>{esc(caption)}<br>"
             f'<span class="muted">score {it["score"]:.4g}</span>{tag}</figcaption></figure>'
         )
     return f'<div class="grid">{"".join(cells)}</div>'

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from pipeline.data.reader import iter_shard
+
+log = logging.getLogger(__name__)
 
 THUMB_PX = 96
 
@@ -24,7 +27,7 @@ def thumbnails(
     A row is shown only when the shard still holds that uid at that index: a
     shard rewritten since scoring would otherwise put another pair's pixels
     and caption beside this row's score. Such rows get no image and a caption
-    that says so (``CHANGED``, ``MISSING``).
+    that says so (``CHANGED``, ``MISSING``, or why the shard cannot be read now).
     """
     wanted: dict[str, dict[int, str]] = defaultdict(dict)
     for shard, index, uid in rows:
@@ -32,7 +35,11 @@ def thumbnails(
     out: dict[tuple[str, int], tuple[bytes | None, str]] = {}
     for shard, uids in wanted.items():
         left = len(uids)
+        unreadable = None
         for s in iter_shard(shard, **options):
+            if s.whole_shard:  # the row for a shard it cannot read (to its end): not a sample
+                unreadable = s.error
+                continue
             if s.index not in uids:
                 continue
             out[(shard, s.index)] = (
@@ -43,8 +50,11 @@ def thumbnails(
             left -= 1
             if not left:
                 break
+        if unreadable:
+            log.warning("report: shard %s cannot be read now: %s", shard, unreadable)
+        gone = f"(the shard cannot be read now: {unreadable})" if unreadable else MISSING
         for index in uids:
-            out.setdefault((shard, index), (None, MISSING))
+            out.setdefault((shard, index), (None, gone))
     return out
 
 

@@ -53,3 +53,24 @@ def test_report_renders_in_chromium(reported, browser, tmp_path):
     img = Image.open(shot).convert("L")
     assert img.size[0] >= 1000
     assert ImageStat.Stat(img).stddev[0] > 10  # not a blank page
+
+
+def test_a_long_unbroken_caption_does_not_widen_the_page(browser, tmp_path):
+    """Walkthrough: a 20,000-character caption without spaces (URLs and file names are
+    like that) made the page 171,665 px wide, and was written twice (caption and alt)."""
+    import io
+
+    from pipeline.report.page import CAPTION_CHARS, gallery, page
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="JPEG")
+    items = [{"jpeg": buf.getvalue(), "caption": "A" * 20_000, "score": 1.0}] * 3
+    html = page("diffin report: captions", [("Most helpful pairs", gallery(items))])
+    assert len(html) < 6 * CAPTION_CHARS + 10_000
+    path = tmp_path / "captions.html"
+    path.write_text(html)
+    browser.get(path.as_uri())
+    wide, view = browser.execute_script(
+        "return [document.documentElement.scrollWidth, window.innerWidth];"
+    )
+    assert wide <= view, (wide, view)

@@ -99,6 +99,35 @@ def test_a_shard_changed_since_scoring_shows_no_other_pairs_pixels(tiny_scored, 
     assert len(_images(html)) == 1 + 1 + 3
 
 
+def test_a_shard_that_cannot_be_read_now_says_so_not_that_it_changed(tiny_scored, tmp_path, caplog):
+    """Walkthrough: with a scored shard moved away, the reader's row for the unreadable
+    shard (index 0) was taken for a sample, and the pair at index 0 was said to have
+    "changed" since scoring."""
+    import shutil
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    table = pq.read_table(f"{run}/scores.parquet")
+    frame = table.to_pandas()
+    ok = frame[frame.status == "ok"]
+    scored = ok.sort_values(["loss", "uid"]).shard.iloc[0]
+    # the table names a copy of the shard (the pool is shared by other tests), then moved
+    shard = str(tmp_path / "pool" / scored.rsplit("/", 1)[-1])
+    (tmp_path / "pool").mkdir()
+    shutil.copy(scored, shard)
+    frame.loc[frame.shard == scored, "shard"] = shard
+    pq.write_table(
+        table.from_pandas(frame, schema=table.schema, preserve_index=False), f"{run}/scores.parquet"
+    )
+    rows = ok[ok.shard == scored]
+    assert 0 in set(rows["index"])  # the index the reader's row for the shard takes
+    shutil.move(shard, tmp_path / "moved.tar")
+    with caplog.at_level("WARNING", logger="pipeline.report.thumbnails"):
+        html = open(build_report(run, method="loss", top=len(ok))).read()
+    assert "the shard changed since scoring" not in html
+    assert html.count("(the shard cannot be read now: ") == 2 * len(rows)  # both galleries
+    assert f"shard {shard} cannot be read now" in caplog.text
+
+
 def test_unknown_method_is_refused(tiny_scored):
     with pytest.raises(ConfigError, match="no column"):
         build_report(tiny_scored["run"], method="nope")
