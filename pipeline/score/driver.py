@@ -1088,7 +1088,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         raise ConfigError(
             f"data: no sample of the {len(shards)} shard(s) could be scored "
             f"({'; '.join(reasons[:3]) or 'every row is an error row'}): is --data the pool, "
-            "read with the right --image-keys and --text-keys? "
+            "read with the right --image-key and --text-key? "
             + (
                 f"The earlier score table is kept; this run's error rows are in {failed_table}"
                 if previous

@@ -433,8 +433,15 @@ def test_a_pool_that_scores_nothing_fails_and_keeps_the_earlier_table(
             run_scoring(dataclasses.replace(bad, run=fresh))
         # every row an error for a per-sample reason: the reason is in the message (review)
         keys = fresh_run(score_run, tmp_path / "keys")
-        with pytest.raises(ConfigError, match=r"could be scored \(missing image"):
+        with pytest.raises(ConfigError, match=r"could be scored \(missing image") as info:
             run_scoring(dataclasses.replace(good, run=keys, image_keys=["webp"]))
+        # the flags it names are the CLI's (walkthrough: it said --image-keys)
+        from pipeline.cli import build_parser
+
+        flags = build_parser().parse_args(["score", "--data", "d", "--run", "r"])
+        named = re.findall(r"--([a-z-]+)", str(info.value))
+        assert {"image-key", "text-key"} <= set(named)
+        assert all(hasattr(flags, n.replace("-", "_")) for n in named)
         again = run_scoring(good)  # a later good run: the table and its summary as before
     finally:
         ray.shutdown()
