@@ -59,6 +59,7 @@ from pipeline.rundir import (
 from pipeline.score.table import (
     check_scores_current,
     read_table,
+    require_scores,
     scored_config,
     table_identity,
 )
@@ -524,8 +525,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     """Train on every planned subset and write the results; returns the summary."""
     cfg.validate()
     run = RunDir(cfg.run)
-    if not exists(run.scores):
-        raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
+    require_scores(run)
     if not exists(run.trajectory_json):
         raise ConfigError(f"run: no trajectory at {run.trajectory_json} (run `diffin train` first)")
     check_scores_current(run)

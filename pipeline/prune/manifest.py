@@ -45,6 +45,7 @@ from pipeline.score.merge import recorded_stamps
 from pipeline.score.table import (
     check_scores_current,
     fingerprint_hash,
+    require_scores,
     scored_reader_options,
     table_identity,
     table_metadata,
@@ -83,8 +84,7 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     """
     cfg.validate()
     run = RunDir(cfg.run)
-    if not exists(run.scores):
-        raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
+    require_scores(run)
     check_scores_current(run)
     # which table the manifest ranks, so a rescore shows the manifest is out of date
     scores = table_identity(run.scores)

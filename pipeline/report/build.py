@@ -23,6 +23,7 @@ from pipeline.rundir import RunDir, exists, read_json, write_bytes_atomic
 from pipeline.score.table import (
     check_scores_current,
     read_table,
+    require_scores,
     scored_config,
     scored_reader_options,
     stale_manifests,
@@ -112,8 +113,7 @@ def gallery_method(methods: list[str], method: str | None) -> str:
 def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     """Write RUN/report/index.html; returns its path."""
     run = RunDir(run_url)
-    if not exists(run.scores):
-        raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
+    require_scores(run)
     check_scores_current(run)
     meta = table_metadata(run.scores)
     columns = _columns(run.scores)

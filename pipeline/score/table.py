@@ -112,6 +112,24 @@ def scored_config(run: RunDir) -> dict[str, Any]:
     return table_metadata(run.scores).get("score", {}) if exists(run.scores) else {}
 
 
+def require_scores(run: RunDir) -> None:
+    """Refuse a stage that needs the score table when there is none, saying whether scoring
+    never ran or has not finished (walkthrough: a half-scored run was told to "run `diffin
+    score` first")."""
+    if exists(run.scores):
+        return
+    fs, done = fsspec.core.url_to_fs(run.path("scores", "done"))
+    fs.invalidate_cache()  # records written by other processes (the scoring actors)
+    scored = len(fs.glob(f"{done}/*.json")) if fs.exists(done) else 0
+    if scored:
+        raise ConfigError(
+            f"run: no score table at {run.scores} yet: scoring has not finished ({scored} "
+            "shard(s) scored so far); run the same `diffin score` command again to finish "
+            "it (it resumes)"
+        )
+    raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
+
+
 def check_scores_current(run: RunDir) -> None:
     """Refuse a score table made from another trajectory than the run's current one.
 

@@ -174,3 +174,18 @@ def test_reading_a_table_leaves_no_work_that_aborts_the_interpreter_at_exit(tmp_
         for _ in range(12)  # about 1 in 5 aborted before: 12 clean runs by chance, 6%
     ]
     assert codes == [0] * 12
+
+
+def test_a_stage_before_the_table_says_whether_scoring_ran_or_has_not_finished(tmp_path):
+    """Walkthrough: prune and report told a half-scored run to "run `diffin score` first"."""
+    from pipeline.errors import ConfigError
+    from pipeline.rundir import RunDir, write_json
+    from pipeline.score.table import require_scores
+
+    run = RunDir(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"\(run `diffin score` first\)"):
+        require_scores(run)
+    for name in ("00000", "00001"):
+        write_json(run.path("scores", "done", f"{name}.json"), {"rows": 3})
+    with pytest.raises(ConfigError, match=r"has not finished \(2 shard\(s\) scored so far\)"):
+        require_scores(run)
