@@ -912,8 +912,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         changed = sorted(k for k in set(now) - {"hash"} if now.get(k) != earlier.get(k))
         dropped = [m for m in earlier.get("methods") or [] if m not in cfg.methods]
         log.info(
-            "the scores' inputs changed since the last score run (%s): shards scored with "
-            "the earlier inputs are scored again%s",
+            "the scores' inputs changed since the last score run (%s): a shard is kept only "
+            "where its record holds the current inputs%s",
             ", ".join(changed) or "what the new scorers do not use",
             f"; the new table holds no {', '.join(dropped)} (not in --methods)" if dropped else "",
         )
@@ -965,7 +965,10 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             check_counts(name, rec)  # the summary of a resumed run still lists them
     resumed = len(shards) - len(todo)
     if not todo:
-        log.info("nothing to score: all %d shards were scored by an earlier run", len(shards))
+        log.info(
+            "nothing to score: all %d shards were scored with these inputs by an earlier run",
+            len(shards),
+        )
     elif resumed:
         log.info("resuming: %d of %d shards already scored", resumed, len(shards))
 
