@@ -114,7 +114,8 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     """Write RUN/report/index.html; returns its path."""
     run = RunDir(run_url)
     require_scores(run)
-    check_scores_current(run)
+    # on the page too: a reader of the report does not see the console (walkthrough)
+    table_warnings = check_scores_current(run)
     meta = table_metadata(run.scores)
     columns = _columns(run.scores)
     methods = scorer_columns(columns, meta)
@@ -142,7 +143,10 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
         if marked is not None
         else ""
     )
-    sections.append(("Score distributions", f"<p>{note}</p>{P.img(hist, 'score histograms')}"))
+    warned = "".join(f'<p class="tag">Note: {P.esc(w)}</p>' for w in table_warnings)
+    sections.append(
+        ("Score distributions", f"{warned}<p>{note}</p>{P.img(hist, 'score histograms')}")
+    )
 
     # evaluate.json alone: it holds every row, and it is written last, as one object, so
     # the rows and the settings shown beside them always come from the same evaluation.

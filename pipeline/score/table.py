@@ -130,37 +130,39 @@ def require_scores(run: RunDir) -> None:
     raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
 
 
-def check_scores_current(run: RunDir) -> None:
+def check_scores_current(run: RunDir) -> list[str]:
     """Refuse a score table made from another trajectory than the run's current one.
 
     A run trained (or imported) again keeps its old scores.parquet until it is
     rescored; pruning or evaluating on it would rank by the old proxy without
     a word. Tables that record no checkpoints (written by hand) are not checked.
+    Returns the warnings it logged (the report shows them on the page too).
     """
+    warnings: list[str] = []
     meta = table_metadata(run.scores)
     last = run.path("scores", "fingerprint.json")
     if meta.get("fingerprint") and exists(last):
         if read_json(last).get("hash") != fingerprint_hash(meta["fingerprint"]):
             # walkthrough: after an interrupted rescore, prune and report went on with the
             # older table without a word
-            log.warning(
-                "scores: the last `diffin score` of %s, with other inputs, did not write this "
-                "table (interrupted, or it failed): %s is the earlier run's; run that score "
-                "again to replace it",
-                run.url,
-                run.scores,
+            warnings.append(
+                f"the last `diffin score` of {run.url}, with other inputs, did not write "
+                f"this table (interrupted, or it failed): {run.scores} is the earlier run's; "
+                "run that score again to replace it"
             )
     recorded = meta.get("checkpoints")
-    if not recorded:
-        return
-    if not exists(run.trajectory_json):
+    if recorded and not exists(run.trajectory_json):
         if exists(run.resume_state):  # a training under way (or interrupted) replaces it
             raise ConfigError(
                 f"scores: {run.scores} belongs to a trajectory the run is being trained again "
                 "over; finish the training, then run `diffin score` again"
             )
-        log.warning("scores: %s has no trajectory.json to check the scores against", run.url)
-        return
+        warnings.append(f"{run.url} has no trajectory.json to check the scores against")
+        recorded = None
+    for message in warnings:
+        log.warning("scores: %s", message)
+    if not recorded:
+        return warnings
 
     def key(c: dict[str, Any]) -> tuple:  # a re-import can give the same bytes other steps
         return (c.get("sha256"), c.get("step"), c.get("lr"))
@@ -171,6 +173,7 @@ def check_scores_current(run: RunDir) -> None:
             f"scores: {run.scores} was scored against another trajectory than the run's (the "
             "run was trained or imported again since); run `diffin score` again"
         )
+    return warnings
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:

@@ -128,6 +128,27 @@ def test_a_shard_that_cannot_be_read_now_says_so_not_that_it_changed(tiny_scored
     assert f"shard {shard} cannot be read now" in caplog.text
 
 
+def test_a_table_the_last_score_run_did_not_write_is_said_on_the_page(tiny_scored, tmp_path):
+    """Walkthrough: after an interrupted rescore with other inputs, the warning went to the
+    console only and the page presented the earlier table as current."""
+    from pipeline.rundir import write_json
+    from pipeline.score.table import fingerprint_hash, write_table
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    table = f"{run}/scores.parquet"
+    fingerprint = {"methods": ["diffin", "tracin", "loss", "random"]}  # what the driver records
+    write_table(pq.read_table(table), table, {**table_metadata(table), "fingerprint": fingerprint})
+    last = f"{run}/scores/fingerprint.json"
+    write_json(last, {**fingerprint, "hash": fingerprint_hash(fingerprint)})
+    html = open(build_report(run, top=2)).read()
+    assert "Note: " not in html
+    write_json(last, {**fingerprint, "hash": "0" * 16})  # what a rescore with other inputs left
+    html = open(build_report(run, top=2)).read()
+    distributions = html.split("<h2>Score distributions</h2>")[1].split("<h2>")[0]
+    assert "Note: the last `diffin score` of" in distributions
+    assert "did not write this table" in distributions
+
+
 def test_unknown_method_is_refused(tiny_scored):
     with pytest.raises(ConfigError, match="no column"):
         build_report(tiny_scored["run"], method="nope")
