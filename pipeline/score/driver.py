@@ -941,10 +941,12 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             empty.append(name)
         if record.get("damaged") and record.get("status") != "partial":  # partial: logged
             log.warning(
-                "shard %s could not be read to its end: %s (its rows before the damage are "
-                "scored; its error rows say why)",
+                "shard %s could not be read to its end: %s (%s)",
                 name,
                 record["damaged"],
+                "no sample could be read before the damage; its error row says why"
+                if record.get("errors", 0) >= record.get("rows", 0)
+                else "its rows before the damage are scored; its error rows say why",
             )
             damaged[name] = record["damaged"]
 

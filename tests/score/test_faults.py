@@ -492,6 +492,12 @@ def test_damaged_shards_are_named_in_the_summary_and_the_log(
     assert "not a tar file" in damaged["00010"] and "truncated tar" in damaged["00011"]
     assert not summary["shards_failed"] and not summary["shards_partial"]
     assert "shard 00011 could not be read to its end: unreadable shard" in caplog.text
+    assert re.search(
+        r"shard 00011 could not be read to its end: [^\n]*its rows before", caplog.text
+    )
+    # a file with no sample before the damage says so (walkthrough: "its rows before the
+    # damage are scored" for a shard that had none)
+    assert re.search(r"shard 00010 could not be read[^\n]*no sample could be read", caplog.text)
     assert again["shards_resumed"] == 4 and again["shards_damaged"] == damaged
     from pipeline.data.reader import iter_shard
 
