@@ -110,6 +110,52 @@ def gallery_method(methods: list[str], method: str | None) -> str:
     return rankable[0]
 
 
+def _prune_selections(run: RunDir, record: dict[str, Any], stale: list[str]) -> str:
+    """One row per manifest in RUN/prune/: what it keeps and whether it ranks this table
+    (walkthrough: selections showed only as raw JSON in the provenance)."""
+    rows = []
+    for stage, value in sorted(record.items()):
+        name = stage.removeprefix("prune/")
+        if name == stage or not isinstance(value, dict):
+            continue
+        if not exists(f"{run.prune_dir(name)}/manifest.json"):
+            continue  # removed since: nothing to retrain on
+        cfg = value.get("config") or {}
+        fusion = cfg.get("fusion")
+        ranks = (
+            ", ".join(f"{k}={w:g}" for k, w in fusion.items())
+            if isinstance(fusion, dict)
+            else cfg.get("method")
+        )
+        limit = cfg.get("keep") if cfg.get("keep") is not None else cfg.get("threshold")
+        rows_of = (value.get("scores") or {}).get("rows")
+        table_now = "no: an earlier table" if name in stale else "yes"
+        rows.append([name, cfg.get("rule"), ranks, limit, value.get("kept"), rows_of, table_now])
+    if not rows:
+        return (
+            "<p>No prune selection yet: <code>diffin prune --run RUN --keep 0.7</code> writes "
+            "one under RUN/prune/.</p>"
+        )
+    return (
+        f"<p>{len(rows)} selection(s) under {P.esc(run.path('prune'))}; retrain on a "
+        "manifest with <code>open_clip_train.main --train-data</code> (docs/operations.md)."
+        "</p>"
+        + P.table(
+            [
+                "name",
+                "rule",
+                "ranked by",
+                "keep / threshold",
+                "kept",
+                "rows ranked",
+                "ranks this table",
+            ],
+            rows,
+            text_cols=3,
+        )
+    )
+
+
 def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     """Write RUN/report/index.html; returns its path."""
     run = RunDir(run_url)
@@ -206,6 +252,11 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
             )
         )
 
+    stale = stale_manifests(run, identity)
+    if stale:
+        log.warning("report: the prune manifests %s rank an earlier score table", stale)
+    sections.append(("Prune selections", _prune_selections(run, record, stale)))
+
     err_rows, err_note = _errors_per_shard(frame)
     sections.append(
         (
@@ -227,9 +278,6 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     traj = read_json(run.trajectory_json) if exists(run.trajectory_json) else {}
     ckpts = [[c["step"], c["lr"], c["sha256"]] for c in traj.get("checkpoints", [])]
     versions = traj.get("versions") or meta.get("versions") or {}
-    stale = stale_manifests(run, identity)
-    if stale:
-        log.warning("report: the prune manifests %s rank an earlier score table", stale)
     stale_note = (
         "<p>The prune manifests "
         + P.esc(", ".join(stale))

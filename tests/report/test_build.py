@@ -21,6 +21,7 @@ SECTIONS = [
     "Evaluation: retraining on each kept subset",
     "Most harmful pairs (by diffin)",
     "Most helpful pairs (by diffin)",
+    "Prune selections",
     "Errors per shard",
     "Provenance",
 ]
@@ -223,15 +224,32 @@ def test_manifests_of_an_earlier_score_table_are_named_in_the_provenance(tiny_sc
     from pipeline.prune.manifest import write_manifest
 
     run = copy_run(tiny_scored["run"], tmp_path / "run")
+    assert "No prune selection yet" in _section(open(build_report(run, top=2)).read(), "Prune")
     write_manifest(PruneConfig(run=run, keep=0.5, name="half"))
-    assert "rank an earlier score table" not in open(build_report(run, top=2)).read()
+    write_manifest(PruneConfig(run=run, keep=0.8, method="loss"))
+    html = open(build_report(run, top=2)).read()
+    assert "rank an earlier score table" not in html
+    # each selection in a row of its own: what ranks it, what it keeps (walkthrough: raw
+    # JSON in the provenance only)
+    rows = _section(html, "Prune selections").split("<tr>")[2:]
+    kept = {r.split("</td>")[0].split(">")[-1]: r for r in rows}
+    n = len(pq.read_table(f"{run}/scores.parquet"))
+    ok = int(sum(s == "ok" for s in pq.read_table(f"{run}/scores.parquet")["status"].to_pylist()))
+    assert sorted(kept) == ["half", "loss-keep0.8"]
+    assert f"<td>{ok // 2}</td><td>{n}</td><td>yes</td>" in kept["half"]
+    assert ">loss</td><td>0.8</td>" in kept["loss-keep0.8"]
     table = pq.read_table(f"{run}/scores.parquet")
     recorded = table_metadata(f"{run}/scores.parquet")
     recorded["fingerprint"] = {**recorded.get("fingerprint", {}), "methods": ["x"]}
     meta = {**table.schema.metadata, b"diffin": json.dumps(recorded).encode()}
     pq.write_table(table.replace_schema_metadata(meta), f"{run}/scores.parquet")  # "rescored"
     html = open(build_report(run, top=2)).read()
-    assert "The prune manifests half were made from an earlier score table" in html
+    assert "The prune manifests half, loss-keep0.8 were made from an earlier score table" in html
+    assert _section(html, "Prune selections").count("no: an earlier table") == 2
+
+
+def _section(html: str, heading: str) -> str:
+    return html.split(f"<h2>{heading}")[1].split("<h2>")[0]
 
 
 def test_the_provenance_table_gives_the_seconds_of_score_and_prune(tiny_scored, tmp_path):
