@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.data.reader import shard_row_uid
 from pipeline.errors import ConfigError
 from pipeline.evaluation.retrain import METRICS, load_truth, pool_truth, summarise
 from pipeline.prune.config import NOT_KEEP_FIRST, check_rank_column
@@ -52,14 +53,32 @@ MAX_SHARD_ROWS = 100
 
 
 def _errors_per_shard(frame: pd.DataFrame) -> tuple[list[list[Any]], str]:
-    """Shards with errors first (most errors first), then the rest, at most MAX_SHARD_ROWS."""
+    """Shards with errors first (most errors first), then the rest, at most MAX_SHARD_ROWS.
+
+    A shard's own row (the reader's ``__shard__`` row: it could not be read to its end) is
+    no sample: it is shown as the shard's damage, not counted as a sample (walkthrough: a
+    garbage tar of 30 pairs showed "rows 1, errors 1")."""
     rows = []
     for shard, g in frame.groupby("shard", sort=True):
-        bad = g[g.status != "ok"]
+        own = g.uid == shard_row_uid(shard)
+        samples = g[~own]
+        bad = samples[samples.status != "ok"]
         reason = bad.error.value_counts().index[0] if len(bad) else ""
-        rows.append([shard.rsplit("/", 1)[-1], len(g), len(bad), str(reason)[:160]])
-    rows.sort(key=lambda r: -r[2])
-    note = f"{len(rows)} shards, {sum(r[2] for r in rows)} error rows in all."
+        damage = g[own].error.iloc[0] if own.any() else ""
+        rows.append(
+            [
+                shard.rsplit("/", 1)[-1],
+                len(samples),
+                len(bad),
+                str(reason)[:160],
+                str(damage)[:160],
+            ]
+        )
+    rows.sort(key=lambda r: (-r[2], not r[4]))
+    damaged = sum(1 for r in rows if r[4])
+    note = f"{len(rows)} shards, {sum(r[2] for r in rows)} sample error rows in all" + (
+        f"; {damaged} shard(s) could not be read to their end." if damaged else "."
+    )
     if len(rows) > MAX_SHARD_ROWS:
         note += f" The {MAX_SHARD_ROWS} shards with the most errors are listed."
     return rows[:MAX_SHARD_ROWS], note
@@ -262,7 +281,11 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
         (
             "Errors per shard",
             f"<p>{P.esc(err_note)}</p>"
-            + P.table(["shard", "rows", "errors", "most frequent reason"], err_rows, text_cols=1),
+            + P.table(
+                ["shard", "samples", "errors", "most frequent reason", "shard damaged"],
+                err_rows,
+                text_cols=1,
+            ),
         )
     )
 

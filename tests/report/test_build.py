@@ -78,6 +78,31 @@ def test_error_rows_are_counted_per_shard(tiny_scored, tmp_path):
     assert "<td>2</td>" in row and "decode: image file is truncated" in row
 
 
+def test_a_shards_own_error_row_is_its_damage_not_a_sample():
+    """Walkthrough: a garbage tar of 30 pairs showed "rows 1, errors 1", its reader row
+    counted as a sample."""
+    import pandas as pd
+
+    from pipeline.data.reader import shard_row_uid
+    from pipeline.report.build import _errors_per_shard
+
+    cut, good = "/p/00001.tar", "/p/00000.tar"
+    frame = pd.DataFrame(
+        {
+            "shard": [good, good, cut, cut, cut],
+            "uid": ["a" * 32, "b" * 32, "c" * 32, "d" * 32, shard_row_uid(cut)],
+            "status": ["ok", "ok", "ok", "error", "error"],
+            "error": [None, None, None, "decode: truncated", "unreadable shard: truncated tar"],
+        }
+    )
+    rows, note = _errors_per_shard(frame)
+    assert rows[0] == ["00001.tar", 2, 1, "decode: truncated", "unreadable shard: truncated tar"]
+    assert rows[1] == ["00000.tar", 2, 0, "", ""]
+    assert (
+        note == "2 shards, 1 sample error rows in all; 1 shard(s) could not be read to their end."
+    )
+
+
 def test_a_shard_changed_since_scoring_shows_no_other_pairs_pixels(tiny_scored, tmp_path):
     # The gallery reads pixels back from the shards by (shard, index); when the
     # uid there is no longer the scored one, that row's image is not shown.
