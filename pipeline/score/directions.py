@@ -180,6 +180,7 @@ def ensure_directions(
         for i in range(gb["images"].shape[0])
     ]
     by_step = {int(c["step"]): c["sha256"] for c in traj.record["checkpoints"]}
+    reused = []
     for ckpt in tqdm(traj.checkpoints, desc="directions", unit="ckpt", leave=False, disable=None):
         fingerprint = hashlib.sha256(
             json.dumps(
@@ -194,6 +195,7 @@ def ensure_directions(
         ).hexdigest()[:16]
         url = run.directions(ckpt.step)
         if exists(url) and load_tensors(url)[1].get("fingerprint") == fingerprint:
+            reused.append(ckpt.step)
             continue
         state = load_state_dict(run, traj, ckpt.step)
         params = {k: state[k].to(device, dtype) for k, _ in bundle.model.named_parameters()}
@@ -220,6 +222,12 @@ def ensure_directions(
             d.meta["norm_g_V"],
             d.meta["norm_w"],
             d.meta["norm_u"],
+        )
+    if reused:  # walkthrough: a rerun said nothing about the files it did not recompute
+        log.info(
+            "directions: reused for %d of %d checkpoints (the same checkpoints, target and sets)",
+            len(reused),
+            len(traj.checkpoints),
         )
     if propagated:
         ensure_propagated(cfg, run, traj, fns, grad_batches, gb_meta, target_info)
@@ -323,6 +331,7 @@ def ensure_propagated(
     ).hexdigest()[:16]
     urls = [propagated_url(run, s) for s in steps]
     if all(_stored(u, fingerprint) for u in urls):
+        log.info("propagated directions: reused (the same trajectory, target and sets)")
         return
     dtype = DTYPES[cfg.storage_dtype]
     names = [k for k, _ in fns.model.named_parameters()]

@@ -153,3 +153,17 @@ def test_unusable_target_rows_and_damaged_target_shards_are_counted_and_said(
     bad = dataclasses.replace(cfg, target=f"{tmp_path}/html.tar")
     with pytest.raises(ConfigError, match=r"no decodable pairs .*not read to the end.*not a tar"):
         target_set(bad, run, bundle, torch.float32)
+
+
+def test_direction_files_a_rerun_does_not_recompute_are_said(tiny_scored, tmp_path, caplog):
+    """Walkthrough: a rerun reused its direction files without a word."""
+    run_url = copy_run(tiny_scored["run"], tmp_path / "run")
+    run = RunDir(run_url)
+    traj = load_trajectory(run)
+    cfg = dataclasses.replace(tiny_scored["config"], run=run_url)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "directions").glob("*")}
+    with caplog.at_level("INFO", logger="pipeline.score.directions"):
+        ensure_directions(cfg, run, traj)
+    n = len(traj.checkpoints)
+    assert f"directions: reused for {n} of {n} checkpoints" in caplog.text
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # not written again
