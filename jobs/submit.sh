@@ -52,6 +52,7 @@ submit() {
   status=$(wait_for "$id")
   # A job stopped with `ray job stop` ends too: go on only after a stage that succeeded.
   if [[ "$status" != *"Job '$id' succeeded"* && "$status" != *"job '$id': SUCCEEDED"* ]]; then
+    printf '%s\n' "$status" >&2
     echo "submit.sh: job $id ($*) did not succeed; stopping before the next stage" >&2
     exit 1
   fi

@@ -10,14 +10,13 @@ import os
 import re
 import signal
 import sys
-import threading
 import typing
 from collections.abc import Mapping, Sequence
 
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.data.shards import absolute_pattern, relative_items
-from pipeline.errors import ConfigError, Terminated, raise_terminated
+from pipeline.errors import TERMINATED, ConfigError, handle_sigterm
 from pipeline.influence.directions import GGN_KEPT_PAIRS, PAIRS_PER_PASS
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.prune.config import NORMS
@@ -139,9 +138,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse that suggests the nearest command for a typo (Python 3.11's does not)."""
 
     def error(self, message: str) -> typing.NoReturn:
+        # Python 3.12.8+ lists the choices unquoted (gh-117766), earlier ones quoted
         typed = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if typed:
-            message += _did_you_mean(typed.group(1), re.findall(r"'([^']*)'", typed.group(2)))
+            choices = [c.strip("'") for c in typed.group(2).split(", ")]
+            message += _did_you_mean(typed.group(1), choices)
         super().error(message)
 
 
@@ -166,12 +167,25 @@ def _unknown_options(parser: argparse.ArgumentParser, command: str, extra: list[
     return "unrecognized arguments: " + " ".join(named)
 
 
+# Config fields whose flag is not the field's name with dashes.
+FIELD_FLAGS = {
+    "keeps": "--keep",
+    "fusions": "--fuse",
+    "fusion": "--fuse",
+    "full": "--no-full",
+    "first_order": "--no-first-order",
+    "image_keys": "--image-key",
+    "text_keys": "--text-key",
+}
+
+
 def _as_flag(parser: argparse.ArgumentParser, command: str, message: str) -> str:
     """A config check names the dataclass field ("batch_size: ..."); on the command line
     the user typed the flag, so name that (jobs and specs keep the field name)."""
     field = re.match(r"([a-z][a-z0-9_]*):", message)
     if field:
-        flag = "--" + field.group(1).replace("_", "-")
+        name = field.group(1)
+        flag = FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
         if flag in _option_strings(_subcommand(parser, command)):
             return flag + message[field.end() - 1 :]
     return message
@@ -812,7 +826,7 @@ def _prune_config(args: argparse.Namespace):  # -> PruneConfig (imported late: l
             why += f" and --balance-by {args.balance_by}"
         raise ConfigError(f"{', '.join(ignored)}: not used by {why}")
     if args.keep is None and args.rule != "threshold":
-        raise ConfigError(f"keep: --keep is required for --rule {args.rule}")
+        raise ConfigError(f"keep: required for --rule {args.rule}")
     defaults = {"method": "diffin", "balance": "proportional", "clusters": 8, "cluster_seed": 0}
     chosen = {
         name: getattr(args, name) if getattr(args, name) is not None else default
@@ -900,8 +914,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline import logs
 
     logs.setup(args.verbose)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, raise_terminated)  # again after ray.init: raylocal
+    TERMINATED.clear()
+    previous = handle_sigterm()  # set again after ray.init: pipeline.raylocal.connect
     try:
         check_job_paths(args)
         check_patterns(args)
@@ -915,15 +929,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # message is the whole story, a traceback would bury it (walkthrough)
         print(f"diffin {args.command}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         # Every stage writes atomically and resumes, so a traceback would only alarm.
-        terminated = isinstance(exc, Terminated)
+        terminated = TERMINATED.is_set()
         print(
             f"diffin {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
             "run the same command again to continue (finished work is kept)",
             file=sys.stderr,
         )
         return 143 if terminated else 130
+    finally:
+        if previous is not None:  # the caller's handler again (tests, programs calling main)
+            signal.signal(signal.SIGTERM, previous)
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

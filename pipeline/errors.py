@@ -1,5 +1,9 @@
 """Errors a user sees. Configuration errors are raised before any work starts."""
 
+import signal
+import threading
+from typing import Any
+
 
 class ConfigError(ValueError):
     """A bad option or input specification; the message names the field."""
@@ -10,9 +14,22 @@ class Terminated(KeyboardInterrupt):
     interrupt does, since every stage writes atomically and resumes."""
 
 
+# Set by the handler: Ray turns an exception raised while its call waits (ray.get,
+# ray.wait, Ray Train's fit) into a plain KeyboardInterrupt, so the type is lost (review).
+TERMINATED = threading.Event()
+
+
 def raise_terminated(signum: int, frame: object) -> None:
-    """A SIGTERM handler (see :class:`Terminated`)."""
+    """The SIGTERM handler of the `diffin` command (see :class:`Terminated`)."""
+    TERMINATED.set()
     raise Terminated()
+
+
+def handle_sigterm() -> Any:
+    """Install :func:`raise_terminated` (main thread only); returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 # What the config checks accept as a count and as a number: JSON and argparse give bools

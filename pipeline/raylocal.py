@@ -10,12 +10,11 @@ import logging
 import os
 import signal
 import socket
-import threading
 from pathlib import Path
 
 import ray
 
-from pipeline.errors import ConfigError, raise_terminated
+from pipeline.errors import ConfigError, handle_sigterm, raise_terminated
 
 # Ray advertises 127.0.0.1 as the machine's network address; another loopback
 # address keeps the embedded cluster's advertised address on loopback.
@@ -125,6 +124,18 @@ def embedded(address: str | None) -> bool:
 
 
 def connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool = False) -> bool:
+    ours = signal.getsignal(signal.SIGTERM) is raise_terminated
+    started = _connect(address, num_cpus, quiet_train_cleaner)
+    if ours:
+        # Ray's core worker takes SIGTERM over in the driver: a C++ stack dump and an abort
+        # (exit 134) instead of the interrupt path (walkthrough: `timeout`, `kill`, `ray
+        # job stop`). Only where the `diffin` command had set its handler: a program that
+        # calls the library keeps what Ray does.
+        handle_sigterm()
+    return started
+
+
+def _connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool) -> bool:
     """Connect to ``address`` (or the job's cluster) or start an embedded Ray; True if we started it.
 
     ``quiet_train_cleaner``: an embedded Ray for Ray Train runs :func:`quiet_embedded_workers`
@@ -139,7 +150,6 @@ def connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool = Fals
             ray.init(address=address, log_to_driver=True)
         except ConnectionError as exc:
             raise ConfigError(f"address: {exc}{_token_hint()}") from exc
-        stop_cleanly_on_sigterm()
         return False
     ray.init(
         # "local": a Ray of its own, even where /tmp/ray/ray_current_cluster names another
@@ -155,13 +165,4 @@ def connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool = Fals
         if quiet_train_cleaner
         else None,
     )
-    stop_cleanly_on_sigterm()
     return True
-
-
-def stop_cleanly_on_sigterm() -> None:
-    """Ray's core worker takes SIGTERM over in the driver: a C++ stack dump and an abort
-    (exit 134) instead of the interrupt path (walkthrough: `timeout`, `kill`, `ray job
-    stop`). Set after ray.init, so ours is the handler that runs."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, raise_terminated)

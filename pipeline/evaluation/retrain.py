@@ -336,7 +336,7 @@ def plan_subsets(
         # The pool is read back by uid: every subset would train on the first ok copy of a
         # uid, whichever of its rows the scorer kept (review).
         raise ConfigError(
-            f"data: the score table repeats {repeated} uid(s) among its ok rows (the score "
+            f"scores: the score table repeats {repeated} uid(s) among its ok rows (the score "
             "summary's duplicate_uids); evaluate reads the pool back by uid and could not "
             "train on the row a scorer kept. Give each pair its own uid"
         )
@@ -449,7 +449,7 @@ def _check_pool_fits(n_pairs: int, bundle: factory.ClipBundle, full: bool) -> No
     room = available_bytes()
     if room is not None and need > room:
         raise ConfigError(
-            f"data: evaluate retrains from memory, and the {n_pairs} pairs of its subsets need "
+            f"max_pairs: evaluate retrains from memory, and the {n_pairs} pairs of its subsets need "
             f"about {human_bytes(need)} as {h}x{w} {held}; this machine has {human_bytes(room)} "
             f"available. Give --max-pairs N (every subset cut to the same fraction)"
             + ("" if not full else ", or --no-full with a lower --keep")

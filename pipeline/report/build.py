@@ -148,7 +148,9 @@ def _prune_selections(run: RunDir, record: dict[str, Any], stale: list[str]) -> 
         )
         limit = cfg.get("keep") if cfg.get("keep") is not None else cfg.get("threshold")
         rows_of = (value.get("scores") or {}).get("rows")
-        table_now = "no: an earlier table" if name in stale else "yes"
+        # a manifest from before prune recorded its table cannot be checked
+        known = value.get("scores") is not None
+        table_now = "no: an earlier table" if name in stale else "yes" if known else "unknown"
         rows.append([name, cfg.get("rule"), ranks, limit, value.get("kept"), rows_of, table_now])
     if not rows:
         return (

@@ -392,14 +392,21 @@ def warn_about_target(cfg: ScoreConfig) -> None:
         )
 
 
-def warn_about_another_pool(cfg: ScoreConfig, run: RunDir) -> None:
+def warn_about_another_pool(cfg: ScoreConfig, run: RunDir, shards: list[str]) -> None:
     """Say when the last score run of this run directory scored another --data: the new
     table holds this pool's shards only, and a shard of the same name is scored again
-    over the earlier part (a walkthrough found the earlier table replaced silently)."""
+    over the earlier part (a walkthrough found the earlier table replaced silently).
+    ``shards``: this run's, resolved; the same pool spelled otherwise is the same pool."""
     if not exists(run.run_json):
         return
     earlier = (read_json(run.run_json).get("score") or {}).get("config") or {}
-    if earlier.get("data") not in (None, cfg.data):
+    if earlier.get("data") in (None, cfg.data):
+        return
+    try:
+        same = resolve_shards(earlier["data"]) == shards
+    except ConfigError:  # the earlier pool is gone: another one
+        same = False
+    if not same:
         log.warning(
             "the last score run of %s scored --data %s; this one scores %s, and "
             "scores.parquet will hold its shards only (score into another --run to keep "
@@ -900,7 +907,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         k, batch = tensor_shapes(run.set_file("grad_batches"))["images"][:2]
         size = self_size(cfg, traj, k * batch)
     warn_about_target(cfg)
-    warn_about_another_pool(cfg, run)
+    warn_about_another_pool(cfg, run, shards)
     fp = _fingerprint(cfg, traj.record, target, sets, size)
     fp_hash = fingerprint_hash(fp)
     fp_url = run.path("scores", "fingerprint.json")
@@ -945,7 +952,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
                 name,
                 record["damaged"],
                 "no sample could be read before the damage; its error row says why"
-                if record.get("errors", 0) >= record.get("rows", 0)
+                if record.get("samples") == 0
                 else "its rows before the damage are scored; its error rows say why",
             )
             damaged[name] = record["damaged"]

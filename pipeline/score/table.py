@@ -151,6 +151,8 @@ def check_scores_current(run: RunDir) -> list[str]:
                 "run that score again to replace it"
             )
     recorded = meta.get("checkpoints")
+    for message in warnings:  # said before a refusal below, too
+        log.warning("scores: %s", message)
     if recorded and not exists(run.trajectory_json):
         if exists(run.resume_state):  # a training under way (or interrupted) replaces it
             raise ConfigError(
@@ -158,9 +160,8 @@ def check_scores_current(run: RunDir) -> list[str]:
                 "over; finish the training, then run `diffin score` again"
             )
         warnings.append(f"{run.url} has no trajectory.json to check the scores against")
+        log.warning("scores: %s", warnings[-1])
         recorded = None
-    for message in warnings:
-        log.warning("scores: %s", message)
     if not recorded:
         return warnings
 

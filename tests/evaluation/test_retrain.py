@@ -415,7 +415,9 @@ def test_a_pool_larger_than_the_memory_left_is_refused_before_it_is_read(
         raise AssertionError("the pool was read before the memory check")
 
     monkeypatch.setattr(retrain, "_read_ok", no_reading)
-    with pytest.raises(ConfigError, match=rf"^data: .* the {n_ok} pairs of its subsets need") as e:
+    with pytest.raises(
+        ConfigError, match=rf"^max_pairs: .* the {n_ok} pairs of its subsets need"
+    ) as e:
         run_evaluation(EvaluateConfig(run=run, keeps=[0.5], methods=["random"], steps=2))
     assert "--no-full with a lower --keep" in str(e.value)
     assert "as 32x32 uint8 pixels" in str(e.value)
@@ -495,7 +497,7 @@ def test_a_table_that_repeats_uids_is_refused_before_training(tiny_scored, tmp_p
     uids[ok[1]] = uids[ok[0]]
     repeated = table.set_column(table.schema.get_field_index("uid"), "uid", pa.array(uids))
     cfg = EvaluateConfig(run="r", keeps=[0.5], methods=["loss"], full=False)
-    with pytest.raises(ConfigError, match=r"^data: the score table repeats 1 uid"):
+    with pytest.raises(ConfigError, match=r"^scores: the score table repeats 1 uid"):
         plan_subsets(cfg, repeated)
     assert plan_subsets(cfg, table)  # the table as scored: fine
 

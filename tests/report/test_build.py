@@ -271,6 +271,15 @@ def test_manifests_of_an_earlier_score_table_are_named_in_the_provenance(tiny_sc
     html = open(build_report(run, top=2)).read()
     assert "The prune manifests half, loss-keep0.8 were made from an earlier score table" in html
     assert _section(html, "Prune selections").count("no: an earlier table") == 2
+    # a manifest from before prune recorded its table: not known, not "yes" (review)
+    from pipeline.rundir import read_json, write_json
+
+    record = read_json(f"{run}/run.json")
+    record["prune/half"].pop("scores")
+    write_json(f"{run}/run.json", record)
+    rows = _section(open(build_report(run, top=2)).read(), "Prune selections").split("<tr>")[2:]
+    half = next(r for r in rows if ">half<" in r)
+    assert "<td>unknown</td></tr>" in half
 
 
 def _section(html: str, heading: str) -> str:

@@ -602,18 +602,29 @@ def test_a_target_nothing_uses_is_said(caplog):
 
 def test_scoring_another_pool_into_a_run_is_said(tmp_path, caplog):
     """Walkthrough: scoring another --data into a scored run replaced its table silently."""
+    from pipeline.data.shards import resolve_shards
     from pipeline.rundir import RunDir
     from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import warn_about_another_pool
 
-    run = RunDir(str(tmp_path))
-    cfg = ScoreConfig(data="/p/{0..1}.tar", run=str(tmp_path), methods=["loss"])
+    pool = tmp_path / "p"
+    pool.mkdir()
+    for name in ("0.tar", "1.tar"):
+        (pool / name).write_bytes(b"")
+    run = RunDir(str(tmp_path / "run"))
+    cfg = ScoreConfig(data=f"{pool}/{{0..1}}.tar", run=run.url, methods=["loss"])
+    shards = resolve_shards(cfg.data)
     with caplog.at_level("WARNING", logger="pipeline.score.driver"):
-        warn_about_another_pool(cfg, run)  # no run.json yet
+        warn_about_another_pool(cfg, run, shards)  # no run.json yet
         run.update_run_json("train", {"steps": 3})
-        warn_about_another_pool(cfg, run)  # never scored
+        warn_about_another_pool(cfg, run, shards)  # never scored
         run.update_run_json("score", {"config": cfg.to_dict()})
-        warn_about_another_pool(cfg, run)  # the same pool
+        warn_about_another_pool(cfg, run, shards)  # the same pool
+        # the same shards spelled otherwise (review)
+        warn_about_another_pool(
+            dataclasses.replace(cfg, data=f"{pool}/0.tar::{pool}/1.tar"), run, shards
+        )
         assert caplog.text == ""
-        warn_about_another_pool(dataclasses.replace(cfg, data="/q/{0..1}.tar"), run)
-    assert "scored --data /p/{0..1}.tar; this one scores /q/{0..1}.tar" in caplog.text
+        other = dataclasses.replace(cfg, data=f"{pool}/0.tar")
+        warn_about_another_pool(other, run, resolve_shards(other.data))
+    assert f"scored --data {pool}/{{0..1}}.tar; this one scores {pool}/0.tar" in caplog.text
