@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import tempfile
 from typing import Any
 
@@ -153,6 +154,33 @@ def check_placeable(cfg: TrainConfig) -> None:
         )
 
 
+def _abort_on_interrupt(trainer: Any) -> list[bool]:
+    """Ctrl-C during Ray Train's fit: stop its workers, then take the interrupt path.
+
+    Ray Train's own SIGINT handler aborts the run and then calls ``sys.exit(0)`` or lets
+    fit return, and the command exited 1 without a word (walkthrough). This one (set in
+    its place, on Ray 2.60's hook) aborts the same way and records the interrupt, which
+    the caller turns into a KeyboardInterrupt; a second Ctrl-C stops waiting for the abort.
+    """
+    interrupted: list[bool] = []
+
+    def register(controller: Any) -> None:
+        def on_sigint(signum: int, frame: object) -> None:
+            if interrupted:
+                raise KeyboardInterrupt
+            interrupted.append(True)
+            log.info("interrupted: stopping the Ray Train workers (Ctrl-C again: stop waiting)")
+            try:
+                ray.get(controller.abort.remote())
+            except ray.exceptions.RayActorError:
+                pass  # the controller is gone already
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    trainer._register_sigint_handler = register
+    return interrupted
+
+
 def train_distributed(
     cfg: TrainConfig,
     images: Inputs,
@@ -194,10 +222,21 @@ def train_distributed(
             ),
         )
         log.info("training on %d Ray Train workers (%s)", cfg.workers, "GPU" if use_gpu else "CPU")
+        interrupted = _abort_on_interrupt(trainer)
+        before = signal.getsignal(signal.SIGINT)
         try:
             trainer.fit()
-        except ray.train.TrainingFailedError as exc:
-            _reraise(exc)
+        except (ray.train.TrainingFailedError, ray.exceptions.RayActorError) as exc:
+            if interrupted:  # the aborted controller exits: its run call fails
+                raise KeyboardInterrupt from None
+            if isinstance(exc, ray.train.TrainingFailedError):
+                _reraise(exc)
+            raise
+        finally:
+            if before is not None:
+                signal.signal(signal.SIGINT, before)
+        if interrupted:
+            raise KeyboardInterrupt  # the interrupt path: one line, exit 130, resumable
     finally:
         shutil.rmtree(storage, ignore_errors=True)
         if started:

@@ -95,3 +95,36 @@ def test_two_workers_resume_an_interrupted_single_process_run(
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     assert not Path(RunDir(run).resume_state).exists()
+
+
+def test_ctrl_c_during_ray_train_says_so_and_keeps_the_resume_state(tiny_pool, tmp_path):
+    """Walkthrough: Ctrl-C during `train --workers` exited 1 without a word (Ray Train's
+    own handler aborts the run, then exits or lets fit fail on the aborted controller)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "pipeline.cli", "train", "--data", tiny_pool["train_data"],
+        "--run", str(run), "--model", "diffin-tiny", "--steps", "100000", "--checkpoints", "2",
+        "--threads", "1", "--workers", "2", "--resume-every", "5",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, state = time.monotonic() + 240, Path(RunDir(str(run)).resume_state)
+        while not state.exists():  # rank 0 saved a resume point: training is under way
+            assert time.monotonic() < deadline and first.poll() is None, "no resume state"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGINT)
+        err = first.communicate(timeout=120)[1]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err[-3000:]
+    assert "interrupted; run the same command again" in err and "Traceback" not in err
+    saved = int(torch.load(state, weights_only=True)["step"])
+    assert 0 < saved < 100000  # what the rerun resumes from (the test above resumes one)
