@@ -28,8 +28,16 @@ CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cl
 def quiet_embedded_workers() -> None:
     """Worker setup hook of the embedded Ray: silence the cleaner's state-API warning. Its
     job (removing a dead controller's placement group) is done there by the cluster ending
-    with this process."""
+    with this process.
+
+    The cleaner finds the cluster with address "auto"; with another Ray running on the
+    machine that fails ("Found multiple active Ray instances") and its thread died with a
+    traceback in the training's log (walkthrough). The worker's own cluster is named."""
     logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
+    try:
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 (a hook must not stop the worker)
+        pass
 
 
 def _host_port(address: str) -> tuple[str, int] | None:

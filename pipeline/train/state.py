@@ -67,6 +67,7 @@ def fingerprint(
     images: Inputs | torch.Tensor,
     tokens: torch.Tensor,
     pretrained: str | None = None,
+    with_data: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """What the trajectory depends on: its config, the starting weights and the training pairs.
 
@@ -76,11 +77,16 @@ def fingerprint(
     file under the same path is other starting weights). Returns the hash and
     the same parts one by one, which a refused resume compares to name what
     changed.
+
+    ``--data`` as typed is not hashed: the pairs are, so the same pool spelled otherwise
+    (a directory, a glob, a `::` list) or moved is the same training (walkthrough: it was
+    trained again). ``with_data``: the hash as runs before that recorded it.
     """
     h, pairs = hashlib.sha256(), hashlib.sha256()
     fields = cfg.trajectory_fields()
+    hashed = fields if with_data else {k: v for k, v in fields.items() if k != "data"}
     h.update(TRAINING_VERSION.encode())
-    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    h.update(json.dumps(hashed, sort_keys=True, default=str).encode())
     h.update(json.dumps(pretrained).encode())
     for x in (h, pairs):
         x.update("\n".join(train_uids).encode())
@@ -143,6 +149,24 @@ def save_resume(run: RunDir, state: ResumeState) -> None:
         "resumed_at": state.resumed_at,
     }
     write_bytes_atomic(run.resume_state, _to_bytes(payload))
+
+
+def resume_fingerprint(run: RunDir) -> str | None:
+    """The fingerprint the saved resume state was written under, if there is one."""
+    if not exists(run.resume_state):
+        return None
+    raw = torch.load(
+        io.BytesIO(read_bytes(run.resume_state)), map_location="cpu", weights_only=True
+    )
+    return raw.get("fingerprint")
+
+
+def adopt_fingerprint(run: RunDir, new: str) -> None:
+    """Rewrite the saved resume state under ``new`` (the same training, hashed as now)."""
+    raw = torch.load(
+        io.BytesIO(read_bytes(run.resume_state)), map_location="cpu", weights_only=True
+    )
+    write_bytes_atomic(run.resume_state, _to_bytes({**raw, "fingerprint": new}))
 
 
 def load_resume(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,11 +34,13 @@ from pipeline.train.schedule import checkpoint_steps
 from pipeline.train.sets import Pool, load_pool, save_sets
 from pipeline.train.state import (
     ResumeState,
+    adopt_fingerprint,
     clear_resume,
     cpu_state,
     fingerprint,
     load_resume,
     remove_stale_checkpoints,
+    resume_fingerprint,
     save_fingerprint_parts,
 )
 
@@ -56,6 +59,20 @@ def optimizer_record(name: str, **settings: Any) -> dict[str, Any]:
     """trajectory.json's optimizer entry, saying which rate enters the Diff-In weights."""
     lr_in_weights = "the SGD rate of the step" if name == "sgd" else ADAMW_LR
     return {"name": name, **settings, "lr_in_weights": lr_in_weights}
+
+
+def _earlier_spelling(run: RunDir, fp: str, legacy: Callable[[], str]) -> str | None:
+    """The fingerprint this run's trajectory or resume state was recorded under when that
+    is this training hashed as before (with ``--data`` as typed), else None. ``legacy``
+    hashes it so, only when a recorded fingerprint differs from ``fp``."""
+    recorded = {resume_fingerprint(run)}
+    if exists(run.trajectory_json):
+        recorded.add(read_json(run.trajectory_json).get("fingerprint"))
+    recorded -= {None, fp}
+    if not recorded:
+        return None
+    old = legacy()
+    return old if old in recorded else None
 
 
 def _already_trained(run: RunDir, fp: str) -> dict[str, Any] | None:
@@ -99,7 +116,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.to(torch.float64)
     pool = load_pool(cfg, pool_transform(bundle))
     images, tokens = encode_pool(pool.train, bundle)
-    fp, parts = fingerprint(cfg, [s.uid for s in pool.train], images, tokens, pretrained)
+    uids = [s.uid for s in pool.train]
+    fp, parts = fingerprint(cfg, uids, images, tokens, pretrained)
+    old = _earlier_spelling(
+        run, fp, lambda: fingerprint(cfg, uids, images, tokens, pretrained, with_data=True)[0]
+    )
+    if old is not None:  # recorded by an earlier version: the same training
+        if resume_fingerprint(run) == old:
+            adopt_fingerprint(run, fp)
+        if exists(run.trajectory_json):
+            record = read_json(run.trajectory_json)
+            if record.get("fingerprint") == old:
+                write_json(run.trajectory_json, {**record, "fingerprint": fp})
     done = _already_trained(run, fp) if cfg.resume else None
     if done is not None:
         log.info(

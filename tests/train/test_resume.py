@@ -227,3 +227,46 @@ def test_the_same_training_again_is_not_trained_twice(tiny_run, tmp_path, caplog
     with caplog.at_level("INFO", logger="pipeline.train.trajectory"):
         train(cfg)  # a checkpoint gone: trained again, not "already trained"
     assert "already trained" not in caplog.text
+
+
+def test_the_same_pool_spelled_otherwise_or_hashed_as_before_is_the_same_training(
+    tiny_run, tmp_path, monkeypatch, caplog
+):
+    """Walkthrough: `--data` given as a `::` list, a directory or a glob of the same shards
+    trained the run again (and refused to resume it): the typed string was hashed. Runs
+    recorded under that older hash are still found trained, or resumed."""
+    from pipeline.data.shards import resolve_shards
+    from pipeline.train import state as state_module
+
+    cfg = dataclasses.replace(tiny_run["config"], run=_copy(tiny_run["run"], tmp_path / "a"))
+    listed = dataclasses.replace(cfg, data="::".join(resolve_shards(cfg.data)))
+    assert train(listed).get("already_trained")
+
+    def as_before(*args, **kwargs):
+        return state_module.fingerprint(*args, **kwargs, with_data=True)
+
+    def trained_as_before(run: str, killed: bool) -> dict:
+        c = dataclasses.replace(tiny_run["config"], run=run)
+        with monkeypatch.context() as m:
+            m.setattr("pipeline.train.trajectory.fingerprint", as_before)
+            if killed:
+                _kill_before_trajectory_json(c, monkeypatch)
+            else:
+                train(c)
+        return c
+
+    finished = trained_as_before(str(tmp_path / "finished"), killed=False)
+    old = json.loads(Path(RunDir(finished.run).trajectory_json).read_text())["fingerprint"]
+    assert old != tiny_run["record"]["fingerprint"]  # the older hash
+    assert train(finished).get("already_trained")  # not trained again
+    now = json.loads(Path(RunDir(finished.run).trajectory_json).read_text())["fingerprint"]
+    assert now == tiny_run["record"]["fingerprint"]  # recorded as hashed now
+
+    killed = trained_as_before(str(tmp_path / "killed"), killed=True)
+    step = _killed_at(killed.run)
+    with caplog.at_level("INFO", logger="pipeline.train.runner"):
+        rec = train(killed)  # resumed, not refused as another config
+    assert f"resuming training at step {step} of" in caplog.text
+    assert [c["sha256"] for c in rec["checkpoints"]] == [
+        c["sha256"] for c in tiny_run["record"]["checkpoints"]
+    ]
