@@ -237,15 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     # The training's own options default to None, TrainConfig's defaults filling in, so that
     # --import (whose run's params.txt says how it trained) can refuse them when given.
     t.add_argument("--pretrained", default=None, help="checkpoint file or open_clip tag")
-    t.add_argument("--steps", type=int, default=None, help=_default(TrainConfig.steps))
+    t.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps of the proxy, each one --batch-size batch{_default(TrainConfig.steps)}",
+    )
     t.add_argument(
         "--checkpoints",
         type=int,
         default=None,
-        help=f"m: checkpoints kept{_default(TrainConfig.checkpoints)}",
+        help="m: checkpoints written (evenly spaced: the last at the final step); the "
+        "scores sum over them" + _default(TrainConfig.checkpoints),
     )
     t.add_argument(
-        "--spacing", choices=["even", "random"], default=None, help=_default(TrainConfig.spacing)
+        "--spacing",
+        choices=["even", "random"],
+        default=None,
+        help="where the checkpoints fall: evenly, or at seeded random steps"
+        + _default(TrainConfig.spacing),
     )
     t.add_argument(
         "--batch-size",
@@ -256,7 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--optimizer", choices=["sgd", "adamw"], default=None, help=_default(TrainConfig.optimizer)
     )
-    t.add_argument("--lr", type=float, default=None, help=_default(TrainConfig.lr))
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate; the default is an SGD rate (with --optimizer adamw give about "
+        f"1e-3){_default(TrainConfig.lr)}",
+    )
     t.add_argument("--momentum", type=float, default=None, help=_default(TrainConfig.momentum))
     t.add_argument(
         "--weight-decay", type=float, default=None, help=_default(TrainConfig.weight_decay)
@@ -271,9 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         choices=["constant", "cosine"],
         default=None,
-        help=_default(TrainConfig.schedule),
+        help="the rate after warm-up: constant, or cosine decay to 0 at the last step"
+        + _default(TrainConfig.schedule),
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="initialisation, data order, held-out sets and random spacing (default 0)",
+    )
     t.add_argument(
         "--target-size",
         type=int,

@@ -9,6 +9,7 @@ RUN/trajectory/resume.pt when an earlier run of the same config was cut short.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,28 @@ def _earlier_spelling(run: RunDir, fp: str, legacy: Callable[[], str]) -> str | 
         return None
     old = legacy()
     return old if old in recorded else None
+
+
+def warn_if_at_chance(losses: list[tuple[int, float]], batch_size: int) -> None:
+    """Say when the proxy ended where it started: at the contrastive loss of guessing, ln B.
+
+    A rate so high that the weights blow up without a NaN (`--lr 1000`: logit_scale
+    driven to 0) left a dead proxy and exit 0 (walkthrough); its checkpoints rank at noise.
+    """
+    if not losses:
+        return
+    tail = [v for _, v in losses[-max(1, len(losses) // 10) :]]
+    end, chance = sum(tail) / len(tail), math.log(batch_size)
+    if end >= 0.98 * chance:
+        log.warning(
+            "train: the loss ended at %.3f, the chance level of a batch of %d (ln %d = %.3f): "
+            "the proxy has not learned, and scores from its checkpoints rank at noise; lower "
+            "--lr, train longer (--steps), or check that the captions belong to the images",
+            end,
+            batch_size,
+            batch_size,
+            chance,
+        )
 
 
 def _already_trained(run: RunDir, fp: str) -> dict[str, Any] | None:
@@ -176,6 +199,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         order = batch_order(n, cfg.batch_size, cfg.steps, cfg.seed)
         state = run_resumable(model, images, tokens, cfg, order, ckpt_steps, run, fp)
     assert state is not None and state.step == cfg.steps
+    warn_if_at_chance(state.losses, cfg.batch_size)
 
     record = {
         "model": cfg.model,

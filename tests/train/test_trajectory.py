@@ -519,3 +519,19 @@ def test_a_reference_set_cut_to_the_training_split_is_said(tiny_run, caplog):
     assert f"training split has {n_train} pairs, fewer than --reference-size {n_train + 5}" in (
         caplog.text
     )
+
+
+def test_a_proxy_that_ends_at_chance_is_said(caplog):
+    """Walkthrough: `--lr 1000` (or adamw at 10) blew the weights up without a NaN: the
+    loss stayed at ln(batch) and the run exited 0 without a word."""
+    import math
+
+    from pipeline.train.trajectory import warn_if_at_chance
+
+    chance = math.log(64)
+    with caplog.at_level("WARNING", logger="pipeline.train.trajectory"):
+        warn_if_at_chance([(s, chance - 1.5 * s / 400) for s in range(400)], 64)  # learned
+        warn_if_at_chance([], 64)
+        assert caplog.text == ""
+        warn_if_at_chance([(s, chance + 0.002) for s in range(60)], 64)
+    assert "the chance level of a batch of 64 (ln 64 = 4.159)" in caplog.text
