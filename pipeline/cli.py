@@ -287,14 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         choices=["constant", "cosine"],
         default=None,
-        help="the rate after warm-up: constant, or cosine decay to 0 at the last step"
+        help="the rate after warm-up: constant, or cosine decay towards 0 at the end"
         + _default(TrainConfig.schedule),
     )
     t.add_argument(
         "--seed",
         type=int,
         default=0,
-        help="initialisation, data order, held-out sets and random spacing (default 0)",
+        help="initialisation, data order, held-out sets and random spacing"
+        + _default(TrainConfig.seed),
     )
     t.add_argument(
         "--target-size",

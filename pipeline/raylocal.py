@@ -35,7 +35,8 @@ def quiet_embedded_workers() -> None:
     traceback in the training's log (walkthrough). The worker's own cluster is named."""
     logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
     try:
-        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+        if not os.environ.get("RAY_ADDRESS"):  # an empty one means "auto" to Ray
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     except Exception:  # noqa: BLE001 (a hook must not stop the worker)
         pass
 
@@ -132,6 +133,11 @@ def embedded(address: str | None) -> bool:
 
 
 def connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool = False) -> bool:
+    """Connect to ``address`` (or the job's cluster) or start an embedded Ray; True if we started it.
+
+    ``quiet_train_cleaner``: an embedded Ray for Ray Train runs :func:`quiet_embedded_workers`
+    in its workers. Only there: a job-level runtime_env keeps Ray's prestarted workers from
+    serving the first tasks (about 2 s more at every start, review)."""
     ours = signal.getsignal(signal.SIGTERM) is raise_terminated
     started = _connect(address, num_cpus, quiet_train_cleaner)
     if ours:
@@ -144,11 +150,7 @@ def connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool = Fals
 
 
 def _connect(address: str | None, num_cpus: int, quiet_train_cleaner: bool) -> bool:
-    """Connect to ``address`` (or the job's cluster) or start an embedded Ray; True if we started it.
-
-    ``quiet_train_cleaner``: an embedded Ray for Ray Train runs :func:`quiet_embedded_workers`
-    in its workers. Only there: a job-level runtime_env keeps Ray's prestarted workers from
-    serving the first tasks (about 2 s more at every start, review)."""
+    """:func:`connect` itself, before the SIGTERM handler is set again."""
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):

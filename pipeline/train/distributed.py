@@ -26,6 +26,7 @@ import logging
 import shutil
 import signal
 import tempfile
+import threading
 from typing import Any
 
 import ray
@@ -164,7 +165,7 @@ def _abort_on_interrupt(trainer: Any) -> list[bool]:
     """
     interrupted: list[bool] = []
 
-    def register(controller: Any) -> None:
+    def register(controller: Any) -> None:  # called by fit on the main thread only
         def on_sigint(signum: int, frame: object) -> None:
             if interrupted:
                 raise KeyboardInterrupt
@@ -223,7 +224,9 @@ def train_distributed(
         )
         log.info("training on %d Ray Train workers (%s)", cfg.workers, "GPU" if use_gpu else "CPU")
         interrupted = _abort_on_interrupt(trainer)
-        before = signal.getsignal(signal.SIGINT)
+        # restored after fit where Ray would have set its handler: the main thread only
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGINT) if main else None
         try:
             trainer.fit()
         except (ray.train.TrainingFailedError, ray.exceptions.RayActorError) as exc:
@@ -233,8 +236,8 @@ def train_distributed(
                 _reraise(exc)
             raise
         finally:
-            if before is not None:
-                signal.signal(signal.SIGINT, before)
+            if main:
+                signal.signal(signal.SIGINT, before or signal.default_int_handler)
         if interrupted:
             raise KeyboardInterrupt  # the interrupt path: one line, exit 130, resumable
     finally:

@@ -152,13 +152,15 @@ def save_resume(run: RunDir, state: ResumeState) -> None:
 
 
 def resume_fingerprint(run: RunDir) -> str | None:
-    """The fingerprint the saved resume state was written under, if there is one."""
-    if not exists(run.resume_state):
+    """The fingerprint the saved resume state was written under; None when there is none, or
+    it cannot be read (load_resume says why)."""
+    try:
+        raw = torch.load(
+            io.BytesIO(read_bytes(run.resume_state)), map_location="cpu", weights_only=True
+        )
+    except Exception:  # noqa: BLE001 (missing, cut short, not a state)
         return None
-    raw = torch.load(
-        io.BytesIO(read_bytes(run.resume_state)), map_location="cpu", weights_only=True
-    )
-    return raw.get("fingerprint")
+    return raw.get("fingerprint") if isinstance(raw, dict) else None
 
 
 def adopt_fingerprint(run: RunDir, new: str) -> None:

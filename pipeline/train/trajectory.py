@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.model import factory
 from pipeline.model.batches import encode_pool, pool_transform
 from pipeline.provenance import provenance
@@ -62,18 +63,15 @@ def optimizer_record(name: str, **settings: Any) -> dict[str, Any]:
     return {"name": name, **settings, "lr_in_weights": lr_in_weights}
 
 
-def _earlier_spelling(run: RunDir, fp: str, legacy: Callable[[], str]) -> str | None:
-    """The fingerprint this run's trajectory or resume state was recorded under when that
-    is this training hashed as before (with ``--data`` as typed), else None. ``legacy``
-    hashes it so, only when a recorded fingerprint differs from ``fp``."""
-    recorded = {resume_fingerprint(run)}
-    if exists(run.trajectory_json):
-        recorded.add(read_json(run.trajectory_json).get("fingerprint"))
-    recorded -= {None, fp}
-    if not recorded:
-        return None
-    old = legacy()
-    return old if old in recorded else None
+def _recorded_as_before(run: RunDir, fp: str, older: Callable[[], str]) -> None:
+    """A finished trajectory recorded under the older hash of this same training (``--data``
+    as typed, ``older``) is recorded under ``fp``, so it is found trained. ``older`` runs
+    only when the recorded fingerprint is not ``fp``."""
+    if not exists(run.trajectory_json):
+        return
+    record = read_json(run.trajectory_json)
+    if record.get("fingerprint") not in (None, fp) and record["fingerprint"] == older():
+        write_json(run.trajectory_json, {**record, "fingerprint": fp})
 
 
 def warn_if_at_chance(losses: list[tuple[int, float]], batch_size: int) -> None:
@@ -88,7 +86,8 @@ def warn_if_at_chance(losses: list[tuple[int, float]], batch_size: int) -> None:
     end, chance = sum(tail) / len(tail), math.log(batch_size)
     if end >= 0.98 * chance:
         log.warning(
-            "train: the loss ended at %.3f, the chance level of a batch of %d (ln %d = %.3f): "
+            "train: the loss ended at %.3f, at or above the chance level of a batch of %d "
+            "(ln %d = %.3f): "
             "the proxy has not learned, and scores from its checkpoints rank at noise; lower "
             "--lr, train longer (--steps), or check that the captions belong to the images",
             end,
@@ -141,16 +140,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     images, tokens = encode_pool(pool.train, bundle)
     uids = [s.uid for s in pool.train]
     fp, parts = fingerprint(cfg, uids, images, tokens, pretrained)
-    old = _earlier_spelling(
-        run, fp, lambda: fingerprint(cfg, uids, images, tokens, pretrained, with_data=True)[0]
-    )
-    if old is not None:  # recorded by an earlier version: the same training
-        if resume_fingerprint(run) == old:
-            adopt_fingerprint(run, fp)
-        if exists(run.trajectory_json):
-            record = read_json(run.trajectory_json)
-            if record.get("fingerprint") == old:
-                write_json(run.trajectory_json, {**record, "fingerprint": fp})
+    hashed: list[str] = []
+
+    def older() -> str:  # the hash of runs recorded before --data was left out (once)
+        if not hashed:
+            hashed.append(fingerprint(cfg, uids, images, tokens, pretrained, with_data=True)[0])
+        return hashed[0]
+
+    _recorded_as_before(run, fp, older)
     done = _already_trained(run, fp) if cfg.resume else None
     if done is not None:
         log.info(
@@ -164,7 +161,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.resume:
         clear_resume(run)
     # refuses a partial run of another config before anything is written
-    load_resume(run, fp, parts)
+    try:
+        load_resume(run, fp, parts)
+    except ConfigError:
+        # a resume state of this training recorded under the older hash: adopted (read
+        # again only on a refusal, not on every resume)
+        if resume_fingerprint(run) != older():
+            raise
+        adopt_fingerprint(run, fp)
     save_fingerprint_parts(run, parts)
     # From here the run is being rewritten: a trajectory.json left from an earlier
     # training would describe checkpoints and sets this one replaces.

@@ -153,18 +153,23 @@ def test_job_survives_killed_actor_and_lost_node(ray_cluster, score_run, tmp_pat
     assert progress["shards_done"] == progress["shards_total"]
 
 
-def test_driver_killed_then_rerun_resumes(ray_cluster, score_run, tmp_path):
-    run = fresh_run(score_run, tmp_path / "run")
+def _score_command(score_run, run: str, cluster, workers: int) -> tuple[list[str], dict]:
+    """`diffin score` of ``run`` on ``cluster`` as a subprocess: its argv and environment."""
     cmd = [
         sys.executable,
         "-m",
         "pipeline.cli",
         "score",
-        *_score_args(score_run["data"], run, workers=2),
+        *_score_args(score_run["data"], run, workers=workers),
         "--address",
-        ray_cluster.address,
+        cluster.address,
     ]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return cmd, {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
+def test_driver_killed_then_rerun_resumes(ray_cluster, score_run, tmp_path):
+    run = fresh_run(score_run, tmp_path / "run")
+    cmd, env = _score_command(score_run, run, ray_cluster, workers=2)
     first = subprocess.Popen(
         cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -189,16 +194,7 @@ def test_a_driver_sent_sigterm_stops_cleanly_and_the_rerun_resumes(
     """Walkthrough: SIGTERM (`kill`, `timeout`, Kubernetes, `ray job stop`) met Ray's
     handler in the driver: a C++ stack dump and exit 134 instead of the interrupt path."""
     run = fresh_run(score_run, tmp_path / "run")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "score",
-        *_score_args(score_run["data"], run, workers=1),
-        "--address",
-        ray_cluster.address,
-    ]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd, env = _score_command(score_run, run, ray_cluster, workers=1)
     first = subprocess.Popen(
         cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

@@ -270,3 +270,19 @@ def test_the_same_pool_spelled_otherwise_or_hashed_as_before_is_the_same_trainin
     assert [c["sha256"] for c in rec["checkpoints"]] == [
         c["sha256"] for c in tiny_run["record"]["checkpoints"]
     ]
+
+
+def test_no_resume_starts_over_past_a_resume_state_it_cannot_read(interrupted, tiny_run, tmp_path):
+    """Review: reading the resume state's fingerprint first made `--no-resume`, the way out
+    the refusals name, fail on a cut-short resume.pt."""
+    run = _copy(interrupted["run"], tmp_path / "run")
+    state = Path(run) / "trajectory" / "resume.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    cfg = dataclasses.replace(interrupted["config"], run=run)
+    with pytest.raises(Exception):  # noqa: B017 (torch's unpickling error, whatever its type)
+        train(cfg)
+    rec = train(dataclasses.replace(cfg, resume=False))
+    assert rec["resumed_at"] == []
+    assert [c["sha256"] for c in rec["checkpoints"]] == [
+        c["sha256"] for c in tiny_run["record"]["checkpoints"]
+    ]

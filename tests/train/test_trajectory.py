@@ -534,4 +534,4 @@ def test_a_proxy_that_ends_at_chance_is_said(caplog):
         warn_if_at_chance([], 64)
         assert caplog.text == ""
         warn_if_at_chance([(s, chance + 0.002) for s in range(60)], 64)
-    assert "the chance level of a batch of 64 (ln 64 = 4.159)" in caplog.text
+    assert "at or above the chance level of a batch of 64 (ln 64 = 4.159)" in caplog.text
