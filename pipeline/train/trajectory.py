@@ -166,7 +166,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     except ConfigError:
         # a resume state of this training recorded under the older hash: adopted (read
         # again only on a refusal, not on every resume)
-        if resume_fingerprint(run) != older():
+        recorded = resume_fingerprint(run)
+        if recorded is None or recorded != older():
             raise
         adopt_fingerprint(run, fp)
     save_fingerprint_parts(run, parts)
