@@ -23,6 +23,7 @@ from pipeline.report.thumbnails import thumbnails
 from pipeline.rundir import RunDir, exists, read_json, write_bytes_atomic
 from pipeline.score.table import (
     check_scores_current,
+    prune_entries,
     read_table,
     require_scores,
     scored_config,
@@ -129,16 +130,12 @@ def gallery_method(methods: list[str], method: str | None) -> str:
     return rankable[0]
 
 
-def _prune_selections(run: RunDir, record: dict[str, Any], stale: list[str]) -> str:
-    """One row per manifest in RUN/prune/: what it keeps and whether it ranks this table
-    (walkthrough: selections showed only as raw JSON in the provenance)."""
+def _prune_selections(run: RunDir, entries: dict[str, dict], stale: list[str]) -> str:
+    """One row per manifest in RUN/prune/ (``entries``: :func:`prune_entries`): what it keeps
+    and whether it ranks this table (walkthrough: selections showed only as raw JSON in the
+    provenance)."""
     rows = []
-    for stage, value in sorted(record.items()):
-        name = stage.removeprefix("prune/")
-        if name == stage or not isinstance(value, dict):
-            continue
-        if not exists(f"{run.prune_dir(name)}/manifest.json"):
-            continue  # removed since: nothing to retrain on
+    for name, value in entries.items():
         cfg = value.get("config") or {}
         fusion = cfg.get("fusion")
         ranks = (
@@ -273,10 +270,11 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
             )
         )
 
-    stale = stale_manifests(run, identity)
+    entries = prune_entries(run, record)
+    stale = stale_manifests(run, identity, entries)
     if stale:
         log.warning("report: the prune manifests %s rank an earlier score table", stale)
-    sections.append(("Prune selections", _prune_selections(run, record, stale)))
+    sections.append(("Prune selections", _prune_selections(run, entries, stale)))
 
     err_rows, err_note = _errors_per_shard(frame)
     sections.append(

@@ -200,22 +200,37 @@ def table_identity(url: str) -> dict[str, Any]:
     }
 
 
-def stale_manifests(run: RunDir, identity: dict[str, Any] | None = None) -> list[str]:
+def prune_entries(run: RunDir, record: dict[str, Any] | None = None) -> dict[str, dict]:
+    """run.json's prune entries by manifest name, for the manifests still there (one removed
+    since is no longer there to retrain on, walkthrough). ``record``: run.json, when the
+    caller has it."""
+    if record is None:
+        record = read_json(run.run_json) if exists(run.run_json) else {}
+    return {
+        stage.removeprefix("prune/"): value
+        for stage, value in sorted(record.items())
+        if stage.startswith("prune/")
+        and isinstance(value, dict)
+        and exists(f"{run.prune_dir(stage.removeprefix('prune/'))}/manifest.json")
+    }
+
+
+def stale_manifests(
+    run: RunDir,
+    identity: dict[str, Any] | None = None,
+    entries: dict[str, dict] | None = None,
+) -> list[str]:
     """The prune manifests in run.json made from another score table than RUN/scores.parquet.
 
     A rescore replaces the table but not RUN/prune/NAME/, which would go on retraining on
     the old ranking. Manifests written before prune recorded its table are not listed.
-    ``identity``: the table's :func:`table_identity`, when the caller has it.
+    ``identity``: the table's :func:`table_identity`, and ``entries`` :func:`prune_entries`,
+    when the caller has them.
     """
-    if not exists(run.run_json) or not exists(run.scores):
+    if not exists(run.scores):
         return []
-    made = {
-        stage.removeprefix("prune/"): value["scores"]
-        for stage, value in read_json(run.run_json).items()
-        if stage.startswith("prune/") and isinstance(value, dict) and value.get("scores")
-    }
-    # a manifest removed since is no longer there to retrain on (walkthrough)
-    made = {n: s for n, s in made.items() if exists(f"{run.prune_dir(n)}/manifest.json")}
+    entries = prune_entries(run) if entries is None else entries
+    made = {n: v["scores"] for n, v in entries.items() if v.get("scores")}
     if not made:
         return []
     current = identity or table_identity(run.scores)
