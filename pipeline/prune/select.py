@@ -139,7 +139,8 @@ def _score_fn(cfg: PruneConfig, table: Table) -> tuple[list[str], Callable, dict
             raise ConfigError(
                 f"{field_name}: no column {c!r} in the score table; columns: {scored} (to "
                 f"score it, name it in `diffin score --methods` with the scorers to keep: a "
-                "rescore's table holds only the scorers it is given)"
+                "rescore's table holds only the scorers it is given; their earlier columns are kept, "
+                "not computed again)"
             )
     for c in cols:
         kind = table.schema.field(c).type

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import ray
 import torch
 
@@ -65,6 +66,7 @@ from pipeline.score.directions import (
 )
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
+from pipeline.score.reuse import kept_scores, read_part, recommit, reusable
 from pipeline.score.table import build_part, fingerprint_hash, read_table, stale_manifests
 from pipeline.score.trajectory import Trajectory, load_trajectory, model_identity
 from pipeline.scorers import ScoreContext, depends_on, get_scorers
@@ -204,12 +206,22 @@ def poisons_the_process(exc: BaseException) -> bool:
 class ScoreActor:
     """Holds one ShardScorer (model, checkpoints, directions loaded once) and a prefetch thread."""
 
-    def __init__(self, run_url: str, cfg: ScoreConfig, fingerprint: str) -> None:
+    def __init__(
+        self,
+        run_url: str,
+        cfg: ScoreConfig,
+        fingerprint: str,
+        method_hashes: dict[str, str] | None = None,
+    ) -> None:
+        """``method_hashes``: :func:`method_hashes`, recorded with each part so that a
+        later run with other --methods keeps its columns; when given, an earlier part's
+        columns of the scorers whose hash is unchanged are kept here (score/reuse.py)."""
         from pipeline.score.worker import ShardScorer
 
         self.scorer = ShardScorer(run_url, cfg, device=actor_device(ray.get_gpu_ids()))
         self.run = RunDir(run_url)
         self.fingerprint = fingerprint
+        self.hashes = method_hashes
         self.prefetcher = Prefetcher(
             cfg.batch_size,
             cfg.prefetch_batches,
@@ -248,30 +260,30 @@ class ScoreActor:
             stream = self.prefetcher.request(url)
         if next_url is not None:
             self.pending = self.prefetcher.request(next_url)
-        samples: list[Sample] = []
-        chunks = []
-        try:
-            for batch in Prefetcher.batches(stream):
-                chunks.append(self.scorer.score_samples(batch))
-                for s in batch:  # keep rows, not decoded pixels
-                    s.image = None
-                samples.extend(batch)
-        except Exception as exc:
-            if poisons_the_process(exc):
-                # Every later CUDA call of this process fails the same way, at once: kept,
-                # the actor would take shard after shard and fail them all. Dying, it is
-                # replaced by the driver (a fresh process), and the shard tried again there.
-                log.error("%s: %s; this scoring actor exits to be replaced", name, exc)
-                os._exit(1)
-            raise
-        finally:
-            stream.cancel.set()
-        import numpy as np
-
+        rec, keep, earlier = self._earlier_columns(url, name)
+        missing = [m for m in self.scorer.cfg.methods if m not in keep]
+        samples, scores = self._read_and_score(stream, name, missing if keep else None)
+        if keep:
+            if any(retryable(s) for s in samples) and not last_try:
+                raise RetryableShardError(next(s.error for s in samples if retryable(s)))
+            kept = kept_scores(earlier, samples, self.scorer.subset(keep)[2])
+            if kept is None or not same_shard(rec, stream.stamp):
+                log.warning(
+                    "shard %s does not read as it did when its %s columns were scored: "
+                    "scoring it for every scorer",
+                    name,
+                    ",".join(keep),
+                )
+                keep = []
+                if self.pending is not None:  # the thread decodes in request order
+                    self.pending.cancel.set()
+                stream = self.prefetcher.request(url)
+                if next_url is not None:
+                    self.pending = self.prefetcher.request(next_url)
+                samples, scores = self._read_and_score(stream, name, None)
+            else:
+                scores.update(kept)
         columns = self.scorer.columns
-        scores = {
-            c: np.concatenate([ch[c] for ch in chunks]) if chunks else np.zeros(0) for c in columns
-        }
         transient = next((s.error for s in samples if retryable(s)), None)
         if transient is not None and not last_try:
             raise RetryableShardError(transient)
@@ -297,6 +309,8 @@ class ScoreActor:
                 # What img2dataset says it wrote (its _stats.json), when it is there.
                 "expected": expected_samples(url),
                 "fingerprint": self.fingerprint,
+                **({"methods": self.hashes} if self.hashes else {}),
+                **({"kept": keep} if keep else {}),  # columns taken from the earlier part
                 "pid": os.getpid(),
                 "node": ray.util.get_node_ip_address(),
                 "prefetched": prefetched,
@@ -304,6 +318,52 @@ class ScoreActor:
             },
         )
         return record
+
+    def _earlier_columns(
+        self, url: str, name: str
+    ) -> tuple[dict[str, Any] | None, list[str], pa.Table | None]:
+        """The earlier record of this shard, the scorers whose columns its part holds for
+        this run (none where it holds them all: the driver keeps such parts itself, or
+        none), and that part's table."""
+        if not self.hashes:
+            return None, [], None
+        rec = earlier_record(self.run, url, name)
+        keep = reusable(rec, self.hashes)
+        if not keep or len(keep) == len(self.hashes):
+            return rec, [], None
+        earlier = read_part(self.run, name, rec)
+        return (rec, keep, earlier) if earlier is not None else (rec, [], None)
+
+    def _read_and_score(
+        self, stream: _Stream, name: str, methods: list[str] | None
+    ) -> tuple[list[Sample], dict[str, Any]]:
+        """Every row of ``stream`` and the score columns of ``methods`` (None: all) for
+        its ok rows."""
+        import numpy as np
+
+        samples: list[Sample] = []
+        chunks = []
+        try:
+            for batch in Prefetcher.batches(stream):
+                chunks.append(self.scorer.score_samples(batch, methods))
+                for s in batch:  # keep rows, not decoded pixels
+                    s.image = None
+                samples.extend(batch)
+        except Exception as exc:
+            if poisons_the_process(exc):
+                # Every later CUDA call of this process fails the same way, at once: kept,
+                # the actor would take shard after shard and fail them all. Dying, it is
+                # replaced by the driver (a fresh process), and the shard tried again there.
+                log.error("%s: %s; this scoring actor exits to be replaced", name, exc)
+                os._exit(1)
+            raise
+        finally:
+            stream.cancel.set()
+        columns = self.scorer.subset(methods)[2]
+        scores = {
+            c: np.concatenate([ch[c] for ch in chunks]) if chunks else np.zeros(0) for c in columns
+        }
+        return samples, scores
 
 
 def steady_rate(finished: list[tuple[float, str, int]]) -> float | None:
@@ -570,17 +630,41 @@ def _fingerprint(
     return fp
 
 
-def is_done(run: RunDir, url: str, name: str, fp_hash: str) -> dict[str, Any] | None:
-    """The completion record of shard ``url`` scored for this fingerprint, else None.
+def method_hashes(
+    cfg: ScoreConfig,
+    traj_record: dict,
+    target: dict,
+    sets: dict[str, str],
+    self_size: dict[str, int] | None = None,
+) -> dict[str, str]:
+    """{scorer: the hash of what its columns depend on}, in ``cfg.methods``' order: the
+    fingerprint of a run asking for that scorer alone. A part's record holds them, so a
+    rerun with other --methods keeps the columns whose hash is unchanged (score/reuse.py)."""
+    return {
+        m: fingerprint_hash(
+            _fingerprint(
+                dataclasses.replace(cfg, methods=[m]),
+                traj_record,
+                target,
+                sets,
+                self_size if m == "diffin_self" else None,
+            )
+        )
+        for m in cfg.methods
+    }
+
+
+def earlier_record(run: RunDir, url: str, name: str) -> dict[str, Any] | None:
+    """The completion record of shard ``url`` scored whole by an earlier run, else None.
 
     The record must name this very shard (another pool may have the same
-    shard names) and its part must still be the bytes it describes. Whether
+    shard names) and its part must still be the size it describes. Whether
     the shard itself is still the file that was scored is
     :func:`same_shard`'s question (asked for many shards at once).
     """
     part = run.part(name)
     rec = read_record(part)
-    if rec is None or rec.get("status") != "ok" or rec.get("fingerprint") != fp_hash:
+    if rec is None or rec.get("status") != "ok":
         return None
     if rec.get("shard") != url or not exists(part):
         return None
@@ -589,15 +673,48 @@ def is_done(run: RunDir, url: str, name: str, fp_hash: str) -> dict[str, Any] | 
     return rec
 
 
+def is_done(run: RunDir, url: str, name: str, fp_hash: str) -> dict[str, Any] | None:
+    """:func:`earlier_record` if it was scored for this fingerprint, else None."""
+    rec = earlier_record(run, url, name)
+    return rec if rec is not None and rec.get("fingerprint") == fp_hash else None
+
+
 def completion_records(
-    run: RunDir, shards: list[str], names: list[str], fp_hash: str
+    run: RunDir, shards: list[str], names: list[str]
 ) -> dict[str, dict[str, Any] | None]:
-    """{shard URL: :func:`is_done`} for every shard, 16 asked at a time: on an object store
-    each is three or four requests, and 10,000 shards asked one after another would take
-    half an hour at 50 ms a request before a resumed run scored anything (review)."""
+    """{shard URL: :func:`earlier_record`} for every shard, 16 asked at a time: on an object
+    store each is three or four requests, and 10,000 shards asked one after another would
+    take half an hour at 50 ms a request before a resumed run scored anything (review)."""
     with ThreadPoolExecutor(max_workers=16) as pool:
-        done = pool.map(lambda u, n: is_done(run, u, n, fp_hash), shards, names)
+        done = pool.map(lambda u, n: earlier_record(run, u, n), shards, names)
         return dict(zip(shards, done, strict=True))
+
+
+def _keep_earlier_parts(
+    run: RunDir,
+    whole: list[tuple[str, str, dict[str, Any]]],
+    stamps: dict[str, dict[str, Any] | None],
+    columns: list[str],
+    fp_hash: str,
+    hashes: dict[str, str],
+) -> dict[str, dict[str, Any]]:
+    """{name: new record} of the earlier parts in ``whole`` (holding every scorer asked for)
+    written again with this run's columns and fingerprint; a part whose shard or bytes
+    changed since is left out, to be scored (16 at a time: object stores)."""
+
+    def keep(job: tuple[str, str, dict[str, Any]]) -> dict[str, Any] | None:
+        url, name, rec = job
+        if not same_shard(rec, stamps[url]):
+            log.warning("shard %s changed since it was scored: scoring it again", name)
+            return None
+        earlier = read_part(run, name, rec)
+        if earlier is None:
+            return None
+        return recommit(run, name, rec, earlier, columns, fp_hash, hashes)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        kept = pool.map(keep, whole)
+        return {job[1]: rec for job, rec in zip(whole, kept, strict=True) if rec is not None}
 
 
 def same_shard(record: dict[str, Any], stamp: dict[str, Any] | None) -> bool:
@@ -910,6 +1027,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     warn_about_another_pool(cfg, run, shards)
     fp = _fingerprint(cfg, traj.record, target, sets, size)
     fp_hash = fingerprint_hash(fp)
+    hashes = method_hashes(cfg, traj.record, target, sets, size)
     fp_url = run.path("scores", "fingerprint.json")
     earlier = read_json(fp_url) if exists(fp_url) else None
     if earlier is not None and earlier.get("hash") != fp_hash:
@@ -919,8 +1037,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         changed = sorted(k for k in set(now) - {"hash"} if now.get(k) != earlier.get(k))
         dropped = [m for m in earlier.get("methods") or [] if m not in cfg.methods]
         log.info(
-            "the scores' inputs changed since the last score run (%s): a shard is kept only "
-            "where its record holds the current inputs%s",
+            "the scores' inputs changed since the last score run (%s): a shard's earlier "
+            "columns are kept only for the scorers whose inputs are the same%s",
             ", ".join(changed) or "what the new scorers do not use",
             f"; the new table holds no {', '.join(dropped)} (not in --methods)" if dropped else "",
         )
@@ -959,11 +1077,20 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
 
     todo: list[tuple[str, str]] = []
     resumed_rows = 0
-    records = completion_records(run, shards, names, fp_hash)
+    records = completion_records(run, shards, names)
     # Stamps only for the shards with a record to check: one listing per directory.
     stamps = shard_stamps([u for u, r in records.items() if r is not None])
+    whole: list[tuple[str, str, dict[str, Any]]] = []  # earlier parts holding every scorer
+    some = 0  # shards to score for the scorers their earlier part lacks
     for url, name in zip(shards, names, strict=True):
         rec = records[url]
+        if rec is not None and rec.get("fingerprint") != fp_hash:
+            keep = reusable(rec, hashes)
+            if len(keep) == len(hashes):
+                whole.append((url, name, rec))
+                continue
+            some += bool(keep)
+            rec = None  # the actor keeps what it can (ScoreActor._earlier_columns)
         if rec is not None and not same_shard(rec, stamps[url]):
             log.warning("shard %s changed since it was scored: scoring it again", name)
             rec = None
@@ -972,7 +1099,29 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         else:
             resumed_rows += rec["rows"]
             check_counts(name, rec)  # the summary of a resumed run still lists them
+    kept_whole = _keep_earlier_parts(run, whole, stamps, columns, fp_hash, hashes)
+    for url, name, _ in whole:
+        if name in kept_whole:
+            resumed_rows += kept_whole[name]["rows"]
+            check_counts(name, kept_whole[name])
+        else:
+            todo.append((url, name))
+    order = {n: i for i, n in enumerate(names)}
+    todo.sort(key=lambda job: order[job[1]])  # shard order, whatever was kept
     resumed = len(shards) - len(todo)
+    if kept_whole:
+        log.info(
+            "%d shard(s) scored earlier hold every scorer asked for (%s): their columns are "
+            "kept, none is scored again",
+            len(kept_whole),
+            ",".join(cfg.methods),
+        )
+    if some:
+        log.info(
+            "%d shard(s) scored earlier keep their columns of the scorers whose inputs are "
+            "unchanged; only the other scorers are computed for them",
+            some,
+        )
     if not todo:
         log.info(
             "nothing to score: all %d shards were scored with these inputs by an earlier run",
@@ -1052,7 +1201,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             remote_cls = ray.remote(**options)(actor_cls or ScoreActor)
 
             def make_actor():
-                return remote_cls.remote(cfg.run, cfg, fp_hash)
+                return remote_cls.remote(cfg.run, cfg, fp_hash, hashes)
 
             stats = schedule(
                 todo,
@@ -1128,6 +1277,10 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         "shards": len(shards),
         "shards_scored_now": len(scored),
         "shards_resumed": resumed,
+        # of which their earlier parts held every scorer asked for, under other --methods
+        "shards_kept_columns": len(kept_whole),
+        # scored now for some scorers only, the others' columns kept from earlier parts
+        "shards_scored_in_part": some,
         "shards_failed": failed,
         "shards_partial": partial,
         "shards_short": short,  # fewer samples than img2dataset's _stats.json counts

@@ -198,21 +198,38 @@ class ShardScorer:
             )
         self.columns = [col for s in self.scorers for col in s.columns(self.ctx)]
 
-    def score_samples(self, samples: list[Sample]) -> dict[str, np.ndarray]:
-        """Score columns for the ok samples of ``samples``, in order."""
+    def subset(self, methods: list[str] | None) -> tuple[list, dict[int, set[str]], list[str]]:
+        """The scorers named in ``methods`` (all when None), the terms they need per
+        checkpoint, and their columns: a rerun that keeps an earlier part's columns of
+        some scorers computes only the others (score/reuse.py)."""
+        if methods is None:
+            return self.scorers, self.need, self.columns
+        scorers = [s for s in self.scorers if s.name in methods]
+        by_step = {c.step: c for c in self.traj.checkpoints}
+        need = {
+            step: n for step in self.need if (n := needed_terms(scorers, by_step[step], self.ctx))
+        }
+        return scorers, need, [col for s in scorers for col in s.columns(self.ctx)]
+
+    def score_samples(
+        self, samples: list[Sample], methods: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Score columns for the ok samples of ``samples``, in order; ``methods``: only
+        those scorers' columns (default: every scorer of the config)."""
+        scorers, needs, columns = self.subset(methods)
         ok = [s for s in samples if s.ok]
         if not ok:
-            return {c: np.zeros(0) for c in self.columns}
+            return {c: np.zeros(0) for c in columns}
         try:
             images, tokens = encode(ok, self.bundle)
         except Exception:  # one sample the transforms refuse must not cost the shard
             ok = [s for s in ok if _encodes(s, self.bundle)]
             if not ok:
-                return {c: np.zeros(0) for c in self.columns}
+                return {c: np.zeros(0) for c in columns}
             images, tokens = encode(ok, self.bundle)
         images, tokens = images.to(self.device, self.dtype), tokens.to(self.device)
         terms: Terms = {}
-        for step, need in self.need.items():
+        for step, need in needs.items():
             # amp_bf16: the batch's passes in bfloat16; the references' jets were computed
             # once in float32, and the terms come out as float32 reductions
             with self.cfg.autocast(self.device):
@@ -231,7 +248,7 @@ class ShardScorer:
             terms[step] = {k: v.double().cpu().numpy() for k, v in t.items()}
         uids = [s.uid for s in ok]
         out: dict[str, np.ndarray] = {}
-        for scorer in self.scorers:
+        for scorer in scorers:
             out.update(scorer.score(terms, uids, self.ctx))
         return out
 

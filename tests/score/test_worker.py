@@ -424,3 +424,25 @@ def test_the_fisher_sketch_tables_are_held_once_per_worker(run_copy, tiny_scored
     assert all(e.sketch is engines[0].sketch for e in engines)
     samples = [s for s in iter_shard(shards["clean"]) if s.ok][:4]
     assert np.isfinite(scorer.score_samples(samples)["diffin_self"]).all()
+
+
+def test_a_subset_of_scorers_computes_only_their_terms(scorer64, shards, monkeypatch):
+    """What a rerun that keeps earlier columns asks for (score/reuse.py): the columns of the
+    named scorers, the same as scoring all, and none of the others' terms computed."""
+    from pipeline.influence import fast
+
+    samples = [s for s in iter_shard(shards["second"]) if s.ok]
+    every = scorer64.score_samples(samples)
+    asked: list[set] = []
+    real = fast.fast_terms
+
+    def spy(*args, **kwargs):
+        asked.append(set(args[5]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("pipeline.score.worker.fast_terms", spy)
+    some = scorer64.score_samples(samples, ["loss", "random"])
+    assert set(some) == {"loss", "loss_raw", "random"}
+    for col in some:
+        np.testing.assert_allclose(some[col], every[col], rtol=1e-6, err_msg=col)
+    assert asked and all(need <= {"loss"} for need in asked)  # no Diff-In term
