@@ -4,16 +4,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: env browser demo test test-all lint clean
+.PHONY: env browser demo test test-all lint lock clean
 
 env: $(STAMP)
 
 # Re-runs only when the dependency list changes; pip is idempotent anyway.
-$(STAMP): pyproject.toml
+# constraints.txt pins every package (`make lock`): the same versions on any day.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# After a change to pyproject.toml's dependencies: resolve them afresh (newest allowed
+# versions), run `make test`, then commit constraints.txt.
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q --upgrade -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --all --exclude-editable | grep -Ev '^(#|pip==|nvidia-|cuda-|triton==)'; } > constraints.new
+	mv constraints.new constraints.txt
 	touch $(STAMP)
 
 # The HTML report's test renders it in headless Chromium (Debian packages).
