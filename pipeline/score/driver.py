@@ -66,7 +66,7 @@ from pipeline.score.directions import (
 )
 from pipeline.score.merge import merge_parts, read_record, write_part
 from pipeline.score.progress import Progress
-from pipeline.score.reuse import kept_scores, read_part, recommit, reusable
+from pipeline.score.reuse import carried, kept_scores, read_part, rerecord, reusable
 from pipeline.score.table import build_part, fingerprint_hash, read_table, stale_manifests
 from pipeline.score.trajectory import Trajectory, load_trajectory, model_identity
 from pipeline.scorers import ScoreContext, depends_on, get_scorers
@@ -251,6 +251,9 @@ class ScoreActor:
         record, which a rerun tries again.
         """
         t0 = time.time()
+        # before any stream is requested: an error here must not orphan one (review)
+        earlier = self._earlier_part(url, name)
+        keep = earlier.keep if earlier else []
         stream = self.pending if self.pending is not None and self.pending.url == url else None
         if self.pending is not None and stream is None:
             self.pending.cancel.set()
@@ -260,19 +263,31 @@ class ScoreActor:
             stream = self.prefetcher.request(url)
         if next_url is not None:
             self.pending = self.prefetcher.request(next_url)
-        rec, keep, earlier = self._earlier_columns(url, name)
         missing = [m for m in self.scorer.cfg.methods if m not in keep]
         samples, scores = self._read_and_score(stream, name, missing if keep else None)
-        if keep:
-            if any(retryable(s) for s in samples) and not last_try:
-                raise RetryableShardError(next(s.error for s in samples if retryable(s)))
-            kept = kept_scores(earlier, samples, self.scorer.subset(keep)[2])
-            if kept is None or not same_shard(rec, stream.stamp):
+        columns = self.scorer.columns
+        held = dict(self.hashes or {})
+        if earlier is not None:
+            unread = next((s.error for s in samples if retryable(s)), None)
+            if unread is not None and keep and not last_try:
+                raise RetryableShardError(unread)
+            kept = (
+                None
+                if unread is not None or not same_shard(earlier.record, stream.stamp)
+                else kept_scores(earlier.table, samples, earlier.columns)
+            )
+            if kept is not None:
+                scores.update(kept)
+                columns = columns + earlier.carried_columns
+                held.update(earlier.carry)
+            elif keep:
                 log.warning(
-                    "shard %s does not read as it did when its %s columns were scored: "
-                    "scoring it for every scorer",
+                    "shard %s %s: scoring it for every scorer, not only for those its "
+                    "earlier part lacks",
                     name,
-                    ",".join(keep),
+                    "could not be read to its end"
+                    if unread is not None
+                    else "does not read as it did when its earlier part was scored",
                 )
                 keep = []
                 if self.pending is not None:  # the thread decodes in request order
@@ -281,9 +296,6 @@ class ScoreActor:
                 if next_url is not None:
                     self.pending = self.prefetcher.request(next_url)
                 samples, scores = self._read_and_score(stream, name, None)
-            else:
-                scores.update(kept)
-        columns = self.scorer.columns
         transient = next((s.error for s in samples if retryable(s)), None)
         if transient is not None and not last_try:
             raise RetryableShardError(transient)
@@ -309,7 +321,7 @@ class ScoreActor:
                 # What img2dataset says it wrote (its _stats.json), when it is there.
                 "expected": expected_samples(url),
                 "fingerprint": self.fingerprint,
-                **({"methods": self.hashes} if self.hashes else {}),
+                **({"methods": held} if held else {}),
                 **({"kept": keep} if keep else {}),  # columns taken from the earlier part
                 "pid": os.getpid(),
                 "node": ray.util.get_node_ip_address(),
@@ -319,20 +331,36 @@ class ScoreActor:
         )
         return record
 
-    def _earlier_columns(
-        self, url: str, name: str
-    ) -> tuple[dict[str, Any] | None, list[str], pa.Table | None]:
-        """The earlier record of this shard, the scorers whose columns its part holds for
-        this run (none where it holds them all: the driver keeps such parts itself, or
-        none), and that part's table."""
+    def _earlier_part(self, url: str, name: str) -> EarlierPart | None:
+        """What this shard's earlier part can give this run (score/reuse.py): columns of the
+        scorers asked for whose inputs are unchanged (``keep``; not all of them: the
+        driver keeps such parts itself) and of scorers not asked for (``carry``). None
+        where it gives nothing or cannot be read: the shard is then scored in full."""
         if not self.hashes:
-            return None, [], None
-        rec = earlier_record(self.run, url, name)
-        keep = reusable(rec, self.hashes)
-        if not keep or len(keep) == len(self.hashes):
-            return rec, [], None
-        earlier = read_part(self.run, name, rec)
-        return (rec, keep, earlier) if earlier is not None else (rec, [], None)
+            return None
+        try:
+            rec = earlier_record(self.run, url, name)
+            keep, carry = reusable(rec, self.hashes), carried(rec, self.hashes)
+            if len(keep) == len(self.hashes) or not (keep or carry):
+                return None
+            table = read_part(self.run, name, rec)
+        except Exception as exc:  # a store's hiccup: no reuse, not a failed shard
+            log.warning("shard %s: its earlier part could not be read (%s)", name, exc)
+            return None
+        if table is None:
+            return None
+        asked, there = set(self.scorer.columns), set(table.column_names)
+        cols = {m: self.scorer.columns_of(m) for m in carry}
+        carry = {  # only scorers whose columns are all there and clash with none asked for
+            m: h
+            for m, h in carry.items()
+            if cols[m] and set(cols[m]) <= there and not set(cols[m]) & asked
+        }
+        if not (keep or carry):
+            return None
+        carried_columns = [c for m in carry for c in cols[m]]
+        columns = self.scorer.subset(keep)[2] + carried_columns
+        return EarlierPart(rec, table, keep, carry, columns, carried_columns)
 
     def _read_and_score(
         self, stream: _Stream, name: str, methods: list[str] | None
@@ -364,6 +392,18 @@ class ScoreActor:
             c: np.concatenate([ch[c] for ch in chunks]) if chunks else np.zeros(0) for c in columns
         }
         return samples, scores
+
+
+@dataclass
+class EarlierPart:
+    """An earlier part of the shard being scored, and what of it this run takes."""
+
+    record: dict[str, Any]
+    table: pa.Table
+    keep: list[str]  # scorers asked for whose columns are taken as they are
+    carry: dict[str, str]  # scorers not asked for ({name: hash}): their columns ride along
+    columns: list[str]  # every column taken: the kept scorers', then the carried ones
+    carried_columns: list[str]
 
 
 def steady_rate(finished: list[tuple[float, str, int]]) -> float | None:
@@ -694,23 +734,24 @@ def _keep_earlier_parts(
     run: RunDir,
     whole: list[tuple[str, str, dict[str, Any]]],
     stamps: dict[str, dict[str, Any] | None],
-    columns: list[str],
     fp_hash: str,
-    hashes: dict[str, str],
+    asked: list[str],
 ) -> dict[str, dict[str, Any]]:
-    """{name: new record} of the earlier parts in ``whole`` (holding every scorer asked for)
-    written again with this run's columns and fingerprint; a part whose shard or bytes
-    changed since is left out, to be scored (16 at a time: object stores)."""
+    """{name: new record} of the earlier parts in ``whole`` (holding every scorer asked for),
+    recorded again for this run's fingerprint (score/reuse.py); a part whose shard changed
+    since, or whose record cannot be written now, is left out, to be scored (16 at a time:
+    object stores)."""
 
     def keep(job: tuple[str, str, dict[str, Any]]) -> dict[str, Any] | None:
         url, name, rec = job
         if not same_shard(rec, stamps[url]):
             log.warning("shard %s changed since it was scored: scoring it again", name)
             return None
-        earlier = read_part(run, name, rec)
-        if earlier is None:
+        try:
+            return rerecord(run, name, rec, fp_hash, asked)
+        except Exception as exc:  # one store hiccup must not stop the run: score it
+            log.warning("shard %s: its earlier part could not be kept (%s)", name, exc)
             return None
-        return recommit(run, name, rec, earlier, columns, fp_hash, hashes)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         kept = pool.map(keep, whole)
@@ -1081,7 +1122,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     # Stamps only for the shards with a record to check: one listing per directory.
     stamps = shard_stamps([u for u, r in records.items() if r is not None])
     whole: list[tuple[str, str, dict[str, Any]]] = []  # earlier parts holding every scorer
-    some = 0  # shards to score for the scorers their earlier part lacks
+    some = 0  # shards whose earlier part holds some of the scorers asked for
     for url, name in zip(shards, names, strict=True):
         rec = records[url]
         if rec is not None and rec.get("fingerprint") != fp_hash:
@@ -1099,7 +1140,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         else:
             resumed_rows += rec["rows"]
             check_counts(name, rec)  # the summary of a resumed run still lists them
-    kept_whole = _keep_earlier_parts(run, whole, stamps, columns, fp_hash, hashes)
+    kept_whole = _keep_earlier_parts(run, whole, stamps, fp_hash, cfg.methods)
     for url, name, _ in whole:
         if name in kept_whole:
             resumed_rows += kept_whole[name]["rows"]
@@ -1118,8 +1159,9 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         )
     if some:
         log.info(
-            "%d shard(s) scored earlier keep their columns of the scorers whose inputs are "
-            "unchanged; only the other scorers are computed for them",
+            "%d shard(s) scored earlier hold the columns of some of these scorers, with the "
+            "same inputs: unless a shard reads otherwise now, only the other scorers are "
+            "computed for them",
             some,
         )
     if not todo:
@@ -1138,9 +1180,12 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     partial: dict[str, str] = {}  # name -> why it could not be read to its end
 
     finished: list[tuple[float, str, int]] = []  # (when, actor, rows) of each shard back
+    in_part: list[str] = []  # scored for some scorers, the others' columns kept
 
     def on_done(url: str, name: str, record: dict[str, Any]) -> None:
         scored[name] = record
+        if record.get("kept"):
+            in_part.append(name)
         if record.get("status") == "partial":
             reason = record.get("reason", "")
             log.error(
@@ -1237,6 +1282,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         },
         require_records=True,
         fingerprint=fp_hash,
+        columns=columns,  # a part may hold columns of scorers not asked for (reuse.py)
     )
     failed_table = run.path("scores-failed.parquet")
     if merged["rows"] and not merged["rows_ok"]:
@@ -1280,7 +1326,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         # of which their earlier parts held every scorer asked for, under other --methods
         "shards_kept_columns": len(kept_whole),
         # scored now for some scorers only, the others' columns kept from earlier parts
-        "shards_scored_in_part": some,
+        "shards_scored_in_part": len(in_part),
         "shards_failed": failed,
         "shards_partial": partial,
         "shards_short": short,  # fewer samples than img2dataset's _stats.json counts

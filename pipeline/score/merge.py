@@ -42,7 +42,7 @@ from pipeline.rundir import (
     write_bytes_atomic,
     write_json,
 )
-from pipeline.score.table import table_from_bytes
+from pipeline.score.table import BASE_FIELDS, table_from_bytes
 
 
 class MergeError(RuntimeError):
@@ -174,12 +174,14 @@ def merge_parts(
     *,
     require_records: bool = False,
     fingerprint: str | None = None,
+    columns: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Concatenate parts (one per shard, in shard order) into ``out_url``; returns the counts.
 
     With ``require_records`` every part needs a completion record (and, with
     ``fingerprint``, one written for that fingerprint); without it, records
-    are checked where present.
+    are checked where present. ``columns``: the score columns of the table (a part
+    may hold more: those of scorers an earlier run asked for); default: a part's all.
     """
     rows_in = rows_out = ok = errors = dropped = 0
     nonfinite: dict[str, int] = {}
@@ -205,6 +207,11 @@ def merge_parts(
                     raise data
                 table = table_from_bytes(data)
                 _check_part(url, data, table, rec)
+                if columns is not None:
+                    missing = [c for c in columns if c not in table.column_names]
+                    if missing:
+                        raise MergeError(f"part {url} has no column {missing[0]!r}")
+                    table = table.select([f.name for f in BASE_FIELDS] + list(columns))
                 rows_in += rec["rows"] if rec is not None else table.num_rows
                 table, n_dropped = _dedupe(url, table, shards_seen)
                 dropped += n_dropped

@@ -9,12 +9,16 @@ again, which is most of the cost of scoring.
 
 Two cases:
 
-* the earlier part holds every scorer asked for: it is written again with
-  those columns only, under the new fingerprint (:func:`recommit`), without
-  reading the shard;
+* the earlier part holds every scorer asked for: only its record is written
+  again, for the new fingerprint (:func:`rerecord`); the shard is not read;
 * it holds some of them: the shard is read and scored for the others, and
   the kept columns are taken row by row from the earlier part, provided the
   rows are the same (:func:`kept_scores`); otherwise everything is scored.
+
+A part keeps the columns of scorers no longer asked for (:func:`carried`),
+with their hashes in its record; the merge puts only the columns asked for
+in the table. Dropping a scorer for one run and asking for it again later
+recomputes nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.sample import Sample
-from pipeline.rundir import RunDir, read_bytes
-from pipeline.score.merge import write_part
-from pipeline.score.table import BASE_FIELDS, table_from_bytes
+from pipeline.rundir import RunDir, read_bytes, write_json
+from pipeline.score.merge import done_url
+from pipeline.score.table import table_from_bytes
 
 
 def reusable(record: dict[str, Any] | None, hashes: dict[str, str]) -> list[str]:
@@ -78,27 +82,26 @@ def kept_scores(
     }
 
 
-def recommit(
-    run: RunDir,
-    name: str,
-    record: dict[str, Any],
-    earlier: pa.Table,
-    columns: Sequence[str],
-    fingerprint: str,
-    hashes: dict[str, str],
+def carried(record: dict[str, Any] | None, hashes: dict[str, str]) -> dict[str, str]:
+    """{scorer: hash} of the scorers ``record``'s part holds that this run does not ask
+    for: their columns stay in the part (not in the table), so asking for them again
+    later costs nothing while their inputs are unchanged."""
+    if (
+        record is None
+        or record.get("status") != "ok"
+        or not isinstance(record.get("methods"), dict)
+    ):
+        return {}
+    return {m: h for m, h in record["methods"].items() if m not in hashes}
+
+
+def rerecord(
+    run: RunDir, name: str, record: dict[str, Any], fingerprint: str, asked: list[str]
 ) -> dict[str, Any]:
-    """Write an earlier part that holds every scorer asked for again, with their columns
-    only and a record for the new fingerprint; returns the new record."""
-    table = earlier.select([f.name for f in BASE_FIELDS] + list(columns))
-    kept = {k: v for k, v in record.items() if k not in ("rows", "bytes", "sha256", "seconds")}
-    return write_part(
-        table,
-        run.part(name),
-        {
-            **kept,
-            "fingerprint": fingerprint,
-            "methods": hashes,
-            "kept": sorted(hashes),  # no column of it was computed by this run
-            "seconds": 0.0,
-        },
-    )
+    """The record of an earlier part that holds every scorer ``asked`` for, written again
+    for the new fingerprint; the part's bytes stay as they are (the merge takes the columns
+    asked for), so nothing is read or rewritten but the record. Atomic: a crash leaves the
+    old record or the new one, each true of the part."""
+    new = {**record, "fingerprint": fingerprint, "kept": list(asked), "seconds": 0.0}
+    write_json(done_url(run.part(name)), new)
+    return new

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.data.reader import iter_shard, preprocess_error
 from pipeline.data.sample import Sample
+from pipeline.errors import ConfigError
 from pipeline.influence.directions import KINDS, Directions, load_directions
 from pipeline.influence.fast import DIRECTIONAL, fast_terms, reference_jets
 from pipeline.influence.functional import ClipFunctions
@@ -210,6 +211,15 @@ class ShardScorer:
             step: n for step in self.need if (n := needed_terms(scorers, by_step[step], self.ctx))
         }
         return scorers, need, [col for s in scorers for col in s.columns(self.ctx)]
+
+    def columns_of(self, method: str) -> list[str]:
+        """The columns scorer ``method`` writes for this run's checkpoints (none for a name
+        the registry no longer has)."""
+        try:
+            (scorer,) = get_scorers([method])
+        except ConfigError:
+            return []
+        return scorer.columns(self.ctx)
 
     def score_samples(
         self, samples: list[Sample], methods: list[str] | None = None
