@@ -86,9 +86,12 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     run = RunDir(cfg.run)
     require_scores(run)
     check_scores_current(run)
-    # which table the manifest ranks, so a rescore shows the manifest is out of date
-    scores = table_identity(run.scores)
     selection = plan(cfg, run.scores)  # refuses unknown columns before anything is removed
+    # what the manifest ranks (its columns' values and the rows), so a rescore that changes
+    # them shows the manifest is out of date, and one that only adds or drops other scorers
+    # does not
+    by = cfg.balance_by if cfg.rule == "balanced" and cfg.balance_by != "cluster" else None
+    scores = table_identity(run.scores, [*selection.score_columns, *([by] if by else [])])
     if selection.kept == 0:
         # An empty manifest is nothing open_clip can train on: refuse it here,
         # before any output is touched.

@@ -182,17 +182,36 @@ def fingerprint_hash(fp: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def table_identity(url: str) -> dict[str, Any]:
+def table_identity(url: str, columns: Sequence[str] | None = None) -> dict[str, Any]:
     """What a score table holds, however often it was written: its scoring fingerprint, row
     count and uids. A rerun that merges the same parts again writes other bytes (new
     provenance) but the same identity; the scores follow from these (determinism).
+
+    ``columns``: the identity of those columns only (what a prune manifest ranks by):
+    the uids and the columns' values, without the fingerprint, which changes with every
+    other scorer a rescore adds or drops while these columns stay as they were
+    (walkthrough: every manifest was called stale after such a rescore).
     """
-    fp = table_metadata(url).get("fingerprint")
-    h, rows = hashlib.sha256(), 0
+    h, v, rows = hashlib.sha256(), hashlib.sha256(), 0
+    cols = list(dict.fromkeys(columns or []))
     with fsspec.open(url, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["uid"]):
+        for batch in pq.ParquetFile(f).iter_batches(columns=["uid", *cols]):
             rows += batch.num_rows
             h.update("\n".join(batch.column(0).to_pylist()).encode() + b"\n")
+            for i, column in enumerate(batch.columns[1:]):
+                v.update(f"{cols[i]}\n".encode())
+                if pa.types.is_floating(column.type):  # nulls (error rows) read as NaN
+                    v.update(column.to_numpy(zero_copy_only=False).astype("<f8").tobytes())
+                else:
+                    v.update(json.dumps(column.to_pylist(), default=str).encode())
+    if columns is not None:
+        return {
+            "columns": cols,
+            "rows": rows,
+            "uids": h.hexdigest()[:16],
+            "values": v.hexdigest()[:16],
+        }
+    fp = table_metadata(url).get("fingerprint")
     return {
         "fingerprint": fingerprint_hash(fp) if fp else None,
         "rows": rows,
@@ -223,9 +242,11 @@ def stale_manifests(
     """The prune manifests in run.json made from another score table than RUN/scores.parquet.
 
     A rescore replaces the table but not RUN/prune/NAME/, which would go on retraining on
-    the old ranking. Manifests written before prune recorded its table are not listed.
-    ``identity``: the table's :func:`table_identity`, and ``entries`` :func:`prune_entries`,
-    when the caller has them.
+    the old ranking. A manifest that recorded the columns it ranks by is stale only when
+    those columns' values or the rows changed (other scorers come and go with --methods);
+    one that recorded the whole table's identity, when that changed. Manifests written
+    before prune recorded its table are not listed. ``identity``: the table's
+    :func:`table_identity`, and ``entries`` :func:`prune_entries`, when the caller has them.
     """
     if not exists(run.scores):
         return []
@@ -233,8 +254,22 @@ def stale_manifests(
     made = {n: v["scores"] for n, v in entries.items() if v.get("scores")}
     if not made:
         return []
-    current = identity or table_identity(run.scores)
-    return sorted(name for name, scores in made.items() if scores != current)
+    with fsspec.open(run.scores, "rb") as f:
+        names = set(pq.read_schema(f).names)
+    current: dict[tuple[str, ...], dict[str, Any] | None] = {}
+
+    def now(columns: list[str] | None) -> dict[str, Any] | None:
+        key = tuple(columns) if columns is not None else ("",)
+        if key not in current:
+            if columns is None:
+                current[key] = identity or table_identity(run.scores)
+            else:  # a column the table no longer has: that manifest is stale
+                current[key] = (
+                    table_identity(run.scores, columns) if set(columns) <= names else None
+                )
+        return current[key]
+
+    return sorted(name for name, scores in made.items() if scores != now(scores.get("columns")))
 
 
 def scored_reader_options(run: RunDir) -> dict[str, Any]:

@@ -163,26 +163,52 @@ def test_run_json_records_the_prune(pruned):
 
 def test_a_rescore_leaves_the_manifest_marked_as_made_from_an_earlier_table(pruned, tmp_path):
     """The manifest said nothing of the table it ranked: after a rescore, RUN/prune/NAME/
-    went on retraining on the old ranking without a word."""
+    went on retraining on the old ranking without a word. It is stale when what it ranks
+    changed: its column's values or the rows, not other scorers a rescore added or dropped
+    (walkthrough: every manifest was called stale after `--methods` changed)."""
+    import pyarrow as pa
+
     from pipeline.rundir import RunDir
     from pipeline.score.table import stale_manifests, table_identity, table_metadata
 
     run = str(tmp_path / "run")
     shutil.copytree(pruned["run"], run)
     scores = f"{run}/scores.parquet"
-    identity = table_identity(scores)
-    assert pruned["manifest"]["scores"] == identity
+    identity = table_identity(scores, ["diffin"])
+    assert pruned["manifest"]["scores"] == identity and identity["columns"] == ["diffin"]
     run_json = json.loads(Path(f"{run}/run.json").read_text())
     assert run_json["prune/diffin-keep0.7"]["scores"] == identity
+    manifests = sorted(k.removeprefix("prune/") for k in run_json if k.startswith("prune/"))
     assert stale_manifests(RunDir(run)) == []
-    table = read_table(scores)
-    recorded = table_metadata(scores)
-    recorded["fingerprint"] = {**recorded.get("fingerprint", {}), "methods": ["other"]}
-    meta = {**table.schema.metadata, b"diffin": json.dumps(recorded).encode()}
-    pq.write_table(table.replace_schema_metadata(meta), scores)  # "rescored"
-    assert stale_manifests(RunDir(run)) == sorted(
-        k.removeprefix("prune/") for k in run_json if k.startswith("prune/")
+
+    def rewrite(change) -> None:
+        table = read_table(scores)
+        recorded = table_metadata(scores)
+        table, recorded = change(table, recorded)
+        meta = {**table.schema.metadata, b"diffin": json.dumps(recorded).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), scores)
+
+    # rescored with other scorers beside diffin: the same ranking, not stale
+    rewrite(lambda t, r: (t, {**r, "fingerprint": {**r.get("fingerprint", {}), "methods": ["x"]}}))
+    assert stale_manifests(RunDir(run)) == []
+
+    # diffin's values changed: every manifest ranking diffin is stale
+    def other_diffin(t, r):
+        values = t.column("diffin").to_numpy(zero_copy_only=False) + 1.0
+        i = t.schema.get_field_index("diffin")
+        return t.set_column(i, "diffin", pa.array(values, mask=np.isnan(values))), r
+
+    rewrite(other_diffin)
+    ranking_diffin = sorted(
+        n for n in manifests if "diffin" in run_json[f"prune/{n}"]["scores"].get("columns", [])
     )
+    assert ranking_diffin and stale_manifests(RunDir(run)) == ranking_diffin
+    # a manifest that recorded the whole table (before columns were recorded): as before
+    run_json["prune/diffin-keep0.7"]["scores"] = table_identity(scores)
+    Path(f"{run}/run.json").write_text(json.dumps(run_json))
+    assert "diffin-keep0.7" not in stale_manifests(RunDir(run))
+    rewrite(lambda t, r: (t, {**r, "fingerprint": {**r.get("fingerprint", {}), "methods": ["y"]}}))
+    assert "diffin-keep0.7" in stale_manifests(RunDir(run))
     stale = stale_manifests(RunDir(run))
     shutil.rmtree(f"{run}/prune/diffin-keep0.7")  # removed by hand: nothing to retrain on
     assert stale_manifests(RunDir(run)) == [n for n in stale if n != "diffin-keep0.7"]

@@ -7,6 +7,8 @@ import io
 import json
 import re
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -267,7 +269,14 @@ def test_manifests_of_an_earlier_score_table_are_named_in_the_provenance(tiny_sc
     recorded = table_metadata(f"{run}/scores.parquet")
     recorded["fingerprint"] = {**recorded.get("fingerprint", {}), "methods": ["x"]}
     meta = {**table.schema.metadata, b"diffin": json.dumps(recorded).encode()}
-    pq.write_table(table.replace_schema_metadata(meta), f"{run}/scores.parquet")  # "rescored"
+    # rescored with other scorers beside: what the manifests rank is as it was
+    pq.write_table(table.replace_schema_metadata(meta), f"{run}/scores.parquet")
+    assert "rank an earlier score table" not in open(build_report(run, top=2)).read()
+    for column in ("diffin", "loss"):  # rescored: the ranking columns changed
+        values = table.column(column).to_numpy(zero_copy_only=False) + 1.0
+        i = table.schema.get_field_index(column)
+        table = table.set_column(i, column, pa.array(values, mask=np.isnan(values)))
+    pq.write_table(table.replace_schema_metadata(meta), f"{run}/scores.parquet")
     html = open(build_report(run, top=2)).read()
     assert "The prune manifests half, loss-keep0.8 were made from an earlier score table" in html
     assert _section(html, "Prune selections").count("no: an earlier table") == 2
