@@ -64,7 +64,7 @@ from pipeline.score.directions import (
     self_size,
     set_hashes,
 )
-from pipeline.score.merge import merge_parts, read_record, write_part
+from pipeline.score.merge import merge_parts, record_or_problem, write_part
 from pipeline.score.progress import Progress
 from pipeline.score.reuse import carried, kept_scores, read_part, rerecord, reusable
 from pipeline.score.table import build_part, fingerprint_hash, read_table, stale_manifests
@@ -670,6 +670,45 @@ def _fingerprint(
     return fp
 
 
+# What each fingerprint entry is, in the user's words (walkthrough: the log named
+# "per_run_work" and "options").
+_INPUTS = {
+    "version": "diffin's score version",
+    "methods": "--methods",
+    "dtype": "--dtype",
+    "checkpoints": "the trajectory's checkpoints",
+    "model": "the model",
+    "training": "the proxy training",
+    "recipe": "the proxy's learning-rate recipe",
+    "imported_schedule": "the imported run's schedule",
+    "sets": "the reference set or the gradient batches",
+    "reader": "how the shards are read (--image-key, --text-key, --max-image-pixels)",
+    "target": "the target (--target, or its pairs as --dtype reads them)",
+    "per_run_work": "diffin's version of the direction vectors",
+    "self": "diffin_self's H_B form or size",
+}
+
+
+def describe_changes(now: dict[str, Any], earlier: dict[str, Any]) -> list[str]:
+    """The inputs of two scoring fingerprints that differ, as the flags and things a user
+    knows them by. An input only one of them has (an option, the target) came or went
+    with --methods, which is listed then: it did not change."""
+    out = []
+    for key in sorted((set(now) & set(earlier)) - {"hash"}):
+        if now[key] == earlier[key]:
+            continue
+        if key == "options":
+            a, b = now[key] or {}, earlier[key] or {}
+            out += [
+                "--no-first-order" if k == "first_order" else "--" + k.replace("_", "-")
+                for k in sorted(set(a) & set(b))
+                if a[k] != b[k]
+            ]
+        else:
+            out.append(_INPUTS.get(key, key))
+    return out
+
+
 def method_hashes(
     cfg: ScoreConfig,
     traj_record: dict,
@@ -694,22 +733,27 @@ def method_hashes(
     }
 
 
-def earlier_record(run: RunDir, url: str, name: str) -> dict[str, Any] | None:
+def earlier_record(run: RunDir, url: str, name: str, warn: bool = False) -> dict[str, Any] | None:
     """The completion record of shard ``url`` scored whole by an earlier run, else None.
 
     The record must name this very shard (another pool may have the same
     shard names) and its part must still be the size it describes. Whether
     the shard itself is still the file that was scored is
-    :func:`same_shard`'s question (asked for many shards at once).
+    :func:`same_shard`'s question (asked for many shards at once). ``warn``:
+    say why a record that is there cannot be used (walkthrough: a part deleted
+    by hand, or a torn record, was scored again without a word).
     """
     part = run.part(name)
-    rec = read_record(part)
-    if rec is None or rec.get("status") != "ok":
+    rec, problem = record_or_problem(part)
+    if rec is not None and rec.get("status") == "ok" and rec.get("shard") == url:
+        if not exists(part):
+            rec, problem = None, "its part is missing"
+        elif "bytes" in rec and file_size(part) != rec["bytes"]:
+            rec, problem = None, "its part is not the size its completion record says"
+    elif rec is not None:  # failed or partial (retried, as the summary says), another pool
         return None
-    if rec.get("shard") != url or not exists(part):
-        return None
-    if "bytes" in rec and file_size(part) != rec["bytes"]:
-        return None
+    if problem is not None and warn:
+        log.warning("shard %s: %s: scoring it again", name, problem)
     return rec
 
 
@@ -726,7 +770,7 @@ def completion_records(
     store each is three or four requests, and 10,000 shards asked one after another would
     take half an hour at 50 ms a request before a resumed run scored anything (review)."""
     with ThreadPoolExecutor(max_workers=16) as pool:
-        done = pool.map(lambda u, n: earlier_record(run, u, n), shards, names)
+        done = pool.map(lambda u, n: earlier_record(run, u, n, warn=True), shards, names)
         return dict(zip(shards, done, strict=True))
 
 
@@ -1075,7 +1119,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         now = json.loads(json.dumps(fp, default=str))  # as it reads back from the file
         # an input the new scorers do not use is absent, not changed (walkthrough: the
         # target was listed when clip_score alone was asked for)
-        changed = sorted(k for k in set(now) - {"hash"} if now.get(k) != earlier.get(k))
+        changed = describe_changes(now, earlier)
         dropped = [m for m in earlier.get("methods") or [] if m not in cfg.methods]
         log.info(
             "the scores' inputs changed since the last score run (%s): a shard's earlier "
@@ -1130,8 +1174,11 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
             if len(keep) == len(hashes):
                 whole.append((url, name, rec))
                 continue
-            some += bool(keep)
-            rec = None  # the actor keeps what it can (ScoreActor._earlier_columns)
+            if keep and not same_shard(rec, stamps[url]):  # the actor finds it too
+                log.warning("shard %s changed since it was scored: scoring it again", name)
+            else:
+                some += bool(keep)
+            rec = None  # the actor keeps what it can (ScoreActor._earlier_part)
         if rec is not None and not same_shard(rec, stamps[url]):
             log.warning("shard %s changed since it was scored: scoring it again", name)
             rec = None

@@ -113,14 +113,22 @@ def recorded_stamps(part_url: str, fingerprint: str) -> dict[str, dict[str, Any]
 
 def read_record(part_url: str) -> dict[str, Any] | None:
     """The completion record of a part, or None when there is none (or it is unreadable)."""
+    return record_or_problem(part_url)[0]
+
+
+def record_or_problem(part_url: str) -> tuple[dict[str, Any] | None, str | None]:
+    """:func:`read_record`, and why a record that is there is not one (for the log); the
+    same requests."""
     url = done_url(part_url)
     try:
         if not exists(url):
-            return None
+            return None, None
         rec = read_json(url)
-    except Exception:  # a torn or foreign file is the same as no record
-        return None
-    return rec if isinstance(rec, dict) and "rows" in rec and "sha256" in rec else None
+    except Exception as exc:  # a torn or foreign file is the same as no record
+        return None, f"its completion record cannot be read ({type(exc).__name__})"
+    if isinstance(rec, dict) and "rows" in rec and "sha256" in rec:
+        return rec, None
+    return None, "its completion record is not one diffin wrote"
 
 
 def _check_part(url: str, data: bytes, table: pa.Table, rec: dict[str, Any] | None) -> int:

@@ -629,3 +629,66 @@ def test_scoring_another_pool_into_a_run_is_said(tmp_path, caplog):
         other = dataclasses.replace(cfg, data=f"{pool}/0.tar")
         warn_about_another_pool(other, run, resolve_shards(other.data))
     assert f"scored --data {pool}/{{0..1}}.tar; this one scores {pool}/0.tar" in caplog.text
+
+
+def test_a_record_that_cannot_be_used_is_said(tmp_path, caplog):
+    """Walkthrough: a part deleted by hand, or a torn completion record, was scored again
+    without a word (a rewritten shard was named)."""
+    import os
+
+    from test_merge import _part
+
+    import pipeline.score.driver as driver
+    from pipeline.rundir import RunDir
+
+    run = str(tmp_path)
+    for name in ("00000", "00001", "00002", "00003"):
+        _part(run, name, 2)
+    os.remove(f"{run}/scores/parts/00000.parquet")
+    with open(f"{run}/scores/done/00001.json", "w") as f:
+        f.write('{"rows": 2, "sha')  # torn
+    with open(f"{run}/scores/parts/00002.parquet", "ab") as f:
+        f.write(b"x")
+    shards = [f"/pool/0000{i}.tar" for i in range(4)]
+    with caplog.at_level("WARNING", logger="pipeline.score.driver"):
+        records = driver.completion_records(RunDir(run), shards, [f"0000{i}" for i in range(4)])
+    assert [r is not None for r in records.values()] == [False, False, False, True]
+    assert "shard 00000: its part is missing: scoring it again" in caplog.text
+    assert "shard 00001: its completion record cannot be read (JSONDecodeError)" in caplog.text
+    assert "shard 00002: its part is not the size its completion record says" in caplog.text
+    assert "00003" not in caplog.text
+    caplog.clear()  # the actors ask again, silently
+    with caplog.at_level("WARNING", logger="pipeline.score.driver"):
+        assert driver.earlier_record(RunDir(run), shards[0], "00000") is None
+    assert not caplog.text
+
+
+def test_the_changed_inputs_are_named_as_the_user_knows_them():
+    from pipeline.score.driver import describe_changes
+
+    earlier = {
+        "methods": ["diffin"],
+        "dtype": "float32",
+        "options": {"first_order": True, "seed": 0},
+        "target": "t1",
+        "per_run_work": [1],
+        "hash": "a",
+    }
+    now = {
+        "methods": ["diffin", "loss"],
+        "dtype": "float64",
+        "options": {"first_order": False, "seed": 0, "sample_gradient": "removal"},
+        "target": "t2",
+        "per_run_work": [1],
+        "hash": "b",
+    }
+    assert describe_changes(now, earlier) == [
+        "--dtype",
+        "--methods",
+        "--no-first-order",  # sample_gradient came with the scorers: not a change
+        "the target (--target, or its pairs as --dtype reads them)",
+    ]
+    # an input that came or went with --methods is not listed
+    assert describe_changes({"methods": ["loss"]}, {"methods": ["tracin"], "target": "t"}) == [
+        "--methods"
+    ]
