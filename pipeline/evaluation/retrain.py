@@ -541,11 +541,15 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    # The report shows this evaluation only beside the score table it was made from.
-    scores_identity = table_identity(run.scores)
     table = read_table(run.scores)
     if cfg.methods is None:
         cfg = replace(cfg, methods=_scored_methods(run, table))
+    # The report shows this evaluation only beside the rows and values it ranked by (its
+    # scorers' and fusions' columns), not after a rescore that changed them.
+    ranked = [*cfg.methods, *(c for fusion in cfg.fusions for c in fusion)]
+    scores_identity = table_identity(
+        run.scores, [c for c in dict.fromkeys(ranked) if c in table.column_names]
+    )
     src = locate_sources(cfg, run)
     # refuses bad methods and undersized subsets before any training
     subsets = plan_subsets(cfg, table, train_cfg.batch_size, run.scores)

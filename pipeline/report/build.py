@@ -219,8 +219,18 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     # "unknown": recorded before evaluations said which table they were made from. The
     # identity reads the whole uid column: only when something is to be compared with it.
     ev_scores = "unknown" if ev_json is None else ev_json.get("scores", "unknown")
-    identity = table_identity(run.scores) if ev_scores != "unknown" else None
-    if ev_scores not in ("unknown", identity):
+    # an evaluation that recorded the columns it ranked by is compared on those alone (a
+    # rescore that adds a scorer leaves it valid); one from before, on the whole table
+    ev_columns = ev_scores.get("columns") if isinstance(ev_scores, dict) else None
+    identity = table_identity(run.scores) if ev_scores != "unknown" and not ev_columns else None
+    ev_now = (
+        identity
+        if not ev_columns
+        else table_identity(run.scores, ev_columns)
+        if set(ev_columns) <= set(columns)
+        else None
+    )
+    if ev_scores not in ("unknown", ev_now):
         log.warning("report: %s was made from an earlier score table; not shown", ev_url)
         inner = (
             "<p>The last evaluation was made from an earlier score table (the run was scored "

@@ -240,7 +240,13 @@ def test_an_evaluation_of_an_earlier_score_table_is_not_shown(reported, tmp_path
     assert "diffin@0.5" in open(build_report(run, top=2)).read()
     fp = {**table_metadata(f"{run}/scores.parquet").get("fingerprint", {}), "methods": ["x"]}
     meta = {b"diffin": json.dumps({"fingerprint": fp}).encode()}
-    pq.write_table(table.replace_schema_metadata(meta), f"{run}/scores.parquet")  # "rescored"
+    # rescored with another scorer beside: the evaluated columns are as they were (walkthrough)
+    pq.write_table(table.replace_schema_metadata(meta), f"{run}/scores.parquet")
+    assert "diffin@0.5" in open(build_report(run, top=2)).read()
+    values = table.column("diffin").to_numpy(zero_copy_only=False) + 1.0  # rescored: changed
+    i = table.schema.get_field_index("diffin")
+    table = table.set_column(i, "diffin", pa.array(values, mask=np.isnan(values)))
+    pq.write_table(table.replace_schema_metadata(meta), f"{run}/scores.parquet")
     html = open(build_report(run, top=2)).read()
     assert "made from an earlier score table" in html
     assert "diffin@0.5" not in html and "random@0.5" not in html
