@@ -568,8 +568,8 @@ def test_a_resumed_run_asks_for_its_completion_records_many_at_a_time(tmp_path, 
     for name in names[:30]:
         _part(run, name, 2)
     shards = [f"/pool/{n}.tar" for n in names]
-    spy = _InFlight(driver.read_record)
-    monkeypatch.setattr(driver, "read_record", spy)
+    spy = _InFlight(driver.record_or_problem)
+    monkeypatch.setattr(driver, "record_or_problem", spy)
     records = driver.completion_records(RunDir(run), shards, names)
     assert list(records) == shards and spy.most > 1
     assert [r is not None for r in records.values()] == [True] * 30 + [False] * 10
