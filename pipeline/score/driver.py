@@ -624,7 +624,7 @@ def check_placeable(cfg: ScoreConfig) -> None:
 def _fingerprint(
     cfg: ScoreConfig,
     traj_record: dict,
-    target: dict,
+    target: dict | None,
     sets: dict[str, str],
     self_size: dict[str, int] | None = None,
 ) -> dict[str, Any]:
@@ -712,7 +712,7 @@ def describe_changes(now: dict[str, Any], earlier: dict[str, Any]) -> list[str]:
 def method_hashes(
     cfg: ScoreConfig,
     traj_record: dict,
-    target: dict,
+    target: dict | None,
     sets: dict[str, str],
     self_size: dict[str, int] | None = None,
 ) -> dict[str, str]:
@@ -1109,6 +1109,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         k, batch = tensor_shapes(run.set_file("grad_batches"))["images"][:2]
         size = self_size(cfg, traj, k * batch)
     warn_about_target(cfg)
+    if "target" not in depends_on(get_scorers(cfg.methods)):
+        target = None  # not a target of these scores (walkthrough: described in the summary)
     warn_about_another_pool(cfg, run, shards)
     fp = _fingerprint(cfg, traj.record, target, sets, size)
     fp_hash = fingerprint_hash(fp)

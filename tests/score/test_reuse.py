@@ -210,6 +210,8 @@ def test_other_methods_keep_the_columns_of_unchanged_scorers(
     # dropping diffin and random: no shard is scored; the table holds loss alone, the parts
     # keep the rest
     assert dropped["shards_scored_now"] == 0 and dropped["shards_kept_columns"] == 3
+    # no scorer of that run points toward a target: none described (walkthrough)
+    assert first["target"]["target_fingerprint"] and dropped["target"] is None
     assert dropped["shards_resumed"] == 3 and dropped["rows"] == first["rows"]
     assert [c for c in only.column_names if c in [*diffin, "random", "loss"]] == ["loss"]
     assert _by_row(only.to_pydict(), "loss") == _by_row(after, "loss")
