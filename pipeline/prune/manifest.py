@@ -90,8 +90,14 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     # what the manifest ranks (its columns' values and the rows), so a rescore that changes
     # them shows the manifest is out of date, and one that only adds or drops other scorers
     # does not
-    by = cfg.balance_by if cfg.rule == "balanced" and cfg.balance_by != "cluster" else None
-    scores = table_identity(run.scores, [*selection.score_columns, *([by] if by else [])])
+    by = cfg.balance_by if cfg.rule == "balanced" else None
+    scores = (
+        # clusters come from the images through the proxy's last checkpoint, which no column
+        # holds: the whole table's identity, which changes with the checkpoints (review)
+        table_identity(run.scores)
+        if by == "cluster"
+        else table_identity(run.scores, [*selection.score_columns, *([by] if by else [])])
+    )
     if selection.kept == 0:
         # An empty manifest is nothing open_clip can train on: refuse it here,
         # before any output is touched.

@@ -194,12 +194,14 @@ def table_identity(url: str, columns: Sequence[str] | None = None) -> dict[str, 
     """
     h, v, rows = hashlib.sha256(), hashlib.sha256(), 0
     cols = list(dict.fromkeys(columns or []))
+    # with the status: an ok row whose score is NaN must not hash as an error row (review)
+    hashed = ["status", *[c for c in cols if c != "status"]] if columns is not None else []
     with fsspec.open(url, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["uid", *cols]):
+        for batch in pq.ParquetFile(f).iter_batches(columns=["uid", *hashed]):
             rows += batch.num_rows
             h.update("\n".join(batch.column(0).to_pylist()).encode() + b"\n")
             for i, column in enumerate(batch.columns[1:]):
-                v.update(f"{cols[i]}\n".encode())
+                v.update(f"{hashed[i]}\n".encode())
                 if pa.types.is_floating(column.type):  # nulls (error rows) read as NaN
                     v.update(column.to_numpy(zero_copy_only=False).astype("<f8").tobytes())
                 else:

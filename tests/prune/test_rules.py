@@ -298,6 +298,9 @@ def test_manifest_balanced_by_cluster_on_a_scored_run(tiny_scored, tmp_path):
     )
     m = write_manifest(cfg)
     assert m["dir"].endswith("/prune/diffin-keep0.5-proportional-cluster3")
+    # its clusters come from the proxy's checkpoint, not from a column: the whole table's
+    # identity, which a retrained proxy's rescore changes (review)
+    assert set(m["scores"]) == {"fingerprint", "rows", "uids"}  # no "columns", no "values"
     groups = m["selection"]["groups"]
     assert set(groups) == {"0", "1", "2"}
     assert sum(g["rows"] for g in groups.values()) == m["rows_scorable"]

@@ -189,3 +189,20 @@ def test_a_stage_before_the_table_says_whether_scoring_ran_or_has_not_finished(t
         write_json(run.path("scores", "done", f"{name}.json"), {"rows": 3})
     with pytest.raises(ConfigError, match=r"has not finished \(2 shard\(s\) scored so far\)"):
         require_scores(run)
+
+
+def test_a_column_identity_tells_an_ok_nan_row_from_an_error_row(tmp_path):
+    """Review: nulls hash as NaN, so an ok row whose score is NaN hashed as an error row;
+    evaluate's full subset and its max_pairs fraction count ok rows."""
+    from pipeline.score.table import table_identity
+
+    samples = _samples()
+    ok = np.array([s.ok for s in samples])
+    scores = {c: np.full(int(ok.sum()), np.nan) for c in COLS}
+    url = str(tmp_path / "a.parquet")
+    write_table(build_part(samples, scores, COLS), url)
+    first = table_identity(url, ["diffin"])
+    samples[0].error, samples[0].image = "decode error", None  # now an error row
+    write_table(build_part(samples, {c: v[1:] for c, v in scores.items()}, COLS), url)
+    assert table_identity(url, ["diffin"]) != first
+    assert first["columns"] == ["diffin"] and first["rows"] == len(samples)
