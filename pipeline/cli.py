@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.data.shards import absolute_pattern, relative_items
-from pipeline.errors import TERMINATED, ConfigError, handle_sigterm
+from pipeline.errors import TERMINATED, ConfigError, field_flag, handle_sigterm
 from pipeline.influence.directions import GGN_KEPT_PAIRS, PAIRS_PER_PASS
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.prune.config import NORMS
@@ -167,25 +167,13 @@ def _unknown_options(parser: argparse.ArgumentParser, command: str, extra: list[
     return "unrecognized arguments: " + " ".join(named)
 
 
-# Config fields whose flag is not the field's name with dashes.
-FIELD_FLAGS = {
-    "keeps": "--keep",
-    "fusions": "--fuse",
-    "fusion": "--fuse",
-    "full": "--no-full",
-    "first_order": "--no-first-order",
-    "image_keys": "--image-key",
-    "text_keys": "--text-key",
-}
-
-
 def _as_flag(parser: argparse.ArgumentParser, command: str, message: str) -> str:
     """A config check names the dataclass field ("batch_size: ..."); on the command line
     the user typed the flag, so name that (jobs and specs keep the field name)."""
     field = re.match(r"([a-z][a-z0-9_]*):", message)
     if field:
         name = field.group(1)
-        flag = FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
+        flag = field_flag(name)
         if flag in _option_strings(_subcommand(parser, command)):
             return flag + message[field.end() - 1 :]
     return message

@@ -9,6 +9,24 @@ class ConfigError(ValueError):
     """A bad option or input specification; the message names the field."""
 
 
+# Config fields whose flag is not the field's name with dashes.
+FIELD_FLAGS = {
+    "keeps": "--keep",
+    "fusions": "--fuse",
+    "fusion": "--fuse",
+    "full": "--no-full",
+    "first_order": "--no-first-order",
+    "image_keys": "--image-key",
+    "text_keys": "--text-key",
+}
+
+
+def field_flag(name: str) -> str:
+    """The command-line flag of config field ``name`` (messages name fields; a user typed
+    flags)."""
+    return FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, Kubernetes, Slurm, `ray job stop`): stop as an
     interrupt does, since every stage writes atomically and resumes."""

@@ -49,7 +49,7 @@ from pipeline.data.shards import (
     shard_stamp,
     shard_stamps,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, field_flag
 from pipeline.provenance import provenance
 from pipeline.raylocal import check_address, connect, embedded
 from pipeline.rundir import RunDir, exists, file_size, move, read_json, remove, write_json
@@ -699,11 +699,7 @@ def describe_changes(now: dict[str, Any], earlier: dict[str, Any]) -> list[str]:
             continue
         if key == "options":
             a, b = now[key] or {}, earlier[key] or {}
-            out += [
-                "--no-first-order" if k == "first_order" else "--" + k.replace("_", "-")
-                for k in sorted(set(a) & set(b))
-                if a[k] != b[k]
-            ]
+            out += [field_flag(k) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
         else:
             out.append(_INPUTS.get(key, key))
     return out

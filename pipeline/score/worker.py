@@ -198,6 +198,7 @@ class ShardScorer:
                 plan["params"],
             )
         self.columns = [col for s in self.scorers for col in s.columns(self.ctx)]
+        self._subsets: dict[tuple[str, ...], tuple[list, dict[int, set[str]], list[str]]] = {}
 
     def subset(self, methods: list[str] | None) -> tuple[list, dict[int, set[str]], list[str]]:
         """The scorers named in ``methods`` (all when None), the terms they need per
@@ -205,6 +206,12 @@ class ShardScorer:
         some scorers computes only the others (score/reuse.py)."""
         if methods is None:
             return self.scorers, self.need, self.columns
+        key = tuple(methods)
+        if key not in self._subsets:  # asked once per batch: planned once per subset
+            self._subsets[key] = self._plan(methods)
+        return self._subsets[key]
+
+    def _plan(self, methods: list[str]) -> tuple[list, dict[int, set[str]], list[str]]:
         scorers = [s for s in self.scorers if s.name in methods]
         by_step = {c.step: c for c in self.traj.checkpoints}
         need = {
