@@ -67,7 +67,13 @@ def _rss_now_mb() -> float:
     return float("nan")
 
 
-def generate(path: str, rows: int, seed: int = 0, scores: str = "normal") -> None:
+def generate(
+    path: str,
+    rows: int,
+    seed: int = 0,
+    scores: str = "normal",
+    methods: tuple[str, ...] = ("diffin",),
+) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -77,7 +83,7 @@ def generate(path: str, rows: int, seed: int = 0, scores: str = "normal") -> Non
 
     rng = np.random.default_rng(seed)
     hexchars = np.frombuffer(b"0123456789abcdef", np.uint8)
-    sch = schema(["diffin"])
+    sch = schema(list(methods))
     with pq.ParquetWriter(path, sch) as w:
         for start in range(0, rows, ROW_GROUP):
             n = min(ROW_GROUP, rows - start)
@@ -95,7 +101,9 @@ def generate(path: str, rows: int, seed: int = 0, scores: str = "normal") -> Non
                 "",
             )
             err = rng.random(n) < 0.02
-            score = rng.normal(size=n) if scores == "normal" else np.zeros(n)
+            columns = {
+                m: rng.normal(size=n) if scores == "normal" else np.zeros(n) for m in methods
+            }
             table = pa.table(
                 {
                     "uid": uid,
@@ -105,7 +113,7 @@ def generate(path: str, rows: int, seed: int = 0, scores: str = "normal") -> Non
                     "status": pa.array(np.where(err, "error", "ok")),
                     "error": pa.array(np.where(err, "undecodable image", None)),
                     "caption": pa.nulls(n, pa.string()),
-                    "diffin": pa.array(score, mask=err),
+                    **{m: pa.array(v, mask=err) for m, v in columns.items()},
                 },
                 schema=sch,
             )

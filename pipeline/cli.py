@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write RUN/report/index.html")
     rp.add_argument("--run", required=True, help=RUN_HELP)
     rp.add_argument("--method", default=None, help="scorer of the galleries; default: diffin")
-    rp.add_argument("--top", type=_positive, default=12, help="pairs in each gallery")
+    rp.add_argument("--top", type=_positive, default=12, help="pairs in each gallery (at most 500)")
 
     m = sub.add_parser("demo", help="the whole pipeline on a generated pool")
     m.add_argument("--run", default="runs/demo", help=RUN_HELP)

@@ -8,23 +8,27 @@ import re
 import time
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from pipeline.data.reader import shard_row_uid
 from pipeline.errors import ConfigError
 from pipeline.evaluation.retrain import METRICS, load_truth, pool_truth, summarise
 from pipeline.prune.config import NOT_KEEP_FIRST, check_rank_column
+from pipeline.prune.select import Table
 from pipeline.report import page as P
 from pipeline.report.plots import metric_vs_keep, score_histograms
+from pipeline.report.tablestats import (
+    SHARD_COLUMNS,
+    Extremes,
+    ShardCounts,
+    ShardErrors,
+    column_histogram,
+)
 from pipeline.report.thumbnails import thumbnails
 from pipeline.rundir import RunDir, exists, read_json, write_bytes_atomic
 from pipeline.score.table import (
     check_scores_current,
     prune_entries,
-    read_table,
     require_scores,
     scored_config,
     scored_reader_options,
@@ -38,11 +42,6 @@ _PER_CHECKPOINT = re.compile(r"_t\d+$")
 BASE = ("uid", "key", "shard", "index", "status", "error", "caption")
 
 
-def _columns(url: str) -> list[str]:
-    with fsspec.open(url, "rb") as f:
-        return pq.read_schema(f).names
-
-
 def scorer_columns(columns: list[str], meta: dict[str, Any]) -> list[str]:
     """The scorers' own columns, not their per-checkpoint components, in the scored order."""
     methods = meta.get("score", {}).get("methods") or []
@@ -51,29 +50,19 @@ def scorer_columns(columns: list[str], meta: dict[str, Any]) -> list[str]:
 
 
 MAX_SHARD_ROWS = 100
+# each gallery pair is a thumbnail inlined in the page and read back from its shard
+MAX_TOP = 500
+BATCH_ROWS = 1 << 16
 
 
-def _errors_per_shard(frame: pd.DataFrame) -> tuple[list[list[Any]], str]:
-    """Shards with errors first (most errors first), then the rest, at most MAX_SHARD_ROWS.
-
-    A shard's own row (the reader's ``__shard__`` row: it could not be read to its end) is
-    no sample: it is shown as the shard's damage, not counted as a sample (walkthrough: a
-    garbage tar of 30 pairs showed "rows 1, errors 1")."""
+def _errors_per_shard(shards: dict[str, ShardCounts]) -> tuple[list[list[Any]], str]:
+    """Shards with errors first (most errors first), then the rest, at most MAX_SHARD_ROWS."""
     rows = []
-    for shard, g in frame.groupby("shard", sort=True):
-        own = g.uid == shard_row_uid(shard)
-        samples = g[~own]
-        bad = samples[samples.status != "ok"]
-        reason = bad.error.value_counts().index[0] if len(bad) else ""
-        damage = g[own].error.iloc[0] if own.any() else ""
+    for shard in sorted(shards):
+        c = shards[shard]
+        reason = c.reasons.most_common(1)[0][0] if c.reasons else ""
         rows.append(
-            [
-                shard.rsplit("/", 1)[-1],
-                len(samples),
-                len(bad),
-                str(reason)[:160],
-                str(damage)[:160],
-            ]
+            [shard.rsplit("/", 1)[-1], c.samples, c.errors, str(reason)[:160], c.damage[:160]]
         )
     rows.sort(key=lambda r: (-r[2], not r[4]))
     damaged = sum(1 for r in rows if r[4])
@@ -86,11 +75,11 @@ def _errors_per_shard(frame: pd.DataFrame) -> tuple[list[list[Any]], str]:
 
 
 def _pairs(
-    frame: pd.DataFrame, method: str, n: int, lowest: bool, truth: pd.DataFrame | None, options
+    chosen: pd.DataFrame, method: str, truth: pd.DataFrame | None, options
 ) -> list[dict[str, Any]]:
-    ok = frame[(frame.status == "ok") & np.isfinite(frame[method])]
-    # ties by uid, as the prune stage breaks them
-    chosen = ok.sort_values([method, "uid"], ascending=[lowest, True]).head(n)
+    """The gallery's items for ``chosen`` (:class:`Extremes` rows, in order)."""
+    if not len(chosen):
+        return []
     thumbs = thumbnails(list(zip(chosen.shard, chosen["index"], chosen.uid, strict=True)), options)
     items = []
     for r in chosen.itertuples(index=False):
@@ -176,35 +165,52 @@ def _prune_selections(run: RunDir, entries: dict[str, dict], stale: list[str]) -
 
 def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     """Write RUN/report/index.html; returns its path."""
+    if not 0 < top <= MAX_TOP:
+        raise ConfigError(
+            f"top: {top} pairs per gallery; give 1 to {MAX_TOP} (each is a thumbnail in the "
+            "page; every row is in RUN/scores.parquet)"
+        )
     run = RunDir(run_url)
     require_scores(run)
     # on the page too: a reader of the report does not see the console (walkthrough)
     table_warnings = check_scores_current(run)
     meta = table_metadata(run.scores)
-    columns = _columns(run.scores)
+    table = Table(run.scores, batch_rows=BATCH_ROWS)
+    columns = table.columns
     methods = scorer_columns(columns, meta)
     method = gallery_method(methods, method)
     if method not in columns or method in BASE:
         raise ConfigError(f"method: no column {method!r} in the score table; scorers: {methods}")
-    # captions come from the shards for the few rows shown, not from the whole table
-    wanted = ["uid", "shard", "index", "status", "error", *dict.fromkeys([*methods, method])]
-    frame = read_table(run.scores, columns=wanted).to_pandas()
     record = read_json(run.run_json) if exists(run.run_json) else {}
     score_cfg = scored_config(run)
     options = scored_reader_options(run)
     truth = load_truth(pool_truth(score_cfg["data"])) if score_cfg.get("data") else None
-    ok = frame[frame.status == "ok"]
-    marked = (
-        ok.uid.map(truth.defect).fillna("clean").ne("clean").to_numpy()
-        if truth is not None
-        else None
-    )
+    # One pass for the counts and the galleries, then one per scorer for its histogram:
+    # the table is never held whole (a pool of millions; tablestats.py). Captions come
+    # from the shards for the few rows shown.
+    errors, extremes = ShardErrors(), Extremes(method, top)
+    for batch in table.batches(list(dict.fromkeys([*SHARD_COLUMNS, *extremes.columns()]))):
+        errors.add(batch)
+        extremes.add(batch)
+
+    def defect(uids: pd.Series) -> np.ndarray:
+        return uids.map(truth.defect).fillna("clean").ne("clean").to_numpy()
+
+    hists = {
+        m: column_histogram(
+            table.batches(["status", m] + (["uid"] if truth is not None else [])),
+            m,
+            table.num_rows,
+            defect if truth is not None else None,
+        )
+        for m in methods
+    }
     sections: list[tuple[str, str]] = []
 
-    hist = score_histograms({m: ok[m].to_numpy(np.float64) for m in methods}, marked)
+    hist = score_histograms(hists)
     note = (
         "Injected defects (from the generated pool's truth table) are drawn apart."
-        if marked is not None
+        if truth is not None
         else ""
     )
     warned = "".join(f'<p class="tag">Note: {P.esc(w)}</p>' for w in table_warnings)
@@ -271,7 +277,8 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     sections.append(("Evaluation: retraining on each kept subset", inner))
 
     for heading, lowest in (("Most harmful pairs", True), ("Most helpful pairs", False)):
-        items = _pairs(frame, method, top, lowest, truth, options)
+        chosen = extremes.lowest if lowest else extremes.highest
+        items = _pairs(chosen, method, truth, options)
         side = "lowest" if lowest else "highest"
         sections.append(
             (
@@ -286,7 +293,7 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
         log.warning("report: the prune manifests %s rank an earlier score table", stale)
     sections.append(("Prune selections", _prune_selections(run, entries, stale)))
 
-    err_rows, err_note = _errors_per_shard(frame)
+    err_rows, err_note = _errors_per_shard(errors.shards)
     sections.append(
         (
             "Errors per shard",
@@ -328,9 +335,9 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     )
     sections.append(("Provenance", prov))
 
-    n_err = int((frame.status != "ok").sum())
+    n_err = errors.errors
     intro = (
-        f"<p>{len(frame)} rows ({len(frame) - n_err} scored, {n_err} errors), scorers: "
+        f"<p>{errors.rows} rows ({errors.rows - n_err} scored, {n_err} errors), scorers: "
         f"{P.esc(', '.join(methods))}; model {P.esc(meta.get('model', traj.get('model')))}; "
         f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.</p>"
     )

@@ -9,8 +9,9 @@ import matplotlib
 matplotlib.use("Agg")  # headless: never needs a display
 
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from pipeline.report.tablestats import Histogram  # noqa: E402
 
 
 def _png(fig: plt.Figure) -> bytes:
@@ -20,33 +21,23 @@ def _png(fig: plt.Figure) -> bytes:
     return buf.getvalue()
 
 
-def score_histograms(scores: dict[str, np.ndarray], marked: np.ndarray | None = None) -> bytes:
-    """One histogram per scorer; with ``marked`` (bool per row) the marked rows are drawn apart.
-
-    Influence scores span orders of magnitude with long tails, so each panel
-    is clipped to its 1st-99th percentile range (the count outside is printed).
-    """
-    names = list(scores)
+def score_histograms(hists: dict[str, Histogram]) -> bytes:
+    """One panel per scorer (:func:`~pipeline.report.tablestats.histogram`: clipped to the
+    1st-99th percentile range, the count outside printed); marked rows are drawn apart."""
+    names = list(hists)
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
-        v = np.asarray(scores[name], dtype=np.float64)
-        finite = np.isfinite(v)
-        lo, hi = np.percentile(v[finite], [1, 99]) if finite.any() else (0.0, 1.0)
-        if lo == hi:
-            lo, hi = lo - 0.5, hi + 0.5
-        bins = np.linspace(lo, hi, 41)
-        inside = finite & (v >= lo) & (v <= hi)
-        if marked is not None:
-            ax.hist(v[inside & ~marked], bins=bins, alpha=0.7, label="clean")
-            ax.hist(v[inside & marked], bins=bins, alpha=0.7, label="injected defect")
+        h = hists[name]
+        left = h.edges[:-1]  # one weighted point per bin: the counts were taken already
+        if h.marked is not None:
+            ax.hist(left, bins=h.edges, weights=h.counts, alpha=0.7, label="clean")
+            ax.hist(left, bins=h.edges, weights=h.marked, alpha=0.7, label="injected defect")
             ax.legend(fontsize=7, loc="upper left")
         else:
-            ax.hist(v[inside], bins=bins)
-        ax.set_title(
-            f"{name} ({int((~inside & finite).sum())} outside the 1-99% range)", fontsize=9
-        )
+            ax.hist(left, bins=h.edges, weights=h.counts)
+        ax.set_title(f"{name} ({h.outside} outside the 1-99% range)", fontsize=9)
         ax.set_xlabel("score (higher = keep)", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names) :]:

@@ -197,7 +197,8 @@ def table_identity(url: str, columns: Sequence[str] | None = None) -> dict[str, 
     # with the status: an ok row whose score is NaN must not hash as an error row (review)
     hashed = ["status", *[c for c in cols if c != "status"]] if columns is not None else []
     with fsspec.open(url, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["uid", *hashed]):
+        # pre_buffer would read ahead many row groups: memory grows with the table
+        for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(columns=["uid", *hashed]):
             rows += batch.num_rows
             h.update("\n".join(batch.column(0).to_pylist()).encode() + b"\n")
             for i, column in enumerate(batch.columns[1:]):

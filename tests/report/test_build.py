@@ -82,14 +82,13 @@ def test_error_rows_are_counted_per_shard(tiny_scored, tmp_path):
 
 def test_a_shards_own_error_row_is_its_damage_not_a_sample():
     """Walkthrough: a garbage tar of 30 pairs showed "rows 1, errors 1", its reader row
-    counted as a sample."""
-    import pandas as pd
-
+    counted as a sample. Fed in batches of two rows: the counts add up across batches."""
     from pipeline.data.reader import shard_row_uid
     from pipeline.report.build import _errors_per_shard
+    from pipeline.report.tablestats import ShardErrors
 
     cut, good = "/p/00001.tar", "/p/00000.tar"
-    frame = pd.DataFrame(
+    table = pa.table(
         {
             "shard": [good, good, cut, cut, cut],
             "uid": ["a" * 32, "b" * 32, "c" * 32, "d" * 32, shard_row_uid(cut)],
@@ -97,9 +96,13 @@ def test_a_shards_own_error_row_is_its_damage_not_a_sample():
             "error": [None, None, None, "decode: truncated", "unreadable shard: truncated tar"],
         }
     )
-    rows, note = _errors_per_shard(frame)
+    errors = ShardErrors()
+    for batch in table.to_batches(max_chunksize=2):
+        errors.add(batch)
+    rows, note = _errors_per_shard(errors.shards)
     assert rows[0] == ["00001.tar", 2, 1, "decode: truncated", "unreadable shard: truncated tar"]
     assert rows[1] == ["00000.tar", 2, 0, "", ""]
+    assert (errors.rows, errors.errors) == (5, 2)
     assert (
         note == "2 shards, 1 sample error rows in all; 1 shard(s) could not be read to their end."
     )
@@ -175,6 +178,13 @@ def test_a_table_the_last_score_run_did_not_write_is_said_on_the_page(tiny_score
     distributions = html.split("<h2>Score distributions</h2>")[1].split("<h2>")[0]
     assert "Note: the last `diffin score` of" in distributions
     assert "did not write this table" in distributions
+
+
+@pytest.mark.parametrize("top", [0, 501])
+def test_a_gallery_size_out_of_range_is_refused_before_reading(tmp_path, top):
+    # no run at all: the size is refused first
+    with pytest.raises(ConfigError, match="top: .* give 1 to 500"):
+        build_report(str(tmp_path / "no-run"), top=top)
 
 
 def test_unknown_method_is_refused(tiny_scored):
