@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS
 from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.data.shards import absolute_pattern, relative_items
-from pipeline.errors import TERMINATED, ConfigError, field_flag, handle_sigterm
+from pipeline.errors import TERMINATED, ConfigError, StageFailed, field_flag, handle_sigterm
 from pipeline.influence.directions import GGN_KEPT_PAIRS, PAIRS_PER_PASS
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.prune.config import NORMS
@@ -860,15 +860,34 @@ def _prune_config(args: argparse.Namespace):  # -> PruneConfig (imported late: l
 def check_patterns(args: argparse.Namespace) -> None:
     """Refuse a shard pattern that resolves to nothing before any stage runs, naming the option."""
     from pipeline.data.shards import resolve_shards
+    from pipeline.data.synth import unfinished_pool
 
     for name in ("data", "target"):
         pattern = getattr(args, name, None)
         if pattern is None:
             continue
         try:
-            resolve_shards(pattern)
+            shards = resolve_shards(pattern)
         except ConfigError as exc:
             raise ConfigError(f"{name}: {exc}") from exc
+        # walkthrough: a training took the 24 shards of an interrupted make-data of 30
+        folder = unfinished_pool(shards)
+        if folder is not None:
+            raise ConfigError(
+                f"{name}: {folder} holds a pool make-data has not finished (interrupted); "
+                "run that make-data again: it writes the pool whole"
+            )
+
+
+def check_buckets(args: argparse.Namespace) -> None:
+    """Refuse a directory on an object store that cannot be reached, or in a bucket that
+    does not exist, before any stage runs (:func:`pipeline.rundir.check_bucket`)."""
+    from pipeline.rundir import check_bucket
+
+    for name in ("run", "out", "import_dir"):
+        url = getattr(args, name, None)
+        if isinstance(url, str):
+            check_bucket(url, name)  # the field's name: main names the flag
 
 
 # Options that name files or directories (patterns included).
@@ -930,11 +949,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_job_paths(args)
         check_patterns(args)
+        check_buckets(args)
         result = run(args)
     except ConfigError as exc:
         message = _as_flag(parser, args.command, str(exc))
         print(f"diffin {args.command}: configuration error: {message}", file=sys.stderr)
         return 2
+    except StageFailed as exc:  # the message says what to do; Ray's logs are above it
+        print(f"diffin {args.command}: {exc}", file=sys.stderr)
+        return 1
     except FloatingPointError as exc:
         # the proxy's loss went NaN (training says at which step and what to change): the
         # message is the whole story, a traceback would bury it (walkthrough)
@@ -943,9 +966,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Every stage writes atomically and resumes, so a traceback would only alarm.
         terminated = TERMINATED.is_set()
+        again = (
+            "run the same command again to write the pool (it starts over)"
+            if args.command == "make-data"  # a generated pool is written whole, not resumed
+            else "run the same command again to continue (finished work is kept)"
+        )
         print(
             f"diffin {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
-            "run the same command again to continue (finished work is kept)",
+            + again,
             file=sys.stderr,
         )
         return 143 if terminated else 130

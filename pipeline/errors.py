@@ -27,6 +27,11 @@ def field_flag(name: str) -> str:
     return FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
+class StageFailed(RuntimeError):
+    """A stage cannot go on, and its message says why and what to do: the command prints
+    it alone (a traceback would bury it under Ray's own)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, Kubernetes, Slurm, `ray job stop`): stop as an
     interrupt does, since every stage writes atomically and resumes."""

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractBufferedFile
 
 from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def join(base: str, *parts: str) -> str:
@@ -45,6 +49,45 @@ def exists(url: str) -> bool:
     # (a Ray worker) may have written the object since.
     fs.invalidate_cache(path.rsplit("/", 1)[0] if "/" in path else path)
     return fs.exists(path)
+
+
+# Object stores whose first path component is a bucket: an account's resource, made by
+# its owner, not by a stage's first write.
+BUCKET_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+
+
+def check_bucket(url: str, flag: str) -> None:
+    """Refuse, before any work, a ``flag`` URL on an object store that cannot be reached
+    (credentials, endpoint) or whose bucket does not exist.
+
+    Walkthrough: a missing credential or a mistyped endpoint gave prune, report and
+    make-data a botocore traceback of 60 to 140 lines; and a mistyped bucket was created
+    by s3fs on the first write (on AWS, a stray bucket in the account). diffin never
+    creates a bucket.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        bucket = path.strip("/").split("/", 1)[0]
+        if not protocols & BUCKET_STORES or not bucket:
+            return
+        fs.info(bucket)  # exists() would answer False for a store it cannot reach too
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{flag}: the bucket {bucket!r} of {url} does not exist; diffin does not create "
+            "buckets: create it, or correct the URL"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 (whatever the store's client raises: botocore...)
+        if isinstance(exc, PermissionError) or re.search(r"\b403\b|Forbidden", str(exc)):
+            # credentials that may use objects but not ask about their bucket (GCS's
+            # objectAdmin has no storage.buckets.get): the stage's own reads will tell
+            log.debug("%s: cannot ask about the bucket of %s (%s)", flag, url, exc)
+            return
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"{flag}: {url} cannot be reached ({type(exc).__name__}: {first}); check the "
+            "store's credentials and endpoint (AWS_ENDPOINT_URL; docs/data.md)"
+        ) from exc
 
 
 def check_dir_target(url: str, flag: str) -> None:

@@ -528,3 +528,17 @@ def test_a_relative_run_is_recorded_absolute_through_main(tiny_scored, tmp_path,
     assert main(["prune", "--run", "run", "--keep", "0.5", "--name", "half"]) == 0
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["prune/half"]["config"]["run"] == str(tmp_path / "run")
+
+
+def test_a_stage_that_cannot_go_on_says_why_in_one_line(monkeypatch, capsys):
+    """Its message says what to do; a traceback would bury it under Ray's own logs."""
+    import pipeline.cli as cli
+    from pipeline.errors import StageFailed
+
+    def fails(args):
+        raise StageFailed("2 scoring actors in a row failed to start; last: X")
+
+    monkeypatch.setattr(cli, "run", fails)
+    assert cli.main(["prune", "--run", "r", "--keep", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err == "diffin prune: 2 scoring actors in a row failed to start; last: X\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import fsspec
@@ -121,3 +122,58 @@ def test_a_pool_and_a_run_do_not_share_a_folder(tmp_path):
     with pytest.raises(ConfigError, match=r"^out: .*run is a run directory"):
         make_pool(str(run), cfg, overwrite=True)
     assert (run / "scores.parquet").read_bytes() == b"the run's table"
+
+
+class _Store:
+    """A bucket store whose bucket answer is ``raises`` (None: the bucket is there)."""
+
+    protocol = ("s3", "s3a")
+
+    def __init__(self, raises=None):
+        self.raises = raises
+        self.asked = []
+
+    def info(self, path):
+        self.asked.append(path)
+        if self.raises is not None:
+            raise self.raises
+        return {"type": "directory"}
+
+
+@pytest.mark.parametrize(
+    "raises, refused",
+    [
+        (None, None),
+        (FileNotFoundError("Not Found"), "the bucket 'b' of s3://b/runs/r does not exist"),
+        (
+            ValueError("Invalid endpoint: x:1"),
+            "s3://b/runs/r cannot be reached (ValueError: Invalid endpoint",
+        ),
+        (
+            OSError("Could not connect"),
+            "s3://b/runs/r cannot be reached (OSError: Could not connect)",
+        ),
+        # credentials that may use objects but not ask about the bucket: not refused
+        (PermissionError("Access Denied"), None),
+        (OSError("Forbidden: b\nno storage.buckets.get access"), None),
+    ],
+)
+def test_a_bucket_is_asked_for_before_any_work(monkeypatch, raises, refused):
+    import pipeline.rundir as rundir
+    from pipeline.errors import ConfigError
+
+    store = _Store(raises)
+    monkeypatch.setattr(rundir.fsspec.core, "url_to_fs", lambda url: (store, url[5:]))
+    if refused is None:
+        rundir.check_bucket("s3://b/runs/r", "run")
+    else:
+        with pytest.raises(ConfigError, match=f"^run: {re.escape(refused)}"):
+            rundir.check_bucket("s3://b/runs/r", "run")
+    assert store.asked == ["b"]
+
+
+def test_local_and_bucketless_stores_are_not_asked(tmp_path):
+    from pipeline.rundir import check_bucket
+
+    check_bucket(str(tmp_path / "missing" / "run"), "run")
+    check_bucket("memory://x/run", "run")

@@ -21,8 +21,9 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +36,8 @@ from PIL import Image, ImageDraw
 from pipeline.data.tarwriter import ShardWriter, brace_pattern
 from pipeline.errors import ConfigError
 from pipeline.rundir import check_apart, check_dir_target
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKGROUNDS",
@@ -123,6 +126,9 @@ _JPEG_QUALITY = 90
 _KEY_SHARD_DIGITS = 5  # img2dataset key: 5-digit shard index + 4-digit index in shard
 _KEY_INDEX_DIGITS = 4
 _SUMMARY_NAME = "synth.json"
+# Written before the first shard, removed after synth.json: a pool that holds it is one
+# make-data has not finished (interrupted), which a training must not take for whole.
+_WRITING_NAME = "synth.writing.json"
 
 
 # -- configuration -------------------------------------------------------------
@@ -555,7 +561,14 @@ def pool_summary(root: str) -> dict[str, Any] | None:
 
 
 def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool, out: str) -> dict | None:
-    """The stored summary if this exact pool is already there; refuse to clobber others."""
+    """The stored summary if this exact pool is already there; refuse to clobber others.
+
+    A pool make-data did not finish (its writing marker) is this tool's own and is
+    written again, whatever its config (walkthrough: the interrupted make-data said "run
+    the same command again", which then refused the half-written pool)."""
+    if fs.exists(f"{root}/{_WRITING_NAME}"):
+        log.warning("out: %s holds a pool make-data did not finish; writing it again", out)
+        return None
     summary_path = f"{root}/{_SUMMARY_NAME}"
     if fs.exists(summary_path):
         with fs.open(summary_path, "rb") as f:
@@ -568,21 +581,34 @@ def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool, out: s
                 "choose another directory, or pass --overwrite to delete its .tar, .parquet and "
                 "sizes.json files (eval/ and target/ too) and write the pool"
             )
-    elif not overwrite:
-        if fs.glob(f"{root}/*.tar"):
-            raise ConfigError(
-                f"out: {out} already contains tar shards but no {_SUMMARY_NAME} "
-                "(foreign data, or an unfinished run); choose another directory, or pass "
-                "--overwrite to delete every .tar, .parquet and sizes.json file there "
-                "(eval/ and target/ too) and write the pool"
-            )
-        return None  # nothing of ours, and nothing we would clobber but by name
-    # Remove what a previous (possibly larger or unfinished) pool left behind,
-    # so no stale shard is picked up by a brace pattern or a directory listing.
+    elif not overwrite and fs.glob(f"{root}/*.tar"):
+        raise ConfigError(
+            f"out: {out} already contains tar shards but no {_SUMMARY_NAME} "
+            "(foreign data); choose another directory, or pass "
+            "--overwrite to delete every .tar, .parquet and sizes.json file there "
+            "(eval/ and target/ too) and write the pool"
+        )
+    return None
+
+
+def _clear_pool(fs: Any, root: str) -> None:
+    """Remove what a previous (possibly larger or unfinished) pool left behind, so no stale
+    shard is picked up by a brace pattern or a directory listing."""
     for pattern in ("*.tar", "*.tar.tmp-*", "*.parquet", "sizes.json", _SUMMARY_NAME):
         for sub in ("", "eval/", "target/"):
             for path in fs.glob(f"{root}/{sub}{pattern}"):
                 fs.rm(path)
+
+
+def unfinished_pool(shards: Sequence[str], limit: int = 16) -> str | None:
+    """The folder of ``shards`` (or the pool above it: eval/, target/) that holds a pool
+    make-data has not finished, or None. Only the first ``limit`` folders are asked: a
+    generated pool is one folder, and a pool of many folders is not a generated one."""
+    folders = list(dict.fromkeys(u.rsplit("/", 1)[0] for u in shards if "/" in u))[:limit]
+    for folder in dict.fromkeys([*folders, *(f.rsplit("/", 1)[0] for f in folders)]):
+        fs, path = fsspec.core.url_to_fs(f"{folder}/{_WRITING_NAME}")
+        if fs.exists(path):
+            return folder
     return None
 
 
@@ -601,9 +627,15 @@ def make_pool(out: str, cfg: SynthConfig, *, overwrite: bool = False) -> dict[st
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
+    # only what is ours to delete: an unfinished pool, or any with --overwrite (a folder of
+    # other files but no shards keeps them: written over only by name)
+    clear = overwrite or fs.exists(f"{root}/{_WRITING_NAME}")
     existing = _existing_pool(fs, root, cfg, overwrite, out)
     if existing is not None:
         return existing
+    _write_json(fs, f"{root}/{_WRITING_NAME}", {"config": asdict(cfg)})
+    if clear:
+        _clear_pool(fs, root)
 
     pool = _generate_pool(cfg)
     evals = _generate_eval(cfg)
@@ -686,4 +718,5 @@ def make_pool(out: str, cfg: SynthConfig, *, overwrite: bool = False) -> dict[st
         "image_size": cfg.image_size,
     }
     _write_json(fs, f"{root}/{_SUMMARY_NAME}", summary)
+    fs.rm(f"{root}/{_WRITING_NAME}")
     return summary

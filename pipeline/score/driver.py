@@ -49,7 +49,7 @@ from pipeline.data.shards import (
     shard_stamp,
     shard_stamps,
 )
-from pipeline.errors import ConfigError, field_flag
+from pipeline.errors import ConfigError, StageFailed, field_flag
 from pipeline.provenance import provenance
 from pipeline.raylocal import check_address, connect, embedded
 from pipeline.rundir import RunDir, exists, file_size, move, read_json, remove, write_json
@@ -875,6 +875,25 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 
 
+# What a node's storage client raises when it cannot reach the run or the pool.
+_STORAGE = re.compile(
+    r"botocore|NoCredentials|EndpointConnection|Unable to locate credentials|AccessDenied|"
+    r"PermissionError|google\.auth|DefaultCredentialsError|azure\.core"
+)
+
+
+def start_hint(reason: str) -> str:
+    """What to check when actors cannot start for ``reason`` (walkthrough: nodes without
+    S3 access failed with a botocore error, and nothing said that every node needs it)."""
+    if _STORAGE.search(reason):
+        return (
+            ". Every node reads the run directory and the pool itself: give the nodes "
+            "credentials (an instance profile or service account) and the store's endpoint "
+            '(docs/operations.md, "Storage credentials")'
+        )
+    return ""
+
+
 def _reason(exc: BaseException) -> str:
     """One line for logs and error rows: the exception raised inside the actor when Ray's
     message carries its traceback (its last ``XxxError: ...`` line), else the first line."""
@@ -1015,9 +1034,9 @@ def schedule(
                         log.warning("scoring actor failed to start: %s", reason)
                         retire(slot)
                         if failing_starts >= max_failing_starts:
-                            raise RuntimeError(
+                            raise StageFailed(
                                 f"{failing_starts} scoring actors in a row failed to start; "
-                                f"last: {reason}"
+                                f"last: {reason}" + start_hint(reason)
                             ) from exc
                         start()
                         continue
@@ -1032,7 +1051,7 @@ def schedule(
                     )
                     failing.add(name)
                     if len(failing) >= max_failing:
-                        raise RuntimeError(
+                        raise StageFailed(
                             f"{len(failing)} shards in a row failed an attempt, none scored in "
                             f"between; stopping before the rest of the pool fails the same way "
                             f"(last: {reason}). Nothing was merged; the shards scored so far "
@@ -1303,6 +1322,11 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
                 progress,
                 prefetch=cfg.prefetch_batches > 0,
             )
+        except BaseException as exc:
+            # progress.json said "0 shards done" after an interrupt that had finished five
+            # (walkthrough): it is written every 10 s, so once more, saying why it stopped
+            progress.stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            raise
         finally:
             if started:
                 ray.shutdown()

@@ -41,6 +41,7 @@ class Progress:
         self.samples_total = resumed_samples
         self.errors = 0  # error rows scored by this invocation
         self.actors_replaced = 0
+        self.state = "scoring"  # then "finished", "interrupted" or "failed"
         self.clock = clock
         self.t0 = clock()
         self.json_url = json_url
@@ -94,6 +95,7 @@ class Progress:
         left = self.total - self.done
         eta = left / shard_rate if shard_rate > 0 else None
         return {
+            "state": self.state,
             "shards_total": self.total,
             "shards_done": self.done,
             "shards_resumed": self.resumed,
@@ -148,6 +150,14 @@ class Progress:
         )
 
     def close(self) -> dict[str, Any]:
+        self.state = "finished"
         self._refresh(force=True)
         self.bar.close()
         return self.snapshot()
+
+    def stop(self, state: str) -> None:
+        """The run ends before its end (``state``: "interrupted", "failed"): the snapshot
+        file is written once more, with the shards finished until now."""
+        self.state = state
+        self._refresh(force=True)
+        self.bar.close()

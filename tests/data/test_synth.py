@@ -331,3 +331,56 @@ def test_rates_must_leave_clean_samples() -> None:
     with pytest.raises(ConfigError, match=re.escape("noise+duplicates+junk")):
         SynthConfig(samples=2, noise=0.3, duplicates=0.3, junk=0.3).validate()
     SynthConfig().validate()
+
+
+def test_an_interrupted_pool_is_written_again_whole_and_refused_for_training(
+    tmp_path: Path, monkeypatch, capsys, caplog
+) -> None:
+    """Walkthrough: an interrupted make-data left 24 of 30 shards; its message said "run the
+    same command again", which refused them (no synth.json), and `train` took them for
+    the pool."""
+    import pipeline.data.synth as synth
+    from pipeline.cli import main
+
+    flags = ["--samples", "40", "--shard-size", "8", "--eval-samples", "4", "--target-samples", "4"]
+    assert main(["make-data", str(tmp_path / "whole"), *flags]) == 0
+    out = tmp_path / "p"
+    real = synth._write_split
+
+    def interrupted(base, items, c):
+        if base.endswith("/eval"):  # the pool's shards are written, eval's not yet
+            raise KeyboardInterrupt
+        return real(base, items, c)
+
+    monkeypatch.setattr(synth, "_write_split", interrupted)
+    assert main(["make-data", str(out), *flags]) == 130
+    assert "interrupted; run the same command again to write the pool (it starts over)" in (
+        capsys.readouterr().err
+    )
+    assert len(list(out.glob("*.tar"))) == 5 and not (out / "synth.json").exists()
+
+    for flag, pattern in (("--data", f"{out}/"), ("--target", f"{out}/target/")):
+        (out / "target").mkdir(exist_ok=True)
+        (out / "target" / "00000.tar").write_bytes((out / "00000.tar").read_bytes())
+        argv = ["train", "--data", f"{out}/", "--run", str(tmp_path / "run")]
+        if flag == "--target":
+            argv = ["score", "--data", f"{tmp_path}/whole/", "--target", pattern, "--run", "r"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{flag}: {out} holds a pool make-data has not finished (interrupted)" in err
+    assert not (tmp_path / "run").exists()
+
+    monkeypatch.setattr(synth, "_write_split", real)
+    assert main(["make-data", str(out), *flags]) == 0  # no --overwrite: the pool is ours
+    assert "holds a pool make-data did not finish; writing it again" in caplog.text
+    assert not (out / "synth.writing.json").exists()
+    assert _tar_bytes(out) == _tar_bytes(tmp_path / "whole")
+
+
+def test_a_folder_with_other_files_but_no_shards_keeps_them(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "notes.parquet").write_bytes(b"theirs")
+    make_pool(str(out), SynthConfig(samples=12, shard_size=8, eval_samples=2, image_size=16))
+    assert (out / "notes.parquet").read_bytes() == b"theirs"
+    assert not (out / "synth.writing.json").exists() and (out / "synth.json").exists()

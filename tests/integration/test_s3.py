@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import fsspec
 import numpy as np
@@ -165,3 +166,57 @@ def test_pipeline_end_to_end_on_s3(s3_bucket):
     assert run_json["prune/m"]["kept"] == kept
     assert np.isfinite(keep.column("diffin").to_numpy()).all()
     assert json.loads(json.dumps(manifest))  # plain JSON
+
+
+def test_a_missing_bucket_is_refused_and_not_created(s3_bucket, capsys):
+    """Walkthrough: `make-data s3://wlak/pool` (a typo) created the bucket `wlak`, and
+    `train --run s3://wlak/...` too; on AWS a stray bucket in the account."""
+    from pipeline.cli import main
+
+    typo = f"{s3_bucket}-typo"
+    assert main(["make-data", f"{typo}/pool", "--samples", "20", "--shard-size", "10"]) == 2
+    assert main(["prune", "--run", f"{typo}/runs/r1", "--keep", "0.5"]) == 2
+    err = capsys.readouterr().err
+    bucket = typo.removeprefix("s3://")
+    assert f"diffin make-data: configuration error: out: the bucket {bucket!r}" in err
+    assert f"diffin prune: configuration error: --run: the bucket {bucket!r}" in err
+    assert "does not create buckets" in err and "Traceback" not in err
+    assert not _fs().exists(bucket)
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_naming_the_flag(s3_bucket, monkeypatch, capsys):
+    """Walkthrough: missing credentials or a mistyped endpoint gave prune, report and
+    make-data a botocore traceback of 60 to 140 lines."""
+    import fsspec.config
+    import s3fs
+
+    from pipeline.cli import main
+
+    monkeypatch.setitem(fsspec.config.conf["s3"], "endpoint_url", "not-a-url:1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        assert main(["report", "--run", f"{s3_bucket}/runs/r1"]) == 2
+        assert main(["make-data", f"{s3_bucket}/pool", "--samples", "20"]) == 2
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    err = capsys.readouterr().err
+    assert (
+        f"diffin report: configuration error: --run: {s3_bucket}/runs/r1 cannot be reached "
+        "(ValueError: Invalid endpoint: not-a-url:1); check the store's credentials" in err
+    )
+    assert f"diffin make-data: configuration error: out: {s3_bucket}/pool cannot be" in err
+    assert "Traceback" not in err
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setitem(fsspec.config.conf["s3"], "endpoint_url", os.environ["AWS_ENDPOINT_URL"])
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        assert main(["prune", "--run", f"{s3_bucket}/runs/r1", "--keep", "0.5"]) == 2
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    err = capsys.readouterr().err
+    assert "--run: " in err and "(NoCredentialsError: Unable to locate credentials)" in err

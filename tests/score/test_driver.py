@@ -692,3 +692,17 @@ def test_the_changed_inputs_are_named_as_the_user_knows_them():
     assert describe_changes({"methods": ["loss"]}, {"methods": ["tracin"], "target": "t"}) == [
         "--methods"
     ]
+
+
+def test_actors_that_cannot_reach_storage_are_told_what_every_node_needs():
+    """Walkthrough: nodes without S3 access failed with a botocore error after pages of
+    tracebacks, and nothing said that every node reads the run and the pool itself."""
+    from pipeline.score.driver import start_hint
+
+    for reason in (
+        "ActorDiedError: botocore.exceptions.NoCredentialsError: Unable to locate credentials",
+        'ActorDiedError: EndpointConnectionError: Could not connect to the endpoint URL: "x"',
+        "ActorDiedError: PermissionError: Access Denied",
+    ):
+        assert "Every node reads the run directory and the pool itself" in start_hint(reason)
+    assert start_hint("ActorDiedError: ImportError: no module named open_clip") == ""

@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from raycluster import NODE_IP, REPO, fresh_run, kill_all, one_actor_config, tree
 
+from pipeline.errors import StageFailed
+
 pytestmark = pytest.mark.timeout(420)
 
 
@@ -288,7 +290,7 @@ def test_actors_that_never_start_stop_the_run_with_the_reason(ray_cluster, score
         max_attempts=2,
     )
     try:
-        with pytest.raises(RuntimeError, match="2 scoring actors in a row.*reference.safetensors"):
+        with pytest.raises(StageFailed, match="2 scoring actors in a row.*reference.safetensors"):
             run_scoring(cfg, actor_cls=BrokenActor)
     finally:
         ray.shutdown()
@@ -326,7 +328,7 @@ def test_a_failure_every_shard_hits_stops_the_run_before_it_publishes(
     )
     try:
         with pytest.raises(
-            RuntimeError, match=r"^5 shards in a row failed an attempt, none scored in between"
+            StageFailed, match=r"^5 shards in a row failed an attempt, none scored in between"
         ) as err:
             run_scoring(cfg, actor_cls=OutOfMemory)
         assert "CUDA out of memory" in str(err.value)
@@ -731,3 +733,39 @@ def test_an_actor_no_node_can_place_is_reported_and_starts_once_a_node_joins(
     assert "--entrypoint-num-gpus" in warnings[0]
     assert summary["shards_scored_now"] == 3 and not summary["shards_failed"]
     assert [a["node"] for a in summary["actors"]] == [NODE_IP]  # placed on the new node
+
+
+def test_an_interrupted_run_leaves_progress_json_at_what_it_finished(
+    ray_cluster, score_run, tmp_path, monkeypatch
+):
+    """Walkthrough: after a SIGINT with 5 of 10 parts committed, progress.json still read
+    "shards_done": 0 (it is written every 10 s, and not at the end of an interrupted run)."""
+    import ray
+
+    import pipeline.score.driver as driver
+
+    real = driver.schedule
+
+    def interrupted(todo, make_actor, workers, attempts, on_done, *rest, **kw):
+        done = []
+
+        def done_then_interrupt(*args):
+            on_done(*args)
+            done.append(args)
+            if len(done) == 2:  # the second within the 10 s between two writes
+                raise KeyboardInterrupt
+
+        return real(todo, make_actor, workers, attempts, done_then_interrupt, *rest, **kw)
+
+    monkeypatch.setattr(driver, "schedule", interrupted)
+    run = fresh_run(score_run, tmp_path / "run")
+    cfg = one_actor_config(score_run, run, ray_cluster.address, "{00000..00003}")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            driver.run_scoring(cfg)
+    finally:
+        ray.shutdown()
+    progress = json.load(open(f"{run}/scores/progress.json"))
+    assert progress["state"] == "interrupted"
+    assert (progress["shards_done"], progress["shards_total"]) == (2, 4)
+    assert progress["samples_total"] == 16
