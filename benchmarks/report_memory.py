@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.prune_memory import ROW_GROUP, _rss_mb, generate  # noqa: E402
 
 SCORERS = ("diffin", "tracin", "loss", "clip_score", "random", "el2n", "grand")
@@ -128,10 +129,8 @@ def main() -> None:
                 "seconds": round(before["seconds"] / now["seconds"], 2),
             }
             print("ratio:", json.dumps(results["ratio_before_over_now"]), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print("wrote", out)
+    write_json(args.out, results)
+    print("wrote", args.out)
 
 
 if __name__ == "__main__":

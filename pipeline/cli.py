@@ -36,25 +36,31 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_reader_keys(parser: argparse.ArgumentParser) -> None:
-    """Which members hold a sample's image and caption (img2dataset pools may differ)."""
+def _add_reader_keys(parser: argparse.ArgumentParser, as_trained: bool = False) -> None:
+    """Which members hold a sample's image and caption (img2dataset pools may differ).
+
+    ``as_trained``: unset, they are the ones the proxy was trained with (walkthrough: a
+    proxy trained with --image-key image was scored with jpg, and every row failed after
+    a full pass over the pool)."""
+    trained = " (default: as the proxy was trained)" if as_trained else ""
     parser.add_argument(
         "--image-key",
         type=_methods,
-        default=list(IMAGE_KEYS),
-        help="comma list of image extensions, first present wins",
+        default=None if as_trained else list(IMAGE_KEYS),
+        help="comma list of image extensions, first present wins" + trained,
     )
     parser.add_argument(
         "--text-key",
         type=_methods,
-        default=list(TEXT_KEYS),
-        help="comma list of caption extensions",
+        default=None if as_trained else list(TEXT_KEYS),
+        help="comma list of caption extensions" + trained,
     )
     parser.add_argument(
         "--max-image-pixels",
         type=_positive,
-        default=MAX_IMAGE_PIXELS,
-        help="an image declaring more pixels (width x height) is an error row, never decoded",
+        default=None if as_trained else MAX_IMAGE_PIXELS,
+        help="an image declaring more pixels (width x height) is an error row, never decoded"
+        + trained,
     )
 
 
@@ -426,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs per scoring actor, at most 1 (0.5: two actors share one); default: 1 "
         "when the cluster has GPUs, else 0",
     )
-    _add_reader_keys(s)
+    _add_reader_keys(s, as_trained=True)
     s.add_argument(
         "--self-hb",
         choices=["lanczos", "fisher"],
@@ -576,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--run", required=True, help=RUN_HELP)
     rp.add_argument("--method", default=None, help="scorer of the galleries; default: diffin")
     rp.add_argument("--top", type=_positive, default=12, help="pairs in each gallery (at most 500)")
+
+    st = sub.add_parser(
+        "status", help="where a run stands: each stage's state, and the command to run next"
+    )
+    st.add_argument("--run", required=True, help=RUN_HELP)
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
 
     m = sub.add_parser("demo", help="the whole pipeline on a generated pool")
     m.add_argument("--run", default="runs/demo", help=RUN_HELP)
@@ -737,9 +749,7 @@ def run(args: argparse.Namespace) -> object:
                 memory_mb=args.memory_mb,
                 directions_chunk=args.directions_chunk,
                 ggn_kept_pairs=args.ggn_kept_pairs,
-                image_keys=args.image_key,
-                text_keys=args.text_key,
-                max_image_pixels=args.max_image_pixels,
+                **_score_reader_options(args),
             )
         )
     if args.command == "prune":
@@ -783,6 +793,14 @@ def run(args: argparse.Namespace) -> object:
         from pipeline.report.build import build_report
 
         return {"report": build_report(args.run, method=args.method, top=args.top)}
+    if args.command == "status":
+        from pipeline.status import describe, run_status
+
+        status = run_status(args.run)
+        if args.json:
+            return status
+        print(describe(status))
+        return None
     if args.command == "demo":
         from pipeline.demo import DemoConfig, format_summary, run_demo
 
@@ -855,6 +873,23 @@ def _prune_config(args: argparse.Namespace):  # -> PruneConfig (imported late: l
         fusion_norm=args.fusion_norm or "zscore",
         **chosen,
     )
+
+
+def _score_reader_options(args: argparse.Namespace) -> dict[str, object]:
+    """Score's --image-key, --text-key and --max-image-pixels: as given, else as the run
+    last read its pool (pipeline.score.trajectory.reader_defaults)."""
+    from pipeline.rundir import RunDir
+    from pipeline.score.trajectory import reader_defaults
+
+    given = {
+        "image_keys": args.image_key,
+        "text_keys": args.text_key,
+        "max_image_pixels": args.max_image_pixels,
+    }
+    if all(v is not None for v in given.values()):
+        return given
+    defaults = reader_defaults(RunDir(args.run))
+    return {k: v if v is not None else defaults[k] for k, v in given.items()}
 
 
 def check_patterns(args: argparse.Namespace) -> None:

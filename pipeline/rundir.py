@@ -68,11 +68,20 @@ def check_bucket(url: str, flag: str) -> None:
     try:
         fs, path = fsspec.core.url_to_fs(url)
         protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-        bucket = path.strip("/").split("/", 1)[0]
-        if not protocols & BUCKET_STORES or not bucket:
+        if not protocols & BUCKET_STORES:
+            return
+        # the store's own split: an S3 access point's ARN holds slashes (review)
+        split = getattr(fs, "split_path", None)
+        bucket = split(path)[0] if split else path.strip("/").split("/", 1)[0]
+        if not bucket:
             return
         fs.info(bucket)  # exists() would answer False for a store it cannot reach too
     except FileNotFoundError as exc:
+        if not protocols & {"s3", "s3a"}:
+            # gcsfs answers an empty bucket it may not describe (objectAdmin) with a
+            # listing, empty, so "not found" is no proof there (review)
+            log.debug("%s: the bucket of %s was not found, or not described: %s", flag, url, exc)
+            return
         raise ConfigError(
             f"{flag}: the bucket {bucket!r} of {url} does not exist; diffin does not create "
             "buckets: create it, or correct the URL"

@@ -280,8 +280,15 @@ def test_report_top_must_be_positive(tmp_path, capsys, top):
 
 @pytest.mark.parametrize("command", ["score", "train"])
 def test_the_pixel_cap_is_a_positive_option(tmp_path, capsys, command):
+    from pipeline.cli import _score_reader_options
+
     argv = [command, "--data", "d", "--run", str(tmp_path / "run")]
-    assert build_parser().parse_args(argv).max_image_pixels == 64_000_000
+    args = build_parser().parse_args(argv)
+    if command == "score":  # unset: the run's, else this (no trajectory here)
+        assert args.max_image_pixels is None
+        assert _score_reader_options(args)["max_image_pixels"] == 64_000_000
+    else:
+        assert args.max_image_pixels == 64_000_000
     assert build_parser().parse_args([*argv, "--max-image-pixels", "5"]).max_image_pixels == 5
     with pytest.raises(SystemExit):
         main([*argv, "--max-image-pixels", "0"])
@@ -542,3 +549,49 @@ def test_a_stage_that_cannot_go_on_says_why_in_one_line(monkeypatch, capsys):
     assert cli.main(["prune", "--run", "r", "--keep", "0.5"]) == 1
     err = capsys.readouterr().err
     assert err == "diffin prune: 2 scoring actors in a row failed to start; last: X\n"
+
+
+def test_score_reads_the_pool_as_the_proxy_was_trained_unless_told(tmp_path, caplog):
+    """Walkthrough: a proxy trained with --image-key image --text-key caption was scored
+    with the defaults, and every row failed after a full pass over the pool."""
+    from pipeline.cli import _score_reader_options, build_parser
+    from pipeline.rundir import write_json
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import warn_about_reader
+
+    run = tmp_path / "run"
+    trained = {"image_keys": ["image"], "text_keys": ["caption"], "max_image_pixels": 4096}
+    write_json(str(run / "trajectory" / "trajectory.json"), {"config": trained})
+    parse = build_parser().parse_args
+    # the proxy's keys first, then the defaults: another pool of the usual layout reads too
+    as_trained = {
+        "image_keys": ["image", "jpg", "jpeg", "png", "webp"],
+        "text_keys": ["caption", "txt"],
+        "max_image_pixels": 4096,
+    }
+    args = parse(["score", "--data", "d", "--run", str(run)])
+    assert _score_reader_options(args) == as_trained
+    args = parse(["score", "--data", "d", "--run", str(run), "--text-key", "txt"])
+    assert _score_reader_options(args) == {**as_trained, "text_keys": ["txt"]}
+    # a run scored before reads as it did (review: a resumed command rescored every part)
+    last = {"image_keys": ["jpg"], "text_keys": ["txt"], "max_image_pixels": 99}
+    write_json(str(run / "scores" / "fingerprint.json"), {"hash": "h", "reader": last})
+    assert _score_reader_options(parse(["score", "--data", "d", "--run", str(run)])) == last
+    args = parse(["score", "--data", "d", "--run", str(tmp_path / "untrained")])
+    assert _score_reader_options(args) == {
+        "image_keys": ["jpg", "jpeg", "png", "webp"],
+        "text_keys": ["txt"],
+        "max_image_pixels": 64_000_000,
+    }
+    # read otherwise than trained (a spec, or a flag): said
+    cfg = ScoreConfig(data="d", run=str(run), image_keys=["image"], text_keys=["txt"])
+    with caplog.at_level("WARNING", logger="pipeline.score.driver"):
+        warn_about_reader(cfg, trained)
+    assert "--text-key, --max-image-pixels: the proxy was trained reading its pool with " in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.score.driver"):
+        warn_about_reader(ScoreConfig(data="d", run="r", **trained), trained)
+        warn_about_reader(ScoreConfig(data="d", run="r", **as_trained), trained)
+    assert caplog.text == ""

@@ -172,6 +172,32 @@ def test_a_bucket_is_asked_for_before_any_work(monkeypatch, raises, refused):
     assert store.asked == ["b"]
 
 
+def test_a_store_names_its_bucket_and_gcs_not_found_is_no_proof(monkeypatch):
+    """Review: an S3 access point's ARN holds a slash (s3fs splits it), and gcsfs answers an
+    empty bucket it may not describe (objectAdmin) with an empty listing: not found."""
+    import s3fs
+
+    import pipeline.rundir as rundir
+
+    class AccessPoint(_Store):
+        def split_path(self, path):
+            return s3fs.S3FileSystem(anon=True).split_path(path)
+
+    store = AccessPoint()
+    arn = "arn:aws:s3:us-east-1:123456789012:accesspoint/myap"
+    monkeypatch.setattr(rundir.fsspec.core, "url_to_fs", lambda url: (store, url[5:]))
+    rundir.check_bucket(f"s3://{arn}/runs/r1", "run")
+    assert store.asked == [arn]
+
+    class Gcs(_Store):
+        protocol = ("gs", "gcs")
+
+    gcs = Gcs(FileNotFoundError("b"))
+    monkeypatch.setattr(rundir.fsspec.core, "url_to_fs", lambda url: (gcs, url[5:]))
+    rundir.check_bucket("gs://b/runs/r1", "run")  # not refused
+    assert gcs.asked == ["b"]
+
+
 def test_local_and_bucketless_stores_are_not_asked(tmp_path):
     from pipeline.rundir import check_bucket
 

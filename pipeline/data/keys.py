@@ -38,6 +38,33 @@ def valid_keys(keys: list[str]) -> bool:
     return bool(keys) and all(_valid_key(k) for k in keys)
 
 
+# Members that hold an image in WebDataset pools (the reader decodes any PIL can).
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+
+
+def key_misuse(image_keys: list[str], text_keys: list[str]) -> tuple[str, str] | None:
+    """(field, why) when a key names a member of another role, else None.
+
+    Walkthrough: ``--text-key json`` was accepted, the whole metadata document scored as
+    the caption, and prune wrote it into open_clip's ``.txt`` members.
+    """
+    if not (valid_keys(image_keys) and valid_keys(text_keys)):
+        return None  # the spelling checks say what is wrong
+    for key in text_keys:
+        if key == "json":
+            return (
+                "text_keys",
+                "must not hold 'json': it is the sample's metadata (the reader takes its uid "
+                "there), not a caption member (img2dataset writes the caption as txt)",
+            )
+        if key in IMAGE_EXTENSIONS or key in image_keys:
+            return ("text_keys", f"must not hold {key!r}: that member is an image")
+    for key in image_keys:
+        if key in ("json", "txt"):
+            return ("image_keys", f"must not hold {key!r}: that member is text, not an image")
+    return None
+
+
 # PIL refuses images over twice its MAX_IMAGE_PIXELS (a decompression bomb) before
 # the reader sees their size: a larger pixel cap could not be honoured.
 # (None: another library switched PIL's check off.)

@@ -584,7 +584,8 @@ def _existing_pool(fs: Any, root: str, cfg: SynthConfig, overwrite: bool, out: s
     elif not overwrite and fs.glob(f"{root}/*.tar"):
         raise ConfigError(
             f"out: {out} already contains tar shards but no {_SUMMARY_NAME} "
-            "(foreign data); choose another directory, or pass "
+            "(foreign data, or a make-data of an earlier diffin that did not finish); choose "
+            "another directory, or pass "
             "--overwrite to delete every .tar, .parquet and sizes.json file there "
             "(eval/ and target/ too) and write the pool"
         )
@@ -605,10 +606,16 @@ def unfinished_pool(shards: Sequence[str], limit: int = 16) -> str | None:
     make-data has not finished, or None. Only the first ``limit`` folders are asked: a
     generated pool is one folder, and a pool of many folders is not a generated one."""
     folders = list(dict.fromkeys(u.rsplit("/", 1)[0] for u in shards if "/" in u))[:limit]
-    for folder in dict.fromkeys([*folders, *(f.rsplit("/", 1)[0] for f in folders)]):
-        fs, path = fsspec.core.url_to_fs(f"{folder}/{_WRITING_NAME}")
-        if fs.exists(path):
-            return folder
+    # the pool above a generated split only (above a bucket's root would be another bucket)
+    above = [f.rsplit("/", 1)[0] for f in folders if f.rsplit("/", 1)[-1] in ("eval", "target")]
+    for folder in dict.fromkeys([*folders, *above]):
+        try:
+            fs, path = fsspec.core.url_to_fs(f"{folder}/{_WRITING_NAME}")
+            if fs.exists(path):
+                return folder
+        except Exception as exc:  # noqa: BLE001 (credentials that read objects but not list
+            # them get 403 for a missing one, as PermissionError: not a marker; review)
+            log.debug("data: cannot ask %s for an unfinished pool's marker: %s", folder, exc)
     return None
 
 

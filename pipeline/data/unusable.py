@@ -44,7 +44,11 @@ class Unusable:
         """``"; N rows unusable (...); M shard(s) not read to the end (...)"``, or ``""``."""
         out = ""
         if self.reasons:
-            top = ", ".join(f"{n} {why}" for why, n in self.reasons.most_common(3))
+            shown = self.reasons.most_common(3)
+            top = ", ".join(f"{n} {why}" for why, n in shown)
+            rest = self.rows - sum(n for _, n in shown)
+            if rest:  # walkthrough: "31 rows unusable" listed 29, the other kinds unsaid
+                top += f", {rest} for {len(self.reasons) - len(shown)} other reason(s)"
             out += f"; {self.rows} rows unusable ({top})"
         if self.damaged:
             url, why = next(iter(self.damaged.items()))

@@ -28,12 +28,12 @@ from pipeline.report.thumbnails import thumbnails
 from pipeline.rundir import RunDir, exists, read_json, write_bytes_atomic
 from pipeline.score.table import (
     check_scores_current,
+    evaluation_is_stale,
     prune_entries,
     require_scores,
     scored_config,
     scored_reader_options,
     stale_manifests,
-    table_identity,
     table_metadata,
 )
 
@@ -222,21 +222,7 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
     # the rows and the settings shown beside them always come from the same evaluation.
     ev_url = run.path("evaluate", "evaluate.json")
     ev_json = read_json(ev_url) if exists(ev_url) else None
-    # "unknown": recorded before evaluations said which table they were made from. The
-    # identity reads the whole uid column: only when something is to be compared with it.
-    ev_scores = "unknown" if ev_json is None else ev_json.get("scores", "unknown")
-    # an evaluation that recorded the columns it ranked by is compared on those alone (a
-    # rescore that adds a scorer leaves it valid); one from before, on the whole table
-    ev_columns = ev_scores.get("columns") if isinstance(ev_scores, dict) else None
-    identity = table_identity(run.scores) if ev_scores != "unknown" and not ev_columns else None
-    ev_now = (
-        identity
-        if not ev_columns
-        else table_identity(run.scores, ev_columns)
-        if set(ev_columns) <= set(columns)
-        else None
-    )
-    if ev_scores not in ("unknown", ev_now):
+    if ev_json is not None and evaluation_is_stale(run, ev_json):
         log.warning("report: %s was made from an earlier score table; not shown", ev_url)
         inner = (
             "<p>The last evaluation was made from an earlier score table (the run was scored "
@@ -288,7 +274,7 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
         )
 
     entries = prune_entries(run, record)
-    stale = stale_manifests(run, identity, entries)
+    stale = stale_manifests(run, None, entries)
     if stale:
         log.warning("report: the prune manifests %s rank an earlier score table", stale)
     sections.append(("Prune selections", _prune_selections(run, entries, stale)))

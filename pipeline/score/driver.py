@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 
@@ -68,7 +69,12 @@ from pipeline.score.merge import merge_parts, record_or_problem, write_part
 from pipeline.score.progress import Progress
 from pipeline.score.reuse import carried, kept_scores, read_part, rerecord, reusable
 from pipeline.score.table import build_part, fingerprint_hash, read_table, stale_manifests
-from pipeline.score.trajectory import Trajectory, load_trajectory, model_identity
+from pipeline.score.trajectory import (
+    READER_FIELDS,
+    Trajectory,
+    load_trajectory,
+    model_identity,
+)
 from pipeline.scorers import ScoreContext, depends_on, get_scorers
 from pipeline.tensors import tensor_shapes
 from pipeline.train.schedule import OPEN_CLIP_SCHEDULE_PARAMS
@@ -475,6 +481,30 @@ def _release_gpu() -> None:
     torch.cuda.empty_cache()
 
 
+def warn_about_reader(cfg: ScoreConfig, trained: dict[str, Any]) -> None:
+    """Say when the pool is read otherwise than the proxy read it (another member as the
+    caption, another pixel cap): rows it trained on may then be other rows, or errors."""
+
+    def same(f: str) -> bool:
+        mine, theirs = _as_list(getattr(cfg, f)), _as_list(trained[f])
+        if isinstance(theirs, list):  # read first, as trained; others after them
+            return mine[: len(theirs)] == theirs
+        return mine == theirs
+
+    differ = [f for f in READER_FIELDS if f in trained and not same(f)]
+    if differ:
+        log.warning(
+            "%s: the proxy was trained reading its pool with %s; these scores read it with %s",
+            ", ".join(field_flag(f) for f in differ),
+            ", ".join(f"{f}={trained[f]}" for f in differ),
+            ", ".join(f"{f}={getattr(cfg, f)}" for f in differ),
+        )
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def warn_about_target(cfg: ScoreConfig) -> None:
     """Say when --target is missing where it matters, or given where nothing uses it (a
     walkthrough found it accepted silently with clip_score and random alone)."""
@@ -878,7 +908,8 @@ _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 # What a node's storage client raises when it cannot reach the run or the pool.
 _STORAGE = re.compile(
     r"botocore|NoCredentials|EndpointConnection|Unable to locate credentials|AccessDenied|"
-    r"PermissionError|google\.auth|DefaultCredentialsError|azure\.core"
+    # an object store's refusal, not a local file's ("[Errno 13] Permission denied")
+    r"PermissionError: (?!\[Errno)|google\.auth|DefaultCredentialsError|azure\.core"
 )
 
 
@@ -1107,6 +1138,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     names = shard_names(shards)
     run = RunDir(cfg.run)
     traj = load_trajectory(run)
+    warn_about_reader(cfg, traj.record.get("config") or {})
     form = resolve_form(cfg.second_order, traj)
     if form != cfg.second_order and "diffin" in cfg.methods:
         log.info(
@@ -1275,106 +1307,115 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
         failed[name] = reason
         progress.shard_failed()
 
-    stats: dict[str, Any] = {"retries": 0, "actors_replaced": 0, "actors": []}
-    if todo:
-        started = start_ray(cfg)
-        try:
-            gpus = cfg.gpus_per_worker
-            cluster_gpus = ray.cluster_resources().get("GPU", 0)
-            if gpus is None:
-                gpus = 1 if cluster_gpus >= 1 else 0
-            workers = cfg.workers
-            if started:  # the embedded Ray has this machine's GPUs and no more, ever
-                workers = actors_that_fit(cfg.workers, gpus, cluster_gpus)
-                if workers < cfg.workers:
-                    log.warning(
-                        "%d of --workers %d scoring actors fit this machine's %g GPU(s) at "
-                        "%g each: scoring with %d (a share such as --gpus-per-worker %g puts "
-                        "all %d on them)",
-                        workers,
-                        cfg.workers,
-                        cluster_gpus,
-                        gpus,
-                        workers,
-                        fitting_share(cfg.workers, cluster_gpus),
-                        cfg.workers,
-                    )
-            options: dict[str, Any] = {
-                "num_cpus": cfg.threads,
-                "max_restarts": 0,
-                "max_task_retries": 0,
-                "scheduling_strategy": "SPREAD",
-            }
-            if gpus:
-                options["num_gpus"] = gpus
-            remote_cls = ray.remote(**options)(actor_cls or ScoreActor)
+    # progress.json said "0 shards done" after an interrupt that had finished five
+    # (walkthrough): it is written every 10 s, so once more when the run stops, saying how
+    try:
+        stats: dict[str, Any] = {"retries": 0, "actors_replaced": 0, "actors": []}
+        if todo:
+            started = start_ray(cfg)
+            try:
+                gpus = cfg.gpus_per_worker
+                cluster_gpus = ray.cluster_resources().get("GPU", 0)
+                if gpus is None:
+                    gpus = 1 if cluster_gpus >= 1 else 0
+                workers = cfg.workers
+                if started:  # the embedded Ray has this machine's GPUs and no more, ever
+                    workers = actors_that_fit(cfg.workers, gpus, cluster_gpus)
+                    if workers < cfg.workers:
+                        log.warning(
+                            "%d of --workers %d scoring actors fit this machine's %g GPU(s) at "
+                            "%g each: scoring with %d (a share such as --gpus-per-worker %g puts "
+                            "all %d on them)",
+                            workers,
+                            cfg.workers,
+                            cluster_gpus,
+                            gpus,
+                            workers,
+                            fitting_share(cfg.workers, cluster_gpus),
+                            cfg.workers,
+                        )
+                options: dict[str, Any] = {
+                    "num_cpus": cfg.threads,
+                    "max_restarts": 0,
+                    "max_task_retries": 0,
+                    "scheduling_strategy": "SPREAD",
+                }
+                if gpus:
+                    options["num_gpus"] = gpus
+                remote_cls = ray.remote(**options)(actor_cls or ScoreActor)
 
-            def make_actor():
-                return remote_cls.remote(cfg.run, cfg, fp_hash, hashes)
+                def make_actor():
+                    return remote_cls.remote(cfg.run, cfg, fp_hash, hashes)
 
-            stats = schedule(
-                todo,
-                make_actor,
-                workers,
-                cfg.max_attempts,
-                on_done,
-                on_failed,
-                progress,
-                prefetch=cfg.prefetch_batches > 0,
-            )
-        except BaseException as exc:
-            # progress.json said "0 shards done" after an interrupt that had finished five
-            # (walkthrough): it is written every 10 s, so once more, saying why it stopped
-            progress.stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
-            raise
-        finally:
-            if started:
-                ray.shutdown()
-    for url, name, reason, tries in to_record:
-        failed_part(run, url, name, reason, columns, fp_hash, tries, cfg.reader_options())
-    snap = progress.close()
+                stats = schedule(
+                    todo,
+                    make_actor,
+                    workers,
+                    cfg.max_attempts,
+                    on_done,
+                    on_failed,
+                    progress,
+                    prefetch=cfg.prefetch_batches > 0,
+                )
+            finally:
+                if started:
+                    ray.shutdown()
+        for url, name, reason, tries in to_record:
+            failed_part(run, url, name, reason, columns, fp_hash, tries, cfg.reader_options())
+        snap = progress.close()  # its state: "merging"
 
-    # A table that scored nothing must not replace one that did (walkthrough: a mistyped
-    # --data file turned a good table into one error row, exit 0): merged beside it first.
-    previous = exists(run.scores)
-    table_url = run.path("scores.new.parquet") if previous else run.scores
-    merged = merge_parts(
-        [run.part(n) for n in names],
-        table_url,
-        metadata={
-            "score": cfg.to_dict(),
-            "fingerprint": fp,
-            "target": target,
-            "checkpoints": traj.record["checkpoints"],
-            "model": traj.model,
-            **provenance(),
-        },
-        require_records=True,
-        fingerprint=fp_hash,
-        columns=columns,  # a part may hold columns of scorers not asked for (reuse.py)
-    )
-    failed_table = run.path("scores-failed.parquet")
-    if merged["rows"] and not merged["rows_ok"]:
-        reasons = list(dict.fromkeys([*damaged.values(), *failed.values(), *partial.values()]))
-        if not reasons:  # per-sample reasons (keys, pixel cap): the rows say them
-            errors = read_table(table_url, columns=["error"]).column("error").to_pylist()
-            reasons = list(dict.fromkeys(e for e in errors if e))
-        if previous:
-            move(table_url, failed_table)
-        raise ConfigError(
-            f"data: no sample of the {len(shards)} shard(s) could be scored "
-            f"({'; '.join(reasons[:3]) or 'every row is an error row'}): is --data the pool, "
-            "read with the right --image-key and --text-key? "
-            + (
-                f"The earlier score table is kept; this run's error rows are in {failed_table}"
-                if previous
-                else f"The error rows are in {run.scores}"
-            )
+        # A table that scored nothing must not replace one that did (walkthrough: a mistyped
+        # --data file turned a good table into one error row, exit 0): merged beside it first.
+        previous = exists(run.scores)
+        table_url = run.path("scores.new.parquet") if previous else run.scores
+        merged = merge_parts(
+            [run.part(n) for n in names],
+            table_url,
+            metadata={
+                "score": cfg.to_dict(),
+                "fingerprint": fp,
+                "target": target,
+                "checkpoints": traj.record["checkpoints"],
+                "model": traj.model,
+                **provenance(),
+            },
+            require_records=True,
+            fingerprint=fp_hash,
+            columns=columns,  # a part may hold columns of scorers not asked for (reuse.py)
         )
-    if previous:
-        move(table_url, run.scores)
-        merged["table"] = run.scores
-    remove(failed_table)  # a failed run's rows, now superseded
+        failed_table = run.path("scores-failed.parquet")
+        if merged["rows"] and not merged["rows_ok"]:
+            # the rows' most frequent reasons, a damaged shard's among them (walkthrough: the
+            # one truncated shard was named, not the 231 images the keys could not decode)
+            counts = pc.value_counts(read_table(table_url, columns=["error"]).column("error"))
+            reasons = [
+                f"{n} x {r}"
+                for r, n in sorted(
+                    zip(counts.field(0).to_pylist(), counts.field(1).to_pylist(), strict=True),
+                    key=lambda rn: -rn[1],
+                )
+                if r
+            ]
+            if previous:
+                move(table_url, failed_table)
+            raise ConfigError(
+                f"data: no sample of the {len(shards)} shard(s) could be scored "
+                f"({'; '.join(reasons[:3]) or 'every row is an error row'}): is --data the pool, "
+                "read with the right --image-key and --text-key? "
+                + (
+                    f"The earlier score table is kept; this run's error rows are in {failed_table}"
+                    if previous
+                    else f"The error rows are in {run.scores}"
+                )
+            )
+        if previous:
+            move(table_url, run.scores)
+            merged["table"] = run.scores
+        remove(failed_table)  # a failed run's rows, now superseded
+    except BaseException as exc:
+        progress.stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
+    progress.stop("finished")
     for column, n in merged["nonfinite_scores"].items():
         log.warning("%s: %d of %d ok rows are NaN or infinite", column, n, merged["rows_ok"])
     if merged["duplicate_uids"]:

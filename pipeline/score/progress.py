@@ -41,7 +41,7 @@ class Progress:
         self.samples_total = resumed_samples
         self.errors = 0  # error rows scored by this invocation
         self.actors_replaced = 0
-        self.state = "scoring"  # then "finished", "interrupted" or "failed"
+        self.state = "scoring"  # then "merging", and "finished", "interrupted" or "failed"
         self.clock = clock
         self.t0 = clock()
         self.json_url = json_url
@@ -150,14 +150,15 @@ class Progress:
         )
 
     def close(self) -> dict[str, Any]:
-        self.state = "finished"
+        """Scoring is over (the parts are merged next): the final numbers."""
+        self.state = "merging"
         self._refresh(force=True)
         self.bar.close()
         return self.snapshot()
 
     def stop(self, state: str) -> None:
-        """The run ends before its end (``state``: "interrupted", "failed"): the snapshot
-        file is written once more, with the shards finished until now."""
+        """The run ends (``state``: "finished", "interrupted", "failed"): the snapshot file
+        is written once more, with the shards finished until now."""
         self.state = state
         self._refresh(force=True)
         self.bar.close()

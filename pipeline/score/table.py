@@ -237,6 +237,22 @@ def prune_entries(run: RunDir, record: dict[str, Any] | None = None) -> dict[str
     }
 
 
+def evaluation_is_stale(run: RunDir, evaluation: dict[str, Any]) -> bool:
+    """Whether ``evaluation`` (evaluate.json) was made from another score table than
+    RUN/scores.parquet. One that recorded the columns it ranked by is compared on those
+    alone (a rescore that adds a scorer leaves it valid); one from before, on the whole
+    table; one from before evaluations recorded their table ("unknown") cannot be checked."""
+    made = evaluation.get("scores", "unknown")
+    if made == "unknown" or not exists(run.scores):
+        return False
+    columns = made.get("columns") if isinstance(made, dict) else None
+    if not columns:
+        return made != table_identity(run.scores)
+    with fsspec.open(run.scores, "rb") as f:
+        names = set(pq.read_schema(f).names)
+    return not set(columns) <= names or made != table_identity(run.scores, columns)
+
+
 def stale_manifests(
     run: RunDir,
     identity: dict[str, Any] | None = None,

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from pipeline.data.keys import IMAGE_KEYS, TEXT_KEYS, key_misuse, valid_keys
+from pipeline.data.reader import MAX_IMAGE_PIXELS
 from pipeline.errors import ConfigError
 from pipeline.influence.estimator import Checkpoint, attach_block_rates
 from pipeline.model import factory
@@ -47,6 +49,53 @@ def model_identity(record: dict[str, Any]) -> dict[str, Any]:
         "model_config": record.get("model_config"),
         "preprocess_cfg": record.get("preprocess_cfg"),
     }
+
+
+READER_FIELDS = ("image_keys", "text_keys", "max_image_pixels")
+
+
+def trained_reader_options(run: RunDir) -> dict[str, Any]:
+    """How the proxy read its pool (``READER_FIELDS`` of its recorded config; fewer for a
+    run recorded before they existed, none without a trajectory): scoring reads the pool
+    the same way unless told otherwise."""
+    if not exists(run.trajectory_json):
+        return {}
+    recorded = read_json(run.trajectory_json).get("config") or {}
+    return {k: recorded[k] for k in READER_FIELDS if k in recorded}
+
+
+def reader_defaults(run: RunDir) -> dict[str, Any]:
+    """How `diffin score` reads the pool when not told, field by field: as the run's last
+    score read it (a repeated or resumed command keeps its parts, review), else as the
+    proxy was trained (its keys first, then the defaults, so that another pool of the usual
+    layout still reads), else the defaults."""
+    defaults: dict[str, Any] = {
+        "image_keys": list(IMAGE_KEYS),
+        "text_keys": list(TEXT_KEYS),
+        "max_image_pixels": MAX_IMAGE_PIXELS,
+    }
+    fp_url = run.path("scores", "fingerprint.json")
+    last = (read_json(fp_url).get("reader") or {}) if exists(fp_url) else {}
+    trained = trained_reader_options(run)
+    out = {}
+    for key, default in defaults.items():
+        if key in last:
+            out[key] = last[key]
+        elif key in trained and isinstance(default, list):
+            out[key] = list(dict.fromkeys([*trained[key], *default]))
+        else:
+            out[key] = trained.get(key, default)
+    if not (valid_keys(out["image_keys"]) and valid_keys(out["text_keys"])) or key_misuse(
+        out["image_keys"], out["text_keys"]
+    ):
+        log.warning(
+            "score: the run records keys refused now (image %s, text %s): reading the pool "
+            "with the defaults; give --image-key and --text-key",
+            out["image_keys"],
+            out["text_keys"],
+        )
+        out.update(image_keys=defaults["image_keys"], text_keys=defaults["text_keys"])
+    return out
 
 
 def load_trajectory(run: RunDir) -> Trajectory:

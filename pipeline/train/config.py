@@ -11,6 +11,7 @@ from pipeline.data.keys import (
     KEYS_RULE,
     PIXEL_CAP_RULE,
     TEXT_KEYS,
+    key_misuse,
     pixel_cap_ok,
     reader_options,
     valid_keys,
@@ -136,6 +137,9 @@ class TrainConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
+        misuse = key_misuse(self.image_keys, self.text_keys)
+        if misuse is not None:
+            raise ConfigError(f"{misuse[0]}: {misuse[1]} (got {getattr(self, misuse[0])!r})")
 
     def reader_options(self) -> dict[str, Any]:
         return reader_options(self.image_keys, self.text_keys, self.max_image_pixels)

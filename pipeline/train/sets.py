@@ -119,6 +119,17 @@ def load_pool(cfg: TrainConfig, transform: Callable[[Any], Any] | None = None) -
     rng.shuffle(order)
     target = [ok[i] for i in sorted(order[: cfg.target_size])]
     train = [ok[i] for i in sorted(order[cfg.target_size :])]
+    if cfg.target_size > len(ok) // 4:
+        # walkthrough: the default 128 held out 55% of a 230-pair pool, unsaid
+        log.warning(
+            "target: --target-size %d takes %.0f%% of the %d decodable pairs read; the "
+            "training split keeps %d (a smaller --target-size, or --target at score time, "
+            "leaves it more)",
+            cfg.target_size,
+            100 * cfg.target_size / len(ok),
+            len(ok),
+            len(train),
+        )
     if len(train) < cfg.reference_size:
         # the record's pool.reference says how many; the config still says what was asked
         log.warning(

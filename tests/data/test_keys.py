@@ -34,3 +34,31 @@ def test_a_record_wins_then_the_fallback_then_the_default():
         "max_image_pixels": MAX_IMAGE_PIXELS,
     }
     assert recorded_reader_options({}) == reader_options(list(IMAGE_KEYS), list(TEXT_KEYS))
+
+
+def test_a_key_naming_a_member_of_another_role_is_refused():
+    """Walkthrough: --text-key json scored the metadata document as the caption, and prune
+    wrote it into open_clip's .txt members."""
+    import pytest
+
+    from pipeline.data.keys import key_misuse
+    from pipeline.errors import ConfigError
+
+    assert key_misuse(["jpg", "png"], ["txt", "caption"]) is None
+    assert key_misuse(["image"], ["caption"]) is None
+    assert key_misuse(["jpg"], ["json"])[0] == "text_keys"
+    assert key_misuse(["jpg"], ["txt", "png"]) == (
+        "text_keys",
+        "must not hold 'png': that member is an image",
+    )
+    assert key_misuse(["pic"], ["pic"])[0] == "text_keys"
+    assert key_misuse(["txt"], ["caption"]) == (
+        "image_keys",
+        "must not hold 'txt': that member is text, not an image",
+    )
+    assert key_misuse(["Bad Key"], ["json"]) is None  # the spelling check speaks first
+    for make in (ScoreConfig, TrainConfig):
+        with pytest.raises(ConfigError, match=r"^text_keys: must not hold 'json': it is the sa"):
+            make(data="d", run="r", text_keys=["json"]).validate()
+        with pytest.raises(ConfigError, match=r"^image_keys: must not hold 'json'"):
+            make(data="d", run="r", image_keys=["json"]).validate()

@@ -384,3 +384,26 @@ def test_a_folder_with_other_files_but_no_shards_keeps_them(tmp_path: Path) -> N
     make_pool(str(out), SynthConfig(samples=12, shard_size=8, eval_samples=2, image_size=16))
     assert (out / "notes.parquet").read_bytes() == b"theirs"
     assert not (out / "synth.writing.json").exists() and (out / "synth.json").exists()
+
+
+def test_the_unfinished_pool_probe_stays_in_the_pool_and_survives_refused_reads(monkeypatch):
+    """Review: credentials that read objects but not list them get 403 for a missing marker
+    (a traceback where the pool was accepted before), and a pool at a bucket's root was
+    probed in the bucket above it ("s3://synth.writing.json", another bucket)."""
+    import pipeline.data.synth as synth
+
+    asked = []
+
+    class Store:
+        def exists(self, path):
+            asked.append(path)
+            raise PermissionError("Forbidden")
+
+    monkeypatch.setattr(synth.fsspec.core, "url_to_fs", lambda url: (Store(), url))
+    shards = ["s3://b/00000.tar", "s3://b/00001.tar", "s3://b/p/target/00000.tar"]
+    assert synth.unfinished_pool(shards) is None
+    assert asked == [
+        "s3://b/synth.writing.json",
+        "s3://b/p/target/synth.writing.json",
+        "s3://b/p/synth.writing.json",
+    ]

@@ -39,3 +39,15 @@ def test_rows_and_damaged_shards_are_counted_apart_and_said():
         "; 3 rows unusable (2 empty caption, 1 undecodable image); 1 shard(s) not read to the "
         "end (b.tar: unreadable shard: not a tar file: empty file)"
     )
+
+
+def test_reasons_past_the_three_said_are_counted_not_dropped():
+    """Walkthrough: "31 rows unusable (27 missing caption, 1 ..., 1 ...)" added up to 29."""
+    u = Unusable()
+    errors = ["missing caption"] * 5 + ["undecodable image: x", "caption is not UTF-8: y"]
+    errors += ["empty caption", "incomplete sample: z"]
+    for i, error in enumerate(errors):
+        u.add(Sample(uid=f"{i:032x}", key=str(i), shard="a.tar", index=i, error=error))
+    said = u.said()
+    assert said.startswith("; 9 rows unusable (5 missing caption, ")
+    assert said.endswith(", 2 for 2 other reason(s))")

@@ -706,3 +706,5 @@ def test_actors_that_cannot_reach_storage_are_told_what_every_node_needs():
     ):
         assert "Every node reads the run directory and the pool itself" in start_hint(reason)
     assert start_hint("ActorDiedError: ImportError: no module named open_clip") == ""
+    local = "ActorDiedError: PermissionError: [Errno 13] Permission denied: '/tmp/ray'"
+    assert start_hint(local) == ""  # a local file's, not a store's

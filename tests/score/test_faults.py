@@ -431,8 +431,21 @@ def test_a_pool_that_scores_nothing_fails_and_keeps_the_earlier_table(
             run_scoring(dataclasses.replace(bad, run=fresh))
         # every row an error for a per-sample reason: the reason is in the message (review)
         keys = fresh_run(score_run, tmp_path / "keys")
-        with pytest.raises(ConfigError, match=r"could be scored \(missing image") as info:
+        with pytest.raises(ConfigError, match=r"could be scored \(\d+ x missing image") as info:
             run_scoring(dataclasses.replace(good, run=keys, image_keys=["webp"]))
+        # most frequent first, with a damaged shard's own reason among them (walkthrough:
+        # the one truncated shard was named, not the 231 images that could not be read)
+        cut = tmp_path / "cut"
+        cut.mkdir()
+        shard = score_run["data"].split("{")[0] + "00000.tar"
+        (cut / "00000.tar").write_bytes(open(shard, "rb").read())
+        (cut / "00001.tar").write_bytes(open(shard, "rb").read()[:3000])
+        mixed = dataclasses.replace(
+            good, data=f"{cut}/", run=fresh_run(score_run, tmp_path / "mixed"), image_keys=["webp"]
+        )
+        with pytest.raises(ConfigError, match=r"could be scored \((\d+) x missing image") as info:
+            run_scoring(mixed)
+        assert re.search(r"; 1 x unreadable shard: truncated tar", str(info.value))
         # the flags it names are the CLI's (walkthrough: it said --image-keys)
         from pipeline.cli import build_parser
 
@@ -763,9 +776,17 @@ def test_an_interrupted_run_leaves_progress_json_at_what_it_finished(
     try:
         with pytest.raises(KeyboardInterrupt):
             driver.run_scoring(cfg)
+        progress = json.load(open(f"{run}/scores/progress.json"))
+        assert progress["state"] == "interrupted"
+        assert (progress["shards_done"], progress["shards_total"]) == (2, 4)
+        assert progress["samples_total"] == 16
+        monkeypatch.setattr(driver, "schedule", real)
+        driver.run_scoring(cfg)  # resumed: "finished" once merged, not before
     finally:
         ray.shutdown()
     progress = json.load(open(f"{run}/scores/progress.json"))
-    assert progress["state"] == "interrupted"
-    assert (progress["shards_done"], progress["shards_total"]) == (2, 4)
-    assert progress["samples_total"] == 16
+    assert (progress["state"], progress["shards_done"], progress["shards_resumed"]) == (
+        "finished",
+        4,
+        2,
+    )

@@ -521,6 +521,23 @@ def test_a_reference_set_cut_to_the_training_split_is_said(tiny_run, caplog):
     )
 
 
+def test_a_target_holding_out_much_of_a_small_pool_is_said(tiny_run, caplog):
+    """Walkthrough: the default --target-size 128 held out 55% of a 230-pair pool, and only
+    the reference set's shortfall was said."""
+    import dataclasses
+
+    cfg = tiny_run["config"]
+    n_ok = len(load_pool(cfg).train) + cfg.target_size
+    with caplog.at_level("WARNING", logger="pipeline.train.sets"):
+        load_pool(dataclasses.replace(cfg, target_size=n_ok // 4))
+        assert "--target-size" not in caplog.text
+        load_pool(dataclasses.replace(cfg, target_size=n_ok // 2))
+    share = round(100 * (n_ok // 2) / n_ok)
+    assert f"--target-size {n_ok // 2} takes {share}% of the {n_ok} decodable pairs read" in (
+        caplog.text
+    )
+
+
 def test_a_proxy_that_ends_at_chance_is_said(caplog):
     """Walkthrough: `--lr 1000` (or adamw at 10) blew the weights up without a NaN: the
     loss stayed at ln(batch) and the run exited 0 without a word."""

@@ -1,0 +1,93 @@
+"""`diffin status`: each stage's state read from a run's records, and the next command."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import ConfigError
+from pipeline.rundir import write_json
+from pipeline.status import describe, run_status
+from tests.conftest import copy_run
+
+
+def test_an_empty_run_says_to_train_and_a_missing_one_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    status = run_status(str(tmp_path / "run"))
+    assert status["train"] == {"state": "not trained"}
+    assert status["score"]["state"] == "not scored" and status["prune"] == []
+    assert status["next"] == f"diffin train --data POOL --run {tmp_path}/run"
+    with pytest.raises(ConfigError, match="^run: .* does not exist"):
+        run_status(str(tmp_path / "typo"))
+
+
+def test_a_run_walks_through_its_stages(tiny_scored, tmp_path, capsys):
+    from pipeline.prune.config import PruneConfig
+    from pipeline.prune.manifest import write_manifest
+    from pipeline.report.build import build_report
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    rows = pq.read_metadata(f"{run}/scores.parquet").num_rows
+    status = run_status(run)
+    assert status["train"]["state"] == "trained" and status["train"]["model"] == "diffin-tiny"
+    assert status["score"]["state"] == "scored"
+    assert status["score"]["table"]["rows"] == rows
+    assert status["score"]["table"]["methods"] == ["diffin", "tracin", "loss", "random"]
+    assert status["next"] == f"diffin prune --run {run} --keep 0.7"
+
+    write_manifest(PruneConfig(run=run, keep=0.5, name="half"))
+    status = run_status(run)
+    assert [(m["name"], m["keep"], m["stale"]) for m in status["prune"]] == [("half", 0.5, False)]
+    assert status["next"] == f"diffin report --run {run}"
+    time.sleep(0.05)
+    build_report(run, top=2)
+    status = run_status(run)
+    assert status["report"]["older_than_scores"] is False
+    assert (
+        status["next"] == f"retrain on {run}/prune/half with open_clip_train (docs/operations.md)"
+    )
+
+    # rescored with other values: the manifest ranks an earlier table, the report is older
+    time.sleep(1.1)  # a second: the stores' modification times
+    table = pq.read_table(f"{run}/scores.parquet")
+    values = table.column("diffin").to_numpy(zero_copy_only=False) + 1.0
+    i = table.schema.get_field_index("diffin")
+    pq.write_table(table.set_column(i, "diffin", pa.array(values, mask=np.isnan(values))),
+                   f"{run}/scores.parquet")  # fmt: skip
+    status = run_status(run)
+    assert status["prune"][0]["stale"] and status["report"]["older_than_scores"]
+    assert status["next"].startswith(f"diffin prune --run {run} again for half, with the options")
+    text = describe(status)
+    assert "prune     half: " in text and "(keep 0.5, by diffin) [ranks an earlier table]" in text
+    assert "[older than the scores]" in text
+
+    assert main(["status", "--run", run, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["prune"][0]["name"] == "half" and printed["next"] == status["next"]
+    assert main(["status", "--run", run]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"run       {run}"
+
+
+def test_an_interrupted_score_and_an_unfinished_training_are_said(tiny_scored, tmp_path):
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    (tmp_path / "run" / "scores.parquet").unlink()
+    progress = {"state": "interrupted", "shards_done": 2, "shards_total": 4, "samples_total": 8}
+    write_json(f"{run}/scores/progress.json", progress)
+    status = run_status(run)
+    assert status["score"]["state"] == "interrupted"
+    data = shlex.quote(tiny_scored["data"])  # a brace pattern, quoted for the shell
+    assert status["next"].startswith(f"diffin score --data {data} --run {run}")
+    assert "(last run interrupted: 2/4 shards, progress written " in describe(status)
+
+    (tmp_path / "run" / "trajectory" / "trajectory.json").unlink()
+    (tmp_path / "run" / "trajectory" / "resume.pt").write_bytes(b"")
+    status = run_status(run)
+    assert status["train"] == {"state": "unfinished"}
+    assert "it resumes" in status["next"]
