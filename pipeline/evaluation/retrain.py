@@ -306,9 +306,9 @@ def measure(model: torch.nn.Module, ev: EvalSet, batch: int = 256) -> dict[str, 
     return {m: out[m] for m in METRICS}
 
 
-def _scored_methods(run: RunDir, table: pa.Table) -> list[str]:
+def _scored_methods(run: RunDir, columns: list[str]) -> list[str]:
     """The scorers the table was scored with, in their order (``--methods`` left out)."""
-    methods = [m for m in scored_config(run).get("methods") or [] if m in table.column_names]
+    methods = [m for m in scored_config(run).get("methods") or [] if m in columns]
     if not methods:
         raise ConfigError("methods: the score table records no scorer column; give --methods")
     return methods
@@ -541,15 +541,17 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    table = read_table(run.scores)
+    with fsspec.open(run.scores, "rb") as f:
+        names = pq.read_schema(f).names
     if cfg.methods is None:
-        cfg = replace(cfg, methods=_scored_methods(run, table))
+        cfg = replace(cfg, methods=_scored_methods(run, names))
     # The report shows this evaluation only beside the rows and values it ranked by (its
     # scorers' and fusions' columns), not after a rescore that changed them.
     ranked = [*cfg.methods, *(c for fusion in cfg.fusions for c in fusion)]
-    scores_identity = table_identity(
-        run.scores, [c for c in dict.fromkeys(ranked) if c in table.column_names]
-    )
+    ranked = [c for c in dict.fromkeys(ranked) if c in names]
+    scores_identity = table_identity(run.scores, ranked)
+    # those columns alone: not the captions, errors and per-checkpoint terms of every row
+    table = read_table(run.scores, columns=list(dict.fromkeys(["uid", "status", *ranked])))
     src = locate_sources(cfg, run)
     # refuses bad methods and undersized subsets before any training
     subsets = plan_subsets(cfg, table, train_cfg.batch_size, run.scores)
