@@ -147,11 +147,11 @@ def ensure_directions(
     traj: Trajectory,
     sets: dict[str, str] | None = None,
     device: str = "cpu",
-) -> dict:
+) -> dict | None:
     """Compute the missing direction files on ``device``; returns the target description.
 
-    Nothing is computed when no requested scorer needs directions; the target
-    set is still read, since its description is part of the scores' fingerprint.
+    Nothing is computed, and no target read, when no requested scorer needs directions
+    (None then: no scorer points toward a target, so none is in the scores' fingerprint).
     ``sets`` is :func:`set_hashes` of the run, when the caller already has it.
     Which device is the caller's choice (``pipeline.score.driver.prepare_directions``:
     only one this process holds).
@@ -159,12 +159,13 @@ def ensure_directions(
     propagated = "diffin" in cfg.methods and resolve_form(cfg.second_order, traj) == "propagated"
     if propagated:
         sgd_dynamics(traj)  # refuses a trajectory the propagated form cannot model, up front
+    if not needs_directions(cfg, traj):
+        # walkthrough: `--methods loss` read and encoded the held-out target all the same
+        log.info("directions: not needed by %s", ",".join(cfg.methods))
+        return None
     dtype = DTYPES[cfg.storage_dtype]
     bundle = factory.create(traj.model, dtype=dtype, preprocess_cfg=traj.preprocess_cfg)
     t_images, t_tokens, target_info = target_set(cfg, run, bundle, dtype)
-    if not needs_directions(cfg, traj):
-        log.info("directions: not needed by %s", ",".join(cfg.methods))
-        return target_info
     if device != "cpu":
         log.info("directions: computed on %s", device)
     factory.exact_float32(device, dtype)

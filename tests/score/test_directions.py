@@ -38,8 +38,12 @@ def test_scorers_without_directions_compute_none_and_score_the_same(
         data=tiny_run["data"], run=run_url, methods=NO_DIRECTIONS, batch_size=64, threads=1
     )
     traj = load_trajectory(run)
-    info = ensure_directions(cfg, run, traj)
-    assert info["target_fingerprint"]  # the target is still described for the fingerprint
+    # no scorer points toward a target, so none is read (a garbage one is not even opened)
+    # and none is in the fingerprint (walkthrough: `--methods loss` encoded it all the same)
+    garbage = tmp_path / "target.tar"
+    garbage.write_bytes(b"not a tar")
+    assert ensure_directions(dataclasses.replace(cfg, target=str(garbage)), run, traj) is None
+    assert ensure_directions(cfg, run, traj) is None
     assert not any((tmp_path / "run" / "directions").glob("*"))
 
     samples = list(islice(iter_shard(tiny_scored["shards"][0]), 10))
