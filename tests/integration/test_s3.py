@@ -167,6 +167,17 @@ def test_pipeline_end_to_end_on_s3(s3_bucket):
     assert np.isfinite(keep.column("diffin").to_numpy()).all()
     assert json.loads(json.dumps(manifest))  # plain JSON
 
+    # `diffin status` reads the same records from the store (the modification times too)
+    from pipeline.status import run_status
+
+    status = run_status(run_url)
+    assert status["train"]["state"] == "trained" and status["score"]["state"] == "scored"
+    assert status["score"]["table"]["rows"] == 96
+    assert status["score"]["progress"]["state"] == "finished"
+    assert status["score"]["progress"]["written_s_ago"] is not None
+    assert [(p["name"], p["kept"], p["stale"]) for p in status["prune"]] == [("m", kept, False)]
+    assert status["next"] == f"diffin report --run {run_url}"
+
 
 def test_a_missing_bucket_is_refused_and_not_created(s3_bucket, capsys):
     """Walkthrough: `make-data s3://wlak/pool` (a typo) created the bucket `wlak`, and
