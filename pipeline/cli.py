@@ -8,6 +8,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import typing
@@ -890,6 +891,47 @@ def _score_reader_options(args: argparse.Namespace) -> dict[str, object]:
         return given
     defaults = reader_defaults(RunDir(args.run))
     return {k: v if v is not None else defaults[k] for k, v in given.items()}
+
+
+def _flag_value(value: object) -> list[str]:
+    """A config value as the words its flag takes."""
+    if isinstance(value, dict):  # a fusion: 'diffin=1.0,loss=0.5', every digit kept
+        return [",".join(f"{k}={float(w)!r}" for k, w in value.items())]
+    if isinstance(value, (list, tuple)):
+        return [",".join(str(v) for v in value)]
+    return [str(value)]
+
+
+def command_for(command: str, values: dict[str, object], skip: Sequence[str] = ()) -> str:
+    """The `diffin COMMAND` line that gives back ``values`` (a recorded config): every
+    option whose value differs from the command's default, shell-quoted, so that
+    ``diffin status`` can print a command a user pastes as it is."""
+    parser = _subcommand(build_parser(), command)
+    words = ["diffin", command]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "verbose") or action.dest in skip:
+            continue
+        flag = action.option_strings[0]
+        field = next((f for f in values if field_flag(f) in action.option_strings), action.dest)
+        if field not in values:
+            continue
+        value = values[field]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if value is not None and bool(value) != bool(action.default):
+                words.append(flag)
+            continue
+        if value is None or (action.default is not None and value == action.default):
+            continue
+        if action.nargs in ("+", "*"):  # evaluate's --keep 0.5 0.7
+            words += [flag, *(str(v) for v in value)]
+        elif isinstance(action, argparse._AppendAction):  # one flag per item (--fuse)
+            for item in value:
+                words += [flag, *_flag_value(item)]
+        else:
+            (text,) = _flag_value(value)
+            # "--flag=-x": a value that starts with "-" would read as another option
+            words += [f"{flag}={text}"] if text.startswith("-") else [flag, text]
+    return shlex.join(words)
 
 
 def check_patterns(args: argparse.Namespace) -> None:

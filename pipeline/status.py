@@ -9,7 +9,8 @@ nothing; the staleness checks are the ones prune, evaluate and report apply.
 
 from __future__ import annotations
 
-import shlex
+import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -17,7 +18,8 @@ import fsspec
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
-from pipeline.rundir import RunDir, exists, read_json
+from pipeline.prune.config import PruneConfig
+from pipeline.rundir import RunDir, check_apart, exists, read_json
 from pipeline.score.table import (
     check_scores_current,
     evaluation_is_stale,
@@ -25,6 +27,7 @@ from pipeline.score.table import (
     stale_manifests,
     table_metadata,
 )
+from pipeline.train.config import TrainConfig
 
 
 def _age_s(url: str) -> float | None:
@@ -48,13 +51,18 @@ def _train(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
             "imported_from": (record.get("train") or {}).get("imported_from"),
         }
     if exists(run.resume_state):
-        return {"state": "unfinished"}  # interrupted, or under way now
+        # interrupted, or under way now: how recent its resume state is tells which
+        return {"state": "unfinished", "resume_written_s_ago": _age_s(run.resume_state)}
     return {"state": "not trained"}
 
 
 def _score(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"state": "not scored"}
+    request_url = run.path("scores", "request.json")
+    if exists(request_url):  # the config of the last score run started
+        out["request"] = read_json(request_url)
     progress_url = run.path("scores", "progress.json")
+    last = None
     if exists(progress_url):
         progress = read_json(progress_url)
         out["progress"] = {
@@ -62,36 +70,37 @@ def _score(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
             for k in ("state", "shards_done", "shards_total", "shards_failed", "samples_total")
         }
         out["progress"]["written_s_ago"] = _age_s(progress_url)
-        if progress.get("state") in ("scoring", "interrupted", "failed"):
-            # "scoring" may be a run killed outright: the age of the file says which
-            out["state"] = progress["state"]
-    if not exists(run.scores):
-        return out
-    meta = table_metadata(run.scores)
-    with fsspec.open(run.scores, "rb") as f:
-        rows = pq.ParquetFile(f).metadata.num_rows
-    summary = (record.get("score") or {}).get("summary") or {}
-    table: dict[str, Any] = {
-        "rows": rows,
-        "methods": (meta.get("score") or {}).get("methods"),
-    }
-    if summary.get("rows") == rows:  # the summary of the run that wrote this table
-        table["rows_error"] = summary.get("rows_error")
-        table["shards_failed"] = len(summary.get("shards_failed") or {})
-        table["shards_damaged"] = len(summary.get("shards_damaged") or {})
-    try:
-        table["warnings"] = check_scores_current(run)
-    except ConfigError as exc:
-        table["warnings"] = [str(exc)]
-    out["table"] = table
-    if out["state"] == "not scored" or not table["warnings"]:
-        out["state"] = "scored" if not table["warnings"] else "stale"
+        last = progress.get("state")
+    if exists(run.scores):
+        meta = table_metadata(run.scores)
+        with fsspec.open(run.scores, "rb") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        summary = (record.get("score") or {}).get("summary") or {}
+        table: dict[str, Any] = {"rows": rows, "methods": (meta.get("score") or {}).get("methods")}
+        if summary.get("rows") == rows:  # the summary of the run that wrote this table
+            table["rows_error"] = summary.get("rows_error")
+            table["shards_failed"] = len(summary.get("shards_failed") or {})
+            table["shards_damaged"] = len(summary.get("shards_damaged") or {})
+        quiet = logging.getLogger("pipeline.score.table")
+        level, quiet.level = quiet.level, logging.ERROR  # said once, on the status's lines
+        try:
+            table["warnings"] = check_scores_current(run)
+        except ConfigError as exc:
+            table["warnings"] = [str(exc)]
+        finally:
+            quiet.setLevel(level)
+        out["table"] = table
+        out["state"] = "stale" if table["warnings"] else "scored"
+    # a run that did not finish says so, whatever table an earlier one left ("scoring" may
+    # be a run killed outright: the age of progress.json tells)
+    if last in ("preparing", "scoring", "merging", "interrupted", "failed"):
+        out["state"] = last
     return out
 
 
 def _prune(run: RunDir, record: dict[str, Any], scored: bool) -> list[dict[str, Any]]:
     entries = prune_entries(run, record)
-    stale = set(stale_manifests(run, None, entries)) if scored else set()
+    stale = set(stale_manifests(run, None, entries)) if scored else set(entries)
     out = []
     for name, value in entries.items():
         cfg = value.get("config") or {}
@@ -118,43 +127,121 @@ def _evaluate(run: RunDir, scored: bool) -> dict[str, Any] | None:
     return {
         "subsets": len(ev.get("results") or []),
         "methods": (ev.get("config") or {}).get("methods"),
-        "stale": scored and evaluation_is_stale(run, ev),
+        "stale": not scored or evaluation_is_stale(run, ev),
+        "config": ev.get("config") or {},
     }
 
 
-def _report(run: RunDir) -> dict[str, Any] | None:
+def _report(run: RunDir, manifests: list[dict[str, Any]]) -> dict[str, Any] | None:
     url = run.path("report", "index.html")
     if not exists(url):
         return None
-    age, scores_age = _age_s(url), _age_s(run.scores) if exists(run.scores) else None
-    older = age is not None and scores_age is not None and age > scores_age
-    return {"path": url, "older_than_scores": older}
+    age = _age_s(url)
+    shown = {
+        "the scores": run.scores,
+        "the evaluation": run.path("evaluate", "evaluate.json"),
+        **{f"manifest {m['name']}": f"{m['dir']}/manifest.json" for m in manifests},
+    }
+    newer = []
+    for what, source in shown.items():
+        source_age = _age_s(source) if exists(source) else None
+        if age is not None and source_age is not None and source_age < age:
+            newer.append(what)  # written after the page: the page does not show it
+    return {"path": url, "older_than": newer}
 
 
-def _next(run: RunDir, status: dict[str, Any]) -> str:
-    """The command to run next, or what the run is ready for."""
-    r = shlex.quote(run.url)
+# Score options left out of the printed command: unset, score reads the pool as the run
+# last did, or as the proxy was trained when it was trained again since (review: the
+# recorded keys pinned an earlier pool's members after a retrain).
+READER = ("image_keys", "text_keys", "max_image_pixels")
+
+
+def _score_command(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[str, str]:
+    from pipeline.cli import command_for
+
+    # the last score run started, else the last one that finished (runs before request.json)
+    request = status["score"].get("request") or (record.get("score") or {}).get("config")
+    if request:  # its own options: a rerun resumes it
+        command = command_for("score", {**request, "run": run.url}, skip=READER)
+        return command, "with the last score run's options"
+    data = status["train"].get("data") or "POOL"
+    return command_for("score", {"data": data, "run": run.url}), "add --methods and --target"
+
+
+def _rankable(methods: list[str] | None) -> str | None:
+    from pipeline.prune.config import NOT_KEEP_FIRST
+
+    methods = methods or []
+    if "diffin" in methods:
+        return "diffin"
+    return next((m for m in methods if m not in NOT_KEEP_FIRST), None)
+
+
+def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[str, str]:
+    """(the command to run next, why or what to add): the command alone can be pasted."""
+    from pipeline.cli import command_for
+
+    r = run.url
     train, score = status["train"], status["score"]
-    data = shlex.quote(str(train.get("data") or "POOL"))
     if train["state"] == "not trained":
-        return f"diffin train --data POOL --run {r}"
+        return command_for("train", {"data": "POOL", "run": r}), "POOL: the pool's shards"
     if train["state"] == "unfinished":
-        return f"diffin train --run {r} with the options it was started with (it resumes)"
+        resume = run.path("trajectory", "resume-fingerprint.json")
+        parts = read_json(resume) if exists(resume) else {}
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        options = {k: v for k, v in parts.items() if k in known}
+        why = (
+            "resumes the training, unless one is under way now (its resume state was "
+            f"written {train.get('resume_written_s_ago')} s ago)"
+        )
+        why += (
+            "; options that do not change the trajectory (--workers, --address, --threads) "
+            "are not recorded: add them"
+        )
+        if options:
+            return command_for("train", {**options, "run": r}), why
+        return command_for("train", {"data": "POOL", "run": r}), why + ", and the others"
     if score["state"] != "scored":
-        return f"diffin score --data {data} --run {r} (a run resumes where it stopped)"
-    stale = [p["name"] for p in status["prune"] if p["stale"]]
+        command, how = _score_command(run, status, record)
+        why = {
+            "not scored": "no score table yet",
+            "stale": "the score table is not this run's now",
+            "interrupted": "the last score run was interrupted",
+            "failed": "the last score run failed (error rows of a run that scored nothing: "
+            "RUN/scores-failed.parquet)",
+            # directions are computed before progress.json is written again: maybe hours
+            "preparing": "a score run is preparing (its directions), or was killed",
+        }.get(
+            score["state"],
+            "a score run is under way, or was killed: see how long ago progress.json was written",
+        )
+        return command, f"{why}; {how}"
+    stale = [p for p in status["prune"] if p["stale"]]
     if stale:
+        config = (record.get(f"prune/{stale[0]['name']}") or {}).get("config") or {}
+        known = {f.name for f in dataclasses.fields(PruneConfig)}
+        try:  # normalised: records from before kept every field's default (review)
+            config = PruneConfig(**{k: v for k, v in config.items() if k in known}).to_dict()
+        except (TypeError, ValueError):
+            pass
         return (
-            f"diffin prune --run {r} again for {stale[0]}, with the options run.json records "
-            f"under prune/{stale[0]}: it ranks an earlier table"
+            command_for("prune", {**config, "run": r}),
+            f"{stale[0]['name']} ranks an earlier table",
         )
     if not status["prune"]:
-        return f"diffin prune --run {r} --keep 0.7"
+        method = _rankable((score.get("table") or {}).get("methods"))
+        return command_for("prune", {"run": r, "keep": 0.7, "method": method}), "a first manifest"
+    evaluation = status["evaluate"]
+    if evaluation is not None and evaluation["stale"]:
+        keep = {k: v for k, v in evaluation["config"].items() if k != "run"}
+        if not keep.get("fusions"):
+            keep.pop("fusion_norm", None)  # refused without --fuse (review)
+        return command_for("evaluate", {**keep, "run": r}), "it was made from an earlier table"
     report = status["report"]
-    if report is None or report["older_than_scores"]:
-        return f"diffin report --run {r}"
-    first = status["prune"][0]["dir"]
-    return f"retrain on {first} with open_clip_train (docs/operations.md)"
+    if report is None or report["older_than"]:
+        return command_for("report", {"run": r}), "the page does not show the latest"
+    first = status["prune"][-1]["dir"]
+    return f"open_clip_train on {first}", "the manifests are current (docs/operations.md)"
 
 
 def run_status(run_url: str) -> dict[str, Any]:
@@ -162,14 +249,17 @@ def run_status(run_url: str) -> dict[str, Any]:
     run = RunDir(run_url)
     if not exists(run.url) and not exists(run.run_json):
         raise ConfigError(f"run: {run_url} does not exist")
+    check_apart(run.url, "run", "run")  # a pool's folder is no run
     record = read_json(run.run_json) if exists(run.run_json) else {}
     status: dict[str, Any] = {"run": run.url, "train": _train(run, record)}
     status["score"] = _score(run, record)
     scored = "table" in status["score"]
-    status["prune"] = _prune(run, record, scored)
-    status["evaluate"] = _evaluate(run, scored)
-    status["report"] = _report(run)
-    status["next"] = _next(run, status)
+    # the table's own warnings: a later run preparing over a stale table leaves it stale
+    current = scored and not status["score"]["table"]["warnings"]
+    status["prune"] = _prune(run, record, current)
+    status["evaluate"] = _evaluate(run, current)
+    status["report"] = _report(run, status["prune"])
+    status["next"], status["next_why"] = _next(run, status, record)
     return status
 
 
@@ -185,6 +275,12 @@ def describe(status: dict[str, Any]) -> str:
             + (f", imported from {t['imported_from']}" if t.get("imported_from") else "")
             + (f"; data {t['data']}" if t.get("data") else "")
         )
+    elif t["state"] == "unfinished":
+        age = t.get("resume_written_s_ago")
+        lines.append(
+            "train     unfinished"
+            + (f" (resume state written {age:.0f} s ago)" if age is not None else "")
+        )
     else:
         lines.append(f"train     {t['state']}")
     s = status["score"]
@@ -199,8 +295,10 @@ def describe(status: dict[str, Any]) -> str:
     p = s.get("progress")
     if p and p.get("state") not in (None, "finished"):
         age = p.get("written_s_ago")
+        counts = p.get("shards_total") is not None
         text += (
-            f" (last run {p.get('state')}: {p.get('shards_done')}/{p.get('shards_total')} shards"
+            f" (last run {p.get('state')}"
+            + (f": {p.get('shards_done')}/{p.get('shards_total')} shards" if counts else "")
             + (f", progress written {age:.0f} s ago" if age is not None else "")
             + ")"
         )
@@ -231,7 +329,8 @@ def describe(status: dict[str, Any]) -> str:
         "report    not written"
         if rp is None
         else f"report    {rp['path']}"
-        + (" [older than the scores]" if rp["older_than_scores"] else "")
+        + (f" [older than {', '.join(rp['older_than'])}]" if rp["older_than"] else "")
     )
     lines.append(f"next      {status['next']}")
+    lines.append(f"          ({status['next_why']})")
     return "\n".join(lines)

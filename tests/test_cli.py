@@ -575,8 +575,18 @@ def test_score_reads_the_pool_as_the_proxy_was_trained_unless_told(tmp_path, cap
     assert _score_reader_options(args) == {**as_trained, "text_keys": ["txt"]}
     # a run scored before reads as it did (review: a resumed command rescored every part)
     last = {"image_keys": ["jpg"], "text_keys": ["txt"], "max_image_pixels": 99}
-    write_json(str(run / "scores" / "fingerprint.json"), {"hash": "h", "reader": last})
+    ckpts = [{"sha256": "a", "step": 10, "lr": 0.1}]
+    write_json(
+        str(run / "trajectory" / "trajectory.json"), {"config": trained, "checkpoints": ckpts}
+    )
+    scored = {"hash": "h", "reader": last, "checkpoints": [["a", 10, 0.1]]}
+    write_json(str(run / "scores" / "fingerprint.json"), scored)
     assert _score_reader_options(parse(["score", "--data", "d", "--run", str(run)])) == last
+    # ... unless the proxy was trained again since: its keys may be another pool's (walkthrough)
+    write_json(
+        str(run / "scores" / "fingerprint.json"), {**scored, "checkpoints": [["b", 10, 0.1]]}
+    )
+    assert _score_reader_options(parse(["score", "--data", "d", "--run", str(run)])) == as_trained
     args = parse(["score", "--data", "d", "--run", str(tmp_path / "untrained")])
     assert _score_reader_options(args) == {
         "image_keys": ["jpg", "jpeg", "png", "webp"],
@@ -595,3 +605,83 @@ def test_score_reads_the_pool_as_the_proxy_was_trained_unless_told(tmp_path, cap
         warn_about_reader(ScoreConfig(data="d", run="r", **trained), trained)
         warn_about_reader(ScoreConfig(data="d", run="r", **as_trained), trained)
     assert caplog.text == ""
+
+
+def test_a_recorded_config_gives_back_a_command_that_parses_to_it():
+    """`diffin status` prints commands from recorded configs; pasted, they must give back the
+    same options (walkthrough: its lines had prose in them, and lost --methods)."""
+    import shlex
+    from dataclasses import asdict
+
+    from pipeline.cli import command_for
+    from pipeline.prune.config import PruneConfig
+    from pipeline.score.config import ScoreConfig
+
+    score = ScoreConfig(
+        data="pool/{00000..00002}.tar",
+        run="runs/my run",
+        methods=["tracin", "loss"],
+        target="t/{0..1}.tar",
+        first_order=False,
+        image_keys=["image", "jpg"],
+        seed=3,
+    )
+    args = build_parser().parse_args(shlex.split(command_for("score", asdict(score)))[1:])
+    assert (args.data, args.run, args.methods, args.target) == (
+        score.data,
+        score.run,
+        score.methods,
+        score.target,
+    )
+    assert (args.first_order, args.image_key, args.seed) == (False, ["image", "jpg"], 3)
+    for prune in (
+        PruneConfig(run="r", keep=0.5, fusion={"diffin": 1.0, "loss": 0.5}, name="x"),
+        PruneConfig(run="r", rule="threshold", threshold=1e-5, method="loss"),
+        PruneConfig(run="r", keep=0.3, rule="balanced", balance_by="cluster", clusters=4),
+    ):
+        line = command_for("prune", prune.to_dict())
+        again = build_parser().parse_args(shlex.split(line)[1:])
+        from pipeline.cli import _prune_config
+
+        assert _prune_config(again).to_dict() == {
+            **prune.to_dict(),
+            **{
+                k: v
+                for k, v in _prune_config(again).to_dict().items()
+                if prune.to_dict()[k] is None
+            },
+        }, line
+
+
+def test_a_score_stopped_while_preparing_says_so_in_progress_json(tmp_path, monkeypatch):
+    """Walkthrough: a rescore still computing its directions showed as the earlier table;
+    progress.json now says "preparing", and "interrupted" if it stops there. A run refused
+    while preparing did not run: the records stay as they were (review)."""
+    import json
+
+    import pipeline.score.driver as driver
+    from pipeline.errors import ConfigError
+    from pipeline.score.config import ScoreConfig
+
+    raised: list[BaseException] = [KeyboardInterrupt()]
+
+    def stopped(cfg, run, actor_cls, t0, shards, traj):
+        assert json.load(open(f"{tmp_path}/scores/progress.json")) == {"state": "preparing"}
+        raise raised[0]
+
+    monkeypatch.setattr(driver, "_score", stopped)
+    monkeypatch.setattr(driver, "resolve_shards", lambda data: ["/p/00000.tar"])
+    monkeypatch.setattr(driver, "load_trajectory", lambda run: None)
+    monkeypatch.setattr(driver, "resolve_form", lambda form, traj: form)
+    cfg = ScoreConfig(data="d", run=str(tmp_path), methods=["loss"], target="t.tar")
+    with pytest.raises(KeyboardInterrupt):
+        driver.run_scoring(cfg)
+    assert json.load(open(f"{tmp_path}/scores/progress.json")) == {"state": "interrupted"}
+    request = json.load(open(f"{tmp_path}/scores/request.json"))
+    assert (request["methods"], request["target"]) == (["loss"], "t.tar")
+
+    raised[0] = ConfigError("second_order: refused")
+    with pytest.raises(ConfigError):
+        driver.run_scoring(ScoreConfig(data="d", run=str(tmp_path), methods=["tracin"]))
+    assert json.load(open(f"{tmp_path}/scores/progress.json")) == {"state": "interrupted"}
+    assert json.load(open(f"{tmp_path}/scores/request.json"))["methods"] == ["loss"]

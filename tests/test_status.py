@@ -24,6 +24,7 @@ def test_an_empty_run_says_to_train_and_a_missing_one_is_refused(tmp_path):
     assert status["train"] == {"state": "not trained"}
     assert status["score"]["state"] == "not scored" and status["prune"] == []
     assert status["next"] == f"diffin train --data POOL --run {tmp_path}/run"
+    assert status["next_why"] == "POOL: the pool's shards"
     with pytest.raises(ConfigError, match="^run: .* does not exist"):
         run_status(str(tmp_path / "typo"))
 
@@ -40,7 +41,8 @@ def test_a_run_walks_through_its_stages(tiny_scored, tmp_path, capsys):
     assert status["score"]["state"] == "scored"
     assert status["score"]["table"]["rows"] == rows
     assert status["score"]["table"]["methods"] == ["diffin", "tracin", "loss", "random"]
-    assert status["next"] == f"diffin prune --run {run} --keep 0.7"
+    # a column the table has, so that the command runs as printed (walkthrough)
+    assert status["next"] == f"diffin prune --run {run} --keep 0.7 --method diffin"
 
     write_manifest(PruneConfig(run=run, keep=0.5, name="half"))
     status = run_status(run)
@@ -49,10 +51,8 @@ def test_a_run_walks_through_its_stages(tiny_scored, tmp_path, capsys):
     time.sleep(0.05)
     build_report(run, top=2)
     status = run_status(run)
-    assert status["report"]["older_than_scores"] is False
-    assert (
-        status["next"] == f"retrain on {run}/prune/half with open_clip_train (docs/operations.md)"
-    )
+    assert status["report"]["older_than"] == []
+    assert status["next"] == f"open_clip_train on {run}/prune/half"
 
     # rescored with other values: the manifest ranks an earlier table, the report is older
     time.sleep(1.1)  # a second: the stores' modification times
@@ -62,8 +62,9 @@ def test_a_run_walks_through_its_stages(tiny_scored, tmp_path, capsys):
     pq.write_table(table.set_column(i, "diffin", pa.array(values, mask=np.isnan(values))),
                    f"{run}/scores.parquet")  # fmt: skip
     status = run_status(run)
-    assert status["prune"][0]["stale"] and status["report"]["older_than_scores"]
-    assert status["next"].startswith(f"diffin prune --run {run} again for half, with the options")
+    assert status["prune"][0]["stale"] and status["report"]["older_than"] == ["the scores"]
+    # the manifest's own options, as a command that runs as printed (walkthrough)
+    assert status["next"] == f"diffin prune --run {run} --keep 0.5 --method diffin --name half"
     text = describe(status)
     assert "prune     half: " in text and "(keep 0.5, by diffin) [ranks an earlier table]" in text
     assert "[older than the scores]" in text
@@ -83,11 +84,47 @@ def test_an_interrupted_score_and_an_unfinished_training_are_said(tiny_scored, t
     status = run_status(run)
     assert status["score"]["state"] == "interrupted"
     data = shlex.quote(tiny_scored["data"])  # a brace pattern, quoted for the shell
-    assert status["next"].startswith(f"diffin score --data {data} --run {run}")
+    assert status["next"] == f"diffin score --data {data} --run {run}"
     assert "(last run interrupted: 2/4 shards, progress written " in describe(status)
+    # with the last run's own options (walkthrough: its --methods and --target were lost)
+    request = {**tiny_scored["config"].to_dict(), "methods": ["tracin", "loss"], "target": "t.tar"}
+    write_json(f"{run}/scores/request.json", request)
+    status = run_status(run)
+    assert status["next"].startswith(
+        f"diffin score --data {data} --run {run} --methods tracin,loss"
+    )
+    assert " --target t.tar" in status["next"]
 
     (tmp_path / "run" / "trajectory" / "trajectory.json").unlink()
     (tmp_path / "run" / "trajectory" / "resume.pt").write_bytes(b"")
     status = run_status(run)
-    assert status["train"] == {"state": "unfinished"}
-    assert "it resumes" in status["next"]
+    assert status["train"]["state"] == "unfinished"
+    assert status["train"]["resume_written_s_ago"] is not None
+    assert status["next"] == f"diffin train --data POOL --run {run}"  # no options recorded
+    assert "resumes the training, unless one is under way now" in status["next_why"]
+
+
+def test_a_stale_evaluation_gets_a_command_evaluate_accepts(tiny_scored, tmp_path):
+    """Review: evaluate.json records fusion_norm "zscore", and `--fusion-norm` without
+    `--fuse` is refused: the printed command failed for every stale evaluation."""
+    import shlex
+
+    from pipeline.cli import build_parser
+    from pipeline.prune.config import PruneConfig
+    from pipeline.prune.manifest import write_manifest
+    from pipeline.report.build import build_report
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    write_manifest(PruneConfig(run=run, keep=0.5, name="half"))
+    config = {"run": run, "methods": ["diffin"], "keeps": [0.5, 0.7], "fusions": [],
+              "fusion_norm": "zscore", "seeds": [0], "full": False}  # fmt: skip
+    write_json(f"{run}/evaluate/evaluate.json", {"config": config, "results": [], "scores": {
+        "columns": ["diffin"], "rows": 1, "uids": "x", "values": "y"}})  # fmt: skip
+    build_report(run, top=2)
+    status = run_status(run)
+    assert status["evaluate"]["stale"]
+    line = status["next"]
+    # --keep 0.5 0.7 is evaluate's default: left out
+    assert line == f"diffin evaluate --run {run} --methods diffin --no-full"
+    args = build_parser().parse_args(shlex.split(line)[1:])
+    assert (args.keep, args.methods, args.full) == ([0.5, 0.7], ["diffin"], False)

@@ -1129,15 +1129,65 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     """Score every shard of ``cfg.data`` into RUN/scores.parquet; returns the run summary.
 
     ``actor_cls`` replaces :class:`ScoreActor` (tests inject faults with it).
+
+    Once the config is checked, ``RUN/scores/request.json`` records it (`diffin status`
+    rebuilds the command from it) and progress.json says "preparing" until the shards
+    are scored, and how the run stopped if it stops before (walkthrough: a rescore that
+    was computing its directions showed as the earlier table, and the status's command
+    lost its --methods and --target).
     """
     cfg.validate()
     check_address(cfg.address)  # before the directions, which may take long
     check_placeable(cfg)
     t0 = time.time()
-    shards = resolve_shards(cfg.data)
-    names = shard_names(shards)
     run = RunDir(cfg.run)
+    # the checks that refuse a mistyped command, before anything is written (review)
+    get_scorers(cfg.methods)
+    shards = resolve_shards(cfg.data)
     traj = load_trajectory(run)
+    resolve_form(cfg.second_order, traj)
+    progress_url, request_url = (
+        run.path("scores", "progress.json"),
+        run.path("scores", "request.json"),
+    )
+    before = {u: read_json(u) if exists(u) else None for u in (progress_url, request_url)}
+    write_json(request_url, cfg.to_dict())
+    write_json(progress_url, {"state": "preparing"})
+    try:
+        return _score(cfg, run, actor_cls, t0, shards, traj)
+    except BaseException as exc:
+        try:
+            _mark_stopped(exc, progress_url, before)
+        except Exception as why:  # noqa: BLE001 (the store that failed the run may fail this)
+            log.warning("could not record how the score run stopped: %s", why)
+        raise
+
+
+def _mark_stopped(exc: BaseException, progress_url: str, before: dict[str, Any]) -> None:
+    """progress.json's state once a score run stops early. A run refused before it scored
+    (a ConfigError while preparing) leaves the records as it found them: it did not run."""
+    stopped = read_json(progress_url) if exists(progress_url) else {}
+    if stopped.get("state") == "preparing" and isinstance(exc, ConfigError):
+        for url, value in before.items():
+            if value is None:
+                remove(url)
+            else:
+                write_json(url, value)
+        return
+    if stopped.get("state") in ("preparing", "scoring", "merging"):
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        write_json(progress_url, {**stopped, "state": state})
+
+
+def _score(
+    cfg: ScoreConfig,
+    run: RunDir,
+    actor_cls: type | None,
+    t0: float,
+    shards: list[str],
+    traj: Trajectory,
+) -> dict[str, Any]:
+    names = shard_names(shards)
     warn_about_reader(cfg, traj.record.get("config") or {})
     form = resolve_form(cfg.second_order, traj)
     if form != cfg.second_order and "diffin" in cfg.methods:

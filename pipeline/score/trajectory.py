@@ -75,7 +75,15 @@ def reader_defaults(run: RunDir) -> dict[str, Any]:
         "max_image_pixels": MAX_IMAGE_PIXELS,
     }
     fp_url = run.path("scores", "fingerprint.json")
-    last = (read_json(fp_url).get("reader") or {}) if exists(fp_url) else {}
+    earlier = read_json(fp_url) if exists(fp_url) else {}
+    last = earlier.get("reader") or {}
+    if last and exists(run.trajectory_json):
+        now = [
+            [c.get("sha256"), c.get("step"), c.get("lr")]
+            for c in read_json(run.trajectory_json).get("checkpoints", [])
+        ]
+        if earlier.get("checkpoints") != now:  # scored on an earlier proxy: its keys may be
+            last = {}  # another pool's (walkthrough: a retrain on .image/.caption members)
     trained = trained_reader_options(run)
     out = {}
     for key, default in defaults.items():
