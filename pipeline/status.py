@@ -240,8 +240,14 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
     report = status["report"]
     if report is None or report["older_than"]:
         return command_for("report", {"run": r}), "the page does not show the latest"
-    first = status["prune"][-1]["dir"]
-    return f"open_clip_train on {first}", "the manifests are current (docs/operations.md)"
+    # the manifest written last: its own open_clip arguments (prune records them)
+    newest = min(status["prune"], key=lambda m: _age_s(f"{m['dir']}/manifest.json") or 0.0)
+    args = read_json(f"{newest['dir']}/manifest.json").get("open_clip_args") or ""
+    return (
+        f"python -m open_clip_train.main {args}".strip(),
+        f"retrain on {newest['name']}, the newest manifest; add --model and the training "
+        "options (docs/operations.md)",
+    )
 
 
 def run_status(run_url: str) -> dict[str, Any]:

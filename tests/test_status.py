@@ -52,7 +52,9 @@ def test_a_run_walks_through_its_stages(tiny_scored, tmp_path, capsys):
     build_report(run, top=2)
     status = run_status(run)
     assert status["report"]["older_than"] == []
-    assert status["next"] == f"open_clip_train on {run}/prune/half"
+    args = json.load(open(f"{run}/prune/half/manifest.json"))["open_clip_args"]
+    assert status["next"] == f"python -m open_clip_train.main {args}"
+    assert "--train-data" in args and status["next_why"].startswith("retrain on half, the newest")
 
     # rescored with other values: the manifest ranks an earlier table, the report is older
     time.sleep(1.1)  # a second: the stores' modification times
