@@ -570,7 +570,11 @@ def test_score_reads_the_pool_as_the_proxy_was_trained_unless_told(tmp_path, cap
         "max_image_pixels": 4096,
     }
     args = parse(["score", "--data", "d", "--run", str(run)])
-    assert _score_reader_options(args) == as_trained
+    with caplog.at_level("INFO", logger="pipeline.score.trajectory"):
+        assert _score_reader_options(args) == as_trained
+    assert "unless given, the pool is read with image_keys=['image', 'jpg'" in caplog.text
+    assert "(as the proxy was trained)" in caplog.text
+    caplog.clear()
     args = parse(["score", "--data", "d", "--run", str(run), "--text-key", "txt"])
     assert _score_reader_options(args) == {**as_trained, "text_keys": ["txt"]}
     # a run scored before reads as it did (review: a resumed command rescored every part)

@@ -103,6 +103,13 @@ def reader_defaults(run: RunDir) -> dict[str, Any]:
             out["text_keys"],
         )
         out.update(image_keys=defaults["image_keys"], text_keys=defaults["text_keys"])
+    differ = {k: v for k, v in out.items() if v != defaults[k]}
+    if differ:  # walkthrough: nothing said which keys a score without them read with
+        log.info(
+            "score: unless given, the pool is read with %s (as %s)",
+            ", ".join(f"{k}={v}" for k, v in differ.items()),
+            "the run's last score read it" if last else "the proxy was trained",
+        )
     return out
 
 
