@@ -269,6 +269,10 @@ def run_status(run_url: str) -> dict[str, Any]:
     return status
 
 
+def _line(stage: str, text: str, flag: str | None = None) -> str:
+    return f"{stage:<10}{text}" + (f" [{flag}]" if flag else "")
+
+
 def describe(status: dict[str, Any]) -> str:
     """The status as lines a person reads at a glance."""
     lines = [f"run       {status['run']}"]
@@ -323,19 +327,22 @@ def describe(status: dict[str, Any]) -> str:
             f"prune     {m['name']}: {m['kept']} kept ({rule}{limit}, by {by})"
             + (" [ranks an earlier table]" if m["stale"] else "")
         )
-    e = status["evaluate"]
+    e, rp = status["evaluate"], status["report"]
     lines.append(
-        "evaluate  not run"
+        _line("evaluate", "not run")
         if e is None
-        else f"evaluate  {e['subsets']} subset(s) of {', '.join(e['methods'] or [])}"
-        + (" [made from an earlier table]" if e["stale"] else "")
+        else _line(
+            "evaluate",
+            f"{e['subsets']} subset(s) of {', '.join(e['methods'] or [])}",
+            "made from an earlier table" if e["stale"] else None,
+        )
     )
-    rp = status["report"]
     lines.append(
-        "report    not written"
+        _line("report", "not written")
         if rp is None
-        else f"report    {rp['path']}"
-        + (f" [older than {', '.join(rp['older_than'])}]" if rp["older_than"] else "")
+        else _line(
+            "report", rp["path"], rp["older_than"] and f"older than {', '.join(rp['older_than'])}"
+        )
     )
     lines.append(f"next      {status['next']}")
     lines.append(f"          ({status['next_why']})")

@@ -669,7 +669,7 @@ def test_a_score_stopped_while_preparing_says_so_in_progress_json(tmp_path, monk
 
     raised: list[BaseException] = [KeyboardInterrupt()]
 
-    def stopped(cfg, run, actor_cls, t0, shards, traj):
+    def stopped(cfg, run, actor_cls, *prepared):
         assert json.load(open(f"{tmp_path}/scores/progress.json")) == {"state": "preparing"}
         raise raised[0]
 

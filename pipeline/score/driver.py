@@ -1145,7 +1145,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     get_scorers(cfg.methods)
     shards = resolve_shards(cfg.data)
     traj = load_trajectory(run)
-    resolve_form(cfg.second_order, traj)
+    form = resolve_form(cfg.second_order, traj)
     progress_url, request_url = (
         run.path("scores", "progress.json"),
         run.path("scores", "request.json"),
@@ -1154,7 +1154,7 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     write_json(request_url, cfg.to_dict())
     write_json(progress_url, {"state": "preparing"})
     try:
-        return _score(cfg, run, actor_cls, t0, shards, traj)
+        return _score(cfg, run, actor_cls, t0, shards, traj, form)
     except BaseException as exc:
         try:
             _mark_stopped(exc, progress_url, before)
@@ -1186,10 +1186,10 @@ def _score(
     t0: float,
     shards: list[str],
     traj: Trajectory,
+    form: str,
 ) -> dict[str, Any]:
     names = shard_names(shards)
     warn_about_reader(cfg, traj.record.get("config") or {})
-    form = resolve_form(cfg.second_order, traj)
     if form != cfg.second_order and "diffin" in cfg.methods:
         log.info(
             "diffin form: %s (--second-order %s, %s trajectory)",

@@ -54,16 +54,6 @@ def model_identity(record: dict[str, Any]) -> dict[str, Any]:
 READER_FIELDS = ("image_keys", "text_keys", "max_image_pixels")
 
 
-def trained_reader_options(run: RunDir) -> dict[str, Any]:
-    """How the proxy read its pool (``READER_FIELDS`` of its recorded config; fewer for a
-    run recorded before they existed, none without a trajectory): scoring reads the pool
-    the same way unless told otherwise."""
-    if not exists(run.trajectory_json):
-        return {}
-    recorded = read_json(run.trajectory_json).get("config") or {}
-    return {k: recorded[k] for k in READER_FIELDS if k in recorded}
-
-
 def reader_defaults(run: RunDir) -> dict[str, Any]:
     """How `diffin score` reads the pool when not told, field by field: as the run's last
     score read it (a repeated or resumed command keeps its parts, review), else as the
@@ -76,15 +66,13 @@ def reader_defaults(run: RunDir) -> dict[str, Any]:
     }
     fp_url = run.path("scores", "fingerprint.json")
     earlier = read_json(fp_url) if exists(fp_url) else {}
+    traj = read_json(run.trajectory_json) if exists(run.trajectory_json) else {}
     last = earlier.get("reader") or {}
-    if last and exists(run.trajectory_json):
-        now = [
-            [c.get("sha256"), c.get("step"), c.get("lr")]
-            for c in read_json(run.trajectory_json).get("checkpoints", [])
-        ]
-        if earlier.get("checkpoints") != now:  # scored on an earlier proxy: its keys may be
-            last = {}  # another pool's (walkthrough: a retrain on .image/.caption members)
-    trained = trained_reader_options(run)
+    now = [[c.get("sha256"), c.get("step"), c.get("lr")] for c in traj.get("checkpoints", [])]
+    if traj and earlier.get("checkpoints") != now:  # scored on an earlier proxy: its keys
+        last = {}  # may be another pool's (walkthrough: a retrain on .image/.caption members)
+    recorded = traj.get("config") or {}  # how the proxy read its pool
+    trained = {k: recorded[k] for k in READER_FIELDS if k in recorded}
     out = {}
     for key, default in defaults.items():
         if key in last:
