@@ -10,6 +10,7 @@ RUN/scores.parquet                the merged table
 RUN/prune/NAME/                   one manifest per keep rule
 RUN/evaluate/                     retraining comparison (diffin evaluate)
 RUN/report/index.html             the HTML report (diffin report)
+RUN/locks/NAME.lock|json         held by a stage while it writes (pipeline/runlock.py)
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Each stage leaves a record (trajectory.json, the score table's footer and
 RUN/scores/progress.json, run.json's prune entries, evaluate.json, the report
 page). This reads them and says, per stage, what is there, whether it still
-matches the stage before it, and what to run next. It computes and writes
-nothing; the staleness checks are the ones prune, evaluate and report apply.
+matches the stage before it, and what to run next. The run's locks
+(pipeline/runlock.py) tell a stage under way now from one that was killed. It
+computes and writes nothing; the staleness checks are the ones prune, evaluate
+and report apply.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
 from pipeline.rundir import RunDir, check_apart, exists, read_json
+from pipeline.runlock import describe_holder, holders
 from pipeline.score.table import (
     check_scores_current,
     evaluation_is_stale,
@@ -51,7 +54,7 @@ def _train(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
             "imported_from": (record.get("train") or {}).get("imported_from"),
         }
     if exists(run.resume_state):
-        # interrupted, or under way now: how recent its resume state is tells which
+        # interrupted, or under way now: the run's locks tell which (status["running"])
         return {"state": "unfinished", "resume_written_s_ago": _age_s(run.resume_state)}
     return {"state": "not trained"}
 
@@ -183,6 +186,12 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
 
     r = run.url
     train, score = status["train"], status["score"]
+    for stage in ("train", "score"):
+        if stage in status["running"]:  # what it writes is what the rest reads
+            return command_for("status", {"run": r}), (
+                f"{describe_holder(status['running'][stage])} is under way now; look again "
+                "when it has finished"
+            )
     if train["state"] == "not trained":
         return command_for("train", {"data": "POOL", "run": r}), "POOL: the pool's shards"
     if train["state"] == "unfinished":
@@ -191,8 +200,9 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         options = {k: v for k, v in parts.items() if k in known}
         why = (
-            "resumes the training, unless one is under way now (its resume state was "
-            f"written {train.get('resume_written_s_ago')} s ago)"
+            "resumes the training, which stopped before it finished (no diffin process "
+            f"holds the run; its resume state was written {train.get('resume_written_s_ago')} "
+            "s ago)"
         )
         why += (
             "; options that do not change the trajectory (--workers, --address, --threads) "
@@ -209,11 +219,10 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
             "interrupted": "the last score run was interrupted",
             "failed": "the last score run failed (error rows of a run that scored nothing: "
             "RUN/scores-failed.parquet)",
-            # directions are computed before progress.json is written again: maybe hours
-            "preparing": "a score run is preparing (its directions), or was killed",
         }.get(
             score["state"],
-            "a score run is under way, or was killed: see how long ago progress.json was written",
+            # no diffin process holds the run (checked above), so it is not under way
+            f"the last score run was killed while {score['state']}",
         )
         return command, f"{why}; {how}"
     stale = [p for p in status["prune"] if p["stale"]]
@@ -257,7 +266,8 @@ def run_status(run_url: str) -> dict[str, Any]:
         raise ConfigError(f"run: {run_url} does not exist")
     check_apart(run.url, "run", "run")  # a pool's folder is no run
     record = read_json(run.run_json) if exists(run.run_json) else {}
-    status: dict[str, Any] = {"run": run.url, "train": _train(run, record)}
+    status: dict[str, Any] = {"run": run.url, "running": holders(run.url)}
+    status["train"] = _train(run, record)
     status["score"] = _score(run, record)
     scored = "table" in status["score"]
     # the table's own warnings: a later run preparing over a stale table leaves it stale
@@ -276,6 +286,8 @@ def _line(stage: str, text: str, flag: str | None = None) -> str:
 def describe(status: dict[str, Any]) -> str:
     """The status as lines a person reads at a glance."""
     lines = [f"run       {status['run']}"]
+    for holder in status.get("running", {}).values():
+        lines.append(f"running   {describe_holder(holder)}")
     t = status["train"]
     if t["state"] == "trained":
         steps = t["checkpoints"]

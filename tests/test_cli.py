@@ -638,6 +638,9 @@ def test_a_recorded_config_gives_back_a_command_that_parses_to_it():
         score.target,
     )
     assert (args.first_order, args.image_key, args.seed) == (False, ["image", "jpg"], 3)
+    for resume in (False, True):  # --no-resume / --resume, not "--resume False"
+        line = command_for("train", {"data": "p.tar", "run": "r", "resume": resume})
+        assert build_parser().parse_args(shlex.split(line)[1:]).resume is resume, line
     for prune in (
         PruneConfig(run="r", keep=0.5, fusion={"diffin": 1.0, "loss": 0.5}, name="x"),
         PruneConfig(run="r", rule="threshold", threshold=1e-5, method="loss"),

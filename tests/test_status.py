@@ -103,7 +103,10 @@ def test_an_interrupted_score_and_an_unfinished_training_are_said(tiny_scored, t
     assert status["train"]["state"] == "unfinished"
     assert status["train"]["resume_written_s_ago"] is not None
     assert status["next"] == f"diffin train --data POOL --run {run}"  # no options recorded
-    assert "resumes the training, unless one is under way now" in status["next_why"]
+    assert (
+        "resumes the training, which stopped before it finished (no diffin process holds"
+        in (status["next_why"])
+    )
 
 
 def test_a_stale_evaluation_gets_a_command_evaluate_accepts(tiny_scored, tmp_path):

@@ -231,3 +231,34 @@ def test_a_store_that_cannot_be_reached_is_one_line_naming_the_flag(s3_bucket, m
         s3fs.S3FileSystem.clear_instance_cache()
     err = capsys.readouterr().err
     assert "--run: " in err and "(NoCredentialsError: Unable to locate credentials)" in err
+
+
+def test_run_leases_on_s3_exclusive_create_refusal_and_take_over(s3_bucket, tiny_pool, capsys):
+    """S3 has no locks: a stage holds a lease object, created with If-None-Match."""
+    import time
+
+    from pipeline import runlock
+    from pipeline.cli import main
+    from pipeline.status import run_status
+
+    run = f"{s3_bucket}/runs/locked"
+    fs = _fs()
+    key = f"{run.removeprefix('s3://')}/locks/train.json"
+    assert runlock._create(fs, key, b"{}") and not runlock._create(fs, key, b"{}")  # exclusive
+
+    lease = {"stage": "train", "command": "train", "owner": "x", "host": "node-2", "pid": 9,
+             "started": time.time() - 30, "heartbeat": time.time()}  # fmt: skip
+    fs.pipe_file(key, json.dumps(lease).encode())
+    argv = ["score", "--data", tiny_pool["train_data"], "--run", run, "--methods", "loss"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"diffin score: {run} is in use by diffin train (pid 9 on node-2, started " in err
+    assert "its lease was renewed " in err and len(err.splitlines()) == 1
+    assert not fs.exists(f"{run.removeprefix('s3://')}/locks/score.json")  # let go
+    assert run_status(run)["running"]["train"]["host"] == "node-2"
+
+    fs.pipe_file(key, json.dumps({**lease, "heartbeat": time.time() - 600}).encode())
+    with runlock.hold(run, ["train"], "train"):
+        held = runlock.holders(run)["train"]
+        assert held["pid"] == os.getpid() and held["owner"] != "x"  # taken over
+    assert runlock.holders(run) == {} and not _fs().exists(key)

@@ -1,0 +1,217 @@
+"""One writer per stage in a run directory: flock locks on local paths, leases on stores."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from pipeline import runlock
+from pipeline.cli import main
+from pipeline.runlock import RunBusy, hold, holders
+from pipeline.status import describe, run_status
+from tests.conftest import copy_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+HOLDER = """
+import sys, time
+from pipeline import runlock
+with runlock.hold(sys.argv[1], sys.argv[2].split(","), sys.argv[3]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder():
+    """Start another process holding locks of a run; yields a function that starts one."""
+    started: list[subprocess.Popen] = []
+
+    def start(run: str, names: str, command: str = "train") -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, run, names, command],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        started.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_conflicting_stage_is_refused_and_names_the_holder(holder, tmp_path):
+    run = str(tmp_path / "run")
+    proc = holder(run, "train")
+    with pytest.raises(RunBusy, match=rf"in use by diffin train \(pid {proc.pid} on ") as exc:
+        with hold(run, ["score"], "score"):
+            pytest.fail("a score ran during a train")
+    assert "wait for it to finish (diffin status --run" in str(exc.value)
+    with pytest.raises(RunBusy, match="in use by diffin train"):
+        with hold(run, ["train"], "train"):
+            pytest.fail("two trains ran at once")
+    # evaluate and report write their own folders: they may run beside a train
+    with hold(run, ["evaluate"], "evaluate"), hold(run, ["report"], "report"):
+        assert set(holders(run)) == {"train", "evaluate", "report"}
+    info = holders(run)["train"]
+    assert (info["pid"], info["stage"], info["command"]) == (proc.pid, "train", "train")
+    # a refused stage let go of its own lock: only the train's is held
+    assert set(holders(run)) == {"train"}
+
+
+def test_a_stage_that_takes_its_own_lock_then_finds_a_conflict_lets_go(holder, tmp_path):
+    """Ours first, then the others': a train finding a score refuses and holds nothing."""
+    run = str(tmp_path / "run")
+    holder(run, "score", "score")
+    with pytest.raises(RunBusy, match="in use by diffin score"):
+        with hold(run, ["train"], "train"):
+            pass
+    assert set(holders(run)) == {"score"}
+
+
+def test_a_killed_holder_leaves_no_lock(holder, tmp_path):
+    """flock goes with its process, even on kill -9: never a stale lock to clear by hand."""
+    run = str(tmp_path / "run")
+    proc = holder(run, "train,score", "demo")
+    assert set(holders(run)) == {"train", "score"}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert holders(run) == {}
+    with hold(run, ["train"], "train"):
+        assert holders(run)["train"]["pid"] == os.getpid()
+    assert not (tmp_path / "run" / "locks").exists()  # let go: the folder goes too
+
+
+def test_a_run_made_only_to_hold_the_lock_is_removed_and_an_existing_one_kept(tmp_path):
+    run = tmp_path / "run"
+    with hold(str(run), ["train"], "train"):
+        assert (run / "locks" / "train.lock").is_file()
+        data = json.loads((run / "locks" / "train.lock").read_text())
+        assert data["pid"] == os.getpid() and data["command"] == "train"
+    assert not run.exists()  # a refused or failed first train leaves no empty run behind
+    with hold(str(run), ["train"], "train"):
+        (run / "run.json").write_text("{}")
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+
+
+def test_one_process_may_hold_several_and_nest(tmp_path):
+    """The demo holds every stage's lock, and its stages run in the same process."""
+    run = str(tmp_path / "run")
+    with hold(run, ["train", "score", "evaluate", "report"], "demo"):
+        with hold(run, ["score"], "score"):  # its own: not a conflict
+            assert set(holders(run)) == {"train", "score", "evaluate", "report"}
+        assert "score" in holders(run)  # the inner block did not let go of the demo's
+    assert holders(run) == {}
+
+
+# -- leases, on a store without locks (memory://; S3 in tests/integration/test_s3.py) ----
+
+
+def _lease(url: str, **fields) -> None:
+    info = {"stage": "train", "command": "train", "owner": "someone", "host": "elsewhere",
+            "pid": 7, "started": time.time() - 60, "heartbeat": time.time(), **fields}  # fmt: skip
+    with fsspec.open(url, "wb") as f:
+        f.write(json.dumps(info).encode())
+
+
+def test_a_live_lease_refuses_and_a_stale_one_is_taken_over(tmp_path, caplog):
+    run = f"memory://{tmp_path.name}/run"
+    _lease(f"{run}/locks/train.json")
+    with pytest.raises(RunBusy, match=r"in use by diffin train \(pid 7 on elsewhere") as exc:
+        with hold(run, ["score"], "score"):
+            pass
+    assert "lease was renewed 0 s ago, and one not renewed for 120 s is taken over" in str(
+        exc.value
+    )
+    assert not fsspec.filesystem("memory").exists(f"/{tmp_path.name}/run/locks/score.json")
+
+    _lease(f"{run}/locks/train.json", heartbeat=time.time() - 500)  # its process is gone
+    assert holders(run) == {}
+    with caplog.at_level(logging.WARNING, logger="pipeline.runlock"):
+        with hold(run, ["train"], "train"):
+            assert holders(run)["train"]["pid"] == os.getpid()
+    assert "taking over the lease of diffin train (pid 7 on elsewhere" in caplog.text
+    assert holders(run) == {}  # released: the lease is gone
+
+
+def test_a_lease_is_renewed_while_held_and_says_when_it_was_taken(tmp_path, caplog):
+    run = f"memory://{tmp_path.name}/run"
+    url = f"{run}/locks/score.json"
+    fs = fsspec.filesystem("memory")
+    with hold(run, ["score"], "score", ttl=0.4):
+        first = json.loads(fs.cat_file(url))["heartbeat"]
+        time.sleep(0.35)
+        assert json.loads(fs.cat_file(url))["heartbeat"] > first  # renewed every ttl/4
+        assert set(holders(run, ttl=0.4)) == {"score"}
+        with caplog.at_level(logging.ERROR, logger="pipeline.runlock"):
+            _lease(url, stage="score", command="score")  # another took it over
+            time.sleep(0.3)
+        assert "was taken over by diffin score (pid 7 on elsewhere" in caplog.text
+    assert json.loads(fs.cat_file(url))["owner"] == "someone"  # not ours: left in place
+
+
+# -- through the command ------------------------------------------------------------------
+
+
+def test_score_is_refused_during_a_train_and_status_says_what_runs(
+    holder, tiny_scored, tmp_path, capsys
+):
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run" / "scores").iterdir())
+    proc = holder(run, "train")
+    argv = ["score", "--data", tiny_scored["data"], "--run", run, "--methods", "loss"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffin score: {run} is in use by diffin train (pid {proc.pid} on ")
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "scores").iterdir()) == before
+
+    status = run_status(run)
+    assert status["running"]["train"]["pid"] == proc.pid
+    assert status["next"] == f"diffin status --run {run}"
+    assert status["next_why"].endswith("is under way now; look again when it has finished")
+    assert f"running   diffin train (pid {proc.pid} on " in describe(status)
+    # the same, read by `diffin status --json`
+    assert main(["status", "--run", run, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["running"]["train"]["pid"] == proc.pid
+
+    proc.kill()
+    proc.wait()
+    status = run_status(run)
+    assert status["running"] == {} and not status["next"].startswith("diffin status")
+
+
+def test_a_killed_score_is_said_to_be_killed(tiny_scored, tmp_path):
+    """progress.json says "scoring", and no process holds the run: it was killed."""
+    from pipeline.rundir import write_json
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    (tmp_path / "run" / "scores.parquet").unlink()
+    write_json(f"{run}/scores/progress.json", {"state": "scoring"})
+    status = run_status(run)
+    assert status["score"]["state"] == "scoring" and status["running"] == {}
+    assert status["next"].startswith("diffin score ")
+    assert status["next_why"].startswith("the last score run was killed while scoring; ")
+
+
+def test_the_lock_table_covers_the_stages_that_write(tmp_path):
+    """Every command that holds a lock names locks the conflict table knows."""
+    from pipeline.cli import RUN_LOCKS
+
+    assert set(RUN_LOCKS) == {"train", "score", "evaluate", "report", "demo"}
+    for names in RUN_LOCKS.values():
+        assert set(names) <= set(runlock.CONFLICTS)
