@@ -195,19 +195,24 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
     if train["state"] == "not trained":
         return command_for("train", {"data": "POOL", "run": r}), "POOL: the pool's shards"
     if train["state"] == "unfinished":
+        request = run.path("trajectory", "request.json")
         resume = run.path("trajectory", "resume-fingerprint.json")
-        parts = read_json(resume) if exists(resume) else {}
+        # every option of the training started last; else (before request.json) those that
+        # make its fingerprint
+        whole = exists(request)
+        parts = read_json(request) if whole else read_json(resume) if exists(resume) else {}
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        options = {k: v for k, v in parts.items() if k in known}
+        options = {k: v for k, v in parts.items() if k in known and k != "resume"}
         why = (
             "resumes the training, which stopped before it finished (no diffin process "
             f"holds the run; its resume state was written {train.get('resume_written_s_ago')} "
             "s ago)"
         )
-        why += (
-            "; options that do not change the trajectory (--workers, --address, --threads) "
-            "are not recorded: add them"
-        )
+        if not whole:
+            why += (
+                "; options that do not change the trajectory (--workers, --address, "
+                "--threads) are not recorded: add them"
+            )
         if options:
             return command_for("train", {**options, "run": r}), why
         return command_for("train", {"data": "POOL", "run": r}), why + ", and the others"

@@ -78,7 +78,7 @@ def test_a_run_walks_through_its_stages(tiny_scored, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == f"run       {run}"
 
 
-def test_an_interrupted_score_and_an_unfinished_training_are_said(tiny_scored, tmp_path):
+def test_an_interrupted_score_and_an_unfinished_training_are_said(tiny_run, tiny_scored, tmp_path):
     run = copy_run(tiny_scored["run"], tmp_path / "run")
     (tmp_path / "run" / "scores.parquet").unlink()
     progress = {"state": "interrupted", "shards_done": 2, "shards_total": 4, "samples_total": 8}
@@ -102,11 +102,24 @@ def test_an_interrupted_score_and_an_unfinished_training_are_said(tiny_scored, t
     status = run_status(run)
     assert status["train"]["state"] == "unfinished"
     assert status["train"]["resume_written_s_ago"] is not None
-    assert status["next"] == f"diffin train --data POOL --run {run}"  # no options recorded
     assert (
         "resumes the training, which stopped before it finished (no diffin process holds"
         in (status["next_why"])
     )
+    # the training's every option, --threads and --no-resume's opposite included
+    from pipeline.cli import build_parser, train_config
+
+    request = {**tiny_run["config"].to_dict(), "threads": 2, "resume": False}
+    write_json(f"{run}/trajectory/request.json", request)
+    status = run_status(run)
+    again = train_config(build_parser().parse_args(shlex.split(status["next"])[1:]))
+    assert again.to_dict() == {**request, "run": run, "resume": True}, status["next"]
+    assert "not recorded" not in status["next_why"]
+    # a training from before request.json: what its fingerprint was made of, and a word
+    (tmp_path / "run" / "trajectory" / "request.json").unlink()
+    status = run_status(run)
+    assert status["next"] == f"diffin train --data POOL --run {run}"  # no options recorded
+    assert "(--workers, --address, --threads) are not recorded" in status["next_why"]
 
 
 def test_a_stale_evaluation_gets_a_command_evaluate_accepts(tiny_scored, tmp_path):

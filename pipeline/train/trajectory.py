@@ -171,6 +171,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise
         adopt_fingerprint(run, fp)
     save_fingerprint_parts(run, parts)
+    # every option, those that do not change the trajectory too: `diffin status` prints the
+    # command that resumes this training as it was started (--workers, --address...)
+    write_json(run.path("trajectory", "request.json"), cfg.to_dict())
     # From here the run is being rewritten: a trajectory.json left from an earlier
     # training would describe checkpoints and sets this one replaces.
     if exists(run.trajectory_json) and read_json(run.trajectory_json).get("fingerprint") != fp:

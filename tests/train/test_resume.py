@@ -29,8 +29,14 @@ def _killed_at(run: str) -> int:
 def _kill_before_trajectory_json(cfg, monkeypatch) -> None:
     """Train ``cfg`` and kill it after its last resume state, before trajectory.json."""
 
+    from pipeline.train import trajectory
+
+    real = trajectory.write_json
+
     def killed(url, obj):
-        raise KeyboardInterrupt("killed before trajectory.json")
+        if url.endswith("/trajectory.json"):
+            raise KeyboardInterrupt("killed before trajectory.json")
+        real(url, obj)  # request.json, at the start
 
     with monkeypatch.context() as m:
         m.setattr("pipeline.train.trajectory.write_json", killed)
@@ -55,6 +61,9 @@ def test_killed_training_resumes_to_byte_identical_checkpoints(interrupted, tiny
         assert Path(RunDir(run).checkpoint(c["step"])).read_bytes() == a
     assert rec["loss_curve"] == tiny_run["record"]["loss_curve"]  # continued, not restarted
     assert not (Path(run) / "trajectory" / "resume.pt").exists()  # a finished run has none
+    # every option of the training, for `diffin status` to print the command that resumes it
+    request = json.loads((Path(run) / "trajectory" / "request.json").read_text())
+    assert request == json.loads(json.dumps({**interrupted["config"].to_dict(), "run": run}))
     on_disk = json.loads(Path(RunDir(run).trajectory_json).read_text())
     assert on_disk["checkpoints"] == rec["checkpoints"]
 
