@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import difflib
 import json
@@ -1018,25 +1017,6 @@ def check_job_paths(args: argparse.Namespace, environ: Mapping[str, str] = os.en
             )
 
 
-# The run-directory locks each command holds while it writes (pipeline/runlock.py).
-RUN_LOCKS = {
-    "train": ("train",),
-    "score": ("score",),
-    "evaluate": ("evaluate",),
-    "report": ("report",),
-    "demo": ("train", "score", "evaluate", "report"),
-}
-
-
-def _run_locks(args: argparse.Namespace) -> typing.ContextManager[None]:
-    names = RUN_LOCKS.get(args.command)
-    if not names:
-        return contextlib.nullcontext()
-    from pipeline import runlock
-
-    return runlock.hold(args.run, names, args.command)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1051,8 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_job_paths(args)
         check_patterns(args)
         check_buckets(args)
-        with _run_locks(args):
-            result = run(args)
+        result = run(args)
     except ConfigError as exc:
         message = _as_flag(parser, args.command, str(exc))
         print(f"diffin {args.command}: configuration error: {message}", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline import runlock
 from pipeline.data.shards import absolute_pattern
 from pipeline.data.synth import SynthConfig, make_pool
 from pipeline.errors import ConfigError
@@ -171,6 +172,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # Every path the stages record absolute, as the CLI records them: evaluate and report
     # then find the pool from any directory (a relative run gave relative data paths).
     cfg = replace(cfg, run=absolute_pattern(cfg.run))
+    # every stage's lock for the whole demo: nothing else writes the run between its stages
+    with runlock.hold(cfg.run, list(runlock.CONFLICTS), "demo"):
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     synth_cfg, train_cfg, score_cfg, prune_cfg, eval_cfg = stage_configs(cfg)
     t0 = time.time()
     run = RunDir(cfg.run)

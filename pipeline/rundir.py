@@ -371,7 +371,11 @@ class RunDir:
         return self.path("prune", name)
 
     def update_run_json(self, section: str, value: Any) -> None:
-        """Record one stage's config and outcome in run.json (read-modify-write)."""
-        data = read_json(self.run_json) if exists(self.run_json) else {}
-        data[section] = value
-        write_json(self.run_json, data)
+        """Record one stage's config and outcome in run.json (read-modify-write, under a
+        lock of its own where the run is local: stages may finish together)."""
+        from pipeline.runlock import run_json_lock
+
+        with run_json_lock(self.url):
+            data = read_json(self.run_json) if exists(self.run_json) else {}
+            data[section] = value
+            write_json(self.run_json, data)

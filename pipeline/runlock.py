@@ -2,24 +2,32 @@
 
 Two `diffin train` on one run overwrite each other's checkpoints; a `score`
 during a `train` scores checkpoints that are being replaced; two `score` runs
-write the same parts and records. A stage therefore holds its lock for as long
-as it writes, and refuses to start, before any work, while a conflicting one is
-held (``CONFLICTS``). Stages that only add files of their own under an atomic
-rename (prune's manifests) or only read (status) take none.
+write the same parts and records. Each stage therefore holds its lock from the
+end of its config checks until it returns, and refuses to start while a
+conflicting one is held (``CONFLICTS``). Stages that only add files of their
+own under an atomic rename (prune's manifests) or only read (status) take
+none; run.json, which every stage updates, has a short lock of its own
+(:func:`run_json_lock`).
 
-Local paths (NFS included) use ``flock``: the kernel drops the lock when the
-holder dies, even by ``kill -9``, so a lock is never stale. Object stores have
-no locks, so the holder writes a *lease* (its owner id, host, pid, and a
-heartbeat renewed every ``ttl/4`` seconds by a thread) with an exclusive
-create where the store honours one (S3's If-None-Match); a lease whose
-heartbeat is older than ``ttl`` belongs to a dead process and is taken over. Taking
-over is best effort: two processes that find the same stale lease at the same
-instant may both start. The holder's identity is in the file, so a refusal
-names it, and `diffin status` says which stage is under way now.
+Local paths (NFS included, where it locks across hosts) use ``flock``: the
+kernel drops the lock when the holder dies, even by ``kill -9``, so a lock is
+never stale. The lock files stay in RUN/locks/ (removing them would race with a
+process opening them), except in a run folder the lock itself created: a
+refused first stage leaves no empty run behind. Object stores have no locks,
+so the holder writes a *lease* (owner id, host, pid, and a heartbeat renewed
+every ``ttl/4`` seconds by a thread) with an exclusive create where the store
+honours one (S3's If-None-Match). A lease not renewed for ``ttl`` seconds
+belongs to a dead process and is taken over; ages compare the holder's clock
+with the reader's, so hosts must keep their clocks within a minute (NTP). A
+holder that finds its lease taken over (it was stalled for longer than ``ttl``)
+stops, as Ctrl-C stops a stage, rather than write beside the new holder.
+Taking over a stale lease is best effort: two processes that find the same
+stale lease at the same instant may both start.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import datetime as dt
 import errno
@@ -49,9 +57,12 @@ CONFLICTS: dict[str, frozenset[str]] = {
     "report": frozenset({"report"}),  # RUN/report
 }
 LEASE_TTL_S = 120.0
+# How long a local lock is tried before the stage is refused: other processes take it
+# for an instant to ask whether it is held (`diffin status`, a starting stage).
+LOCAL_PATIENCE_S = 2.0
 
-# Names this process holds (the demo holds several): flock locks are per open file, so
-# this process asking about its own lock would see it as someone else's.
+# Names this process holds (the demo holds every stage's, then calls the stages): flock
+# locks are per open file, so this process asking for its own lock would be refused.
 _HELD: dict[str, set[str]] = {}
 
 
@@ -63,17 +74,17 @@ def _locks_dir(run_url: str) -> str:
     return run_url.rstrip("/") + "/locks"
 
 
-def _identity(stage: str, command: str, owner: str) -> dict[str, Any]:
+def _identity(stage: str, command: str, owner: str, lease: bool) -> dict[str, Any]:
     now = time.time()
-    return {
+    info = {
         "stage": stage,
         "command": command,
         "owner": owner,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": now,
-        "heartbeat": now,
     }
+    return {**info, "heartbeat": now} if lease else info
 
 
 def _when(seconds: float) -> str:
@@ -81,7 +92,7 @@ def _when(seconds: float) -> str:
 
 
 def describe_holder(info: dict[str, Any]) -> str:
-    """'diffin score (pid 12, host h, started 2026-... UTC, 35 s ago)'."""
+    """'diffin score (pid 12 on host, started 2026-... UTC, 35 s ago)'."""
     started = info.get("started")
     since = (
         f", started {_when(started)}, {max(0.0, time.time() - started):.0f} s ago"
@@ -96,94 +107,150 @@ def describe_holder(info: dict[str, Any]) -> str:
 
 # -- local: flock -----------------------------------------------------------------------
 
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+_GONE = (errno.ENOENT, errno.ESTALE)  # the file was removed under us (a created run's)
+
+
+def _no_access(path: str, exc: OSError) -> StageFailed:
+    return StageFailed(
+        f"cannot lock {path} ({exc.strerror}): the stage must be able to write the run "
+        "folder, RUN/locks included (a run shared between users needs a group-writable "
+        "folder: chmod -R g+w, umask 002)"
+    )
+
 
 class _LocalLock:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, created: list[str]) -> None:
         self.path = path
+        self.created = created  # folders the lock made (the run's own, its parents)
         self.fd: int | None = None
 
-    def acquire(self, info: dict[str, Any]) -> dict[str, Any] | None:
+    def acquire(self, info: dict[str, Any], patience: float) -> dict[str, Any] | None:
         """None once held; else the holder's identity."""
+        deadline = time.monotonic() + patience
         while True:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # the locks folder went with a release: again
+                fd = self._open()
+            except FileNotFoundError:  # a released created run took the folder: again
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 os.close(fd)
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                if exc.errno in _GONE:
+                    continue
+                if exc.errno not in _BUSY:
                     raise
-                return _read_local(self.path) or {"stage": os.path.basename(self.path)}
-            # The holder before us unlinks its file on release: a lock on an unlinked
-            # file guards nothing, so make sure ours is the file at the path.
+                if time.monotonic() < deadline:  # maybe someone asking, for an instant
+                    time.sleep(0.05)
+                    continue
+                return _read_local(self.path) or {"stage": _stage_of(self.path)}
+            # A created run's lock file is unlinked at release: a lock on an unlinked file
+            # guards nothing, so make sure ours is the file at the path.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
+            except OSError:
                 same = False
             if not same:
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(info).encode())
+            with contextlib.suppress(OSError):  # read-only: the identity goes unsaid
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(info).encode())
             self.fd = fd
             return None
+
+    def _open(self) -> int:
+        folder = os.path.dirname(self.path)
+        missing = []
+        where = folder
+        while not os.path.isdir(where):
+            missing.append(where)
+            where = os.path.dirname(where)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            for made in reversed(missing):
+                if made not in self.created:
+                    self.created.append(made)
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # another user's lock file: flock needs no write
+                return os.open(self.path, os.O_RDONLY)
+        except PermissionError as exc:
+            raise _no_access(self.path, exc) from exc
 
     def release(self) -> None:
         if self.fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # while still held: see acquire
+        folder = os.path.dirname(self.path)
+        if os.path.dirname(folder) in self.created:  # the run folder was made for the lock
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still held: see acquire
+        else:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)  # no identity of a holder that has gone
         os.close(self.fd)
         self.fd = None
-        folder = os.path.dirname(self.path)
-        _sweep(folder)
-        with contextlib.suppress(OSError):  # not empty: another stage's lock
-            os.rmdir(folder)
 
 
-def _sweep(folder: str) -> None:
-    """Remove the lock files of processes killed outright (nobody holds them): unlinked
-    under a lock of our own, which :meth:`_LocalLock.acquire` allows for."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            path = os.path.join(folder, name)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.unlink(path)
-            except OSError:
-                pass  # held: a live stage's
-            finally:
-                os.close(fd)
+def _stage_of(path: str) -> str:
+    return os.path.basename(path).removesuffix(".lock").removesuffix(".json")
 
 
 def _read_local(path: str) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.loads(f.read() or "null")
+            info = json.loads(f.read() or "null")
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
 
 
 def _local_holder(path: str) -> dict[str, Any] | None:
     """The identity of a live holder of ``path``, or None when no process holds it."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return _read_local(path) or {"stage": os.path.basename(path).removesuffix(".lock")}
+    except OSError as exc:
+        if exc.errno not in _BUSY:
+            return None
+        return _read_local(path) or {"stage": _stage_of(path)}
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_json_lock(run_url: str, timeout: float = 60.0) -> Iterator[None]:
+    """Hold run.json for one read-modify-write (evaluate may finish beside a score, prune
+    takes no stage lock). Local paths only: on object stores the update stays a
+    read-modify-write, as their other records are."""
+    fs, path = fsspec.core.url_to_fs(_locks_dir(run_url))
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(os.path.dirname(path)):
+        yield
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(f"{path}/run-json.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a run the user may not lock: as before
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in _BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        yield
     finally:
         os.close(fd)
 
@@ -192,32 +259,44 @@ def _local_holder(path: str) -> dict[str, Any] | None:
 
 
 def _read_lease(fs: Any, path: str) -> dict[str, Any] | None:
+    """The lease at ``path``; one that does not read as a lease is aged by the store's
+    modification time, so that it too is taken over once nothing renews it."""
     fs.invalidate_cache(path.rsplit("/", 1)[0])
     try:
-        return json.loads(fs.cat_file(path))
+        raw = fs.cat_file(path)
     except FileNotFoundError:
         return None
-    except ValueError:  # half a lease from a store without atomic puts: someone's
-        return {"heartbeat": time.time()}
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        info = None
+    if isinstance(info, dict) and isinstance(info.get("heartbeat"), int | float):
+        return info
+    try:
+        beat = fs.modified(path).timestamp()
+    except Exception:  # noqa: BLE001 (a store that does not say: treat it as stale)
+        beat = 0.0
+    return {"stage": _stage_of(path), "heartbeat": beat, "unreadable": path}
 
 
 def _live(lease: dict[str, Any] | None, ttl: float) -> bool:
-    if lease is None:
-        return False
-    beat = lease.get("heartbeat")
-    return not isinstance(beat, int | float) or time.time() - beat < ttl
+    return lease is not None and time.time() - lease["heartbeat"] < ttl
 
 
 def _create(fs: Any, path: str, data: bytes) -> bool:
     """Write ``data`` at ``path`` unless something is there; False if it was."""
     try:
         fs.pipe_file(path, data, mode="create")
+        return True
     except FileExistsError:
         return False
-    except (TypeError, NotImplementedError, ValueError):  # no exclusive create here
-        if fs.exists(path):
-            return False
-        fs.pipe_file(path, data)
+    except Exception as exc:  # noqa: BLE001 (botocore's, for each store's own answer)
+        # a race of two conditional writes (409), a store without them (501, or an s3fs
+        # that passes mode= on to botocore): what is there now tells
+        log.debug("exclusive create of %s: %s", path, exc)
+    if _read_lease(fs, path) is not None:
+        return False
+    fs.pipe_file(path, data)
     return True
 
 
@@ -228,7 +307,7 @@ class _Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self, info: dict[str, Any]) -> dict[str, Any] | None:
+    def acquire(self, info: dict[str, Any], patience: float) -> dict[str, Any] | None:
         for _ in range(2):
             if _create(self.fs, self.path, json.dumps(info).encode()):
                 # a store that ignored the exclusive create lets the last writer win
@@ -246,9 +325,10 @@ class _Lease:
                 return held
             if held is not None:
                 log.warning(
-                    "taking over the lease of %s: not renewed for %.0f s (its process is gone)",
+                    "taking over the lease %s of %s: not renewed for %.0f s (its process is gone)",
+                    self.path,
                     describe_holder(held),
-                    time.time() - held.get("heartbeat", 0),
+                    time.time() - held["heartbeat"],
                 )
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.path)
@@ -256,22 +336,33 @@ class _Lease:
 
     def _renew(self) -> None:
         assert self.info is not None
+        renewed = time.time()
         while not self._stop.wait(self.ttl / 4):
             try:
                 held = _read_lease(self.fs, self.path)
                 if held is not None and held.get("owner") != self.info["owner"]:
-                    log.error(
-                        "the lease of this %s was taken over by %s (not renewed for %.0f s): "
-                        "both may now write to the run",
-                        self.info["stage"],
-                        describe_holder(held),
-                        self.ttl,
-                    )
+                    self._lost(f"it was taken over by {describe_holder(held)}")
                     return
-                self.info["heartbeat"] = time.time()
-                self.fs.pipe_file(self.path, json.dumps(self.info).encode())
+                if self._stop.is_set():  # released meanwhile: write nothing after it
+                    return
+                beat = time.time()
+                self.fs.pipe_file(self.path, json.dumps({**self.info, "heartbeat": beat}).encode())
+                renewed = beat
             except Exception as exc:  # noqa: BLE001 (a network blip: try again next beat)
                 log.warning("could not renew the lease %s: %s", self.path, exc)
+                if time.time() - renewed > self.ttl:
+                    self._lost(f"it could not be renewed for {self.ttl:.0f} s")
+                    return
+
+    def _lost(self, why: str) -> None:
+        assert self.info is not None
+        log.error(
+            "this %s lost its lease on the run (%s): stopping, rather than write beside "
+            "another stage; run it again once the run is free",
+            self.info["stage"],
+            why,
+        )
+        _thread.interrupt_main()  # as Ctrl-C: every stage stops cleanly there
 
     def release(self) -> None:
         if self.info is None:
@@ -279,6 +370,10 @@ class _Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if self._thread.is_alive():  # a renewal stuck in the store's retries
+                log.warning("left the lease %s: its renewal did not stop", self.path)
+                self.info = None
+                return
         with contextlib.suppress(Exception):
             held = _read_lease(self.fs, self.path)
             if held is not None and held.get("owner") == self.info["owner"]:
@@ -289,16 +384,21 @@ class _Lease:
 # -- the interface ------------------------------------------------------------------------
 
 
+def _key(fs: Any, path: str) -> str:
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
 def holders(run_url: str, ttl: float = LEASE_TTL_S) -> dict[str, dict[str, Any]]:
     """The locks held now in ``run_url`` (by any process, this one included): name -> the
     holder's identity (stage, command, host, pid, started)."""
     fs, path = fsspec.core.url_to_fs(_locks_dir(run_url))
+    mine = _HELD.get(_key(fs, path), set())
     out: dict[str, dict[str, Any]] = {}
     for name in CONFLICTS:
         if isinstance(fs, LocalFileSystem):
             info = _local_holder(f"{path}/{name}.lock")
-            if info is None and name in _HELD.get(os.path.realpath(path), set()):
-                info = {"stage": name, "pid": os.getpid()}
+            if info is None and name in mine:
+                info = {"stage": name, "pid": os.getpid(), "host": socket.gethostname()}
         else:
             info = _read_lease(fs, f"{path}/{name}.json")
             info = info if _live(info, ttl) else None
@@ -312,65 +412,69 @@ def hold(
     run_url: str, names: Sequence[str], command: str, ttl: float = LEASE_TTL_S
 ) -> Iterator[None]:
     """Hold the locks ``names`` of ``run_url`` while the block runs; raise :class:`RunBusy`,
-    holding none, if any of them or any lock they conflict with is held elsewhere."""
+    holding none, if any of them or any lock they conflict with is held elsewhere.
+
+    Locks this process already holds (the demo's, around its stages) are not taken again.
+    """
     fs, path = fsspec.core.url_to_fs(_locks_dir(run_url))
     local = isinstance(fs, LocalFileSystem)
-    key = os.path.realpath(path) if local else fs.unstrip_protocol(path)
-    run_existed = not local or os.path.isdir(os.path.dirname(path))
-    mine = _HELD.setdefault(key, set())
+    mine = _HELD.setdefault(_key(fs, path), set())
     owner = uuid.uuid4().hex
-    taken: list[Any] = []
+    created: list[str] = []  # local folders made for the locks, deepest first once sorted
+    taken: list[tuple[str, Any]] = []
     try:
         for name in names:
             if name in mine:
                 continue
             lock: Any = (
-                _LocalLock(f"{path}/{name}.lock")
+                _LocalLock(f"{path}/{name}.lock", created)
                 if local
                 else _Lease(fs, f"{path}/{name}.json", ttl)
             )
-            holder = lock.acquire(_identity(name, command, owner))
+            holder = lock.acquire(_identity(name, command, owner, not local), LOCAL_PATIENCE_S)
             if holder is not None:
-                raise _busy(run_url, command, holder)
+                raise _busy(run_url, command, holder, ttl)
             taken.append((name, lock))
             mine.add(name)
         # ours first, then the others': two conflicting stages starting at once both
         # refuse rather than both start
         others = set().union(*(CONFLICTS[n] for n in names)) - mine
-        held = holders(run_url, ttl)
+        held = holders(run_url, ttl) if others else {}
         for name in sorted(others & held.keys()):
-            raise _busy(run_url, command, held[name])
+            raise _busy(run_url, command, held[name], ttl)
     except BaseException:
-        _release(taken, mine, path if local and not run_existed else None)
+        _release(taken, mine, created)
         raise
     try:
         yield
     finally:
-        _release(taken, mine, path if local and not run_existed else None)
+        _release(taken, mine, created)
 
 
-def _release(taken: list[Any], mine: set[str], created_run: str | None) -> None:
+def _release(taken: list[tuple[str, Any]], mine: set[str], created: list[str]) -> None:
     for name, lock in reversed(taken):
         lock.release()
         mine.discard(name)
-    if created_run is not None:  # made only to hold the lock: a refused stage leaves nothing
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(created_run))
+    # folders made only to hold the lock: a refused or failed first stage leaves none
+    for folder in sorted(created, key=len, reverse=True):
+        with contextlib.suppress(OSError):  # not empty: the stage wrote there
+            os.rmdir(folder)
 
 
-def _busy(run_url: str, command: str, holder: dict[str, Any]) -> RunBusy:
+def _busy(run_url: str, command: str, holder: dict[str, Any], ttl: float) -> RunBusy:
     lease = ""
-    if isinstance(holder.get("heartbeat"), int | float) and not is_local_run(run_url):
+    if holder.get("unreadable"):
         lease = (
-            f"; its lease was renewed {max(0.0, time.time() - holder['heartbeat']):.0f} s ago, "
-            f"and one not renewed for {LEASE_TTL_S:.0f} s is taken over"
+            f"; its lease {holder['unreadable']} does not read as one (it is taken over "
+            f"{ttl:.0f} s after it was written)"
+        )
+    elif "heartbeat" in holder:
+        lease = (
+            f"; its lease was renewed {max(0.0, time.time() - holder['heartbeat']):.0f} s "
+            f"ago, and one not renewed for {ttl:.0f} s is taken over"
         )
     return RunBusy(
         f"{run_url} is in use by {describe_holder(holder)}{lease}. `diffin {command}` would "
         f"overwrite its files or read them half-written: wait for it to finish (diffin status "
         f"--run {run_url}), or stop it"
     )
-
-
-def is_local_run(run_url: str) -> bool:
-    return isinstance(fsspec.core.url_to_fs(run_url)[0], LocalFileSystem)

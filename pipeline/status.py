@@ -291,8 +291,12 @@ def _line(stage: str, text: str, flag: str | None = None) -> str:
 def describe(status: dict[str, Any]) -> str:
     """The status as lines a person reads at a glance."""
     lines = [f"run       {status['run']}"]
+    said = set()
     for holder in status.get("running", {}).values():
-        lines.append(f"running   {describe_holder(holder)}")
+        key = holder.get("owner") or id(holder)  # a demo holds every stage's lock: once
+        if key not in said:
+            said.add(key)
+            lines.append(f"running   {describe_holder(holder)}")
     t = status["train"]
     if t["state"] == "trained":
         steps = t["checkpoints"]

@@ -14,7 +14,6 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline import runlock
 from pipeline.cli import main
 from pipeline.runlock import RunBusy, hold, holders
 from pipeline.status import describe, run_status
@@ -93,7 +92,8 @@ def test_a_killed_holder_leaves_no_lock(holder, tmp_path):
     assert holders(run) == {}
     with hold(run, ["train"], "train"):
         assert holders(run)["train"]["pid"] == os.getpid()
-    assert not (tmp_path / "run" / "locks").exists()  # let go: the folder goes too
+    # the lock files stay (removing one would race with a process opening it), empty
+    assert (tmp_path / "run" / "locks" / "train.lock").read_text() == "" and holders(run) == {}
 
 
 def test_a_run_made_only_to_hold_the_lock_is_removed_and_an_existing_one_kept(tmp_path):
@@ -103,9 +103,72 @@ def test_a_run_made_only_to_hold_the_lock_is_removed_and_an_existing_one_kept(tm
         data = json.loads((run / "locks" / "train.lock").read_text())
         assert data["pid"] == os.getpid() and data["command"] == "train"
     assert not run.exists()  # a refused or failed first train leaves no empty run behind
+    deep = tmp_path / "new" / "runs" / "r1"
+    with hold(str(deep), ["train"], "train"):
+        pass
+    assert not (tmp_path / "new").exists()  # the parents it made too
     with hold(str(run), ["train"], "train"):
-        (run / "run.json").write_text("{}")
+        (run / "run.json").write_text("{}")  # a first train that wrote: the run stays
     assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+    with hold(str(run), ["train"], "train"):  # a run that was there: its lock file stays
+        pass
+    assert sorted(p.name for p in run.iterdir()) == ["locks", "run.json"]
+    assert (run / "locks" / "train.lock").read_text() == ""  # no identity of a gone holder
+
+
+def test_a_process_asking_about_a_free_lock_does_not_get_a_stage_refused(tmp_path):
+    """Review: `diffin status` (or a starting stage) takes a free lock for an instant to
+    ask whether it is held; a stage starting at that instant was refused."""
+    run = str(tmp_path / "run")
+    os.makedirs(f"{run}/locks")
+    asking = subprocess.Popen(
+        [sys.executable, "-c", POLLER, run],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert asking.stdout.readline().strip() == "polling"
+        for _ in range(400):
+            with hold(run, ["train"], "train"):
+                pass
+    finally:
+        asking.kill()
+        asking.wait()
+
+
+POLLER = """
+import sys, time
+from pipeline import runlock
+runlock.holders(sys.argv[1])
+print("polling", flush=True)
+end = time.time() + 60
+while time.time() < end:
+    runlock.holders(sys.argv[1])
+"""
+
+
+def test_run_json_updates_that_meet_lose_nothing(tmp_path):
+    """Prune takes no stage lock and evaluate may finish beside a score: both update
+    run.json, a read-modify-write (review)."""
+    import threading
+
+    from pipeline.rundir import RunDir, read_json
+
+    run = RunDir(str(tmp_path / "run"))
+    os.makedirs(run.url)
+
+    def update(i: int) -> None:
+        for j in range(25):
+            run.update_run_json(f"prune/t{i}-{j}", {"kept": j})
+
+    threads = [threading.Thread(target=update, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(read_json(run.run_json)) == 100
 
 
 def test_one_process_may_hold_several_and_nest(tmp_path):
@@ -144,24 +207,84 @@ def test_a_live_lease_refuses_and_a_stale_one_is_taken_over(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.runlock"):
         with hold(run, ["train"], "train"):
             assert holders(run)["train"]["pid"] == os.getpid()
-    assert "taking over the lease of diffin train (pid 7 on elsewhere" in caplog.text
+    assert "taking over the lease " in caplog.text
+    assert "train.json of diffin train (pid 7 on elsewhere" in caplog.text
     assert holders(run) == {}  # released: the lease is gone
 
 
-def test_a_lease_is_renewed_while_held_and_says_when_it_was_taken(tmp_path, caplog):
+def test_a_lease_is_renewed_while_held_and_a_holder_that_lost_it_stops(tmp_path, caplog):
     run = f"memory://{tmp_path.name}/run"
     url = f"{run}/locks/score.json"
     fs = fsspec.filesystem("memory")
-    with hold(run, ["score"], "score", ttl=0.4):
-        first = json.loads(fs.cat_file(url))["heartbeat"]
-        time.sleep(0.35)
-        assert json.loads(fs.cat_file(url))["heartbeat"] > first  # renewed every ttl/4
-        assert set(holders(run, ttl=0.4)) == {"score"}
-        with caplog.at_level(logging.ERROR, logger="pipeline.runlock"):
-            _lease(url, stage="score", command="score")  # another took it over
-            time.sleep(0.3)
-        assert "was taken over by diffin score (pid 7 on elsewhere" in caplog.text
+    with pytest.raises(KeyboardInterrupt):  # as Ctrl-C: the stage stops and resumes later
+        with hold(run, ["score"], "score", ttl=0.4):
+            first = json.loads(fs.cat_file(url))["heartbeat"]
+            time.sleep(0.35)
+            assert json.loads(fs.cat_file(url))["heartbeat"] > first  # renewed every ttl/4
+            assert set(holders(run, ttl=0.4)) == {"score"}
+            with caplog.at_level(logging.ERROR, logger="pipeline.runlock"):
+                _lease(url, stage="score", command="score")  # another took it over
+                time.sleep(5)
+            pytest.fail("a holder that lost its lease went on writing")
+    assert "lost its lease on the run (it was taken over by diffin score (pid 7 on" in caplog.text
     assert json.loads(fs.cat_file(url))["owner"] == "someone"  # not ours: left in place
+
+
+def test_a_lease_that_cannot_be_renewed_for_its_ttl_stops_the_holder(tmp_path, monkeypatch):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    run = f"memory://{tmp_path.name}/run"
+    with pytest.raises(KeyboardInterrupt):
+        with hold(run, ["train"], "train", ttl=0.4):
+
+            def down(self, path, value, **kwargs):
+                raise OSError("the store is unreachable")
+
+            monkeypatch.setattr(MemoryFileSystem, "pipe_file", down)
+            time.sleep(5)
+            pytest.fail("a holder whose lease lapsed went on writing")
+
+
+def test_a_lease_that_does_not_read_as_one_is_aged_by_the_store(tmp_path, monkeypatch):
+    """Review: an empty or malformed lease counted as live forever (and "[]" crashed)."""
+    import datetime as dt
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    run = f"memory://{tmp_path.name}/run"
+    for junk in (b"", b"[]", b'{"heartbeat": "soon"}'):
+        with fsspec.open(f"{run}/locks/train.json", "wb") as f:
+            f.write(junk)
+        with pytest.raises(RunBusy, match="train.json does not read as one"):
+            with hold(run, ["score"], "score"):
+                pass
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=600)
+    monkeypatch.setattr(MemoryFileSystem, "modified", lambda self, path: old)
+    assert holders(run) == {}
+    with hold(run, ["train"], "train"):
+        assert holders(run)["train"]["pid"] == os.getpid()
+
+
+def test_a_store_without_exclusive_create_still_gets_a_lease(tmp_path, monkeypatch):
+    """Review: a store answering the conditional write with an error of its own (a 409
+    race, a 501, an older s3fs) gave a traceback."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    real = MemoryFileSystem.pipe_file
+
+    def plain(self, path, value, mode="overwrite", **kwargs):
+        if mode == "create":
+            raise OSError("NotImplemented: If-None-Match")
+        return real(self, path, value, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", plain)
+    run = f"memory://{tmp_path.name}/run"
+    with hold(run, ["score"], "score"):
+        assert holders(run)["score"]["pid"] == os.getpid()
+    _lease(f"{run}/locks/score.json", stage="score", command="score")
+    with pytest.raises(RunBusy, match="in use by diffin score"):
+        with hold(run, ["score"], "score"):
+            pass
 
 
 # -- through the command ------------------------------------------------------------------
@@ -208,10 +331,24 @@ def test_a_killed_score_is_said_to_be_killed(tiny_scored, tmp_path):
     assert status["next_why"].startswith("the last score run was killed while scoring; ")
 
 
-def test_the_lock_table_covers_the_stages_that_write(tmp_path):
-    """Every command that holds a lock names locks the conflict table knows."""
-    from pipeline.cli import RUN_LOCKS
-
-    assert set(RUN_LOCKS) == {"train", "score", "evaluate", "report", "demo"}
-    for names in RUN_LOCKS.values():
-        assert set(names) <= set(runlock.CONFLICTS)
+def test_each_writing_stage_is_refused_after_its_config_checks(
+    holder, tiny_scored, tmp_path, capsys
+):
+    """The stages hold their locks themselves (the demo, programs calling them): after
+    their config checks, so that a mistyped command still says what is wrong (review)."""
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    holder(run, "score,evaluate,report", "demo")
+    data = tiny_scored["data"]
+    assert main(["train", "--data", data, "--run", run, "--steps", "0"]) == 2  # config first
+    assert "configuration error: --steps" in capsys.readouterr().err
+    for argv in (
+        ["train", "--data", data, "--run", run, "--model", "diffin-tiny", "--steps", "5"],
+        ["evaluate", "--run", run, "--keep", "0.5", "--steps", "2"],
+        ["report", "--run", run],
+    ):
+        assert main(argv) == 1, argv
+        assert "is in use by diffin demo (pid " in capsys.readouterr().err
+    assert not (tmp_path / "run" / "evaluate").exists()
+    assert not (tmp_path / "run" / "report").exists()
+    status = run_status(run)
+    assert describe(status).count("running   diffin demo") == 1  # one line per process

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from pipeline import runlock
 from pipeline.data.keys import recorded_reader_options
 from pipeline.data.reader import iter_shard
 from pipeline.data.sample import Sample
@@ -525,6 +526,12 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     """Train on every planned subset and write the results; returns the summary."""
     cfg.validate()
     run = RunDir(cfg.run)
+    # one evaluation at a time: two would write RUN/evaluate together
+    with runlock.hold(cfg.run, ["evaluate"], "evaluate"):
+        return _run_evaluation(cfg, run)
+
+
+def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
     require_scores(run)
     if not exists(run.trajectory_json):
         raise ConfigError(f"run: no trajectory at {run.trajectory_json} (run `diffin train` first)")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import runlock
 from pipeline.errors import ConfigError
 from pipeline.evaluation.retrain import METRICS, load_truth, pool_truth, summarise
 from pipeline.prune.config import NOT_KEEP_FIRST, check_rank_column
@@ -171,6 +172,12 @@ def build_report(run_url: str, method: str | None = None, top: int = 12) -> str:
             "page; every row is in RUN/scores.parquet)"
         )
     run = RunDir(run_url)
+    # one report at a time: two would write RUN/report together
+    with runlock.hold(run_url, ["report"], "report"):
+        return _build_report(run_url, method, top, run)
+
+
+def _build_report(run_url: str, method: str | None, top: int, run: RunDir) -> str:
     require_scores(run)
     # on the page too: a reader of the report does not see the console (walkthrough)
     table_warnings = check_scores_current(run)

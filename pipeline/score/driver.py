@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from pipeline import runlock
 from pipeline.data.reader import SHARD_KEY, escape_utf8, iter_shard, retryable, shard_row_uid
 from pipeline.data.sample import Sample
 from pipeline.data.shards import (
@@ -1144,23 +1145,26 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     # the checks that refuse a mistyped command, before anything is written (review)
     get_scorers(cfg.methods)
     shards = resolve_shards(cfg.data)
-    traj = load_trajectory(run)
-    form = resolve_form(cfg.second_order, traj)
-    progress_url, request_url = (
-        run.path("scores", "progress.json"),
-        run.path("scores", "request.json"),
-    )
-    before = {u: read_json(u) if exists(u) else None for u in (progress_url, request_url)}
-    write_json(request_url, cfg.to_dict())
-    write_json(progress_url, {"state": "preparing"})
-    try:
-        return _score(cfg, run, actor_cls, t0, shards, traj, form)
-    except BaseException as exc:
+    # one score run at a time, and none while a training replaces the checkpoints: held
+    # before the trajectory is read (a training under way has removed trajectory.json)
+    with runlock.hold(cfg.run, ["score"], "score"):
+        traj = load_trajectory(run)
+        form = resolve_form(cfg.second_order, traj)
+        progress_url, request_url = (
+            run.path("scores", "progress.json"),
+            run.path("scores", "request.json"),
+        )
+        before = {u: read_json(u) if exists(u) else None for u in (progress_url, request_url)}
+        write_json(request_url, cfg.to_dict())
+        write_json(progress_url, {"state": "preparing"})
         try:
-            _mark_stopped(exc, progress_url, before)
-        except Exception as why:  # noqa: BLE001 (the store that failed the run may fail this)
-            log.warning("could not record how the score run stopped: %s", why)
-        raise
+            return _score(cfg, run, actor_cls, t0, shards, traj, form)
+        except BaseException as exc:
+            try:
+                _mark_stopped(exc, progress_url, before)
+            except Exception as why:  # noqa: BLE001 (the store that failed the run may fail this)
+                log.warning("could not record how the score run stopped: %s", why)
+            raise
 
 
 def _mark_stopped(exc: BaseException, progress_url: str, before: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import fsspec
 import torch
 
+from pipeline import runlock
 from pipeline.errors import ConfigError, is_int
 from pipeline.model import factory
 from pipeline.model.batches import encode_pool, pool_transform
@@ -279,7 +280,14 @@ def import_open_clip_run(
     run = RunDir(cfg.run)
     if cfg.threads:  # the sets are encoded and the checkpoints checked in this process
         torch.set_num_threads(cfg.threads)
+    # an import rewrites the trajectory as a training does (pipeline/runlock.py)
+    with runlock.hold(cfg.run, ["train"], "train --import"):
+        return _import(oc, cfg, name, spe, total, run, t0)
 
+
+def _import(
+    oc: OpenClipRun, cfg: TrainConfig, name: str, spe: int, total: int, run: RunDir, t0: float
+) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     bundle = factory.create(name, preprocess_cfg=open_clip_preprocess(oc, name))
     # The first checkpoint is checked before the pool is read (hours on a large pool): a

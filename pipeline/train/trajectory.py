@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pipeline import runlock
 from pipeline.errors import ConfigError
 from pipeline.model import factory
 from pipeline.model.batches import encode_pool, pool_transform
@@ -125,6 +126,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run = RunDir(cfg.run)
     check_dir_target(cfg.run, "run")
     check_apart(cfg.run, "run", "run")
+    # one training at a time, and no score reading its checkpoints as they are replaced
+    with runlock.hold(cfg.run, ["train"], "train"):
+        return _train(cfg, run)
+
+
+def _train(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
     t0 = time.time()
     # The model first: a pretrained file that does not load is refused before the
     # pool is read. (load_pool draws from its own seeded generator, not torch's.)
