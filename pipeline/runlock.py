@@ -45,7 +45,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import StageFailed
+from pipeline.errors import ConfigError, StageFailed
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,17 @@ def _locks_dir(run_url: str) -> str:
     return run_url.rstrip("/") + "/locks"
 
 
+def _machine() -> str | None:
+    """This boot of this kernel, and this pid namespace: where a pid names one process.
+    (A hostname does not: containers on host networking share the host's.)"""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
 def _identity(stage: str, command: str, owner: str, lease: bool) -> dict[str, Any]:
     now = time.time()
     info = {
@@ -82,9 +93,26 @@ def _identity(stage: str, command: str, owner: str, lease: bool) -> dict[str, An
         "owner": owner,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "machine": _machine(),
         "started": now,
     }
     return {**info, "heartbeat": now} if lease else info
+
+
+def _gone(info: dict[str, Any]) -> bool:
+    """A holder that ran here (same boot, same pid namespace) and whose pid is gone: its
+    lease need not wait out its time (walkthrough: a killed stage kept an S3 run for two
+    minutes). A live pid, even another process's, keeps it."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or info.get("machine") is None or info["machine"] != _machine():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
 
 
 def _when(seconds: float) -> str:
@@ -178,6 +206,11 @@ class _LocalLock:
                 return os.open(self.path, os.O_RDONLY)
         except PermissionError as exc:
             raise _no_access(self.path, exc) from exc
+        except (NotADirectoryError, FileExistsError) as exc:  # a file where a folder goes
+            run = os.path.dirname(folder)
+            raise ConfigError(
+                f"run: {run} cannot be a run folder ({exc.strerror}: {exc.filename})"
+            ) from exc
 
     def release(self) -> None:
         if self.fd is None:
@@ -280,7 +313,7 @@ def _read_lease(fs: Any, path: str) -> dict[str, Any] | None:
 
 
 def _live(lease: dict[str, Any] | None, ttl: float) -> bool:
-    return lease is not None and time.time() - lease["heartbeat"] < ttl
+    return lease is not None and time.time() - lease["heartbeat"] < ttl and not _gone(lease)
 
 
 def _create(fs: Any, path: str, data: bytes) -> bool:
@@ -324,11 +357,15 @@ class _Lease:
             if _live(held, self.ttl):
                 return held
             if held is not None:
+                age = time.time() - held["heartbeat"]
                 log.warning(
-                    "taking over the lease %s of %s: not renewed for %.0f s (its process is gone)",
+                    "taking over the lease %s of %s: %s",
                     self.path,
                     describe_holder(held),
-                    time.time() - held["heartbeat"],
+                    "its process is gone"
+                    if age < self.ttl
+                    else f"not renewed for {age:.0f} s (its process is gone, or stalled: a "
+                    "stalled one stops when it finds the lease taken)",
                 )
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.path)
@@ -433,7 +470,7 @@ def hold(
             )
             holder = lock.acquire(_identity(name, command, owner, not local), LOCAL_PATIENCE_S)
             if holder is not None:
-                raise _busy(run_url, command, holder, ttl)
+                raise _busy(run_url, holder, ttl)
             taken.append((name, lock))
             mine.add(name)
         # ours first, then the others': two conflicting stages starting at once both
@@ -441,7 +478,7 @@ def hold(
         others = set().union(*(CONFLICTS[n] for n in names)) - mine
         held = holders(run_url, ttl) if others else {}
         for name in sorted(others & held.keys()):
-            raise _busy(run_url, command, held[name], ttl)
+            raise _busy(run_url, held[name], ttl)
     except BaseException:
         _release(taken, mine, created)
         raise
@@ -461,7 +498,7 @@ def _release(taken: list[tuple[str, Any]], mine: set[str], created: list[str]) -
             os.rmdir(folder)
 
 
-def _busy(run_url: str, command: str, holder: dict[str, Any], ttl: float) -> RunBusy:
+def _busy(run_url: str, holder: dict[str, Any], ttl: float) -> RunBusy:
     lease = ""
     if holder.get("unreadable"):
         lease = (
@@ -474,7 +511,7 @@ def _busy(run_url: str, command: str, holder: dict[str, Any], ttl: float) -> Run
             f"ago, and one not renewed for {ttl:.0f} s is taken over"
         )
     return RunBusy(
-        f"{run_url} is in use by {describe_holder(holder)}{lease}. `diffin {command}` would "
-        f"overwrite its files or read them half-written: wait for it to finish (diffin status "
+        f"{run_url} is in use by {describe_holder(holder)}{lease}. Two stages writing one run "
+        f"at once would overwrite each other's files: wait for it to finish (diffin status "
         f"--run {run_url}), or stop it"
     )

@@ -42,7 +42,10 @@ def _age_s(url: str) -> float | None:
         return None
 
 
-def _train(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
+def _train(run: RunDir, record: dict[str, Any], running: dict[str, Any]) -> dict[str, Any]:
+    if "train" in running:  # its trajectory.json, if any, is the one it replaces
+        age = _age_s(run.resume_state) if exists(run.resume_state) else None
+        return {"state": "training", "resume_written_s_ago": age}
     if exists(run.trajectory_json):
         traj = read_json(run.trajectory_json)
         config = traj.get("config") or {}
@@ -53,13 +56,12 @@ def _train(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
             "data": config.get("data"),
             "imported_from": (record.get("train") or {}).get("imported_from"),
         }
-    if exists(run.resume_state):
-        # interrupted, or under way now: the run's locks tell which (status["running"])
+    if exists(run.resume_state):  # stopped (Ctrl-C, killed) before it finished
         return {"state": "unfinished", "resume_written_s_ago": _age_s(run.resume_state)}
     return {"state": "not trained"}
 
 
-def _score(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
+def _score(run: RunDir, record: dict[str, Any], running: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"state": "not scored"}
     request_url = run.path("scores", "request.json")
     if exists(request_url):  # the config of the last score run started
@@ -97,7 +99,9 @@ def _score(run: RunDir, record: dict[str, Any]) -> dict[str, Any]:
     # a run that did not finish says so, whatever table an earlier one left ("scoring" may
     # be a run killed outright: the age of progress.json tells)
     if last in ("preparing", "scoring", "merging", "interrupted", "failed"):
-        out["state"] = last
+        # a run under way holds the run's score lock; one that no process holds was killed
+        under_way = last in ("interrupted", "failed") or "score" in running
+        out["state"] = last if under_way else "killed"
     return out
 
 
@@ -192,16 +196,21 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
                 f"{describe_holder(status['running'][stage])} is under way now; look again "
                 "when it has finished"
             )
+    request = run.path("trajectory", "request.json")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
     if train["state"] == "not trained":
+        if exists(request):  # walkthrough: a training stopped before its first resume state
+            options = {k: v for k, v in read_json(request).items() if k in known}
+            return command_for("train", {**options, "run": r}), (
+                "the last training stopped before it saved a resume state: this starts it again"
+            )
         return command_for("train", {"data": "POOL", "run": r}), "POOL: the pool's shards"
     if train["state"] == "unfinished":
-        request = run.path("trajectory", "request.json")
         resume = run.path("trajectory", "resume-fingerprint.json")
         # every option of the training started last; else (before request.json) those that
         # make its fingerprint
         whole = exists(request)
         parts = read_json(request) if whole else read_json(resume) if exists(resume) else {}
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
         options = {k: v for k, v in parts.items() if k in known and k != "resume"}
         why = (
             "resumes the training, which stopped before it finished (no diffin process "
@@ -224,11 +233,9 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
             "interrupted": "the last score run was interrupted",
             "failed": "the last score run failed (error rows of a run that scored nothing: "
             "RUN/scores-failed.parquet)",
-        }.get(
-            score["state"],
-            # no diffin process holds the run (checked above), so it is not under way
-            f"the last score run was killed while {score['state']}",
-        )
+            "killed": "the last score run was killed while "
+            f"{(score.get('progress') or {}).get('state')} (no diffin process holds the run)",
+        }[score["state"]]
         return command, f"{why}; {how}"
     stale = [p for p in status["prune"] if p["stale"]]
     if stale:
@@ -272,8 +279,8 @@ def run_status(run_url: str) -> dict[str, Any]:
     check_apart(run.url, "run", "run")  # a pool's folder is no run
     record = read_json(run.run_json) if exists(run.run_json) else {}
     status: dict[str, Any] = {"run": run.url, "running": holders(run.url)}
-    status["train"] = _train(run, record)
-    status["score"] = _score(run, record)
+    status["train"] = _train(run, record, status["running"])
+    status["score"] = _score(run, record, status["running"])
     scored = "table" in status["score"]
     # the table's own warnings: a later run preparing over a stale table leaves it stale
     current = scored and not status["score"]["table"]["warnings"]
@@ -306,10 +313,10 @@ def describe(status: dict[str, Any]) -> str:
             + (f", imported from {t['imported_from']}" if t.get("imported_from") else "")
             + (f"; data {t['data']}" if t.get("data") else "")
         )
-    elif t["state"] == "unfinished":
+    elif t["state"] in ("unfinished", "training"):
         age = t.get("resume_written_s_ago")
         lines.append(
-            "train     unfinished"
+            f"train     {t['state']}"
             + (f" (resume state written {age:.0f} s ago)" if age is not None else "")
         )
     else:

@@ -14,7 +14,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from pipeline import runlock
 from pipeline.cli import main
+from pipeline.errors import ConfigError
 from pipeline.runlock import RunBusy, hold, holders
 from pipeline.status import describe, run_status
 from tests.conftest import copy_run
@@ -265,6 +267,35 @@ def test_a_lease_that_does_not_read_as_one_is_aged_by_the_store(tmp_path, monkey
         assert holders(run)["train"]["pid"] == os.getpid()
 
 
+def test_a_lease_of_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_path):
+    """Walkthrough: a stage killed outright kept its S3 run for two minutes, named as
+    running by status. Here (same boot, same pid namespace) its pid tells."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = f"memory://{tmp_path.name}/run"
+    here = runlock._machine()
+    assert here is not None
+    _lease(f"{run}/locks/train.json", pid=dead.pid, machine=here)
+    assert holders(run) == {}
+    _lease(f"{run}/locks/train.json", pid=os.getpid(), machine=here)  # alive
+    assert set(holders(run)) == {"train"}
+    _lease(f"{run}/locks/train.json", pid=dead.pid, machine="another-boot:1")  # elsewhere
+    assert set(holders(run)) == {"train"}
+    _lease(f"{run}/locks/train.json", pid=dead.pid, machine=here)
+    with hold(run, ["train"], "train"):
+        assert holders(run)["train"]["pid"] == os.getpid()
+
+
+def test_a_file_given_as_the_run_is_a_configuration_error(tmp_path, capsys):
+    """Walkthrough: NotADirectoryError from the lock, a traceback."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="cannot be a run folder"):
+        with hold(str(tmp_path / "afile"), ["report"], "report"):
+            pass
+    assert main(["report", "--run", str(tmp_path / "afile")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_a_store_without_exclusive_create_still_gets_a_lease(tmp_path, monkeypatch):
     """Review: a store answering the conditional write with an error of its own (a 409
     race, a 501, an older s3fs) gave a traceback."""
@@ -320,15 +351,70 @@ def test_score_is_refused_during_a_train_and_status_says_what_runs(
 
 def test_a_killed_score_is_said_to_be_killed(tiny_scored, tmp_path):
     """progress.json says "scoring", and no process holds the run: it was killed."""
+
     from pipeline.rundir import write_json
 
     run = copy_run(tiny_scored["run"], tmp_path / "run")
     (tmp_path / "run" / "scores.parquet").unlink()
     write_json(f"{run}/scores/progress.json", {"state": "scoring"})
     status = run_status(run)
-    assert status["score"]["state"] == "scoring" and status["running"] == {}
+    assert status["score"]["state"] == "killed" and status["running"] == {}
+    assert status["score"]["progress"]["state"] == "scoring"  # what progress.json says
     assert status["next"].startswith("diffin score ")
-    assert status["next_why"].startswith("the last score run was killed while scoring; ")
+    assert status["next_why"].startswith("the last score run was killed while scoring (no ")
+    assert "score     killed (last run scoring" in describe(status)
+
+
+def test_while_a_score_runs_the_other_stages_say_so(holder, tiny_scored, tmp_path, capsys, caplog):
+    """Walkthrough: prune, report and status called a table being scored interrupted, and
+    said to run the score again, which would be refused."""
+    import pyarrow.parquet as pq
+
+    from pipeline.rundir import write_json
+    from pipeline.score.table import table_metadata, write_table
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    holder(run, "score", "score")
+    status = run_status(run)
+    assert status["score"]["state"] == "scored"  # this table is current until it finishes
+    table = f"{run}/scores.parquet"  # a table of a recorded fingerprint, as the driver's
+    meta = {**table_metadata(table), "fingerprint": {"methods": ["loss"]}}
+    write_table(pq.read_table(table), table, meta)
+    write_json(f"{run}/scores/fingerprint.json", {"hash": "another"})  # a rescore's
+    with caplog.at_level(logging.WARNING):
+        assert main(["prune", "--run", run, "--keep", "0.5"]) == 0
+    said = caplog.text
+    assert "diffin score (pid " in said and "under way now with other inputs, will replace" in said
+    assert "interrupted" not in said
+    (tmp_path / "run" / "scores.parquet").unlink()  # a first score: no table yet
+    assert main(["report", "--run", run]) == 2
+    err = capsys.readouterr().err
+    assert "no score table at " in err and "is scoring now (" in err
+    assert "run the same" not in err
+
+
+def test_a_training_under_way_and_one_stopped_before_its_first_resume_state(
+    holder, tiny_run, tmp_path
+):
+    """Walkthrough: both showed as "not trained", with a POOL placeholder to fill in."""
+    import shlex
+
+    from pipeline.cli import build_parser, train_config
+
+    run = copy_run(tiny_run["run"], tmp_path / "run")
+    proc = holder(run, "train")
+    status = run_status(run)
+    assert status["train"]["state"] == "training" and "train     training" in describe(status)
+    proc.kill()
+    proc.wait()
+    (tmp_path / "run" / "trajectory" / "trajectory.json").unlink()  # as a training does
+    status = run_status(run)
+    assert status["train"]["state"] == "not trained"
+    assert status["next_why"] == (
+        "the last training stopped before it saved a resume state: this starts it again"
+    )
+    again = train_config(build_parser().parse_args(shlex.split(status["next"])[1:]))
+    assert again.to_dict() == {**tiny_run["config"].to_dict(), "run": run}
 
 
 def test_each_writing_stage_is_refused_after_its_config_checks(

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from socket import gethostname
 from typing import Any
 
 import fsspec
@@ -20,6 +21,7 @@ from pipeline.data.keys import recorded_reader_options
 from pipeline.data.sample import Sample
 from pipeline.errors import ConfigError
 from pipeline.rundir import RunDir, exists, read_bytes, read_json, write_bytes_atomic
+from pipeline.runlock import describe_holder, holders
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,12 @@ def require_scores(run: RunDir) -> None:
     fs, done = fsspec.core.url_to_fs(run.path("scores", "done"))
     fs.invalidate_cache()  # records written by other processes (the scoring actors)
     scored = len(fs.glob(f"{done}/*.json")) if fs.exists(done) else 0
+    scoring = _scoring_now(run)
+    if scoring:  # walkthrough: "run the same score again", which would be refused
+        raise ConfigError(
+            f"run: no score table at {run.scores} yet: {scoring} is scoring now ({scored} "
+            "shard(s) scored so far); run this again when it has finished"
+        )
     if scored:
         raise ConfigError(
             f"run: no score table at {run.scores} yet: scoring has not finished ({scored} "
@@ -128,6 +136,15 @@ def require_scores(run: RunDir) -> None:
             "it (it resumes)"
         )
     raise ConfigError(f"run: no score table at {run.scores} (run `diffin score` first)")
+
+
+def _scoring_now(run: RunDir) -> str | None:
+    """The score run under way on ``run`` now (pipeline/runlock.py), described; else None."""
+    holder = holders(run.url).get("score")
+    mine = (holder or {}).get("pid") == os.getpid() and holder.get("host") == gethostname()
+    if not holder or mine:  # the demo's own, around its stages
+        return None
+    return describe_holder(holder)
 
 
 def check_scores_current(run: RunDir) -> list[str]:
@@ -145,10 +162,14 @@ def check_scores_current(run: RunDir) -> list[str]:
         if read_json(last).get("hash") != fingerprint_hash(meta["fingerprint"]):
             # walkthrough: after an interrupted rescore, prune and report went on with the
             # older table without a word
+            scoring = _scoring_now(run)
             warnings.append(
-                f"the last `diffin score` of {run.url}, with other inputs, did not write "
-                f"this table (interrupted, or it failed): {run.scores} is the earlier run's; "
-                "run that score again to replace it"
+                f"{scoring}, under way now with other inputs, will replace this table when "
+                f"it finishes: until then {run.scores} is the earlier run's"
+                if scoring
+                else f"the last `diffin score` of {run.url}, with other inputs, did not "
+                f"write this table (interrupted, or it failed): {run.scores} is the earlier "
+                "run's; run that score again to replace it"
             )
     recorded = meta.get("checkpoints")
     for message in warnings:  # said before a refusal below, too
