@@ -1045,6 +1045,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffin {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        from pipeline.runlock import LOST
+
+        if LOST.is_set():  # its lease was taken over: a rerun now would be refused
+            print(
+                f"diffin {args.command}: stopped: another process took over the run's lease "
+                "(the log above names it); run this again once that one has finished",
+                file=sys.stderr,
+            )
+            return 1
         # Every stage writes atomically and resumes, so a traceback would only alarm.
         terminated = TERMINATED.is_set()
         again = (

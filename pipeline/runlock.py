@@ -35,6 +35,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -61,9 +62,20 @@ LEASE_TTL_S = 120.0
 # for an instant to ask whether it is held (`diffin status`, a starting stage).
 LOCAL_PATIENCE_S = 2.0
 
-# Names this process holds (the demo holds every stage's, then calls the stages): flock
-# locks are per open file, so this process asking for its own lock would be refused.
-_HELD: dict[str, set[str]] = {}
+# Names held in this process, by the thread holding them (the demo holds every stage's,
+# then calls the stages): flock locks are per open file, so the demo's stages asking for
+# its locks would be refused.
+_HELD: dict[str, dict[str, int]] = {}
+
+# Set once a lease of this process was lost (taken over): its stage stops, and writes no
+# record of how it stopped over the new holder's (review).
+LOST = threading.Event()
+
+
+def mine(run_url: str) -> set[str]:
+    """The lock names this process holds on ``run_url``."""
+    fs, path = fsspec.core.url_to_fs(_locks_dir(run_url))
+    return set(_HELD.get(_key(fs, path), {}))
 
 
 class RunBusy(StageFailed):
@@ -159,16 +171,18 @@ class _LocalLock:
         while True:
             try:
                 fd = self._open()
-            except FileNotFoundError:  # a released created run took the folder: again
-                continue
+            except FileNotFoundError as exc:  # a released created run took the folder
+                if time.monotonic() < deadline:
+                    continue
+                raise _no_access(self.path, exc) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 os.close(fd)
-                if exc.errno in _GONE:
+                if exc.errno in _GONE and time.monotonic() < deadline:
                     continue
-                if exc.errno not in _BUSY:
-                    raise
+                if exc.errno not in _BUSY:  # EBADF: NFS locks a read-only file for none
+                    raise _no_access(self.path, exc) from exc
                 if time.monotonic() < deadline:  # maybe someone asking, for an instant
                     time.sleep(0.05)
                     continue
@@ -202,8 +216,11 @@ class _LocalLock:
                     self.created.append(made)
             try:
                 return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except PermissionError:  # another user's lock file: flock needs no write
-                return os.open(self.path, os.O_RDONLY)
+            except PermissionError as exc:  # another user's lock file: flock needs no write
+                try:
+                    return os.open(self.path, os.O_RDONLY)
+                except FileNotFoundError:  # none, and a folder we may not write (review)
+                    raise _no_access(self.path, exc) from exc
         except PermissionError as exc:
             raise _no_access(self.path, exc) from exc
         except (NotADirectoryError, FileExistsError) as exc:  # a file where a folder goes
@@ -264,28 +281,29 @@ def run_json_lock(run_url: str, timeout: float = 60.0) -> Iterator[None]:
     takes no stage lock). Local paths only: on object stores the update stays a
     read-modify-write, as their other records are."""
     fs, path = fsspec.core.url_to_fs(_locks_dir(run_url))
-    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(os.path.dirname(path)):
-        yield
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd = os.open(f"{path}/run-json.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:  # a run the user may not lock: as before
-        yield
-        return
+    fd = None
+    if isinstance(fs, LocalFileSystem) and os.path.isdir(os.path.dirname(path)):
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd = os.open(f"{path}/run-json.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # a run the user may not lock: written as before
+            fd = None
     try:
         deadline = time.monotonic() + timeout
-        while True:
+        while fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError as exc:
                 if exc.errno not in _BUSY or time.monotonic() > deadline:
-                    raise
+                    # hours of training must not end in a traceback here
+                    log.warning("run.json: not locked (%s); written anyway", exc)
+                    break
                 time.sleep(0.02)
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 # -- object stores: leases ----------------------------------------------------------------
@@ -353,7 +371,7 @@ class _Lease:
                 )
                 self._thread.start()
                 return None
-            held = _read_lease(self.fs, self.path)
+            held = self._wait_out(_read_lease(self.fs, self.path))
             if _live(held, self.ttl):
                 return held
             if held is not None:
@@ -371,6 +389,25 @@ class _Lease:
                 self.fs.rm_file(self.path)
         return _read_lease(self.fs, self.path) or {"stage": info["stage"]}
 
+    def _wait_out(self, held: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A live lease that has missed renewals (older than ttl/2: its holder stops
+        itself there) is waited out, up to ttl; a retried job (KubeRay's backoffLimit)
+        then takes over the lease of the driver that was killed, instead of failing."""
+        if not _live(held, self.ttl) or time.time() - held["heartbeat"] < self.ttl / 2:
+            return held
+        log.warning(
+            "waiting up to %.0f s for the lease %s of %s: not renewed for %.0f s",
+            self.ttl - (time.time() - held["heartbeat"]),
+            self.path,
+            describe_holder(held),
+            time.time() - held["heartbeat"],
+        )
+        beat = held["heartbeat"]
+        while _live(held, self.ttl) and held["heartbeat"] == beat:
+            time.sleep(min(5.0, self.ttl / 20))
+            held = _read_lease(self.fs, self.path)
+        return held
+
     def _renew(self) -> None:
         assert self.info is not None
         renewed = time.time()
@@ -387,19 +424,28 @@ class _Lease:
                 renewed = beat
             except Exception as exc:  # noqa: BLE001 (a network blip: try again next beat)
                 log.warning("could not renew the lease %s: %s", self.path, exc)
-                if time.time() - renewed > self.ttl:
-                    self._lost(f"it could not be renewed for {self.ttl:.0f} s")
+                # half the time a taker waits: stopped before anyone may take over
+                if time.time() - renewed > self.ttl / 2:
+                    self._lost(f"it could not be renewed for {self.ttl / 2:.0f} s")
                     return
 
     def _lost(self, why: str) -> None:
-        assert self.info is not None
+        info = self.info
+        if info is None or self._stop.is_set():  # released meanwhile: nothing to stop
+            return
         log.error(
             "this %s lost its lease on the run (%s): stopping, rather than write beside "
-            "another stage; run it again once the run is free",
-            self.info["stage"],
+            "another stage",
+            info["stage"],
             why,
         )
-        _thread.interrupt_main()  # as Ctrl-C: every stage stops cleanly there
+        if LOST.is_set():  # stopping already (the demo's other leases)
+            return
+        LOST.set()
+        if callable(signal.getsignal(signal.SIGINT)):
+            _thread.interrupt_main()  # as Ctrl-C: every stage stops cleanly there
+        else:  # SIGINT ignored (a background job of a script): as `kill` instead
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def release(self) -> None:
         if self.info is None:
@@ -429,12 +475,12 @@ def holders(run_url: str, ttl: float = LEASE_TTL_S) -> dict[str, dict[str, Any]]
     """The locks held now in ``run_url`` (by any process, this one included): name -> the
     holder's identity (stage, command, host, pid, started)."""
     fs, path = fsspec.core.url_to_fs(_locks_dir(run_url))
-    mine = _HELD.get(_key(fs, path), set())
+    here = _HELD.get(_key(fs, path), {})
     out: dict[str, dict[str, Any]] = {}
     for name in CONFLICTS:
         if isinstance(fs, LocalFileSystem):
             info = _local_holder(f"{path}/{name}.lock")
-            if info is None and name in mine:
+            if info is None and name in here:
                 info = {"stage": name, "pid": os.getpid(), "host": socket.gethostname()}
         else:
             info = _read_lease(fs, f"{path}/{name}.json")
@@ -455,13 +501,16 @@ def hold(
     """
     fs, path = fsspec.core.url_to_fs(_locks_dir(run_url))
     local = isinstance(fs, LocalFileSystem)
-    mine = _HELD.setdefault(_key(fs, path), set())
+    if not any(_HELD.values()):  # a first stage of this process: an earlier loss is done
+        LOST.clear()
+    held_here = _HELD.setdefault(_key(fs, path), {})
+    me = threading.get_ident()
     owner = uuid.uuid4().hex
     created: list[str] = []  # local folders made for the locks, deepest first once sorted
     taken: list[tuple[str, Any]] = []
     try:
         for name in names:
-            if name in mine:
+            if held_here.get(name) == me:  # this thread's already (the demo's)
                 continue
             lock: Any = (
                 _LocalLock(f"{path}/{name}.lock", created)
@@ -472,26 +521,29 @@ def hold(
             if holder is not None:
                 raise _busy(run_url, holder, ttl)
             taken.append((name, lock))
-            mine.add(name)
+            held_here[name] = me
         # ours first, then the others': two conflicting stages starting at once both
         # refuse rather than both start
-        others = set().union(*(CONFLICTS[n] for n in names)) - mine
+        others = set().union(*(CONFLICTS[n] for n in names)) - {
+            n for n, t in held_here.items() if t == me
+        }
         held = holders(run_url, ttl) if others else {}
         for name in sorted(others & held.keys()):
             raise _busy(run_url, held[name], ttl)
     except BaseException:
-        _release(taken, mine, created)
+        _release(taken, held_here, created)
         raise
     try:
         yield
     finally:
-        _release(taken, mine, created)
+        _release(taken, held_here, created)
 
 
-def _release(taken: list[tuple[str, Any]], mine: set[str], created: list[str]) -> None:
-    for name, lock in reversed(taken):
+def _release(taken: list[tuple[str, Any]], held_here: dict[str, int], created: list[str]) -> None:
+    for name, _ in taken:  # first: an interrupted release leaves no name held by nobody
+        held_here.pop(name, None)
+    for _, lock in reversed(taken):
         lock.release()
-        mine.discard(name)
     # folders made only to hold the lock: a refused or failed first stage leaves none
     for folder in sorted(created, key=len, reverse=True):
         with contextlib.suppress(OSError):  # not empty: the stage wrote there

@@ -43,7 +43,8 @@ def _age_s(url: str) -> float | None:
 
 
 def _train(run: RunDir, record: dict[str, Any], running: dict[str, Any]) -> dict[str, Any]:
-    if "train" in running:  # its trajectory.json, if any, is the one it replaces
+    training = (running.get("train") or {}).get("command") in ("train", "train --import")
+    if training:  # its trajectory.json, if any, is the one it replaces (not the demo's lock)
         age = _age_s(run.resume_state) if exists(run.resume_state) else None
         return {"state": "training", "resume_written_s_ago": age}
     if exists(run.trajectory_json):
@@ -200,7 +201,7 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if train["state"] == "not trained":
         if exists(request):  # walkthrough: a training stopped before its first resume state
-            options = {k: v for k, v in read_json(request).items() if k in known}
+            options = {k: v for k, v in read_json(request).items() if k in known and k != "resume"}
             return command_for("train", {**options, "run": r}), (
                 "the last training stopped before it saved a resume state: this starts it again"
             )
@@ -300,7 +301,8 @@ def describe(status: dict[str, Any]) -> str:
     lines = [f"run       {status['run']}"]
     said = set()
     for holder in status.get("running", {}).values():
-        key = holder.get("owner") or id(holder)  # a demo holds every stage's lock: once
+        # a demo holds every stage's lock: said once
+        key = holder.get("owner") or (holder.get("pid"), holder.get("host"))
         if key not in said:
             said.add(key)
             lines.append(f"running   {describe_holder(holder)}")

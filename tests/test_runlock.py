@@ -226,9 +226,12 @@ def test_a_lease_is_renewed_while_held_and_a_holder_that_lost_it_stops(tmp_path,
             assert set(holders(run, ttl=0.4)) == {"score"}
             with caplog.at_level(logging.ERROR, logger="pipeline.runlock"):
                 _lease(url, stage="score", command="score")  # another took it over
-                time.sleep(5)
+                _wait(5)
             pytest.fail("a holder that lost its lease went on writing")
     assert "lost its lease on the run (it was taken over by diffin score (pid 7 on" in caplog.text
+    assert runlock.LOST.is_set()  # the stage writes no record of its stop over the new one's
+    with hold(run, ["report"], "report"):  # a next stage of this process starts afresh
+        assert not runlock.LOST.is_set()
     assert json.loads(fs.cat_file(url))["owner"] == "someone"  # not ours: left in place
 
 
@@ -243,8 +246,98 @@ def test_a_lease_that_cannot_be_renewed_for_its_ttl_stops_the_holder(tmp_path, m
                 raise OSError("the store is unreachable")
 
             monkeypatch.setattr(MemoryFileSystem, "pipe_file", down)
-            time.sleep(5)
+            _wait(5)
             pytest.fail("a holder whose lease lapsed went on writing")
+
+
+def _wait(seconds: float) -> None:
+    """Short sleeps: a stop delivered to the main thread lands between two."""
+    end = time.time() + seconds
+    while time.time() < end:
+        time.sleep(0.05)
+
+
+IGNORING = """
+import json, signal, sys, time
+import fsspec
+from pipeline import runlock
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a script
+run = sys.argv[1]
+with runlock.hold(run, ["train"], "train", ttl=0.4):
+    lease = {"owner": "x", "pid": 7, "host": "h", "heartbeat": time.time() + 60}
+    with fsspec.open(run + "/locks/train.json", "wb") as f:
+        f.write(json.dumps(lease).encode())
+    time.sleep(30)
+print("went on")
+"""
+
+
+def test_a_holder_with_sigint_ignored_that_loses_its_lease_still_stops(tmp_path):
+    """Review: Ctrl-C's stand-in does nothing where SIGINT is ignored; SIGTERM does."""
+    proc = subprocess.run(  # memory:// is per process: the other holder is faked inside
+        [sys.executable, "-c", IGNORING, f"memory://{tmp_path.name}/run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert "went on" not in proc.stdout and "lost its lease" in proc.stderr
+
+
+def test_a_lease_that_missed_its_renewals_is_waited_out_not_refused(tmp_path, caplog):
+    """Review: a retried job (KubeRay) found its killed driver's lease and failed at once."""
+    run = f"memory://{tmp_path.name}/run"
+    _lease(f"{run}/locks/score.json", stage="score", heartbeat=time.time() - 0.6)
+    with caplog.at_level(logging.WARNING, logger="pipeline.runlock"):
+        with hold(run, ["score"], "score", ttl=1.0):
+            assert holders(run, ttl=1.0)["score"]["pid"] == os.getpid()
+    assert "waiting up to " in caplog.text and "taking over the lease" in caplog.text
+    _lease(f"{run}/locks/score.json", stage="score", heartbeat=time.time() - 0.1)  # renewed
+    with pytest.raises(RunBusy):
+        with hold(run, ["score"], "score", ttl=1.0):
+            pass
+
+
+def test_threads_of_one_process_do_not_share_a_lock(tmp_path):
+    """Review: a second thread "held" the train lock its process held already."""
+    import threading
+
+    run = str(tmp_path / "run")
+    refused = []
+
+    def second() -> None:
+        try:
+            with hold(run, ["train"], "train"):
+                pass
+        except RunBusy as exc:
+            refused.append(exc)
+
+    with hold(run, ["train"], "train"):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join()
+    assert len(refused) == 1
+
+
+def test_a_locks_folder_the_user_may_not_write_is_said_not_spun_on(tmp_path, monkeypatch):
+    """Review: another user's RUN/locks (0755) made a stage spin at 100% CPU forever."""
+    real = os.open
+    run = tmp_path / "run"
+    (run / "locks").mkdir(parents=True)
+
+    def as_another_user(path, flags, *args):
+        if str(path).startswith(str(run / "locks")) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", as_another_user)
+    t0 = time.time()
+    with pytest.raises(runlock.StageFailed, match="cannot lock .*train.lock .*group-writable"):
+        with hold(str(run), ["train"], "train"):
+            pass
+    assert time.time() - t0 < 10
 
 
 def test_a_lease_that_does_not_read_as_one_is_aged_by_the_store(tmp_path, monkeypatch):
@@ -402,6 +495,10 @@ def test_a_training_under_way_and_one_stopped_before_its_first_resume_state(
     from pipeline.cli import build_parser, train_config
 
     run = copy_run(tiny_run["run"], tmp_path / "run")
+    demo = holder(run, "train,score", "demo")  # the demo holds train's lock throughout
+    assert run_status(run)["train"]["state"] == "trained"
+    demo.kill()
+    demo.wait()
     proc = holder(run, "train")
     status = run_status(run)
     assert status["train"]["state"] == "training" and "train     training" in describe(status)

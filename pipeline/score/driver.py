@@ -1170,6 +1170,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
 def _mark_stopped(exc: BaseException, progress_url: str, before: dict[str, Any]) -> None:
     """progress.json's state once a score run stops early. A run refused before it scored
     (a ConfigError while preparing) leaves the records as it found them: it did not run."""
+    if runlock.LOST.is_set():  # another score run holds the run now: its records
+        return
     stopped = read_json(progress_url) if exists(progress_url) else {}
     if stopped.get("state") == "preparing" and isinstance(exc, ConfigError):
         for url, value in before.items():
@@ -1467,7 +1469,8 @@ def _score(
             merged["table"] = run.scores
         remove(failed_table)  # a failed run's rows, now superseded
     except BaseException as exc:
-        progress.stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        if not runlock.LOST.is_set():  # else progress.json is the new holder's now
+            progress.stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
     progress.stop("finished")
     for column, n in merged["nonfinite_scores"].items():

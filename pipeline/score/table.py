@@ -8,7 +8,6 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from socket import gethostname
 from typing import Any
 
 import fsspec
@@ -21,7 +20,7 @@ from pipeline.data.keys import recorded_reader_options
 from pipeline.data.sample import Sample
 from pipeline.errors import ConfigError
 from pipeline.rundir import RunDir, exists, read_bytes, read_json, write_bytes_atomic
-from pipeline.runlock import describe_holder, holders
+from pipeline.runlock import describe_holder, holders, mine
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +139,10 @@ def require_scores(run: RunDir) -> None:
 
 def _scoring_now(run: RunDir) -> str | None:
     """The score run under way on ``run`` now (pipeline/runlock.py), described; else None."""
-    holder = holders(run.url).get("score")
-    mine = (holder or {}).get("pid") == os.getpid() and holder.get("host") == gethostname()
-    if not holder or mine:  # the demo's own, around its stages
+    if "score" in mine(run.url):  # the demo's own, around its stages
         return None
-    return describe_holder(holder)
+    holder = holders(run.url).get("score")
+    return describe_holder(holder) if holder else None
 
 
 def check_scores_current(run: RunDir) -> list[str]:

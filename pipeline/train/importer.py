@@ -310,6 +310,7 @@ def _import(
         step = epoch * spe
         if not saved:  # the run is rewritten from here: its old record and state no longer hold
             remove(run.trajectory_json)
+            remove(run.path("trajectory", "request.json"))  # a native training's: not this
             clear_resume(run)
         saved.append(save_checkpoint(run, bundle.model, step, oc.lr(step, total)))
         sources.append({"epoch": epoch, "url": url, "sha256": digest, "saved_lr": last})

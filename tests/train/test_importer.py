@@ -100,8 +100,13 @@ def test_parse_params():
 
 def test_import_records_open_clip_steps_rates_and_weights(oc_run, tmp_path, caplog):
     run = str(tmp_path / "run")
+    # a native training's options, left from before: not the import's (review: `diffin
+    # status` offered to start that training again after an import was killed)
+    Path(run, "trajectory").mkdir(parents=True)
+    Path(run, "trajectory", "request.json").write_text("{}")
     with caplog.at_level("WARNING", logger="pipeline.train.importer"):
         rec = import_open_clip_run(oc_run["dir"], TrainConfig(data=oc_run["data"], run=run, **SETS))
+    assert not Path(run, "trajectory", "request.json").exists()
     assert "cannot confirm" not in caplog.text  # the cosine rates tell the step count
     per_epoch = SAMPLES // BATCH
     total = per_epoch * EPOCHS
