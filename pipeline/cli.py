@@ -800,7 +800,7 @@ def run(args: argparse.Namespace) -> object:
         status = run_status(args.run)
         if args.json:
             return status
-        print(describe(status))
+        _print(describe(status))
         return None
     if args.command == "demo":
         from pipeline.demo import DemoConfig, format_summary, run_demo
@@ -1071,8 +1071,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if previous is not None:  # the caller's handler again (tests, programs calling main)
             signal.signal(signal.SIGTERM, previous)
     if result is not None:
-        print(json.dumps(result, indent=2, default=str))
+        _print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _print(text: str) -> None:
+    """Print to stdout; a reader that has stopped reading (`diffin status --json | head`)
+    gets no traceback (walkthrough)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at nothing first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -97,8 +97,7 @@ def _score(run: RunDir, record: dict[str, Any], running: dict[str, Any]) -> dict
             quiet.setLevel(level)
         out["table"] = table
         out["state"] = "stale" if table["warnings"] else "scored"
-    # a run that did not finish says so, whatever table an earlier one left ("scoring" may
-    # be a run killed outright: the age of progress.json tells)
+    # a run that did not finish says so, whatever table an earlier one left
     if last in ("preparing", "scoring", "merging", "interrupted", "failed"):
         # a run under way holds the run's score lock; one that no process holds was killed
         under_way = last in ("interrupted", "failed") or "score" in running
@@ -259,6 +258,12 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
         if not keep.get("fusions"):
             keep.pop("fusion_norm", None)  # refused without --fuse (review)
         return command_for("evaluate", {**keep, "run": r}), "it was made from an earlier table"
+    for stage in ("evaluate", "report"):  # the page, and the retraining, follow these
+        if stage in status["running"]:
+            return command_for("status", {"run": r}), (
+                f"{describe_holder(status['running'][stage])} is under way now; look again "
+                "when it has finished"
+            )
     report = status["report"]
     if report is None or report["older_than"]:
         return command_for("report", {"run": r}), "the page does not show the latest"

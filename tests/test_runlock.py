@@ -535,3 +535,17 @@ def test_each_writing_stage_is_refused_after_its_config_checks(
     assert not (tmp_path / "run" / "report").exists()
     status = run_status(run)
     assert describe(status).count("running   diffin demo") == 1  # one line per process
+
+
+def test_while_an_evaluation_runs_status_does_not_send_to_the_report(holder, tiny_scored, tmp_path):
+    """Walkthrough: during an evaluate, next was `diffin report`, made stale by its end."""
+    from pipeline.prune.config import PruneConfig
+    from pipeline.prune.manifest import write_manifest
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    write_manifest(PruneConfig(run=run, keep=0.5, name="half"))
+    assert run_status(run)["next"] == f"diffin report --run {run}"
+    holder(run, "evaluate", "evaluate")
+    status = run_status(run)
+    assert status["next"] == f"diffin status --run {run}"
+    assert status["next_why"].startswith("diffin evaluate (pid ")

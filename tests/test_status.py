@@ -146,3 +146,22 @@ def test_a_stale_evaluation_gets_a_command_evaluate_accepts(tiny_scored, tmp_pat
     assert line == f"diffin evaluate --run {run} --methods diffin --no-full"
     args = build_parser().parse_args(shlex.split(line)[1:])
     assert (args.keep, args.methods, args.full) == ([0.5, 0.7], ["diffin"], False)
+
+
+def test_status_piped_into_head_ends_without_a_traceback(tiny_scored, tmp_path):
+    """Walkthrough: `diffin status --json | head` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        f"{sys.executable} -m pipeline.cli status --run {run} --json | head -c 1",
+        shell=True,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout == "{" and "Traceback" not in done.stderr, done.stderr
