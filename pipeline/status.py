@@ -43,7 +43,11 @@ def _age_s(url: str) -> float | None:
 
 
 def _train(run: RunDir, record: dict[str, Any], running: dict[str, Any]) -> dict[str, Any]:
-    training = (running.get("train") or {}).get("command") in ("train", "train --import")
+    command = (running.get("train") or {}).get("command")
+    # the demo holds the train lock throughout: training until its trajectory is written
+    training = command in ("train", "train --import") or (
+        command == "demo" and not exists(run.trajectory_json)
+    )
     if training:  # its trajectory.json, if any, is the one it replaces (not the demo's lock)
         age = _age_s(run.resume_state) if exists(run.resume_state) else None
         return {"state": "training", "resume_written_s_ago": age}
@@ -252,18 +256,20 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
     if not status["prune"]:
         method = _rankable((score.get("table") or {}).get("methods"))
         return command_for("prune", {"run": r, "keep": 0.7, "method": method}), "a first manifest"
+    # the page, and the retraining, follow these (walkthrough: a stale evaluation's
+    # command was offered while an evaluate ran)
+    for stage in ("evaluate", "report"):
+        if stage in status["running"]:
+            return command_for("status", {"run": r}), (
+                f"{describe_holder(status['running'][stage])} is under way now; look again "
+                "when it has finished"
+            )
     evaluation = status["evaluate"]
     if evaluation is not None and evaluation["stale"]:
         keep = {k: v for k, v in evaluation["config"].items() if k != "run"}
         if not keep.get("fusions"):
             keep.pop("fusion_norm", None)  # refused without --fuse (review)
         return command_for("evaluate", {**keep, "run": r}), "it was made from an earlier table"
-    for stage in ("evaluate", "report"):  # the page, and the retraining, follow these
-        if stage in status["running"]:
-            return command_for("status", {"run": r}), (
-                f"{describe_holder(status['running'][stage])} is under way now; look again "
-                "when it has finished"
-            )
     report = status["report"]
     if report is None or report["older_than"]:
         return command_for("report", {"run": r}), "the page does not show the latest"
@@ -282,6 +288,9 @@ def run_status(run_url: str) -> dict[str, Any]:
     run = RunDir(run_url)
     if not exists(run.url) and not exists(run.run_json):
         raise ConfigError(f"run: {run_url} does not exist")
+    fs, path = fsspec.core.url_to_fs(run.url)
+    if fs.isfile(path):  # walkthrough: an empty run, exit 0
+        raise ConfigError(f"run: {run_url} is a file; run names a directory")
     check_apart(run.url, "run", "run")  # a pool's folder is no run
     record = read_json(run.run_json) if exists(run.run_json) else {}
     status: dict[str, Any] = {"run": run.url, "running": holders(run.url)}

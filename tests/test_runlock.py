@@ -497,6 +497,9 @@ def test_a_training_under_way_and_one_stopped_before_its_first_resume_state(
     run = copy_run(tiny_run["run"], tmp_path / "run")
     demo = holder(run, "train,score", "demo")  # the demo holds train's lock throughout
     assert run_status(run)["train"]["state"] == "trained"
+    (tmp_path / "run" / "trajectory" / "trajectory.json").rename(tmp_path / "t.json")
+    assert run_status(run)["train"]["state"] == "training"  # its training, under way
+    (tmp_path / "t.json").rename(tmp_path / "run" / "trajectory" / "trajectory.json")
     demo.kill()
     demo.wait()
     proc = holder(run, "train")
@@ -549,3 +552,11 @@ def test_while_an_evaluation_runs_status_does_not_send_to_the_report(holder, tin
     status = run_status(run)
     assert status["next"] == f"diffin status --run {run}"
     assert status["next_why"].startswith("diffin evaluate (pid ")
+    # an earlier evaluation, stale: not its command, which would be refused (walkthrough)
+    from pipeline.rundir import write_json
+
+    config = {"run": run, "methods": ["diffin"], "keeps": [0.5], "fusions": [], "seeds": [0]}
+    scores = {"columns": ["diffin"], "rows": 1, "uids": "x", "values": "y"}
+    write_json(f"{run}/evaluate/evaluate.json", {"config": config, "results": [], "scores": scores})
+    status = run_status(run)
+    assert status["evaluate"]["stale"] and status["next"] == f"diffin status --run {run}"

@@ -27,6 +27,9 @@ def test_an_empty_run_says_to_train_and_a_missing_one_is_refused(tmp_path):
     assert status["next_why"] == "POOL: the pool's shards"
     with pytest.raises(ConfigError, match="^run: .* does not exist"):
         run_status(str(tmp_path / "typo"))
+    (tmp_path / "afile").write_text("x")  # walkthrough: an empty run, exit 0
+    with pytest.raises(ConfigError, match="^run: .*afile is a file; run names a directory"):
+        run_status(str(tmp_path / "afile"))
 
 
 def test_a_run_walks_through_its_stages(tiny_scored, tmp_path, capsys):

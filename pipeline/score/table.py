@@ -166,7 +166,7 @@ def check_scores_current(run: RunDir) -> list[str]:
                 f"it finishes: until then {run.scores} is the earlier run's"
                 if scoring
                 else f"the last `diffin score` of {run.url}, with other inputs, did not "
-                f"write this table (interrupted, or it failed): {run.scores} is the earlier "
+                f"write this table (interrupted, killed, or it failed): {run.scores} is the earlier "
                 "run's; run that score again to replace it"
             )
     recorded = meta.get("checkpoints")
