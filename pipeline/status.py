@@ -188,18 +188,23 @@ def _rankable(methods: list[str] | None) -> str | None:
     return next((m for m in methods if m not in NOT_KEEP_FIRST), None)
 
 
+def _wait_for(running: dict[str, Any], stages: tuple[str, ...]) -> str | None:
+    """Why to look again later, when one of ``stages`` is under way now."""
+    stage = next((s for s in stages if s in running), None)
+    if stage is None:
+        return None
+    return f"{describe_holder(running[stage])} is under way now; look again when it has finished"
+
+
 def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[str, str]:
     """(the command to run next, why or what to add): the command alone can be pasted."""
     from pipeline.cli import command_for
 
     r = run.url
     train, score = status["train"], status["score"]
-    for stage in ("train", "score"):
-        if stage in status["running"]:  # what it writes is what the rest reads
-            return command_for("status", {"run": r}), (
-                f"{describe_holder(status['running'][stage])} is under way now; look again "
-                "when it has finished"
-            )
+    wait = _wait_for(status["running"], ("train", "score"))  # what the rest reads
+    if wait:
+        return command_for("status", {"run": r}), wait
     request = run.path("trajectory", "request.json")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if train["state"] == "not trained":
@@ -258,12 +263,9 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
         return command_for("prune", {"run": r, "keep": 0.7, "method": method}), "a first manifest"
     # the page, and the retraining, follow these (walkthrough: a stale evaluation's
     # command was offered while an evaluate ran)
-    for stage in ("evaluate", "report"):
-        if stage in status["running"]:
-            return command_for("status", {"run": r}), (
-                f"{describe_holder(status['running'][stage])} is under way now; look again "
-                "when it has finished"
-            )
+    wait = _wait_for(status["running"], ("evaluate", "report"))
+    if wait:
+        return command_for("status", {"run": r}), wait
     evaluation = status["evaluate"]
     if evaluation is not None and evaluation["stale"]:
         keep = {k: v for k, v in evaluation["config"].items() if k != "run"}
