@@ -1059,6 +1059,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         again = (
             "run the same command again to write the pool (it starts over)"
             if args.command == "make-data"  # a generated pool is written whole, not resumed
+            else _train_again(args)
+            if args.command == "train" and not getattr(args, "import_dir", None)
             else "run the same command again to continue (finished work is kept)"
         )
         print(
@@ -1073,6 +1075,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result is not None:
         _print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _train_again(args: argparse.Namespace) -> str:
+    """What a rerun of an interrupted train does: it resumes from its last resume state,
+    and the steps after it are trained again (review: "finished work is kept" said
+    nothing of the steps lost, nor that a training stopped before its first state
+    starts over)."""
+    from pipeline.rundir import RunDir, exists
+    from pipeline.train.progress import read_progress
+
+    if args.resume is False:
+        return (
+            "run the same command again to start it over, or without --no-resume to resume "
+            "from its last resume state"
+        )
+    run = RunDir(args.run)
+    try:
+        p = read_progress(run)
+        saved = exists(run.resume_state)
+    except (OSError, ValueError):
+        p, saved = None, False
+    if p is None:
+        return "run the same command again to continue (finished work is kept)"
+    at = f"stopped at step {p['step']} of {p['steps']}"
+    if saved and p.get("resumable_from") is not None:
+        return (
+            f"{at}; run the same command again to resume from step {p['resumable_from']} "
+            "(its last resume state; --resume-every K saves one every K steps)"
+        )
+    return (
+        f"{at}, before its first resume state; run the same command again to start it "
+        "over (--resume-every K saves one every K steps)"
+    )
 
 
 def _print(text: str) -> None:

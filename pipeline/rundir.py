@@ -3,6 +3,7 @@
 RUN/run.json                      config, versions, seeds, timing of each stage
 RUN/trajectory/ckpt-STEP.pt       checkpoints (+ trajectory.json: step, lr, sha256)
 RUN/trajectory/resume.pt          an unfinished training's state (gone when it completes)
+RUN/trajectory/progress.json      how far it got, for `diffin status` (gone with it)
 RUN/sets/*.safetensors            reference negatives R, target V, gradient batches
 RUN/directions/STEP.safetensors   g_B, g_V, w per checkpoint
 RUN/scores/parts/SHARD.parquet    one part per input shard

@@ -31,6 +31,8 @@ from pipeline.score.table import (
     table_metadata,
 )
 from pipeline.train.config import TrainConfig
+from pipeline.train.progress import progress_url as training_progress_url
+from pipeline.train.progress import read_progress
 
 
 def _age_s(url: str) -> float | None:
@@ -48,9 +50,11 @@ def _train(run: RunDir, record: dict[str, Any], running: dict[str, Any]) -> dict
     training = command in ("train", "train --import") or (
         command == "demo" and not exists(run.trajectory_json)
     )
+    # an import writes no record; one left by a native training is not its
+    progress = _train_progress(run) if command != "train --import" else {}
     if training:  # its trajectory.json, if any, is the one it replaces (not the demo's lock)
         age = _age_s(run.resume_state) if exists(run.resume_state) else None
-        return {"state": "training", "resume_written_s_ago": age}
+        return {"state": "training", "resume_written_s_ago": age, **progress}
     if exists(run.trajectory_json):
         traj = read_json(run.trajectory_json)
         config = traj.get("config") or {}
@@ -62,8 +66,22 @@ def _train(run: RunDir, record: dict[str, Any], running: dict[str, Any]) -> dict
             "imported_from": (record.get("train") or {}).get("imported_from"),
         }
     if exists(run.resume_state):  # stopped (Ctrl-C, killed) before it finished
-        return {"state": "unfinished", "resume_written_s_ago": _age_s(run.resume_state)}
-    return {"state": "not trained"}
+        return {
+            "state": "unfinished",
+            "resume_written_s_ago": _age_s(run.resume_state),
+            **progress,
+        }
+    return {"state": "not trained", **progress}
+
+
+def _train_progress(run: RunDir) -> dict[str, Any]:
+    """How far the training under way (or the last one) got: train/progress.py's record."""
+    record = read_progress(run)
+    if record is None:
+        return {}
+    keys = ("step", "steps", "resumable_from", "loss")
+    age = _age_s(training_progress_url(run))
+    return {"progress": {**{k: record.get(k) for k in keys}, "written_s_ago": age}}
 
 
 def _score(run: RunDir, record: dict[str, Any], running: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +206,29 @@ def _rankable(methods: list[str] | None) -> str | None:
     return next((m for m in methods if m not in NOT_KEEP_FIRST), None)
 
 
+def _train_line(t: dict[str, Any]) -> str:
+    """The train line of a training under way, stopped, or not (yet) trained."""
+    p, state = t.get("progress"), t["state"]
+    age = t.get("resume_written_s_ago")
+    saved = f"resume state written {age:.0f} s ago" if age is not None else ""
+    if not p:  # no record (a training of an earlier diffin, an import)
+        return state + (f" ({saved})" if saved else "")
+    at = f"step {p['step']} of {p['steps']}"
+    if state == "training":
+        loss = f", loss {p['loss']:.3f}" if p.get("loss") is not None else ""
+        since = p.get("written_s_ago")
+        when = f" ({since:.0f} s ago)" if since is not None else ""
+        return f"training, {at}{loss}{when}" + (f"; {saved}" if saved else "")
+    if state == "unfinished":
+        # the steps after the last resume state are trained again
+        resume = p.get("resumable_from")
+        return f"unfinished, stopped at {at}" + (
+            f"; resumes from step {resume} ({saved})" if resume is not None else f" ({saved})"
+        )
+    # not trained, a record left: stopped before its first resume state
+    return f"not trained (the last training stopped at {at}, before its first resume state)"
+
+
 def _wait_for(running: dict[str, Any], stages: tuple[str, ...]) -> str | None:
     """Why to look again later, when one of ``stages`` is under way now."""
     stage = next((s for s in stages if s in running), None)
@@ -221,10 +262,12 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
         whole = exists(request)
         parts = read_json(request) if whole else read_json(resume) if exists(resume) else {}
         options = {k: v for k, v in parts.items() if k in known and k != "resume"}
+        resume = (train.get("progress") or {}).get("resumable_from")
         why = (
-            "resumes the training, which stopped before it finished (no diffin process "
-            f"holds the run; its resume state was written {train.get('resume_written_s_ago')} "
-            "s ago)"
+            "resumes the training"
+            + (f" from step {resume}" if resume is not None else "")
+            + ", which stopped before it finished (no diffin process holds the run; its "
+            f"resume state was written {train.get('resume_written_s_ago')} s ago)"
         )
         if not whole:
             why += (
@@ -331,14 +374,8 @@ def describe(status: dict[str, Any]) -> str:
             + (f", imported from {t['imported_from']}" if t.get("imported_from") else "")
             + (f"; data {t['data']}" if t.get("data") else "")
         )
-    elif t["state"] in ("unfinished", "training"):
-        age = t.get("resume_written_s_ago")
-        lines.append(
-            f"train     {t['state']}"
-            + (f" (resume state written {age:.0f} s ago)" if age is not None else "")
-        )
     else:
-        lines.append(f"train     {t['state']}")
+        lines.append(f"train     {_train_line(t)}")
     s = status["score"]
     text = s["state"]
     if "table" in s:

@@ -17,8 +17,10 @@ import pytest
 from pipeline import runlock
 from pipeline.cli import main
 from pipeline.errors import ConfigError
+from pipeline.rundir import RunDir
 from pipeline.runlock import RunBusy, hold, holders
 from pipeline.status import describe, run_status
+from pipeline.train.progress import ProgressWriter
 from tests.conftest import copy_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -505,6 +507,12 @@ def test_a_training_under_way_and_one_stopped_before_its_first_resume_state(
     proc = holder(run, "train")
     status = run_status(run)
     assert status["train"]["state"] == "training" and "train     training" in describe(status)
+    ProgressWriter(RunDir(run), steps=30, start=0, resumable_from=None).step(7, 2.5)
+    assert "train     training, step 0 of 30 (" in describe(run_status(run))  # as written
+    proc.kill()
+    proc.wait()
+    proc = holder(run, "train", "train --import")  # an import's is not a record of its own
+    assert "train     training\n" in describe(run_status(run))
     proc.kill()
     proc.wait()
     (tmp_path / "run" / "trajectory" / "trajectory.json").unlink()  # as a training does

@@ -99,6 +99,7 @@ def train_loop(
     rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_loss: BatchLoss = clip_loss,
     device: torch.device | str = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[tuple[int, float]]:
     """Run ``len(order)`` steps; returns the loss curve (every 10 steps).
 
@@ -167,6 +168,8 @@ def train_loop(
             losses.append((step, round(value, 5)))
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
         bar.update(1)
+        if on_step is not None:
+            on_step(step + 1, value)
     bar.close()
     model.eval()
     return losses

@@ -7,6 +7,7 @@ Only the writer (rank 0) writes; every rank runs the same hooks in lockstep.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ from pipeline.model.batches import Inputs
 from pipeline.rundir import RunDir
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import BatchLoss, LoopState, clip_loss, core, train_loop
+from pipeline.train.progress import ProgressWriter
 from pipeline.train.state import ResumeState, cpu_state, load_resume, save_checkpoint, save_resume
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ def run_resumable(
         log.info("resuming training at step %d of %d", resumed.step, cfg.steps)
     done = {int(c["step"]) for c in saved}
     final: list[ResumeState] = []
+    start = resumed.step if resumed is not None else 0
+    # written at once: a record left by an earlier training must not describe this one
+    progress = ProgressWriter(run, cfg.steps, start, start if resumed else None) if writer else None
 
     def keep(step: int, lr: float, _m: nn.Module) -> None:
         if writer and step not in done:
@@ -83,6 +88,8 @@ def run_resumable(
             resumed_at=resumed_at,
         )
         save_resume(run, state)
+        if progress is not None:
+            progress.saved(step)
         if step == cfg.steps:
             final.append(state)
 
@@ -101,9 +108,11 @@ def run_resumable(
         rows=rows,
         batch_loss=batch_loss,
         device=device,
+        on_step=progress.step if progress is not None else None,
     )
     if final:
         return final[0]
     if writer and resumed is not None and resumed.step == cfg.steps:
-        return resumed  # killed after the last state was saved: nothing left to train
+        # killed after the last state was saved: nothing left to train; this run resumed there
+        return dataclasses.replace(resumed, resumed_at=resumed_at)
     return None

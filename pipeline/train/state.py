@@ -32,6 +32,7 @@ from pipeline.rundir import (
     write_json,
 )
 from pipeline.train.config import TrainConfig
+from pipeline.train.progress import progress_url
 
 FORMAT = 1
 # The training computation's version: part of the fingerprint, so a run interrupted
@@ -241,3 +242,4 @@ def remove_stale_checkpoints(run: RunDir, checkpoints: list[dict[str, Any]]) -> 
 def clear_resume(run: RunDir) -> None:
     remove(run.resume_state)
     remove(_parts_url(run))
+    remove(progress_url(run))

@@ -249,5 +249,14 @@ def _train(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
     clear_resume(run)
     remove_stale_checkpoints(run, record["checkpoints"])
     run.update_run_json("train", {"config": cfg.to_dict(), "seconds": record["seconds"]})
-    log.info("trained %d steps on %d pairs in %.1fs", cfg.steps, n, record["seconds"])
+    start = state.resumed_at[-1] if state.resumed_at else 0  # this run's first step
+    if start == cfg.steps:  # killed after its last resume state, before trajectory.json
+        log.info("the last resume state holds all %d steps: nothing left to train", cfg.steps)
+    elif start:  # not "trained N steps": the steps before were trained by an earlier run
+        log.info(
+            "trained steps %d to %d on %d pairs in %.1fs (resumed at step %d)",
+            start, cfg.steps, n, record["seconds"], start,
+        )  # fmt: skip
+    else:
+        log.info("trained %d steps on %d pairs in %.1fs", cfg.steps, n, record["seconds"])
     return record

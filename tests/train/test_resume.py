@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -44,14 +45,19 @@ def _kill_before_trajectory_json(cfg, monkeypatch) -> None:
             train(cfg)
 
 
-def test_killed_training_resumes_to_byte_identical_checkpoints(interrupted, tiny_run, tmp_path):
+def test_killed_training_resumes_to_byte_identical_checkpoints(
+    interrupted, tiny_run, tmp_path, caplog
+):
     run = _copy(interrupted["run"], tmp_path / "run")
     step = _killed_at(run)
     total = interrupted["config"].steps
     first = tiny_run["record"]["checkpoints"][0]["step"]
     assert first < step < total  # killed after the first checkpoint, before the end
-    rec = train(dataclasses.replace(interrupted["config"], run=run))  # resume is the default
+    with caplog.at_level(logging.INFO, logger="pipeline.train.trajectory"):
+        rec = train(dataclasses.replace(interrupted["config"], run=run))  # resume is the default
     assert rec["resumed_at"] == [step]
+    # what this run trained, not the whole run's count (it said "trained 30 steps")
+    assert f"trained steps {step} to {total} on " in caplog.text
     want = tiny_run["record"]["checkpoints"]  # the same config, never interrupted
     assert [(c["step"], c["lr"], c["sha256"]) for c in rec["checkpoints"]] == [
         (c["step"], c["lr"], c["sha256"]) for c in want
@@ -110,14 +116,17 @@ def test_resume_refuses_a_changed_checkpoint(interrupted, tmp_path):
 
 
 def test_a_run_killed_after_its_last_state_finishes_when_rerun(
-    interrupted, tiny_run, tmp_path, monkeypatch
+    interrupted, tiny_run, tmp_path, monkeypatch, caplog
 ):
     """Killed between the final resume state and trajectory.json: every rerun used to fail."""
     run = _copy(interrupted["run"], tmp_path / "run")
     cfg = dataclasses.replace(interrupted["config"], run=run)
     _kill_before_trajectory_json(cfg, monkeypatch)
     assert _killed_at(run) == cfg.steps
-    rec = train(cfg)
+    with caplog.at_level(logging.INFO, logger="pipeline.train.trajectory"):
+        rec = train(cfg)
+    assert "the last resume state holds all 30 steps: nothing left to train" in caplog.text
+    assert rec["resumed_at"][-1] == cfg.steps  # this run resumed at the end
     assert [c["sha256"] for c in rec["checkpoints"]] == [
         c["sha256"] for c in tiny_run["record"]["checkpoints"]
     ]

@@ -1,0 +1,78 @@
+"""How far a training has got: ``RUN/trajectory/progress.json``, for `diffin status`.
+
+The resume state says where a rerun continues, but it is written only at
+checkpoints (and every ``--resume-every`` steps) and is too large to read for
+a status line. This small record is rewritten by the writer as the training
+runs: at its start, at every resume state, and otherwise at most every
+``EVERY_S`` seconds (one small write, also on an object store). It goes with
+the resume state when the training completes (``clear_resume``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pipeline.rundir import RunDir, exists, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+EVERY_S = 10.0
+
+
+def progress_url(run: RunDir) -> str:
+    return run.path("trajectory", "progress.json")
+
+
+def read_progress(run: RunDir) -> dict[str, Any] | None:
+    """The record, or None where there is none or it cannot be read (it is advisory)."""
+    url = progress_url(run)
+    try:
+        if not exists(url):
+            return None
+        raw = read_json(url)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), int) for k in ("step", "steps")):
+        return None
+    loss, resume = raw.get("loss"), raw.get("resumable_from")
+    return {
+        **raw,
+        "loss": loss if isinstance(loss, (int, float)) else None,
+        "resumable_from": resume if isinstance(resume, int) else None,
+    }
+
+
+class ProgressWriter:
+    """Writes the record for one training process (the writer rank only)."""
+
+    def __init__(self, run: RunDir, steps: int, start: int, resumable_from: int | None) -> None:
+        self.run = run
+        self.record: dict[str, Any] = {
+            "step": start,  # steps trained so far
+            "steps": steps,
+            "started_at_step": start,
+            # where a rerun would continue: the step of the last resume state saved
+            "resumable_from": resumable_from,
+            "loss": None,
+        }
+        self.last = 0.0
+        self._write()
+
+    def step(self, trained: int, loss: float) -> None:
+        self.record.update(step=trained, loss=round(loss, 5))
+        if time.monotonic() - self.last >= EVERY_S:
+            self._write()
+
+    def saved(self, step: int) -> None:
+        """A resume state for ``step`` was just written."""
+        self.record.update(step=step, resumable_from=step)
+        self._write()
+
+    def _write(self) -> None:
+        self.last = time.monotonic()
+        try:
+            write_json(progress_url(self.run), {**self.record, "updated": time.time()})
+        except OSError as exc:  # a status line is not worth stopping a training for
+            log.warning("train: could not write %s: %s", progress_url(self.run), exc)
