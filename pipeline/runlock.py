@@ -145,6 +145,19 @@ def describe_holder(info: dict[str, Any]) -> str:
     )
 
 
+def lease_note(info: dict[str, Any], ttl: float = LEASE_TTL_S) -> str:
+    """A word on a lease that has missed its renewals ('' for a lock, or one renewed):
+    its holder stops itself after ttl/2 without one, and a stage started then waits
+    until ttl before it takes the lease over (`diffin status` said nothing of it)."""
+    beat = info.get("heartbeat")
+    if not isinstance(beat, int | float) or time.time() - beat < ttl / 2:
+        return ""
+    return (
+        f" [lease not renewed for {time.time() - beat:.0f} s: its process has stopped or "
+        f"stalled; a stage started now takes the lease over once it is {ttl:.0f} s old]"
+    )
+
+
 # -- local: flock -----------------------------------------------------------------------
 
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)

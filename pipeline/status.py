@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import ConfigError
 from pipeline.prune.config import PruneConfig
 from pipeline.rundir import RunDir, check_apart, exists, read_json
-from pipeline.runlock import describe_holder, holders
+from pipeline.runlock import describe_holder, holders, lease_note
 from pipeline.score.table import (
     check_scores_current,
     evaluation_is_stale,
@@ -364,7 +364,7 @@ def describe(status: dict[str, Any]) -> str:
         key = holder.get("owner") or (holder.get("pid"), holder.get("host"))
         if key not in said:
             said.add(key)
-            lines.append(f"running   {describe_holder(holder)}")
+            lines.append(f"running   {describe_holder(holder)}{lease_note(holder)}")
     t = status["train"]
     if t["state"] == "trained":
         steps = t["checkpoints"]

@@ -195,6 +195,19 @@ def _lease(url: str, **fields) -> None:
         f.write(json.dumps(info).encode())
 
 
+def test_status_says_a_lease_that_missed_its_renewals(tmp_path):
+    run = f"memory://{tmp_path.name}/run"
+    _lease(f"{run}/locks/train.json", heartbeat=time.time() - 5)
+    line = next(x for x in describe(run_status(run)).splitlines() if x.startswith("running"))
+    assert line.startswith("running   diffin train (pid 7 on elsewhere") and "[" not in line
+    _lease(f"{run}/locks/train.json", heartbeat=time.time() - 75)
+    line = next(x for x in describe(run_status(run)).splitlines() if x.startswith("running"))
+    assert line.endswith(
+        "[lease not renewed for 75 s: its process has stopped or stalled; a stage started "
+        "now takes the lease over once it is 120 s old]"
+    ), line
+
+
 def test_a_live_lease_refuses_and_a_stale_one_is_taken_over(tmp_path, caplog):
     run = f"memory://{tmp_path.name}/run"
     _lease(f"{run}/locks/train.json")
