@@ -20,6 +20,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
+from pipeline.evaluation.partial import unfinished as unfinished_evaluation
 from pipeline.prune.config import PruneConfig
 from pipeline.rundir import RunDir, check_apart, exists, read_json
 from pipeline.runlock import describe_holder, holders, lease_note
@@ -237,6 +238,15 @@ def _wait_for(running: dict[str, Any], stages: tuple[str, ...]) -> str | None:
     return f"{describe_holder(running[stage])} is under way now; look again when it has finished"
 
 
+def _evaluate_command(config: dict[str, Any], run_url: str) -> str:
+    from pipeline.cli import command_for
+
+    keep = {k: v for k, v in config.items() if k != "run"}
+    if not keep.get("fusions"):
+        keep.pop("fusion_norm", None)  # refused without --fuse (review)
+    return command_for("evaluate", {**keep, "run": run_url})
+
+
 def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[str, str]:
     """(the command to run next, why or what to add): the command alone can be pasted."""
     from pipeline.cli import command_for
@@ -289,6 +299,16 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
             f"{(score.get('progress') or {}).get('state')} (no diffin process holds the run)",
         }[score["state"]]
         return command, f"{why}; {how}"
+    # what the user was doing, and needs no manifest (the table is current here)
+    partial = status["evaluate_unfinished"]
+    if partial is not None:
+        wait = _wait_for(status["running"], ("evaluate",))
+        if wait:
+            return command_for("status", {"run": r}), wait
+        return _evaluate_command(partial["config"], r), (
+            f"resumes the evaluation that did not finish ({partial['models']} model(s) "
+            "trained are kept)"
+        )
     stale = [p for p in status["prune"] if p["stale"]]
     if stale:
         config = (record.get(f"prune/{stale[0]['name']}") or {}).get("config") or {}
@@ -311,10 +331,7 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
         return command_for("status", {"run": r}), wait
     evaluation = status["evaluate"]
     if evaluation is not None and evaluation["stale"]:
-        keep = {k: v for k, v in evaluation["config"].items() if k != "run"}
-        if not keep.get("fusions"):
-            keep.pop("fusion_norm", None)  # refused without --fuse (review)
-        return command_for("evaluate", {**keep, "run": r}), "it was made from an earlier table"
+        return _evaluate_command(evaluation["config"], r), "it was made from an earlier table"
     report = status["report"]
     if report is None or report["older_than"]:
         return command_for("report", {"run": r}), "the page does not show the latest"
@@ -346,6 +363,7 @@ def run_status(run_url: str) -> dict[str, Any]:
     current = scored and not status["score"]["table"]["warnings"]
     status["prune"] = _prune(run, record, current)
     status["evaluate"] = _evaluate(run, current)
+    status["evaluate_unfinished"] = unfinished_evaluation(run)
     status["report"] = _report(run, status["prune"])
     status["next"], status["next_why"] = _next(run, status, record)
     return status
@@ -420,6 +438,13 @@ def describe(status: dict[str, Any]) -> str:
             "made from an earlier table" if e["stale"] else None,
         )
     )
+    partial = status.get("evaluate_unfinished")
+    if partial is not None:  # under way, or stopped: the models it has trained are kept
+        under_way = "evaluate" in status.get("running", {})
+        lines[-1] += (
+            f"; {'the one under way has' if under_way else 'one that did not finish'} "
+            f"trained {partial['models']} model(s)"
+        )
     lines.append(
         _line("report", "not written")
         if rp is None

@@ -37,6 +37,7 @@ from pipeline.data.shards import expand_pattern, resolve_shards
 from pipeline.data.synth import pool_summary
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
+from pipeline.evaluation.partial import FinishedRows, row_key, uids_digest
 from pipeline.evaluation.zeroshot import recall_at_k, zero_shot_accuracy
 from pipeline.memory import available_bytes, human_bytes
 from pipeline.model import factory
@@ -603,13 +604,43 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
         train_cfg.batch_size,
     )
     rows = []
-    bar = tqdm(
-        [(seed, sub) for seed in cfg.seeds for sub in subsets],
-        desc="evaluate",
-        unit="model",
-        disable=None,
-    )
-    for seed, sub in bar:
+    jobs = [(seed, sub) for seed in cfg.seeds for sub in subsets]
+    # what each model's row follows from (evaluation/partial.py): a rerun takes the rows an
+    # interrupted evaluation finished instead of training those models again
+    finished = FinishedRows(run)
+    same = {
+        "trajectory": traj.get("fingerprint"),
+        "model": traj["model"],
+        "train": train_cfg.trajectory_fields(),
+        "sources": src.__dict__,
+        "reader": {k: v for k, v in options.items() if k != "transform"},
+        "target": uids_digest(target_uids) if target_uids is not None else None,
+    }
+    keys = [
+        row_key(
+            **same,
+            seed=seed,
+            subset={k: sub[k] for k in ("name", "method", "keep")},
+            uids=uids_digest(sub["uids"]),
+        )
+        for seed, sub in jobs
+    ]
+    reused = [finished.get(k) for k in keys]
+    finished.save_request(cfg.to_dict())  # what `diffin status` offers to resume it
+    if any(r is not None for r in reused):
+        log.info(
+            "evaluate: %d of %d models were trained by an evaluation that did not finish "
+            "(%s): their rows are taken, not trained again",
+            sum(r is not None for r in reused),
+            len(jobs),
+            finished.dir,
+        )
+    bar = tqdm(total=len(jobs), desc="evaluate", unit="model", disable=None)
+    for (seed, sub), key, row in zip(jobs, keys, reused, strict=True):
+        if row is not None:
+            rows.append(row)
+            bar.update(1)
+            continue
         bar.set_postfix_str(f"{sub['name']} seed {seed}")
         t = time.time()
         idx = torch.tensor(sorted({position[u] for u in sub["uids"]}))
@@ -638,12 +669,15 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
                 "seconds": round(time.time() - t, 1),
             }
         )
+        finished.put(key, rows[-1])
+        bar.update(1)
         log.info(
             "evaluate %s seed %d: %s",
             sub["name"],
             seed,
             {k: round(v, 3) for k, v in metrics.items()},
         )
+    bar.close()
     frame = pd.DataFrame(rows)
     seeds = ", ".join(str(s) for s in cfg.seeds)
     note = (
@@ -719,5 +753,6 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
     except Exception:
         log.error("evaluate: the finished results stay in %s (not put in place)", out)
         raise
+    finished.clear()  # in place: the rows are in evaluate/ (others' settings go with them)
     run.update_run_json("evaluate", {"config": cfg.to_dict(), "seconds": summary["seconds"]})
     return summary

@@ -337,11 +337,14 @@ def test_an_evaluation_that_dies_while_writing_leaves_the_previous_one_whole(
     with pytest.raises(KeyboardInterrupt):
         run_evaluation(cfg)
     assert {p.name: p.read_bytes() for p in Path(run, "evaluate").iterdir()} == before
+    # and the finished model's row, for the rerun (evaluation/partial.py)
     assert sorted(p.name for p in Path(run).iterdir() if p.name.startswith("evaluate")) == [
-        "evaluate"
+        "evaluate",
+        "evaluate-partial",
     ]
     monkeypatch.undo()
     summary = run_evaluation(cfg)
+    assert not Path(run, "evaluate-partial").exists()
     assert [r["subset"] for r in summary["results"]] == ["random@0.5"]
     assert json.load(open(f"{run}/evaluate/evaluate.json"))["results"] == summary["results"]
     assert pq.read_table(f"{run}/evaluate/results.parquet").column("subset").to_pylist() == [
@@ -663,3 +666,76 @@ def test_each_model_trains_on_the_pairs_its_scorer_kept(tiny_scored, tmp_path, m
     ]
     assert [r["subset"] for r in out["results"]] == ["full", "diffin@0.5", "random@0.5"]
     assert got == want and want[1] != want[2]
+
+
+def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(
+    evaluated, tmp_path, monkeypatch, caplog
+):
+    """Each model's row is kept as it finishes: a rerun trains only the rest, and gives
+    the figures of an evaluation that was never interrupted."""
+    import logging
+
+    from pipeline.evaluation import retrain
+    from pipeline.evaluation.partial import FinishedRows
+
+    run = copy_run(evaluated["run"], tmp_path / "run")
+    cfg = dataclasses.replace(evaluated["cfg"], run=run)
+    trained = []
+    real_loop, real_put = retrain.train_loop, FinishedRows.put
+
+    def counted(*args, **kwargs):
+        trained.append(1)
+        return real_loop(*args, **kwargs)
+
+    def put(self, key, row):
+        real_put(self, key, row)
+        if len(trained) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrain, "train_loop", counted)
+    with monkeypatch.context() as m:
+        m.setattr(FinishedRows, "put", put)
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluation(cfg)
+    assert len(list(Path(run, "evaluate-partial").glob("*.json"))) == 3 + 1  # request.json
+    total = len(evaluated["summary"]["results"])
+    # `diffin status` says so, and offers the command that resumes it
+    import shlex
+
+    from pipeline.cli import build_parser
+    from pipeline.status import describe, run_status
+
+    status = run_status(run)
+    assert "; one that did not finish trained 3 model(s)" in describe(status)
+    assert status["next_why"].startswith("resumes the evaluation that did not finish (3 model")
+    args = build_parser().parse_args(shlex.split(status["next"])[1:])
+    assert (args.run, args.keep, args.methods, args.steps, args.threads) == (
+        run,
+        cfg.keeps,
+        cfg.methods,
+        cfg.steps,
+        cfg.threads,
+    ), status["next"]
+    trained.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluation.retrain"):
+        summary = run_evaluation(cfg)
+    assert len(trained) == total - 3
+    assert f"3 of {total} models were trained by an evaluation that did not finish" in caplog.text
+    first = {r["subset"]: r for r in evaluated["summary"]["results"]}
+    again = {r["subset"]: r for r in summary["results"]}
+    assert list(again) == list(first)
+    for name, row in first.items():
+        for col in ("zeroshot_top1", "i2t_r1", "t2i_r5", "final_train_loss", "n_train"):
+            assert again[name][col] == row[col], (name, col)
+    assert not Path(run, "evaluate-partial").exists()  # in place: the rows are in evaluate/
+
+    # other settings: nothing is taken from rows of these
+    with monkeypatch.context() as m:
+        m.setattr(FinishedRows, "put", put)
+        trained.clear()
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluation(cfg)
+    trained.clear()
+    run_evaluation(dataclasses.replace(cfg, lr=2e-3, keeps=[0.5]))
+    assert len(trained) == 4  # full and three scorers at 0.5, all trained again
+    assert not Path(run, "evaluate-partial").exists()

@@ -1,0 +1,92 @@
+"""The retrainings an evaluation has finished, kept until the evaluation is written.
+
+`diffin evaluate` trains one model per subset and seed, hours of work at
+scale, and writes its results only at the end. Each finished model's row is
+written at once to ``RUN/evaluate-partial/KEY.json``; a rerun after a crash,
+a kill or Ctrl-C takes the rows whose key it computes again instead of
+training those models again. The key is a hash of everything the row follows
+from: the proxy trajectory, the training settings, the seed, the subset's
+uids and the held-out sources. Torch's thread count is left out (it changes
+float rounding only), as a training's resume leaves it out. The folder is
+removed once the evaluation is in place; rows of other settings are removed
+with it. ``request.json`` beside the rows holds the options of the evaluation
+that wrote them, for `diffin status` to print the command that resumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import fsspec
+
+from pipeline.rundir import RunDir, exists, join, read_json, remove, write_json
+
+# The retraining and measuring code's version: rows saved by another one are not reused.
+VERSION = "evaluate-row-v1"
+
+
+def partial_dir(run: RunDir) -> str:
+    return run.path("evaluate-partial")
+
+
+def row_key(**parts: Any) -> str:
+    """A stable hash of ``parts`` (JSON values; lists of uids are hashed as given)."""
+    text = json.dumps({"version": VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def uids_digest(uids: Any) -> str:
+    return hashlib.sha256("\n".join(sorted(str(u) for u in uids)).encode()).hexdigest()
+
+
+def _plain(v: Any) -> Any:
+    """A JSON value: numpy scalars as Python numbers (NaN stays: json writes and reads it)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+class FinishedRows:
+    """Rows of finished retrainings, by key."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.dir = partial_dir(run)
+
+    def _url(self, key: str) -> str:
+        return join(self.dir, f"{key}.json")
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        url = self._url(key)
+        try:
+            if not exists(url):
+                return None
+            record = read_json(url)
+        except (OSError, ValueError):  # cut short: trained again
+            return None
+        ok = isinstance(record, dict) and record.get("key") == key
+        return record.get("row") if ok and isinstance(record.get("row"), dict) else None
+
+    def put(self, key: str, row: dict[str, Any]) -> None:
+        write_json(self._url(key), {"key": key, "row": {k: _plain(v) for k, v in row.items()}})
+
+    def save_request(self, config: dict[str, Any]) -> None:
+        write_json(join(self.dir, "request.json"), config)
+
+    def clear(self) -> None:
+        remove(self.dir, recursive=True)
+
+
+def unfinished(run: RunDir) -> dict[str, Any] | None:
+    """{"models": rows kept, "config": the options of the evaluation that wrote them}, for
+    an evaluation that did not finish; None where there is none."""
+    request = join(partial_dir(run), "request.json")
+    try:
+        if not exists(request):
+            return None
+        config = read_json(request)
+        fs, path = fsspec.core.url_to_fs(partial_dir(run))
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (OSError, ValueError):
+        return None
+    models = sum(n.endswith(".json") and n != "request.json" for n in names)
+    return {"models": models, "config": config if isinstance(config, dict) else {}}
