@@ -1085,23 +1085,23 @@ def _train_again(args: argparse.Namespace) -> str:
     from pipeline.rundir import RunDir, exists
     from pipeline.train.progress import read_progress
 
-    if args.resume is False:
-        return (
-            "run the same command again to start it over, or without --no-resume to resume "
-            "from its last resume state"
-        )
     run = RunDir(args.run)
     try:
         p = read_progress(run)
         saved = exists(run.resume_state)
     except (OSError, ValueError):
         p, saved = None, False
+    resume = p.get("resumable_from") if p is not None and saved else None
+    if args.resume is False:  # a rerun as typed starts over, whatever was saved
+        return "run the same command again to start it over" + (
+            f", or without --no-resume to resume from step {resume}" if resume is not None else ""
+        )
     if p is None:
         return "run the same command again to continue (finished work is kept)"
     at = f"stopped at step {p['step']} of {p['steps']}"
-    if saved and p.get("resumable_from") is not None:
+    if resume is not None:
         return (
-            f"{at}; run the same command again to resume from step {p['resumable_from']} "
+            f"{at}; run the same command again to resume from step {resume} "
             "(its last resume state; --resume-every K saves one every K steps)"
         )
     return (

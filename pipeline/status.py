@@ -80,7 +80,7 @@ def _train_progress(run: RunDir) -> dict[str, Any]:
     record = read_progress(run)
     if record is None:
         return {}
-    keys = ("step", "steps", "resumable_from", "loss")
+    keys = ("step", "steps", "resumable_from", "loss", "preparing")
     age = _age_s(training_progress_url(run))
     return {"progress": {**{k: record.get(k) for k in keys}, "written_s_ago": age}}
 
@@ -215,6 +215,11 @@ def _train_line(t: dict[str, Any]) -> str:
     if not p:  # no record (a training of an earlier diffin, an import)
         return state + (f" ({saved})" if saved else "")
     at = f"step {p['step']} of {p['steps']}"
+    if state == "training" and p.get("preparing"):
+        return (
+            "training (preparing: reading the pool, writing the sets; resumes from step "
+            f"{p['step']})"
+        )
     if state == "training":
         loss = f", loss {p['loss']:.3f}" if p.get("loss") is not None else ""
         since = p.get("written_s_ago")
@@ -301,13 +306,17 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
         return command, f"{why}; {how}"
     # what the user was doing, and needs no manifest (the table is current here)
     partial = status["evaluate_unfinished"]
-    if partial is not None:
-        wait = _wait_for(status["running"], ("evaluate",))
-        if wait:
-            return command_for("status", {"run": r}), wait
-        return _evaluate_command(partial["config"], r), (
-            f"resumes the evaluation that did not finish ({partial['models']} model(s) "
-            "trained are kept)"
+    if partial is not None and "evaluate" in status["running"]:
+        return command_for("status", {"run": r}), _wait_for(status["running"], ("evaluate",))
+    config = (partial or {}).get("config")
+    scored = set((score.get("table") or {}).get("methods") or [])
+    # offered while evaluate would take it (review: after a rescore without its methods it
+    # was offered, refused, before every later step)
+    if config is not None and set(config.get("methods") or []) <= scored:
+        return _evaluate_command(config, r), (
+            f"resumes the evaluation that did not finish: of the {partial['models']} model "
+            "rows kept in RUN/evaluate-partial, those of the same settings are not trained "
+            "again (remove that folder to drop them)"
         )
     stale = [p for p in status["prune"] if p["stale"]]
     if stale:
@@ -443,7 +452,7 @@ def describe(status: dict[str, Any]) -> str:
         under_way = "evaluate" in status.get("running", {})
         lines[-1] += (
             f"; {'the one under way has' if under_way else 'one that did not finish'} "
-            f"trained {partial['models']} model(s)"
+            f"kept {partial['models']} model row(s) in evaluate-partial/"
         )
     lines.append(
         _line("report", "not written")

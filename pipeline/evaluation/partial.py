@@ -15,8 +15,10 @@ that wrote them, for `diffin status` to print the command that resumes it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
@@ -41,6 +43,22 @@ def uids_digest(uids: Any) -> str:
     return hashlib.sha256("\n".join(sorted(str(u) for u in uids)).encode()).hexdigest()
 
 
+def files_identity(urls: Iterable[str]) -> str:
+    """A hash of each file's identity as its store gives it (fsspec's ``ukey``: size and
+    modification time on a local disk, the ETag on S3): a file rewritten in place under
+    the same name is another input (review: rows measured with other templates were
+    taken)."""
+    h = hashlib.sha256()
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        try:
+            key = fs.ukey(path)
+        except (OSError, NotImplementedError, ValueError):
+            key = "?"
+        h.update(f"{url}\0{key}\n".encode())
+    return h.hexdigest()
+
+
 def _plain(v: Any) -> Any:
     """A JSON value: numpy scalars as Python numbers (NaN stays: json writes and reads it)."""
     return v.item() if hasattr(v, "item") else v
@@ -63,11 +81,18 @@ class FinishedRows:
             record = read_json(url)
         except (OSError, ValueError):  # cut short: trained again
             return None
-        ok = isinstance(record, dict) and record.get("key") == key
-        return record.get("row") if ok and isinstance(record.get("row"), dict) else None
+        if not isinstance(record, dict) or record.get("key") != key:
+            return None
+        row, columns = record.get("row"), record.get("columns")
+        if not isinstance(row, dict) or not isinstance(columns, list) or set(columns) != set(row):
+            return None
+        return {c: row[c] for c in columns}
 
     def put(self, key: str, row: dict[str, Any]) -> None:
-        write_json(self._url(key), {"key": key, "row": {k: _plain(v) for k, v in row.items()}})
+        # the columns' order too: write_json sorts keys (review: results.parquet came back
+        # with its columns in alphabetical order)
+        row = {k: _plain(v) for k, v in row.items()}
+        write_json(self._url(key), {"key": key, "columns": list(row), "row": row})
 
     def save_request(self, config: dict[str, Any]) -> None:
         write_json(join(self.dir, "request.json"), config)
@@ -89,4 +114,18 @@ def unfinished(run: RunDir) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     models = sum(n.endswith(".json") and n != "request.json" for n in names)
-    return {"models": models, "config": config if isinstance(config, dict) else {}}
+    return {"models": models, "config": _checked(config)}
+
+
+def _checked(config: Any) -> dict[str, Any] | None:
+    """The options as evaluate would take them; None for a request it would refuse."""
+    from pipeline.errors import ConfigError
+    from pipeline.evaluation.config import EvaluateConfig
+
+    known = {f.name for f in dataclasses.fields(EvaluateConfig)}
+    try:
+        cfg = EvaluateConfig(**{k: v for k, v in config.items() if k in known})
+        cfg.validate()
+    except (AttributeError, TypeError, ValueError, ConfigError):
+        return None
+    return cfg.to_dict()

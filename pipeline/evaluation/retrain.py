@@ -37,7 +37,7 @@ from pipeline.data.shards import expand_pattern, resolve_shards
 from pipeline.data.synth import pool_summary
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
-from pipeline.evaluation.partial import FinishedRows, row_key, uids_digest
+from pipeline.evaluation.partial import FinishedRows, files_identity, row_key, uids_digest
 from pipeline.evaluation.zeroshot import recall_at_k, zero_shot_accuracy
 from pipeline.memory import available_bytes, human_bytes
 from pipeline.model import factory
@@ -613,6 +613,15 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
         "model": traj["model"],
         "train": train_cfg.trajectory_fields(),
         "sources": src.__dict__,
+        # what they hold, not only where: shards, labels, classes, truth rewritten in place
+        "contents": files_identity(
+            [
+                *resolve_shards(src.data),
+                *resolve_shards(src.eval_data),
+                *(u for u in (src.eval_labels, src.classes, src.truth) if u is not None),
+            ]
+        ),
+        "preprocess": bundle.preprocess_cfg,
         "reader": {k: v for k, v in options.items() if k != "transform"},
         "target": uids_digest(target_uids) if target_uids is not None else None,
     }

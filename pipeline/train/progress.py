@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from pipeline.rundir import RunDir, exists, read_json, write_json
+from pipeline.rundir import RunDir, exists, read_json, remove, write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,44 @@ def read_progress(run: RunDir) -> dict[str, Any] | None:
         raw = read_json(url)
     except (OSError, ValueError):
         return None
-    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), int) for k in ("step", "steps")):
+    if not isinstance(raw, dict) or not all(_count(raw.get(k)) for k in ("step", "steps")):
         return None
     loss, resume = raw.get("loss"), raw.get("resumable_from")
     return {
         **raw,
-        "loss": loss if isinstance(loss, (int, float)) else None,
-        "resumable_from": resume if isinstance(resume, int) else None,
+        "loss": loss if _number(loss) else None,
+        "resumable_from": resume if _count(resume) else None,
+        "preparing": raw.get("preparing") is True,
     }
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def mark_preparing(run: RunDir, steps: int, resume_step: int | None) -> None:
+    """A training (re)starting: until its first step the record says it prepares (reads the
+    pool, writes the sets: minutes at scale) and where it resumes, not the step an earlier
+    training of this run reached (review: status showed that one's step and --steps)."""
+    if resume_step is None:
+        remove(progress_url(run))
+        return
+    write_json(
+        progress_url(run),
+        {
+            "step": resume_step,
+            "steps": steps,
+            "started_at_step": resume_step,
+            "resumable_from": resume_step,
+            "loss": None,
+            "preparing": True,
+            "updated": time.time(),
+        },
+    )
 
 
 class ProgressWriter:
@@ -68,6 +98,9 @@ class ProgressWriter:
     def saved(self, step: int) -> None:
         """A resume state for ``step`` was just written."""
         self.record.update(step=step, resumable_from=step)
+        self._write()
+
+    def flush(self) -> None:
         self._write()
 
     def _write(self) -> None:

@@ -7,7 +7,6 @@ Only the writer (rank 0) writes; every rank runs the same hooks in lockstep.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -65,8 +64,7 @@ def run_resumable(
     done = {int(c["step"]) for c in saved}
     final: list[ResumeState] = []
     start = resumed.step if resumed is not None else 0
-    # written at once: a record left by an earlier training must not describe this one
-    progress = ProgressWriter(run, cfg.steps, start, start if resumed else None) if writer else None
+    record = ProgressWriter(run, cfg.steps, start, start if resumed else None) if writer else None
 
     def keep(step: int, lr: float, _m: nn.Module) -> None:
         if writer and step not in done:
@@ -88,31 +86,34 @@ def run_resumable(
             resumed_at=resumed_at,
         )
         save_resume(run, state)
-        if progress is not None:
-            progress.saved(step)
+        if record is not None:
+            record.saved(step)
         if step == cfg.steps:
             final.append(state)
 
-    train_loop(
-        model,
-        images,
-        tokens,
-        cfg,
-        order,
-        ckpt_steps,
-        keep,
-        progress=progress,
-        state=loop_state,
-        save_steps=save_steps(cfg, ckpt_steps),
-        on_save=save,
-        rows=rows,
-        batch_loss=batch_loss,
-        device=device,
-        on_step=progress.step if progress is not None else None,
-    )
+    try:
+        train_loop(
+            model,
+            images,
+            tokens,
+            cfg,
+            order,
+            ckpt_steps,
+            keep,
+            progress=progress,
+            state=loop_state,
+            save_steps=save_steps(cfg, ckpt_steps),
+            on_save=save,
+            rows=rows,
+            batch_loss=batch_loss,
+            device=device,
+            on_step=record.step if record is not None else None,
+        )
+    finally:  # where it stopped (Ctrl-C, an error), not the step of the last write
+        if record is not None:
+            record.flush()
     if final:
         return final[0]
     if writer and resumed is not None and resumed.step == cfg.steps:
-        # killed after the last state was saved: nothing left to train; this run resumed there
-        return dataclasses.replace(resumed, resumed_at=resumed_at)
+        return resumed  # killed after the last state was saved: nothing left to train
     return None

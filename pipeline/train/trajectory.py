@@ -8,6 +8,7 @@ RUN/trajectory/resume.pt when an earlier run of the same config was cut short.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from pipeline.rundir import (
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order
+from pipeline.train.progress import mark_preparing
 from pipeline.train.runner import run_resumable
 from pipeline.train.schedule import checkpoint_steps
 from pipeline.train.sets import Pool, load_pool, save_sets
@@ -169,7 +171,7 @@ def _train(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
         clear_resume(run)
     # refuses a partial run of another config before anything is written
     try:
-        load_resume(run, fp, parts)
+        found = load_resume(run, fp, parts)
     except ConfigError:
         # a resume state of this training recorded under the older hash: adopted (read
         # again only on a refusal, not on every resume)
@@ -177,10 +179,15 @@ def _train(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
         if recorded is None or recorded != older():
             raise
         adopt_fingerprint(run, fp)
+        found = load_resume(run, fp, parts)
+    # the step this call starts at; theta and the optimiser state are read again to train
+    start = found.step if found is not None else 0
+    del found
     save_fingerprint_parts(run, parts)
     # every option, those that do not change the trajectory too: `diffin status` prints the
     # command that resumes this training as it was started (--workers, --address...)
     write_json(run.path("trajectory", "request.json"), cfg.to_dict())
+    mark_preparing(run, cfg.steps, start if exists(run.resume_state) else None)
     # From here the run is being rewritten: a trajectory.json left from an earlier
     # training would describe checkpoints and sets this one replaces.
     if exists(run.trajectory_json) and read_json(run.trajectory_json).get("fingerprint") != fp:
@@ -214,6 +221,10 @@ def _train(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
         order = batch_order(n, cfg.batch_size, cfg.steps, cfg.seed)
         state = run_resumable(model, images, tokens, cfg, order, ckpt_steps, run, fp)
     assert state is not None and state.step == cfg.steps
+    if start and state.resumed_at[-1:] != [start]:
+        # killed after its last resume state: the state read back is that run's, and this
+        # run resumed there (at the end) too
+        state = dataclasses.replace(state, resumed_at=[*state.resumed_at, start])
     warn_if_at_chance(state.losses, cfg.batch_size)
 
     record = {
@@ -249,7 +260,6 @@ def _train(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
     clear_resume(run)
     remove_stale_checkpoints(run, record["checkpoints"])
     run.update_run_json("train", {"config": cfg.to_dict(), "seconds": record["seconds"]})
-    start = state.resumed_at[-1] if state.resumed_at else 0  # this run's first step
     if start == cfg.steps:  # killed after its last resume state, before trajectory.json
         log.info("the last resume state holds all %d steps: nothing left to train", cfg.steps)
     elif start:  # not "trained N steps": the steps before were trained by an earlier run

@@ -706,8 +706,10 @@ def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(
     from pipeline.status import describe, run_status
 
     status = run_status(run)
-    assert "; one that did not finish trained 3 model(s)" in describe(status)
-    assert status["next_why"].startswith("resumes the evaluation that did not finish (3 model")
+    assert "; one that did not finish kept 3 model row(s) in evaluate-partial/" in describe(status)
+    assert status["next_why"].startswith(
+        "resumes the evaluation that did not finish: of the 3 model rows kept"
+    )
     args = build_parser().parse_args(shlex.split(status["next"])[1:])
     assert (args.run, args.keep, args.methods, args.steps, args.threads) == (
         run,
@@ -727,7 +729,10 @@ def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(
     for name, row in first.items():
         for col in ("zeroshot_top1", "i2t_r1", "t2i_r5", "final_train_loss", "n_train"):
             assert again[name][col] == row[col], (name, col)
+        assert list(again[name]) == list(row)  # the columns in their order (review)
     assert not Path(run, "evaluate-partial").exists()  # in place: the rows are in evaluate/
+    columns = pq.read_schema(f"{run}/evaluate/results.parquet").names
+    assert columns == pq.read_schema(f"{evaluated['run']}/evaluate/results.parquet").names
 
     # other settings: nothing is taken from rows of these
     with monkeypatch.context() as m:
@@ -739,3 +744,38 @@ def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(
     run_evaluation(dataclasses.replace(cfg, lr=2e-3, keeps=[0.5]))
     assert len(trained) == 4  # full and three scorers at 0.5, all trained again
     assert not Path(run, "evaluate-partial").exists()
+
+
+def test_rows_measured_on_a_file_rewritten_since_are_not_taken(evaluated, tmp_path, monkeypatch):
+    """Review: the key held the held-out files' paths only; rows measured with other
+    zero-shot templates were taken after classes.json was rewritten in place."""
+    from pipeline.evaluation import retrain
+    from pipeline.evaluation.partial import FinishedRows
+
+    run = copy_run(evaluated["run"], tmp_path / "run")
+    classes = Path(retrain.locate_sources(evaluated["cfg"], retrain.RunDir(run)).classes)
+    saved = tmp_path / "classes.json"
+    saved.write_bytes(classes.read_bytes())
+    cfg = dataclasses.replace(evaluated["cfg"], run=run, keeps=[0.5], methods=["loss"])
+    real_put = FinishedRows.put
+
+    def put(self, key, row):
+        real_put(self, key, row)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(FinishedRows, "put", put)
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluation(cfg)
+    try:
+        text = json.loads(saved.read_text())
+        classes.write_text(json.dumps({**text, "templates": ["{}"]}))
+        trained = []
+        real_loop = retrain.train_loop
+        monkeypatch.setattr(
+            retrain, "train_loop", lambda *a, **k: trained.append(1) or real_loop(*a, **k)
+        )
+        run_evaluation(cfg)
+        assert len(trained) == 2  # the full pool's model too: measured with other templates
+    finally:
+        classes.write_bytes(saved.read_bytes())  # the session's pool

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.rundir import RunDir
-from pipeline.status import describe, run_status
+from pipeline.status import _train_line, describe, run_status
 from pipeline.train import progress as train_progress
 from pipeline.train.progress import ProgressWriter, read_progress
 from pipeline.train.trajectory import train
@@ -47,6 +47,8 @@ def test_the_record_is_written_at_start_at_each_save_and_at_most_every_interval(
         '{"step": 3, "steps": 9, "loss": "x", "resumable_from": [1]}'
     )
     assert read_progress(run)["loss"] is None and read_progress(run)["resumable_from"] is None
+    (tmp_path / "run" / "trajectory" / "progress.json").write_text('{"step": true, "steps": 9}')
+    assert read_progress(run) is None
 
 
 def test_a_killed_training_is_said_with_its_step_and_a_finished_one_has_no_record(
@@ -101,7 +103,41 @@ def test_an_interrupted_train_says_where_a_rerun_resumes(tiny_run, tmp_path, mon
         _interrupt_after_save(m, 4)
         assert main([*argv, "--no-resume"]) == 130
     err = capsys.readouterr().err
-    assert "run the same command again to start it over, or without --no-resume" in err, err
+    assert (
+        "run the same command again to start it over, or without --no-resume to resume from "
+        "step 4\n" in err
+    ), err
+
+    # stopped between resume states: the record says where it stopped, not where it was
+    # last written (review: at most every 10 s)
+    real = ProgressWriter.step
+
+    def step(self, trained, loss):
+        real(self, trained, loss)
+        if trained == 14:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ProgressWriter, "step", step)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopped at step 14 of 30; run the same command again to resume from step 12 " in err
+
+    # preparing (the pool read, the sets written): where it resumes, not an earlier
+    # training's step (review)
+    with monkeypatch.context() as m:
+        m.setattr(
+            "pipeline.train.trajectory.save_sets",
+            lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt),
+        )
+        assert main(argv) == 130
+    assert read_progress(RunDir(run))["preparing"] is True
+    err = capsys.readouterr().err
+    assert "stopped at step 12 of 30; run the same command again to resume from step 12 " in err
+    line = _train_line({**run_status(run)["train"], "state": "training"})
+    assert line == (
+        "training (preparing: reading the pool, writing the sets; resumes from step 12)"
+    )
 
 
 def test_a_train_stopped_before_its_first_resume_state_says_it_starts_over(
@@ -138,8 +174,6 @@ def test_the_line_of_a_training_under_way(age):
         "resume_written_s_ago": age,
         "progress": {"step": 7, "steps": 30, "loss": 2.5, "resumable_from": 4, "written_s_ago": 1},
     }
-    from pipeline.status import _train_line
-
     want = "training, step 7 of 30, loss 2.500 (1 s ago)"
     assert _train_line(t) == want + ("; resume state written 3 s ago" if age else "")
     assert _train_line({"state": "training", "resume_written_s_ago": None}) == "training"
