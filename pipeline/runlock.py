@@ -578,5 +578,6 @@ def _busy(run_url: str, holder: dict[str, Any], ttl: float) -> RunBusy:
     return RunBusy(
         f"{run_url} is in use by {describe_holder(holder)}{lease}. Two stages writing one run "
         f"at once would overwrite each other's files: wait for it to finish (diffin status "
-        f"--run {run_url}), or stop it"
+        f"--run {run_url}), or stop it (Ctrl-C where it runs, `kill PID` on its host, `ray "
+        "job stop JOB` for a Ray job)."
     )

@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageFailed
 from pipeline.evaluation.partial import unfinished as unfinished_evaluation
 from pipeline.prune.config import PruneConfig
 from pipeline.rundir import RunDir, check_apart, exists, read_json
@@ -114,8 +114,9 @@ def _score(run: RunDir, record: dict[str, Any], running: dict[str, Any]) -> dict
         level, quiet.level = quiet.level, logging.ERROR  # said once, on the status's lines
         try:
             table["warnings"] = check_scores_current(run)
-        except ConfigError as exc:
+        except (ConfigError, StageFailed) as exc:  # StageFailed: RunBusy, a stage under way
             table["warnings"] = [str(exc)]
+            table["refused"] = True  # not the run's trajectory's: what ranks it is stale
         finally:
             quiet.setLevel(level)
         out["table"] = table
@@ -368,8 +369,10 @@ def run_status(run_url: str) -> dict[str, Any]:
     status["train"] = _train(run, record, status["running"])
     status["score"] = _score(run, record, status["running"])
     scored = "table" in status["score"]
-    # the table's own warnings: a later run preparing over a stale table leaves it stale
-    current = scored and not status["score"]["table"]["warnings"]
+    # a table the stages refuse (another trajectory's) makes what ranks it stale; one that
+    # only warns (a rescore under way or stopped) is still what the manifests ranked
+    # (walkthrough: marked "ranks an earlier table" while a rescore ran)
+    current = scored and not status["score"]["table"].get("refused")
     status["prune"] = _prune(run, record, current)
     status["evaluate"] = _evaluate(run, current)
     status["evaluate_unfinished"] = unfinished_evaluation(run)
@@ -414,14 +417,21 @@ def describe(status: dict[str, Any]) -> str:
         text += "" if s["state"] == "scored" else f" [{s['state']}]"
     p = s.get("progress")
     if p and p.get("state") not in (None, "finished"):
-        age = p.get("written_s_ago")
+        age, state = p.get("written_s_ago"), p.get("state")
         counts = p.get("shards_total") is not None
-        text += (
-            f" (last run {p.get('state')}"
-            + (f": {p.get('shards_done')}/{p.get('shards_total')} shards" if counts else "")
-            + (f", progress written {age:.0f} s ago" if age is not None else "")
-            + ")"
+        under_way = s["state"] in ("preparing", "scoring", "merging")
+        # written once as a run starts preparing (directions, propagation: long): under
+        # way, its age says nothing (walkthrough: "preparing (last run preparing,
+        # progress written 73 s ago)", looking stuck)
+        written = age is not None and not (under_way and state == "preparing")
+        detail = (f"{p.get('shards_done')}/{p.get('shards_total')} shards" if counts else "") + (
+            f"{', ' if counts else ''}progress written {age:.0f} s ago" if written else ""
         )
+        if under_way and "table" not in s:
+            text += f" ({detail})" if detail else " (directions and propagation, before the shards)"
+        else:
+            which = "a rescore under way," if under_way else "last run"
+            text += f" ({which} {state}" + (f": {detail}" if detail else "") + ")"
     lines.append(f"score     {text}")
     for w in (s.get("table") or {}).get("warnings") or []:
         lines.append(f"          ! {w}")

@@ -494,11 +494,73 @@ def test_while_a_score_runs_the_other_stages_say_so(holder, tiny_scored, tmp_pat
     said = caplog.text
     assert "diffin score (pid " in said and "under way now with other inputs, will replace" in said
     assert "interrupted" not in said
+    # a manifest of this table is not "of an earlier table" while the rescore runs
+    # (walkthrough: every manifest was marked once the table warned)
+    status = run_status(run)
+    assert status["prune"] and not any(m["stale"] for m in status["prune"])
+    assert "[ranks an earlier table]" not in describe(status)
+    assert "(a rescore under way, " not in describe(status)  # progress.json: finished
+
+    # a rescore after a retraining (walkthrough: told to run the score that was running)
+    write_json(f"{run}/scores/progress.json", {"state": "preparing"})
+    traj = json.loads((tmp_path / "run" / "trajectory" / "trajectory.json").read_text())
+    write_table(pq.read_table(table), table, {**meta, "checkpoints": traj["checkpoints"]})
+    traj["checkpoints"] = [{**c, "sha256": "another"} for c in traj["checkpoints"]]
+    (tmp_path / "run" / "trajectory" / "trajectory.json").write_text(json.dumps(traj))
+    assert main(["prune", "--run", run, "--keep", "0.5", "--name", "again"]) == 1  # busy
+    err = capsys.readouterr().err
+    assert "was scored against another trajectory than the run's; diffin score (pid " in err
+    assert "is scoring it again now: run this again when it has finished" in err
+    assert "run `diffin score` again" not in err
+    status = run_status(run)
+    assert status["next"] == f"diffin status --run {run}"
+    assert all(m["stale"] for m in status["prune"])  # ranking the other trajectory's table
+    # preparing (directions, propagation): progress.json is not rewritten, its age not said
+    (tmp_path / "run" / "scores.parquet").rename(tmp_path / "table.parquet")
+    line = next(x for x in describe(run_status(run)).splitlines() if x.startswith("score "))
+    assert line == "score     preparing (directions and propagation, before the shards)", line
+    (tmp_path / "table.parquet").rename(tmp_path / "run" / "scores.parquet")
+
     (tmp_path / "run" / "scores.parquet").unlink()  # a first score: no table yet
-    assert main(["report", "--run", run]) == 2
+    assert main(["report", "--run", run]) == 1  # busy, not a mistyped command
     err = capsys.readouterr().err
     assert "no score table at " in err and "is scoring now (" in err
     assert "run the same" not in err
+
+
+def test_a_table_of_a_trajectory_being_trained_again_says_what_to_do(
+    holder, tiny_scored, tmp_path, capsys
+):
+    """Walkthrough: "the run is being trained again" when that training had stopped, and
+    "run `diffin train` first" to a score of a run whose retraining had stopped."""
+    import pyarrow.parquet as pq
+
+    from pipeline.score.table import table_metadata, write_table
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    traj = tmp_path / "run" / "trajectory"
+    table = f"{run}/scores.parquet"  # as the driver writes it: the checkpoints it scored
+    checkpoints = json.loads((traj / "trajectory.json").read_text())["checkpoints"]
+    write_table(pq.read_table(table), table, {**table_metadata(table), "checkpoints": checkpoints})
+    (traj / "trajectory.json").unlink()  # as a training does when it starts
+    (traj / "resume.pt").write_bytes(b"")
+    proc = holder(run, "train")
+    assert main(["prune", "--run", run, "--keep", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert f"belongs to the trajectory that diffin train (pid {proc.pid} on " in err
+    proc.kill()
+    proc.wait()
+    assert main(["prune", "--run", run, "--keep", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "and that training stopped before it finished: run it again to resume it" in err
+    argv = ["score", "--data", tiny_scored["data"], "--run", run, "--methods", "loss"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has no finished training: the last `diffin train` stopped before it finished" in err
+    (traj / "resume.pt").unlink()
+    (traj / "request.json").unlink(missing_ok=True)
+    assert main(argv) == 2
+    assert "no trajectory in " in capsys.readouterr().err
 
 
 def test_a_training_under_way_and_one_stopped_before_its_first_resume_state(

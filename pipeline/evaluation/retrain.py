@@ -67,6 +67,7 @@ from pipeline.score.table import (
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order, train_loop
+from pipeline.train.progress import no_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -535,7 +536,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
 def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
     require_scores(run)
     if not exists(run.trajectory_json):
-        raise ConfigError(f"run: no trajectory at {run.trajectory_json} (run `diffin train` first)")
+        raise no_trajectory(run)
     check_scores_current(run)
     traj = read_json(run.trajectory_json)
     proxy = TrainConfig(**traj["config"])

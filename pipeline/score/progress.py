@@ -111,7 +111,7 @@ class Progress:
             "eta_s": None if eta is None else round(eta, 1),
         }
 
-    def _refresh(self, force: bool = False) -> None:
+    def _refresh(self, force: bool = False, say: bool = True) -> None:
         now = self.clock()
         snap = None
         if self.bar.disable is False:
@@ -123,7 +123,7 @@ class Progress:
                 retries=snap["retries"],
                 refresh=False,
             )
-        if force or now - self._last_log >= self.log_every and self.bar.disable:
+        if say and (force or now - self._last_log >= self.log_every and self.bar.disable):
             snap = snap or self.snapshot()
             log.info(self.line(snap))
             self._last_log = now
@@ -160,5 +160,6 @@ class Progress:
         """The run ends (``state``: "finished", "interrupted", "failed"): the snapshot file
         is written once more, with the shards finished until now."""
         self.state = state
-        self._refresh(force=True)
+        # finished: close() has logged these numbers (walkthrough: the line came twice)
+        self._refresh(force=True, say=state != "finished")
         self.bar.close()

@@ -20,7 +20,7 @@ from pipeline.data.keys import recorded_reader_options
 from pipeline.data.sample import Sample
 from pipeline.errors import ConfigError
 from pipeline.rundir import RunDir, exists, read_bytes, read_json, write_bytes_atomic
-from pipeline.runlock import describe_holder, holders, mine
+from pipeline.runlock import RunBusy, describe_holder, holders, mine
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def require_scores(run: RunDir) -> None:
     scored = len(fs.glob(f"{done}/*.json")) if fs.exists(done) else 0
     scoring = _scoring_now(run)
     if scoring:  # walkthrough: "run the same score again", which would be refused
-        raise ConfigError(
+        raise RunBusy(
             f"run: no score table at {run.scores} yet: {scoring} is scoring now ({scored} "
             "shard(s) scored so far); run this again when it has finished"
         )
@@ -173,10 +173,18 @@ def check_scores_current(run: RunDir) -> list[str]:
     for message in warnings:  # said before a refusal below, too
         log.warning("scores: %s", message)
     if recorded and not exists(run.trajectory_json):
-        if exists(run.resume_state):  # a training under way (or interrupted) replaces it
+        training = holders(run.url).get("train")
+        if training and "train" not in mine(run.url):  # not the demo's own
+            raise RunBusy(
+                f"scores: {run.scores} belongs to the trajectory that "
+                f"{describe_holder(training)} is training again over now; run this again "
+                "when it and a `diffin score` after it have finished"
+            )
+        if exists(run.resume_state):  # walkthrough: said "is being trained again" when stopped
             raise ConfigError(
-                f"scores: {run.scores} belongs to a trajectory the run is being trained again "
-                "over; finish the training, then run `diffin score` again"
+                f"scores: {run.scores} belongs to a trajectory the run was being trained again "
+                f"over, and that training stopped before it finished: run it again to resume "
+                f"it (`diffin status --run {run.url}` prints the command), then `diffin score`"
             )
         warnings.append(f"{run.url} has no trajectory.json to check the scores against")
         log.warning("scores: %s", warnings[-1])
@@ -189,6 +197,12 @@ def check_scores_current(run: RunDir) -> list[str]:
 
     current = read_json(run.trajectory_json)["checkpoints"]
     if [key(c) for c in recorded] != [key(c) for c in current]:
+        scoring = _scoring_now(run)
+        if scoring:  # walkthrough: told to run the score that was running
+            raise RunBusy(
+                f"scores: {run.scores} was scored against another trajectory than the run's; "
+                f"{scoring} is scoring it again now: run this again when it has finished"
+            )
         raise ConfigError(
             f"scores: {run.scores} was scored against another trajectory than the run's (the "
             "run was trained or imported again since); run `diffin score` again"

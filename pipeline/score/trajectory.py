@@ -16,6 +16,7 @@ from pipeline.errors import ConfigError
 from pipeline.influence.estimator import Checkpoint, attach_block_rates
 from pipeline.model import factory
 from pipeline.rundir import RunDir, exists, read_bytes, read_json
+from pipeline.train.progress import no_trajectory
 from pipeline.train.schedule import recorded_rate
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def reader_defaults(run: RunDir) -> dict[str, Any]:
 
 def load_trajectory(run: RunDir) -> Trajectory:
     if not exists(run.trajectory_json):
-        raise ConfigError(f"run: no trajectory in {run.url} (run `diffin train` first)")
+        raise no_trajectory(run)
     record = read_json(run.trajectory_json)
     ckpts = [Checkpoint(int(c["step"]), float(c["lr"])) for c in record["checkpoints"]]
     return Trajectory(record, with_block_rates(ckpts, record))

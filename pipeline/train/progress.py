@@ -109,3 +109,25 @@ class ProgressWriter:
             write_json(progress_url(self.run), {**self.record, "updated": time.time()})
         except OSError as exc:  # a status line is not worth stopping a training for
             log.warning("train: could not write %s: %s", progress_url(self.run), exc)
+
+
+def no_trajectory(run: RunDir) -> Exception:
+    """The refusal of a stage that needs the trajectory, where there is none: it is being
+    trained now, its training stopped before it finished, or it was never trained
+    (walkthrough: a stopped retraining was told "run `diffin train` first")."""
+    from pipeline.errors import ConfigError
+    from pipeline.runlock import RunBusy, describe_holder, holders
+
+    training = holders(run.url).get("train")
+    if training:
+        return RunBusy(
+            f"run: {run.url} is being trained now by {describe_holder(training)}; run this "
+            "again when it has finished"
+        )
+    if exists(run.resume_state) or exists(run.path("trajectory", "request.json")):
+        return ConfigError(
+            f"run: {run.url} has no finished training: the last `diffin train` stopped "
+            f"before it finished; run it again to resume it (`diffin status --run {run.url}` "
+            "prints the command)"
+        )
+    return ConfigError(f"run: no trajectory in {run.url} (run `diffin train` first)")

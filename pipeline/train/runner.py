@@ -60,7 +60,8 @@ def run_resumable(
         loop_state = LoopState(resumed.step, resumed.optimizer, resumed.losses)
         saved = list(resumed.checkpoints)
         resumed_at = [*resumed.resumed_at, resumed.step]
-        log.info("resuming training at step %d of %d", resumed.step, cfg.steps)
+        if writer:  # once, not once per Ray Train worker (walkthrough)
+            log.info("resuming training at step %d of %d", resumed.step, cfg.steps)
     done = {int(c["step"]) for c in saved}
     final: list[ResumeState] = []
     start = resumed.step if resumed is not None else 0

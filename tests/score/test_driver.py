@@ -193,6 +193,26 @@ def test_progress_rate_eta_and_snapshot_file(tmp_path):
     assert "5/10 shards (1 failed, 1 retries)" in Progress.line(snap)
 
 
+def test_the_final_progress_line_is_logged_once(tmp_path, caplog):
+    """Walkthrough: a finished run logged its last line twice (close, then stop)."""
+    import logging
+
+    url = str(tmp_path / "progress.json")
+    p = Progress(2, json_url=url)
+    with caplog.at_level(logging.INFO, logger="pipeline.score.progress"):
+        p.shard_done(rows=3, errors=0)
+        p.shard_done(rows=3, errors=0)
+        p.close()
+        p.stop("finished")
+    assert caplog.text.count("score: 2/2 shards") == 1, caplog.text
+    assert json.load(open(url))["state"] == "finished"
+    p = Progress(2, json_url=url)
+    with caplog.at_level(logging.INFO, logger="pipeline.score.progress"):
+        caplog.clear()
+        p.stop("interrupted")  # said: where it stopped
+    assert caplog.text.count("score: 0/2 shards") == 1
+
+
 def test_progress_of_a_run_with_nothing_left_to_score_claims_no_rate():
     """Was: "300 samples, 0.0 samples/s, ETA ?" for a rerun of a finished score."""
     p = Progress(6, resumed_shards=6, resumed_samples=300)
