@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
 from typing import Any
 
 import fsspec
 
+from pipeline.data.shards import shard_stamps
 from pipeline.rundir import RunDir, exists, join, read_json, remove, write_json
 
 # The retraining and measuring code's version: rows saved by another one are not reused.
@@ -43,20 +43,14 @@ def uids_digest(uids: Any) -> str:
     return hashlib.sha256("\n".join(sorted(str(u) for u in uids)).encode()).hexdigest()
 
 
-def files_identity(urls: Iterable[str]) -> str:
-    """A hash of each file's identity as its store gives it (fsspec's ``ukey``: size and
-    modification time on a local disk, the ETag on S3): a file rewritten in place under
-    the same name is another input (review: rows measured with other templates were
-    taken)."""
-    h = hashlib.sha256()
-    for url in urls:
-        fs, path = fsspec.core.url_to_fs(url)
-        try:
-            key = fs.ukey(path)
-        except (OSError, NotImplementedError, ValueError):
-            key = "?"
-        h.update(f"{url}\0{key}\n".encode())
-    return h.hexdigest()
+def files_identity(urls: list[str]) -> str:
+    """A hash of each file's size and version (data/shards.py's stamps: the ETag on object
+    stores, the modification time on a disk), one listing per folder: a file rewritten in
+    place under the same name is another input (review: rows measured with other zero-shot
+    templates were taken)."""
+    stamps = shard_stamps(urls)
+    text = json.dumps([[u, stamps[u]] for u in urls], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _plain(v: Any) -> Any:
