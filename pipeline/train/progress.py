@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from pipeline.rundir import RunDir, exists, read_json, remove, write_json
+from pipeline.runlock import LOST
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class ProgressWriter:
 
     def _write(self) -> None:
         self.last = time.monotonic()
+        if LOST.is_set():  # another process took the run over: the record is its now
+            return
         try:
             write_json(progress_url(self.run), {**self.record, "updated": time.time()})
         except OSError as exc:  # a status line is not worth stopping a training for

@@ -39,6 +39,14 @@ def test_the_record_is_written_at_start_at_each_save_and_at_most_every_interval(
     monkeypatch.setattr(train_progress, "EVERY_S", 0.0)
     writer.step(9, 1.0)
     assert read_progress(run)["step"] == 9 and read_progress(run)["resumable_from"] == 6
+    from pipeline.runlock import LOST
+
+    LOST.set()  # the run's lease taken over: the record is the new holder's
+    try:
+        writer.saved(20)
+    finally:
+        LOST.clear()
+    assert read_progress(run)["step"] == 9
     (tmp_path / "run" / "trajectory" / "progress.json").write_text("{cut")
     assert read_progress(run) is None  # advisory: a record cut short is no record
     (tmp_path / "run" / "trajectory" / "progress.json").write_text('{"step": 3}')
