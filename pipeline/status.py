@@ -278,10 +278,10 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
         whole = exists(request)
         parts = read_json(request) if whole else read_json(resume) if exists(resume) else {}
         options = {k: v for k, v in parts.items() if k in known and k != "resume"}
-        resume = (train.get("progress") or {}).get("resumable_from")
+        step = (train.get("progress") or {}).get("resumable_from")
         why = (
             "resumes the training"
-            + (f" from step {resume}" if resume is not None else "")
+            + (f" from step {step}" if step is not None else "")
             + ", which stopped before it finished (no diffin process holds the run; its "
             f"resume state was written {train.get('resume_written_s_ago')} s ago)"
         )
