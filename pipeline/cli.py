@@ -1099,10 +1099,15 @@ def _train_again(args: argparse.Namespace) -> str:
     if p is None:
         return "run the same command again to continue (finished work is kept)"
     at = f"stopped at step {p['step']} of {p['steps']}"
-    if resume is not None:
+    if saved:  # the record may lag the state by one write: then the state is not named
+        where = (
+            "its last resume state ("
+            if resume is None
+            else f"step {resume} (its last resume state;"
+        )
         return (
-            f"{at}; run the same command again to resume from step {resume} "
-            "(its last resume state; --resume-every K saves one every K steps)"
+            f"{at}; run the same command again to resume from {where} --resume-every K "
+            "saves one every K steps)"
         )
     return (
         f"{at}, before its first resume state; run the same command again to start it "

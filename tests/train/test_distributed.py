@@ -125,6 +125,12 @@ def test_ctrl_c_during_ray_train_says_so_and_keeps_the_resume_state(tiny_pool, t
         if first.poll() is None:
             first.kill()
     assert first.returncode == 130, err[-3000:]
-    assert "interrupted; run the same command again" in err and "Traceback" not in err
+    assert "diffin train: interrupted; " in err and "Traceback" not in err
     saved = int(torch.load(state, weights_only=True)["step"])
     assert 0 < saved < 100000  # what the rerun resumes from (the test above resumes one)
+    # said as it exits, from rank 0's record (train/progress.py), written after each state:
+    # an interrupt between the two leaves the record one state behind
+    last = err.strip().splitlines()[-1]
+    assert "; run the same command again to resume from " in last, last
+    if "resume from step " in last:
+        assert 0 < int(last.split("resume from step ")[1].split()[0]) <= saved
