@@ -66,7 +66,6 @@ def mark_preparing(run: RunDir, steps: int, resume_step: int | None) -> None:
         {
             "step": resume_step,
             "steps": steps,
-            "started_at_step": resume_step,
             "resumable_from": resume_step,
             "loss": None,
             "preparing": True,
@@ -83,28 +82,24 @@ class ProgressWriter:
         self.record: dict[str, Any] = {
             "step": start,  # steps trained so far
             "steps": steps,
-            "started_at_step": start,
             # where a rerun would continue: the step of the last resume state saved
             "resumable_from": resumable_from,
             "loss": None,
         }
         self.last = 0.0
-        self._write()
+        self.flush()
 
     def step(self, trained: int, loss: float) -> None:
         self.record.update(step=trained, loss=round(loss, 5))
         if time.monotonic() - self.last >= EVERY_S:
-            self._write()
+            self.flush()
 
     def saved(self, step: int) -> None:
         """A resume state for ``step`` was just written."""
         self.record.update(step=step, resumable_from=step)
-        self._write()
+        self.flush()
 
     def flush(self) -> None:
-        self._write()
-
-    def _write(self) -> None:
         self.last = time.monotonic()
         if LOST.is_set():  # another process took the run over: the record is its now
             return
