@@ -528,6 +528,34 @@ def test_while_a_score_runs_the_other_stages_say_so(holder, tiny_scored, tmp_pat
     assert "run the same" not in err
 
 
+def test_a_rescore_still_preparing_is_said_by_prune(holder, tiny_scored, tmp_path, caplog):
+    """Walkthrough: prune was silent while a rescore computed its directions, as the
+    rescore's fingerprint.json is written only after them (it still matched the table)."""
+    from pipeline.rundir import write_json
+
+    run = copy_run(tiny_scored["run"], tmp_path / "run")
+    with caplog.at_level(logging.WARNING):
+        assert main(["prune", "--run", run, "--keep", "0.5"]) == 0
+    assert "under way now" not in caplog.text  # no rescore: nothing to say
+    proc = holder(run, "score", "score")
+    write_json(f"{run}/scores/progress.json", {"state": "preparing"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["prune", "--run", run, "--keep", "0.5", "--name", "during"]) == 0
+    said = caplog.text
+    assert f"diffin score (pid {proc.pid} on " in said
+    assert "is under way now, preparing its inputs: if they differ from this table's it " in said
+    status = run_status(run)
+    assert status["score"]["state"] == "preparing"
+    assert not any(m["stale"] for m in status["prune"])  # what they ranked is still the table
+    proc.kill()
+    proc.wait()  # killed while preparing: no process holds the run, nothing to warn of
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["prune", "--run", run, "--keep", "0.5", "--name", "after"]) == 0
+    assert "under way now" not in caplog.text
+
+
 def test_a_table_of_a_trajectory_being_trained_again_says_what_to_do(
     holder, tiny_scored, tmp_path, capsys
 ):

@@ -145,6 +145,14 @@ def _scoring_now(run: RunDir) -> str | None:
     return describe_holder(holder) if holder else None
 
 
+def _preparing(run: RunDir) -> bool:
+    """A score run under way now has not yet recorded its fingerprint (directions first)."""
+    progress = run.path("scores", "progress.json")
+    if not exists(progress) or read_json(progress).get("state") != "preparing":
+        return False
+    return _scoring_now(run) is not None
+
+
 def check_scores_current(run: RunDir) -> list[str]:
     """Refuse a score table made from another trajectory than the run's current one.
 
@@ -169,6 +177,13 @@ def check_scores_current(run: RunDir) -> list[str]:
                 f"write this table (interrupted, killed, or it failed): {run.scores} is the earlier "
                 "run's; run that score again to replace it"
             )
+    if not warnings and _preparing(run):
+        # walkthrough: silent while a rescore computed its directions, as fingerprint.json
+        # is written only after them; its inputs are not known until then
+        warnings.append(
+            f"{_scoring_now(run)} is under way now, preparing its inputs: if they differ from "
+            f"this table's it will replace {run.scores} when it finishes"
+        )
     recorded = meta.get("checkpoints")
     for message in warnings:  # said before a refusal below, too
         log.warning("scores: %s", message)
