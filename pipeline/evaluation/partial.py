@@ -53,6 +53,21 @@ def files_identity(urls: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def tensors_digest(*tensors: Any) -> str:
+    """A hash of tensors' dtypes, shapes and bytes (None counted as such): the pool and the
+    held-out set as they were read and encoded. File stamps miss a file rewritten with the
+    same size and modification time (a copy that keeps times, a coarse clock; walkthrough)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none;")
+            continue
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(f"{a.dtype}{list(a.shape)};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
 def _plain(v: Any) -> Any:
     """A JSON value: numpy scalars as Python numbers (NaN stays: json writes and reads it)."""
     return v.item() if hasattr(v, "item") else v

@@ -37,7 +37,13 @@ from pipeline.data.shards import expand_pattern, resolve_shards
 from pipeline.data.synth import pool_summary
 from pipeline.errors import ConfigError
 from pipeline.evaluation.config import EvaluateConfig
-from pipeline.evaluation.partial import FinishedRows, files_identity, row_key, uids_digest
+from pipeline.evaluation.partial import (
+    FinishedRows,
+    files_identity,
+    row_key,
+    tensors_digest,
+    uids_digest,
+)
 from pipeline.evaluation.zeroshot import recall_at_k, zero_shot_accuracy
 from pipeline.memory import available_bytes, human_bytes
 from pipeline.model import factory
@@ -621,6 +627,10 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
                 *resolve_shards(src.eval_data),
                 *(u for u in (src.eval_labels, src.classes, src.truth) if u is not None),
             ]
+        ),
+        # and what was read from them: stamps miss a same-size rewrite keeping its time
+        "read": tensors_digest(
+            images.data, tokens, ev.images, ev.tokens, ev.labels, *(ev.class_tokens or [])
         ),
         "preprocess": bundle.preprocess_cfg,
         "reader": {k: v for k, v in options.items() if k != "transform"},
