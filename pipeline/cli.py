@@ -1083,7 +1083,7 @@ def _train_again(args: argparse.Namespace) -> str:
     nothing of the steps lost, nor that a training stopped before its first state
     starts over)."""
     from pipeline.rundir import RunDir, exists
-    from pipeline.train.progress import read_progress
+    from pipeline.train.progress import marked, read_progress
 
     run = RunDir(args.run)
     try:
@@ -1092,13 +1092,28 @@ def _train_again(args: argparse.Namespace) -> str:
     except (OSError, ValueError):
         p, saved = None, False
     resume = p.get("resumable_from") if p is not None and saved else None
+    if not marked(run):  # stopped while the pool was read: the record is an earlier one's
+        return "stopped before it trained, while the pool was read; run the same command " + (
+            f"again (the run holds a resume state at step {resume}: the same config resumes "
+            "from it)"
+            if resume is not None and args.resume is not False
+            else "again"
+        )
+    if p is None:  # none written yet, or (no resume state) removed as it started
+        return (
+            "run the same command again to resume from its last resume state"
+            if saved
+            else "stopped before its first step; run the same command again to start it over"
+        )
+    at = (
+        "stopped while preparing (the pool read, the sets written), before its first step"
+        if p["preparing"]
+        else f"stopped at step {p['step']} of {p['steps']}"
+    )
     if args.resume is False:  # a rerun as typed starts over, whatever was saved
-        return "run the same command again to start it over" + (
+        return f"{at}; run the same command again to start it over" + (
             f", or without --no-resume to resume from step {resume}" if resume is not None else ""
         )
-    if p is None:
-        return "run the same command again to continue (finished work is kept)"
-    at = f"stopped at step {p['step']} of {p['steps']}"
     if saved:  # the record may lag the state by one write: then the state is not named
         where = (
             "its last resume state ("

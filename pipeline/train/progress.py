@@ -54,10 +54,27 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+# The runs whose record this process has marked since its training started: an interrupt
+# before that finds an earlier training's record (walkthrough: Ctrl-C while the pool was
+# read said "stopped at step 941", a step this process never trained).
+_marked: set[str] = set()
+
+
+def forget_mark(run: RunDir) -> None:
+    """A training of ``run`` starts in this process: the record is not yet its own."""
+    _marked.discard(run.url)
+
+
+def marked(run: RunDir) -> bool:
+    """Whether this process's training of ``run`` has reached :func:`mark_preparing`."""
+    return run.url in _marked
+
+
 def mark_preparing(run: RunDir, steps: int, resume_step: int | None) -> None:
     """A training (re)starting: until its first step the record says it prepares (reads the
     pool, writes the sets: minutes at scale) and where it resumes, not the step an earlier
     training of this run reached (review: status showed that one's step and --steps)."""
+    _marked.add(run.url)
     if resume_step is None:
         remove(progress_url(run))
         return

@@ -33,7 +33,7 @@ from pipeline.rundir import (
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import batch_order
-from pipeline.train.progress import mark_preparing
+from pipeline.train.progress import forget_mark, mark_preparing
 from pipeline.train.runner import run_resumable
 from pipeline.train.schedule import checkpoint_steps
 from pipeline.train.sets import Pool, load_pool, save_sets
@@ -135,6 +135,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
     t0 = time.time()
+    forget_mark(run)
     # The model first: a pretrained file that does not load is refused before the
     # pool is read. (load_pool draws from its own seeded generator, not torch's.)
     torch.manual_seed(cfg.seed)

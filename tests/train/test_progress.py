@@ -141,11 +141,34 @@ def test_an_interrupted_train_says_where_a_rerun_resumes(tiny_run, tmp_path, mon
         assert main(argv) == 130
     assert read_progress(RunDir(run))["preparing"] is True
     err = capsys.readouterr().err
-    assert "stopped at step 12 of 30; run the same command again to resume from step 12 " in err
+    assert (
+        "interrupted; stopped while preparing (the pool read, the sets written), before its "
+        "first step; run the same command again to resume from step 12 " in err
+    ), err
     line = _train_line({**run_status(run)["train"], "state": "training"})
     assert line == (
         "training (preparing: reading the pool, writing the sets; resumes from step 12)"
     )
+
+    # stopped while the pool was read: the record is the earlier training's, whose step
+    # this process never trained (walkthrough: "stopped at step 12")
+    with monkeypatch.context() as m:
+        m.setattr(
+            "pipeline.train.trajectory.load_pool",
+            lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt),
+        )
+        assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert (
+            "interrupted; stopped before it trained, while the pool was read; run the same "
+            "command again (the run holds a resume state at step 12: the same config resumes "
+            "from it)\n" in err
+        ), err
+        assert main([*argv, "--no-resume"]) == 130
+        err = capsys.readouterr().err
+        assert err.endswith(
+            "stopped before it trained, while the pool was read; run the same command again\n"
+        ), err
 
 
 def test_a_train_stopped_before_its_first_resume_state_says_it_starts_over(
@@ -173,6 +196,18 @@ def test_a_train_stopped_before_its_first_resume_state_says_it_starts_over(
     assert status["train"]["state"] == "not trained"
     text = describe(status)
     assert "not trained (the last training stopped at step 3 of 30, before its first " in text
+
+    # a first training stopped while writing its sets: nothing to resume
+    fresh = str(tmp_path / "fresh")
+    monkeypatch.setattr(
+        "pipeline.train.trajectory.save_sets",
+        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt),
+    )
+    assert main(train_argv(tiny_run["data"], fresh, cfg)) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "interrupted; stopped before its first step; run the same command again to start it over\n"
+    ), err
 
 
 @pytest.mark.parametrize("age", [None, 3.0])
