@@ -315,9 +315,9 @@ def _next(run: RunDir, status: dict[str, Any], record: dict[str, Any]) -> tuple[
     # was offered, refused, before every later step)
     if config is not None and set(config.get("methods") or []) <= scored:
         return _evaluate_command(config, r), (
-            f"resumes the evaluation that did not finish: of the {partial['models']} model "
-            "rows kept in RUN/evaluate-partial, those of the same settings are not trained "
-            "again (remove that folder to drop them)"
+            f"resumes the evaluation that did not finish: the {partial['models']} model "
+            "row(s) it kept in RUN/evaluate-partial are not trained again (remove that folder "
+            "to drop them)"
         )
     stale = [p for p in status["prune"] if p["stale"]]
     if stale:
@@ -463,6 +463,7 @@ def describe(status: dict[str, Any]) -> str:
         lines[-1] += (
             f"; {'the one under way has' if under_way else 'one that did not finish'} "
             f"kept {partial['models']} model row(s) in evaluate-partial/"
+            + (f" (and {partial['other']} of other settings)" if partial.get("other") else "")
         )
     lines.append(
         _line("report", "not written")

@@ -78,6 +78,7 @@ class FinishedRows:
 
     def __init__(self, run: RunDir) -> None:
         self.dir = partial_dir(run)
+        self.request: str | None = None  # the hash of the options the rows are written under
 
     def _url(self, key: str) -> str:
         return join(self.dir, f"{key}.json")
@@ -101,29 +102,51 @@ class FinishedRows:
         # the columns' order too: write_json sorts keys (review: results.parquet came back
         # with its columns in alphabetical order)
         row = {k: _plain(v) for k, v in row.items()}
-        write_json(self._url(key), {"key": key, "columns": list(row), "row": row})
+        record = {"key": key, "columns": list(row), "row": row, "request": self.request}
+        write_json(self._url(key), record)
 
     def save_request(self, config: dict[str, Any]) -> None:
+        self.request = request_hash(config)
         write_json(join(self.dir, "request.json"), config)
 
     def clear(self) -> None:
         remove(self.dir, recursive=True)
 
 
+def request_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def unfinished(run: RunDir) -> dict[str, Any] | None:
-    """{"models": rows kept, "config": the options of the evaluation that wrote them}, for
-    an evaluation that did not finish; None where there is none."""
+    """{"models": rows kept by the evaluation of these options, "other": rows kept of other
+    options, "config": the options of the last evaluation that wrote rows}, for an evaluation
+    that did not finish; None where there is none. Rows of other options stay (a rerun of
+    those takes them) but the command offered does not (walkthrough: they were counted as
+    rows it would take)."""
     request = join(partial_dir(run), "request.json")
     try:
         if not exists(request):
             return None
         config = read_json(request)
         fs, path = fsspec.core.url_to_fs(partial_dir(run))
+        fs.invalidate_cache()
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
     except (OSError, ValueError):
         return None
-    models = sum(n.endswith(".json") and n != "request.json" for n in names)
-    return {"models": models, "config": _checked(config)}
+    wanted = request_hash(config) if isinstance(config, dict) else None
+    models = other = 0
+    for name in names:
+        if not name.endswith(".json") or name == "request.json":
+            continue
+        try:
+            record = read_json(join(partial_dir(run), name))
+        except (OSError, ValueError):  # cut short, or removed as the evaluation finished
+            continue
+        if isinstance(record, dict) and record.get("request") == wanted:
+            models += 1
+        else:
+            other += 1
+    return {"models": models, "other": other, "config": _checked(config)}
 
 
 def _checked(config: Any) -> dict[str, Any] | None:

@@ -658,6 +658,7 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
     bar = tqdm(total=len(jobs), desc="evaluate", unit="model", disable=None)
     for (seed, sub), key, row in zip(jobs, keys, reused, strict=True):
         if row is not None:
+            finished.put(key, row)  # taken by these options too: `diffin status` counts it
             rows.append(row)
             bar.update(1)
             continue

@@ -709,7 +709,7 @@ def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(
     status = run_status(run)
     assert "; one that did not finish kept 3 model row(s) in evaluate-partial/" in describe(status)
     assert status["next_why"].startswith(
-        "resumes the evaluation that did not finish: of the 3 model rows kept"
+        "resumes the evaluation that did not finish: the 3 model row(s) it kept"
     )
     args = build_parser().parse_args(shlex.split(status["next"])[1:])
     assert (args.run, args.keep, args.methods, args.steps, args.threads) == (
@@ -741,6 +741,30 @@ def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(
         trained.clear()
         with pytest.raises(KeyboardInterrupt):
             run_evaluation(cfg)
+    # rows of other settings are kept, but not counted as rows the command offered takes
+    # (walkthrough); a row one evaluation takes from another's counts for it
+    other = dataclasses.replace(cfg, lr=3e-3)
+    with monkeypatch.context() as m:
+        m.setattr(FinishedRows, "put", put)
+        trained.clear()
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluation(other)
+    status = run_status(run)
+    assert status["evaluate_unfinished"]["models"] == 3
+    assert status["evaluate_unfinished"]["other"] == 3
+    assert "kept 3 model row(s) in evaluate-partial/ (and 3 of other settings)" in describe(status)
+    assert f"--lr {other.lr}" in status["next"]
+    with monkeypatch.context() as m:
+        m.setattr(FinishedRows, "put", put)
+        trained.clear()
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluation(cfg)  # takes its 3 rows, trains 3 more
+    assert run_status(run)["evaluate_unfinished"] == {
+        **status["evaluate_unfinished"],
+        "models": 6,
+        "other": 3,
+        "config": cfg.to_dict(),
+    }
     trained.clear()
     run_evaluation(dataclasses.replace(cfg, lr=2e-3, keeps=[0.5]))
     assert len(trained) == 4  # full and three scorers at 0.5, all trained again
