@@ -23,6 +23,7 @@ Rank 0 writes the checkpoints and the resume state into the run directory
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -182,6 +183,30 @@ def _abort_on_interrupt(trainer: Any) -> list[bool]:
     return interrupted
 
 
+def _storage_dir() -> str:
+    """A new folder for Ray Train's bookkeeping, named for this process. Folders of processes
+    no longer alive are removed first: a training killed with SIGKILL never removes its own
+    (walkthrough: one left in /tmp per kill)."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        pid = name.removeprefix("diffin-train-").split("-", 1)[0]
+        if name.startswith("diffin-train-") and pid.isdigit() and not _alive(int(pid)):
+            path = os.path.join(tmp, name)
+            if os.path.isdir(path) and os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"diffin-train-{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def train_distributed(
     cfg: TrainConfig,
     images: Inputs,
@@ -196,7 +221,7 @@ def train_distributed(
 
     threads = max(1, cfg.threads)
     started = connect(cfg.address, cfg.workers * threads, quiet_train_cleaner=True)
-    storage = tempfile.mkdtemp(prefix="diffin-train-")  # Ray Train's own bookkeeping only
+    storage = _storage_dir()  # Ray Train's own bookkeeping only
     try:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         if cfg.precision == "amp" and not use_gpu:

@@ -134,3 +134,26 @@ def test_ctrl_c_during_ray_train_says_so_and_keeps_the_resume_state(tiny_pool, t
     assert "; run the same command again to resume from " in last, last
     if "resume from step " in last:
         assert 0 < int(last.split("resume from step ")[1].split()[0]) <= saved
+
+
+def test_ray_train_folders_of_killed_trainings_are_removed(tmp_path, monkeypatch):
+    """Walkthrough: a training killed with SIGKILL left its Ray Train folder in /tmp, one
+    per kill; the next training removes those of processes no longer alive."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline.train import distributed
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"diffin-train-{gone.pid}-abc"
+    live = tmp_path / f"diffin-train-{os.getppid()}-def"  # a training under way
+    other = tmp_path / "diffin-trainer-notes"
+    for d in (dead, live, other):
+        (d / "diffin-train").mkdir(parents=True)
+    made = Path(distributed._storage_dir())
+    assert made.parent == tmp_path and made.name.startswith(f"diffin-train-{os.getpid()}-")
+    assert not dead.exists() and live.exists() and other.exists()
