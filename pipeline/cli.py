@@ -369,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--target", default=None, help="shard pattern of a curated target set")
     s.add_argument(
+        "--target-max",
+        type=int,
+        default=1024,
+        help="use at most this many --target pairs, the first ones in shard order (the "
+        "target's gradient and Hessian-vector products cost grows with it)",
+    )
+    s.add_argument(
         "--address", default=None, help="Ray cluster address; default: embedded local Ray"
     )
     s.add_argument("--workers", type=int, default=2)
@@ -731,6 +738,7 @@ def run(args: argparse.Namespace) -> object:
                 run=args.run,
                 methods=args.methods,
                 target=args.target,
+                target_max=args.target_max,
                 address=args.address,
                 workers=args.workers,
                 threads=args.threads,

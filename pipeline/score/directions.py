@@ -79,16 +79,27 @@ def target_set(cfg: ScoreConfig, run: RunDir, bundle: factory.ClipBundle, dtype:
     else:
         samples: list[Sample] = []
         unusable = Unusable()
+        # one more than the cap is read: a target cut short is said (walkthrough: the first
+        # 1024 pairs were used without a word, and there was no option to change it)
         for url in resolve_shards(cfg.target):
             for s in iter_shard(url, **cfg.reader_options(), transform=bundle.preprocess):
                 if s.ok:
                     samples.append(s)
                 else:
                     unusable.add(s)
-                if len(samples) >= cfg.target_max:
+                if len(samples) > cfg.target_max:
                     break
-            if len(samples) >= cfg.target_max:
+            if len(samples) > cfg.target_max:
                 break
+        if len(samples) > cfg.target_max:
+            samples = samples[: cfg.target_max]
+            log.info(
+                "target: the first %d decodable pairs of %s are used (--target-max %d); the "
+                "rest are left out",
+                cfg.target_max,
+                cfg.target,
+                cfg.target_max,
+            )
         if not samples:
             raise ConfigError(f"target: no decodable pairs in {cfg.target!r}{unusable.said()}")
         if unusable.said():

@@ -171,3 +171,33 @@ def test_direction_files_a_rerun_does_not_recompute_are_said(tiny_scored, tmp_pa
     n = len(traj.checkpoints)
     assert f"directions: reused for {n} of {n} checkpoints" in caplog.text
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # not written again
+
+
+def test_a_target_cut_at_target_max_is_said(tiny_run, tiny_scored, caplog):
+    """Walkthrough: the first 1024 target pairs were used without a word, and no option of
+    `diffin score` changed it."""
+    import torch
+
+    from pipeline.cli import build_parser, command_for
+    from pipeline.model import factory
+    from pipeline.score.directions import target_set
+
+    run = RunDir(tiny_run["run"])
+    bundle = factory.create(load_trajectory(run).model)
+    shard = tiny_scored["shards"][0]  # 100 pairs
+    args = build_parser().parse_args(
+        ["score", "--data", tiny_run["data"], "--run", run.url, "--target", shard]
+    )
+    assert args.target_max == ScoreConfig.target_max  # the flag's default is the config's
+    args = build_parser().parse_args(
+        ["score", "--data", tiny_run["data"], "--run", run.url, "--target-max", "16"]
+    )
+    assert args.target_max == 16
+    assert "--target-max 16" in command_for("score", {"run": run.url, "target_max": 16})
+    for cap, said in ((16, True), (100, False)):
+        cfg = ScoreConfig(data=tiny_run["data"], run=run.url, target=shard, target_max=cap)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pipeline.score.directions"):
+            _, _, info = target_set(cfg, run, bundle, torch.float32)
+        assert info["target_size"] == cap
+        assert (f"the first {cap} decodable pairs of {shard} are used" in caplog.text) == said
