@@ -13,7 +13,16 @@ def setup(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("ray", "urllib3", "botocore", "s3fs", "fsspec", "PIL", "matplotlib"):
+    for noisy in (
+        "ray",
+        "urllib3",
+        "botocore",
+        "aiobotocore",
+        "s3fs",
+        "fsspec",
+        "PIL",
+        "matplotlib",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # torch.jit.script's deprecation warning fires inside open_clip on every model build.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
