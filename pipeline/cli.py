@@ -1100,27 +1100,32 @@ def _train_again(args: argparse.Namespace) -> str:
     except (OSError, ValueError):
         p, saved = None, False
     resume = p.get("resumable_from") if p is not None and saved else None
-    if not marked(run):  # stopped while the pool was read: the record is an earlier one's
-        return "stopped before it trained, while the pool was read; run the same command " + (
-            f"again (the run holds a resume state at step {resume}: the same config resumes "
-            "from it)"
-            if resume is not None and args.resume is not False
-            else "again"
-        )
-    if p is None:  # none written yet, or (no resume state) removed as it started
+    if not marked(run):  # stopped while loading: the record is an earlier training's
         return (
-            "run the same command again to resume from its last resume state"
-            if saved
-            else "stopped before its first step; run the same command again to start it over"
+            "stopped before it trained, while loading the model and the pool; run the same "
+            "command again"
+            + (
+                f" (the run holds a resume state at step {resume}: the same config resumes from it)"
+                if resume is not None and args.resume is not False
+                else ""
+            )
         )
     at = (
-        "stopped while preparing (the pool read, the sets written), before its first step"
+        None
+        if p is None  # none written yet, or (no resume state) removed as it started
+        else "stopped while preparing (the pool read, the sets written), before its first step"
         if p["preparing"]
         else f"stopped at step {p['step']} of {p['steps']}"
     )
     if args.resume is False:  # a rerun as typed starts over, whatever was saved
-        return f"{at}; run the same command again to start it over" + (
+        return f"{at or 'stopped'}; run the same command again to start it over" + (
             f", or without --no-resume to resume from step {resume}" if resume is not None else ""
+        )
+    if at is None:
+        return (
+            "run the same command again to resume from its last resume state"
+            if saved
+            else "stopped before its first step; run the same command again to start it over"
         )
     if saved:  # the record may lag the state by one write: then the state is not named
         where = (

@@ -21,6 +21,7 @@ import json
 from typing import Any
 
 import fsspec
+import torch
 
 from pipeline.data.shards import shard_stamps
 from pipeline.rundir import RunDir, exists, join, read_json, remove, write_json
@@ -53,19 +54,40 @@ def files_identity(urls: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _as_bytes(t: Any) -> Any:
+    """A tensor's bytes as a flat uint8 numpy array (bf16 and empty tensors too)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def tensors_digest(*tensors: Any) -> str:
-    """A hash of tensors' dtypes, shapes and bytes (None counted as such): the pool and the
-    held-out set as they were read and encoded. File stamps miss a file rewritten with the
-    same size and modification time (a copy that keeps times, a coarse clock; walkthrough)."""
+    """A hash of tensors' dtypes, shapes and bytes (None counted as such): the held-out set
+    as it was read and encoded. File stamps miss a file rewritten with the same size and
+    modification time (a copy that keeps times, a coarse clock; walkthrough)."""
     h = hashlib.sha256()
     for t in tensors:
         if t is None:
             h.update(b"none;")
             continue
-        a = t.detach().cpu().contiguous().numpy()
-        h.update(f"{a.dtype}{list(a.shape)};".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(f"{t.dtype}{list(t.shape)};".encode())
+        h.update(_as_bytes(t))
     return h.hexdigest()
+
+
+def row_digests(*tensors: Any) -> list[bytes]:
+    """A hash per row (the first dimension) of equally long tensors: the pool as read. A
+    subset's rows are hashed from these (:func:`subset_digest`), so that a subset's key
+    does not change with the others (review: one hash of the whole pool trained every
+    model again after a keep was added)."""
+    n = len(tensors[0])
+    rows = [_as_bytes(t).reshape(n, -1) for t in tensors]
+    head = "".join(f"{t.dtype}{list(t.shape[1:])};" for t in tensors).encode()
+    return [
+        hashlib.sha256(head + b"".join(r[i].tobytes() for r in rows)).digest() for i in range(n)
+    ]
+
+
+def subset_digest(rows: list[bytes], idx: Any) -> str:
+    return hashlib.sha256(b"".join(rows[int(i)] for i in idx)).hexdigest()
 
 
 def _plain(v: Any) -> Any:
@@ -134,14 +156,17 @@ def unfinished(run: RunDir) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     wanted = request_hash(config) if isinstance(config, dict) else None
+    rows = [f"{path}/{n}" for n in names if n.endswith(".json") and n != "request.json"]
+    try:  # at once: concurrent requests on an object store (review: one GET per row)
+        blobs = fs.cat(rows, on_error="omit") if rows else {}
+    except OSError:
+        return None
     models = other = 0
-    for name in names:
-        if not name.endswith(".json") or name == "request.json":
-            continue
+    for raw in blobs.values():  # those removed as the evaluation finished are omitted
         try:
-            record = read_json(join(partial_dir(run), name))
-        except (OSError, ValueError):  # cut short, or removed as the evaluation finished
-            continue
+            record = json.loads(raw)
+        except ValueError:  # cut short: trained again
+            record = None
         if isinstance(record, dict) and record.get("request") == wanted:
             models += 1
         else:

@@ -40,7 +40,9 @@ from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.partial import (
     FinishedRows,
     files_identity,
+    row_digests,
     row_key,
+    subset_digest,
     tensors_digest,
     uids_digest,
 )
@@ -88,6 +90,11 @@ class EvalSet:
     captions: list[str]
     labels: torch.Tensor | None  # class index per image, None without labels
     class_tokens: list[torch.Tensor] | None  # per class: tokens of every template
+
+
+def _positions(sub: dict[str, Any], position: dict[str, int]) -> list[int]:
+    """A subset's rows in the pool as held, in pool order."""
+    return sorted({position[u] for u in sub["uids"]})
 
 
 @dataclass
@@ -629,24 +636,28 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
             ]
         ),
         # and what was read from them: stamps miss a same-size rewrite keeping its time
-        "read": tensors_digest(
-            images.data, tokens, ev.images, ev.tokens, ev.labels, *(ev.class_tokens or [])
-        ),
+        "held_out": tensors_digest(ev.images, ev.tokens, ev.labels, *(ev.class_tokens or [])),
         "preprocess": bundle.preprocess_cfg,
         "reader": {k: v for k, v in options.items() if k != "transform"},
         "target": uids_digest(target_uids) if target_uids is not None else None,
     }
+    pool_rows = row_digests(images.data, tokens)
+    read = {id(sub): subset_digest(pool_rows, _positions(sub, position)) for sub in subsets}
     keys = [
         row_key(
             **same,
             seed=seed,
             subset={k: sub[k] for k in ("name", "method", "keep")},
             uids=uids_digest(sub["uids"]),
+            read=read[id(sub)],  # its pairs as read
         )
         for seed, sub in jobs
     ]
     reused = [finished.get(k) for k in keys]
     finished.save_request(cfg.to_dict())  # what `diffin status` offers to resume it
+    for key, row in zip(keys, reused, strict=True):
+        if row is not None:  # taken by these options too: `diffin status` counts it (review:
+            finished.put(key, row)  # stamped only as the loop reached it)
     if any(r is not None for r in reused):
         log.info(
             "evaluate: %d of %d models were trained by an evaluation that did not finish "
@@ -658,13 +669,12 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
     bar = tqdm(total=len(jobs), desc="evaluate", unit="model", disable=None)
     for (seed, sub), key, row in zip(jobs, keys, reused, strict=True):
         if row is not None:
-            finished.put(key, row)  # taken by these options too: `diffin status` counts it
             rows.append(row)
             bar.update(1)
             continue
         bar.set_postfix_str(f"{sub['name']} seed {seed}")
         t = time.time()
-        idx = torch.tensor(sorted({position[u] for u in sub["uids"]}))
+        idx = torch.tensor(_positions(sub, position))
         torch.manual_seed(seed)  # one initialisation for every subset of this seed
         model = factory.create(traj["model"]).model
         order = batch_order(len(idx), train_cfg.batch_size, steps, seed)

@@ -145,12 +145,16 @@ def _scoring_now(run: RunDir) -> str | None:
     return describe_holder(holder) if holder else None
 
 
-def _preparing(run: RunDir) -> bool:
-    """A score run under way now has not yet recorded its fingerprint (directions first)."""
+def _preparing(run: RunDir) -> str | None:
+    """The score run under way now, described, while it has not recorded its fingerprint
+    (directions first); else None. Advisory: a record that cannot be read is none."""
     progress = run.path("scores", "progress.json")
-    if not exists(progress) or read_json(progress).get("state") != "preparing":
-        return False
-    return _scoring_now(run) is not None
+    try:
+        if not exists(progress) or read_json(progress).get("state") != "preparing":
+            return None
+    except (OSError, ValueError, AttributeError):  # removed as it stopped, or not a record
+        return None
+    return _scoring_now(run)
 
 
 def check_scores_current(run: RunDir) -> list[str]:
@@ -164,7 +168,16 @@ def check_scores_current(run: RunDir) -> list[str]:
     warnings: list[str] = []
     meta = table_metadata(run.scores)
     last = run.path("scores", "fingerprint.json")
-    if meta.get("fingerprint") and exists(last):
+    preparing = _preparing(run)
+    if preparing:
+        # walkthrough: silent while a rescore computed its directions, as fingerprint.json
+        # is written only after them; its inputs are not known until then (review: nor is
+        # fingerprint.json, an earlier run's, about this one)
+        warnings.append(
+            f"{preparing} is under way now, preparing its inputs: if they differ from this "
+            f"table's it will replace {run.scores} when it finishes"
+        )
+    elif meta.get("fingerprint") and exists(last):
         if read_json(last).get("hash") != fingerprint_hash(meta["fingerprint"]):
             # walkthrough: after an interrupted rescore, prune and report went on with the
             # older table without a word
@@ -177,13 +190,6 @@ def check_scores_current(run: RunDir) -> list[str]:
                 f"write this table (interrupted, killed, or it failed): {run.scores} is the earlier "
                 "run's; run that score again to replace it"
             )
-    if not warnings and _preparing(run):
-        # walkthrough: silent while a rescore computed its directions, as fingerprint.json
-        # is written only after them; its inputs are not known until then
-        warnings.append(
-            f"{_scoring_now(run)} is under way now, preparing its inputs: if they differ from "
-            f"this table's it will replace {run.scores} when it finishes"
-        )
     recorded = meta.get("checkpoints")
     for message in warnings:  # said before a refusal below, too
         log.warning("scores: %s", message)

@@ -22,6 +22,7 @@ Rank 0 writes the checkpoints and the resume state into the run directory
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -183,28 +184,41 @@ def _abort_on_interrupt(trainer: Any) -> list[bool]:
     return interrupted
 
 
-def _storage_dir() -> str:
-    """A new folder for Ray Train's bookkeeping, named for this process. Folders of processes
-    no longer alive are removed first: a training killed with SIGKILL never removes its own
-    (walkthrough: one left in /tmp per kill)."""
+OWNER = ".diffin-owner.lock"  # held (flock) by the training that made the folder
+
+
+def _storage_dir() -> tuple[str, int]:
+    """A new folder for Ray Train's bookkeeping, and the descriptor of the lock its owner
+    holds until it removes it. Folders whose owner is gone are removed first: a training
+    killed with SIGKILL never removes its own (walkthrough: one left in /tmp per kill). The
+    owner is known by its lock, not its PID (review: a PID of another namespace sharing
+    /tmp would read as dead)."""
     tmp = tempfile.gettempdir()
     for name in os.listdir(tmp):
-        pid = name.removeprefix("diffin-train-").split("-", 1)[0]
-        if name.startswith("diffin-train-") and pid.isdigit() and not _alive(int(pid)):
-            path = os.path.join(tmp, name)
-            if os.path.isdir(path) and os.stat(path).st_uid == os.getuid():
-                shutil.rmtree(path, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"diffin-train-{os.getpid()}-")
+        if name.startswith("diffin-train-"):
+            _remove_if_abandoned(os.path.join(tmp, name))
+    storage = tempfile.mkdtemp(prefix=f"diffin-train-{os.getpid()}-")
+    fd = os.open(os.path.join(storage, OWNER), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return storage, fd
 
 
-def _alive(pid: int) -> bool:
+def _remove_if_abandoned(path: str) -> None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+        if not os.path.isdir(path) or os.stat(path).st_uid != os.getuid():
+            return
+        fd = os.open(os.path.join(path, OWNER), os.O_RDWR)
+    except OSError:  # no lock (made a moment ago, or by an older diffin), or gone
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # its owner holds it: a training under way
+        os.close(fd)
+        return
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def train_distributed(
@@ -221,7 +235,7 @@ def train_distributed(
 
     threads = max(1, cfg.threads)
     started = connect(cfg.address, cfg.workers * threads, quiet_train_cleaner=True)
-    storage = _storage_dir()  # Ray Train's own bookkeeping only
+    storage, owner = _storage_dir()  # Ray Train's own bookkeeping only
     try:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         if cfg.precision == "amp" and not use_gpu:
@@ -267,6 +281,7 @@ def train_distributed(
             raise KeyboardInterrupt  # the interrupt path: one line, exit 130, resumable
     finally:
         shutil.rmtree(storage, ignore_errors=True)
+        os.close(owner)
         if started:
             ray.shutdown()
     state = load_resume(RunDir(cfg.run), fingerprint)

@@ -116,6 +116,7 @@ def _already_trained(run: RunDir, fp: str) -> dict[str, Any] | None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run proxy training; returns the trajectory record (also RUN/trajectory/trajectory.json)."""
     cfg.validate()
+    forget_mark(RunDir(cfg.run))  # an interrupt from here is this training's, not the last's
     factory.model_config(cfg.model)
     if cfg.workers:
         from pipeline.raylocal import check_address
@@ -135,7 +136,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
     t0 = time.time()
-    forget_mark(run)
     # The model first: a pretrained file that does not load is refused before the
     # pool is read. (load_pool draws from its own seeded generator, not torch's.)
     torch.manual_seed(cfg.seed)

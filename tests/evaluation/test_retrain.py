@@ -821,3 +821,52 @@ def test_rows_measured_on_a_file_rewritten_since_are_not_taken(evaluated, tmp_pa
         assert len(trained) == 2
     finally:
         classes.write_bytes(saved.read_bytes())  # the session's pool
+
+
+def test_kept_rows_serve_an_evaluation_of_more_subsets_and_count_for_it(
+    evaluated, tmp_path, monkeypatch
+):
+    """Review: the rows' key hashed the whole pool read, so a subset added (with --no-full
+    the pool read is their union) trained every model again; and rows taken from another
+    evaluation were counted for it only as its loop reached them."""
+    from pipeline.evaluation import retrain
+    from pipeline.evaluation.partial import FinishedRows
+    from pipeline.status import run_status
+
+    run = copy_run(evaluated["run"], tmp_path / "run")
+    first = dataclasses.replace(
+        evaluated["cfg"], run=run, keeps=[0.5], methods=["loss", "random"], full=False
+    )
+    trained: list[str] = []
+    real_loop, real_put = retrain.train_loop, FinishedRows.put
+    monkeypatch.setattr(
+        retrain, "train_loop", lambda *a, **k: trained.append(1) or real_loop(*a, **k)
+    )
+
+    def put_until(n):
+        def put(self, key, row):
+            real_put(self, key, row)
+            if len(trained) == n:
+                raise KeyboardInterrupt
+
+        return put
+
+    with monkeypatch.context() as m:
+        m.setattr(FinishedRows, "put", put_until(2))
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluation(first)  # both models trained, then stopped
+    # more subsets (a pool read of their union), the new seed first: its models train
+    # before the kept rows are reached
+    more = dataclasses.replace(first, methods=["loss", "random", "diffin"], seeds=[1, 0])
+    trained.clear()
+    with monkeypatch.context() as m:
+        m.setattr(FinishedRows, "put", put_until(1))
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluation(more)
+    assert len(trained) == 1
+    partial = run_status(run)["evaluate_unfinished"]
+    assert (partial["models"], partial["other"]) == (3, 0)  # 2 taken, 1 trained
+    trained.clear()
+    summary = run_evaluation(more)
+    assert len(trained) == 6 - 3  # the two loss and random rows of seed 0 are not trained again
+    assert len(summary["results"]) == 6

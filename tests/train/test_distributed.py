@@ -138,22 +138,33 @@ def test_ctrl_c_during_ray_train_says_so_and_keeps_the_resume_state(tiny_pool, t
 
 def test_ray_train_folders_of_killed_trainings_are_removed(tmp_path, monkeypatch):
     """Walkthrough: a training killed with SIGKILL left its Ray Train folder in /tmp, one
-    per kill; the next training removes those of processes no longer alive."""
+    per kill; the next training removes those whose owner no longer holds their lock."""
+    import fcntl
     import os
-    import subprocess
-    import sys
     import tempfile
 
     from pipeline.train import distributed
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    dead = tmp_path / f"diffin-train-{gone.pid}-abc"
-    live = tmp_path / f"diffin-train-{os.getppid()}-def"  # a training under way
+    dead = tmp_path / "diffin-train-123-abc"  # its owner killed: the lock is free
+    live = tmp_path / "diffin-train-456-def"  # a training under way holds its lock
+    bare = tmp_path / "diffin-train-789-ghi"  # no lock yet (being made), or an older diffin's
     other = tmp_path / "diffin-trainer-notes"
-    for d in (dead, live, other):
+    for d in (dead, live, bare, other):
         (d / "diffin-train").mkdir(parents=True)
-    made = Path(distributed._storage_dir())
-    assert made.parent == tmp_path and made.name.startswith(f"diffin-train-{os.getpid()}-")
-    assert not dead.exists() and live.exists() and other.exists()
+    for d in (dead, live, other):
+        (d / distributed.OWNER).touch()
+    held = os.open(live / distributed.OWNER, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        made, owner = distributed._storage_dir()
+        assert Path(made).parent == tmp_path
+        assert Path(made).name.startswith(f"diffin-train-{os.getpid()}-")
+        assert not dead.exists() and live.exists() and bare.exists() and other.exists()
+        distributed._storage_dir()  # another training starting: this one's folder is held
+        assert Path(made).exists()
+        os.close(owner)  # as if killed
+        distributed._storage_dir()
+        assert not Path(made).exists()
+    finally:
+        os.close(held)

@@ -150,7 +150,7 @@ def test_an_interrupted_train_says_where_a_rerun_resumes(tiny_run, tmp_path, mon
         "training (preparing: reading the pool, writing the sets; resumes from step 12)"
     )
 
-    # stopped while the pool was read: the record is the earlier training's, whose step
+    # stopped while loading the pool: the record is the earlier training's, whose step
     # this process never trained (walkthrough: "stopped at step 12")
     with monkeypatch.context() as m:
         m.setattr(
@@ -160,14 +160,15 @@ def test_an_interrupted_train_says_where_a_rerun_resumes(tiny_run, tmp_path, mon
         assert main(argv) == 130
         err = capsys.readouterr().err
         assert (
-            "interrupted; stopped before it trained, while the pool was read; run the same "
-            "command again (the run holds a resume state at step 12: the same config resumes "
+            "interrupted; stopped before it trained, while loading the model and the pool; run "
+            "the same command again (the run holds a resume state at step 12: the same config resumes "
             "from it)\n" in err
         ), err
         assert main([*argv, "--no-resume"]) == 130
         err = capsys.readouterr().err
         assert err.endswith(
-            "stopped before it trained, while the pool was read; run the same command again\n"
+            "stopped before it trained, while loading the model and the pool; run the same "
+            "command again\n"
         ), err
 
 
