@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="peak learning rate; the default is an SGD rate (with --optimizer adamw give about "
-        f"1e-3){_default(TrainConfig.lr)}",
+        f"1e-3 to 2e-3){_default(TrainConfig.lr)}",
     )
     t.add_argument("--momentum", type=float, default=None, help=_default(TrainConfig.momentum))
     t.add_argument(

@@ -1,15 +1,19 @@
 """The run directory: every stage reads and writes here (a local path or an fsspec URL).
 
 RUN/run.json                      config, versions, seeds, timing of each stage
+RUN/data/                         `diffin demo` only: the generated pool
 RUN/trajectory/ckpt-STEP.pt       checkpoints (+ trajectory.json: step, lr, sha256)
 RUN/trajectory/resume.pt          an unfinished training's state (gone when it completes)
 RUN/trajectory/progress.json      how far it got, for `diffin status` (gone with it)
 RUN/sets/*.safetensors            reference negatives R, target V, gradient batches
 RUN/directions/STEP.safetensors   g_B, g_V, w per checkpoint
 RUN/scores/parts/SHARD.parquet    one part per input shard
+RUN/scores/done/SHARD.json        its completion record (+ fingerprint, progress, request.json)
 RUN/scores.parquet                the merged table
 RUN/prune/NAME/                   one manifest per keep rule
 RUN/evaluate/                     retraining comparison (diffin evaluate)
+RUN/evaluate-partial/             an unfinished evaluation's finished rows
+RUN/evaluate-history/STAMP/       earlier evaluations, set aside by a later one
 RUN/report/index.html             the HTML report (diffin report)
 RUN/locks/NAME.lock|json         held by a stage while it writes (pipeline/runlock.py)
 """
