@@ -250,6 +250,10 @@ def _train(cfg: TrainConfig, run: RunDir) -> dict[str, Any]:
         "pool": pool.counts(),
         "workers": cfg.workers,
         "precision": cfg.precision,
+        # On a CPU the thread count sets the float rounding of every reduction, so another
+        # count is another trajectory (and Diff-In's ranking moves with it: docs/accuracy.md
+        # 2c); --threads 0 records what torch's default came to on this machine.
+        "torch_threads": None if cfg.workers else torch.get_num_threads(),
         "resumed_at": state.resumed_at,
         "config": cfg.to_dict(),
         # what a rerun compares to find the run already trained (config, pool, weights)

@@ -39,6 +39,8 @@ def test_records_m_checkpoints_with_schedule_steps_and_lrs(tiny_run):
     assert rec["model"] == "diffin-tiny"
     assert rec["steps"] == cfg.steps
     assert rec["config"] == cfg.to_dict()
+    # the thread count that set the float rounding, whatever --threads said
+    assert rec["torch_threads"] == (cfg.threads or torch.get_num_threads())
 
 
 def test_checkpoint_sha256_matches_files_and_loads_without_pickle(tiny_run):
