@@ -383,7 +383,10 @@ def test_amp_bf16_follows_float32_and_reuses_its_direction_vectors(
     # The bounds of this tiny random model, where bfloat16 is at its worst: per-checkpoint
     # terms 0.93-0.98, the scores 0.96-0.97, the loss 0.86 (its spread across the samples
     # is 1% of its value, three bfloat16 steps). The trained demo model: 0.98-0.9999.
-    assert rho["diffin"] > 0.95 and rho["tracin"] > 0.95, rho
+    # The rounding is the CPU's: on a Xeon with AMX-BF16 kernels (2026-12-02) the same
+    # samples gave tracin 0.950 and diffin 0.975 (terms 0.93-0.97, loss 0.835), so the
+    # scores are held to the terms' bound, not to one CPU's figure.
+    assert rho["diffin"] > 0.93 and rho["tracin"] > 0.93, rho
     assert min(v for k, v in rho.items() if "_t" in k) > 0.9, rho
     assert rho["loss"] > 0.8, rho
     # the direction vectors are float32's: none recomputed for amp_bf16
