@@ -6,7 +6,7 @@ thread count (float rounding alone) and the schedule of the proxy.
 
 On the demo's pool (`diffin make-data POOL --shard-size 250`: 2,000 pairs, 400
 mismatched captions, a clean target/ split) it trains the CLI's 400-step proxy
-(diffin-small, SGD momentum 0.9, lr 0.1) for each schedule (constant, the default;
+(diffin-small, SGD momentum 0.9, lr 0.1 unless --lr) for each schedule (constant, the default;
 cosine) and seed, with 2 torch threads, plus seed 0 with 1 thread; scores each run
 with diffin, tracin and loss toward target/ (2 actors of 1 thread), the same as
 
@@ -35,8 +35,8 @@ from benchmarks.common import environment, md_table, pyplot, write_json
 METHODS = ["diffin", "tracin", "loss"]
 
 
-def run_name(schedule: str, seed: int, threads: int) -> str:
-    return f"run-{schedule}-s{seed}-t{threads}"
+def run_name(schedule: str, seed: int, threads: int, lr: float | None = None) -> str:
+    return f"run-{schedule}-s{seed}-t{threads}" + (f"-lr{lr:g}" if lr is not None else "")
 
 
 def aurocs(scores_url: str, truth_url: str) -> dict[str, float]:
@@ -99,6 +99,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--other-threads", type=int, default=1, help="the second thread count, seed 0 only"
     )
+    p.add_argument("--lr", type=float, default=None, help="the proxy's rate (default: the CLI's)")
+    p.add_argument("--name", default="trajectory_spread", help="file name of the figure (.png)")
     p.add_argument("--out", default="docs/figures/trajectory_spread.json")
     p.add_argument("--figures", default="docs/figures")
     a = p.parse_args(argv)
@@ -117,7 +119,7 @@ def main(argv=None) -> dict:
     variants += [(s, a.seeds[0], a.other_threads) for s in a.schedules]
     runs = {}
     for schedule, seed, threads in variants:
-        name = run_name(schedule, seed, threads)
+        name = run_name(schedule, seed, threads, a.lr)
         run_dir = f"{a.work}/{name}"
         run = RunDir(run_dir)
         if not exists(run.scores):
@@ -129,6 +131,7 @@ def main(argv=None) -> dict:
                     schedule=schedule,
                     seed=seed,
                     threads=threads,
+                    **({"lr": a.lr} if a.lr is not None else {}),
                 )
             )
             run_scoring(
@@ -149,7 +152,7 @@ def main(argv=None) -> dict:
         }
     over_seeds = {}
     for schedule in a.schedules:
-        names = [run_name(schedule, seed, a.threads) for seed in a.seeds]
+        names = [run_name(schedule, seed, a.threads, a.lr) for seed in a.seeds]
         over_seeds[schedule] = {
             m: {
                 "mean": float(np.mean([runs[n]["auroc"][m] for n in names])),
@@ -161,8 +164,8 @@ def main(argv=None) -> dict:
         }
     rounding = {}
     for schedule in a.schedules:
-        x = f"{a.work}/{run_name(schedule, a.seeds[0], a.threads)}"
-        y = f"{a.work}/{run_name(schedule, a.seeds[0], a.other_threads)}"
+        x = f"{a.work}/{run_name(schedule, a.seeds[0], a.threads, a.lr)}"
+        y = f"{a.work}/{run_name(schedule, a.seeds[0], a.other_threads, a.lr)}"
         rounding[schedule] = {
             "spearman": rank_agreement(f"{x}/scores.parquet", f"{y}/scores.parquet"),
             "checkpoint_distance": checkpoint_distance(x, y),
@@ -219,7 +222,7 @@ def main(argv=None) -> dict:
         ax.set_ylabel(f"|θ({a.threads} threads) - θ({a.other_threads})| / |θ|")
         ax.legend()
         fig.tight_layout()
-        path = Path(a.figures) / "trajectory_spread.png"
+        path = Path(a.figures) / f"{a.name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         record["figures"] = [str(path)]
