@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import environment, md_table, pyplot, write_json
+from benchmarks.noise_auroc import auroc_table
 
 METHODS = ["diffin", "tracin", "loss"]
 
@@ -40,22 +41,13 @@ def run_name(schedule: str, seed: int, threads: int, lr: float | None = None) ->
 
 
 def aurocs(scores_url: str, truth_url: str) -> dict[str, float]:
-    import pyarrow.parquet as pq
-
-    from pipeline.evaluation.metrics import auroc_low_is_positive
-
-    table = pq.read_table(scores_url).to_pandas()
-    truth = pq.read_table(truth_url, columns=["uid", "defect"]).to_pandas()
-    df = table[table.status == "ok"].merge(truth, on="uid", how="inner")
-    positive = (df.defect == "mismatch").to_numpy()
-    cols = [
-        c for c in df.columns if c in METHODS or c.startswith(("diffin_first_t", "diffin_second_t"))
-    ]
-    return {c: auroc_low_is_positive(df[c].to_numpy(np.float64), positive) for c in cols}
+    """AUROC of "low score => mismatched caption" against the rest, per float column."""
+    table = auroc_table(scores_url, truth_url)["columns"]
+    return {c: v["mismatch_vs_rest"] for c, v in table.items()}
 
 
 def rank_agreement(a_url: str, b_url: str) -> dict[str, float]:
-    """Spearman correlation of each column between two score tables, matched by uid."""
+    """Spearman correlation of each score column between two score tables, matched by uid."""
     import pyarrow.parquet as pq
 
     from pipeline.evaluation.metrics import spearman
