@@ -81,6 +81,54 @@ def checkpoint_distance(a_run: str, b_run: str) -> dict[int, float]:
     return out
 
 
+def ensure_run(
+    work: str,
+    pool: dict,
+    schedule: str,
+    seed: int,
+    threads: int,
+    lr: float | None = None,
+    steps: int = 400,
+    checkpoints: int | None = None,
+    name: str | None = None,
+) -> str:
+    """WORK/NAME trained and scored as the module docstring says, unless its scores exist.
+
+    ``pool``: :func:`pipeline.data.synth.make_pool`'s summary. Returns the run's folder.
+    """
+    from pipeline.rundir import RunDir, exists
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import run_scoring
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trajectory import train
+
+    run_dir = f"{work}/{name or run_name(schedule, seed, threads, lr)}"
+    if not exists(RunDir(run_dir).scores):
+        train(
+            TrainConfig(
+                data=pool["train_data"],
+                run=run_dir,
+                steps=steps,
+                schedule=schedule,
+                seed=seed,
+                threads=threads,
+                **({"lr": lr} if lr is not None else {}),
+                **({"checkpoints": checkpoints} if checkpoints is not None else {}),
+            )
+        )
+        run_scoring(
+            ScoreConfig(
+                data=pool["train_data"],
+                run=run_dir,
+                methods=METHODS,
+                workers=2,
+                threads=1,
+                target=pool["target"]["data"],
+            )
+        )
+    return run_dir
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.trajectory_spread", description=__doc__)
     p.add_argument("--work", default="runs/spread")
@@ -97,11 +145,7 @@ def main(argv=None) -> dict:
     p.add_argument("--figures", default="docs/figures")
     a = p.parse_args(argv)
     from pipeline.data.synth import SynthConfig, make_pool
-    from pipeline.rundir import RunDir, exists
-    from pipeline.score.config import ScoreConfig
-    from pipeline.score.driver import run_scoring
-    from pipeline.train.config import TrainConfig
-    from pipeline.train.trajectory import train
+    from pipeline.rundir import RunDir
 
     t0 = time.perf_counter()
     pool_dir = f"{a.work}/pool"
@@ -112,30 +156,7 @@ def main(argv=None) -> dict:
     runs = {}
     for schedule, seed, threads in variants:
         name = run_name(schedule, seed, threads, a.lr)
-        run_dir = f"{a.work}/{name}"
-        run = RunDir(run_dir)
-        if not exists(run.scores):
-            train(
-                TrainConfig(
-                    data=summary["train_data"],
-                    run=run_dir,
-                    steps=a.steps,
-                    schedule=schedule,
-                    seed=seed,
-                    threads=threads,
-                    **({"lr": a.lr} if a.lr is not None else {}),
-                )
-            )
-            run_scoring(
-                ScoreConfig(
-                    data=summary["train_data"],
-                    run=run_dir,
-                    methods=METHODS,
-                    workers=2,
-                    threads=1,
-                    target=summary["target"]["data"],
-                )
-            )
+        run = RunDir(ensure_run(a.work, summary, schedule, seed, threads, lr=a.lr, steps=a.steps))
         runs[name] = {
             "schedule": schedule,
             "seed": seed,

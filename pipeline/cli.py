@@ -535,6 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
         "'diffin=1,clip_score=0.5' (a name alone weighs 1)",
     )
     _fusion_norm_arg(r)
+    r.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="other runs trained on the same pool (another --seed) and scored with the same "
+        "--data: rank by each score's mean over --run and these (the manifest is written "
+        "under --run, named ...-ensN)",
+    )
 
     e = sub.add_parser(
         "evaluate", help="retrain on each scorer's kept subset and measure the held-out split"
@@ -558,6 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 'diffin_self=1,loss=1' (repeatable: one subset per fusion and keep)",
     )
     _fusion_norm_arg(e)
+    e.add_argument(
+        "--ensemble",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="other runs of the same pool, as for `diffin prune --ensemble`: also compare each "
+        "of --methods ranked by its mean over --run and these (subsets METHOD-ensN@KEEP)",
+    )
     e.add_argument("--no-full", dest="full", action="store_false", help="skip the full pool")
     e.add_argument(
         "--max-pairs",
@@ -778,6 +795,7 @@ def run(args: argparse.Namespace) -> object:
                 methods=args.methods,
                 fusions=args.fuse or [],
                 fusion_norm=args.fusion_norm or "zscore",
+                ensemble=args.ensemble,
                 full=args.full,
                 max_pairs=args.max_pairs,
                 data=args.data,
@@ -880,6 +898,7 @@ def _prune_config(args: argparse.Namespace):  # -> PruneConfig (imported late: l
         balance_by=args.balance_by,
         fusion=args.fuse,
         fusion_norm=args.fusion_norm or "zscore",
+        ensemble=args.ensemble,
         **chosen,
     )
 

@@ -142,6 +142,7 @@ def _prune(run: RunDir, record: dict[str, Any], scored: bool) -> list[dict[str, 
                 "ranked_by": cfg.get("fusion") or cfg.get("method"),
                 "keep": cfg.get("keep") if cfg.get("threshold") is None else None,
                 "threshold": cfg.get("threshold"),
+                "ensemble": cfg.get("ensemble"),
                 "kept": value.get("kept"),
                 "stale": name in stale,
                 "dir": run.prune_dir(name),
@@ -443,6 +444,8 @@ def describe(status: dict[str, Any]) -> str:
         by = m["ranked_by"]
         if isinstance(by, dict):  # a fusion: its weights
             by = ", ".join(f"{k}={w:g}" for k, w in by.items())
+        if m.get("ensemble"):
+            by += f", mean over this run and {len(m['ensemble'])} other(s)"
         lines.append(
             f"prune     {m['name']}: {m['kept']} kept ({rule}{limit}, by {by})"
             + (" [ranks an earlier table]" if m["stale"] else "")

@@ -20,6 +20,9 @@ class EvaluateConfig:
     # (scorer column -> weight), all normalised by ``fusion_norm``.
     fusions: list[dict[str, float]] = field(default_factory=list)
     fusion_norm: str = "zscore"  # "zscore" or "rank"
+    # Other runs of the same pool (`diffin prune --ensemble`): each of ``methods`` is also
+    # compared ranked by its mean over this run and these (subsets named METHOD-ensN@KEEP)
+    ensemble: list[str] | None = None
     full: bool = True  # also train on every ok pair (the "no pruning" row)
     # A pool too large to retrain on in memory: every subset is cut to the same fraction,
     # max_pairs / ok pairs, by a seeded draw on the uids (the full pool to max_pairs pairs)
@@ -67,6 +70,8 @@ class EvaluateConfig:
         rules = [self.prune_config(fusion, 1.0) for fusion in self.fusions]
         for rule in rules:
             rule.validate()
+        if self.ensemble is not None:
+            PruneConfig(run=self.run, ensemble=self.ensemble).validate()
         spelled = [rule.ranking for rule in rules]
         if len(set(spelled)) != len(spelled):
             raise ConfigError(f"fusions: duplicates in {spelled}")
@@ -98,5 +103,12 @@ class EvaluateConfig:
         """The prune rule whose kept rows a fused subset trains on."""
         return PruneConfig(run=self.run, keep=keep, fusion=fusion, fusion_norm=self.fusion_norm)
 
+    def ensemble_config(self, method: str, keep: float) -> PruneConfig:
+        """The prune rule whose kept rows an ensemble subset trains on."""
+        return PruneConfig(run=self.run, keep=keep, method=method, ensemble=self.ensemble)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.ensemble is None:
+            del out["ensemble"]  # as recorded before ensembles (resume keys, status)
+        return out

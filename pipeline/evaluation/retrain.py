@@ -365,6 +365,17 @@ def plan_subsets(
             subsets.append(
                 {"name": f"{m}@{keep:g}", "method": m, "keep": float(keep), "uids": kept}
             )
+        for m in cfg.methods if cfg.ensemble else []:
+            if table_url is None:
+                raise ValueError("plan_subsets: ensemble subsets need table_url")
+            rule = cfg.ensemble_config(m, keep)
+            others = [RunDir(u).scores for u in cfg.ensemble]
+            selection = plan(rule, table_url, ensemble=others)  # refuses other rows
+            kept = [u for b in selection.kept_batches(["uid"]) for u in b.column("uid").to_pylist()]
+            name = f"{m}-ens{1 + len(cfg.ensemble)}"
+            subsets.append(
+                {"name": f"{name}@{keep:g}", "method": name, "keep": float(keep), "uids": kept}
+            )
         for fusion in cfg.fusions:
             if table_url is None:
                 raise ValueError("plan_subsets: fused subsets need table_url")
@@ -551,6 +562,9 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
     if not exists(run.trajectory_json):
         raise no_trajectory(run)
     check_scores_current(run)
+    for other in cfg.ensemble or []:
+        require_scores(RunDir(other))
+        check_scores_current(RunDir(other))
     traj = read_json(run.trajectory_json)
     proxy = TrainConfig(**traj["config"])
     steps = cfg.steps or proxy.steps

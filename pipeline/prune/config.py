@@ -59,6 +59,9 @@ class PruneConfig:
     cluster_seed: int = 0
     fusion: dict[str, float] | None = None  # scorer column -> weight; replaces `method`
     fusion_norm: str = "zscore"  # "zscore" or "rank"
+    # other runs scored on the same pool: every score column is then the mean over `run`
+    # and these (pipeline/prune/ensemble.py); the manifest is written under `run`
+    ensemble: list[str] | None = None
 
     def validate(self) -> None:
         if self.rule not in RULES:
@@ -119,6 +122,21 @@ class PruneConfig:
                 raise ConfigError(
                     f"fusion_norm: must be one of {', '.join(NORMS)} (got {self.fusion_norm!r})"
                 )
+        if self.ensemble is not None:
+            if (
+                not isinstance(self.ensemble, list | tuple)
+                or not self.ensemble
+                or not all(isinstance(u, str) and u for u in self.ensemble)
+            ):
+                raise ConfigError(
+                    f"ensemble: must list the other runs, one or more (got {self.ensemble!r})"
+                )
+            runs = [_same_place(u) for u in [self.run, *self.ensemble]]
+            if len(set(runs)) != len(runs):
+                raise ConfigError(
+                    "ensemble: a run is named twice (with --run or in --ensemble): each run of "
+                    "an ensemble counts once"
+                )
         # last: the name is spelled from the fields checked above
         if self.name is None and isinstance(self.method, str) and not _plain(self.manifest_name):
             # spelled from column names, which a score table may hold in any form
@@ -144,6 +162,12 @@ class PruneConfig:
     def manifest_name(self) -> str:
         if self.name:
             return self.name
+        if self.ensemble:  # apart from the manifest of `run`'s own scores
+            return f"{self._rule_name}-ens{1 + len(self.ensemble)}"
+        return self._rule_name
+
+    @property
+    def _rule_name(self) -> str:
         if self.rule == "fraction" and not self.fusion:
             return f"{self.method}-keep{_num(self.keep)}"  # the original spelling
         base = self.ranking
@@ -172,6 +196,10 @@ class PruneConfig:
             out["balance"] = None
         if self.balance_by != "cluster":
             out["clusters"] = out["cluster_seed"] = None
+        if self.ensemble is None:
+            del out["ensemble"]  # as recorded before ensembles: the same rule reads the same
+        else:
+            out["ensemble"] = list(self.ensemble)
         return out
 
 
@@ -191,6 +219,15 @@ def _plain(name: str) -> bool:
         and "::" not in name
         and not any(c.isspace() for c in name)
     )
+
+
+def _same_place(url: str) -> str:
+    """A run's URL spelled one way: a local path made absolute, without a trailing '/'."""
+    import os
+
+    if "://" in url:
+        return url.rstrip("/")
+    return os.path.abspath(url)
 
 
 def _num(x: float) -> str:

@@ -86,7 +86,12 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     run = RunDir(cfg.run)
     require_scores(run)
     check_scores_current(run)
-    selection = plan(cfg, run.scores)  # refuses unknown columns before anything is removed
+    others = [RunDir(u) for u in cfg.ensemble or []]
+    for other in others:
+        require_scores(other)
+        check_scores_current(other)
+    # refuses unknown columns, and an ensemble of other rows, before anything is removed
+    selection = plan(cfg, run.scores, ensemble=[o.scores for o in others])
     # what the manifest ranks (its columns' values and the rows), so a rescore that changes
     # them shows the manifest is out of date, and one that only adds or drops other scorers
     # does not
@@ -98,6 +103,11 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
         if by == "cluster"
         else table_identity(run.scores, [*selection.score_columns, *([by] if by else [])])
     )
+    # what each other run's table ranked by, as `scores` is --run's (`diffin status` marks a
+    # manifest stale from `scores` alone: a rescore of another run of the ensemble is not)
+    ensemble = [
+        {"run": o.url, "scores": table_identity(o.scores, selection.score_columns)} for o in others
+    ]
     if selection.kept == 0:
         # An empty manifest is nothing open_clip can train on: refuse it here,
         # before any output is touched.
@@ -123,7 +133,13 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     build = run.prune_dir(f".{cfg.manifest_name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         manifest = _build(
-            cfg, selection, build, final=out, reader=scored_reader_options(run), scores=scores
+            cfg,
+            selection,
+            build,
+            final=out,
+            reader=scored_reader_options(run),
+            scores=scores,
+            ensemble=ensemble,
         )
         _refuse_changed_shards(kept_shards, stamps)  # again: one rewritten while it was read
     except BaseException:
@@ -172,11 +188,13 @@ def _build(
     final: str,
     reader: dict[str, Any],
     scores: dict[str, Any],
+    ensemble: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write the manifest directory at ``build``; its paths name ``final``, where it will live.
 
     ``reader``: the image and text keys the rows were scored with; ``scores``: the score
-    table's identity (:func:`pipeline.score.table.table_identity`).
+    table's identity (:func:`pipeline.score.table.table_identity`); ``ensemble``: the other
+    runs whose scores were averaged in, with their tables' identities.
     """
     t0 = time.time()
     makedirs(build)
@@ -275,6 +293,7 @@ def _build(
         "rule": rule,
         "score": cfg.score_name,
         "scores": scores,
+        **({"ensemble": ensemble} if ensemble else {}),
         "rows_in_table": selection.rows,
         "rows_ok": selection.rows_ok,
         "rows_error": selection.rows_error,

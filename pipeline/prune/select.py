@@ -18,7 +18,7 @@ streams the kept rows.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,10 +229,22 @@ def _average_ranks(v: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def plan(cfg: PruneConfig, table_url: str, batch_rows: int = BATCH_ROWS) -> Selection:
-    """Decide what ``cfg`` keeps from the table at ``table_url`` (validated first)."""
+def plan(
+    cfg: PruneConfig, table_url: str, batch_rows: int = BATCH_ROWS, ensemble: Sequence[str] = ()
+) -> Selection:
+    """Decide what ``cfg`` keeps from the table at ``table_url`` (validated first).
+
+    ``ensemble``: the score tables of other runs of the same pool; every score column is
+    then the mean over all the tables (:mod:`pipeline.prune.ensemble`).
+    """
     cfg.validate()
-    table = Table(table_url, batch_rows)
+    if ensemble:
+        from pipeline.prune.ensemble import EnsembleTable
+
+        table = EnsembleTable(table_url, ensemble, batch_rows)
+        table.require([*(cfg.fusion or [cfg.method])])
+    else:
+        table = Table(table_url, batch_rows)
     for need in ("uid", "status"):
         if need not in table.columns:
             raise ConfigError(f"run: the score table has no {need!r} column")

@@ -133,6 +133,8 @@ def _prune_selections(run: RunDir, entries: dict[str, dict], stale: list[str]) -
             if isinstance(fusion, dict)
             else cfg.get("method")
         )
+        if cfg.get("ensemble"):  # ranked by the mean over this run and those
+            ranks = f"{ranks}, mean over this run and {', '.join(cfg['ensemble'])}"
         limit = cfg.get("keep") if cfg.get("keep") is not None else cfg.get("threshold")
         rows_of = (value.get("scores") or {}).get("rows")
         # a manifest from before prune recorded its table cannot be checked
