@@ -42,6 +42,12 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch threads of every training")
     p.add_argument("--lr", type=float, default=None, help="the proxy's rate (default: the CLI's)")
     p.add_argument("--no-control", action="store_true", help="skip the K x checkpoints run")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="scorers compared (comma-separated); those beyond diffin,tracin,loss are added "
+        "to each proxy's table by `diffin score` (e.g. diffin_self,tracin_self,grand)",
+    )
     p.add_argument("--name", default="proxy_ensemble", help="file name of the figure (.png)")
     p.add_argument("--out", default="docs/figures/proxy_ensemble.json")
     p.add_argument("--figures", default="docs/figures")
@@ -53,11 +59,28 @@ def main(argv=None) -> dict:
     from pipeline.prune.config import PruneConfig
     from pipeline.prune.manifest import write_manifest
     from pipeline.rundir import RunDir
+    from pipeline.score.config import ScoreConfig
+    from pipeline.score.driver import run_scoring
 
+    methods = a.methods.split(",")
     t0 = time.perf_counter()
     pool = make_pool(f"{a.work}/pool", SynthConfig(shard_size=250))  # the demo's pool
     runs = [ensure_run(a.work, pool, "constant", s, a.threads, lr=a.lr) for s in a.seeds]
     k_all = len(runs)
+    extra = [m for m in methods if m not in METHODS]
+    for run in runs if extra else []:
+        if not set(extra) <= set(pq.read_schema(RunDir(run).scores).names):
+            # score keeps the columns it has and computes only the new scorers
+            run_scoring(
+                ScoreConfig(
+                    data=pool["train_data"],
+                    run=run,
+                    methods=[*METHODS, *extra],
+                    workers=2,
+                    threads=1,
+                    target=pool["target"]["data"],
+                )
+            )
     control = None
     if not a.no_control:
         control = ensure_run(
@@ -82,7 +105,7 @@ def main(argv=None) -> dict:
     uids = sorted(set.intersection(*(set(t.index) for t in tables)))
     positive = (truth.loc[uids].defect == "mismatch").to_numpy()
     by_method: dict[str, dict] = {}
-    for m in METHODS:
+    for m in methods:
         x = np.stack([t.loc[uids, m].to_numpy(np.float64) for t in tables])
         single = [auroc_low_is_positive(v, positive) for v in x]
         by_k = {1: single}
@@ -98,7 +121,7 @@ def main(argv=None) -> dict:
                 for k, v in by_k.items()
             },
         }
-        if control is not None:
+        if control is not None and m in METHODS:
             c = ok_table(control)
             by_method[m]["control"] = auroc_low_is_positive(
                 c.loc[uids, m].to_numpy(np.float64), positive
@@ -106,7 +129,7 @@ def main(argv=None) -> dict:
 
     # through the real path: the manifests of seed 0 alone and of the K-proxy ensemble
     kept = {}
-    for m in METHODS:
+    for m in methods:
         for label, ensemble in (("seed 0 alone", None), (f"ensemble of {k_all}", runs[1:])):
             manifest = write_manifest(
                 PruneConfig(run=runs[0], keep=KEEP, method=m, ensemble=ensemble)
@@ -142,7 +165,7 @@ def main(argv=None) -> dict:
             f"{v['by_k'][k]['mean']:.3f} [{v['by_k'][k]['min']:.3f}, {v['by_k'][k]['max']:.3f}]"
             for k in range(2, k_all + 1)
         ]
-        row += [v["control"]] if control else []
+        row += [v.get("control")] if control else []
         rows.append(row)
     print(md_table(header, rows))
     print(
