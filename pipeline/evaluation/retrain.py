@@ -371,6 +371,14 @@ def plan_subsets(
             rule = cfg.ensemble_config(m, keep)
             others = [RunDir(u).scores for u in cfg.ensemble]
             selection = plan(rule, table_url, ensemble=others)  # refuses other rows
+            if selection.rows_ok != len(ok_uids):
+                # the size check below would blame non-finite scores or repeated uids
+                raise ConfigError(
+                    f"ensemble: {len(ok_uids) - selection.rows_ok} of the rows {cfg.run} scored "
+                    "are error rows in another run of the ensemble, so its subsets would be "
+                    "smaller than the others: evaluate compares subsets of one size. Leave "
+                    "that run out, or rescore it"
+                )
             kept = [u for b in selection.kept_batches(["uid"]) for u in b.column("uid").to_pylist()]
             name = f"{m}-ens{1 + len(cfg.ensemble)}"
             subsets.append(

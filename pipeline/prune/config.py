@@ -225,6 +225,8 @@ def _same_place(url: str) -> str:
     """A run's URL spelled one way: a local path made absolute, without a trailing '/'."""
     import os
 
+    if url.startswith("file://"):
+        url = url[len("file://") :]
     if "://" in url:
         return url.rstrip("/")
     return os.path.abspath(url)

@@ -176,6 +176,7 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
             "kept": manifest["kept"],
             "seconds": manifest["seconds"],
             "scores": scores,
+            **({"ensemble": ensemble} if ensemble else {}),
         },
     )
     return {**manifest, "dir": absolute_pattern(out)}

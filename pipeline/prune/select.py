@@ -241,8 +241,7 @@ def plan(
     if ensemble:
         from pipeline.prune.ensemble import EnsembleTable
 
-        table = EnsembleTable(table_url, ensemble, batch_rows)
-        table.require([*(cfg.fusion or [cfg.method])])
+        table = EnsembleTable(table_url, ensemble, list(cfg.fusion or [cfg.method]), batch_rows)
     else:
         table = Table(table_url, batch_rows)
     for need in ("uid", "status"):

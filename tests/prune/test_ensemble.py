@@ -146,6 +146,52 @@ def test_a_column_another_run_lacks_is_refused_by_name(tiny_scored, tmp_path):
         write_manifest(PruneConfig(run=str(a), keep=0.5, method="tracin", ensemble=[str(b)]))
     # a column both hold still ranks
     assert write_manifest(PruneConfig(run=str(a), keep=0.5, ensemble=[str(b)]))["kept"] > 0
+    as_text = pa.array(["x"] * pq.read_metadata(b / "scores.parquet").num_rows)
+    _rewrite(b, lambda t: t.set_column(t.schema.get_field_index("diffin"), "diffin", as_text))
+    with pytest.raises(ConfigError, match=f"column 'diffin' of {b}.* is not numeric"):
+        write_manifest(PruneConfig(run=str(a), keep=0.5, ensemble=[str(b)]))
+
+
+def _add_int_column(run: Path, values) -> None:
+    _rewrite(run, lambda t: t.append_column("x", pa.array(values, pa.int64())))
+
+
+def test_integer_columns_are_averaged_too(tiny_scored, tmp_path):
+    """Review: an int column was ranked by --run's values alone."""
+    a, b = _copy(tiny_scored, tmp_path, "a"), _copy(tiny_scored, tmp_path, "b")
+    n = pq.read_metadata(a / "scores.parquet").num_rows
+    _add_int_column(a, np.arange(n))
+    _add_int_column(b, np.arange(n)[::-1])  # every mean is (n - 1) / 2: ties, broken by uid
+    result = write_manifest(PruneConfig(run=str(a), keep=0.3, method="x", ensemble=[str(b)]))
+    kept = pq.read_table(Path(result["dir"]) / "keep.parquet").to_pandas()
+    ta = pq.read_table(a / "scores.parquet").to_pandas()
+    ok = (ta.status == "ok").to_numpy()
+    assert set(kept.uid) == _top(list(ta.uid), np.full(n, (n - 1) / 2), ok, 0.3)
+    assert np.allclose(kept.x, (n - 1) / 2)
+
+
+def test_the_balance_column_is_run_s_own_not_averaged(tiny_scored, tmp_path):
+    """Review: a float --balance-by column was averaged into made-up groups."""
+    a, b = _copy(tiny_scored, tmp_path, "a"), _copy(tiny_scored, tmp_path, "b")
+    n = pq.read_metadata(a / "scores.parquet").num_rows
+    _rewrite(a, lambda t: t.append_column("group", pa.array(np.arange(n) % 2, pa.float64())))
+    _rewrite(b, lambda t: t.append_column("group", pa.array(np.full(n, 7.0))))
+    result = write_manifest(
+        PruneConfig(run=str(a), keep=0.5, rule="balanced", balance_by="group", ensemble=[str(b)])
+    )
+    # --run's groups, not the means 3.5 and 4.0
+    assert set(result["selection"]["groups"]) == {"0", "1"}
+
+
+def test_uids_stored_as_large_strings_are_the_same_uids(tiny_scored, tmp_path):
+    a, b = _copy(tiny_scored, tmp_path, "a"), _copy(tiny_scored, tmp_path, "b")
+    _rewrite(
+        b,
+        lambda t: t.set_column(
+            0, pa.field("uid", pa.large_string()), t["uid"].cast(pa.large_string())
+        ),
+    )
+    assert write_manifest(PruneConfig(run=str(a), keep=0.5, ensemble=[str(b)]))["kept"] > 0
 
 
 def test_an_unscored_run_in_the_ensemble_is_refused(tiny_scored, tmp_path):
@@ -227,3 +273,29 @@ def test_evaluate_retrains_on_the_ensemble_subsets_beside_the_scorers(two_runs):
     assert record["config"]["ensemble"] == [str(b)]
     with pytest.raises(ConfigError, match="named twice"):
         EvaluateConfig(run=str(a), methods=["diffin"], ensemble=[str(a)]).validate()
+    with pytest.raises(ConfigError, match="named twice"):
+        EvaluateConfig(run=str(a), methods=["diffin"], ensemble=[f"file://{a}/"]).validate()
+
+
+def test_evaluate_refuses_an_ensemble_whose_runs_failed_other_rows(two_runs):
+    """Review: the subsets' size check blamed non-finite scores or repeated uids."""
+    from pipeline.evaluation.config import EvaluateConfig
+    from pipeline.evaluation.retrain import plan_subsets
+
+    a, b = two_runs
+    first_ok = pq.read_table(a / "scores.parquet").to_pandas().query("status == 'ok'").uid.iloc[0]
+    _rewrite(
+        b,
+        lambda t: _set(
+            t,
+            "status",
+            [
+                "error" if u == first_ok else s
+                for u, s in zip(t["uid"].to_pylist(), t["status"].to_pylist(), strict=True)
+            ],
+        ),
+    )
+    cfg = EvaluateConfig(run=str(a), keeps=[0.5], methods=["diffin"], ensemble=[str(b)])
+    url = str(a / "scores.parquet")
+    with pytest.raises(ConfigError, match="1 of the rows .* are error rows in another run"):
+        plan_subsets(cfg, pq.read_table(url), table_url=url)
