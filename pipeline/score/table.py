@@ -342,7 +342,33 @@ def stale_manifests(
                 )
         return current[key]
 
-    return sorted(name for name, scores in made.items() if scores != now(scores.get("columns")))
+    stale = {name for name, scores in made.items() if scores != now(scores.get("columns"))}
+    # an ensemble's manifest (prune --ensemble) ranks the other runs' tables too
+    stale |= {name for name, v in entries.items() if _ensemble_changed(v.get("ensemble"))}
+    return sorted(stale)
+
+
+def _ensemble_changed(ensemble: Any) -> bool:
+    """Whether a table an ensemble manifest averaged in holds other rows or values now
+    (or is gone): ``ensemble`` is run.json's record of it, [{"run", "scores"}, ...]."""
+    if not isinstance(ensemble, list):
+        return False
+    for other in ensemble:
+        made = other.get("scores") if isinstance(other, dict) else None
+        if not isinstance(made, dict) or not isinstance(other.get("run"), str):
+            continue  # nothing recorded to compare with
+        url = RunDir(other["run"]).scores
+        try:
+            if not exists(url):
+                return True
+            with fsspec.open(url, "rb") as f:
+                names = set(pq.read_schema(f).names)
+            columns = made.get("columns") or []
+            if not set(columns) <= names or table_identity(url, columns) != made:
+                return True
+        except OSError:  # unreadable now: it cannot be the table the manifest ranked
+            return True
+    return False
 
 
 def scored_reader_options(run: RunDir) -> dict[str, Any]:

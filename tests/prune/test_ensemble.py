@@ -299,3 +299,26 @@ def test_evaluate_refuses_an_ensemble_whose_runs_failed_other_rows(two_runs):
     url = str(a / "scores.parquet")
     with pytest.raises(ConfigError, match="1 of the rows .* are error rows in another run"):
         plan_subsets(cfg, pq.read_table(url), table_url=url)
+
+
+def test_a_rescore_of_another_run_marks_the_ensemble_manifest_stale(two_runs, capsys):
+    from pipeline import cli
+    from pipeline.rundir import RunDir
+    from pipeline.score.table import stale_manifests
+
+    a, b = two_runs
+    write_manifest(PruneConfig(run=str(a), keep=0.5, ensemble=[str(b)]))
+    write_manifest(PruneConfig(run=str(a), keep=0.5))  # run a's own: never marked below
+    assert stale_manifests(RunDir(str(a))) == []
+    # another column of b changes: what the manifest ranked did not
+    _rewrite(b, lambda t: _set(t, "tracin", np.zeros(t.num_rows)))
+    assert stale_manifests(RunDir(str(a))) == []
+    _rewrite(b, lambda t: _set(t, "diffin", np.zeros(t.num_rows)))
+    assert stale_manifests(RunDir(str(a))) == ["diffin-keep0.5-ens2"]
+    capsys.readouterr()
+    assert cli.main(["status", "--run", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "diffin-keep0.5-ens2: " in out and "[ranks an earlier table]" in out
+    assert f"diffin prune --run {a} --keep 0.5 --method diffin --ensemble {b}" in out
+    shutil.rmtree(b)  # gone: the manifest cannot be what it ranks now
+    assert stale_manifests(RunDir(str(a))) == ["diffin-keep0.5-ens2"]
