@@ -52,7 +52,7 @@ from pipeline.model import factory
 from pipeline.model.batches import encode, encode_pool, input_bytes, pool_transform
 from pipeline.provenance import provenance
 from pipeline.prune.manifest import select
-from pipeline.prune.select import plan
+from pipeline.prune.select import Selection, plan
 from pipeline.rundir import (
     RunDir,
     copy_dir,
@@ -379,7 +379,7 @@ def plan_subsets(
                     "smaller than the others: evaluate compares subsets of one size. Leave "
                     "that run out, or rescore it"
                 )
-            kept = [u for b in selection.kept_batches(["uid"]) for u in b.column("uid").to_pylist()]
+            kept = _kept_uids(selection)
             name = f"{m}-ens{1 + len(cfg.ensemble)}"
             subsets.append(
                 {"name": f"{name}@{keep:g}", "method": name, "keep": float(keep), "uids": kept}
@@ -389,7 +389,7 @@ def plan_subsets(
                 raise ValueError("plan_subsets: fused subsets need table_url")
             rule = cfg.prune_config(fusion, keep)
             selection = plan(rule, table_url)  # refuses unknown columns
-            kept = [u for b in selection.kept_batches(["uid"]) for u in b.column("uid").to_pylist()]
+            kept = _kept_uids(selection)
             name = rule.ranking
             subsets.append(
                 {"name": f"{name}@{keep:g}", "method": name, "keep": float(keep), "uids": kept}
@@ -423,6 +423,11 @@ def plan_subsets(
                 f"{batch_size}; lower --batch-size or raise --keep"
             )
     return subsets
+
+
+def _kept_uids(selection: Selection) -> list[str]:
+    """The uids a prune selection keeps, in table order."""
+    return [u for b in selection.kept_batches(["uid"]) for u in b.column("uid").to_pylist()]
 
 
 def _draw_key(uid: str) -> bytes:

@@ -46,9 +46,8 @@ class EnsembleTable(Table):
                     f"ensemble: {other.url} holds {other.num_rows} rows, {url} {self.num_rows}: "
                     "an ensemble averages the scores of one pool, scored with the same --data"
                 )
-        self.averaged = list(dict.fromkeys(averaged))
         # a column --run's table lacks is refused by the rule, as without an ensemble
-        self.averaged = [c for c in self.averaged if c in self.columns]
+        self.averaged = [c for c in dict.fromkeys(averaged) if c in self.columns]
         for table in [self, *self.others]:
             for c in self.averaged:
                 if c not in table.columns:
@@ -121,10 +120,10 @@ class _rechunked:
         if self._rows < n:
             raise ConfigError("ensemble: a table of the ensemble ended before the first one")
         whole = pa.Table.from_batches(self._held).combine_chunks()
-        head, rest = whole.slice(0, n), whole.slice(n)
+        rest = whole.slice(n)
         self._held = rest.to_batches() if rest.num_rows else []
         self._rows = rest.num_rows
-        return head.combine_chunks().to_batches()[0]
+        return whole.slice(0, n).to_batches()[0]
 
     def end(self) -> None:
         """Refuse a table with rows left over, then close its file."""

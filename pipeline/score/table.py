@@ -344,13 +344,18 @@ def stale_manifests(
 
     stale = {name for name, scores in made.items() if scores != now(scores.get("columns"))}
     # an ensemble's manifest (prune --ensemble) ranks the other runs' tables too
-    stale |= {name for name, v in entries.items() if _ensemble_changed(v.get("ensemble"))}
+    # each other table read once per column set, however many manifests averaged it in
+    others: dict[tuple[str, ...], dict[str, Any] | None] = {}
+    stale |= {name for name, v in entries.items() if _ensemble_changed(v.get("ensemble"), others)}
     return sorted(stale)
 
 
-def _ensemble_changed(ensemble: Any) -> bool:
+def _ensemble_changed(
+    ensemble: Any, identities: dict[tuple[str, ...], dict[str, Any] | None]
+) -> bool:
     """Whether a table an ensemble manifest averaged in holds other rows or values now
-    (or is gone): ``ensemble`` is run.json's record of it, [{"run", "scores"}, ...]."""
+    (or is gone): ``ensemble`` is run.json's record of it, [{"run", "scores"}, ...];
+    ``identities`` caches each (table, *columns)'s identity now (None: none)."""
     if not isinstance(ensemble, list):
         return False
     for other in ensemble:
@@ -358,17 +363,26 @@ def _ensemble_changed(ensemble: Any) -> bool:
         if not isinstance(made, dict) or not isinstance(other.get("run"), str):
             continue  # nothing recorded to compare with
         url = RunDir(other["run"]).scores
-        try:
-            if not exists(url):
-                return True
-            with fsspec.open(url, "rb") as f:
-                names = set(pq.read_schema(f).names)
-            columns = made.get("columns") or []
-            if not set(columns) <= names or table_identity(url, columns) != made:
-                return True
-        except OSError:  # unreadable now: it cannot be the table the manifest ranked
+        columns = made.get("columns") or []
+        key = (url, *columns)
+        if key not in identities:
+            identities[key] = _identity_now(url, columns)
+        if identities[key] != made:
             return True
     return False
+
+
+def _identity_now(url: str, columns: list[str]) -> dict[str, Any] | None:
+    """:func:`table_identity` of ``columns``; None if the table is gone, unreadable or
+    lacks one of them (it cannot be the table a manifest ranked)."""
+    try:
+        if not exists(url):
+            return None
+        with fsspec.open(url, "rb") as f:
+            names = set(pq.read_schema(f).names)
+        return table_identity(url, columns) if set(columns) <= names else None
+    except OSError:
+        return None
 
 
 def scored_reader_options(run: RunDir) -> dict[str, Any]:
