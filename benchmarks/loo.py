@@ -26,6 +26,7 @@ SCORERS = (
     "tracin",
     "diffin_removal",
     "tracin_removal",
+    "diffin_cmean",
     "diffin_second",
     "diffin_propagated_hessian",
     "diffin_derived",
@@ -85,6 +86,17 @@ def analyse(res) -> dict:
         str(d): {"n": int((defects == d).sum()), "mean": float(actual[defects == d].mean())}
         for d in sorted(set(defects))
     }
+    if res.actual_cmean is not None:
+        # against the effect on the checkpoint-mean objective, which diffin_cmean estimates
+        y = res.actual_cmean
+        out["checkpoint_mean"] = {
+            name: {
+                "spearman": spearman(res.scores[name][idx], y),
+                "spearman_ci90": bootstrap_ci(spearman, res.scores[name][idx], y, n=500),
+            }
+            for name in ("diffin_cmean", "diffin_removal", "tracin_removal", "loss")
+        }
+        out["checkpoint_mean"]["spearman_with_final_effect"] = spearman(y, actual)
     out["actual_abs_mean"] = float(np.abs(actual).mean())
     out["actual_positive_fraction"] = float((actual > 0).mean())
     return out
@@ -197,6 +209,7 @@ def main(argv=None) -> dict:
         "summary": summary,
         "removed": res.removed,
         "actual": res.actual,
+        "actual_cmean": res.actual_cmean,
         "scores_removed": {k: res.scores[k][np.asarray(res.removed)] for k in SCORERS},
         # everything the LDS is computed from, so that it can be rechecked
         "scores": {k: res.scores[k] for k in SCORERS},
@@ -220,6 +233,8 @@ def main(argv=None) -> dict:
     ]
     print(md_table(["scorer", "Spearman (LOO)", "90% CI", "LDS"], rows))
     print("actual by defect:", summary["actual_by_defect"])
+    if "checkpoint_mean" in summary:
+        print("against the checkpoint-mean effect:", summary["checkpoint_mean"])
     print("noise floor:", res.noise_floor)
     print(f"total {total:.0f}s; timings {res.timings}")
     return record

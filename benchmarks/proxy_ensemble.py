@@ -12,7 +12,9 @@ over every subset of k of them (k = 2 ... K: mean, lowest and highest over the s
 
 A control asks whether the gain comes from the draws or only from evaluating g_z at more
 points: seed 0 trained again with K times the checkpoints (the same trajectory, the same
-scoring cost as the K-proxy ensemble). --lr trains every proxy at another rate.
+scoring cost as the K-proxy ensemble). --lr trains every proxy at another rate;
+--objective checkpoint-mean scores diffin toward the target loss averaged over the
+checkpoints (docs/accuracy.md, section 2e) in runs of their own (suffix -cmean).
 
 The ensemble of all K is then pruned through the real path, ``diffin prune --run R0
 --ensemble R1 ... --keep 0.7`` (pipeline.prune.manifest.write_manifest), and the
@@ -41,6 +43,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--threads", type=int, default=2, help="torch threads of every training")
     p.add_argument("--lr", type=float, default=None, help="the proxy's rate (default: the CLI's)")
+    p.add_argument(
+        "--objective",
+        choices=("final", "checkpoint-mean"),
+        default="final",
+        help="diffin's objective (`diffin score --objective`)",
+    )
     p.add_argument("--no-control", action="store_true", help="skip the K x checkpoints run")
     p.add_argument(
         "--methods",
@@ -65,7 +73,10 @@ def main(argv=None) -> dict:
     methods = a.methods.split(",")
     t0 = time.perf_counter()
     pool = make_pool(f"{a.work}/pool", SynthConfig(shard_size=250))  # the demo's pool
-    runs = [ensure_run(a.work, pool, "constant", s, a.threads, lr=a.lr) for s in a.seeds]
+    runs = [
+        ensure_run(a.work, pool, "constant", s, a.threads, lr=a.lr, objective=a.objective)
+        for s in a.seeds
+    ]
     k_all = len(runs)
     extra = [m for m in methods if m not in METHODS]
     for run in runs if extra else []:
@@ -79,6 +90,7 @@ def main(argv=None) -> dict:
                     workers=2,
                     threads=1,
                     target=pool["target"]["data"],
+                    objective=a.objective,
                 )
             )
     control = None
@@ -90,6 +102,7 @@ def main(argv=None) -> dict:
             a.seeds[0],
             a.threads,
             lr=a.lr,
+            objective=a.objective,
             checkpoints=5 * k_all,
             name=f"{Path(runs[0]).name}-ckpt{5 * k_all}",
         )
@@ -146,6 +159,7 @@ def main(argv=None) -> dict:
         "command": "python -m benchmarks.proxy_ensemble "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "lr": a.lr,
+        "objective": a.objective,
         "runs": runs,
         "control_run": control,
         "pool": {"rows": len(uids), "mismatched": int(positive.sum())},

@@ -36,8 +36,14 @@ from benchmarks.noise_auroc import auroc_table
 METHODS = ["diffin", "tracin", "loss"]
 
 
-def run_name(schedule: str, seed: int, threads: int, lr: float | None = None) -> str:
-    return f"run-{schedule}-s{seed}-t{threads}" + (f"-lr{lr:g}" if lr is not None else "")
+def run_name(
+    schedule: str, seed: int, threads: int, lr: float | None = None, objective: str = "final"
+) -> str:
+    return (
+        f"run-{schedule}-s{seed}-t{threads}"
+        + (f"-lr{lr:g}" if lr is not None else "")
+        + ("-cmean" if objective == "checkpoint-mean" else "")
+    )
 
 
 def aurocs(scores_url: str, truth_url: str) -> dict[str, float]:
@@ -91,6 +97,7 @@ def ensure_run(
     steps: int = 400,
     checkpoints: int | None = None,
     name: str | None = None,
+    objective: str = "final",
 ) -> str:
     """WORK/NAME trained and scored as the module docstring says, unless its scores exist.
 
@@ -102,7 +109,7 @@ def ensure_run(
     from pipeline.train.config import TrainConfig
     from pipeline.train.trajectory import train
 
-    run_dir = f"{work}/{name or run_name(schedule, seed, threads, lr)}"
+    run_dir = f"{work}/{name or run_name(schedule, seed, threads, lr, objective)}"
     if not exists(RunDir(run_dir).scores):
         train(
             TrainConfig(
@@ -124,6 +131,7 @@ def ensure_run(
                 workers=2,
                 threads=1,
                 target=pool["target"]["data"],
+                objective=objective,
             )
         )
     return run_dir

@@ -21,7 +21,7 @@ from pipeline.errors import TERMINATED, ConfigError, StageFailed, field_flag, ha
 from pipeline.influence.directions import GGN_KEPT_PAIRS, PAIRS_PER_PASS
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.prune.config import NORMS
-from pipeline.score.config import DTYPE_CHOICES, SAMPLE_GRADIENTS
+from pipeline.score.config import DTYPE_CHOICES, OBJECTIVES, SAMPLE_GRADIENTS
 from pipeline.scorers import REGISTRY
 from pipeline.train.config import TrainConfig
 
@@ -405,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
         "default) or 'hessian' (exact H_B, whose negative curvature can blow the product up)",
     )
     s.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="final",
+        help="what diffin's removal effect is on: 'final' (the target loss at the last "
+        "checkpoint; default) or 'checkpoint-mean' (its mean over the checkpoints: less "
+        "a single draw of the proxy; propagated form only; docs/accuracy.md 2e)",
+    )
+    s.add_argument(
         "--sample-gradient",
         choices=SAMPLE_GRADIENTS,
         default="removal",
@@ -763,6 +771,7 @@ def run(args: argparse.Namespace) -> object:
                 first_order=args.first_order,
                 second_order=args.second_order,
                 propagate_curvature=args.propagate_curvature,
+                objective=args.objective,
                 sample_gradient=args.sample_gradient,
                 dtype=args.dtype,
                 seed=args.seed,

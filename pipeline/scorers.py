@@ -117,7 +117,14 @@ class DiffIn(Scorer):
     terms = frozenset({"first", "hz", "hlin"})
     description = "Diff-In influence on the target loss (second order, trajectory)"
     depends_on = frozenset(
-        {"target", "first_order", "second_order", "propagate_curvature", "sample_gradient"}
+        {
+            "target",
+            "first_order",
+            "second_order",
+            "propagate_curvature",
+            "objective",
+            "sample_gradient",
+        }
     )
 
     def form(self, ctx: ScoreContext) -> str:

@@ -269,6 +269,17 @@ def test_parser_defaults_match_the_readme():
     )
     reference = ["score", "--data", "d", "--run", "r", "--sample-gradient", "reference"]
     assert build_parser().parse_args(reference).sample_gradient == "reference"
+    assert build_parser().parse_args(["score", "--data", "d", "--run", "r"]).objective == "final"
+
+
+def test_the_objective_reaches_the_score_config(monkeypatch):
+    seen = []
+    monkeypatch.setattr("pipeline.cli.check_patterns", lambda args: None)
+    monkeypatch.setattr("pipeline.score.driver.run_scoring", lambda cfg: seen.append(cfg) or {})
+    main(["score", "--data", "d", "--run", "r", "--objective", "checkpoint-mean"])
+    assert seen and seen[0].objective == "checkpoint-mean"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--data", "d", "--run", "r", "--objective", "mean"])
 
 
 @pytest.mark.parametrize("top", ["0", "-1"])

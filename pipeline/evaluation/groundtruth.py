@@ -146,6 +146,8 @@ class LOOResult:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     checkpoints: list[dict[str, float]] = field(default_factory=list)
     radius: list[dict[str, float]] = field(default_factory=list)  # GroundTruth.expansion_radius
+    # delta of the checkpoint-mean objective (1/m) sum_j L_V(theta_{t_j}) per removed index
+    actual_cmean: np.ndarray | None = None
 
 
 def _clone(params: Params) -> Params:
@@ -316,7 +318,9 @@ class GroundTruth:
         engine computes them.
 
         ``prop_ggn`` / ``prop_hessian`` are <r_t, g_z> of the propagated form
-        (``pipeline.influence.propagate``) with the Gauss-Newton or the exact H_B.
+        (``pipeline.influence.propagate``) with the Gauss-Newton or the exact H_B;
+        ``prop_ggn_cmean_removal`` that of the checkpoint-mean objective (Gauss-Newton,
+        removal gradient: the pipeline's defaults with ``--objective checkpoint-mean``).
         With ``self_influence``, also the self terms of the scalable form at its defaults
         (``SelfInfluenceEngine``, as the scoring workers build it).
         """
@@ -330,6 +334,16 @@ class GroundTruth:
             f"prop_{curvature}": self.propagated(checkpoints, dirs[-1].g_V, curvature)
             for curvature in ("ggn", "hessian")
         }
+        m = len(dirs)  # (1/m) sum_j L_V(theta_{t_j}), as score.directions builds it
+        cmean = self.propagated(
+            checkpoints,
+            {k: v / m for k, v in dirs[-1].g_V.items()},
+            "ggn",
+            earlier={
+                c.step: {k: v / m for k, v in d.g_V.items()}
+                for (c, _), d in zip(checkpoints[:-1], dirs[:-1], strict=True)
+            },
+        )
         idx = torch.arange(self.n_train) if rows is None else torch.as_tensor(list(rows))
         out: dict[int, dict[str, np.ndarray]] = {}
         for i, ((ckpt, params), d) in enumerate(zip(checkpoints, dirs, strict=True)):
@@ -363,6 +377,9 @@ class GroundTruth:
                 t["prop_ggn_removal"] = fast_terms(
                     self.fns_removal, params, d, images, tokens, {"hlin"}, lin=props["prop_ggn"][i]
                 )["hlin"]
+                t["prop_ggn_cmean_removal"] = fast_terms(
+                    self.fns_removal, params, d, images, tokens, {"hlin"}, lin=cmean[i]
+                )["hlin"]
                 if engine is not None:
                     t.update(engine.terms(images, tokens))
                 for k, v in t.items():
@@ -371,10 +388,15 @@ class GroundTruth:
         return out
 
     def propagated(
-        self, checkpoints: list[tuple[Checkpoint, Params]], g_V: Params, curvature: str
+        self,
+        checkpoints: list[tuple[Checkpoint, Params]],
+        g_V: Params,
+        curvature: str,
+        earlier: dict[int, Params] | None = None,
     ) -> list[Params]:
         """The propagated form's r_t per checkpoint, as ``pipeline.score.directions`` computes
-        them (curvature averaged over the k gradient batches)."""
+        them (curvature averaged over the k gradient batches); ``earlier`` as in
+        :func:`propagated_directions` (the checkpoint-mean objective)."""
         grad_batches = [(self.images[i], self.tokens[i]) for i in self.grad_idx]
         s = self.setting
 
@@ -393,6 +415,7 @@ class GroundTruth:
             self.n_train,
             s.momentum,
             s.weight_decay,
+            earlier=earlier,
         )
 
     def scores(
@@ -459,6 +482,7 @@ class GroundTruth:
             for c, w in zip(checkpoints, weights, strict=True)
         )
         out["diffin_removal"] = sum(terms[c.step]["prop_ggn_removal"] for c in checkpoints)
+        out["diffin_cmean"] = sum(terms[c.step]["prop_ggn_cmean_removal"] for c in checkpoints)
         if "self_first" in terms[checkpoints[-1].step]:
             for scorer in get_scorers(list(SELF_SCORERS)):
                 out[scorer.name] = scorer.score(terms, uids, ctx)[scorer.name]
@@ -560,11 +584,17 @@ def run_groundtruth(
     removed = sorted(
         rng.choice(gt.n_train, size=min(n_removed, gt.n_train), replace=False).tolist()
     )
+
+    def cmean(run: TrainResult) -> float:  # the checkpoint-mean objective
+        return float(np.mean([gt.target_loss(p) for _, p in run.checkpoints]))
+
+    base_cmean = cmean(full)
     t = time.perf_counter()
-    actual = []
+    actual, actual_cmean = [], []
     for i, z in enumerate(removed):
-        r = gt.train(removed=gt.mask([z]))
+        r = gt.train(removed=gt.mask([z]), keep_checkpoints=True)
         actual.append(gt.target_loss(r.final) - base)
+        actual_cmean.append(cmean(r) - base_cmean)
         if (i + 1) % 10 == 0:
             log(f"  LOO {i + 1}/{len(removed)} ({time.perf_counter() - t:.0f}s)")
     timings["loo"] = time.perf_counter() - t
@@ -598,4 +628,5 @@ def run_groundtruth(
         loss_curve=full.loss_curve,
         checkpoints=[{"step": c.step, "lr": c.lr} for c in ckpts],
         radius=radius,
+        actual_cmean=np.asarray(actual_cmean),
     )

@@ -40,11 +40,17 @@ What is approximated, per checkpoint t_i (``nearest_blocks``):
   exponentially: on the demo run, NaN after 320 steps);
 - g_z(theta_s) is g_z at that checkpoint, so the per-sample work is one JVP per
   checkpoint along r_i = sum over its steps of d_s / N, a TracIn-sized cost.
+
+The objective need not be the final loss alone. For J = sum_j c_j L_V(theta_{t_j}) (the
+checkpoint-mean objective: c_j = 1/m over the m checkpoints) the adjoint is the same
+recursion started from lambda_T = c_m g_V(theta_T), with c_j g_V(theta_{t_j}) added to
+lambda as the sweep passes t_j: a step s < t_j moves theta_{t_j}, a later one does not.
+Same cost: still one curvature product per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -88,12 +94,18 @@ def propagated_directions(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     progress: Callable[[int], None] | None = None,
+    earlier: Mapping[int, Params] | None = None,
 ) -> list[Params]:
     """r_i per checkpoint: the score of z is sum_i <r_i, g_z(theta_{t_i})>.
 
-    ``g_V`` is the target gradient at the last checkpoint (theta_T), ``rate(s)``
-    the learning rate of the update theta_s -> theta_{s+1}.
+    ``g_V`` is the gradient of the objective at the last checkpoint (theta_T), ``rate(s)``
+    the learning rate of the update theta_s -> theta_{s+1}. ``earlier``: the objective's
+    gradient at earlier steps t < T too (step -> gradient, its weight included), for an
+    objective that reads the trajectory there (the checkpoint-mean objective).
     """
+    earlier = dict(earlier or {})
+    if any(not 0 < t < steps[-1] for t in earlier):
+        raise ValueError(f"earlier objective steps must lie in (0, {steps[-1]}): {sorted(earlier)}")
     blocks = nearest_blocks(steps)
     owner = {s: i for i, block in enumerate(blocks) for s in block}
     lam = {k: v.double() for k, v in g_V.items()}
@@ -104,6 +116,8 @@ def propagated_directions(
     acc: Params = {}
     current = None
     for s in range(steps[-1] - 1, -1, -1):
+        if s + 1 in earlier:  # steps before t move theta_t; this one is the last of them
+            lam = {k: lam[k] + earlier[s + 1][k].to(lam[k].device).double() for k in lam}
         i = owner[s]
         if i != current:
             _flush(out, current, acc)

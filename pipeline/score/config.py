@@ -29,6 +29,9 @@ AUTO_FORM = "auto"
 
 
 SAMPLE_GRADIENTS = ("reference", "removal")
+# What diffin estimates the removal effect on: the target loss at the last checkpoint, or
+# its mean over the checkpoints (propagated form only; docs/accuracy.md section 2e).
+OBJECTIVES = ("final", "checkpoint-mean")
 DTYPE_CHOICES = ("float32", "float64", "amp_bf16")
 
 
@@ -74,6 +77,9 @@ class ScoreConfig:
     second_order: str = AUTO_FORM
     # curvature the propagated form damps with: "ggn" (Gauss-Newton, PSD) or "hessian" (exact H_B)
     propagate_curvature: str = "ggn"
+    # the target loss diffin's removal effect is on: "final" (at theta_T, METHOD.md) or
+    # "checkpoint-mean" (its mean over the checkpoints; propagated form only)
+    objective: str = "final"
     # g_z of the target-directed scores (diffin, tracin): "removal", z's removal gradient
     # from R used as a batch (z's own terms and its role as a negative of its batch mates;
     # chosen from docs/accuracy.md section 1g), or "reference", the gradient of the
@@ -152,6 +158,12 @@ class ScoreConfig:
                 "propagate_curvature",
                 self.propagate_curvature in CURVATURES,
                 f"must be one of {CURVATURES}",
+            ),
+            ("objective", self.objective in OBJECTIVES, f"must be one of {OBJECTIVES}"),
+            (
+                "objective",
+                self.objective == "final" or self.second_order in (AUTO_FORM, "propagated"),
+                "checkpoint-mean needs the propagated form (--second-order auto or propagated)",
             ),
             (
                 "sample_gradient",

@@ -338,6 +338,8 @@ def ensure_propagated(
                 traj.n_train,
                 cfg.propagate_curvature,
                 PROPAGATED_VERSION,
+                # the files of the final-loss objective, stored before the option, stay valid
+                *([cfg.objective] if cfg.objective != "final" else []),
             ]
         ).encode()
     ).hexdigest()[:16]
@@ -369,6 +371,15 @@ def ensure_propagated(
         return loaded[i](v)
 
     g_V = load_directions(run.directions(steps[-1]), device).ordered(names).g_V
+    earlier: dict[int, Params] = {}
+    if cfg.objective == "checkpoint-mean":  # (1/m) sum_j L_V(theta_{t_j}): each g_V by 1/m
+        c = 1.0 / len(steps)
+        g_V = {k: c * v for k, v in g_V.items()}
+        for t in steps[:-1]:  # on the host: the sweep adds each once, as it passes t
+            earlier[t] = {
+                k: c * v
+                for k, v in load_directions(run.directions(t), "cpu").ordered(names).g_V.items()
+            }
     with tqdm(
         total=steps[-1], desc="propagating g_V", unit="step", leave=False, disable=None
     ) as bar:
@@ -383,7 +394,7 @@ def ensure_propagated(
 
         try:
             dirs = propagated_directions(
-                hvp, steps, rate, g_V, traj.n_train, momentum, weight_decay, progress
+                hvp, steps, rate, g_V, traj.n_train, momentum, weight_decay, progress, earlier
             )
         except PropagationDiverged as e:
             fix = (
@@ -393,9 +404,20 @@ def ensure_propagated(
             )
             raise ConfigError(f"second_order propagated: {e}; score with {fix}") from e
     for step, url, r in zip(steps, urls, dirs, strict=True):
-        save_tensors(url, r, {"fingerprint": fingerprint, "step": step, "form": "propagated"})
+        save_tensors(
+            url,
+            r,
+            {
+                "fingerprint": fingerprint,
+                "step": step,
+                "form": "propagated",
+                "objective": cfg.objective,
+            },
+        )
     log.info(
-        "propagated g_V back over %d steps (momentum %g, weight decay %g, curvature %s): |r_t| %s",
+        "propagated g_V (%s objective) back over %d steps (momentum %g, weight decay %g, "
+        "curvature %s): |r_t| %s",
+        cfg.objective,
         steps[-1],
         momentum,
         weight_decay,

@@ -687,6 +687,9 @@ def _fingerprint(
     uses = depends_on(get_scorers(cfg.methods))
     if cfg.second_order != "propagated":
         uses -= {"propagate_curvature"}  # the curvature the propagated form damps with
+    if cfg.objective == "final":
+        # the only objective before the option: the tables scored then stay valid
+        uses -= {"objective"}
     fp["options"] = {k: getattr(cfg, k) for k in sorted(uses - {"target", "self_hb"})}
     if "target" in uses:
         fp["target"] = target["target_fingerprint"]
@@ -1150,6 +1153,12 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     with runlock.hold(cfg.run, ["score"], "score"):
         traj = load_trajectory(run)
         form = resolve_form(cfg.second_order, traj)
+        if cfg.objective != "final" and form != "propagated" and "diffin" in cfg.methods:
+            raise ConfigError(
+                f"objective {cfg.objective}: needs the propagated form, and this "
+                f"{traj.record.get('optimizer', {}).get('name')!r} trajectory is scored with "
+                f"the {form} one (the propagated form models SGD)"
+            )
         progress_url, request_url = (
             run.path("scores", "progress.json"),
             run.path("scores", "request.json"),

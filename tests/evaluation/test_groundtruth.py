@@ -78,6 +78,18 @@ def test_the_measured_effects_are_the_target_loss_with_the_pairs_removed_minus_w
     assert result.actual[0] == gone - base
     subset = torch.from_numpy(result.subsets[0])
     assert result.subset_actual[0] == gt.target_loss(gt.train(removed=subset).final) - base
+    # the checkpoint-mean objective: the mean over the checkpoints (the last is theta_T)
+    full, cut = gt.train(keep_checkpoints=True), gt.train(gt.mask([z]), keep_checkpoints=True)
+
+    def mean(run):
+        return np.mean([gt.target_loss(p) for _, p in run.checkpoints])
+
+    assert [c.step for c, _ in cut.checkpoints] == [5, 10]
+    assert gt.target_loss(cut.checkpoints[-1][1]) == gone
+    assert result.actual_cmean[0] == pytest.approx(mean(cut) - mean(full), rel=1e-12)
+    assert result.scores["diffin_cmean"].shape == (40,)
+    assert np.isfinite(result.scores["diffin_cmean"]).all()
+    assert not np.allclose(result.scores["diffin_cmean"], result.scores["diffin_removal"])
 
 
 def test_removal_changes_the_run():

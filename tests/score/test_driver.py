@@ -362,6 +362,19 @@ def test_the_fingerprint_holds_only_the_options_the_requested_scorers_use(monkey
     propagated = h(["diffin"], second_order="propagated")
     assert h(["diffin"], second_order="propagated", propagate_curvature="hessian") != propagated
     assert h(["diffin"], second_order="propagated", first_order=False) != propagated
+    # diffin's objective: another one rescores diffin, not the loss; the final loss's
+    # tables, scored before the option existed, keep their fingerprint
+    assert h(["diffin"], second_order="propagated", objective="checkpoint-mean") != propagated
+    assert h(["loss"], objective="checkpoint-mean") == h(["loss"])
+    assert (
+        "objective"
+        not in _fingerprint(
+            ScoreConfig(data="/p/x.tar", run="/r", methods=["diffin"]),
+            _traj_record(),
+            {"target_fingerprint": "t"},
+            sets,
+        )["options"]
+    )
     assert h(["random"], seed=7) != h(["random"])
 
     # A new version of the directions, propagation or eigenpairs rescores the scorers

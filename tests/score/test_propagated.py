@@ -120,6 +120,64 @@ def test_engine_equals_per_sample_gradients_dotted_with_r(prop):
     assert np.abs(got[f"diffin_second_t{traj.checkpoints[0].step}"]).max() > 0
 
 
+def test_the_checkpoint_mean_objective_through_the_stage(prop, tmp_path):
+    """--objective checkpoint-mean: its own direction files (recorded as such; the final
+    loss's stay valid and are not recomputed), equal to the final loss's over m in the
+    last checkpoint's block, which no earlier endpoint reaches, and other before it; the
+    diffin column follows them."""
+    src = RunDir(prop["run"])
+    run = copy_run(prop["run"], tmp_path / "mean")
+    cfg = dataclasses.replace(prop["cfg"], run=run, objective="checkpoint-mean")
+    traj = load_trajectory(RunDir(run))
+    steps = [c.step for c in traj.checkpoints]
+    ensure_directions(cfg, RunDir(run), traj)
+    final = [load_tensors(propagated_url(src, t)) for t in steps]
+    mean = [load_tensors(propagated_url(RunDir(run), t)) for t in steps]
+    assert {m["objective"] for _, m in mean} == {"checkpoint-mean"}
+    assert mean[0][1]["fingerprint"] != final[0][1]["fingerprint"]
+    for k in final[-1][0]:
+        torch.testing.assert_close(mean[-1][0][k], final[-1][0][k] / len(steps))
+    assert any(not torch.allclose(mean[0][0][k], final[0][0][k] / len(steps)) for k in final[0][0])
+    shard = prop["data"].replace("{00000..00002}", "00000")
+    samples = [s for s in iter_shard(shard) if s.ok][:4]
+    got = ShardScorer(run, dataclasses.replace(cfg, batch_size=4)).score_samples(samples)
+    base = ShardScorer(prop["run"], dataclasses.replace(prop["cfg"], batch_size=4))
+    want = base.score_samples(samples)
+    np.testing.assert_allclose(got["tracin"], want["tracin"], rtol=1e-10)  # g_V untouched
+    assert not np.allclose(got["diffin"], want["diffin"])
+    # back to the final loss: its files are computed again, the mean's are not reused
+    ensure_directions(dataclasses.replace(cfg, objective="final"), RunDir(run), traj)
+    again = load_tensors(propagated_url(RunDir(run), steps[0]))
+    assert again[1]["fingerprint"] == final[0][1]["fingerprint"]
+    for k in final[0][0]:
+        torch.testing.assert_close(again[0][k], final[0][0][k])
+
+
+def test_the_checkpoint_mean_objective_needs_the_propagated_form(prop, tmp_path):
+    """Refused before any work: with an expansion form asked for, and on a trajectory that
+    --second-order auto scores with the expansion (AdamW)."""
+    from pipeline.score.driver import run_scoring
+
+    with pytest.raises(ConfigError, match="objective: checkpoint-mean needs the propagated"):
+        dataclasses.replace(
+            prop["cfg"], objective="checkpoint-mean", second_order="derived"
+        ).validate()
+    with pytest.raises(ConfigError, match="objective: must be one of"):
+        dataclasses.replace(prop["cfg"], objective="mean").validate()
+    run = as_adamw(prop["run"], tmp_path / "adamw")
+
+    def files():  # the lock files of runlock stay, as after any stage
+        return sorted(str(p) for p in Path(run).rglob("*") if "locks" not in p.parts)
+
+    before = files()
+    cfg = dataclasses.replace(
+        prop["cfg"], run=run, objective="checkpoint-mean", second_order="auto"
+    )
+    with pytest.raises(ConfigError, match="objective checkpoint-mean: needs the propagated"):
+        run_scoring(cfg)
+    assert files() == before
+
+
 def test_rates_follow_the_recorded_schedule(prop):
     traj = load_trajectory(RunDir(prop["run"]))
     momentum, weight_decay, rate = sgd_dynamics(traj)
@@ -250,7 +308,7 @@ def test_the_propagation_takes_the_recorded_momentum_and_weight_decay(prop, tmp_
     class Reached(Exception):
         pass
 
-    def spy(hvp, steps, rate, g_V, n_train, momentum, weight_decay, progress=None):
+    def spy(hvp, steps, rate, g_V, n_train, momentum, weight_decay, progress=None, earlier=None):
         seen.append((momentum, weight_decay))
         raise Reached
 
