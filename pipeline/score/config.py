@@ -162,8 +162,19 @@ class ScoreConfig:
             ("objective", self.objective in OBJECTIVES, f"must be one of {OBJECTIVES}"),
             (
                 "objective",
-                self.objective == "final" or self.second_order in (AUTO_FORM, "propagated"),
+                self.objective == "final"
+                or "diffin" not in self.methods
+                or self.second_order in (AUTO_FORM, "propagated"),
                 "checkpoint-mean needs the propagated form (--second-order auto or propagated)",
+            ),
+            (
+                # sum_t I_t is the final loss's second-order part; under the mean objective
+                # r_t - W_first g_V(theta_t) still holds first-order parts of the later
+                # endpoints, so that sum would be no second-order part of anything
+                "objective",
+                self.objective == "final" or "diffin" not in self.methods or self.first_order,
+                "checkpoint-mean scores diffin with its first-order term (not with "
+                "--no-first-order)",
             ),
             (
                 "sample_gradient",

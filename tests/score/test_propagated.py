@@ -145,6 +145,29 @@ def test_the_checkpoint_mean_objective_through_the_stage(prop, tmp_path):
     want = base.score_samples(samples)
     np.testing.assert_allclose(got["tracin"], want["tracin"], rtol=1e-10)  # g_V untouched
     assert not np.allclose(got["diffin"], want["diffin"])
+    # what reached the sweep: each checkpoint's own g_V over m, the last one as the start
+    # (review: a g_V of the last checkpoint for every endpoint passed the checks above)
+    import pipeline.score.directions as directions
+
+    seen = {}
+
+    def spy(hvp, steps, rate, g_V, n_train, momentum, weight_decay, progress, earlier):
+        seen.update(g_V=g_V, earlier=earlier)
+        raise RuntimeError("seen")
+
+    for f in (Path(run) / "directions").glob("*-propagated.safetensors"):
+        f.unlink()
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="seen"):
+        mp.setattr(directions, "propagated_directions", spy)
+        ensure_directions(cfg, RunDir(run), traj)
+    assert sorted(seen["earlier"]) == steps[:-1]
+    for t in steps:
+        got = seen["g_V"] if t == steps[-1] else seen["earlier"][t]
+        want = load_directions(src.directions(t)).g_V
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k].cpu(), want[k] / len(steps))
+    ensure_directions(cfg, RunDir(run), traj)  # the files again, for what follows
     # back to the final loss: its files are computed again, the mean's are not reused
     ensure_directions(dataclasses.replace(cfg, objective="final"), RunDir(run), traj)
     again = load_tensors(propagated_url(RunDir(run), steps[0]))
@@ -164,6 +187,13 @@ def test_the_checkpoint_mean_objective_needs_the_propagated_form(prop, tmp_path)
         ).validate()
     with pytest.raises(ConfigError, match="objective: must be one of"):
         dataclasses.replace(prop["cfg"], objective="mean").validate()
+    with pytest.raises(ConfigError, match="objective: checkpoint-mean scores diffin with its"):
+        dataclasses.replace(prop["cfg"], objective="checkpoint-mean", first_order=False).validate()
+    # the objective is diffin's: without diffin, nothing to refuse (review)
+    for other in ({"second_order": "derived"}, {"first_order": False}):
+        dataclasses.replace(
+            prop["cfg"], methods=["tracin"], objective="checkpoint-mean", **other
+        ).validate()
     run = as_adamw(prop["run"], tmp_path / "adamw")
 
     def files():  # the lock files of runlock stay, as after any stage
