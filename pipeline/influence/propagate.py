@@ -103,7 +103,7 @@ def propagated_directions(
     gradient at earlier steps t < T too (step -> gradient, its weight included), for an
     objective that reads the trajectory there (the checkpoint-mean objective).
     """
-    earlier = dict(earlier or {})
+    earlier = earlier if earlier is not None else {}  # a Mapping may read each on demand
     if any(not 0 < t < steps[-1] for t in earlier):
         raise ValueError(f"earlier objective steps must lie in (0, {steps[-1]}): {sorted(earlier)}")
     blocks = nearest_blocks(steps)
@@ -117,7 +117,8 @@ def propagated_directions(
     current = None
     for s in range(steps[-1] - 1, -1, -1):
         if s + 1 in earlier:  # steps before t move theta_t; this one is the last of them
-            lam = {k: lam[k] + earlier[s + 1][k].to(lam[k].device).double() for k in lam}
+            add = earlier[s + 1]  # once: a Mapping may read it from a file
+            lam = {k: lam[k] + add[k].to(lam[k].device).double() for k in lam}
         i = owner[s]
         if i != current:
             _flush(out, current, acc)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -371,15 +371,11 @@ def ensure_propagated(
         return loaded[i](v)
 
     g_V = load_directions(run.directions(steps[-1]), device).ordered(names).g_V
-    earlier: dict[int, Params] = {}
+    earlier: Mapping[int, Params] = {}
     if cfg.objective == "checkpoint-mean":  # (1/m) sum_j L_V(theta_{t_j}): each g_V by 1/m
         c = 1.0 / len(steps)
         g_V = {k: c * v for k, v in g_V.items()}
-        for t in steps[:-1]:  # on the host: the sweep adds each once, as it passes t
-            earlier[t] = {
-                k: c * v
-                for k, v in load_directions(run.directions(t), "cpu").ordered(names).g_V.items()
-            }
+        earlier = _ScaledTargetGradients(run, steps[:-1], names, c)
     with tqdm(
         total=steps[-1], desc="propagating g_V", unit="step", leave=False, disable=None
     ) as bar:
@@ -424,6 +420,29 @@ def ensure_propagated(
         cfg.propagate_curvature,
         ", ".join(f"{float(norm(r)):.3g}" for r in dirs),
     )
+
+
+class _ScaledTargetGradients(Mapping):
+    """step -> c g_V(theta_step), read from the step's direction file when the sweep reaches
+    it: one model-sized copy at a time on the host, not m - 1 (review)."""
+
+    def __init__(self, run: RunDir, steps: list[int], names: list[str], c: float) -> None:
+        self.run, self.steps, self.names, self.c = run, list(steps), names, c
+
+    def __getitem__(self, step: int) -> Params:
+        if step not in self.steps:
+            raise KeyError(step)
+        g_V = load_directions(self.run.directions(step), "cpu").ordered(self.names).g_V
+        return {k: self.c * v for k, v in g_V.items()}
+
+    def __contains__(self, step: object) -> bool:  # Mapping's would read the file
+        return step in self.steps
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
 
 def lin_direction(

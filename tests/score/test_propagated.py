@@ -161,6 +161,7 @@ def test_the_checkpoint_mean_objective_through_the_stage(prop, tmp_path):
         mp.setattr(directions, "propagated_directions", spy)
         ensure_directions(cfg, RunDir(run), traj)
     assert sorted(seen["earlier"]) == steps[:-1]
+    assert steps[0] in seen["earlier"] and steps[-1] not in seen["earlier"]
     for t in steps:
         got = seen["g_V"] if t == steps[-1] else seen["earlier"][t]
         want = load_directions(src.directions(t)).g_V
