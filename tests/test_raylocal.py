@@ -145,7 +145,15 @@ def test_a_token_auth_cluster_refusing_us_says_how_to_authenticate(tmp_path):
 
     temp = tempfile.mkdtemp(prefix="diffin-ray-")
     address = f"{HEAD_IP}:{free_port(HEAD_IP)}"
+    # A home of its own holding a token, as one left by an earlier local ray.init: a
+    # fresh machine has none, and `ray start` with token auth then refuses to start
+    # (CI on a clean clone); the user's own home is neither read nor written.
+    home = tmp_path / "home"
+    home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["HOME"] = str(home)
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    assert (home / ".ray" / "auth_token").exists()
     head = subprocess.Popen(
         [
             RAY,
@@ -181,9 +189,6 @@ def test_a_token_auth_cluster_refusing_us_says_how_to_authenticate(tmp_path):
         )
     finally:
         kill_all(tree(head.pid) + procs_naming(temp))
-    from pathlib import Path
-
-    assert (Path.home() / ".ray" / "auth_token").exists()  # written by the head if not before
     assert client.returncode != 0
     last = client.stderr.strip().splitlines()[-1]
     assert last.startswith("pipeline.errors.ConfigError: address: "), last
