@@ -296,8 +296,10 @@ def sgd_dynamics(traj: Trajectory) -> tuple[float, float, Callable[[int], float]
     return float(opt.get("momentum", 0.0)), float(opt.get("weight_decay", 0.0)), rate
 
 
-def propagated_url(run: RunDir, step: int) -> str:
-    return run.path("directions", f"{step:06d}-propagated.safetensors")
+def propagated_url(run: RunDir, step: int, objective: str = "final") -> str:
+    """Each objective its own files, so that scoring one after the other reuses both."""
+    tag = "" if objective == "final" else f"-{objective}"
+    return run.path("directions", f"{step:06d}-propagated{tag}.safetensors")
 
 
 def _stored(url: str, fingerprint: str) -> bool:
@@ -338,12 +340,12 @@ def ensure_propagated(
                 traj.n_train,
                 cfg.propagate_curvature,
                 PROPAGATED_VERSION,
-                # the files of the final-loss objective, stored before the option, stay valid
-                *([cfg.objective] if cfg.objective != "final" else []),
+                DIRECTIONS_VERSION,  # the g_V it starts from (and adds) is read from those files
+                cfg.objective,
             ]
         ).encode()
     ).hexdigest()[:16]
-    urls = [propagated_url(run, s) for s in steps]
+    urls = [propagated_url(run, s, cfg.objective) for s in steps]
     if all(_stored(u, fingerprint) for u in urls):
         log.info("propagated directions: reused (the same trajectory, target and sets)")
         return
@@ -446,13 +448,18 @@ class _ScaledTargetGradients(Mapping):
 
 
 def lin_direction(
-    run: RunDir, step: int, directions: Directions, weights: Weights, form: str
+    run: RunDir,
+    step: int,
+    directions: Directions,
+    weights: Weights,
+    form: str,
+    objective: str = "final",
 ) -> Params:
     """The tangent of the engine's ``hlin`` JVP: W_hb w + W_hv u for the expansion forms,
     r_t - W_first g_V for the propagated one (so that hlin is I_t itself)."""
     if form != "propagated":
         return directions.combined(weights.hb, weights.hv)
-    flat, _ = load_tensors(propagated_url(run, step))
+    flat, _ = load_tensors(propagated_url(run, step, objective))
     return {k: flat[k].to(v.device, v.dtype) - weights.first * v for k, v in directions.g_V.items()}
 
 

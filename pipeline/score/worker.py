@@ -138,7 +138,12 @@ class ShardScorer:
                 host = load_directions(self.run.directions(c.step)).ordered(names)
                 if "hlin" in need:
                     lin = lin_direction(
-                        self.run, c.step, host, weights[c.step], self.ctx.second_order
+                        self.run,
+                        c.step,
+                        host,
+                        weights[c.step],
+                        self.ctx.second_order,
+                        self.cfg.objective,
                     )
                     self.lin[c.step] = {k: v.to(self.device) for k, v in lin.items()}
                 self.directions[c.step] = _on_device(host, need, self.device)

@@ -122,7 +122,7 @@ def test_engine_equals_per_sample_gradients_dotted_with_r(prop):
 
 def test_the_checkpoint_mean_objective_through_the_stage(prop, tmp_path):
     """--objective checkpoint-mean: its own direction files (recorded as such; the final
-    loss's stay valid and are not recomputed), equal to the final loss's over m in the
+    loss's stay beside them, and each objective reuses its own after the other), equal to the final loss's over m in the
     last checkpoint's block, which no earlier endpoint reaches, and other before it; the
     diffin column follows them."""
     src = RunDir(prop["run"])
@@ -132,7 +132,8 @@ def test_the_checkpoint_mean_objective_through_the_stage(prop, tmp_path):
     steps = [c.step for c in traj.checkpoints]
     ensure_directions(cfg, RunDir(run), traj)
     final = [load_tensors(propagated_url(src, t)) for t in steps]
-    mean = [load_tensors(propagated_url(RunDir(run), t)) for t in steps]
+    mean = [load_tensors(propagated_url(RunDir(run), t, "checkpoint-mean")) for t in steps]
+    assert all(Path(propagated_url(RunDir(run), t)).exists() for t in steps)  # kept
     assert {m["objective"] for _, m in mean} == {"checkpoint-mean"}
     assert mean[0][1]["fingerprint"] != final[0][1]["fingerprint"]
     for k in final[-1][0]:
@@ -155,7 +156,7 @@ def test_the_checkpoint_mean_objective_through_the_stage(prop, tmp_path):
         seen.update(g_V=g_V, earlier=earlier)
         raise RuntimeError("seen")
 
-    for f in (Path(run) / "directions").glob("*-propagated.safetensors"):
+    for f in (Path(run) / "directions").glob("*-propagated-checkpoint-mean.safetensors"):
         f.unlink()
     with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="seen"):
         mp.setattr(directions, "propagated_directions", spy)
@@ -169,8 +170,11 @@ def test_the_checkpoint_mean_objective_through_the_stage(prop, tmp_path):
         for k in want:
             torch.testing.assert_close(got[k].cpu(), want[k] / len(steps))
     ensure_directions(cfg, RunDir(run), traj)  # the files again, for what follows
-    # back to the final loss: its files are computed again, the mean's are not reused
-    ensure_directions(dataclasses.replace(cfg, objective="final"), RunDir(run), traj)
+    # one objective after the other: neither sweeps again (the spy would say so)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(directions, "propagated_directions", spy)
+        ensure_directions(dataclasses.replace(cfg, objective="final"), RunDir(run), traj)
+        ensure_directions(cfg, RunDir(run), traj)
     again = load_tensors(propagated_url(RunDir(run), steps[0]))
     assert again[1]["fingerprint"] == final[0][1]["fingerprint"]
     for k in final[0][0]:
@@ -298,6 +302,30 @@ def test_stored_nan_directions_are_computed_again(prop, tmp_path):
     for url in urls:
         r, _ = load_tensors(url)
         assert all(torch.isfinite(v).all() for v in r.values()), url
+
+
+def test_a_new_directions_version_propagates_again(prop, tmp_path, monkeypatch):
+    """The sweep starts from (and adds) the g_V of the direction files: when those are
+    computed again by a new version, the propagated files are not reused (review: the
+    propagated fingerprint lacked the directions' version)."""
+    import pipeline.score.directions as directions
+
+    run = RunDir(copy_run(prop["run"], tmp_path / "newer"))
+    traj = load_trajectory(run)
+    cfg = dataclasses.replace(prop["cfg"], run=run.url)
+    swept = []
+    real = directions.propagated_directions
+
+    def counting(*args, **kwargs):
+        swept.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(directions, "propagated_directions", counting)
+    ensure_directions(cfg, run, traj)
+    assert swept == []  # the same version: reused
+    monkeypatch.setattr(directions, "DIRECTIONS_VERSION", "directions-next")
+    ensure_directions(cfg, run, traj)
+    assert swept == [1]
 
 
 def test_a_long_propagation_logs_how_far_it_has_got(prop, tmp_path, monkeypatch, caplog):
