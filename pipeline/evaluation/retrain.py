@@ -599,6 +599,15 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
     ranked = [*cfg.methods, *(c for fusion in cfg.fusions for c in fusion)]
     ranked = [c for c in dict.fromkeys(ranked) if c in names]
     scores_identity = table_identity(run.scores, ranked)
+    # what each other run's table ranked by (its methods' mean), as prune --ensemble records,
+    # so that a rescore of another run shows this evaluation is out of date too
+    ensemble = [
+        {
+            "run": RunDir(other).url,
+            "scores": table_identity(RunDir(other).scores, [m for m in cfg.methods if m in names]),
+        }
+        for other in cfg.ensemble or []
+    ]
     # those columns alone: not the captions, errors and per-checkpoint terms of every row
     table = read_table(run.scores, columns=list(dict.fromkeys(["uid", "status", *ranked])))
     src = locate_sources(cfg, run)
@@ -782,6 +791,7 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
         "eval_pairs": len(ev.captions),
         "pool_pairs": len(pool),
         "scores": scores_identity,
+        **({"ensemble": ensemble} if ensemble else {}),
         "notes": notes,
         "results": rows,
         "seconds": round(time.time() - t0, 1),

@@ -295,10 +295,14 @@ def evaluation_is_stale(run: RunDir, evaluation: dict[str, Any]) -> bool:
     """Whether ``evaluation`` (evaluate.json) was made from another score table than
     RUN/scores.parquet. One that recorded the columns it ranked by is compared on those
     alone (a rescore that adds a scorer leaves it valid); one from before, on the whole
-    table; one from before evaluations recorded their table ("unknown") cannot be checked."""
+    table; one from before evaluations recorded their table ("unknown") cannot be checked.
+    One that retrained on ensemble subsets (``evaluate --ensemble``) is stale too when another
+    run's table changed what those subsets ranked, or is gone."""
     made = evaluation.get("scores", "unknown")
     if made == "unknown" or not exists(run.scores):
         return False
+    if _ensemble_changed(evaluation.get("ensemble"), {}):
+        return True
     columns = made.get("columns") if isinstance(made, dict) else None
     if not columns:
         return made != table_identity(run.scores)

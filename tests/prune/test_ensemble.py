@@ -247,7 +247,7 @@ def test_the_report_says_the_selection_ranks_an_ensemble(two_runs):
     assert f"diffin, mean over this run and {b}" in selections
 
 
-def test_evaluate_retrains_on_the_ensemble_subsets_beside_the_scorers(two_runs):
+def test_evaluate_retrains_on_the_ensemble_subsets_beside_the_scorers(two_runs, capsys):
     """`diffin evaluate --ensemble`: each method also ranked by its mean over the runs,
     the subset being exactly what `diffin prune --ensemble` keeps."""
     from pipeline import cli
@@ -271,6 +271,22 @@ def test_evaluate_retrains_on_the_ensemble_subsets_beside_the_scorers(two_runs):
     record = json.loads((a / "evaluate" / "evaluate.json").read_text())
     assert [r["subset"] for r in record["results"]] == ["diffin@0.5", "diffin-ens2@0.5"]
     assert record["config"]["ensemble"] == [str(b)]
+    # what b's table ranked is recorded, as prune does: a rescore of b that changes it
+    # makes the evaluation stale (review: only --run's table was recorded and checked)
+    from pipeline.rundir import RunDir
+    from pipeline.score.table import evaluation_is_stale
+
+    assert [o["run"] for o in record["ensemble"]] == [RunDir(str(b)).url]
+    assert record["ensemble"][0]["scores"]["columns"] == ["diffin"]
+    assert not evaluation_is_stale(RunDir(str(a)), record)
+    _rewrite(b, lambda t: _set(t, "tracin", np.zeros(t.num_rows)))  # not what it ranked
+    assert not evaluation_is_stale(RunDir(str(a)), record)
+    _rewrite(b, lambda t: _set(t, "diffin", np.zeros(t.num_rows)))
+    assert evaluation_is_stale(RunDir(str(a)), record)
+    capsys.readouterr()
+    assert cli.main(["status", "--run", str(a)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("evaluate ")]
+    assert line.endswith("[made from an earlier table]"), line
     with pytest.raises(ConfigError, match="named twice"):
         EvaluateConfig(run=str(a), methods=["diffin"], ensemble=[str(a)]).validate()
     with pytest.raises(ConfigError, match="named twice"):
