@@ -68,6 +68,7 @@ from pipeline.rundir import (
 )
 from pipeline.score.table import (
     check_scores_current,
+    ensemble_record,
     read_table,
     require_scores,
     scored_config,
@@ -601,13 +602,7 @@ def _run_evaluation(cfg: EvaluateConfig, run: RunDir) -> dict[str, Any]:
     scores_identity = table_identity(run.scores, ranked)
     # what each other run's table ranked by (its methods' mean), as prune --ensemble records,
     # so that a rescore of another run shows this evaluation is out of date too
-    ensemble = [
-        {
-            "run": RunDir(other).url,
-            "scores": table_identity(RunDir(other).scores, [m for m in cfg.methods if m in names]),
-        }
-        for other in cfg.ensemble or []
-    ]
+    ensemble = ensemble_record(cfg.ensemble or [], [m for m in cfg.methods if m in names])
     # those columns alone: not the captions, errors and per-checkpoint terms of every row
     table = read_table(run.scores, columns=list(dict.fromkeys(["uid", "status", *ranked])))
     src = locate_sources(cfg, run)

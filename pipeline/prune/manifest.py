@@ -44,6 +44,7 @@ from pipeline.rundir import (
 from pipeline.score.merge import recorded_stamps
 from pipeline.score.table import (
     check_scores_current,
+    ensemble_record,
     fingerprint_hash,
     require_scores,
     scored_reader_options,
@@ -105,9 +106,7 @@ def write_manifest(cfg: PruneConfig) -> dict[str, Any]:
     )
     # what each other run's table ranked by, as `scores` is --run's (`diffin status` marks a
     # manifest stale from `scores` alone: a rescore of another run of the ensemble is not)
-    ensemble = [
-        {"run": o.url, "scores": table_identity(o.scores, selection.score_columns)} for o in others
-    ]
+    ensemble = ensemble_record([o.url for o in others], selection.score_columns)
     if selection.kept == 0:
         # An empty manifest is nothing open_clip can train on: refuse it here,
         # before any output is touched.

@@ -354,6 +354,14 @@ def stale_manifests(
     return sorted(stale)
 
 
+def ensemble_record(runs: Sequence[str], columns: Sequence[str]) -> list[dict[str, Any]]:
+    """What each other run of an ensemble ranked by, [{"run", "scores"}, ...]: the record
+    prune and evaluate write beside their own table's, which :func:`_ensemble_changed` reads."""
+    return [
+        {"run": RunDir(u).url, "scores": table_identity(RunDir(u).scores, columns)} for u in runs
+    ]
+
+
 def _ensemble_changed(
     ensemble: Any, identities: dict[tuple[str, ...], dict[str, Any] | None]
 ) -> bool:

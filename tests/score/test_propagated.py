@@ -122,9 +122,9 @@ def test_engine_equals_per_sample_gradients_dotted_with_r(prop):
 
 def test_the_checkpoint_mean_objective_through_the_stage(prop, tmp_path):
     """--objective checkpoint-mean: its own direction files (recorded as such; the final
-    loss's stay beside them, and each objective reuses its own after the other), equal to the final loss's over m in the
-    last checkpoint's block, which no earlier endpoint reaches, and other before it; the
-    diffin column follows them."""
+    loss's stay beside them, and each objective reuses its own after the other), equal to
+    the final loss's over m in the last checkpoint's block, which no earlier endpoint
+    reaches, and other before it; the diffin column follows them."""
     src = RunDir(prop["run"])
     run = copy_run(prop["run"], tmp_path / "mean")
     cfg = dataclasses.replace(prop["cfg"], run=run, objective="checkpoint-mean")
