@@ -4,8 +4,8 @@
 
 Runs the real pipeline on the default generated pool (pipeline.data.synth
 defaults: 2,000 pairs, 20% mismatched captions, a clean 256-pair target/
-split): make-data, train (the CLI defaults: diffin-small, SGD, 400 steps, 5
-checkpoints, unless --steps/--checkpoints), score (diffin,tracin,loss,loss_mean,
+split): make-data, train (the CLI defaults: diffin-small, SGD, 400 steps, 25
+checkpoints, lr 0.025, unless --steps/--checkpoints/--lr), score (diffin,tracin,loss,loss_mean,
 clip_score,random, toward the curated target/ split unless --target held-out),
 i.e. the same as
 
@@ -74,12 +74,19 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--steps", type=int, default=None, help="proxy steps (default: the CLI's)")
     p.add_argument("--checkpoints", type=int, default=None, help="m (default: the CLI's)")
+    p.add_argument("--lr", type=float, default=None, help="proxy rate (default: the CLI's)")
+    p.add_argument(
+        "--objective",
+        default="auto",
+        help="diffin's objective (default: the CLI's, auto); the figures measured before "
+        "2026-12-02 are --lr 0.1 --checkpoints 5 --objective final",
+    )
     p.add_argument("--workers", type=int, default=1, help="scoring actors")
     p.add_argument("--name", default="noise_auroc", help="file name of the figure (.png)")
     a = p.parse_args(argv)
     one_thread(a.threads)
     from pipeline.data.synth import SynthConfig, make_pool
-    from pipeline.rundir import RunDir, exists
+    from pipeline.rundir import RunDir, exists, read_json
     from pipeline.score.config import ScoreConfig
     from pipeline.score.driver import run_scoring
     from pipeline.score.trajectory import load_trajectory
@@ -98,7 +105,9 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     if not exists(run.trajectory_json):
         recipe = {
-            k: v for k, v in (("steps", a.steps), ("checkpoints", a.checkpoints)) if v is not None
+            k: v
+            for k, v in (("steps", a.steps), ("checkpoints", a.checkpoints), ("lr", a.lr))
+            if v is not None
         }
         train(TrainConfig(data=pattern, run=run_dir, threads=a.threads, **recipe))
     timings["train"] = time.perf_counter() - t
@@ -118,6 +127,7 @@ def main(argv=None) -> dict:
             workers=a.workers,
             threads=a.threads,
             target=target,
+            objective=a.objective,
         )
     )
     timings["score"] = time.perf_counter() - t
@@ -133,6 +143,7 @@ def main(argv=None) -> dict:
             "checkpoints": [c.step for c in traj.checkpoints],
             "optimizer": traj.record["optimizer"],
         },
+        "objective": read_json(run.path("scores", "request.json"))["objective"],
         "timings_s": {**timings, "total": time.perf_counter() - t0},
         "score_summary": {
             k: score_summary.get(k) for k in ("rows", "seconds", "samples_per_second")

@@ -21,7 +21,7 @@ from pipeline.errors import TERMINATED, ConfigError, StageFailed, field_flag, ha
 from pipeline.influence.directions import GGN_KEPT_PAIRS, PAIRS_PER_PASS
 from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.prune.config import NORMS
-from pipeline.score.config import DTYPE_CHOICES, OBJECTIVES, SAMPLE_GRADIENTS
+from pipeline.score.config import AUTO_OBJECTIVE, DTYPE_CHOICES, OBJECTIVES, SAMPLE_GRADIENTS
 from pipeline.scorers import REGISTRY
 from pipeline.train.config import TrainConfig
 
@@ -406,11 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--objective",
-        choices=OBJECTIVES,
-        default="final",
-        help="what diffin's removal effect is on: 'final' (the target loss at the last "
-        "checkpoint; default) or 'checkpoint-mean' (its mean over the checkpoints: less "
-        "a single draw of the proxy; propagated form only; docs/accuracy.md 2e)",
+        choices=(AUTO_OBJECTIVE, *OBJECTIVES),
+        default=AUTO_OBJECTIVE,
+        help="what diffin's removal effect is on: 'checkpoint-mean' (the target loss's mean "
+        "over the checkpoints: less a single draw of the proxy; propagated form only; "
+        "docs/accuracy.md 2e), 'final' (the target loss at the last checkpoint), or 'auto' "
+        "(default): checkpoint-mean for the propagated form with the first-order term, "
+        "final otherwise",
     )
     s.add_argument(
         "--sample-gradient",
@@ -700,6 +702,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         # must not fail on a 40-step warm-up, nor `--steps 60` spend two thirds warming up.
         steps = training.get("steps", TrainConfig.steps)
         training["warmup"] = min(TrainConfig.warmup, max(0, steps // 10))
+    if args.import_dir is None and args.checkpoints is None:
+        # likewise `--steps 10` must not fail on the 25 default checkpoints: one per step then
+        steps = training.get("steps", TrainConfig.steps)
+        training["checkpoints"] = min(TrainConfig.checkpoints, max(1, steps))
     return TrainConfig(
         data=args.data,
         run=args.run,

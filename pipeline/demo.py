@@ -41,7 +41,7 @@ class DemoConfig:
     noise: float = 0.2
     shard_size: int = 250
     steps: int = 400
-    checkpoints: int = 5
+    checkpoints: int = TrainConfig.checkpoints
     workers: int = 2
     keep: float = 0.7
     method: str = "diffin"

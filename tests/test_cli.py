@@ -269,7 +269,7 @@ def test_parser_defaults_match_the_readme():
     )
     reference = ["score", "--data", "d", "--run", "r", "--sample-gradient", "reference"]
     assert build_parser().parse_args(reference).sample_gradient == "reference"
-    assert build_parser().parse_args(["score", "--data", "d", "--run", "r"]).objective == "final"
+    assert build_parser().parse_args(["score", "--data", "d", "--run", "r"]).objective == "auto"
 
 
 def test_the_objective_reaches_the_score_config(monkeypatch):
@@ -327,6 +327,11 @@ def test_plain_train_options_give_the_train_config_defaults():
     assert train_config(args) == TrainConfig(data="/d", run="r")  # (local paths made absolute)
     args = build_parser().parse_args(["train", "--data", "d", "--run", "r", "--no-resume"])
     assert train_config(args).resume is False
+    # --steps alone sizes the checkpoints as it sizes the warm-up (at most one per step)
+    short = ["train", "--data", "d", "--run", "r", "--steps", "10"]
+    assert train_config(build_parser().parse_args(short)).checkpoints == 10
+    assert train_config(build_parser().parse_args([*short, "--checkpoints", "3"])).checkpoints == 3
+    assert TrainConfig.checkpoints == 25 and TrainConfig.lr == 0.025  # docs/accuracy.md 2f
 
 
 @pytest.mark.parametrize(

@@ -172,7 +172,7 @@ def test_steps_alone_sizes_the_warm_up_and_the_checkpoints():
     checkpoints (review); the default run keeps its 40 warm-up steps."""
     from pipeline.demo import stage_configs
 
-    for steps, warmup, checkpoints in ((400, 40, 5), (40, 4, 5), (3, 0, 3)):
+    for steps, warmup, checkpoints in ((400, 40, 25), (40, 4, 25), (20, 2, 20), (3, 0, 3)):
         train = stage_configs(DemoConfig(steps=steps))[1]
         assert (train.warmup, train.checkpoints) == (warmup, checkpoints), steps
     assert not stage_configs(DemoConfig(resume=False))[1].resume

@@ -26,11 +26,13 @@ from pipeline.influence.estimator import CURVATURES, FORMS
 from pipeline.influence.selfinf import SELF_TERMS, SelfConfig
 
 AUTO_FORM = "auto"
+AUTO_OBJECTIVE = "auto"
 
 
 SAMPLE_GRADIENTS = ("reference", "removal")
 # What diffin estimates the removal effect on: the target loss at the last checkpoint, or
 # its mean over the checkpoints (propagated form only; docs/accuracy.md section 2e).
+# "auto" resolves per trajectory (resolve_objective).
 OBJECTIVES = ("final", "checkpoint-mean")
 DTYPE_CHOICES = ("float32", "float64", "amp_bf16")
 
@@ -77,9 +79,10 @@ class ScoreConfig:
     second_order: str = AUTO_FORM
     # curvature the propagated form damps with: "ggn" (Gauss-Newton, PSD) or "hessian" (exact H_B)
     propagate_curvature: str = "ggn"
-    # the target loss diffin's removal effect is on: "final" (at theta_T, METHOD.md) or
-    # "checkpoint-mean" (its mean over the checkpoints; propagated form only)
-    objective: str = "final"
+    # the target loss diffin's removal effect is on: "final" (at theta_T, METHOD.md),
+    # "checkpoint-mean" (its mean over the checkpoints; propagated form only), or "auto":
+    # checkpoint-mean wherever it applies, final elsewhere (resolve_objective)
+    objective: str = AUTO_OBJECTIVE
     # g_z of the target-directed scores (diffin, tracin): "removal", z's removal gradient
     # from R used as a batch (z's own terms and its role as a negative of its batch mates;
     # chosen from docs/accuracy.md section 1g), or "reference", the gradient of the
@@ -159,10 +162,14 @@ class ScoreConfig:
                 self.propagate_curvature in CURVATURES,
                 f"must be one of {CURVATURES}",
             ),
-            ("objective", self.objective in OBJECTIVES, f"must be one of {OBJECTIVES}"),
             (
                 "objective",
-                self.objective == "final"
+                self.objective in (AUTO_OBJECTIVE, *OBJECTIVES),
+                f"must be one of {(AUTO_OBJECTIVE, *OBJECTIVES)}",
+            ),
+            (
+                "objective",
+                self.objective in (AUTO_OBJECTIVE, "final")
                 or "diffin" not in self.methods
                 or self.second_order in (AUTO_FORM, "propagated"),
                 "checkpoint-mean needs the propagated form (--second-order auto or propagated)",
@@ -172,7 +179,9 @@ class ScoreConfig:
                 # r_t - W_first g_V(theta_t) still holds first-order parts of the later
                 # endpoints, so that sum would be no second-order part of anything
                 "objective",
-                self.objective == "final" or "diffin" not in self.methods or self.first_order,
+                self.objective in (AUTO_OBJECTIVE, "final")
+                or "diffin" not in self.methods
+                or self.first_order,
                 "checkpoint-mean scores diffin with its first-order term (not with "
                 "--no-first-order)",
             ),

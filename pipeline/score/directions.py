@@ -7,6 +7,7 @@ version) matches.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ from pipeline.influence.vectors import norm
 from pipeline.model import factory
 from pipeline.model.batches import encode
 from pipeline.rundir import RunDir, exists, sha256
-from pipeline.score.config import AUTO_FORM, ScoreConfig
+from pipeline.score.config import AUTO_FORM, AUTO_OBJECTIVE, ScoreConfig
 from pipeline.score.trajectory import (
     Trajectory,
     load_state_dict,
@@ -167,7 +168,9 @@ def ensure_directions(
     Which device is the caller's choice (``pipeline.score.driver.prepare_directions``:
     only one this process holds).
     """
-    propagated = "diffin" in cfg.methods and resolve_form(cfg.second_order, traj) == "propagated"
+    form = resolve_form(cfg.second_order, traj)
+    cfg = dataclasses.replace(cfg, objective=resolve_objective(cfg, form))
+    propagated = "diffin" in cfg.methods and form == "propagated"
     if propagated:
         sgd_dynamics(traj)  # refuses a trajectory the propagated form cannot model, up front
     if not needs_directions(cfg, traj):
@@ -269,6 +272,18 @@ def resolve_form(form: str, traj: Trajectory) -> str:
     if form != AUTO_FORM:
         return form
     return DEFAULT_FORM if traj.record.get("optimizer", {}).get("name") == "sgd" else "derived"
+
+
+def resolve_objective(cfg: ScoreConfig, form: str) -> str:
+    """``auto``: the checkpoint mean wherever diffin is scored with the propagated form and
+    its first-order term (one proxy then meets issue 3's noise AUROC, docs/accuracy.md 2e),
+    the final loss otherwise (the only objective of the other forms and of --no-first-order;
+    a run without diffin keeps "final", so its tables' fingerprints do not change)."""
+    if cfg.objective != AUTO_OBJECTIVE:
+        return cfg.objective
+    if "diffin" in cfg.methods and form == "propagated" and cfg.first_order:
+        return "checkpoint-mean"
+    return "final"
 
 
 def sgd_dynamics(traj: Trajectory) -> tuple[float, float, Callable[[int], float]]:

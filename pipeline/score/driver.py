@@ -63,6 +63,7 @@ from pipeline.score.directions import (
     ensure_directions,
     needs_directions,
     resolve_form,
+    resolve_objective,
     self_size,
     set_hashes,
 )
@@ -1153,6 +1154,8 @@ def run_scoring(cfg: ScoreConfig, actor_cls: type | None = None) -> dict[str, An
     with runlock.hold(cfg.run, ["score"], "score"):
         traj = load_trajectory(run)
         form = resolve_form(cfg.second_order, traj)
+        # resolved once here: the workers, the directions and the fingerprint see one value
+        cfg = dataclasses.replace(cfg, objective=resolve_objective(cfg, form))
         if cfg.objective != "final" and form != "propagated" and "diffin" in cfg.methods:
             raise ConfigError(
                 f"objective {cfg.objective}: needs the propagated form, and this "

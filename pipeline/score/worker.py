@@ -33,6 +33,7 @@ from pipeline.score.directions import (
     load_eigenpairs,
     load_set,
     resolve_form,
+    resolve_objective,
 )
 from pipeline.score.table import build_part, write_table
 from pipeline.score.trajectory import load_state_dict, load_trajectory
@@ -91,7 +92,8 @@ class ShardScorer:
             torch.set_num_threads(cfg.threads)
         self.run = RunDir(run_url)
         self.traj = load_trajectory(self.run)
-        cfg = dataclasses.replace(cfg, second_order=resolve_form(cfg.second_order, self.traj))
+        form = resolve_form(cfg.second_order, self.traj)
+        cfg = dataclasses.replace(cfg, second_order=form, objective=resolve_objective(cfg, form))
         self.cfg = cfg
         self.dtype = DTYPES[cfg.storage_dtype]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

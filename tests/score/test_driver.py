@@ -359,17 +359,23 @@ def test_the_fingerprint_holds_only_the_options_the_requested_scorers_use(monkey
     # The curvature the propagated form damps with counts only for that form.
     derived = h(["diffin"], second_order="derived")
     assert h(["diffin"], second_order="derived", propagate_curvature="hessian") == derived
-    propagated = h(["diffin"], second_order="propagated")
-    assert h(["diffin"], second_order="propagated", propagate_curvature="hessian") != propagated
-    assert h(["diffin"], second_order="propagated", first_order=False) != propagated
-    # diffin's objective: another one rescores diffin, not the loss; the final loss's
-    # tables, scored before the option existed, keep their fingerprint
+    propagated = h(["diffin"], second_order="propagated", objective="final")
+    assert (
+        h(["diffin"], second_order="propagated", objective="final", propagate_curvature="hessian")
+        != propagated
+    )
+    assert h(["diffin"], second_order="propagated", objective="final", first_order=False) != (
+        propagated
+    )
+    # diffin's objective (resolved from "auto" before the fingerprint): another one rescores
+    # diffin, not the loss; the final loss's tables, scored before the option existed, keep
+    # their fingerprint
     assert h(["diffin"], second_order="propagated", objective="checkpoint-mean") != propagated
     assert h(["loss"], objective="checkpoint-mean") == h(["loss"])
     assert (
         "objective"
         not in _fingerprint(
-            ScoreConfig(data="/p/x.tar", run="/r", methods=["diffin"]),
+            ScoreConfig(data="/p/x.tar", run="/r", methods=["diffin"], objective="final"),
             _traj_record(),
             {"target_fingerprint": "t"},
             sets,

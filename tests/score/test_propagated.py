@@ -58,6 +58,7 @@ def prop(tiny_run, tmp_path_factory):
         dtype="float64",
         methods=["diffin", "tracin"],
         second_order="propagated",
+        objective="final",  # the tests below switch to the checkpoint mean where they mean it
     )
     ensure_directions(cfg, RunDir(run), load_trajectory(RunDir(run)))
     return {"run": run, "cfg": cfg, "data": tiny_run["data"]}
@@ -179,6 +180,46 @@ def test_the_checkpoint_mean_objective_through_the_stage(prop, tmp_path):
     assert again[1]["fingerprint"] == final[0][1]["fingerprint"]
     for k in final[0][0]:
         torch.testing.assert_close(again[0][k], final[0][0][k])
+    # the default objective ("auto") is the checkpoint mean here (SGD, propagated, first
+    # order): with only that objective's files left, nothing sweeps
+    for t in steps:
+        Path(propagated_url(RunDir(run), t)).unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(directions, "propagated_directions", spy)
+        ensure_directions(dataclasses.replace(cfg, objective="auto"), RunDir(run), traj)
+
+
+def test_the_default_objective_is_resolved_per_run_before_scoring(prop, tmp_path, monkeypatch):
+    """--objective auto (the default): the checkpoint mean where diffin is scored with the
+    propagated form and its first-order term, the final loss elsewhere (an AdamW trajectory,
+    --no-first-order, no diffin): resolved once, before the workers, the directions and the
+    fingerprint see it, and recorded as resolved."""
+    import pipeline.score.driver as driver
+    from pipeline.score.directions import resolve_objective
+
+    seen = []
+    monkeypatch.setattr(driver, "_score", lambda cfg, *rest: seen.append(cfg) or {})
+    adamw = as_adamw(prop["run"], tmp_path / "adamw")
+    base = ScoreConfig(data=prop["data"], run=prop["run"], workers=1, threads=1)
+    assert base.objective == "auto" and base.second_order == "auto"
+    cases = [
+        ({}, "checkpoint-mean"),
+        ({"methods": ["loss", "diffin"]}, "checkpoint-mean"),
+        ({"first_order": False}, "final"),
+        ({"methods": ["tracin", "loss"]}, "final"),
+        ({"second_order": "derived"}, "final"),
+        ({"run": adamw}, "final"),  # auto scores AdamW with the derived form
+        ({"objective": "final"}, "final"),
+        ({"objective": "checkpoint-mean"}, "checkpoint-mean"),
+    ]
+    for options, want in cases:
+        cfg = dataclasses.replace(base, **options)
+        driver.run_scoring(cfg)
+        assert seen[-1].objective == want, options
+        request = json.loads(Path(cfg.run, "scores", "request.json").read_text())
+        assert request["objective"] == want, options
+        traj = load_trajectory(RunDir(cfg.run))
+        assert resolve_objective(cfg, resolve_form(cfg.second_order, traj)) == want
 
 
 def test_the_checkpoint_mean_objective_needs_the_propagated_form(prop, tmp_path):
@@ -271,12 +312,13 @@ def test_a_diverging_propagation_is_refused_with_its_fix(prop, tmp_path):
         f.unlink()
     path = Path(run) / "trajectory" / "trajectory.json"
     record = json.loads(path.read_text())
+    recorded = record["config"]["lr"]
     record["config"]["lr"] *= 1e30  # the schedule and the checkpoints' rates still agree
     for c in record["checkpoints"]:
         c["lr"] *= 1e30
     path.write_text(json.dumps(record))
     traj = load_trajectory(RunDir(run))
-    assert sgd_dynamics(traj)[2](traj.checkpoints[-1].step - 1) > 1e29
+    assert sgd_dynamics(traj)[2](traj.checkpoints[-1].step - 1) > 0.5e30 * recorded
     for curvature, fix in (
         ("ggn", "--second-order derived"),
         ("hessian", "--propagate-curvature ggn"),

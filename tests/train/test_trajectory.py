@@ -157,7 +157,9 @@ def test_validate_names_the_field(field, value, tmp_path):
 
 
 def test_batch_size_must_split_evenly_across_workers(tmp_path):
-    cfg = TrainConfig(data="x", run=str(tmp_path / "r"), steps=10, warmup=2, batch_size=32)
+    cfg = TrainConfig(
+        data="x", run=str(tmp_path / "r"), steps=10, warmup=2, checkpoints=2, batch_size=32
+    )
     dataclasses.replace(cfg, workers=4).validate()
     with pytest.raises(ConfigError, match=r"^batch_size: must be a multiple of --workers 3"):
         dataclasses.replace(cfg, workers=3).validate()
