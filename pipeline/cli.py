@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="m: checkpoints written (evenly spaced: the last at the final step); the "
-        "scores sum over them" + _default(TrainConfig.checkpoints),
+        "scores sum over them; scoring time grows with m (docs/operations.md, 'Choosing m')"
+        + f" (default {TrainConfig.checkpoints}, at most --steps)",
     )
     t.add_argument(
         "--spacing",
