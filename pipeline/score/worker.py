@@ -64,6 +64,16 @@ def _encodes(sample: Sample, bundle: factory.ClipBundle) -> bool:
     return True
 
 
+def resident_bytes(*per_step: dict[int, Any]) -> int:
+    """Bytes of the tensors held per checkpoint (parameters, ``lin`` dicts, Directions)."""
+    total = 0
+    for by_step in per_step:
+        for held in by_step.values():
+            parts = held.as_flat().values() if isinstance(held, Directions) else held.values()
+            total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
 def _on_device(directions: Directions, need: set[str], device: torch.device) -> Directions:
     """The vectors the terms in ``need`` read, on ``device``; the others left empty."""
     used = {
@@ -149,6 +159,15 @@ class ShardScorer:
                     )
                     self.lin[c.step] = {k: v.to(self.device) for k, v in lin.items()}
                 self.directions[c.step] = _on_device(host, need, self.device)
+        self.resident_bytes = resident_bytes(self.params, self.lin, self.directions)
+        # m checkpoints of the model and its vectors stay on the device for the whole run: the
+        # size a user must fit (docs/operations.md, "Choosing m"), said before the first batch
+        log.info(
+            "actor holds %d checkpoints on %s: %.1f MB of parameters and direction vectors",
+            len(self.params),
+            self.device,
+            self.resident_bytes / 2**20,
+        )
         # The references' embeddings and their derivatives, once per checkpoint (fast.py).
         self.jets = {
             step: reference_jets(

@@ -458,3 +458,16 @@ def test_the_directions_chunk_and_kept_pairs_change_memory_not_the_vectors(prop,
             for k in want:
                 scale = float(want[k].abs().max()) or 1.0
                 assert float((got[k] - want[k]).abs().max()) / scale < 1e-9, (b, k)
+
+
+def test_the_actor_says_what_its_checkpoints_hold_on_its_device(prop, caplog):
+    """m checkpoints stay resident for the whole run (25 by default): the actor says how much,
+    and that is the parameters, r_t - W g_V (diffin) and g_V (tracin) per checkpoint."""
+    with caplog.at_level("INFO", logger="pipeline.score.worker"):
+        scorer = ShardScorer(prop["run"], prop["cfg"])
+    m = len(load_trajectory(RunDir(prop["run"])).checkpoints)
+    model = sum(p.numel() * 8 for p in next(iter(scorer.params.values())).values())  # float64
+    assert scorer.resident_bytes == m * 3 * model
+    said = [r.getMessage() for r in caplog.records if "actor holds" in r.getMessage()]
+    assert said == [f"actor holds {m} checkpoints on cpu: {m * 3 * model / 2**20:.1f} MB of "
+                    "parameters and direction vectors"]  # fmt: skip
