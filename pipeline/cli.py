@@ -698,14 +698,13 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         )
     if args.import_dir is None and args.steps_per_epoch is not None:
         raise ConfigError("--steps-per-epoch: only used with --import")
+    steps = training.get("steps", TrainConfig.steps)
     if args.import_dir is None and args.warmup is None:
         # As `diffin demo` and the README size it, a tenth of the steps up to 40: `--steps 30`
         # must not fail on a 40-step warm-up, nor `--steps 60` spend two thirds warming up.
-        steps = training.get("steps", TrainConfig.steps)
         training["warmup"] = min(TrainConfig.warmup, max(0, steps // 10))
     if args.import_dir is None and args.checkpoints is None:
         # likewise `--steps 10` must not fail on the 25 default checkpoints: one per step then
-        steps = training.get("steps", TrainConfig.steps)
         training["checkpoints"] = min(TrainConfig.checkpoints, max(1, steps))
     return TrainConfig(
         data=args.data,

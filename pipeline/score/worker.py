@@ -69,7 +69,12 @@ def resident_bytes(*per_step: dict[int, Any]) -> int:
     total = 0
     for by_step in per_step:
         for held in by_step.values():
-            parts = held.as_flat().values() if isinstance(held, Directions) else held.values()
+            # by kind, not as_flat(): that makes each vector contiguous, a copy on the device
+            parts = (
+                [t for kind in KINDS for t in getattr(held, kind).values()]
+                if isinstance(held, Directions)
+                else held.values()
+            )
             total += sum(t.numel() * t.element_size() for t in parts)
     return total
 
